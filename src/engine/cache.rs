@@ -1,0 +1,259 @@
+//! All shards of one cache driven from one thread: request splitting, segment pool
+//! messages and completion assembly. Hosts without threads (the `pcache` tool, tests,
+//! benchmarks) use this; the SPDK shell runs the same shards on their own threads.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::format::Superblock;
+use super::geometry::Geometry;
+use super::io::{Command, IoDone, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
+use super::pool::SegmentPool;
+use super::shard::Shard;
+use super::stats::ShardStats;
+
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Insert read-miss data into the cache as clean extents.
+    pub read_fill: bool,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions { read_fill: true }
+    }
+}
+
+struct Parent {
+    left: u32,
+    result: ReqResult,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("geometry", &self.sb.geometry)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+pub struct Cache {
+    sb: Superblock,
+    shards: Vec<Shard>,
+    pool: SegmentPool,
+    epoch: u64,
+    gc_percent: u32,
+    opts: CacheOptions,
+    parents: HashMap<ReqId, Parent>,
+    commands: Vec<Command>,
+    completions: Vec<(ReqId, ReqResult)>,
+    log: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheStats {
+    pub total: ShardStats,
+    pub shards: Vec<ShardStats>,
+    pub dirty_bytes: u64,
+    pub clean_bytes: u64,
+    pub extents: u64,
+    pub segments_total: u32,
+    pub segments_free: u32,
+    pub epoch: u64,
+    pub gc_percent: u32,
+}
+
+impl Cache {
+    pub(crate) fn from_parts(
+        sb: Superblock,
+        shards: Vec<Shard>,
+        pool: SegmentPool,
+        epoch: u64,
+        gc_percent: u32,
+        opts: CacheOptions,
+    ) -> Self {
+        Cache {
+            sb,
+            shards,
+            pool,
+            epoch,
+            gc_percent,
+            opts,
+            parents: HashMap::new(),
+            commands: Vec::new(),
+            completions: Vec::new(),
+            log: Vec::new(),
+        }
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.sb.geometry
+    }
+
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    pub fn options(&self) -> &CacheOptions {
+        &self.opts
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Accepts a request; its completion comes out of [`Cache::take_completions`].
+    pub fn submit(&mut self, r: Request) -> Result<(), ReqError> {
+        let limit = self.sb.geometry.backing_sectors;
+        if r.op != Op::Flush {
+            if r.len == 0 {
+                return Err(ReqError::Invalid("zero-length request"));
+            }
+            if r.lba.checked_add(u64::from(r.len)).is_none_or(|e| e > limit) {
+                return Err(ReqError::OutOfRange {
+                    lba: r.lba,
+                    len: r.len.into(),
+                    limit,
+                });
+            }
+        }
+        if r.op == Op::Flush {
+            // Every acknowledged write is already durable: a flush only closes the epoch.
+            self.epoch += 1;
+            for s in &mut self.shards {
+                s.set_epoch(self.epoch);
+            }
+            self.completions.push((r.id, Ok(())));
+            return Ok(());
+        }
+        let stripe = u64::from(self.sb.geometry.stripe_sectors);
+        let end = r.lba + u64::from(r.len);
+        let pieces = (end - 1) / stripe - r.lba / stripe + 1;
+        if pieces > 1 {
+            self.parents.insert(
+                r.id,
+                Parent {
+                    left: pieces as u32,
+                    result: Ok(()),
+                },
+            );
+        }
+        let mut lba = r.lba;
+        while lba < end {
+            let piece_end = ((lba / stripe + 1) * stripe).min(end);
+            let shard = self.sb.geometry.shard_of(lba) as usize;
+            self.shards[shard].submit(ShardRequest {
+                id: r.id,
+                op: r.op,
+                lba,
+                len: (piece_end - lba) as u32,
+                buf_off: (lba - r.lba) * 512,
+            });
+            lba = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Lets every shard batch what it was given and exchanges pool messages until quiet.
+    pub fn poll(&mut self) {
+        loop {
+            let mut grants = Vec::new();
+            let mut done = Vec::new();
+            for s in &mut self.shards {
+                s.poll();
+                let out = s.outbox();
+                self.commands.append(&mut out.commands);
+                self.log.append(&mut out.log);
+                for msg in out.to_pool.drain(..) {
+                    grants.extend(self.pool.handle(msg));
+                }
+                done.append(&mut out.completions);
+            }
+            for (id, res) in done {
+                self.finish_piece(id, res);
+            }
+            if grants.is_empty() {
+                return;
+            }
+            for (shard, g) in grants {
+                self.shards[shard as usize].grant(g);
+            }
+        }
+    }
+
+    fn finish_piece(&mut self, id: ReqId, res: ReqResult) {
+        let Some(p) = self.parents.get_mut(&id) else {
+            self.completions.push((id, res));
+            return;
+        };
+        p.left -= 1;
+        if p.result.is_ok() {
+            p.result = res;
+        }
+        if p.left == 0 {
+            if let Some(p) = self.parents.remove(&id) {
+                self.completions.push((id, p.result));
+            }
+        }
+    }
+
+    /// Hands a device completion to the shard that issued the command.
+    pub fn complete(&mut self, done: IoDone) {
+        let shard = (done.tag >> 48) as usize;
+        if let Some(s) = self.shards.get_mut(shard) {
+            s.complete(done);
+        }
+    }
+
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.commands)
+    }
+
+    pub fn drain_commands_into(&mut self, out: &mut Vec<Command>) {
+        out.append(&mut self.commands);
+    }
+
+    pub fn take_completions(&mut self) -> Vec<(ReqId, ReqResult)> {
+        std::mem::take(&mut self.completions)
+    }
+
+    pub fn take_log(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
+    }
+
+    /// No request or device command is outstanding.
+    pub fn is_idle(&self) -> bool {
+        self.parents.is_empty() && self.shards.iter().all(|s| s.is_idle())
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let mut total = ShardStats::default();
+        let mut dirty = 0;
+        let mut clean = 0;
+        let mut extents = 0;
+        for s in &self.shards {
+            total.add(&s.stats);
+            let (d, c, e) = s.index().usage();
+            dirty += d;
+            clean += c;
+            extents += e as u64;
+        }
+        CacheStats {
+            total,
+            shards: self.shards.iter().map(|s| s.stats).collect(),
+            dirty_bytes: dirty * 512,
+            clean_bytes: clean * 512,
+            extents,
+            segments_total: self.pool.total(),
+            segments_free: self.pool.free_count(),
+            epoch: self.epoch,
+            gc_percent: self.gc_percent,
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! On-media format v1: superblock, control slots, segment headers, ksets and keys.
+//!
+//! Every field is little-endian at a fixed offset (see `docs/FORMAT.md`). Decoding never
+//! trusts the media: sizes, counts and positions are checked against the geometry before
+//! use, and a bad magic, CRC or bound is a [`FormatError`], never a panic.
+
+use super::geometry::Geometry;
+use thiserror::Error;
+
+/// The unit of every on-media position and length.
+pub const SECTOR: usize = 512;
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const SB_MAGIC: &[u8; 8] = b"PCACHESB";
+pub const CONTROL_MAGIC: &[u8; 8] = b"PCACHECT";
+pub const SEG_MAGIC: &[u8; 8] = b"PCACHESG";
+pub const KSET_MAGIC: u32 = u32::from_le_bytes(*b"KSET");
+
+/// Superblock replica size in bytes; replicas live at sectors 0 and 8.
+pub const SB_BYTES: usize = 4096;
+pub const KSET_HEADER_BYTES: usize = 64;
+pub const KEY_BYTES: usize = 40;
+/// Upper bound on keys in one kset (a 12.5 KiB kset); bigger batches use several ksets.
+pub const MAX_KSET_KEYS: usize = 256;
+pub const SB_FLAG_DATA_CRC: u32 = 1;
+pub const BACKING_NAME_BYTES: usize = 64;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("{what}: bad magic")]
+    BadMagic { what: &'static str },
+    #[error("{what}: CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    BadCrc {
+        what: &'static str,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("unsupported format version {found} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion { found: u32 },
+    #[error("{what}: value {value} out of bounds (limit {limit})")]
+    OutOfBounds {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
+    #[error("{what}: buffer of {len} bytes is too short (need {need})")]
+    Truncated {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("{what}: field mismatch: {detail}")]
+    Mismatch { what: &'static str, detail: String },
+}
+
+type Result<T> = std::result::Result<T, FormatError>;
+
+/// Bounds-checked little-endian field access over a byte slice.
+struct Le<'a>(&'a [u8]);
+
+impl Le<'_> {
+    fn bytes<const N: usize>(&self, off: usize) -> [u8; N] {
+        let mut out = [0u8; N];
+        if let Some(src) = self.0.get(off..off + N) {
+            out.copy_from_slice(src);
+        }
+        out
+    }
+    fn u16(&self, off: usize) -> u16 {
+        u16::from_le_bytes(self.bytes(off))
+    }
+    fn u32(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.bytes(off))
+    }
+    fn u64(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.bytes(off))
+    }
+}
+
+fn put(buf: &mut [u8], off: usize, src: &[u8]) {
+    buf[off..off + src.len()].copy_from_slice(src);
+}
+
+fn need(what: &'static str, buf: &[u8], n: usize) -> Result<()> {
+    if buf.len() < n {
+        return Err(FormatError::Truncated {
+            what,
+            len: buf.len(),
+            need: n,
+        });
+    }
+    Ok(())
+}
+
+fn bound(what: &'static str, value: u64, limit: u64) -> Result<()> {
+    if value >= limit {
+        return Err(FormatError::OutOfBounds { what, value, limit });
+    }
+    Ok(())
+}
+
+fn check_crc(what: &'static str, stored: u32, computed: u32) -> Result<()> {
+    if stored != computed {
+        return Err(FormatError::BadCrc {
+            what,
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
+/// What the superblock knows about the backing device, checked on every open.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackingIdentity {
+    pub sectors: u64,
+    pub block_size: u32,
+    pub uuid: [u8; 16],
+    /// Bdev name (or file path) at format time; informative, not compared when a UUID is set.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub geometry: Geometry,
+    pub cache_uuid: [u8; 16],
+    pub backing: BackingIdentity,
+    pub data_crc: bool,
+}
+
+impl Superblock {
+    pub fn encode(&self) -> Vec<u8> {
+        let g = &self.geometry;
+        let mut b = vec![0u8; SB_BYTES];
+        put(&mut b, 0, SB_MAGIC);
+        put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        let flags = if self.data_crc { SB_FLAG_DATA_CRC } else { 0 };
+        put(&mut b, 12, &flags.to_le_bytes());
+        put(&mut b, 16, &self.cache_uuid);
+        put(&mut b, 32, &g.cache_sectors.to_le_bytes());
+        put(&mut b, 40, &g.segment_sectors.to_le_bytes());
+        put(&mut b, 44, &g.segment_count.to_le_bytes());
+        put(&mut b, 48, &g.segments_start.to_le_bytes());
+        put(&mut b, 56, &g.stripe_sectors.to_le_bytes());
+        put(&mut b, 60, &g.shard_count.to_le_bytes());
+        put(&mut b, 64, &g.backing_sectors.to_le_bytes());
+        put(&mut b, 72, &self.backing.block_size.to_le_bytes());
+        put(&mut b, 80, &self.backing.uuid);
+        let name = self.backing.name.as_bytes();
+        let n = name.len().min(BACKING_NAME_BYTES - 1);
+        put(&mut b, 96, &name[..n]);
+        let crc = crc32c::crc32c(&b[..SB_BYTES - 4]);
+        put(&mut b, SB_BYTES - 4, &crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        const W: &str = "superblock";
+        need(W, buf, SB_BYTES)?;
+        let f = Le(buf);
+        if &f.bytes::<8>(0) != SB_MAGIC {
+            return Err(FormatError::BadMagic { what: W });
+        }
+        check_crc(W, f.u32(SB_BYTES - 4), crc32c::crc32c(&buf[..SB_BYTES - 4]))?;
+        let version = f.u32(8);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion { found: version });
+        }
+        let geometry = Geometry {
+            cache_sectors: f.u64(32),
+            segment_sectors: f.u32(40),
+            segment_count: f.u32(44),
+            segments_start: f.u64(48),
+            stripe_sectors: f.u32(56),
+            shard_count: f.u32(60),
+            backing_sectors: f.u64(64),
+        };
+        geometry
+            .validate()
+            .map_err(|e| FormatError::Mismatch {
+                what: W,
+                detail: e.to_string(),
+            })?;
+        let name_bytes = &buf[96..96 + BACKING_NAME_BYTES];
+        let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
+        Ok(Superblock {
+            geometry,
+            cache_uuid: f.bytes(16),
+            data_crc: f.u32(12) & SB_FLAG_DATA_CRC != 0,
+            backing: BackingIdentity {
+                sectors: geometry.backing_sectors,
+                block_size: f.u32(72),
+                uuid: f.bytes(80),
+                name: String::from_utf8_lossy(&name_bytes[..end]).into_owned(),
+            },
+        })
+    }
+
+    /// Seed for every CRC that binds a structure to this cache instance, so structures left
+    /// on the device by an earlier format never validate.
+    pub fn crc_seed(&self) -> u32 {
+        crc32c::crc32c(&self.cache_uuid)
+    }
+}
+
+/// A position in a shard's log: segment, its generation, and a sector inside the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPos {
+    pub seg: u32,
+    pub gen: u32,
+    pub off: u32,
+}
+
+/// Where replay of one shard starts: the first kset to read and how it must chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogTail {
+    pub pos: LogPos,
+    pub seq: u64,
+    pub prev_crc: u32,
+}
+
+/// One replica of a shard's control record (one sector; slots A and B per shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ControlSlot {
+    pub shard: u32,
+    pub seq: u64,
+    /// Replay starts here.
+    pub tail: LogTail,
+    /// Everything before this point is written back (clean).
+    pub dirty_tail: LogTail,
+    pub gc_percent: u32,
+}
+
+impl ControlSlot {
+    pub fn encode(&self, seed: u32) -> Vec<u8> {
+        let mut b = vec![0u8; SECTOR];
+        put(&mut b, 0, CONTROL_MAGIC);
+        put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        put(&mut b, 12, &self.shard.to_le_bytes());
+        put(&mut b, 16, &self.seq.to_le_bytes());
+        encode_tail(&mut b, 24, &self.tail);
+        encode_tail(&mut b, 48, &self.dirty_tail);
+        put(&mut b, 72, &self.gc_percent.to_le_bytes());
+        let crc = crc32c::crc32c_append(seed, &b[..SECTOR - 4]);
+        put(&mut b, SECTOR - 4, &crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(buf: &[u8], seed: u32, geo: &Geometry, shard: u32) -> Result<Self> {
+        const W: &str = "control slot";
+        need(W, buf, SECTOR)?;
+        let f = Le(buf);
+        if &f.bytes::<8>(0) != CONTROL_MAGIC {
+            return Err(FormatError::BadMagic { what: W });
+        }
+        check_crc(
+            W,
+            f.u32(SECTOR - 4),
+            crc32c::crc32c_append(seed, &buf[..SECTOR - 4]),
+        )?;
+        let version = f.u32(8);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion { found: version });
+        }
+        let slot = ControlSlot {
+            shard: f.u32(12),
+            seq: f.u64(16),
+            tail: decode_tail(&f, 24),
+            dirty_tail: decode_tail(&f, 48),
+            gc_percent: f.u32(72),
+        };
+        if slot.shard != shard {
+            return Err(FormatError::Mismatch {
+                what: W,
+                detail: format!("slot of shard {shard} names shard {}", slot.shard),
+            });
+        }
+        check_pos(W, &slot.tail.pos, geo)?;
+        check_pos(W, &slot.dirty_tail.pos, geo)?;
+        bound("control gc_percent", slot.gc_percent.into(), 101)?;
+        Ok(slot)
+    }
+}
+
+fn encode_tail(b: &mut [u8], off: usize, t: &LogTail) {
+    put(b, off, &t.pos.seg.to_le_bytes());
+    put(b, off + 4, &t.pos.gen.to_le_bytes());
+    put(b, off + 8, &t.pos.off.to_le_bytes());
+    put(b, off + 12, &t.prev_crc.to_le_bytes());
+    put(b, off + 16, &t.seq.to_le_bytes());
+}
+
+fn decode_tail(f: &Le, off: usize) -> LogTail {
+    LogTail {
+        pos: LogPos {
+            seg: f.u32(off),
+            gen: f.u32(off + 4),
+            off: f.u32(off + 8),
+        },
+        prev_crc: f.u32(off + 12),
+        seq: f.u64(off + 16),
+    }
+}
+
+fn check_pos(what: &'static str, p: &LogPos, geo: &Geometry) -> Result<()> {
+    bound(what, p.seg.into(), geo.segment_count.into())?;
+    if p.off == 0 {
+        return Err(FormatError::OutOfBounds {
+            what,
+            value: 0,
+            limit: 1,
+        });
+    }
+    bound(what, p.off.into(), geo.segment_sectors.into())
+}
+
+/// Sector 0 of a segment: who owns it and in which generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub seg: u32,
+    pub gen: u32,
+    pub shard: u32,
+}
+
+impl SegmentHeader {
+    pub fn encode(&self, seed: u32) -> Vec<u8> {
+        let mut b = vec![0u8; SECTOR];
+        put(&mut b, 0, SEG_MAGIC);
+        put(&mut b, 8, &self.seg.to_le_bytes());
+        put(&mut b, 12, &self.gen.to_le_bytes());
+        put(&mut b, 16, &self.shard.to_le_bytes());
+        let crc = crc32c::crc32c_append(seed, &b[..SECTOR - 4]);
+        put(&mut b, SECTOR - 4, &crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(buf: &[u8], seed: u32, geo: &Geometry, seg: u32) -> Result<Self> {
+        const W: &str = "segment header";
+        need(W, buf, SECTOR)?;
+        let f = Le(buf);
+        if &f.bytes::<8>(0) != SEG_MAGIC {
+            return Err(FormatError::BadMagic { what: W });
+        }
+        check_crc(
+            W,
+            f.u32(SECTOR - 4),
+            crc32c::crc32c_append(seed, &buf[..SECTOR - 4]),
+        )?;
+        let h = SegmentHeader {
+            seg: f.u32(8),
+            gen: f.u32(12),
+            shard: f.u32(16),
+        };
+        if h.seg != seg {
+            return Err(FormatError::Mismatch {
+                what: W,
+                detail: format!("header of segment {seg} names segment {}", h.seg),
+            });
+        }
+        bound(W, h.shard.into(), geo.shard_count.into())?;
+        Ok(h)
+    }
+}
+
+/// What a key says about its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// Data stored in the cache at `data_off`.
+    Data,
+    /// The range reads as zeros; written back as WRITE_ZEROES.
+    Zeroes,
+    /// The range was unmapped: reads as zeros; written back as UNMAP.
+    Unmap,
+}
+
+pub const KEY_FLAG_CLEAN: u16 = 1 << 2;
+pub const KEY_FLAG_CRC: u16 = 1 << 3;
+const KEY_KIND_MASK: u16 = 0b11;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// Backing-device sector.
+    pub lba: u64,
+    pub len: u32,
+    pub kind: KeyKind,
+    /// Sector inside the kset's segment where the data starts (Data keys only).
+    pub data_off: u32,
+    /// Generation of the segment holding the data.
+    pub gen: u32,
+    pub epoch: u64,
+    pub clean: bool,
+    pub crc: Option<u32>,
+}
+
+impl Key {
+    fn encode_into(&self, b: &mut [u8]) {
+        let kind = match self.kind {
+            KeyKind::Data => 0u16,
+            KeyKind::Zeroes => 1,
+            KeyKind::Unmap => 2,
+        };
+        let mut flags = kind;
+        if self.clean {
+            flags |= KEY_FLAG_CLEAN;
+        }
+        if self.crc.is_some() {
+            flags |= KEY_FLAG_CRC;
+        }
+        put(b, 0, &self.lba.to_le_bytes());
+        put(b, 8, &self.len.to_le_bytes());
+        put(b, 12, &self.data_off.to_le_bytes());
+        put(b, 16, &self.epoch.to_le_bytes());
+        put(b, 24, &self.crc.unwrap_or(0).to_le_bytes());
+        put(b, 28, &flags.to_le_bytes());
+        put(b, 32, &self.gen.to_le_bytes());
+    }
+
+    fn decode(f: &Le, off: usize) -> Result<Self> {
+        let flags = f.u16(off + 28);
+        let kind = match flags & KEY_KIND_MASK {
+            0 => KeyKind::Data,
+            1 => KeyKind::Zeroes,
+            2 => KeyKind::Unmap,
+            k => {
+                return Err(FormatError::OutOfBounds {
+                    what: "key kind",
+                    value: k.into(),
+                    limit: 3,
+                })
+            }
+        };
+        Ok(Key {
+            lba: f.u64(off),
+            len: f.u32(off + 8),
+            data_off: f.u32(off + 12),
+            epoch: f.u64(off + 16),
+            crc: (flags & KEY_FLAG_CRC != 0).then(|| f.u32(off + 24)),
+            clean: flags & KEY_FLAG_CLEAN != 0,
+            kind,
+            gen: f.u32(off + 32),
+        })
+    }
+}
+
+/// Sectors a kset of `keys` keys occupies.
+pub fn kset_sectors(keys: usize) -> u32 {
+    (KSET_HEADER_BYTES + keys * KEY_BYTES).div_ceil(SECTOR) as u32
+}
+
+/// A batch of keys plus the link to the next kset. A kset with no keys and `LINK` set only
+/// moves the log to another segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kset {
+    pub seq: u64,
+    pub prev_crc: u32,
+    pub shard: u32,
+    /// Where this kset lives.
+    pub pos: LogPos,
+    /// Where the next kset of this shard will be written.
+    pub next: LogPos,
+    /// Sectors of this kset plus the data that follows it.
+    pub region_sectors: u32,
+    pub keys: Vec<Key>,
+}
+
+impl Kset {
+    /// Encodes the kset, padded to whole sectors; returns the bytes and the kset's CRC.
+    pub fn encode(&self, seed: u32) -> (Vec<u8>, u32) {
+        let sectors = kset_sectors(self.keys.len()) as usize;
+        let mut b = vec![0u8; sectors * SECTOR];
+        put(&mut b, 0, &KSET_MAGIC.to_le_bytes());
+        put(&mut b, 8, &self.seq.to_le_bytes());
+        put(&mut b, 16, &self.prev_crc.to_le_bytes());
+        put(&mut b, 20, &(self.shard as u16).to_le_bytes());
+        put(&mut b, 22, &(FORMAT_VERSION as u16).to_le_bytes());
+        put(&mut b, 24, &(self.keys.len() as u32).to_le_bytes());
+        put(&mut b, 28, &self.pos.seg.to_le_bytes());
+        put(&mut b, 32, &self.pos.gen.to_le_bytes());
+        put(&mut b, 36, &self.next.seg.to_le_bytes());
+        put(&mut b, 40, &self.next.gen.to_le_bytes());
+        put(&mut b, 44, &self.next.off.to_le_bytes());
+        put(&mut b, 48, &self.region_sectors.to_le_bytes());
+        put(&mut b, 52, &self.pos.off.to_le_bytes());
+        for (i, k) in self.keys.iter().enumerate() {
+            let off = KSET_HEADER_BYTES + i * KEY_BYTES;
+            k.encode_into(&mut b[off..off + KEY_BYTES]);
+        }
+        let end = KSET_HEADER_BYTES + self.keys.len() * KEY_BYTES;
+        let crc = crc32c::crc32c_append(seed, &b[8..end]);
+        put(&mut b, 4, &crc.to_le_bytes());
+        (b, crc)
+    }
+
+    /// Reads the key count from a kset header without validating it, to know how many
+    /// bytes to read. Returns `None` when the magic does not match.
+    pub fn peek_sectors(buf: &[u8]) -> Option<u32> {
+        let f = Le(buf);
+        if buf.len() < KSET_HEADER_BYTES || f.u32(0) != KSET_MAGIC {
+            return None;
+        }
+        let n = f.u32(24) as usize;
+        (n <= MAX_KSET_KEYS).then(|| kset_sectors(n))
+    }
+
+    /// Decodes and fully validates a kset read at `at`; returns it with its CRC.
+    pub fn decode(
+        buf: &[u8],
+        seed: u32,
+        geo: &Geometry,
+        at: LogPos,
+        shard: u32,
+    ) -> Result<(Self, u32)> {
+        const W: &str = "kset";
+        need(W, buf, KSET_HEADER_BYTES)?;
+        let f = Le(buf);
+        if f.u32(0) != KSET_MAGIC {
+            return Err(FormatError::BadMagic { what: W });
+        }
+        let n = f.u32(24) as usize;
+        if n > MAX_KSET_KEYS {
+            return Err(FormatError::OutOfBounds {
+                what: "kset key count",
+                value: n as u64,
+                limit: MAX_KSET_KEYS as u64 + 1,
+            });
+        }
+        let end = KSET_HEADER_BYTES + n * KEY_BYTES;
+        need(W, buf, end)?;
+        let stored = f.u32(4);
+        check_crc(W, stored, crc32c::crc32c_append(seed, &buf[8..end]))?;
+        let version = u32::from(f.u16(22));
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion { found: version });
+        }
+        let pos = LogPos {
+            seg: f.u32(28),
+            gen: f.u32(32),
+            off: f.u32(52),
+        };
+        let owner = u32::from(f.u16(20));
+        if pos != at || owner != shard {
+            return Err(FormatError::Mismatch {
+                what: W,
+                detail: format!(
+                    "kset read at {at:?} of shard {shard} says {pos:?} of shard {owner}"
+                ),
+            });
+        }
+        let next = LogPos {
+            seg: f.u32(36),
+            gen: f.u32(40),
+            off: f.u32(44),
+        };
+        check_pos("kset next pointer", &next, geo)?;
+        let region_sectors = f.u32(48);
+        let kset_len = kset_sectors(n);
+        let seg_end = u64::from(geo.segment_sectors);
+        let region_end = u64::from(at.off) + u64::from(region_sectors);
+        if region_sectors < kset_len || region_end > seg_end {
+            return Err(FormatError::OutOfBounds {
+                what: "kset region",
+                value: region_end,
+                limit: seg_end,
+            });
+        }
+        if next.seg == at.seg && u64::from(next.off) != region_end {
+            return Err(FormatError::Mismatch {
+                what: W,
+                detail: format!("next kset at {} but region ends at {region_end}", next.off),
+            });
+        }
+        let mut keys = Vec::with_capacity(n);
+        for i in 0..n {
+            let k = Key::decode(&f, KSET_HEADER_BYTES + i * KEY_BYTES)?;
+            let lba_end = k.lba.checked_add(u64::from(k.len));
+            if k.len == 0 || lba_end.is_none_or(|e| e > geo.backing_sectors) {
+                return Err(FormatError::OutOfBounds {
+                    what: "key range",
+                    value: k.lba.saturating_add(u64::from(k.len)),
+                    limit: geo.backing_sectors,
+                });
+            }
+            if k.kind == KeyKind::Data {
+                let start = u64::from(at.off) + u64::from(kset_len);
+                let data_end = u64::from(k.data_off) + u64::from(k.len);
+                if u64::from(k.data_off) < start || data_end > region_end || k.gen != at.gen {
+                    return Err(FormatError::OutOfBounds {
+                        what: "key data position",
+                        value: data_end,
+                        limit: region_end,
+                    });
+                }
+            }
+            keys.push(k);
+        }
+        Ok((
+            Kset {
+                seq: f.u64(8),
+                prev_crc: f.u32(16),
+                shard: owner,
+                pos,
+                next,
+                region_sectors,
+                keys,
+            },
+            stored,
+        ))
+    }
+}

@@ -1,0 +1,339 @@
+//! Per-shard ordered extent map: backing LBA → where the data is.
+//!
+//! Extents never intersect. Inserting a newer extent trims, splits or replaces the older
+//! ones it overlaps. A `Placeholder` marks a read miss whose backing data is being filled
+//! into the cache; anything newer that lands on it wins, so a fill can only commit where
+//! its placeholder survived.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Cached data not yet on the backing device.
+    Dirty,
+    /// Cached data equal to the backing device.
+    Clean,
+    /// Reads as zeros; dirty until written back as WRITE_ZEROES.
+    Zeroes,
+    /// Reads as zeros; dirty until written back as UNMAP.
+    Unmapped,
+    /// A read-miss fill in flight; `pos` holds the fill id. Reads treat it as a miss.
+    Placeholder,
+}
+
+/// 24 bytes; the map's key (8 bytes) is the start LBA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Cache-device sector of the first data sector (fill id for placeholders).
+    pub pos: u64,
+    pub len: u32,
+    /// Data CRC32C of the whole extent, valid only while `has_crc`.
+    pub crc: u32,
+    /// Low 32 bits of the flush epoch that wrote it (used only for equality).
+    pub epoch: u32,
+    pub state: State,
+    pub has_crc: bool,
+}
+
+impl Extent {
+    pub fn is_data(&self) -> bool {
+        matches!(self.state, State::Dirty | State::Clean)
+    }
+    pub fn is_dirty(&self) -> bool {
+        matches!(self.state, State::Dirty | State::Zeroes | State::Unmapped)
+    }
+
+    /// The part of this extent (starting at `start`) from `at` for `len` sectors.
+    fn slice(&self, start: u64, at: u64, len: u32) -> Extent {
+        let mut e = *self;
+        if e.state != State::Placeholder && e.state != State::Zeroes && e.state != State::Unmapped
+        {
+            e.pos += at - start;
+        }
+        if at != start || len != self.len {
+            e.has_crc = false;
+        }
+        e.len = len;
+        e
+    }
+}
+
+/// One piece of a lookup: a mapped extent or a gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub lba: u64,
+    pub len: u32,
+    /// `None` for a gap. For extents, the slice covering exactly this piece; `whole` tells
+    /// whether the piece is the entire extent (so its CRC can be verified).
+    pub extent: Option<Extent>,
+    pub whole: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ExtentMap {
+    map: BTreeMap<u64, Extent>,
+}
+
+impl ExtentMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Extent)> {
+        self.map.iter().map(|(k, v)| (*k, v))
+    }
+
+    pub fn get(&self, lba: u64) -> Option<&Extent> {
+        self.map.get(&lba)
+    }
+
+    /// Removes every mapping in [lba, lba+len), trimming extents that stick out.
+    pub fn punch(&mut self, lba: u64, len: u32) {
+        let end = lba + u64::from(len);
+        // An extent starting before `lba` that reaches into the range.
+        if let Some((&s, &e)) = self.map.range(..lba).next_back() {
+            let e_end = s + u64::from(e.len);
+            if e_end > lba {
+                self.map.insert(s, e.slice(s, s, (lba - s) as u32));
+                if e_end > end {
+                    self.map.insert(end, e.slice(s, end, (e_end - end) as u32));
+                }
+            }
+        }
+        // Extents starting inside the range.
+        while let Some((&s, &e)) = self.map.range(lba..end).next() {
+            self.map.remove(&s);
+            let e_end = s + u64::from(e.len);
+            if e_end > end {
+                self.map.insert(end, e.slice(s, end, (e_end - end) as u32));
+            }
+        }
+    }
+
+    /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
+    pub fn insert(&mut self, lba: u64, ext: Extent) {
+        self.punch(lba, ext.len);
+        self.map.insert(lba, ext);
+    }
+
+    /// Removes placeholders in the range (a newer key is about to be logged there).
+    pub fn punch_placeholders(&mut self, lba: u64, len: u32) {
+        let mut doomed = Vec::new();
+        self.for_each_overlap(lba, len, |s, e| {
+            if e.state == State::Placeholder {
+                doomed.push(s);
+            }
+        });
+        for s in doomed {
+            let e = self.map[&s];
+            let (ps, pl) = clip(s, e.len, lba, len);
+            self.punch(ps, pl);
+        }
+    }
+
+    /// Where the placeholder of fill `id` survives inside [lba, lba+len).
+    pub fn placeholder_pieces(&self, id: u64, lba: u64, len: u32) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        self.for_each_overlap(lba, len, |s, e| {
+            if e.state == State::Placeholder && e.pos == id {
+                out.push(clip(s, e.len, lba, len));
+            }
+        });
+        out
+    }
+
+    /// Turns the surviving placeholder of fill `id` into clean data at `pos` (the cache
+    /// sector of `lba`).
+    pub fn commit_fill(&mut self, id: u64, lba: u64, len: u32, pos: u64, epoch: u32) {
+        for (s, l) in self.placeholder_pieces(id, lba, len) {
+            self.insert(
+                s,
+                Extent {
+                    pos: pos + (s - lba),
+                    len: l,
+                    crc: 0,
+                    epoch,
+                    state: State::Clean,
+                    has_crc: false,
+                },
+            );
+        }
+    }
+
+    /// Drops the surviving placeholder of fill `id`.
+    pub fn abort_fill(&mut self, id: u64, lba: u64, len: u32) {
+        for (s, l) in self.placeholder_pieces(id, lba, len) {
+            self.punch(s, l);
+        }
+    }
+
+    fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
+        let end = lba + u64::from(len);
+        if let Some((&s, e)) = self.map.range(..lba).next_back() {
+            if s + u64::from(e.len) > lba {
+                f(s, e);
+            }
+        }
+        for (&s, e) in self.map.range(lba..end) {
+            f(s, e);
+        }
+    }
+
+    /// Splits [lba, lba+len) into mapped pieces and gaps, in LBA order.
+    pub fn lookup(&self, lba: u64, len: u32, out: &mut Vec<Piece>) {
+        out.clear();
+        let end = lba + u64::from(len);
+        let mut cur = lba;
+        let start_key = match self.map.range(..=lba).next_back() {
+            Some((&s, e)) if s + u64::from(e.len) > lba => Bound::Included(s),
+            _ => Bound::Included(lba),
+        };
+        for (&s, e) in self.map.range((start_key, Bound::Excluded(end))) {
+            if s > cur {
+                out.push(Piece {
+                    lba: cur,
+                    len: (s - cur) as u32,
+                    extent: None,
+                    whole: false,
+                });
+                cur = s;
+            }
+            let e_end = (s + u64::from(e.len)).min(end);
+            if e_end <= cur {
+                continue;
+            }
+            let piece_len = (e_end - cur) as u32;
+            out.push(Piece {
+                lba: cur,
+                len: piece_len,
+                extent: Some(e.slice(s, cur, piece_len)),
+                whole: cur == s && piece_len == e.len,
+            });
+            cur = e_end;
+        }
+        if cur < end {
+            out.push(Piece {
+                lba: cur,
+                len: (end - cur) as u32,
+                extent: None,
+                whole: false,
+            });
+        }
+    }
+
+    /// Drops the extent at `lba` if it is still exactly `ext` (used after a CRC mismatch).
+    pub fn remove_if_same(&mut self, lba: u64, ext: &Extent) -> bool {
+        if self.map.get(&lba) == Some(ext) {
+            self.map.remove(&lba);
+            return true;
+        }
+        false
+    }
+
+    /// Counts (dirty sectors, clean sectors, extents).
+    pub fn usage(&self) -> (u64, u64, usize) {
+        let mut dirty = 0;
+        let mut clean = 0;
+        for e in self.map.values() {
+            match e.state {
+                State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len),
+                State::Clean => clean += u64::from(e.len),
+                State::Placeholder => {}
+            }
+        }
+        (dirty, clean, self.map.len())
+    }
+}
+
+/// The intersection of [s, s+l) and [lba, lba+len) (assumed to overlap).
+fn clip(s: u64, l: u32, lba: u64, len: u32) -> (u64, u32) {
+    let a = s.max(lba);
+    let b = (s + u64::from(l)).min(lba + u64::from(len));
+    (a, (b - a) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(pos: u64, len: u32) -> Extent {
+        Extent {
+            pos,
+            len,
+            crc: 7,
+            epoch: 0,
+            state: State::Dirty,
+            has_crc: true,
+        }
+    }
+
+    fn flat(m: &ExtentMap) -> Vec<(u64, u64, u32)> {
+        m.iter().map(|(s, e)| (s, e.pos, e.len)).collect()
+    }
+
+    #[test]
+    fn newer_extent_splits_an_older_one_in_three() {
+        let mut m = ExtentMap::new();
+        m.insert(10, data(1000, 10));
+        m.insert(13, data(5000, 2));
+        assert_eq!(flat(&m), vec![(10, 1000, 3), (13, 5000, 2), (15, 1005, 5)]);
+        assert!(!m.get(10).unwrap().has_crc, "a trimmed extent loses its CRC");
+        assert!(m.get(13).unwrap().has_crc);
+    }
+
+    #[test]
+    fn newer_extent_replaces_several() {
+        let mut m = ExtentMap::new();
+        m.insert(0, data(100, 4));
+        m.insert(4, data(200, 4));
+        m.insert(8, data(300, 4));
+        m.insert(2, data(900, 8));
+        assert_eq!(flat(&m), vec![(0, 100, 2), (2, 900, 8), (10, 302, 2)]);
+    }
+
+    #[test]
+    fn lookup_reports_gaps_and_slices() {
+        let mut m = ExtentMap::new();
+        m.insert(4, data(100, 4));
+        let mut out = Vec::new();
+        m.lookup(2, 8, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!((out[0].lba, out[0].len, out[0].extent), (2, 2, None));
+        assert_eq!(out[1].extent.unwrap().pos, 100);
+        assert!(out[1].whole);
+        assert_eq!((out[2].lba, out[2].len, out[2].extent), (8, 2, None));
+        m.lookup(5, 2, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].extent.unwrap().pos, 101);
+        assert!(!out[0].whole);
+    }
+
+    #[test]
+    fn a_write_landing_on_a_placeholder_keeps_the_fill_from_committing_there() {
+        let mut m = ExtentMap::new();
+        let ph = Extent {
+            pos: 42,
+            len: 8,
+            crc: 0,
+            epoch: 0,
+            state: State::Placeholder,
+            has_crc: false,
+        };
+        m.insert(0, ph);
+        m.punch_placeholders(2, 2);
+        m.insert(2, data(500, 2));
+        m.commit_fill(42, 0, 8, 9000, 0);
+        let v = flat(&m);
+        assert_eq!(v, vec![(0, 9000, 2), (2, 500, 2), (4, 9004, 4)]);
+        assert_eq!(m.get(0).unwrap().state, State::Clean);
+    }
+}

@@ -1,0 +1,20 @@
+//! The sans-I/O cache engine: no threads, clocks, syscalls or SPDK calls. It takes
+//! requests and device completions and emits device commands and request completions;
+//! the same inputs always give the same outputs.
+
+pub mod cache;
+pub mod format;
+pub mod geometry;
+pub mod index;
+pub mod io;
+pub mod open;
+pub mod pool;
+pub mod shard;
+pub mod slab;
+pub mod stats;
+
+pub use cache::{Cache, CacheOptions, CacheStats};
+pub use format::{BackingIdentity, FormatError, Superblock};
+pub use geometry::{Geometry, GeometryError, LayoutOptions};
+pub use io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request};
+pub use open::{format, FormatOptions, OpenError, OpenReport, OpenStep, Opener};

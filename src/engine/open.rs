@@ -1,0 +1,581 @@
+//! Formatting a new cache and opening an existing one.
+//!
+//! Opening is the crash path: there is no clean-shutdown state. [`Opener`] is a sans-I/O
+//! stepper: it asks for reads one at a time and ends with a running [`Cache`] or an
+//! [`OpenError`]. Replay follows each shard's kset chain from the tail recorded in its
+//! control slot; the first kset that fails its CRC, sequence, previous-CRC or position
+//! check ends the log.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use thiserror::Error;
+
+use super::cache::{Cache, CacheOptions};
+use super::format::{
+    BackingIdentity, ControlSlot, FormatError, Kset, LogPos, LogTail, SegmentHeader, Superblock,
+    KSET_MAGIC, SECTOR,
+};
+use super::geometry::{Geometry, GeometryError, LayoutOptions, CONTROL_SECTOR, SB_B_SECTOR};
+use super::index::{Extent, ExtentMap, State};
+use super::io::IoError;
+use super::pool::SegmentPool;
+use super::shard::{LogState, Shard, ShardConfig};
+
+pub const DEFAULT_GC_PERCENT: u32 = 70;
+
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    pub layout: LayoutOptions,
+    pub data_crc: bool,
+    pub cache_uuid: [u8; 16],
+    pub gc_percent: u32,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            layout: LayoutOptions::default(),
+            data_crc: false,
+            cache_uuid: [0x5a; 16],
+            gc_percent: DEFAULT_GC_PERCENT,
+        }
+    }
+}
+
+/// The writes that make a new, empty cache: superblock replicas, both control slots of
+/// every shard, and the header of each shard's first segment. Returns (sector, bytes).
+pub fn format(
+    cache_bytes: u64,
+    backing: BackingIdentity,
+    opts: &FormatOptions,
+) -> Result<(Superblock, Vec<(u64, Vec<u8>)>), GeometryError> {
+    let geometry = Geometry::new(cache_bytes, backing.sectors, opts.layout)?;
+    let sb = Superblock {
+        geometry,
+        cache_uuid: opts.cache_uuid,
+        backing,
+        data_crc: opts.data_crc,
+    };
+    let seed = sb.crc_seed();
+    let sb_bytes = sb.encode();
+    let mut writes = vec![(0, sb_bytes.clone()), (SB_B_SECTOR, sb_bytes)];
+    for shard in 0..geometry.shard_count {
+        let first = LogPos {
+            seg: shard,
+            gen: shard + 1,
+            off: 1,
+        };
+        let tail = LogTail {
+            pos: first,
+            seq: 1,
+            prev_crc: 0,
+        };
+        for slot in 0..2u32 {
+            let c = ControlSlot {
+                shard,
+                seq: u64::from(slot) + 1,
+                tail,
+                dirty_tail: tail,
+                gc_percent: opts.gc_percent.min(100),
+            };
+            writes.push((geometry.control_sector(shard, slot), c.encode(seed)));
+        }
+        let hdr = SegmentHeader {
+            seg: shard,
+            gen: shard + 1,
+            shard,
+        };
+        writes.push((geometry.segment_start(shard), hdr.encode(seed)));
+    }
+    Ok((sb, writes))
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    #[error("no valid superblock (replica A: {a}; replica B: {b})")]
+    NoSuperblock { a: FormatError, b: FormatError },
+    #[error("cache was formatted with format version {found}; this build reads version 1")]
+    UnsupportedVersion { found: u32 },
+    #[error("cache belongs to another backing device: superblock names {expected}, found {found}")]
+    BackingMismatch { expected: String, found: String },
+    #[error("shard {shard}: no valid control slot (A: {a}; B: {b})")]
+    ControlLost {
+        shard: u32,
+        a: FormatError,
+        b: FormatError,
+    },
+    #[error("shard {shard}: log tail segment {seg} has no valid header of generation {gen}")]
+    TailLost { shard: u32, seg: u32, gen: u32 },
+    #[error("read of {what} failed: {err}")]
+    Io { what: &'static str, err: IoError },
+}
+
+/// What replay found, for `pcache inspect` and `pcache check`.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// Problems that did not stop the open (a bad replica, a torn kset at a log end).
+    pub problems: Vec<String>,
+    pub shards: Vec<ShardReport>,
+    pub segment_gens: Vec<Option<u32>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ShardReport {
+    pub control_seq: u64,
+    pub tail: LogTail,
+    pub ksets: u64,
+    pub keys: u64,
+    pub segments: Vec<u32>,
+    pub head: LogPos,
+    pub next_seq: u64,
+}
+
+/// A step of [`Opener`].
+#[derive(Debug)]
+pub enum OpenStep {
+    /// Read `sectors` sectors at `sector` of the cache device and pass them to `step`.
+    Read { sector: u64, sectors: u64 },
+    Done(Box<Cache>),
+    Failed(OpenError),
+}
+
+enum Phase {
+    Superblock,
+    Control,
+    Headers { seg: u32 },
+    Replay,
+    Finished,
+}
+
+struct ShardReplay {
+    control: ControlSlot,
+    index: ExtentMap,
+    segments: VecDeque<(u32, u32)>,
+    at: LogPos,
+    seq: u64,
+    prev_crc: u32,
+    max_epoch: u64,
+    ksets: u64,
+    keys: u64,
+    needs_header: bool,
+}
+
+pub struct Opener {
+    backing: BackingIdentity,
+    opts: CacheOptions,
+    phase: Phase,
+    sb: Option<Superblock>,
+    controls: Vec<ControlSlot>,
+    headers: Vec<Option<SegmentHeader>>,
+    shards: Vec<ShardReplay>,
+    cur: usize,
+    report: OpenReport,
+}
+
+impl Opener {
+    /// `backing` is what the host sees now; the superblock must name the same device.
+    pub fn new(backing: BackingIdentity, opts: CacheOptions) -> Self {
+        Opener {
+            backing,
+            opts,
+            phase: Phase::Superblock,
+            sb: None,
+            controls: Vec::new(),
+            headers: Vec::new(),
+            shards: Vec::new(),
+            cur: 0,
+            report: OpenReport::default(),
+        }
+    }
+
+    /// The first read to issue.
+    pub fn start(&self) -> OpenStep {
+        OpenStep::Read {
+            sector: 0,
+            sectors: 2 * SB_B_SECTOR,
+        }
+    }
+
+    pub fn report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// Feeds the data of the last requested read.
+    pub fn step(&mut self, data: Result<Vec<u8>, IoError>) -> OpenStep {
+        match self.advance(data) {
+            Ok(s) => s,
+            Err(e) => {
+                self.phase = Phase::Finished;
+                OpenStep::Failed(e)
+            }
+        }
+    }
+
+    fn advance(&mut self, data: Result<Vec<u8>, IoError>) -> Result<OpenStep, OpenError> {
+        let what = match self.phase {
+            Phase::Superblock => "superblock",
+            Phase::Control => "control area",
+            Phase::Headers { .. } => "segment header",
+            Phase::Replay => "log segment",
+            Phase::Finished => "nothing (open already finished)",
+        };
+        let buf = data.map_err(|err| OpenError::Io { what, err })?;
+        match self.phase {
+            Phase::Superblock => self.on_superblock(&buf),
+            Phase::Control => self.on_control(&buf),
+            Phase::Headers { seg } => self.on_header(seg, &buf),
+            Phase::Replay => self.on_segment(&buf),
+            Phase::Finished => Err(OpenError::Io {
+                what,
+                err: IoError::Device,
+            }),
+        }
+    }
+
+    fn geo(&self) -> Geometry {
+        self.sb.as_ref().map(|s| s.geometry).unwrap_or(Geometry {
+            cache_sectors: 0,
+            segment_sectors: 0,
+            segment_count: 0,
+            segments_start: 0,
+            stripe_sectors: 0,
+            shard_count: 0,
+            backing_sectors: 0,
+        })
+    }
+
+    fn seed(&self) -> u32 {
+        self.sb.as_ref().map_or(0, |s| s.crc_seed())
+    }
+
+    fn on_superblock(&mut self, buf: &[u8]) -> Result<OpenStep, OpenError> {
+        let half = SB_B_SECTOR as usize * SECTOR;
+        let a = Superblock::decode(buf.get(..half).unwrap_or(&[]));
+        let b = Superblock::decode(buf.get(half..).unwrap_or(&[]));
+        let sb = match (a, b) {
+            (Ok(a), Ok(b)) => {
+                if a != b {
+                    self.report
+                        .problems
+                        .push("superblock replicas differ; using replica A".into());
+                }
+                a
+            }
+            (Ok(a), Err(e)) => {
+                self.report
+                    .problems
+                    .push(format!("superblock replica B is corrupt: {e}"));
+                a
+            }
+            (Err(e), Ok(b)) => {
+                self.report
+                    .problems
+                    .push(format!("superblock replica A is corrupt: {e}"));
+                b
+            }
+            (Err(a), Err(b)) => {
+                for e in [&a, &b] {
+                    if let FormatError::UnsupportedVersion { found } = e {
+                        return Err(OpenError::UnsupportedVersion { found: *found });
+                    }
+                }
+                return Err(OpenError::NoSuperblock { a, b });
+            }
+        };
+        check_backing(&sb.backing, &self.backing)?;
+        let shards = sb.geometry.shard_count;
+        self.sb = Some(sb);
+        self.phase = Phase::Control;
+        Ok(OpenStep::Read {
+            sector: CONTROL_SECTOR,
+            sectors: 2 * u64::from(shards),
+        })
+    }
+
+    fn on_control(&mut self, buf: &[u8]) -> Result<OpenStep, OpenError> {
+        let geo = self.geo();
+        let seed = self.seed();
+        for shard in 0..geo.shard_count {
+            let slot = |i: u32| {
+                let at = (2 * shard + i) as usize * SECTOR;
+                ControlSlot::decode(buf.get(at..at + SECTOR).unwrap_or(&[]), seed, &geo, shard)
+            };
+            let c = match (slot(0), slot(1)) {
+                (Ok(a), Ok(b)) => {
+                    if a.seq > b.seq {
+                        a
+                    } else {
+                        b
+                    }
+                }
+                (Ok(a), Err(e)) | (Err(e), Ok(a)) => {
+                    self.report.problems.push(format!(
+                        "shard {shard}: one control slot is invalid ({e}); using seq {}",
+                        a.seq
+                    ));
+                    a
+                }
+                (Err(a), Err(b)) => return Err(OpenError::ControlLost { shard, a, b }),
+            };
+            self.controls.push(c);
+        }
+        self.phase = Phase::Headers { seg: 0 };
+        Ok(self.read_header(0))
+    }
+
+    fn read_header(&self, seg: u32) -> OpenStep {
+        OpenStep::Read {
+            sector: self.geo().segment_start(seg),
+            sectors: 1,
+        }
+    }
+
+    fn on_header(&mut self, seg: u32, buf: &[u8]) -> Result<OpenStep, OpenError> {
+        let geo = self.geo();
+        self.headers
+            .push(SegmentHeader::decode(buf, self.seed(), &geo, seg).ok());
+        if seg + 1 < geo.segment_count {
+            self.phase = Phase::Headers { seg: seg + 1 };
+            return Ok(self.read_header(seg + 1));
+        }
+        self.report.segment_gens = self.headers.iter().map(|h| h.map(|h| h.gen)).collect();
+        for (shard, c) in self.controls.iter().enumerate() {
+            let t = c.tail;
+            let ok = self
+                .headers
+                .get(t.pos.seg as usize)
+                .copied()
+                .flatten()
+                .is_some_and(|h| h.gen == t.pos.gen && h.shard == shard as u32);
+            if !ok {
+                return Err(OpenError::TailLost {
+                    shard: shard as u32,
+                    seg: t.pos.seg,
+                    gen: t.pos.gen,
+                });
+            }
+            self.shards.push(ShardReplay {
+                control: *c,
+                index: ExtentMap::new(),
+                segments: VecDeque::from([(t.pos.seg, t.pos.gen)]),
+                at: t.pos,
+                seq: t.seq,
+                prev_crc: t.prev_crc,
+                max_epoch: 0,
+                ksets: 0,
+                keys: 0,
+                needs_header: false,
+            });
+        }
+        self.phase = Phase::Replay;
+        self.cur = 0;
+        Ok(self.read_segment())
+    }
+
+    fn read_segment(&self) -> OpenStep {
+        let geo = self.geo();
+        OpenStep::Read {
+            sector: geo.segment_start(self.shards[self.cur].at.seg),
+            sectors: u64::from(geo.segment_sectors),
+        }
+    }
+
+    /// Replays the ksets of the current shard found in one segment.
+    fn on_segment(&mut self, buf: &[u8]) -> Result<OpenStep, OpenError> {
+        let geo = self.geo();
+        let seed = self.seed();
+        let shard = self.cur as u32;
+        let seg_base = geo.segment_start(self.shards[self.cur].at.seg);
+        loop {
+            let r = &mut self.shards[self.cur];
+            let at = r.at;
+            let start = at.off as usize * SECTOR;
+            let tail = buf.get(start..).unwrap_or(&[]);
+            let decoded = Kset::decode(tail, seed, &geo, at, shard)
+                .ok()
+                .filter(|(k, _)| k.seq == r.seq && k.prev_crc == r.prev_crc);
+            let Some((kset, crc)) = decoded else {
+                if let Some(p) = end_of_log_problem(tail, at, r.seq, shard) {
+                    self.report.problems.push(p);
+                }
+                break;
+            };
+            let dirty_from = r.control.dirty_tail.seq;
+            for k in &kset.keys {
+                apply_key(&mut r.index, k, seg_base, kset.seq < dirty_from);
+                r.max_epoch = r.max_epoch.max(k.epoch);
+            }
+            r.ksets += 1;
+            r.keys += kset.keys.len() as u64;
+            r.seq += 1;
+            r.prev_crc = crc;
+            r.at = kset.next;
+            if kset.next.seg != at.seg {
+                let n = kset.next;
+                r.segments.push_back((n.seg, n.gen));
+                let hdr_ok = self
+                    .headers
+                    .get(n.seg as usize)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|h| h.gen == n.gen && h.shard == shard);
+                if hdr_ok {
+                    return Ok(self.read_segment());
+                }
+                // The log moved to a segment whose header never became durable: nothing
+                // was acknowledged there. Claim it and rewrite the header before use.
+                self.shards[self.cur].needs_header = true;
+                break;
+            }
+        }
+        self.cur += 1;
+        if self.cur < self.shards.len() {
+            return Ok(self.read_segment());
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<OpenStep, OpenError> {
+        self.phase = Phase::Finished;
+        let Some(sb) = self.sb.clone() else {
+            return Err(OpenError::Io {
+                what: "superblock",
+                err: IoError::Device,
+            });
+        };
+        let geo = sb.geometry;
+        let mut used = BTreeSet::new();
+        let mut max_gen = 0u32;
+        let mut epoch = 0u64;
+        for r in &self.shards {
+            for &(s, g) in &r.segments {
+                used.insert(s);
+                max_gen = max_gen.max(g);
+            }
+            epoch = epoch.max(r.max_epoch);
+        }
+        for g in self.headers.iter().flatten() {
+            max_gen = max_gen.max(g.gen);
+        }
+        let free = (0..geo.segment_count).filter(|s| !used.contains(s));
+        let pool = SegmentPool::new(free, max_gen.wrapping_add(1).max(1), geo.segment_count);
+        // New writes start a new epoch: nothing after a restart joins an old one.
+        let epoch = epoch + 1;
+        let mut shards = Vec::with_capacity(self.shards.len());
+        for (i, r) in self.shards.drain(..).enumerate() {
+            self.report.shards.push(ShardReport {
+                control_seq: r.control.seq,
+                tail: r.control.tail,
+                ksets: r.ksets,
+                keys: r.keys,
+                segments: r.segments.iter().map(|s| s.0).collect(),
+                head: r.at,
+                next_seq: r.seq,
+            });
+            let cfg = ShardConfig {
+                id: i as u32,
+                geo,
+                crc_seed: sb.crc_seed(),
+                data_crc: sb.data_crc,
+                read_fill: self.opts.read_fill,
+            };
+            let log = LogState {
+                head: r.at,
+                next_seq: r.seq,
+                prev_crc: r.prev_crc,
+                segments: r.segments,
+                head_needs_header: r.needs_header,
+            };
+            shards.push(Shard::new(cfg, log, r.index, epoch));
+        }
+        let gc_percent = self.controls.first().map_or(DEFAULT_GC_PERCENT, |c| c.gc_percent);
+        Ok(OpenStep::Done(Box::new(Cache::from_parts(
+            sb,
+            shards,
+            pool,
+            epoch,
+            gc_percent,
+            self.opts.clone(),
+        ))))
+    }
+}
+
+fn apply_key(index: &mut ExtentMap, k: &super::format::Key, seg_base: u64, before_dirty_tail: bool) {
+    use super::format::KeyKind;
+    let clean = k.clean || before_dirty_tail;
+    let state = match k.kind {
+        KeyKind::Data if clean => State::Clean,
+        KeyKind::Data => State::Dirty,
+        KeyKind::Zeroes | KeyKind::Unmap if clean => {
+            // Already on the backing device: nothing to remember.
+            index.punch(k.lba, k.len);
+            return;
+        }
+        KeyKind::Zeroes => State::Zeroes,
+        KeyKind::Unmap => State::Unmapped,
+    };
+    let pos = if k.kind == KeyKind::Data {
+        seg_base + u64::from(k.data_off)
+    } else {
+        0
+    };
+    index.insert(
+        k.lba,
+        Extent {
+            pos,
+            len: k.len,
+            crc: k.crc.unwrap_or(0),
+            epoch: k.epoch as u32,
+            state,
+            has_crc: k.crc.is_some(),
+        },
+    );
+}
+
+/// At the end of a log, a kset header that claims to be the next kset but fails its
+/// checks is torn (a crash mid-write) or corrupt. Stale data from an older use of the
+/// segment names another sequence or position and is not reported.
+fn end_of_log_problem(tail: &[u8], at: LogPos, seq: u64, shard: u32) -> Option<String> {
+    if tail.len() < 64 {
+        return None;
+    }
+    let le32 = |o: usize| u32::from_le_bytes([tail[o], tail[o + 1], tail[o + 2], tail[o + 3]]);
+    let le64 = |o: usize| u64::from(le32(o)) | (u64::from(le32(o + 4)) << 32);
+    let magic_ok = le32(0) == KSET_MAGIC;
+    let claims_here = le64(8) == seq
+        && u32::from(u16::from_le_bytes([tail[20], tail[21]])) == shard
+        && le32(28) == at.seg
+        && le32(32) == at.gen
+        && le32(52) == at.off;
+    (magic_ok || claims_here).then(|| {
+        format!(
+            "shard {shard}: kset seq {seq} at segment {} sector {} is torn or corrupt; \
+             the log ends before it",
+            at.seg, at.off
+        )
+    })
+}
+
+fn check_backing(sb: &BackingIdentity, now: &BackingIdentity) -> Result<(), OpenError> {
+    let describe = |b: &BackingIdentity| {
+        format!(
+            "'{}' ({} sectors, uuid {})",
+            b.name,
+            b.sectors,
+            b.uuid.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    };
+    let uuid_set = |b: &BackingIdentity| b.uuid != [0; 16];
+    let same_id = if uuid_set(sb) && uuid_set(now) {
+        sb.uuid == now.uuid
+    } else {
+        sb.name == now.name
+    };
+    if sb.sectors != now.sectors || !same_id {
+        return Err(OpenError::BackingMismatch {
+            expected: describe(sb),
+            found: describe(now),
+        });
+    }
+    Ok(())
+}

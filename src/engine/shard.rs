@@ -1,0 +1,1044 @@
+//! One shard: the index, log and request state for the stripes it owns.
+//!
+//! A shard is a state machine driven by its owning thread: `submit` requests, `poll` to
+//! batch them, `complete` device commands, `grant` segments from the pool. Everything it
+//! wants done comes out of its [`Outbox`]. It shares nothing with other shards.
+//!
+//! Log layout: the shard appends *regions* to its current segment. A region is a kset
+//! followed by the data its keys name. Data is written first; the kset is written when all
+//! of its data is durable; a request is acknowledged when its kset and every earlier kset
+//! are durable. Each kset names the position of the next one and the CRC of the previous
+//! one, so replay can follow the chain and stops at the first kset that does not fit it.
+
+use std::collections::VecDeque;
+
+use super::format::{kset_sectors, Key, KeyKind, Kset, LogPos, SegmentHeader, MAX_KSET_KEYS};
+use super::geometry::{Geometry, SEGMENT_OVERHEAD};
+use super::index::{Extent, ExtentMap, Piece, State};
+use super::io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ShardRequest, Tag};
+use super::pool::{Grant, ToPool};
+use super::slab::Slab;
+use super::stats::ShardStats;
+
+/// Segments a shard keeps ready (header durable) beyond the one it writes.
+const RESERVE_SEGMENTS: u32 = 2;
+/// Attempts at writing one kset before the shard gives up its log.
+const KSET_WRITE_ATTEMPTS: u8 = 3;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ShardConfig {
+    pub id: u32,
+    pub geo: Geometry,
+    pub crc_seed: u32,
+    pub data_crc: bool,
+    /// Insert read-miss data into the cache.
+    pub read_fill: bool,
+}
+
+/// Everything a shard wants from the outside world since the last drain.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub commands: Vec<Command>,
+    pub completions: Vec<(ReqId, Result<(), ReqError>)>,
+    pub to_pool: Vec<ToPool>,
+    pub log: Vec<String>,
+}
+
+/// Recovered log state handed to [`Shard::new`].
+#[derive(Debug, Clone)]
+pub struct LogState {
+    /// Where the next region goes.
+    pub head: LogPos,
+    pub next_seq: u64,
+    pub prev_crc: u32,
+    /// Segments of the log, oldest first; the last one holds `head`.
+    pub segments: VecDeque<(u32, u32)>,
+    /// The head segment's header must be (re)written before use.
+    pub head_needs_header: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogOp {
+    Write { req: ReqId, buf_off: u64 },
+    Zeroes { req: ReqId },
+    Unmap { req: ReqId },
+    Fill { read: u32, fill: u64, req: ReqId, buf_off: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    op: LogOp,
+    lba: u64,
+    len: u32,
+    epoch: u64,
+}
+
+impl Pending {
+    fn data_sectors(&self) -> u32 {
+        match self.op {
+            LogOp::Write { .. } | LogOp::Fill { .. } => self.len,
+            LogOp::Zeroes { .. } | LogOp::Unmap { .. } => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchState {
+    /// Data writes in flight.
+    Data,
+    /// Data done; waiting for earlier ksets to be encoded (they give us prev_crc).
+    Ready,
+    KsetInFlight,
+    Durable,
+}
+
+#[derive(Debug)]
+struct Entry {
+    p: Pending,
+    data_off: u32,
+    crc: Option<u32>,
+    failed: bool,
+    /// Made it into the kset (fills whose placeholder was overwritten do not).
+    logged: bool,
+}
+
+#[derive(Debug)]
+struct Batch {
+    seq: u64,
+    pos: LogPos,
+    next: LogPos,
+    region: u32,
+    entries: Vec<Entry>,
+    data_pending: u32,
+    state: BatchState,
+    kset: Option<Vec<u8>>,
+    attempts: u8,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ReadSrc {
+    /// From the cache; `ext` is the extent slice read, `whole` when CRC-verified.
+    Cache { ext: Extent },
+    Backing { fill: Option<u64> },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TagOwner {
+    Data { seq: u64, entry: u32 },
+    Kset { seq: u64 },
+    SegHeader { seg: u32, gen: u32 },
+    InPlace { req: ReqId },
+    Read { read: u32, lba: u64, len: u32, buf_off: u64, src: ReadSrc },
+}
+
+#[derive(Debug)]
+struct ReadCtx {
+    req: ReqId,
+    pending: u32,
+    error: Option<ReqError>,
+}
+
+pub struct Shard {
+    cfg: ShardConfig,
+    index: ExtentMap,
+    epoch: u64,
+    head: LogPos,
+    next_seq: u64,
+    prev_crc: u32,
+    segments: VecDeque<(u32, u32)>,
+    head_header: HeadHeader,
+    ready: VecDeque<Grant>,
+    preparing: u32,
+    wanted: u32,
+    pending: VecDeque<Pending>,
+    batches: VecDeque<Batch>,
+    tags: Slab<TagOwner>,
+    reads: Slab<ReadCtx>,
+    next_fill: u64,
+    failed: bool,
+    stalled: bool,
+    out: Outbox,
+    pub stats: ShardStats,
+    scratch: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadHeader {
+    Durable,
+    Needed,
+    InFlight,
+}
+
+impl Shard {
+    pub fn new(cfg: ShardConfig, log: LogState, index: ExtentMap, epoch: u64) -> Self {
+        Shard {
+            cfg,
+            index,
+            epoch,
+            head: log.head,
+            next_seq: log.next_seq,
+            prev_crc: log.prev_crc,
+            segments: log.segments,
+            head_header: if log.head_needs_header {
+                HeadHeader::Needed
+            } else {
+                HeadHeader::Durable
+            },
+            ready: VecDeque::new(),
+            preparing: 0,
+            wanted: 0,
+            pending: VecDeque::new(),
+            batches: VecDeque::new(),
+            tags: Slab::new(),
+            reads: Slab::new(),
+            next_fill: 1,
+            failed: false,
+            stalled: false,
+            out: Outbox::default(),
+            stats: ShardStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.cfg.id
+    }
+
+    pub fn index(&self) -> &ExtentMap {
+        &self.index
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Starts a new flush epoch: writes submitted from now on belong to it.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
+    pub fn outbox(&mut self) -> &mut Outbox {
+        &mut self.out
+    }
+
+    /// Segments the log occupies, oldest first.
+    pub fn log_segments(&self) -> impl Iterator<Item = u32> + '_ {
+        self.segments.iter().map(|s| s.0)
+    }
+
+    /// Segments held in reserve (granted, not yet in the log).
+    pub fn reserve_segments(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ready.iter().map(|g| g.seg)
+    }
+
+    /// Requests still owed a completion, and whether the shard has work in flight.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.batches.is_empty() && self.tags.is_empty()
+    }
+
+    /// Writes are waiting for space.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled
+    }
+
+    fn tag(&mut self, owner: TagOwner) -> Tag {
+        (u64::from(self.cfg.id) << 48) | u64::from(self.tags.insert(owner))
+    }
+
+    fn seg_sector(&self, pos: LogPos) -> u64 {
+        self.cfg.geo.segment_start(pos.seg) + u64::from(pos.off)
+    }
+
+    pub fn submit(&mut self, r: ShardRequest) {
+        match r.op {
+            Op::Read => {
+                self.stats.reads += 1;
+                self.start_read(r);
+            }
+            Op::Write | Op::WriteFua => {
+                self.stats.writes += 1;
+                if self.failed {
+                    self.out.completions.push((r.id, Err(ReqError::ShardFailed)));
+                } else if !self.try_in_place(&r) {
+                    self.queue(r, LogOp::Write {
+                        req: r.id,
+                        buf_off: r.buf_off,
+                    });
+                }
+            }
+            Op::WriteZeroes | Op::Unmap => {
+                self.stats.discards += 1;
+                let op = if r.op == Op::Unmap {
+                    LogOp::Unmap { req: r.id }
+                } else {
+                    LogOp::Zeroes { req: r.id }
+                };
+                if self.failed {
+                    self.out.completions.push((r.id, Err(ReqError::ShardFailed)));
+                } else {
+                    self.queue(r, op);
+                }
+            }
+            Op::Flush => self.out.completions.push((r.id, Ok(()))),
+        }
+    }
+
+    fn queue(&mut self, r: ShardRequest, op: LogOp) {
+        self.pending.push_back(Pending {
+            op,
+            lba: r.lba,
+            len: r.len,
+            epoch: self.epoch,
+        });
+    }
+
+    /// A write that exactly covers a dirty extent of the current epoch rewrites it in place:
+    /// no new key, no space used. Crash-safe because the epoch's writes carry no order and
+    /// a torn unacknowledged write may leave old and new sectors mixed.
+    fn try_in_place(&mut self, r: &ShardRequest) -> bool {
+        if self.cfg.data_crc {
+            return false;
+        }
+        let Some(e) = self.index.get(r.lba).copied() else {
+            return false;
+        };
+        if e.state != State::Dirty || e.len != r.len || e.epoch != self.epoch as u32 {
+            return false;
+        }
+        let tag = self.tag(TagOwner::InPlace { req: r.id });
+        self.out.commands.push(Command::Write {
+            tag,
+            dev: Dev::Cache,
+            sector: e.pos,
+            buf: Buf::Req {
+                req: r.id,
+                off: r.buf_off,
+                len: u64::from(r.len) * 512,
+            },
+            want_crc: false,
+        });
+        self.stats.in_place_writes += 1;
+        true
+    }
+
+    fn start_read(&mut self, r: ShardRequest) {
+        let read = self.reads.insert(ReadCtx {
+            req: r.id,
+            pending: 0,
+            error: None,
+        });
+        let mut pieces = std::mem::take(&mut self.scratch);
+        self.index.lookup(r.lba, r.len, &mut pieces);
+        let mut issued = 0;
+        for p in &pieces {
+            let buf_off = r.buf_off + (p.lba - r.lba) * 512;
+            let buf = Buf::Req {
+                req: r.id,
+                off: buf_off,
+                len: u64::from(p.len) * 512,
+            };
+            let src = match p.extent {
+                Some(e) if e.is_data() => {
+                    self.stats.read_hit_sectors += u64::from(p.len);
+                    let verify = (p.whole && e.has_crc).then_some(e.crc);
+                    let tag = self.tag(TagOwner::Read {
+                        read,
+                        lba: p.lba,
+                        len: p.len,
+                        buf_off,
+                        src: ReadSrc::Cache { ext: e },
+                    });
+                    self.out.commands.push(Command::Read {
+                        tag,
+                        dev: Dev::Cache,
+                        sector: e.pos,
+                        buf,
+                        verify_crc: verify,
+                    });
+                    issued += 1;
+                    continue;
+                }
+                Some(e) if e.state != State::Placeholder => {
+                    self.stats.read_hit_sectors += u64::from(p.len);
+                    self.out.commands.push(Command::ZeroBuf { buf });
+                    continue;
+                }
+                // A fill of the same range is already in flight: just read the backing.
+                Some(_) => ReadSrc::Backing { fill: None },
+                None if self.cfg.read_fill && !self.failed => {
+                    let id = self.next_fill;
+                    self.next_fill += 1;
+                    self.index.insert(
+                        p.lba,
+                        Extent {
+                            pos: id,
+                            len: p.len,
+                            crc: 0,
+                            epoch: 0,
+                            state: State::Placeholder,
+                            has_crc: false,
+                        },
+                    );
+                    ReadSrc::Backing { fill: Some(id) }
+                }
+                None => ReadSrc::Backing { fill: None },
+            };
+            self.stats.read_miss_sectors += u64::from(p.len);
+            self.issue_backing_read(read, p.lba, p.len, buf_off, src, r.id);
+            issued += 1;
+        }
+        self.scratch = pieces;
+        if let Some(ctx) = self.reads.get_mut(read) {
+            ctx.pending = issued;
+        }
+        self.maybe_finish_read(read);
+    }
+
+    fn issue_backing_read(
+        &mut self,
+        read: u32,
+        lba: u64,
+        len: u32,
+        buf_off: u64,
+        src: ReadSrc,
+        req: ReqId,
+    ) {
+        let tag = self.tag(TagOwner::Read {
+            read,
+            lba,
+            len,
+            buf_off,
+            src,
+        });
+        self.out.commands.push(Command::Read {
+            tag,
+            dev: Dev::Backing,
+            sector: lba,
+            buf: Buf::Req {
+                req,
+                off: buf_off,
+                len: u64::from(len) * 512,
+            },
+            verify_crc: None,
+        });
+    }
+
+    fn maybe_finish_read(&mut self, read: u32) {
+        if self.reads.get(read).is_some_and(|c| c.pending == 0) {
+            if let Some(ctx) = self.reads.remove(read) {
+                let res = ctx.error.map_or(Ok(()), Err);
+                self.out.completions.push((ctx.req, res));
+            }
+        }
+    }
+
+    fn read_piece_done(&mut self, read: u32) {
+        if let Some(ctx) = self.reads.get_mut(read) {
+            ctx.pending -= 1;
+        }
+        self.maybe_finish_read(read);
+    }
+
+    fn read_fail(&mut self, read: u32, err: ReqError) {
+        if let Some(ctx) = self.reads.get_mut(read) {
+            ctx.error.get_or_insert(err);
+        }
+        self.read_piece_done(read);
+    }
+
+    /// Gives the shard a segment from the pool.
+    pub fn grant(&mut self, g: Grant) {
+        self.wanted = self.wanted.saturating_sub(1);
+        self.write_segment_header(g);
+    }
+
+    fn write_segment_header(&mut self, g: Grant) {
+        self.preparing += 1;
+        let tag = self.tag(TagOwner::SegHeader {
+            seg: g.seg,
+            gen: g.gen,
+        });
+        let hdr = SegmentHeader {
+            seg: g.seg,
+            gen: g.gen,
+            shard: self.cfg.id,
+        }
+        .encode(self.cfg.crc_seed);
+        self.out.commands.push(Command::Write {
+            tag,
+            dev: Dev::Cache,
+            sector: self.cfg.geo.segment_start(g.seg),
+            buf: Buf::Owned(hdr),
+            want_crc: false,
+        });
+    }
+
+    /// Turns queued log operations into regions and issues their writes.
+    pub fn poll(&mut self) {
+        if self.head_header == HeadHeader::Needed {
+            self.head_header = HeadHeader::InFlight;
+            let g = Grant {
+                seg: self.head.seg,
+                gen: self.head.gen,
+            };
+            self.preparing += 1;
+            let tag = self.tag(TagOwner::SegHeader {
+                seg: g.seg,
+                gen: g.gen,
+            });
+            let hdr = SegmentHeader {
+                seg: g.seg,
+                gen: g.gen,
+                shard: self.cfg.id,
+            }
+            .encode(self.cfg.crc_seed);
+            self.out.commands.push(Command::Write {
+                tag,
+                dev: Dev::Cache,
+                sector: self.cfg.geo.segment_start(g.seg),
+                buf: Buf::Owned(hdr),
+                want_crc: false,
+            });
+        }
+        self.form_batches();
+        self.ask_for_segments();
+    }
+
+    fn ask_for_segments(&mut self) {
+        while self.ready.len() as u32 + self.preparing + self.wanted < RESERVE_SEGMENTS {
+            self.wanted += 1;
+            self.out.to_pool.push(ToPool::Need { shard: self.cfg.id });
+        }
+    }
+
+    fn form_batches(&mut self) {
+        let seg_end = self.cfg.geo.segment_sectors - 1;
+        self.stalled = false;
+        while !self.pending.is_empty() && !self.failed {
+            if self.head_header != HeadHeader::Durable {
+                return;
+            }
+            let mut n = 0usize;
+            let mut data = 0u32;
+            for p in self.pending.iter().take(MAX_KSET_KEYS) {
+                let d = p.data_sectors();
+                if self.head.off + kset_sectors(n + 1) + data + d > seg_end {
+                    break;
+                }
+                n += 1;
+                data += d;
+            }
+            if n > 0 {
+                self.build_batch(n);
+                continue;
+            }
+            // Nothing fits in this segment: move to a ready one, or wait for space.
+            if let Some(g) = self.ready.pop_front() {
+                self.link_to(g);
+                continue;
+            }
+            if let Some(front) = self.pending.front().copied() {
+                if let LogOp::Fill { read, fill, .. } = front.op {
+                    // Fills never wait for space: the read completes without caching.
+                    self.pending.pop_front();
+                    self.stats.fill_bypass += 1;
+                    self.index.abort_fill(fill, front.lba, front.len);
+                    self.read_piece_done(read);
+                    continue;
+                }
+            }
+            if !self.stalled {
+                self.stats.cache_full_waits += 1;
+            }
+            self.stalled = true;
+            return;
+        }
+    }
+
+    /// Writes a key-less kset at the head that moves the log to segment `g`.
+    fn link_to(&mut self, g: Grant) {
+        let next = LogPos {
+            seg: g.seg,
+            gen: g.gen,
+            off: 1,
+        };
+        self.segments.push_back((g.seg, g.gen));
+        let batch = Batch {
+            seq: self.next_seq,
+            pos: self.head,
+            next,
+            region: 1,
+            entries: Vec::new(),
+            data_pending: 0,
+            state: BatchState::Ready,
+            kset: None,
+            attempts: 0,
+        };
+        self.next_seq += 1;
+        self.head = next;
+        self.batches.push_back(batch);
+        self.encode_ready();
+    }
+
+    fn build_batch(&mut self, n: usize) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let pos = self.head;
+        let mut off = pos.off + kset_sectors(n);
+        let mut entries = Vec::with_capacity(n);
+        let mut data_pending = 0;
+        for i in 0..n {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let data_off = off;
+            match p.op {
+                LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. } => {
+                    let tag = self.tag(TagOwner::Data {
+                        seq,
+                        entry: i as u32,
+                    });
+                    self.out.commands.push(Command::Write {
+                        tag,
+                        dev: Dev::Cache,
+                        sector: self.cfg.geo.segment_start(pos.seg) + u64::from(data_off),
+                        buf: Buf::Req {
+                            req,
+                            off: buf_off,
+                            len: u64::from(p.len) * 512,
+                        },
+                        want_crc: self.cfg.data_crc,
+                    });
+                    data_pending += 1;
+                    off += p.len;
+                }
+                LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
+            }
+            if !matches!(p.op, LogOp::Fill { .. }) {
+                // Logged after any fill still in flight there, so that fill must not commit.
+                self.index.punch_placeholders(p.lba, p.len);
+            }
+            entries.push(Entry {
+                p,
+                data_off,
+                crc: None,
+                failed: false,
+                logged: false,
+            });
+        }
+        let region = off - pos.off;
+        let next = LogPos {
+            off: pos.off + region,
+            ..pos
+        };
+        self.head = next;
+        self.batches.push_back(Batch {
+            seq,
+            pos,
+            next,
+            region,
+            entries,
+            data_pending,
+            state: if data_pending == 0 {
+                BatchState::Ready
+            } else {
+                BatchState::Data
+            },
+            kset: None,
+            attempts: 0,
+        });
+        self.encode_ready();
+    }
+
+    /// Encodes and writes the ksets of batches whose data is durable, in log order (each
+    /// kset carries the CRC of the one before it).
+    fn encode_ready(&mut self) {
+        for i in 0..self.batches.len() {
+            match self.batches[i].state {
+                BatchState::KsetInFlight | BatchState::Durable => continue,
+                BatchState::Data => return,
+                BatchState::Ready => {}
+            }
+            let b = &mut self.batches[i];
+            let mut keys = Vec::with_capacity(b.entries.len());
+            for e in b.entries.iter_mut() {
+                if e.failed {
+                    continue;
+                }
+                let p = e.p;
+                let kind = match p.op {
+                    LogOp::Write { .. } => KeyKind::Data,
+                    LogOp::Fill { fill, .. } => {
+                        let intact = self.index.placeholder_pieces(fill, p.lba, p.len)
+                            == [(p.lba, p.len)];
+                        if !intact {
+                            continue;
+                        }
+                        KeyKind::Data
+                    }
+                    LogOp::Zeroes { .. } => KeyKind::Zeroes,
+                    LogOp::Unmap { .. } => KeyKind::Unmap,
+                };
+                e.logged = true;
+                keys.push(Key {
+                    lba: p.lba,
+                    len: p.len,
+                    kind,
+                    data_off: if kind == KeyKind::Data { e.data_off } else { 0 },
+                    gen: b.pos.gen,
+                    epoch: p.epoch,
+                    clean: matches!(p.op, LogOp::Fill { .. }),
+                    crc: e.crc,
+                });
+            }
+            let kset = Kset {
+                seq: b.seq,
+                prev_crc: self.prev_crc,
+                shard: self.cfg.id,
+                pos: b.pos,
+                next: b.next,
+                region_sectors: b.region,
+                keys,
+            };
+            let (bytes, crc) = kset.encode(self.cfg.crc_seed);
+            self.prev_crc = crc;
+            b.kset = Some(bytes);
+            b.state = BatchState::KsetInFlight;
+            self.stats.ksets_written += 1;
+            self.stats.keys_written += kset.keys.len() as u64;
+            let seq = b.seq;
+            self.write_kset(i, seq);
+        }
+    }
+
+    fn write_kset(&mut self, i: usize, seq: u64) {
+        let pos = self.batches[i].pos;
+        let Some(bytes) = self.batches[i].kset.clone() else {
+            return;
+        };
+        self.batches[i].attempts += 1;
+        let tag = self.tag(TagOwner::Kset { seq });
+        let sector = self.seg_sector(pos);
+        self.out.commands.push(Command::Write {
+            tag,
+            dev: Dev::Cache,
+            sector,
+            buf: Buf::Owned(bytes),
+            want_crc: false,
+        });
+    }
+
+    fn batch_index(&self, seq: u64) -> Option<usize> {
+        let first = self.batches.front()?.seq;
+        let i = seq.checked_sub(first)? as usize;
+        (i < self.batches.len()).then_some(i)
+    }
+
+    /// Takes a device completion.
+    pub fn complete(&mut self, done: IoDone) {
+        let local = (done.tag & ((1 << 48) - 1)) as u32;
+        let Some(owner) = self.tags.remove(local) else {
+            self.out
+                .log
+                .push(format!("shard {}: completion for unknown tag {:#x}", self.cfg.id, done.tag));
+            return;
+        };
+        match owner {
+            TagOwner::Data { seq, entry } => self.data_done(seq, entry as usize, done),
+            TagOwner::Kset { seq } => self.kset_done(seq, done.result),
+            TagOwner::SegHeader { seg, gen } => {
+                self.preparing -= 1;
+                match done.result {
+                    Ok(()) if self.head_header == HeadHeader::InFlight && seg == self.head.seg => {
+                        self.head_header = HeadHeader::Durable;
+                    }
+                    Ok(()) => self.ready.push_back(Grant { seg, gen }),
+                    Err(_) if self.head_header == HeadHeader::InFlight && seg == self.head.seg => {
+                        self.stats.io_errors += 1;
+                        self.head_header = HeadHeader::Needed;
+                    }
+                    Err(_) => {
+                        self.stats.io_errors += 1;
+                        self.out.to_pool.push(ToPool::Release { seg });
+                    }
+                }
+            }
+            TagOwner::InPlace { req } => {
+                let res = done.result.map_err(|_| {
+                    self.stats.io_errors += 1;
+                    ReqError::Io
+                });
+                self.out.completions.push((req, res));
+            }
+            TagOwner::Read {
+                read,
+                lba,
+                len,
+                buf_off,
+                src,
+            } => self.read_done(read, lba, len, buf_off, src, done.result),
+        }
+        self.poll();
+    }
+
+    fn data_done(&mut self, seq: u64, entry: usize, done: IoDone) {
+        let Some(i) = self.batch_index(seq) else {
+            return;
+        };
+        let b = &mut self.batches[i];
+        let Some(e) = b.entries.get_mut(entry) else {
+            return;
+        };
+        b.data_pending -= 1;
+        let mut failed_req = None;
+        match done.result {
+            Ok(()) => e.crc = done.crc,
+            Err(_) => {
+                e.failed = true;
+                failed_req = Some(e.p);
+            }
+        }
+        if let LogOp::Fill { read, fill, .. } = e.p.op {
+            // The read's data is in its buffer; it no longer needs to wait for the fill.
+            let p = e.p;
+            if failed_req.is_some() {
+                self.index.abort_fill(fill, p.lba, p.len);
+                failed_req = None;
+            }
+            self.read_piece_done(read);
+        }
+        if self.batches[i].data_pending == 0 && self.batches[i].state == BatchState::Data {
+            self.batches[i].state = BatchState::Ready;
+        }
+        if let Some(p) = failed_req {
+            // Only the request whose data did not land fails; its key stays out of the kset.
+            self.stats.io_errors += 1;
+            if let LogOp::Write { req, .. } = p.op {
+                self.out.completions.push((req, Err(ReqError::Io)));
+            }
+        }
+        self.encode_ready();
+    }
+
+    fn kset_done(&mut self, seq: u64, result: Result<(), IoError>) {
+        let Some(i) = self.batch_index(seq) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.batches[i].state = BatchState::Durable;
+                self.batches[i].kset = None;
+                self.retire();
+            }
+            Err(_) if self.batches[i].attempts < KSET_WRITE_ATTEMPTS => {
+                // Rewrite the same bytes: later ksets already chain to this one's CRC.
+                self.stats.io_errors += 1;
+                self.stats.kset_retries += 1;
+                self.write_kset(i, seq);
+            }
+            Err(_) => {
+                self.stats.io_errors += 1;
+                self.fail_log(i);
+            }
+        }
+    }
+
+    /// The kset at batch `i` cannot be written: nothing from it on can be acknowledged.
+    fn fail_log(&mut self, i: usize) {
+        self.out.log.push(format!(
+            "shard {}: kset write failed {KSET_WRITE_ATTEMPTS} times; log closed, writes fail",
+            self.cfg.id
+        ));
+        self.failed = true;
+        let doomed: Vec<Batch> = self.batches.drain(i..).collect();
+        for b in doomed {
+            for e in b.entries {
+                self.fail_entry(&e);
+            }
+        }
+        while let Some(p) = self.pending.pop_front() {
+            let e = Entry {
+                p,
+                data_off: 0,
+                crc: None,
+                failed: false,
+                logged: false,
+            };
+            self.fail_entry(&e);
+        }
+    }
+
+    fn fail_entry(&mut self, e: &Entry) {
+        match e.p.op {
+            LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req }
+                if !e.failed =>
+            {
+                self.out.completions.push((req, Err(ReqError::ShardFailed)));
+            }
+            LogOp::Write { .. } | LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
+            LogOp::Fill { fill, .. } => self.index.abort_fill(fill, e.p.lba, e.p.len),
+        }
+    }
+
+    /// Applies and acknowledges every batch at the front whose kset is durable.
+    fn retire(&mut self) {
+        while self
+            .batches
+            .front()
+            .is_some_and(|b| b.state == BatchState::Durable)
+        {
+            let Some(b) = self.batches.pop_front() else {
+                break;
+            };
+            let base = self.cfg.geo.segment_start(b.pos.seg);
+            for e in &b.entries {
+                let p = e.p;
+                let epoch = p.epoch as u32;
+                match p.op {
+                    LogOp::Write { req, .. } if !e.failed => {
+                        self.index.insert(
+                            p.lba,
+                            Extent {
+                                pos: base + u64::from(e.data_off),
+                                len: p.len,
+                                crc: e.crc.unwrap_or(0),
+                                epoch,
+                                state: State::Dirty,
+                                has_crc: e.crc.is_some(),
+                            },
+                        );
+                        self.out.completions.push((req, Ok(())));
+                    }
+                    LogOp::Zeroes { req } | LogOp::Unmap { req } => {
+                        let state = if matches!(p.op, LogOp::Unmap { .. }) {
+                            State::Unmapped
+                        } else {
+                            State::Zeroes
+                        };
+                        self.index.insert(
+                            p.lba,
+                            Extent {
+                                pos: 0,
+                                len: p.len,
+                                crc: 0,
+                                epoch,
+                                state,
+                                has_crc: false,
+                            },
+                        );
+                        self.out.completions.push((req, Ok(())));
+                    }
+                    LogOp::Fill { fill, .. } if e.logged => {
+                        self.stats.fills += 1;
+                        self.index.commit_fill(
+                            fill,
+                            p.lba,
+                            p.len,
+                            base + u64::from(e.data_off),
+                            epoch,
+                        );
+                    }
+                    LogOp::Fill { fill, .. } => self.index.abort_fill(fill, p.lba, p.len),
+                    LogOp::Write { .. } => {}
+                }
+            }
+        }
+    }
+
+    fn read_done(
+        &mut self,
+        read: u32,
+        lba: u64,
+        len: u32,
+        buf_off: u64,
+        src: ReadSrc,
+        result: Result<(), IoError>,
+    ) {
+        match (src, result) {
+            (ReadSrc::Cache { .. }, Ok(())) => self.read_piece_done(read),
+            (ReadSrc::Cache { ext }, Err(IoError::CrcMismatch)) => {
+                self.stats.crc_errors += 1;
+                if ext.state == State::Clean {
+                    // Clean data is also on the backing device: drop the key, read there.
+                    self.index.remove_if_same(lba, &ext);
+                    self.out.log.push(format!(
+                        "shard {}: data CRC mismatch on clean extent at lba {lba}+{len}; \
+                         dropped it, reading the backing device",
+                        self.cfg.id
+                    ));
+                    let req = self.reads.get(read).map(|c| c.req).unwrap_or_default();
+                    self.issue_backing_read(
+                        read,
+                        lba,
+                        len,
+                        buf_off,
+                        ReadSrc::Backing { fill: None },
+                        req,
+                    );
+                } else {
+                    self.out.log.push(format!(
+                        "shard {}: data CRC mismatch on dirty extent at lba {lba}+{len}; \
+                         failing the read",
+                        self.cfg.id
+                    ));
+                    self.read_fail(read, ReqError::Corrupt);
+                }
+            }
+            (ReadSrc::Cache { .. }, Err(_)) => {
+                self.stats.io_errors += 1;
+                self.read_fail(read, ReqError::Io);
+            }
+            (ReadSrc::Backing { fill }, Ok(())) => {
+                let Some(fill) = fill else {
+                    return self.read_piece_done(read);
+                };
+                let intact = self.index.placeholder_pieces(fill, lba, len) == [(lba, len)];
+                if !intact || self.stalled || self.failed {
+                    if self.stalled {
+                        self.stats.fill_bypass += 1;
+                    }
+                    self.index.abort_fill(fill, lba, len);
+                    return self.read_piece_done(read);
+                }
+                let req = self.reads.get(read).map(|c| c.req).unwrap_or_default();
+                self.pending.push_back(Pending {
+                    op: LogOp::Fill {
+                        read,
+                        fill,
+                        req,
+                        buf_off,
+                    },
+                    lba,
+                    len,
+                    epoch: self.epoch,
+                });
+            }
+            (ReadSrc::Backing { fill }, Err(_)) => {
+                if let Some(fill) = fill {
+                    self.index.abort_fill(fill, lba, len);
+                }
+                self.stats.io_errors += 1;
+                self.read_fail(read, ReqError::Io);
+            }
+        }
+    }
+
+    /// Cache sectors in use by the log (approximate: whole segments plus reserve).
+    pub fn used_segments(&self) -> u32 {
+        self.segments.len() as u32 + self.ready.len() as u32 + self.preparing
+    }
+
+    /// The current log head, for inspection.
+    pub fn head(&self) -> LogPos {
+        self.head
+    }
+
+    /// Free sectors left in the head segment.
+    pub fn head_room(&self) -> u32 {
+        (self.cfg.geo.segment_sectors - 1).saturating_sub(self.head.off)
+    }
+
+    pub fn segment_overhead() -> u32 {
+        SEGMENT_OVERHEAD
+    }
+}

@@ -1,0 +1,40 @@
+//! Counters a shard keeps; summed across shards for `get_stats`.
+
+use serde::Serialize;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ShardStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub discards: u64,
+    pub read_hit_sectors: u64,
+    pub read_miss_sectors: u64,
+    pub in_place_writes: u64,
+    pub fills: u64,
+    pub fill_bypass: u64,
+    pub ksets_written: u64,
+    pub keys_written: u64,
+    pub cache_full_waits: u64,
+    pub crc_errors: u64,
+    pub io_errors: u64,
+    pub kset_retries: u64,
+}
+
+impl ShardStats {
+    pub fn add(&mut self, o: &ShardStats) {
+        self.reads += o.reads;
+        self.writes += o.writes;
+        self.discards += o.discards;
+        self.read_hit_sectors += o.read_hit_sectors;
+        self.read_miss_sectors += o.read_miss_sectors;
+        self.in_place_writes += o.in_place_writes;
+        self.fills += o.fills;
+        self.fill_bypass += o.fill_bypass;
+        self.ksets_written += o.ksets_written;
+        self.keys_written += o.keys_written;
+        self.cache_full_waits += o.cache_full_waits;
+        self.crc_errors += o.crc_errors;
+        self.io_errors += o.io_errors;
+        self.kset_retries += o.kset_retries;
+    }
+}
