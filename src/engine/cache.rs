@@ -115,7 +115,10 @@ impl Cache {
             if r.len == 0 {
                 return Err(ReqError::Invalid("zero-length request"));
             }
-            if r.lba.checked_add(u64::from(r.len)).is_none_or(|e| e > limit) {
+            if r.lba
+                .checked_add(u64::from(r.len))
+                .is_none_or(|e| e > limit)
+            {
                 return Err(ReqError::OutOfRange {
                     lba: r.lba,
                     len: r.len.into(),

@@ -175,14 +175,15 @@ impl Superblock {
             shard_count: f.u32(60),
             backing_sectors: f.u64(64),
         };
-        geometry
-            .validate()
-            .map_err(|e| FormatError::Mismatch {
-                what: W,
-                detail: e.to_string(),
-            })?;
+        geometry.validate().map_err(|e| FormatError::Mismatch {
+            what: W,
+            detail: e.to_string(),
+        })?;
         let name_bytes = &buf[96..96 + BACKING_NAME_BYTES];
-        let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
+        let end = name_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(name_bytes.len());
         Ok(Superblock {
             geometry,
             cache_uuid: f.bytes(16),

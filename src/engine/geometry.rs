@@ -117,13 +117,17 @@ impl Geometry {
             return Err(GeometryError::EmptyBacking);
         }
         if self.segments_start < CONTROL_SECTOR + 2 * u64::from(self.shard_count) {
-            return Err(GeometryError::Inconsistent("segments overlap the control area"));
+            return Err(GeometryError::Inconsistent(
+                "segments overlap the control area",
+            ));
         }
         let end = u64::from(self.segment_count)
             .checked_mul(u64::from(self.segment_sectors))
             .and_then(|s| s.checked_add(self.segments_start));
         if end.is_none_or(|e| e > self.cache_sectors) {
-            return Err(GeometryError::Inconsistent("segments extend past the cache device"));
+            return Err(GeometryError::Inconsistent(
+                "segments extend past the cache device",
+            ));
         }
         if u64::from(self.segment_count) < 2 * u64::from(self.shard_count) {
             return Err(GeometryError::TooSmall {

@@ -47,8 +47,7 @@ impl Extent {
     /// The part of this extent (starting at `start`) from `at` for `len` sectors.
     fn slice(&self, start: u64, at: u64, len: u32) -> Extent {
         let mut e = *self;
-        if e.state != State::Placeholder && e.state != State::Zeroes && e.state != State::Unmapped
-        {
+        if e.state != State::Placeholder && e.state != State::Zeroes && e.state != State::Unmapped {
             e.pos += at - start;
         }
         if at != start || len != self.len {
@@ -286,7 +285,10 @@ mod tests {
         m.insert(10, data(1000, 10));
         m.insert(13, data(5000, 2));
         assert_eq!(flat(&m), vec![(10, 1000, 3), (13, 5000, 2), (15, 1005, 5)]);
-        assert!(!m.get(10).unwrap().has_crc, "a trimmed extent loses its CRC");
+        assert!(
+            !m.get(10).unwrap().has_crc,
+            "a trimmed extent loses its CRC"
+        );
         assert!(m.get(13).unwrap().has_crc);
     }
 

@@ -134,7 +134,10 @@ pub struct ShardReport {
 #[derive(Debug)]
 pub enum OpenStep {
     /// Read `sectors` sectors at `sector` of the cache device and pass them to `step`.
-    Read { sector: u64, sectors: u64 },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
     Done(Box<Cache>),
     Failed(OpenError),
 }
@@ -488,7 +491,10 @@ impl Opener {
             };
             shards.push(Shard::new(cfg, log, r.index, epoch));
         }
-        let gc_percent = self.controls.first().map_or(DEFAULT_GC_PERCENT, |c| c.gc_percent);
+        let gc_percent = self
+            .controls
+            .first()
+            .map_or(DEFAULT_GC_PERCENT, |c| c.gc_percent);
         Ok(OpenStep::Done(Box::new(Cache::from_parts(
             sb,
             shards,
@@ -500,7 +506,12 @@ impl Opener {
     }
 }
 
-fn apply_key(index: &mut ExtentMap, k: &super::format::Key, seg_base: u64, before_dirty_tail: bool) {
+fn apply_key(
+    index: &mut ExtentMap,
+    k: &super::format::Key,
+    seg_base: u64,
+    before_dirty_tail: bool,
+) {
     use super::format::KeyKind;
     let clean = k.clean || before_dirty_tail;
     let state = match k.kind {
@@ -562,7 +573,10 @@ fn check_backing(sb: &BackingIdentity, now: &BackingIdentity) -> Result<(), Open
             "'{}' ({} sectors, uuid {})",
             b.name,
             b.sectors,
-            b.uuid.iter().map(|x| format!("{x:02x}")).collect::<String>()
+            b.uuid
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
         )
     };
     let uuid_set = |b: &BackingIdentity| b.uuid != [0; 16];

@@ -59,10 +59,22 @@ pub struct LogState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LogOp {
-    Write { req: ReqId, buf_off: u64 },
-    Zeroes { req: ReqId },
-    Unmap { req: ReqId },
-    Fill { read: u32, fill: u64, req: ReqId, buf_off: u64 },
+    Write {
+        req: ReqId,
+        buf_off: u64,
+    },
+    Zeroes {
+        req: ReqId,
+    },
+    Unmap {
+        req: ReqId,
+    },
+    Fill {
+        read: u32,
+        fill: u64,
+        req: ReqId,
+        buf_off: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -118,17 +130,37 @@ struct Batch {
 #[derive(Debug, Clone, Copy)]
 enum ReadSrc {
     /// From the cache; `ext` is the extent slice read, `whole` when CRC-verified.
-    Cache { ext: Extent },
-    Backing { fill: Option<u64> },
+    Cache {
+        ext: Extent,
+    },
+    Backing {
+        fill: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
 enum TagOwner {
-    Data { seq: u64, entry: u32 },
-    Kset { seq: u64 },
-    SegHeader { seg: u32, gen: u32 },
-    InPlace { req: ReqId },
-    Read { read: u32, lba: u64, len: u32, buf_off: u64, src: ReadSrc },
+    Data {
+        seq: u64,
+        entry: u32,
+    },
+    Kset {
+        seq: u64,
+    },
+    SegHeader {
+        seg: u32,
+        gen: u32,
+    },
+    InPlace {
+        req: ReqId,
+    },
+    Read {
+        read: u32,
+        lba: u64,
+        len: u32,
+        buf_off: u64,
+        src: ReadSrc,
+    },
 }
 
 #[derive(Debug)]
@@ -258,12 +290,17 @@ impl Shard {
             Op::Write | Op::WriteFua => {
                 self.stats.writes += 1;
                 if self.failed {
-                    self.out.completions.push((r.id, Err(ReqError::ShardFailed)));
+                    self.out
+                        .completions
+                        .push((r.id, Err(ReqError::ShardFailed)));
                 } else if !self.try_in_place(&r) {
-                    self.queue(r, LogOp::Write {
-                        req: r.id,
-                        buf_off: r.buf_off,
-                    });
+                    self.queue(
+                        r,
+                        LogOp::Write {
+                            req: r.id,
+                            buf_off: r.buf_off,
+                        },
+                    );
                 }
             }
             Op::WriteZeroes | Op::Unmap => {
@@ -274,7 +311,9 @@ impl Shard {
                     LogOp::Zeroes { req: r.id }
                 };
                 if self.failed {
-                    self.out.completions.push((r.id, Err(ReqError::ShardFailed)));
+                    self.out
+                        .completions
+                        .push((r.id, Err(ReqError::ShardFailed)));
                 } else {
                     self.queue(r, op);
                 }
@@ -669,8 +708,8 @@ impl Shard {
                 let kind = match p.op {
                     LogOp::Write { .. } => KeyKind::Data,
                     LogOp::Fill { fill, .. } => {
-                        let intact = self.index.placeholder_pieces(fill, p.lba, p.len)
-                            == [(p.lba, p.len)];
+                        let intact =
+                            self.index.placeholder_pieces(fill, p.lba, p.len) == [(p.lba, p.len)];
                         if !intact {
                             continue;
                         }
@@ -738,9 +777,10 @@ impl Shard {
     pub fn complete(&mut self, done: IoDone) {
         let local = (done.tag & ((1 << 48) - 1)) as u32;
         let Some(owner) = self.tags.remove(local) else {
-            self.out
-                .log
-                .push(format!("shard {}: completion for unknown tag {:#x}", self.cfg.id, done.tag));
+            self.out.log.push(format!(
+                "shard {}: completion for unknown tag {:#x}",
+                self.cfg.id, done.tag
+            ));
             return;
         };
         match owner {

@@ -1,1 +1,127 @@
+//! Hosts that run the engine's device commands: RAM, files, and a fault-injecting,
+//! crash-simulating simulator for tests.
 
+pub mod file;
+pub mod host;
+pub mod mem;
+pub mod sim;
+
+use std::collections::HashMap;
+
+use crate::engine::{Buf, Command, Dev, IoDone, IoError, ReqId};
+
+/// A synchronous block device addressed in 512-byte sectors.
+pub trait BlockDevice {
+    fn sectors(&self) -> u64;
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), IoError>;
+    /// Makes completed writes durable.
+    fn flush(&mut self) -> Result<(), IoError>;
+    fn write_zeroes(&mut self, sector: u64, sectors: u64) -> Result<(), IoError> {
+        let zeros = vec![0u8; 64 << 10];
+        let mut at = sector;
+        let end = sector + sectors;
+        while at < end {
+            let n = (end - at).min(128);
+            self.write(at, &zeros[..n as usize * 512])?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// Request payloads held by a host, by request id.
+pub type Buffers = HashMap<ReqId, Vec<u8>>;
+
+fn req_slice<'a>(bufs: &'a mut Buffers, buf: &Buf) -> Option<&'a mut [u8]> {
+    match buf {
+        Buf::Req { req, off, len } => {
+            let v = bufs.get_mut(req)?;
+            v.get_mut(*off as usize..(*off + *len) as usize)
+        }
+        Buf::Owned(_) => None,
+    }
+}
+
+fn pick<'a>(
+    d: Dev,
+    cache: &'a mut dyn BlockDevice,
+    backing: &'a mut dyn BlockDevice,
+) -> &'a mut dyn BlockDevice {
+    match d {
+        Dev::Cache => cache,
+        Dev::Backing => backing,
+    }
+}
+
+/// Runs one command against a pair of synchronous devices. Commands without a tag
+/// (`ZeroBuf`) return `None`.
+pub fn execute(
+    cmd: &Command,
+    cache: &mut dyn BlockDevice,
+    backing: &mut dyn BlockDevice,
+    bufs: &mut Buffers,
+) -> Option<IoDone> {
+    let (tag, result, crc) = match cmd {
+        Command::Write {
+            tag,
+            dev,
+            sector,
+            buf,
+            want_crc,
+        } => {
+            let (res, crc) = match buf {
+                Buf::Owned(v) => (pick(*dev, cache, backing).write(*sector, v), None),
+                b => match req_slice(bufs, b) {
+                    Some(data) => {
+                        let crc = want_crc.then(|| crc32c::crc32c(data));
+                        (pick(*dev, cache, backing).write(*sector, data), crc)
+                    }
+                    None => (Err(IoError::Device), None),
+                },
+            };
+            (*tag, res, crc)
+        }
+        Command::Read {
+            tag,
+            dev,
+            sector,
+            buf,
+            verify_crc,
+        } => {
+            let d = pick(*dev, cache, backing);
+            let res = match req_slice(bufs, buf) {
+                Some(data) => d.read(*sector, data).and_then(|()| match verify_crc {
+                    Some(c) if crc32c::crc32c(data) != *c => Err(IoError::CrcMismatch),
+                    _ => Ok(()),
+                }),
+                None => Err(IoError::Device),
+            };
+            (*tag, res, None)
+        }
+        Command::Flush { tag, dev } => (*tag, pick(*dev, cache, backing).flush(), None),
+        Command::WriteZeroes {
+            tag,
+            dev,
+            sector,
+            sectors,
+        }
+        | Command::Unmap {
+            tag,
+            dev,
+            sector,
+            sectors,
+        } => (
+            *tag,
+            pick(*dev, cache, backing).write_zeroes(*sector, *sectors),
+            None,
+        ),
+        Command::ZeroBuf { buf } => {
+            if let Some(data) = req_slice(bufs, buf) {
+                data.fill(0);
+            }
+            return None;
+        }
+    };
+    Some(IoDone { tag, result, crc })
+}

@@ -1,0 +1,205 @@
+//! A synchronous host: runs a [`Cache`] over two [`BlockDevice`]s on the calling thread.
+//! Used by the `pcache` tool, benchmarks and tests.
+
+use thiserror::Error;
+
+use super::{execute, BlockDevice, Buffers};
+use crate::engine::{
+    format, BackingIdentity, Cache, CacheOptions, Command, FormatOptions, GeometryError, IoDone,
+    Op, OpenError, OpenReport, OpenStep, Opener, ReqError, ReqId, ReqResult, Request,
+};
+
+#[derive(Debug, Error)]
+pub enum HostError {
+    #[error("cannot format: {0}")]
+    Geometry(#[from] GeometryError),
+    #[error("cannot open cache: {0}")]
+    Open(#[from] OpenError),
+    #[error("device write failed while formatting")]
+    FormatIo,
+}
+
+/// Drives an [`Opener`] to completion against a synchronous cache device.
+pub fn open_cache(
+    dev: &mut dyn BlockDevice,
+    backing: BackingIdentity,
+    opts: CacheOptions,
+) -> (Result<Cache, OpenError>, OpenReport) {
+    let mut opener = Opener::new(backing, opts);
+    let mut step = opener.start();
+    loop {
+        match step {
+            OpenStep::Read { sector, sectors } => {
+                let mut buf = vec![0u8; (sectors * 512) as usize];
+                let res = dev.read(sector, &mut buf).map(|()| buf);
+                step = opener.step(res);
+            }
+            OpenStep::Done(cache) => return (Ok(*cache), opener.report().clone()),
+            OpenStep::Failed(e) => return (Err(e), opener.report().clone()),
+        }
+    }
+}
+
+pub struct SyncHost<C: BlockDevice, B: BlockDevice> {
+    pub cache: Cache,
+    pub cache_dev: C,
+    pub backing_dev: B,
+    bufs: Buffers,
+    next_id: ReqId,
+    done: Vec<(ReqId, ReqResult)>,
+    cmds: Vec<Command>,
+    completions: Vec<IoDone>,
+}
+
+impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
+    /// Formats `cache_dev` for `backing_dev` and opens it.
+    pub fn format(
+        mut cache_dev: C,
+        backing_dev: B,
+        backing: BackingIdentity,
+        fopts: &FormatOptions,
+        opts: CacheOptions,
+    ) -> Result<Self, HostError> {
+        let (_, writes) = format(cache_dev.sectors() * 512, backing.clone(), fopts)?;
+        for (sector, bytes) in writes {
+            cache_dev
+                .write(sector, &bytes)
+                .map_err(|_| HostError::FormatIo)?;
+        }
+        cache_dev.flush().map_err(|_| HostError::FormatIo)?;
+        Ok(Self::open(cache_dev, backing_dev, backing, opts)?.0)
+    }
+
+    pub fn open(
+        mut cache_dev: C,
+        backing_dev: B,
+        backing: BackingIdentity,
+        opts: CacheOptions,
+    ) -> Result<(Self, OpenReport), HostError> {
+        let (cache, report) = open_cache(&mut cache_dev, backing, opts);
+        Ok((
+            SyncHost {
+                cache: cache?,
+                cache_dev,
+                backing_dev,
+                bufs: Buffers::new(),
+                next_id: 1,
+                done: Vec::new(),
+                cmds: Vec::new(),
+                completions: Vec::new(),
+            },
+            report,
+        ))
+    }
+
+    pub fn into_devices(self) -> (C, B) {
+        (self.cache_dev, self.backing_dev)
+    }
+
+    /// Submits a request; `data` is the write payload (reads get a zeroed buffer).
+    pub fn submit(
+        &mut self,
+        op: Op,
+        lba: u64,
+        len: u32,
+        data: Option<Vec<u8>>,
+    ) -> Result<ReqId, ReqError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let buf = match (op, data) {
+            (_, Some(d)) => d,
+            (Op::Read, None) => vec![0u8; len as usize * 512],
+            _ => Vec::new(),
+        };
+        self.bufs.insert(id, buf);
+        if let Err(e) = self.cache.submit(Request { id, op, lba, len }) {
+            self.bufs.remove(&id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Runs commands until nothing is outstanding.
+    pub fn run(&mut self) {
+        loop {
+            self.cache.poll();
+            self.cache.drain_commands_into(&mut self.cmds);
+            if self.cmds.is_empty() {
+                break;
+            }
+            for cmd in self.cmds.drain(..) {
+                if let Some(d) = execute(
+                    &cmd,
+                    &mut self.cache_dev,
+                    &mut self.backing_dev,
+                    &mut self.bufs,
+                ) {
+                    self.completions.push(d);
+                }
+            }
+            for d in self.completions.drain(..) {
+                self.cache.complete(d);
+            }
+        }
+        self.done.append(&mut self.cache.take_completions());
+    }
+
+    /// Completed requests with their buffers.
+    pub fn take_done(&mut self) -> Vec<(ReqId, ReqResult, Vec<u8>)> {
+        self.done
+            .drain(..)
+            .map(|(id, r)| (id, r, self.bufs.remove(&id).unwrap_or_default()))
+            .collect()
+    }
+
+    /// Completes requests without returning their buffers (benchmarks).
+    pub fn reap(&mut self, mut f: impl FnMut(ReqId, &ReqResult)) {
+        for (id, r) in self.done.drain(..) {
+            self.bufs.remove(&id);
+            f(id, &r);
+        }
+    }
+
+    fn one(
+        &mut self,
+        op: Op,
+        lba: u64,
+        len: u32,
+        data: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, ReqError> {
+        let id = self.submit(op, lba, len, data)?;
+        self.run();
+        let mut out = Err(ReqError::Invalid("request did not complete"));
+        for (i, r, b) in self.take_done() {
+            if i == id {
+                out = r.map(|()| b);
+            }
+        }
+        out
+    }
+
+    pub fn write(&mut self, lba: u64, data: Vec<u8>) -> ReqResult {
+        let len = (data.len() / 512) as u32;
+        self.one(Op::Write, lba, len, Some(data)).map(|_| ())
+    }
+
+    pub fn read(&mut self, lba: u64, len: u32) -> Result<Vec<u8>, ReqError> {
+        self.one(Op::Read, lba, len, None)
+    }
+
+    pub fn flush(&mut self) -> ReqResult {
+        self.one(Op::Flush, 0, 0, None).map(|_| ())
+    }
+
+    pub fn unmap(&mut self, lba: u64, len: u32) -> ReqResult {
+        self.one(Op::Unmap, lba, len, None).map(|_| ())
+    }
+
+    pub fn write_zeroes(&mut self, lba: u64, len: u32) -> ReqResult {
+        self.one(Op::WriteZeroes, lba, len, None).map(|_| ())
+    }
+
+    pub fn take_log(&mut self) -> Vec<String> {
+        self.cache.take_log()
+    }
+}
