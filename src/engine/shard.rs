@@ -698,6 +698,16 @@ impl Shard {
                 BatchState::Data => return,
                 BatchState::Ready => {}
             }
+            // Ranges written by earlier batches not yet applied to the index: a fill that
+            // overlaps one would be replayed after it and shadow it with stale data.
+            let earlier: Vec<(u64, u32)> = self
+                .batches
+                .iter()
+                .take(i)
+                .flat_map(|b| b.entries.iter())
+                .filter(|e| !e.failed && !matches!(e.p.op, LogOp::Fill { .. }))
+                .map(|e| (e.p.lba, e.p.len))
+                .collect();
             let b = &mut self.batches[i];
             let mut keys = Vec::with_capacity(b.entries.len());
             for e in b.entries.iter_mut() {
@@ -710,7 +720,11 @@ impl Shard {
                     LogOp::Fill { fill, .. } => {
                         let intact =
                             self.index.placeholder_pieces(fill, p.lba, p.len) == [(p.lba, p.len)];
-                        if !intact {
+                        let end = p.lba + u64::from(p.len);
+                        let shadowed = earlier
+                            .iter()
+                            .any(|&(l, n)| l < end && p.lba < l + u64::from(n));
+                        if !intact || shadowed {
                             continue;
                         }
                         KeyKind::Data

@@ -96,6 +96,11 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
         (self.cache_dev, self.backing_dev)
     }
 
+    /// The running cache and its devices (requests in flight are dropped).
+    pub fn into_parts(self) -> (Cache, C, B) {
+        (self.cache, self.cache_dev, self.backing_dev)
+    }
+
     /// Submits a request; `data` is the write payload (reads get a zeroed buffer).
     pub fn submit(
         &mut self,
