@@ -147,7 +147,12 @@ fn phase(
     rng: &mut Rng,
     next_id: &mut u64,
     seed: u64,
+    faults: bool,
 ) -> (MemDevice, MemDevice) {
+    if faults {
+        let mut frng = Rng::new(seed ^ 0xFA17);
+        sim.set_fault(Box::new(move |_, _| frng.chance(2)));
+    }
     let qd = 1 + rng.below(12) as usize;
     let ops = 10 + rng.below(60);
     let crash_after = rng.below(ops * 6);
@@ -193,7 +198,11 @@ fn phase(
         }
         for (rid, res, buf) in sim.take_done() {
             let f = inflight.remove(&rid).expect("known request");
-            res.unwrap_or_else(|e| panic!("seed {seed}: request {:?} failed: {e}", f.op));
+            if let Err(e) = res {
+                // A failed write may or may not have landed: it stays legal, supersedes nothing.
+                assert!(faults, "seed {seed}: request {:?} failed: {e}", f.op);
+                continue;
+            }
             match f.op {
                 Op::Read => {
                     for i in 0..u64::from(f.len) {
@@ -263,7 +272,7 @@ fn recover_and_check(
     host.into_parts()
 }
 
-fn run_seed(seed: u64) -> u32 {
+fn run_seed(seed: u64, faults: bool) -> u32 {
     let mut rng = Rng::new(seed ^ 0xC0FFEE);
     let (cache, mut cimg, mut bimg) = images(seed);
     let mut cache = Some(cache);
@@ -287,7 +296,7 @@ fn run_seed(seed: u64) -> u32 {
             bimg,
             seed.wrapping_mul(31).wrapping_add(u64::from(round)),
         );
-        let (ci, bi) = phase(&mut sim, &mut hist, &mut rng, &mut next_id, seed);
+        let (ci, bi) = phase(&mut sim, &mut hist, &mut rng, &mut next_id, seed, faults);
         crashes += 1;
         let (c, ci, bi) = recover_and_check(ci, bi, &mut hist, seed);
         cache = Some(c);
@@ -297,27 +306,43 @@ fn run_seed(seed: u64) -> u32 {
     crashes
 }
 
-#[test]
-fn every_acknowledged_write_survives_crashes_at_random_points() {
-    let seeds: u64 = std::env::var("PCACHE_CRASH_SEEDS")
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2500);
-    let base: u64 = std::env::var("PCACHE_CRASH_BASE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(default)
+}
+
+fn run_seeds(default_seeds: u64, faults: bool) {
+    let seeds = env("PCACHE_CRASH_SEEDS", default_seeds);
+    let base = env("PCACHE_CRASH_BASE_SEED", 1);
     let mut points = 0u64;
     for seed in base..base + seeds {
-        let r = std::panic::catch_unwind(|| run_seed(seed));
-        match r {
+        match std::panic::catch_unwind(|| run_seed(seed, faults)) {
             Ok(n) => points += u64::from(n),
             Err(e) => {
-                eprintln!("crash test failed; reproduce with PCACHE_CRASH_BASE_SEED={seed} PCACHE_CRASH_SEEDS=1");
+                eprintln!(
+                    "failed; reproduce with PCACHE_CRASH_BASE_SEED={seed} PCACHE_CRASH_SEEDS=1"
+                );
                 std::panic::resume_unwind(e);
             }
         }
     }
-    println!("crash points checked: {points} ({seeds} seeds x {CRASHES_PER_SEED})");
+    let kind = if faults {
+        " with random I/O errors"
+    } else {
+        ""
+    };
+    println!("crash points checked{kind}: {points} ({seeds} seeds x {CRASHES_PER_SEED})");
     assert!(points >= seeds * u64::from(CRASHES_PER_SEED));
+}
+
+#[test]
+fn every_acknowledged_write_survives_crashes_at_random_points() {
+    run_seeds(2500, false);
+}
+
+#[test]
+fn acknowledged_writes_survive_crashes_with_random_io_errors() {
+    run_seeds(500, true);
 }

@@ -152,17 +152,27 @@ impl ExtentMap {
 
     /// Turns the surviving placeholder of fill `id` into clean data at `pos` (the cache
     /// sector of `lba`).
-    pub fn commit_fill(&mut self, id: u64, lba: u64, len: u32, pos: u64, epoch: u32) {
+    /// `crc` covers the whole fill; it is kept only if the placeholder survived whole.
+    pub fn commit_fill(
+        &mut self,
+        id: u64,
+        lba: u64,
+        len: u32,
+        pos: u64,
+        epoch: u32,
+        crc: Option<u32>,
+    ) {
         for (s, l) in self.placeholder_pieces(id, lba, len) {
+            let whole = s == lba && l == len;
             self.insert(
                 s,
                 Extent {
                     pos: pos + (s - lba),
                     len: l,
-                    crc: 0,
+                    crc: crc.unwrap_or(0),
                     epoch,
                     state: State::Clean,
-                    has_crc: false,
+                    has_crc: whole && crc.is_some(),
                 },
             );
         }
@@ -333,7 +343,7 @@ mod tests {
         m.insert(0, ph);
         m.punch_placeholders(2, 2);
         m.insert(2, data(500, 2));
-        m.commit_fill(42, 0, 8, 9000, 0);
+        m.commit_fill(42, 0, 8, 9000, 0, None);
         let v = flat(&m);
         assert_eq!(v, vec![(0, 9000, 2), (2, 500, 2), (4, 9004, 4)]);
         assert_eq!(m.get(0).unwrap().state, State::Clean);

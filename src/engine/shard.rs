@@ -990,6 +990,7 @@ impl Shard {
                             p.len,
                             base + u64::from(e.data_off),
                             epoch,
+                            e.crc,
                         );
                     }
                     LogOp::Fill { fill, .. } => self.index.abort_fill(fill, p.lba, p.len),
