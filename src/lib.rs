@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod media;
+pub mod offline;
 
 #[cfg(feature = "spdk")]
 pub mod spdk;

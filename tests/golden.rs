@@ -1,0 +1,163 @@
+//! The committed format-v1 image must keep opening and reading back its known contents,
+//! and a single flipped bit anywhere in its superblocks, control slots or ksets must be
+//! reported by `check`.
+//!
+//! Regenerate (only when the format version changes):
+//! `cargo test --test golden -- --ignored regenerate_golden_image`
+
+mod common;
+
+use common::*;
+use pcache::engine::format::{ControlSlot, Kset, LogPos, Superblock, SECTOR};
+use pcache::engine::{CacheOptions, FormatOptions, LayoutOptions};
+use pcache::media::host::SyncHost;
+use pcache::media::mem::MemDevice;
+use pcache::media::BlockDevice;
+use pcache::offline;
+
+const IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/golden-v1.img");
+const BACKING_SECTORS: u64 = 2048;
+
+fn golden_format() -> FormatOptions {
+    FormatOptions {
+        layout: LayoutOptions {
+            segment_bytes: 64 << 10,
+            stripe_bytes: 16 << 10,
+            shards: 2,
+        },
+        data_crc: true,
+        cache_uuid: *b"pcache-golden-v1",
+        gc_percent: 70,
+    }
+}
+
+/// The known contents: (lba, sectors, writer id); later entries win.
+const WRITES: &[(u64, u32, u64)] = &[
+    (0, 8, 1),
+    (64, 16, 2),
+    (4, 2, 3),
+    (200, 40, 4),
+    (1000, 8, 5),
+];
+const UNMAPPED: (u64, u32) = (1004, 2);
+
+fn expected() -> Vec<u8> {
+    let mut img = vec![0u8; BACKING_SECTORS as usize * SECTOR];
+    for &(lba, len, id) in WRITES {
+        let at = lba as usize * SECTOR;
+        img[at..at + len as usize * SECTOR].copy_from_slice(&data_of(id, lba, len));
+    }
+    let at = UNMAPPED.0 as usize * SECTOR;
+    img[at..at + UNMAPPED.1 as usize * SECTOR].fill(0);
+    img
+}
+
+fn load() -> MemDevice {
+    MemDevice::from_vec(std::fs::read(IMAGE).expect("tests/data/golden-v1.img is committed"))
+}
+
+#[test]
+#[ignore]
+fn regenerate_golden_image() {
+    let mut host = SyncHost::format(
+        MemDevice::new(512 << 10),
+        MemDevice::new(BACKING_SECTORS * 512),
+        identity(BACKING_SECTORS),
+        &golden_format(),
+        CacheOptions::default(),
+    )
+    .unwrap();
+    for &(lba, len, id) in WRITES {
+        host.write(lba, data_of(id, lba, len)).unwrap();
+    }
+    host.flush().unwrap();
+    host.unmap(UNMAPPED.0, UNMAPPED.1).unwrap();
+    // A read miss fills a clean extent.
+    host.read(500, 8).unwrap();
+    let (c, _) = host.into_devices();
+    std::fs::write(IMAGE, c.bytes()).unwrap();
+}
+
+#[test]
+fn the_golden_v1_image_opens_and_reads_back_its_contents() {
+    let (mut host, report) = SyncHost::open(
+        load(),
+        MemDevice::new(BACKING_SECTORS * 512),
+        identity(BACKING_SECTORS),
+        CacheOptions::default(),
+    )
+    .expect("golden image opens");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let got = host.read(0, BACKING_SECTORS as u32).unwrap();
+    assert!(got == expected(), "golden image contents changed");
+    let mut dev = load();
+    let r = offline::check(&mut dev);
+    assert!(r.is_clean(), "{:?}", r.problems);
+    assert!(r.crc_checked > 0 && r.clean_bytes > 0 && r.dirty_bytes > 0);
+}
+
+/// Byte ranges of every superblock replica, control slot and kset (header and keys).
+fn metadata_ranges(dev: &mut MemDevice) -> Vec<(usize, usize, String)> {
+    let sb = Superblock::decode(&dev.bytes()[..4096]).unwrap();
+    let g = sb.geometry;
+    let seed = sb.crc_seed();
+    let mut out = vec![
+        (0, 4096, "superblock A".into()),
+        (4096, 8192, "superblock B".into()),
+    ];
+    for shard in 0..g.shard_count {
+        let mut best = None;
+        for slot in 0..2 {
+            let at = g.control_sector(shard, slot) as usize * SECTOR;
+            out.push((
+                at,
+                at + SECTOR,
+                format!("control shard {shard} slot {slot}"),
+            ));
+            let c = ControlSlot::decode(&dev.bytes()[at..at + SECTOR], seed, &g, shard).unwrap();
+            if best.is_none_or(|b: ControlSlot| c.seq > b.seq) {
+                best = Some(c);
+            }
+        }
+        let mut pos: LogPos = best.unwrap().tail.pos;
+        loop {
+            let at = (g.segment_start(pos.seg) + u64::from(pos.off)) as usize * SECTOR;
+            let Ok((k, _)) = Kset::decode(&dev.bytes()[at..], seed, &g, pos, shard) else {
+                break;
+            };
+            out.push((
+                at,
+                at + 64 + 40 * k.keys.len(),
+                format!("kset shard {shard} seq {}", k.seq),
+            ));
+            pos = k.next;
+        }
+    }
+    out
+}
+
+#[test]
+fn check_reports_every_single_bit_flip_in_metadata() {
+    let mut dev = load();
+    let ranges = metadata_ranges(&mut dev);
+    assert!(ranges.iter().filter(|r| r.2.starts_with("kset")).count() >= 4);
+    let mut flips = 0u64;
+    for (start, end, what) in &ranges {
+        for byte in *start..*end {
+            for bit in 0..8 {
+                dev.bytes_mut()[byte] ^= 1 << bit;
+                let r = offline::check(&mut dev);
+                assert!(
+                    !r.is_clean(),
+                    "flip of bit {bit} of byte {} in {what} went unreported",
+                    byte - start
+                );
+                dev.bytes_mut()[byte] ^= 1 << bit;
+                flips += 1;
+            }
+        }
+    }
+    assert!(offline::check(&mut dev).is_clean());
+    println!("bit flips reported by check: {flips} of {flips}");
+    let _ = dev.sectors();
+}

@@ -1,0 +1,170 @@
+//! Parsing never trusts the media: arbitrary bytes, and valid structures with random
+//! corruption, give a value or a typed error — never a panic, never an out-of-bounds value.
+
+use pcache::engine::format::{
+    BackingIdentity, ControlSlot, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, Superblock,
+};
+use pcache::engine::geometry::{Geometry, LayoutOptions};
+use proptest::prelude::*;
+
+fn geo() -> Geometry {
+    Geometry::new(
+        64 << 20,
+        1 << 20,
+        LayoutOptions {
+            segment_bytes: 1 << 20,
+            stripe_bytes: 64 << 10,
+            shards: 4,
+        },
+    )
+    .unwrap()
+}
+
+fn sample_kset() -> Kset {
+    let at = LogPos {
+        seg: 3,
+        gen: 9,
+        off: 1,
+    };
+    let keys = (0..5)
+        .map(|i| Key {
+            lba: 100 * i,
+            len: 8,
+            kind: if i == 4 {
+                KeyKind::Unmap
+            } else {
+                KeyKind::Data
+            },
+            data_off: if i == 4 { 0 } else { 2 + 8 * i as u32 },
+            gen: 9,
+            epoch: 7,
+            clean: i == 2,
+            crc: (i == 1).then_some(0xdead_beef),
+        })
+        .collect();
+    Kset {
+        seq: 42,
+        prev_crc: 0x1234,
+        shard: 2,
+        pos: at,
+        next: LogPos {
+            off: 1 + 1 + 32,
+            ..at
+        },
+        region_sectors: 1 + 32,
+        keys,
+    }
+}
+
+fn sample_superblock() -> Superblock {
+    Superblock {
+        geometry: geo(),
+        cache_uuid: [1; 16],
+        backing: BackingIdentity {
+            sectors: 1 << 20,
+            block_size: 512,
+            uuid: [2; 16],
+            name: "nvme0n1".into(),
+        },
+        data_crc: true,
+    }
+}
+
+#[test]
+fn valid_structures_round_trip() {
+    let g = geo();
+    let sb = sample_superblock();
+    assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+    let k = sample_kset();
+    let (bytes, crc) = k.encode(77);
+    let (back, crc2) = Kset::decode(&bytes, 77, &g, k.pos, 2).unwrap();
+    assert_eq!((back, crc2), (k, crc));
+    let t = LogTail {
+        pos: LogPos {
+            seg: 1,
+            gen: 2,
+            off: 3,
+        },
+        seq: 4,
+        prev_crc: 5,
+    };
+    let c = ControlSlot {
+        shard: 3,
+        seq: 9,
+        tail: t,
+        dirty_tail: t,
+        gc_percent: 70,
+    };
+    assert_eq!(ControlSlot::decode(&c.encode(5), 5, &g, 3).unwrap(), c);
+    let h = SegmentHeader {
+        seg: 7,
+        gen: 8,
+        shard: 1,
+    };
+    assert_eq!(SegmentHeader::decode(&h.encode(5), 5, &g, 7).unwrap(), h);
+}
+
+#[test]
+fn a_kset_from_another_cache_instance_does_not_validate() {
+    let k = sample_kset();
+    let (bytes, _) = k.encode(77);
+    assert!(Kset::decode(&bytes, 78, &geo(), k.pos, 2).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..16384)) {
+        let g = geo();
+        let _ = Superblock::decode(&bytes);
+        let _ = ControlSlot::decode(&bytes, 0, &g, 0);
+        let _ = SegmentHeader::decode(&bytes, 0, &g, 0);
+        let _ = Kset::decode(&bytes, 0, &g, LogPos { seg: 0, gen: 0, off: 1 }, 0);
+        let _ = Kset::peek_sectors(&bytes);
+    }
+
+    /// Corrupted valid ksets (CRC recomputed, so only the bounds checks stand between the
+    /// corruption and the engine) either fail or decode to in-bounds keys.
+    #[test]
+    fn corrupted_ksets_with_fixed_crc_stay_in_bounds(
+        flips in proptest::collection::vec((0usize..464, any::<u8>()), 1..8)
+    ) {
+        let g = geo();
+        let k = sample_kset();
+        let (mut bytes, _) = k.encode(0);
+        let used = 64 + 40 * k.keys.len();
+        for (at, x) in flips {
+            if at >= 8 && at < used {
+                bytes[at] ^= x;
+            }
+        }
+        let crc = crc32c::crc32c_append(0, &bytes[8..used]);
+        bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        if let Ok((d, _)) = Kset::decode(&bytes, 0, &g, k.pos, 2) {
+            for key in &d.keys {
+                prop_assert!(key.lba + u64::from(key.len) <= g.backing_sectors);
+                prop_assert!(key.len > 0);
+                if key.kind == KeyKind::Data {
+                    prop_assert!(key.data_off + key.len <= g.segment_sectors);
+                }
+            }
+            prop_assert!(d.next.seg < g.segment_count && d.next.off < g.segment_sectors);
+        }
+    }
+
+    #[test]
+    fn corrupted_superblocks_with_fixed_crc_give_valid_geometry(
+        flips in proptest::collection::vec((0usize..4092, any::<u8>()), 1..8)
+    ) {
+        let mut bytes = sample_superblock().encode();
+        for (at, x) in flips {
+            bytes[at] ^= x;
+        }
+        let crc = crc32c::crc32c(&bytes[..4092]);
+        bytes[4092..].copy_from_slice(&crc.to_le_bytes());
+        if let Ok(sb) = Superblock::decode(&bytes) {
+            prop_assert!(sb.geometry.validate().is_ok());
+        }
+    }
+}
