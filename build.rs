@@ -1,1 +1,251 @@
-fn main() {}
+//! Build script.
+//!
+//! Without the `spdk` feature this does nothing: the engine and media crates need no native
+//! code. With `--features spdk` it finds an SPDK built with shared libraries, generates
+//! bindings for the headers in `src/spdk/wrapper.h`, and links the SPDK libraries the shell
+//! calls *dynamically* (never statically: a second copy of SPDK inside `libpcache.so`
+//! would register every RPC twice and the RPC server would refuse to start).
+//!
+//! SPDK is found, in order, through:
+//! 1. `SPDK_DIR`: an install prefix (`include/spdk/`, `lib/libspdk_bdev.so`) or a built
+//!    source tree (`include/spdk/`, `build/lib/libspdk_bdev.so`);
+//! 2. pkg-config `spdk_bdev` (set `PKG_CONFIG_PATH=<prefix>/lib/pkgconfig`).
+
+fn main() {
+    // Without the `spdk` feature there is nothing to build: the engine is pure Rust.
+    #[cfg(feature = "spdk")]
+    spdk::build();
+}
+
+// bindgen is an optional build dependency, present only with the `spdk` feature.
+#[cfg(feature = "spdk")]
+mod spdk {
+    use std::env;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// SPDK libraries the shell calls directly. Each must exist as a shared library.
+    const SPDK_LIBS: &[&str] = &[
+        "spdk_bdev",
+        "spdk_thread",
+        "spdk_json",
+        "spdk_jsonrpc",
+        "spdk_rpc",
+        "spdk_log",
+        "spdk_util",
+    ];
+
+    /// Libraries SPDK's shared objects use without recording them (see SPDK-NOTES): only
+    /// executables (the `pcache` binary and test binaries built with the feature) need them;
+    /// the cdylib is loaded into an SPDK app that already has them.
+    const EXE_SYSLIBS: &[&str] = &[
+        "spdk_env_dpdk",
+        "spdk_notify",
+        "spdk_trace",
+        "spdk_dma",
+        "spdk_accel",
+        "rte_eal",
+        "rte_kvargs",
+        "rte_telemetry",
+        "rte_mempool",
+        "rte_ring",
+        "rte_bus_pci",
+        "rte_pci",
+        "rte_power",
+        "rte_timer",
+        "rte_ethdev",
+        "rte_net",
+        "rte_mbuf",
+        "rte_meter",
+        "uuid",
+        "ssl",
+        "crypto",
+        "aio",
+        "bsd",
+        "numa",
+    ];
+
+    struct Spdk {
+        include: PathBuf,
+        lib: PathBuf,
+        how: String,
+    }
+
+    fn fail(msg: &str) -> ! {
+        eprintln!("\nerror: pcache feature `spdk`: {msg}\n");
+        std::process::exit(1);
+    }
+
+    fn from_dir(dir: &Path) -> Result<Spdk, String> {
+        let include = dir.join("include");
+        if !include.join("spdk/bdev_module.h").is_file() {
+            return Err(format!(
+                "SPDK_DIR={} has no include/spdk/bdev_module.h (expected an SPDK install prefix or built source tree)",
+                dir.display()
+            ));
+        }
+        for lib in [dir.join("lib"), dir.join("build/lib")] {
+            if lib.join("libspdk_bdev.so").exists() {
+                return Ok(Spdk {
+                    include,
+                    lib,
+                    how: format!("SPDK_DIR={}", dir.display()),
+                });
+            }
+        }
+        let has_static = dir.join("lib/libspdk_bdev.a").exists()
+            || dir.join("build/lib/libspdk_bdev.a").exists();
+        Err(format!(
+            "SPDK_DIR={} has no lib/libspdk_bdev.so{}: pcache needs SPDK built with `./configure --with-shared`",
+            dir.display(),
+            if has_static { " (only the static libspdk_bdev.a)" } else { "" }
+        ))
+    }
+
+    fn pkg_config(args: &[&str]) -> Option<String> {
+        let out = Command::new("pkg-config").args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn from_pkg_config() -> Result<Spdk, String> {
+        let libdir = pkg_config(&["--variable=libdir", "spdk_bdev"]).filter(|s| !s.is_empty());
+        let Some(libs) = pkg_config(&["--libs-only-L", "spdk_bdev"]) else {
+            return Err(
+                "pkg-config does not know spdk_bdev (is PKG_CONFIG_PATH=<spdk>/lib/pkgconfig set?)"
+                    .into(),
+            );
+        };
+        let cflags = pkg_config(&["--cflags-only-I", "spdk_bdev"]).unwrap_or_default();
+        let lib = libdir
+            .or_else(|| {
+                libs.split_whitespace()
+                    .find_map(|t| t.strip_prefix("-L").map(str::to_string))
+            })
+            .ok_or("pkg-config spdk_bdev names no library directory")?;
+        let include = cflags
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("-I").map(PathBuf::from))
+            .unwrap_or_else(|| Path::new(&lib).join("../include"));
+        let lib = PathBuf::from(lib);
+        if !lib.join("libspdk_bdev.so").exists() {
+            return Err(format!(
+                "pkg-config spdk_bdev points at {}, which has no libspdk_bdev.so: pcache needs SPDK built with `./configure --with-shared`",
+                lib.display()
+            ));
+        }
+        if !include.join("spdk/bdev_module.h").is_file() {
+            return Err(format!(
+                "pkg-config spdk_bdev include dir {} has no spdk/bdev_module.h",
+                include.display()
+            ));
+        }
+        Ok(Spdk {
+            include,
+            lib,
+            how: "pkg-config spdk_bdev".into(),
+        })
+    }
+
+    fn find() -> Spdk {
+        println!("cargo:rerun-if-env-changed=SPDK_DIR");
+        println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
+        if let Some(dir) = env::var_os("SPDK_DIR").filter(|d| !d.is_empty()) {
+            return from_dir(Path::new(&dir)).unwrap_or_else(|e| fail(&e));
+        }
+        from_pkg_config().unwrap_or_else(|e| {
+            fail(&format!(
+                "SPDK not found: SPDK_DIR is not set and {e}. Set SPDK_DIR to an SPDK install prefix \
+                 (e.g. SPDK_DIR=/opt/spdk) or source scripts/spdk-env.sh"
+            ))
+        })
+    }
+
+    pub fn build() {
+        let spdk = find();
+        for lib in SPDK_LIBS {
+            if !spdk.lib.join(format!("lib{lib}.so")).exists() {
+                fail(&format!(
+                    "{} (found via {}) has no lib{lib}.so",
+                    spdk.lib.display(),
+                    spdk.how
+                ));
+            }
+        }
+        let wrapper = "src/spdk/wrapper.h";
+        println!("cargo:rerun-if-changed={wrapper}");
+        println!("cargo:rerun-if-changed=build.rs");
+
+        let bindings = bindgen::Builder::default()
+            .header(wrapper)
+            .clang_arg(format!("-I{}", spdk.include.display()))
+            .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
+            .allowlist_function("spdk_bdev_.*")
+            .allowlist_function("spdk_io_device_(un)?register")
+            .allowlist_function("spdk_(get|put)_io_channel")
+            .allowlist_function("spdk_io_channel_(get_thread|iter_.*)")
+            .allowlist_function("spdk_for_each_channel(_continue)?")
+            .allowlist_function(
+                "spdk_(get_thread|thread_send_msg|thread_get_name|get_ticks|get_ticks_hz)",
+            )
+            .allowlist_function("spdk_rpc_register_method")
+            .allowlist_function(
+                "spdk_jsonrpc_(begin_result|end_result|send_error_response|send_bool_response)",
+            )
+            .allowlist_function("spdk_json_write_.*")
+            .allowlist_function("spdk_log")
+            .allowlist_function("spdk_strerror")
+            .allowlist_function("spdk_uuid_(parse|generate_sha1|fmt_lower|is_null|copy)")
+            .allowlist_var("SPDK_RPC_(STARTUP|RUNTIME)")
+            .allowlist_var("SPDK_JSONRPC_ERROR_.*")
+            .allowlist_var("SPDK_IO_CHANNEL_STRUCT_SIZE")
+            .allowlist_var("SPDK_UUID_STRING_LEN")
+            .allowlist_type("spdk_bdev_module")
+            .allowlist_type("spdk_bdev_fn_table")
+            .allowlist_type("spdk_bdev_io_wait_entry")
+            // The packed spdk_bdev_ext_io_opts holds these NVMe unions; bindgen aligns them to 4
+            // and Rust rejects the packed struct (E0588). Redefined by hand in ffi.rs.
+            .blocklist_type("spdk_bdev_nvme_cdw1[23]")
+            // NVMe spec bitfield unions fail bindgen's size checks; we never look inside them.
+            .opaque_type("spdk_nvme_.*")
+            .default_enum_style(bindgen::EnumVariation::ModuleConsts)
+            .generate_inline_functions(false)
+            .layout_tests(true)
+            .derive_default(false)
+            .prepend_enum_name(false)
+            .generate()
+            .unwrap_or_else(|e| {
+                fail(&format!(
+                    "bindgen failed on {wrapper} with -I{}: {e}",
+                    spdk.include.display()
+                ))
+            });
+
+        let out = PathBuf::from(env::var("OUT_DIR").unwrap_or_else(|_| fail("OUT_DIR not set")));
+        bindings
+            .write_to_file(out.join("spdk_bindings.rs"))
+            .unwrap_or_else(|e| fail(&format!("cannot write bindings: {e}")));
+
+        // Dynamic linking only, with a run path so `libpcache.so` finds the same SPDK libraries
+        // the host app uses. `-as-needed`: the constructors reference every library directly,
+        // but keep the list explicit and stable.
+        let lib = spdk.lib.display();
+        println!("cargo:rustc-link-search=native={lib}");
+        for l in SPDK_LIBS {
+            println!("cargo:rustc-link-lib=dylib={l}");
+        }
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+        // Executables that link the rlib with the feature on (the `pcache` binary, test
+        // binaries) must resolve what SPDK's shared objects leave undefined (DPDK,
+        // libcrypto, ...); the cdylib gets them from the SPDK app it is loaded into.
+        for kind in ["bins", "tests"] {
+            println!("cargo:rustc-link-arg-{kind}=-Wl,--no-as-needed");
+            for l in EXE_SYSLIBS {
+                println!("cargo:rustc-link-arg-{kind}=-l{l}");
+            }
+            println!("cargo:rustc-link-arg-{kind}=-Wl,--as-needed");
+        }
+        println!("cargo:rustc-env=PCACHE_SPDK_LIB_DIR={lib}");
+    }
+}

@@ -80,17 +80,17 @@ pub fn check(dev: &mut dyn BlockDevice) -> CheckReport {
     for shard in cache.shards() {
         for (lba, e) in shard.index().iter() {
             report.extents += 1;
-            match e.state {
+            match e.state() {
                 State::Dirty | State::Zeroes | State::Unmapped => {
-                    report.dirty_bytes += u64::from(e.len) * 512
+                    report.dirty_bytes += u64::from(e.len()) * 512
                 }
-                State::Clean => report.clean_bytes += u64::from(e.len) * 512,
+                State::Clean => report.clean_bytes += u64::from(e.len()) * 512,
                 State::Placeholder => {}
             }
-            if !e.has_crc {
+            if !e.has_crc() {
                 continue;
             }
-            let mut data = vec![0u8; e.len as usize * SECTOR];
+            let mut data = vec![0u8; e.len() as usize * SECTOR];
             if dev.read(e.pos, &mut data).is_err() {
                 report
                     .problems
@@ -98,12 +98,12 @@ pub fn check(dev: &mut dyn BlockDevice) -> CheckReport {
                 continue;
             }
             report.crc_checked += 1;
-            if crc32c::crc32c(&data) != e.crc {
+            if Some(crc32c::crc32c(&data)) != e.crc() {
                 report.problems.push(format!(
                     "shard {}: data of {} extent at lba {lba}+{} (cache sector {}) fails its CRC",
                     shard.id(),
                     if e.is_dirty() { "dirty" } else { "clean" },
-                    e.len,
+                    e.len(),
                     e.pos
                 ));
             }

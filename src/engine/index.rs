@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum State {
     /// Cached data not yet on the backing device.
     Dirty,
@@ -22,39 +23,98 @@ pub enum State {
     Placeholder,
 }
 
-/// 24 bytes; the map's key (8 bytes) is the start LBA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// 16 bytes; the map's key (8 bytes) is the start LBA. Length, state and the CRC flag
+/// share one word, and the CRC shares another with the epoch (in-place overwrite, the only
+/// user of the epoch, is off when data CRCs are on), keeping the index under 64 bytes of
+/// DRAM per extent.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     /// Cache-device sector of the first data sector (fill id for placeholders).
     pub pos: u64,
-    pub len: u32,
-    /// Data CRC32C of the whole extent, valid only while `has_crc`.
-    pub crc: u32,
-    /// Low 32 bits of the flush epoch that wrote it (used only for equality).
-    pub epoch: u32,
-    pub state: State,
-    pub has_crc: bool,
+    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC.
+    len_flags: u32,
+    /// The data CRC32C of the whole extent if it has one, else the low 32 bits of the
+    /// flush epoch that wrote it.
+    aux: u32,
+}
+
+const LEN_MASK: u32 = (1 << 24) - 1;
+const CRC_FLAG: u32 = 1 << 28;
+/// Longest extent: 8 GiB, far above any stripe.
+pub const MAX_EXTENT_SECTORS: u32 = LEN_MASK;
+
+impl std::fmt::Debug for Extent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extent")
+            .field("pos", &self.pos)
+            .field("len", &self.len())
+            .field("state", &self.state())
+            .field("crc", &self.crc())
+            .field("epoch", &self.epoch())
+            .finish()
+    }
 }
 
 impl Extent {
+    /// `epoch` is kept only when there is no CRC.
+    pub fn new(pos: u64, len: u32, state: State, crc: Option<u32>, epoch: u32) -> Self {
+        debug_assert!(len > 0 && len <= LEN_MASK);
+        let state_bits = (state as u32) << 24;
+        match crc {
+            Some(c) => Extent {
+                pos,
+                len_flags: len | state_bits | CRC_FLAG,
+                aux: c,
+            },
+            None => Extent {
+                pos,
+                len_flags: len | state_bits,
+                aux: epoch,
+            },
+        }
+    }
+    #[allow(clippy::len_without_is_empty)] // an extent is never empty
+    pub fn len(&self) -> u32 {
+        self.len_flags & LEN_MASK
+    }
+    pub fn state(&self) -> State {
+        match (self.len_flags >> 24) & 0xf {
+            0 => State::Dirty,
+            1 => State::Clean,
+            2 => State::Zeroes,
+            3 => State::Unmapped,
+            _ => State::Placeholder,
+        }
+    }
+    pub fn crc(&self) -> Option<u32> {
+        (self.len_flags & CRC_FLAG != 0).then_some(self.aux)
+    }
+    pub fn has_crc(&self) -> bool {
+        self.len_flags & CRC_FLAG != 0
+    }
+    /// Low 32 bits of the writing epoch, when known (not for extents with a CRC).
+    pub fn epoch(&self) -> Option<u32> {
+        (!self.has_crc()).then_some(self.aux)
+    }
     pub fn is_data(&self) -> bool {
-        matches!(self.state, State::Dirty | State::Clean)
+        matches!(self.state(), State::Dirty | State::Clean)
     }
     pub fn is_dirty(&self) -> bool {
-        matches!(self.state, State::Dirty | State::Zeroes | State::Unmapped)
+        matches!(self.state(), State::Dirty | State::Zeroes | State::Unmapped)
     }
 
-    /// The part of this extent (starting at `start`) from `at` for `len` sectors.
+    /// The part of this extent (starting at `start`) from `at` for `len` sectors. A part
+    /// loses the CRC, which covers the whole extent only.
     fn slice(&self, start: u64, at: u64, len: u32) -> Extent {
-        let mut e = *self;
-        if e.state != State::Placeholder && e.state != State::Zeroes && e.state != State::Unmapped {
-            e.pos += at - start;
+        if at == start && len == self.len() {
+            return *self;
         }
-        if at != start || len != self.len {
-            e.has_crc = false;
-        }
-        e.len = len;
-        e
+        let state = self.state();
+        let pos = match state {
+            State::Dirty | State::Clean => self.pos + (at - start),
+            _ => self.pos,
+        };
+        Extent::new(pos, len, state, None, self.epoch().unwrap_or(0))
     }
 }
 
@@ -100,7 +160,7 @@ impl ExtentMap {
         let end = lba + u64::from(len);
         // An extent starting before `lba` that reaches into the range.
         if let Some((&s, &e)) = self.map.range(..lba).next_back() {
-            let e_end = s + u64::from(e.len);
+            let e_end = s + u64::from(e.len());
             if e_end > lba {
                 self.map.insert(s, e.slice(s, s, (lba - s) as u32));
                 if e_end > end {
@@ -111,7 +171,7 @@ impl ExtentMap {
         // Extents starting inside the range.
         while let Some((&s, &e)) = self.map.range(lba..end).next() {
             self.map.remove(&s);
-            let e_end = s + u64::from(e.len);
+            let e_end = s + u64::from(e.len());
             if e_end > end {
                 self.map.insert(end, e.slice(s, end, (e_end - end) as u32));
             }
@@ -120,7 +180,7 @@ impl ExtentMap {
 
     /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
     pub fn insert(&mut self, lba: u64, ext: Extent) {
-        self.punch(lba, ext.len);
+        self.punch(lba, ext.len());
         self.map.insert(lba, ext);
     }
 
@@ -128,13 +188,13 @@ impl ExtentMap {
     pub fn punch_placeholders(&mut self, lba: u64, len: u32) {
         let mut doomed = Vec::new();
         self.for_each_overlap(lba, len, |s, e| {
-            if e.state == State::Placeholder {
+            if e.state() == State::Placeholder {
                 doomed.push(s);
             }
         });
         for s in doomed {
             let e = self.map[&s];
-            let (ps, pl) = clip(s, e.len, lba, len);
+            let (ps, pl) = clip(s, e.len(), lba, len);
             self.punch(ps, pl);
         }
     }
@@ -143,8 +203,8 @@ impl ExtentMap {
     pub fn placeholder_pieces(&self, id: u64, lba: u64, len: u32) -> Vec<(u64, u32)> {
         let mut out = Vec::new();
         self.for_each_overlap(lba, len, |s, e| {
-            if e.state == State::Placeholder && e.pos == id {
-                out.push(clip(s, e.len, lba, len));
+            if e.state() == State::Placeholder && e.pos == id {
+                out.push(clip(s, e.len(), lba, len));
             }
         });
         out
@@ -166,14 +226,13 @@ impl ExtentMap {
             let whole = s == lba && l == len;
             self.insert(
                 s,
-                Extent {
-                    pos: pos + (s - lba),
-                    len: l,
-                    crc: crc.unwrap_or(0),
+                Extent::new(
+                    pos + (s - lba),
+                    l,
+                    State::Clean,
+                    crc.filter(|_| whole),
                     epoch,
-                    state: State::Clean,
-                    has_crc: whole && crc.is_some(),
-                },
+                ),
             );
         }
     }
@@ -188,7 +247,7 @@ impl ExtentMap {
     fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
         let end = lba + u64::from(len);
         if let Some((&s, e)) = self.map.range(..lba).next_back() {
-            if s + u64::from(e.len) > lba {
+            if s + u64::from(e.len()) > lba {
                 f(s, e);
             }
         }
@@ -203,7 +262,7 @@ impl ExtentMap {
         let end = lba + u64::from(len);
         let mut cur = lba;
         let start_key = match self.map.range(..=lba).next_back() {
-            Some((&s, e)) if s + u64::from(e.len) > lba => Bound::Included(s),
+            Some((&s, e)) if s + u64::from(e.len()) > lba => Bound::Included(s),
             _ => Bound::Included(lba),
         };
         for (&s, e) in self.map.range((start_key, Bound::Excluded(end))) {
@@ -216,7 +275,7 @@ impl ExtentMap {
                 });
                 cur = s;
             }
-            let e_end = (s + u64::from(e.len)).min(end);
+            let e_end = (s + u64::from(e.len())).min(end);
             if e_end <= cur {
                 continue;
             }
@@ -225,7 +284,7 @@ impl ExtentMap {
                 lba: cur,
                 len: piece_len,
                 extent: Some(e.slice(s, cur, piece_len)),
-                whole: cur == s && piece_len == e.len,
+                whole: cur == s && piece_len == e.len(),
             });
             cur = e_end;
         }
@@ -253,9 +312,9 @@ impl ExtentMap {
         let mut dirty = 0;
         let mut clean = 0;
         for e in self.map.values() {
-            match e.state {
-                State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len),
-                State::Clean => clean += u64::from(e.len),
+            match e.state() {
+                State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len()),
+                State::Clean => clean += u64::from(e.len()),
                 State::Placeholder => {}
             }
         }
@@ -275,18 +334,11 @@ mod tests {
     use super::*;
 
     fn data(pos: u64, len: u32) -> Extent {
-        Extent {
-            pos,
-            len,
-            crc: 7,
-            epoch: 0,
-            state: State::Dirty,
-            has_crc: true,
-        }
+        Extent::new(pos, len, State::Dirty, Some(7), 0)
     }
 
     fn flat(m: &ExtentMap) -> Vec<(u64, u64, u32)> {
-        m.iter().map(|(s, e)| (s, e.pos, e.len)).collect()
+        m.iter().map(|(s, e)| (s, e.pos, e.len())).collect()
     }
 
     #[test]
@@ -296,10 +348,10 @@ mod tests {
         m.insert(13, data(5000, 2));
         assert_eq!(flat(&m), vec![(10, 1000, 3), (13, 5000, 2), (15, 1005, 5)]);
         assert!(
-            !m.get(10).unwrap().has_crc,
+            !m.get(10).unwrap().has_crc(),
             "a trimmed extent loses its CRC"
         );
-        assert!(m.get(13).unwrap().has_crc);
+        assert!(m.get(13).unwrap().has_crc());
     }
 
     #[test]
@@ -332,20 +384,13 @@ mod tests {
     #[test]
     fn a_write_landing_on_a_placeholder_keeps_the_fill_from_committing_there() {
         let mut m = ExtentMap::new();
-        let ph = Extent {
-            pos: 42,
-            len: 8,
-            crc: 0,
-            epoch: 0,
-            state: State::Placeholder,
-            has_crc: false,
-        };
+        let ph = Extent::new(42, 8, State::Placeholder, None, 0);
         m.insert(0, ph);
         m.punch_placeholders(2, 2);
         m.insert(2, data(500, 2));
         m.commit_fill(42, 0, 8, 9000, 0, None);
         let v = flat(&m);
         assert_eq!(v, vec![(0, 9000, 2), (2, 500, 2), (4, 9004, 4)]);
-        assert_eq!(m.get(0).unwrap().state, State::Clean);
+        assert_eq!(m.get(0).unwrap().state(), State::Clean);
     }
 }

@@ -42,13 +42,16 @@ impl Default for FormatOptions {
     }
 }
 
+/// Bytes to write at a sector of the cache device.
+pub type SectorWrite = (u64, Vec<u8>);
+
 /// The writes that make a new, empty cache: superblock replicas, both control slots of
 /// every shard, and the header of each shard's first segment. Returns (sector, bytes).
 pub fn format(
     cache_bytes: u64,
     backing: BackingIdentity,
     opts: &FormatOptions,
-) -> Result<(Superblock, Vec<(u64, Vec<u8>)>), GeometryError> {
+) -> Result<(Superblock, Vec<SectorWrite>), GeometryError> {
     let geometry = Geometry::new(cache_bytes, backing.sectors, opts.layout)?;
     let sb = Superblock {
         geometry,
@@ -530,17 +533,7 @@ fn apply_key(
     } else {
         0
     };
-    index.insert(
-        k.lba,
-        Extent {
-            pos,
-            len: k.len,
-            crc: k.crc.unwrap_or(0),
-            epoch: k.epoch as u32,
-            state,
-            has_crc: k.crc.is_some(),
-        },
-    );
+    index.insert(k.lba, Extent::new(pos, k.len, state, k.crc, k.epoch as u32));
 }
 
 /// At the end of a log, a kset header that claims to be the next kset but fails its

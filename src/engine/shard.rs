@@ -341,7 +341,7 @@ impl Shard {
         let Some(e) = self.index.get(r.lba).copied() else {
             return false;
         };
-        if e.state != State::Dirty || e.len != r.len || e.epoch != self.epoch as u32 {
+        if e.state() != State::Dirty || e.len() != r.len || e.epoch() != Some(self.epoch as u32) {
             return false;
         }
         let tag = self.tag(TagOwner::InPlace { req: r.id });
@@ -379,7 +379,7 @@ impl Shard {
             let src = match p.extent {
                 Some(e) if e.is_data() => {
                     self.stats.read_hit_sectors += u64::from(p.len);
-                    let verify = (p.whole && e.has_crc).then_some(e.crc);
+                    let verify = e.crc().filter(|_| p.whole);
                     let tag = self.tag(TagOwner::Read {
                         read,
                         lba: p.lba,
@@ -397,7 +397,7 @@ impl Shard {
                     issued += 1;
                     continue;
                 }
-                Some(e) if e.state != State::Placeholder => {
+                Some(e) if e.state() != State::Placeholder => {
                     self.stats.read_hit_sectors += u64::from(p.len);
                     self.out.commands.push(Command::ZeroBuf { buf });
                     continue;
@@ -407,17 +407,8 @@ impl Shard {
                 None if self.cfg.read_fill && !self.failed => {
                     let id = self.next_fill;
                     self.next_fill += 1;
-                    self.index.insert(
-                        p.lba,
-                        Extent {
-                            pos: id,
-                            len: p.len,
-                            crc: 0,
-                            epoch: 0,
-                            state: State::Placeholder,
-                            has_crc: false,
-                        },
-                    );
+                    self.index
+                        .insert(p.lba, Extent::new(id, p.len, State::Placeholder, None, 0));
                     ReadSrc::Backing { fill: Some(id) }
                 }
                 None => ReadSrc::Backing { fill: None },
@@ -952,14 +943,13 @@ impl Shard {
                     LogOp::Write { req, .. } if !e.failed => {
                         self.index.insert(
                             p.lba,
-                            Extent {
-                                pos: base + u64::from(e.data_off),
-                                len: p.len,
-                                crc: e.crc.unwrap_or(0),
+                            Extent::new(
+                                base + u64::from(e.data_off),
+                                p.len,
+                                State::Dirty,
+                                e.crc,
                                 epoch,
-                                state: State::Dirty,
-                                has_crc: e.crc.is_some(),
-                            },
+                            ),
                         );
                         self.out.completions.push((req, Ok(())));
                     }
@@ -969,17 +959,8 @@ impl Shard {
                         } else {
                             State::Zeroes
                         };
-                        self.index.insert(
-                            p.lba,
-                            Extent {
-                                pos: 0,
-                                len: p.len,
-                                crc: 0,
-                                epoch,
-                                state,
-                                has_crc: false,
-                            },
-                        );
+                        self.index
+                            .insert(p.lba, Extent::new(0, p.len, state, None, epoch));
                         self.out.completions.push((req, Ok(())));
                     }
                     LogOp::Fill { fill, .. } if e.logged => {
@@ -1013,7 +994,7 @@ impl Shard {
             (ReadSrc::Cache { .. }, Ok(())) => self.read_piece_done(read),
             (ReadSrc::Cache { ext }, Err(IoError::CrcMismatch)) => {
                 self.stats.crc_errors += 1;
-                if ext.state == State::Clean {
+                if ext.state() == State::Clean {
                     // Clean data is also on the backing device: drop the key, read there.
                     self.index.remove_if_same(lba, &ext);
                     self.out.log.push(format!(
