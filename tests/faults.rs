@@ -34,9 +34,14 @@ fn reopen_sim(sim: Sim) -> MemHost {
         let mut s = sim;
         s.crash()
     };
-    SyncHost::open(cache, backing, identity(BACKING_SECTORS), CacheOptions::default())
-        .expect("reopen")
-        .0
+    SyncHost::open(
+        cache,
+        backing,
+        identity(BACKING_SECTORS),
+        CacheOptions::default(),
+    )
+    .expect("reopen")
+    .0
 }
 
 fn is_kset(cmd: &Command) -> bool {
@@ -48,11 +53,22 @@ fn is_kset(cmd: &Command) -> bool {
 fn a_failed_data_write_fails_only_its_own_request() {
     // Request ids are handed out in order from 1: fail the data write of request 2.
     let mut sim = sim_with(|_, cmd| {
-        matches!(cmd, Command::Write { dev: Dev::Cache, buf: Buf::Req { req: 2, .. }, .. })
+        matches!(
+            cmd,
+            Command::Write {
+                dev: Dev::Cache,
+                buf: Buf::Req { req: 2, .. },
+                ..
+            }
+        )
     });
     let a = sim.submit(Op::Write, 0, 8, Some(data_of(1, 0, 8))).unwrap();
-    let b = sim.submit(Op::Write, 100, 8, Some(data_of(2, 100, 8))).unwrap();
-    let c = sim.submit(Op::Write, 200, 8, Some(data_of(3, 200, 8))).unwrap();
+    let b = sim
+        .submit(Op::Write, 100, 8, Some(data_of(2, 100, 8)))
+        .unwrap();
+    let c = sim
+        .submit(Op::Write, 200, 8, Some(data_of(3, 200, 8)))
+        .unwrap();
     assert_eq!(b, 2);
     let done = run_all(&mut sim);
     assert!(done[&a].0.is_ok());
@@ -60,7 +76,11 @@ fn a_failed_data_write_fails_only_its_own_request() {
     assert!(done[&c].0.is_ok());
     let mut host = reopen_sim(sim);
     assert_eq!(host.read(0, 8).unwrap(), data_of(1, 0, 8));
-    assert_eq!(host.read(100, 8).unwrap(), vec![0; 8 * 512], "failed write left no key");
+    assert_eq!(
+        host.read(100, 8).unwrap(),
+        vec![0; 8 * 512],
+        "failed write left no key"
+    );
     assert_eq!(host.read(200, 8).unwrap(), data_of(3, 200, 8));
 }
 
@@ -75,7 +95,10 @@ fn a_failed_kset_write_is_retried_and_nothing_is_lost() {
         false
     });
     let ids: Vec<_> = (0..4)
-        .map(|i| sim.submit(Op::Write, i * 16, 8, Some(data_of(i + 1, i * 16, 8))).unwrap())
+        .map(|i| {
+            sim.submit(Op::Write, i * 16, 8, Some(data_of(i + 1, i * 16, 8)))
+                .unwrap()
+        })
         .collect();
     let done = run_all(&mut sim);
     for id in &ids {
@@ -94,12 +117,16 @@ fn a_kset_that_cannot_be_written_closes_the_log_but_keeps_acknowledged_data() {
     let first = sim.submit(Op::Write, 0, 8, Some(data_of(1, 0, 8))).unwrap();
     assert!(run_all(&mut sim)[&first].0.is_ok());
     sim.set_fault(Box::new(|_, cmd| is_kset(cmd)));
-    let second = sim.submit(Op::Write, 50, 8, Some(data_of(2, 50, 8))).unwrap();
+    let second = sim
+        .submit(Op::Write, 50, 8, Some(data_of(2, 50, 8)))
+        .unwrap();
     let done = run_all(&mut sim);
     assert_eq!(done[&second].0, Err(ReqError::ShardFailed));
     // Reads still work, and later writes fail cleanly instead of hanging.
     let r = sim.submit(Op::Read, 0, 8, None).unwrap();
-    let w = sim.submit(Op::Write, 60, 8, Some(data_of(3, 60, 8))).unwrap();
+    let w = sim
+        .submit(Op::Write, 60, 8, Some(data_of(3, 60, 8)))
+        .unwrap();
     let done = run_all(&mut sim);
     assert_eq!(done[&r].1, data_of(1, 0, 8));
     assert_eq!(done[&w].0, Err(ReqError::ShardFailed));
@@ -113,7 +140,14 @@ fn a_kset_that_cannot_be_written_closes_the_log_but_keeps_acknowledged_data() {
 #[test]
 fn a_failed_backing_read_fails_only_the_read_that_needed_it() {
     let mut sim = sim_with(|_, cmd| {
-        matches!(cmd, Command::Read { dev: Dev::Backing, buf: Buf::Req { req: 2, .. }, .. })
+        matches!(
+            cmd,
+            Command::Read {
+                dev: Dev::Backing,
+                buf: Buf::Req { req: 2, .. },
+                ..
+            }
+        )
     });
     let w = sim.submit(Op::Write, 0, 8, Some(data_of(1, 0, 8))).unwrap();
     assert!(run_all(&mut sim)[&w].0.is_ok());
@@ -130,10 +164,19 @@ fn a_failed_backing_read_fails_only_the_read_that_needed_it() {
 #[test]
 fn a_failed_cache_read_fails_the_read_and_nothing_else() {
     let mut sim = sim_with(|_, cmd| {
-        matches!(cmd, Command::Read { dev: Dev::Cache, buf: Buf::Req { req: 3, .. }, .. })
+        matches!(
+            cmd,
+            Command::Read {
+                dev: Dev::Cache,
+                buf: Buf::Req { req: 3, .. },
+                ..
+            }
+        )
     });
     let w1 = sim.submit(Op::Write, 0, 8, Some(data_of(1, 0, 8))).unwrap();
-    let w2 = sim.submit(Op::Write, 40, 8, Some(data_of(2, 40, 8))).unwrap();
+    let w2 = sim
+        .submit(Op::Write, 40, 8, Some(data_of(2, 40, 8)))
+        .unwrap();
     let done = run_all(&mut sim);
     assert!(done[&w1].0.is_ok() && done[&w2].0.is_ok());
     let bad = sim.submit(Op::Read, 0, 8, None).unwrap();
@@ -154,10 +197,20 @@ fn corrupt_cached_data_is_an_error_when_dirty_and_refetched_when_clean() {
     let clean_pos = pos_of(&host, 100);
     host.cache_dev.bytes_mut()[dirty_pos as usize * 512 + 7] ^= 1;
     host.cache_dev.bytes_mut()[clean_pos as usize * 512 + 9] ^= 1;
-    assert_eq!(host.read(0, 8), Err(ReqError::Corrupt), "dirty data never reads back wrong");
+    assert_eq!(
+        host.read(0, 8),
+        Err(ReqError::Corrupt),
+        "dirty data never reads back wrong"
+    );
     let clean = host.read(100, 8).unwrap();
-    assert!(clean.iter().all(|&b| b == 0), "clean data comes from the backing");
-    assert!(host.cache.shards()[0].index().get(100).is_none_or(|e| e.pos != clean_pos));
+    assert!(
+        clean.iter().all(|&b| b == 0),
+        "clean data comes from the backing"
+    );
+    assert!(host.cache.shards()[0]
+        .index()
+        .get(100)
+        .is_none_or(|e| e.pos != clean_pos));
     assert_eq!(host.cache.stats().total.crc_errors, 2);
     assert!(host.take_log().iter().any(|l| l.contains("CRC mismatch")));
 }
@@ -168,7 +221,9 @@ fn a_cache_of_another_backing_device_is_refused() {
     let (c, b) = host.into_devices();
     let mut other = identity(BACKING_SECTORS);
     other.uuid = [9; 16];
-    let err = SyncHost::open(c, b, other, CacheOptions::default()).err().unwrap();
+    let err = SyncHost::open(c, b, other, CacheOptions::default())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("another backing device"), "{err}");
 }
 
