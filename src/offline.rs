@@ -56,7 +56,10 @@ pub fn open_image(dev: &mut dyn BlockDevice) -> (Option<Cache>, CheckReport) {
     let Some(sb) = read_superblock(dev, &mut report.problems) else {
         return (None, report);
     };
-    let opts = CacheOptions { read_fill: false };
+    let opts = CacheOptions {
+        no_read_fill: true,
+        ..CacheOptions::default()
+    };
     let (cache, open) = open_cache(dev, sb.backing.clone(), opts);
     report.problems.extend(open.problems.iter().cloned());
     report.superblock = Some(sb);

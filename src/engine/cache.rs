@@ -10,19 +10,15 @@ use super::format::Superblock;
 use super::geometry::Geometry;
 use super::io::{Command, IoDone, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
 use super::pool::SegmentPool;
-use super::shard::Shard;
+use super::shard::{Shard, WritebackOptions};
 use super::stats::ShardStats;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CacheOptions {
-    /// Insert read-miss data into the cache as clean extents.
-    pub read_fill: bool,
-}
-
-impl Default for CacheOptions {
-    fn default() -> Self {
-        CacheOptions { read_fill: true }
-    }
+    /// Do not insert read-miss data into the cache as clean extents.
+    pub no_read_fill: bool,
+    /// Writeback pacing (its `gc_percent` is overridden by the value persisted at format).
+    pub writeback: WritebackOptions,
 }
 
 struct Parent {
@@ -63,6 +59,10 @@ pub struct CacheStats {
     pub segments_free: u32,
     pub epoch: u64,
     pub gc_percent: u32,
+    /// Dirty bytes still to write back.
+    pub wb_dirty_bytes: u64,
+    /// Writeback stopped on a backing-device error (see `retry_writeback`).
+    pub wb_failed: bool,
 }
 
 impl Cache {
@@ -166,6 +166,7 @@ impl Cache {
     /// Lets every shard batch what it was given and exchanges pool messages until quiet.
     pub fn poll(&mut self) {
         loop {
+            self.coordinate();
             let mut grants = Vec::new();
             let mut done = Vec::new();
             for s in &mut self.shards {
@@ -188,6 +189,56 @@ impl Cache {
                 self.shards[shard as usize].grant(g);
             }
         }
+    }
+
+    /// The cross-shard decisions: which epoch may be written back (no shard writes back
+    /// epoch E+1 before every shard has written back and flushed epoch E), and whether
+    /// space is short.
+    fn coordinate(&mut self) {
+        let allowed = self
+            .shards
+            .iter()
+            .map(Shard::frontier)
+            .min()
+            .unwrap_or(self.epoch);
+        let total = u64::from(self.pool.total());
+        let used = total - u64::from(self.pool.free_count());
+        let pressure = self.pool.waiting() > 0 || used * 100 > total * u64::from(self.gc_percent);
+        for s in &mut self.shards {
+            s.set_allowed_epoch(allowed);
+            s.set_pressure(pressure);
+        }
+    }
+
+    /// Writes back everything dirty (for detach): progress is [`Cache::dirty_bytes`].
+    pub fn set_drain(&mut self, on: bool) {
+        for s in &mut self.shards {
+            s.set_drain(on);
+        }
+    }
+
+    /// The host saw no requests for a while: write back in the meantime.
+    pub fn set_idle(&mut self, idle: bool) {
+        for s in &mut self.shards {
+            s.set_idle(idle);
+        }
+    }
+
+    /// Resumes writeback stopped by a backing-device error.
+    pub fn retry_writeback(&mut self) {
+        for s in &mut self.shards {
+            s.retry_writeback();
+        }
+    }
+
+    /// Dirty data not yet written back to the backing device.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.dirty_sectors() * 512).sum()
+    }
+
+    /// Nothing is dirty: the backing device holds every acknowledged write.
+    pub fn is_clean(&self) -> bool {
+        self.shards.iter().all(Shard::is_clean)
     }
 
     fn finish_piece(&mut self, id: ReqId, res: ReqResult) {
@@ -257,6 +308,8 @@ impl Cache {
             segments_free: self.pool.free_count(),
             epoch: self.epoch,
             gc_percent: self.gc_percent,
+            wb_dirty_bytes: self.dirty_bytes(),
+            wb_failed: self.shards.iter().any(Shard::writeback_failed),
         }
     }
 }

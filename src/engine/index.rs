@@ -298,6 +298,52 @@ impl ExtentMap {
         }
     }
 
+    /// Marks clean the parts of [lba, lba+len) that still hold the data written back from
+    /// cache sector `pos` (a newer write elsewhere keeps its own extent dirty).
+    pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
+        let mut pieces = Vec::new();
+        self.lookup(lba, len, &mut pieces);
+        for p in pieces {
+            let Some(e) = p.extent else { continue };
+            if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
+                let crc = if p.whole { e.crc() } else { None };
+                self.insert(p.lba, Extent::new(e.pos, p.len, State::Clean, crc, 0));
+            }
+        }
+    }
+
+    /// Removes the parts of [lba, lba+len) still in `state` (a zeroing key written back).
+    pub fn punch_state(&mut self, lba: u64, len: u32, state: State) {
+        let mut pieces = Vec::new();
+        self.lookup(lba, len, &mut pieces);
+        for p in pieces {
+            if p.extent.is_some_and(|e| e.state() == state) {
+                self.punch(p.lba, p.len);
+            }
+        }
+    }
+
+    /// Drops every clean data extent stored in cache sectors [lo, hi) (a segment being
+    /// reclaimed). Returns how many dirty extents were found there and kept (none, if the
+    /// caller only reclaims written-back segments).
+    pub fn drop_segment(&mut self, lo: u64, hi: u64) -> usize {
+        let mut doomed = Vec::new();
+        let mut dirty = 0;
+        for (&s, e) in &self.map {
+            if e.is_data() && e.pos >= lo && e.pos < hi {
+                if e.state() == State::Clean {
+                    doomed.push(s);
+                } else {
+                    dirty += 1;
+                }
+            }
+        }
+        for s in doomed {
+            self.map.remove(&s);
+        }
+        dirty
+    }
+
     /// Drops the extent at `lba` if it is still exactly `ext` (used after a CRC mismatch).
     pub fn remove_if_same(&mut self, lba: u64, ext: &Extent) -> bool {
         if self.map.get(&lba) == Some(ext) {

@@ -68,6 +68,16 @@ pub enum Command {
         sector: u64,
         sectors: u64,
     },
+    /// Copy `sectors` sectors from one device to another (writeback: cache to backing).
+    /// A DAX host copies straight from mapped memory; others bounce through a buffer.
+    Copy {
+        tag: Tag,
+        src: Dev,
+        src_sector: u64,
+        dst: Dev,
+        dst_sector: u64,
+        sectors: u64,
+    },
     /// Fill part of a request buffer with zeros, before the request completes. No tag: the
     /// host does it at once.
     ZeroBuf { buf: Buf },
@@ -80,7 +90,8 @@ impl Command {
             | Command::Read { tag, .. }
             | Command::Flush { tag, .. }
             | Command::WriteZeroes { tag, .. }
-            | Command::Unmap { tag, .. } => Some(*tag),
+            | Command::Unmap { tag, .. }
+            | Command::Copy { tag, .. } => Some(*tag),
             Command::ZeroBuf { .. } => None,
         }
     }

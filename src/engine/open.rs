@@ -19,7 +19,7 @@ use super::geometry::{Geometry, GeometryError, LayoutOptions, CONTROL_SECTOR, SB
 use super::index::{Extent, ExtentMap, State};
 use super::io::IoError;
 use super::pool::SegmentPool;
-use super::shard::{LogState, Shard, ShardConfig};
+use super::shard::{DirtyKey, LogState, Logged, SegRec, Shard, ShardConfig, WritebackOptions};
 
 pub const DEFAULT_GC_PERCENT: u32 = 70;
 
@@ -155,8 +155,10 @@ enum Phase {
 
 struct ShardReplay {
     control: ControlSlot,
+    control_slot: u32,
     index: ExtentMap,
-    segments: VecDeque<(u32, u32)>,
+    segments: VecDeque<SegRec>,
+    log: VecDeque<Logged>,
     at: LogPos,
     seq: u64,
     prev_crc: u32,
@@ -171,7 +173,7 @@ pub struct Opener {
     opts: CacheOptions,
     phase: Phase,
     sb: Option<Superblock>,
-    controls: Vec<ControlSlot>,
+    controls: Vec<(ControlSlot, u32)>,
     headers: Vec<Option<SegmentHeader>>,
     shards: Vec<ShardReplay>,
     cur: usize,
@@ -309,17 +311,24 @@ impl Opener {
             let c = match (slot(0), slot(1)) {
                 (Ok(a), Ok(b)) => {
                     if a.seq > b.seq {
-                        a
+                        (a, 0)
                     } else {
-                        b
+                        (b, 1)
                     }
                 }
-                (Ok(a), Err(e)) | (Err(e), Ok(a)) => {
+                (Ok(a), Err(e)) => {
                     self.report.problems.push(format!(
-                        "shard {shard}: one control slot is invalid ({e}); using seq {}",
+                        "shard {shard}: control slot B is invalid ({e}); using slot A, seq {}",
                         a.seq
                     ));
-                    a
+                    (a, 0)
+                }
+                (Err(e), Ok(b)) => {
+                    self.report.problems.push(format!(
+                        "shard {shard}: control slot A is invalid ({e}); using slot B, seq {}",
+                        b.seq
+                    ));
+                    (b, 1)
                 }
                 (Err(a), Err(b)) => return Err(OpenError::ControlLost { shard, a, b }),
             };
@@ -345,7 +354,7 @@ impl Opener {
             return Ok(self.read_header(seg + 1));
         }
         self.report.segment_gens = self.headers.iter().map(|h| h.map(|h| h.gen)).collect();
-        for (shard, c) in self.controls.iter().enumerate() {
+        for (shard, &(c, control_slot)) in self.controls.iter().enumerate() {
             let t = c.tail;
             let ok = self
                 .headers
@@ -361,9 +370,15 @@ impl Opener {
                 });
             }
             self.shards.push(ShardReplay {
-                control: *c,
+                control: c,
+                control_slot,
                 index: ExtentMap::new(),
-                segments: VecDeque::from([(t.pos.seg, t.pos.gen)]),
+                segments: VecDeque::from([SegRec {
+                    seg: t.pos.seg,
+                    gen: t.pos.gen,
+                    first: t,
+                }]),
+                log: VecDeque::new(),
                 at: t.pos,
                 seq: t.seq,
                 prev_crc: t.prev_crc,
@@ -407,9 +422,30 @@ impl Opener {
                 break;
             };
             let dirty_from = r.control.dirty_tail.seq;
+            let written_back = kset.seq < dirty_from;
             for k in &kset.keys {
-                apply_key(&mut r.index, k, seg_base, kset.seq < dirty_from);
+                apply_key(&mut r.index, k, seg_base, written_back);
                 r.max_epoch = r.max_epoch.max(k.epoch);
+            }
+            if !written_back {
+                let keys = kset
+                    .keys
+                    .iter()
+                    .filter(|k| !k.clean)
+                    .map(|k| DirtyKey {
+                        lba: k.lba,
+                        len: k.len,
+                        kind: k.kind,
+                        pos: seg_base + u64::from(k.data_off),
+                        epoch: k.epoch,
+                    })
+                    .collect();
+                r.log.push_back(Logged {
+                    seq: kset.seq,
+                    next: kset.next,
+                    crc,
+                    keys,
+                });
             }
             r.ksets += 1;
             r.keys += kset.keys.len() as u64;
@@ -418,7 +454,15 @@ impl Opener {
             r.at = kset.next;
             if kset.next.seg != at.seg {
                 let n = kset.next;
-                r.segments.push_back((n.seg, n.gen));
+                r.segments.push_back(SegRec {
+                    seg: n.seg,
+                    gen: n.gen,
+                    first: LogTail {
+                        pos: n,
+                        seq: kset.seq + 1,
+                        prev_crc: crc,
+                    },
+                });
                 let hdr_ok = self
                     .headers
                     .get(n.seg as usize)
@@ -454,9 +498,9 @@ impl Opener {
         let mut max_gen = 0u32;
         let mut epoch = 0u64;
         for r in &self.shards {
-            for &(s, g) in &r.segments {
-                used.insert(s);
-                max_gen = max_gen.max(g);
+            for sr in &r.segments {
+                used.insert(sr.seg);
+                max_gen = max_gen.max(sr.gen);
             }
             epoch = epoch.max(r.max_epoch);
         }
@@ -474,7 +518,7 @@ impl Opener {
                 tail: r.control.tail,
                 ksets: r.ksets,
                 keys: r.keys,
-                segments: r.segments.iter().map(|s| s.0).collect(),
+                segments: r.segments.iter().map(|s| s.seg).collect(),
                 head: r.at,
                 next_seq: r.seq,
             });
@@ -483,7 +527,11 @@ impl Opener {
                 geo,
                 crc_seed: sb.crc_seed(),
                 data_crc: sb.data_crc,
-                read_fill: self.opts.read_fill,
+                read_fill: !self.opts.no_read_fill,
+                wb: WritebackOptions {
+                    gc_percent: r.control.gc_percent,
+                    ..self.opts.writeback
+                },
             };
             let log = LogState {
                 head: r.at,
@@ -491,13 +539,18 @@ impl Opener {
                 prev_crc: r.prev_crc,
                 segments: r.segments,
                 head_needs_header: r.needs_header,
+                log: r.log,
+                tail: r.control.tail,
+                dirty_tail: r.control.dirty_tail,
+                control_seq: r.control.seq,
+                control_slot: r.control_slot,
             };
             shards.push(Shard::new(cfg, log, r.index, epoch));
         }
         let gc_percent = self
             .controls
             .first()
-            .map_or(DEFAULT_GC_PERCENT, |c| c.gc_percent);
+            .map_or(DEFAULT_GC_PERCENT, |c| c.0.gc_percent);
         Ok(OpenStep::Done(Box::new(Cache::from_parts(
             sb,
             shards,

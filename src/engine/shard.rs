@@ -10,15 +10,21 @@
 //! are durable. Each kset names the position of the next one and the CRC of the previous
 //! one, so replay can follow the chain and stops at the first kset that does not fit it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
-use super::format::{kset_sectors, Key, KeyKind, Kset, LogPos, SegmentHeader, MAX_KSET_KEYS};
+use super::format::{
+    kset_sectors, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET_KEYS,
+};
 use super::geometry::{Geometry, SEGMENT_OVERHEAD};
 use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ShardRequest, Tag};
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
+
+mod writeback;
+use writeback::{Control, WbIo, Writeback};
+pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions};
 
 /// Segments a shard keeps ready (header durable) beyond the one it writes.
 const RESERVE_SEGMENTS: u32 = 2;
@@ -33,6 +39,7 @@ pub struct ShardConfig {
     pub data_crc: bool,
     /// Insert read-miss data into the cache.
     pub read_fill: bool,
+    pub wb: WritebackOptions,
 }
 
 /// Everything a shard wants from the outside world since the last drain.
@@ -52,9 +59,16 @@ pub struct LogState {
     pub next_seq: u64,
     pub prev_crc: u32,
     /// Segments of the log, oldest first; the last one holds `head`.
-    pub segments: VecDeque<(u32, u32)>,
+    pub segments: VecDeque<SegRec>,
     /// The head segment's header must be (re)written before use.
     pub head_needs_header: bool,
+    /// Durable ksets from the dirty tail on.
+    pub log: VecDeque<Logged>,
+    pub tail: LogTail,
+    pub dirty_tail: LogTail,
+    /// Sequence and index of the current control slot.
+    pub control_seq: u64,
+    pub control_slot: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +138,7 @@ struct Batch {
     data_pending: u32,
     state: BatchState,
     kset: Option<Vec<u8>>,
+    crc: u32,
     attempts: u8,
 }
 
@@ -154,6 +169,9 @@ enum TagOwner {
     InPlace {
         req: ReqId,
     },
+    Wb(WbIo),
+    WbFlush,
+    Control,
     Read {
         read: u32,
         lba: u64,
@@ -177,7 +195,18 @@ pub struct Shard {
     head: LogPos,
     next_seq: u64,
     prev_crc: u32,
-    segments: VecDeque<(u32, u32)>,
+    segments: VecDeque<SegRec>,
+    log: VecDeque<Logged>,
+    log_dirty_sectors: u64,
+    tail: LogTail,
+    dirty_tail: LogTail,
+    control: Control,
+    wb: Writeback,
+    allowed_epoch: u64,
+    pressure: bool,
+    idle: bool,
+    /// Cache reads in flight per segment: a reclaimed segment waits for them.
+    reads_per_seg: HashMap<u32, u32>,
     head_header: HeadHeader,
     ready: VecDeque<Grant>,
     preparing: u32,
@@ -211,6 +240,25 @@ impl Shard {
             next_seq: log.next_seq,
             prev_crc: log.prev_crc,
             segments: log.segments,
+            log_dirty_sectors: log
+                .log
+                .iter()
+                .flat_map(|k| k.keys.iter())
+                .map(|k| u64::from(k.len))
+                .sum(),
+            log: log.log,
+            tail: log.tail,
+            dirty_tail: log.dirty_tail,
+            control: Control {
+                seq: log.control_seq,
+                slot: log.control_slot,
+                ..Control::default()
+            },
+            wb: Writeback::default(),
+            allowed_epoch: 0,
+            pressure: false,
+            idle: false,
+            reads_per_seg: HashMap::new(),
             head_header: if log.head_needs_header {
                 HeadHeader::Needed
             } else {
@@ -255,7 +303,7 @@ impl Shard {
 
     /// Segments the log occupies, oldest first.
     pub fn log_segments(&self) -> impl Iterator<Item = u32> + '_ {
-        self.segments.iter().map(|s| s.0)
+        self.segments.iter().map(|s| s.seg)
     }
 
     /// Segments held in reserve (granted, not yet in the log).
@@ -341,6 +389,9 @@ impl Shard {
         let Some(e) = self.index.get(r.lba).copied() else {
             return false;
         };
+        if self.wb.blocks(r.lba, r.len) {
+            return false;
+        }
         if e.state() != State::Dirty || e.len() != r.len || e.epoch() != Some(self.epoch as u32) {
             return false;
         }
@@ -380,6 +431,7 @@ impl Shard {
                 Some(e) if e.is_data() => {
                     self.stats.read_hit_sectors += u64::from(p.len);
                     let verify = e.crc().filter(|_| p.whole);
+                    *self.reads_per_seg.entry(self.seg_of(e.pos)).or_default() += 1;
                     let tag = self.tag(TagOwner::Read {
                         read,
                         lba: p.lba,
@@ -532,6 +584,12 @@ impl Shard {
         }
         self.form_batches();
         self.ask_for_segments();
+        self.writeback_poll();
+    }
+
+    fn seg_of(&self, pos: u64) -> u32 {
+        let g = &self.cfg.geo;
+        (pos.saturating_sub(g.segments_start) / u64::from(g.segment_sectors)) as u32
     }
 
     fn ask_for_segments(&mut self) {
@@ -592,7 +650,15 @@ impl Shard {
             gen: g.gen,
             off: 1,
         };
-        self.segments.push_back((g.seg, g.gen));
+        self.segments.push_back(SegRec {
+            seg: g.seg,
+            gen: g.gen,
+            first: LogTail {
+                pos: next,
+                seq: self.next_seq + 1,
+                prev_crc: 0, // the link kset's CRC, known once it is encoded
+            },
+        });
         let batch = Batch {
             seq: self.next_seq,
             pos: self.head,
@@ -602,6 +668,7 @@ impl Shard {
             data_pending: 0,
             state: BatchState::Ready,
             kset: None,
+            crc: 0,
             attempts: 0,
         };
         self.next_seq += 1;
@@ -675,6 +742,7 @@ impl Shard {
                 BatchState::Data
             },
             kset: None,
+            crc: 0,
             attempts: 0,
         });
         self.encode_ready();
@@ -747,6 +815,13 @@ impl Shard {
             let (bytes, crc) = kset.encode(self.cfg.crc_seed);
             self.prev_crc = crc;
             b.kset = Some(bytes);
+            b.crc = crc;
+            if b.next.seg != b.pos.seg {
+                let next = b.next;
+                if let Some(r) = self.segments.iter_mut().rev().find(|r| r.first.pos == next) {
+                    r.first.prev_crc = crc;
+                }
+            }
             b.state = BatchState::KsetInFlight;
             self.stats.ksets_written += 1;
             self.stats.keys_written += kset.keys.len() as u64;
@@ -808,6 +883,9 @@ impl Shard {
                     }
                 }
             }
+            TagOwner::Wb(io) => self.wb_done(io, done.result),
+            TagOwner::WbFlush => self.wb_flush_done(done.result),
+            TagOwner::Control => self.control_done(done.result),
             TagOwner::InPlace { req } => {
                 let res = done.result.map_err(|_| {
                     self.stats.io_errors += 1;
@@ -936,6 +1014,32 @@ impl Shard {
                 break;
             };
             let base = self.cfg.geo.segment_start(b.pos.seg);
+            let mut dirty = Vec::new();
+            for e in &b.entries {
+                let p = e.p;
+                let kind = match p.op {
+                    LogOp::Write { .. } => KeyKind::Data,
+                    LogOp::Zeroes { .. } => KeyKind::Zeroes,
+                    LogOp::Unmap { .. } => KeyKind::Unmap,
+                    LogOp::Fill { .. } => continue,
+                };
+                if e.logged && !e.failed {
+                    self.log_dirty_sectors += u64::from(p.len);
+                    dirty.push(DirtyKey {
+                        lba: p.lba,
+                        len: p.len,
+                        kind,
+                        pos: base + u64::from(e.data_off),
+                        epoch: p.epoch,
+                    });
+                }
+            }
+            self.log.push_back(Logged {
+                seq: b.seq,
+                next: b.next,
+                crc: b.crc,
+                keys: dirty,
+            });
             for e in &b.entries {
                 let p = e.p;
                 let epoch = p.epoch as u32;
@@ -990,6 +1094,15 @@ impl Shard {
         src: ReadSrc,
         result: Result<(), IoError>,
     ) {
+        if let ReadSrc::Cache { ext } = src {
+            let seg = self.seg_of(ext.pos);
+            if let Some(n) = self.reads_per_seg.get_mut(&seg) {
+                *n -= 1;
+                if *n == 0 {
+                    self.reads_per_seg.remove(&seg);
+                }
+            }
+        }
         match (src, result) {
             (ReadSrc::Cache { .. }, Ok(())) => self.read_piece_done(read),
             (ReadSrc::Cache { ext }, Err(IoError::CrcMismatch)) => {
@@ -1062,6 +1175,11 @@ impl Shard {
     /// Cache sectors in use by the log (approximate: whole segments plus reserve).
     pub fn used_segments(&self) -> u32 {
         self.segments.len() as u32 + self.ready.len() as u32 + self.preparing
+    }
+
+    /// Sequence of the first kset not yet written back.
+    pub fn dirty_tail(&self) -> LogTail {
+        self.dirty_tail
     }
 
     /// The current log head, for inspection.

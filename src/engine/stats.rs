@@ -18,6 +18,12 @@ pub struct ShardStats {
     pub crc_errors: u64,
     pub io_errors: u64,
     pub kset_retries: u64,
+    pub wb_groups: u64,
+    pub wb_sectors: u64,
+    pub wb_errors: u64,
+    pub backing_flushes: u64,
+    pub gc_segments: u64,
+    pub control_writes: u64,
 }
 
 impl ShardStats {
@@ -36,5 +42,11 @@ impl ShardStats {
         self.crc_errors += o.crc_errors;
         self.io_errors += o.io_errors;
         self.kset_retries += o.kset_retries;
+        self.wb_groups += o.wb_groups;
+        self.wb_sectors += o.wb_sectors;
+        self.wb_errors += o.wb_errors;
+        self.backing_flushes += o.backing_flushes;
+        self.gc_segments += o.gc_segments;
+        self.control_writes += o.control_writes;
     }
 }

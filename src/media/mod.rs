@@ -116,6 +116,20 @@ pub fn execute(
             pick(*dev, cache, backing).write_zeroes(*sector, *sectors),
             None,
         ),
+        Command::Copy {
+            tag,
+            src,
+            src_sector,
+            dst,
+            dst_sector,
+            sectors,
+        } => {
+            let mut data = vec![0u8; (*sectors * 512) as usize];
+            let res = pick(*src, cache, backing)
+                .read(*src_sector, &mut data)
+                .and_then(|()| pick(*dst, cache, backing).write(*dst_sector, &data));
+            (*tag, res, None)
+        }
         Command::ZeroBuf { buf } => {
             if let Some(data) = req_slice(bufs, buf) {
                 data.fill(0);

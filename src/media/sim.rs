@@ -169,6 +169,17 @@ impl Sim {
                     self.unflushed.push((*sector, data));
                 }
             }
+            Command::Copy {
+                dst: Dev::Backing,
+                dst_sector,
+                sectors,
+                ..
+            } => {
+                let mut data = vec![0u8; (*sectors * 512) as usize];
+                if self.backing_live.read(*dst_sector, &mut data).is_ok() {
+                    self.unflushed.push((*dst_sector, data));
+                }
+            }
             Command::WriteZeroes {
                 dev: Dev::Backing,
                 sector,

@@ -1,0 +1,521 @@
+//! Writeback and garbage collection of one shard.
+//!
+//! Writeback walks the log from the dirty tail in order, in groups of ksets. For each dirty
+//! key it writes back only what the index still maps to that key (a later overwrite in
+//! the log absorbs the earlier one), with a bounded number of copies in flight. When a
+//! group's copies are done it flushes the backing device, then persists the new dirty tail
+//! in the control slot. Keys of epoch E+1 are never written back before every shard has
+//! written back and flushed epoch E: the coordinator hands each shard the highest epoch it
+//! may write (`set_allowed_epoch`), the minimum of every shard's `frontier`.
+//!
+//! GC reclaims the oldest segment of the log once every kset in it is behind the dirty
+//! tail: its clean extents leave the index, the log tail moves to the next segment in the
+//! control slot, and the segment returns to the pool when no read still uses it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{Shard, TagOwner};
+use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail};
+use crate::engine::index::State;
+use crate::engine::io::{Buf, Command, Dev, IoError};
+use crate::engine::pool::ToPool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WritebackOptions {
+    /// Backing writes in flight per shard.
+    pub max_inflight: u32,
+    /// Ksets per writeback group (one backing flush and one control write per group).
+    pub group_ksets: usize,
+    /// Writeback starts when dirty data passes this share of the shard's cache space...
+    pub high_pct: u32,
+    /// ...and stops below this one (unless space is short, the cache is idle, or draining).
+    pub low_pct: u32,
+    /// GC reclaims segments while the log uses more than this share of the cache.
+    pub gc_percent: u32,
+}
+
+impl Default for WritebackOptions {
+    fn default() -> Self {
+        WritebackOptions {
+            max_inflight: 32,
+            group_ksets: 64,
+            high_pct: 30,
+            low_pct: 10,
+            gc_percent: 70,
+        }
+    }
+}
+
+/// A durable kset at or after the dirty tail, with the keys writeback needs.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub seq: u64,
+    pub next: LogPos,
+    pub crc: u32,
+    pub keys: Vec<DirtyKey>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DirtyKey {
+    pub lba: u64,
+    pub len: u32,
+    pub kind: KeyKind,
+    /// Absolute cache sector of the data (data keys).
+    pub pos: u64,
+    pub epoch: u64,
+}
+
+/// A segment of the log and how its first kset chains.
+#[derive(Debug, Clone, Copy)]
+pub struct SegRec {
+    pub seg: u32,
+    pub gen: u32,
+    pub first: LogTail,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum WbIo {
+    Copy { lba: u64, len: u32, src: u64 },
+    Zero { lba: u64, len: u32, unmap: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Io,
+    Flush,
+    Persist,
+}
+
+#[derive(Debug)]
+struct Group {
+    ksets: usize,
+    wrote: bool,
+    phase: Phase,
+    new_dirty_tail: LogTail,
+    sectors: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Writeback {
+    queue: VecDeque<WbIo>,
+    inflight: u32,
+    /// Ranges queued or in flight: no in-place overwrite may touch them.
+    ranges: BTreeMap<u64, u32>,
+    group: Option<Group>,
+    /// A backing write or flush failed: stopped until `retry_writeback`.
+    pub failed: bool,
+    active: bool,
+    pub drain: bool,
+}
+
+impl Writeback {
+    /// Whether [lba, lba+len) overlaps data being written back.
+    pub fn blocks(&self, lba: u64, len: u32) -> bool {
+        let end = lba + u64::from(len);
+        if let Some((&s, &l)) = self.ranges.range(..end).next_back() {
+            return s + u64::from(l) > lba;
+        }
+        false
+    }
+}
+
+/// Control-slot state of a shard: which replica is current and what is being written.
+#[derive(Debug, Default)]
+pub(super) struct Control {
+    pub seq: u64,
+    pub slot: u32,
+    pub inflight: Option<(LogTail, LogTail)>,
+    /// GC wants the tail moved here, freeing this segment.
+    pub want_tail: Option<(LogTail, u32)>,
+    /// Segments reclaimed, waiting for reads that still use them.
+    pub releasing: Vec<u32>,
+}
+
+impl Shard {
+    /// Lowest epoch with data this shard has not yet written back and flushed.
+    pub fn frontier(&self) -> u64 {
+        let logged = self.log.iter().flat_map(|k| k.keys.iter()).map(|k| k.epoch);
+        let batched = self
+            .batches
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .filter(|e| !matches!(e.p.op, super::LogOp::Fill { .. }))
+            .map(|e| e.p.epoch);
+        let queued = self
+            .pending
+            .iter()
+            .filter(|p| !matches!(p.op, super::LogOp::Fill { .. }))
+            .map(|p| p.epoch);
+        logged
+            .chain(batched)
+            .chain(queued)
+            .next()
+            .unwrap_or(self.epoch)
+    }
+
+    /// The highest epoch this shard may write back (from the coordinator).
+    pub fn set_allowed_epoch(&mut self, epoch: u64) {
+        self.allowed_epoch = epoch;
+    }
+
+    /// Space is short somewhere: write back and reclaim regardless of watermarks.
+    pub fn set_pressure(&mut self, on: bool) {
+        self.pressure = on;
+    }
+
+    /// The host saw no requests for a while: use the time to write back.
+    pub fn set_idle(&mut self, idle: bool) {
+        self.idle = idle;
+    }
+
+    /// Write back everything (for detach/delete).
+    pub fn set_drain(&mut self, on: bool) {
+        self.wb.drain = on;
+    }
+
+    /// Resumes writeback after a backing-device error.
+    pub fn retry_writeback(&mut self) {
+        self.wb.failed = false;
+    }
+
+    pub fn writeback_failed(&self) -> bool {
+        self.wb.failed
+    }
+
+    /// Dirty data not yet written back, in sectors.
+    pub fn dirty_sectors(&self) -> u64 {
+        self.log_dirty_sectors
+    }
+
+    /// Nothing dirty: no logged, batched or queued write.
+    pub fn is_clean(&self) -> bool {
+        self.log.iter().all(|k| k.keys.is_empty()) && self.frontier_is_idle()
+    }
+
+    fn frontier_is_idle(&self) -> bool {
+        self.batches.is_empty() && self.pending.is_empty()
+    }
+
+    fn share_sectors(&self) -> u64 {
+        let g = &self.cfg.geo;
+        u64::from(g.segment_count) * u64::from(g.segment_sectors) / u64::from(g.shard_count)
+    }
+
+    fn writeback_wanted(&mut self) -> bool {
+        if self.wb.failed || self.log.is_empty() {
+            return false;
+        }
+        if self.wb.drain || self.stalled || self.pressure || self.idle {
+            return true;
+        }
+        let pct = self.log_dirty_sectors * 100 / self.share_sectors().max(1);
+        let o = self.cfg.wb;
+        self.wb.active = if self.wb.active {
+            pct > u64::from(o.low_pct)
+        } else {
+            pct >= u64::from(o.high_pct)
+        };
+        self.wb.active
+    }
+
+    pub(super) fn writeback_poll(&mut self) {
+        if self.wb.group.is_none() && self.writeback_wanted() {
+            self.start_group();
+        }
+        while self.wb.inflight < self.cfg.wb.max_inflight && !self.wb.failed {
+            let Some(io) = self.wb.queue.pop_front() else {
+                break;
+            };
+            self.issue_wb(io);
+        }
+        self.advance_group();
+        self.gc_poll();
+        self.persist_control();
+    }
+
+    /// Queues the writeback of the longest prefix of the log (up to `group_ksets`) whose
+    /// keys all belong to epochs the coordinator allows.
+    fn start_group(&mut self) {
+        let allowed = self.allowed_epoch;
+        let n = self
+            .log
+            .iter()
+            .take(self.cfg.wb.group_ksets)
+            .take_while(|k| k.keys.iter().all(|d| d.epoch <= allowed))
+            .count();
+        if n == 0 {
+            return;
+        }
+        let mut pieces = Vec::new();
+        let mut sectors = 0;
+        for i in 0..n {
+            for j in 0..self.log[i].keys.len() {
+                let k = self.log[i].keys[j];
+                sectors += u64::from(k.len);
+                self.index.lookup(k.lba, k.len, &mut pieces);
+                for p in &pieces {
+                    let Some(e) = p.extent else { continue };
+                    let io = match (k.kind, e.state()) {
+                        (KeyKind::Data, State::Dirty) if e.pos == k.pos + (p.lba - k.lba) => {
+                            WbIo::Copy {
+                                lba: p.lba,
+                                len: p.len,
+                                src: e.pos,
+                            }
+                        }
+                        (KeyKind::Zeroes, State::Zeroes) => WbIo::Zero {
+                            lba: p.lba,
+                            len: p.len,
+                            unmap: false,
+                        },
+                        (KeyKind::Unmap, State::Unmapped) => WbIo::Zero {
+                            lba: p.lba,
+                            len: p.len,
+                            unmap: true,
+                        },
+                        // Superseded since: a later key writes it back.
+                        _ => continue,
+                    };
+                    if self.wb.blocks(p.lba, p.len) {
+                        continue;
+                    }
+                    self.wb.ranges.insert(p.lba, p.len);
+                    self.wb.queue.push_back(io);
+                }
+            }
+        }
+        let last = &self.log[n - 1];
+        self.wb.group = Some(Group {
+            ksets: n,
+            wrote: !self.wb.queue.is_empty(),
+            phase: Phase::Io,
+            new_dirty_tail: LogTail {
+                pos: last.next,
+                seq: last.seq + 1,
+                prev_crc: last.crc,
+            },
+            sectors,
+        });
+        self.stats.wb_groups += 1;
+    }
+
+    fn issue_wb(&mut self, io: WbIo) {
+        self.wb.inflight += 1;
+        let tag = self.tag(TagOwner::Wb(io));
+        let cmd = match io {
+            WbIo::Copy { lba, len, src } => Command::Copy {
+                tag,
+                src: Dev::Cache,
+                src_sector: src,
+                dst: Dev::Backing,
+                dst_sector: lba,
+                sectors: u64::from(len),
+            },
+            WbIo::Zero {
+                lba,
+                len,
+                unmap: true,
+            } => Command::Unmap {
+                tag,
+                dev: Dev::Backing,
+                sector: lba,
+                sectors: u64::from(len),
+            },
+            WbIo::Zero { lba, len, .. } => Command::WriteZeroes {
+                tag,
+                dev: Dev::Backing,
+                sector: lba,
+                sectors: u64::from(len),
+            },
+        };
+        self.out.commands.push(cmd);
+    }
+
+    pub(super) fn wb_done(&mut self, io: WbIo, result: Result<(), IoError>) {
+        self.wb.inflight -= 1;
+        let (lba, len) = match io {
+            WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
+        };
+        self.wb.ranges.remove(&lba);
+        if result.is_err() {
+            self.fail_writeback(format!("backing write at lba {lba}+{len} failed"));
+            return;
+        }
+        self.stats.wb_sectors += u64::from(len);
+        match io {
+            WbIo::Copy { lba, len, src } => self.index.mark_clean(lba, len, src),
+            WbIo::Zero { lba, len, unmap } => {
+                let state = if unmap {
+                    State::Unmapped
+                } else {
+                    State::Zeroes
+                };
+                self.index.punch_state(lba, len, state);
+            }
+        }
+    }
+
+    fn fail_writeback(&mut self, what: String) {
+        if !self.wb.failed {
+            self.out.log.push(format!(
+                "shard {}: writeback stopped: {what}; dirty data stays in the cache",
+                self.cfg.id
+            ));
+        }
+        self.stats.wb_errors += 1;
+        self.wb.failed = true;
+    }
+
+    /// Moves the current group on: copies done → backing flush → persist the dirty tail.
+    fn advance_group(&mut self) {
+        let Some(g) = self.wb.group.as_mut() else {
+            return;
+        };
+        if g.phase != Phase::Io || self.wb.inflight > 0 {
+            return;
+        }
+        if self.wb.failed {
+            // Start over from the same dirty tail once retried.
+            self.wb.queue.clear();
+            self.wb.ranges.clear();
+            self.wb.group = None;
+            return;
+        }
+        if !self.wb.queue.is_empty() {
+            return;
+        }
+        if g.wrote {
+            g.phase = Phase::Flush;
+            let tag = self.tag(TagOwner::WbFlush);
+            self.out.commands.push(Command::Flush {
+                tag,
+                dev: Dev::Backing,
+            });
+            self.stats.backing_flushes += 1;
+        } else {
+            g.phase = Phase::Persist;
+        }
+    }
+
+    pub(super) fn wb_flush_done(&mut self, result: Result<(), IoError>) {
+        let Some(g) = self.wb.group.as_mut() else {
+            return;
+        };
+        if result.is_err() {
+            self.wb.group = None;
+            self.fail_writeback("backing flush failed".into());
+            return;
+        }
+        g.phase = Phase::Persist;
+    }
+
+    /// Reclaims the oldest log segment once all of it is behind the dirty tail.
+    fn gc_poll(&mut self) {
+        let mut reads = std::mem::take(&mut self.control.releasing);
+        reads.retain(|&seg| {
+            if self.reads_per_seg.get(&seg).copied().unwrap_or(0) == 0 {
+                self.out.to_pool.push(ToPool::Release { seg });
+                self.stats.gc_segments += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.control.releasing = reads;
+        if self.control.want_tail.is_some() || self.segments.len() < 2 {
+            return;
+        }
+        let g = &self.cfg.geo;
+        let over = self.segments.len() as u64 * 100 * u64::from(g.shard_count)
+            > u64::from(self.cfg.wb.gc_percent) * u64::from(g.segment_count);
+        if !(over || self.pressure || self.stalled) {
+            return;
+        }
+        let second = self.segments[1].first;
+        if second.seq > self.dirty_tail.seq {
+            return;
+        }
+        let seg = self.segments[0].seg;
+        let lo = g.segment_start(seg);
+        let dirty = self
+            .index
+            .drop_segment(lo, lo + u64::from(g.segment_sectors));
+        if dirty > 0 {
+            self.out.log.push(format!(
+                "shard {}: segment {seg} behind the dirty tail still holds {dirty} dirty extents; not reclaimed",
+                self.cfg.id
+            ));
+            return;
+        }
+        self.control.want_tail = Some((second, seg));
+    }
+
+    /// Writes the control slot when the log tail or dirty tail should move.
+    fn persist_control(&mut self) {
+        if self.control.inflight.is_some() {
+            return;
+        }
+        let tail = self.control.want_tail.map_or(self.tail, |t| t.0);
+        let dirty = match &self.wb.group {
+            Some(g) if g.phase == Phase::Persist => g.new_dirty_tail,
+            _ => self.dirty_tail,
+        };
+        if tail == self.tail && dirty == self.dirty_tail {
+            return;
+        }
+        let slot = ControlSlot {
+            shard: self.cfg.id,
+            seq: self.control.seq + 1,
+            tail,
+            dirty_tail: dirty,
+            gc_percent: self.cfg.wb.gc_percent,
+        };
+        let which = 1 - self.control.slot;
+        let sector = self.cfg.geo.control_sector(self.cfg.id, which);
+        self.control.inflight = Some((tail, dirty));
+        let tag = self.tag(TagOwner::Control);
+        self.out.commands.push(Command::Write {
+            tag,
+            dev: Dev::Cache,
+            sector,
+            buf: Buf::Owned(slot.encode(self.cfg.crc_seed)),
+            want_crc: false,
+        });
+        self.stats.control_writes += 1;
+    }
+
+    pub(super) fn control_done(&mut self, result: Result<(), IoError>) {
+        let Some((tail, dirty)) = self.control.inflight.take() else {
+            return;
+        };
+        if result.is_err() {
+            // The other replica still holds the previous state; write this one again.
+            self.stats.io_errors += 1;
+            return;
+        }
+        self.control.seq += 1;
+        self.control.slot = 1 - self.control.slot;
+        self.tail = tail;
+        self.dirty_tail = dirty;
+        if let Some((t, seg)) = self.control.want_tail {
+            if t == tail {
+                self.control.want_tail = None;
+                self.segments.pop_front();
+                self.control.releasing.push(seg);
+            }
+        }
+        let done = matches!(&self.wb.group,
+            Some(g) if g.phase == Phase::Persist && g.new_dirty_tail == dirty);
+        if done {
+            if let Some(g) = self.wb.group.take() {
+                for _ in 0..g.ksets {
+                    if let Some(k) = self.log.pop_front() {
+                        let s: u64 = k.keys.iter().map(|d| u64::from(d.len)).sum();
+                        self.log_dirty_sectors -= s;
+                    }
+                }
+                let _ = g.sectors;
+            }
+        }
+    }
+}
