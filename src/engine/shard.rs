@@ -10,7 +10,7 @@
 //! are durable. Each kset names the position of the next one and the CRC of the previous
 //! one, so replay can follow the chain and stops at the first kset that does not fit it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::format::{
     kset_sectors, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET_KEYS,
@@ -168,6 +168,7 @@ enum TagOwner {
     },
     InPlace {
         req: ReqId,
+        lba: u64,
     },
     Wb(WbIo),
     WbFlush,
@@ -207,6 +208,9 @@ pub struct Shard {
     idle: bool,
     /// Cache reads in flight per segment: a reclaimed segment waits for them.
     reads_per_seg: HashMap<u32, u32>,
+    /// In-place overwrites in flight, by extent start: (length, count). Writeback does not
+    /// copy an extent while one is landing, or it could mark it clean with the old data.
+    inplace: BTreeMap<u64, (u32, u32)>,
     head_header: HeadHeader,
     ready: VecDeque<Grant>,
     preparing: u32,
@@ -259,6 +263,7 @@ impl Shard {
             pressure: false,
             idle: false,
             reads_per_seg: HashMap::new(),
+            inplace: BTreeMap::new(),
             head_header: if log.head_needs_header {
                 HeadHeader::Needed
             } else {
@@ -389,13 +394,18 @@ impl Shard {
         let Some(e) = self.index.get(r.lba).copied() else {
             return false;
         };
-        if self.wb.blocks(r.lba, r.len) {
+        if self.wb.drain || self.wb.blocks(r.lba, r.len) {
             return false;
         }
         if e.state() != State::Dirty || e.len() != r.len || e.epoch() != Some(self.epoch as u32) {
             return false;
         }
-        let tag = self.tag(TagOwner::InPlace { req: r.id });
+        let tag = self.tag(TagOwner::InPlace {
+            req: r.id,
+            lba: r.lba,
+        });
+        let slot = self.inplace.entry(r.lba).or_insert((r.len, 0));
+        slot.1 += 1;
         self.out.commands.push(Command::Write {
             tag,
             dev: Dev::Cache,
@@ -886,7 +896,13 @@ impl Shard {
             TagOwner::Wb(io) => self.wb_done(io, done.result),
             TagOwner::WbFlush => self.wb_flush_done(done.result),
             TagOwner::Control => self.control_done(done.result),
-            TagOwner::InPlace { req } => {
+            TagOwner::InPlace { req, lba } => {
+                if let Some(slot) = self.inplace.get_mut(&lba) {
+                    slot.1 -= 1;
+                    if slot.1 == 0 {
+                        self.inplace.remove(&lba);
+                    }
+                }
                 let res = done.result.map_err(|_| {
                     self.stats.io_errors += 1;
                     ReqError::Io

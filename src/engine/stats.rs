@@ -20,6 +20,9 @@ pub struct ShardStats {
     pub kset_retries: u64,
     pub wb_groups: u64,
     pub wb_sectors: u64,
+    /// Sectors named by the dirty keys of completed writeback groups (≥ wb_sectors: the
+    /// difference is what overwrite absorption saved).
+    pub wb_group_sectors: u64,
     pub wb_errors: u64,
     pub backing_flushes: u64,
     pub gc_segments: u64,
@@ -44,6 +47,7 @@ impl ShardStats {
         self.kset_retries += o.kset_retries;
         self.wb_groups += o.wb_groups;
         self.wb_sectors += o.wb_sectors;
+        self.wb_group_sectors += o.wb_group_sectors;
         self.wb_errors += o.wb_errors;
         self.backing_flushes += o.backing_flushes;
         self.gc_segments += o.gc_segments;

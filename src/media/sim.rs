@@ -211,6 +211,12 @@ impl Sim {
         while self.step() {}
     }
 
+    /// Completed requests not yet taken.
+    pub fn take_done_peek(&mut self) -> usize {
+        self.pump();
+        self.done.len()
+    }
+
     pub fn take_done(&mut self) -> Vec<(ReqId, ReqResult, Vec<u8>)> {
         self.pump();
         self.done

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::{Shard, TagOwner};
 use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail};
-use crate::engine::index::State;
+use crate::engine::index::{Extent, ExtentMap, State};
 use crate::engine::io::{Buf, Command, Dev, IoError};
 use crate::engine::pool::ToPool;
 
@@ -88,7 +88,11 @@ enum Phase {
 
 #[derive(Debug)]
 struct Group {
+    /// Whole ksets written back: the dirty tail moves past them.
     ksets: usize,
+    /// Leading keys of the next kset also written back (a kset can straddle a flush, so
+    /// its keys of the allowed epoch go first and the rest wait for the barrier).
+    partial: usize,
     wrote: bool,
     phase: Phase,
     new_dirty_tail: LogTail,
@@ -132,6 +136,39 @@ pub(super) struct Control {
 }
 
 impl Shard {
+    /// One line of internal state, for diagnosing a stuck shard.
+    pub fn debug_state(&self) -> String {
+        format!(
+            "shard {}: segs {:?} ready {} preparing {} wanted {} pending {} batches {} log {} \
+             dirty_tail {:?} tail {:?} group {:?} queue {} inflight {} failed {} stalled {} \
+             pressure {} allowed {} frontier {} want_tail {:?} releasing {:?} control_inflight {}",
+            self.cfg.id,
+            self.segments
+                .iter()
+                .map(|s| (s.seg, s.first.seq))
+                .collect::<Vec<_>>(),
+            self.ready.len(),
+            self.preparing,
+            self.wanted,
+            self.pending.len(),
+            self.batches.len(),
+            self.log.len(),
+            self.dirty_tail.seq,
+            self.tail.seq,
+            self.wb.group.as_ref().map(|g| (g.ksets, g.phase)),
+            self.wb.queue.len(),
+            self.wb.inflight,
+            self.wb.failed,
+            self.stalled,
+            self.pressure,
+            self.allowed_epoch,
+            self.frontier(),
+            self.control.want_tail.map(|t| (t.0.seq, t.1)),
+            self.control.releasing,
+            self.control.inflight.is_some(),
+        )
+    }
+
     /// Lowest epoch with data this shard has not yet written back and flushed.
     pub fn frontier(&self) -> u64 {
         let logged = self.log.iter().flat_map(|k| k.keys.iter()).map(|k| k.epoch);
@@ -243,57 +280,97 @@ impl Shard {
             .take(self.cfg.wb.group_ksets)
             .take_while(|k| k.keys.iter().all(|d| d.epoch <= allowed))
             .count();
-        if n == 0 {
+        let partial = match self.log.get(n) {
+            Some(k) if n < self.cfg.wb.group_ksets => {
+                k.keys.iter().take_while(|d| d.epoch <= allowed).count()
+            }
+            _ => 0,
+        };
+        if n == 0 && partial == 0 {
             return;
         }
-        let mut pieces = Vec::new();
-        let mut sectors = 0;
-        for i in 0..n {
-            for j in 0..self.log[i].keys.len() {
-                let k = self.log[i].keys[j];
-                sectors += u64::from(k.len);
-                self.index.lookup(k.lba, k.len, &mut pieces);
-                for p in &pieces {
-                    let Some(e) = p.extent else { continue };
-                    let io = match (k.kind, e.state()) {
-                        (KeyKind::Data, State::Dirty) if e.pos == k.pos + (p.lba - k.lba) => {
-                            WbIo::Copy {
-                                lba: p.lba,
-                                len: p.len,
-                                src: e.pos,
-                            }
-                        }
-                        (KeyKind::Zeroes, State::Zeroes) => WbIo::Zero {
-                            lba: p.lba,
-                            len: p.len,
-                            unmap: false,
-                        },
-                        (KeyKind::Unmap, State::Unmapped) => WbIo::Zero {
-                            lba: p.lba,
-                            len: p.len,
-                            unmap: true,
-                        },
-                        // Superseded since: a later key writes it back.
-                        _ => continue,
-                    };
-                    if self.wb.blocks(p.lba, p.len) {
-                        continue;
-                    }
-                    self.wb.ranges.insert(p.lba, p.len);
-                    self.wb.queue.push_back(io);
-                }
-            }
+        // Every key here belongs to the allowed epoch. Within an epoch a later key absorbs
+        // an earlier one; across epochs it must not (the backing device has to pass through
+        // this epoch's image), so coverage counts only later keys of the same epoch, and
+        // what is not covered is copied from the key's own data, which stays in place until
+        // the dirty tail passes it.
+        let group_keys: Vec<DirtyKey> = self
+            .log
+            .iter()
+            .enumerate()
+            .take(n + 1)
+            .flat_map(|(i, k)| k.keys.iter().take(if i < n { usize::MAX } else { partial }))
+            .copied()
+            .collect();
+        let mut coverage = ExtentMap::new();
+        let later_same_epoch = self
+            .log
+            .iter()
+            .enumerate()
+            .skip(n)
+            .flat_map(|(i, k)| k.keys.iter().skip(if i == n { partial } else { 0 }))
+            .take_while(|k| k.epoch <= allowed);
+        for k in later_same_epoch {
+            coverage.insert(k.lba, Extent::new(0, k.len, State::Clean, None, 0));
         }
-        let last = &self.log[n - 1];
-        self.wb.group = Some(Group {
-            ksets: n,
-            wrote: !self.wb.queue.is_empty(),
-            phase: Phase::Io,
-            new_dirty_tail: LogTail {
+        let mut pieces = Vec::new();
+        let mut sectors = 0u64;
+        let mut ios = Vec::new();
+        for k in group_keys.iter().rev() {
+            sectors += u64::from(k.len);
+            coverage.lookup(k.lba, k.len, &mut pieces);
+            for p in pieces.iter().filter(|p| p.extent.is_none()) {
+                ios.push(match k.kind {
+                    KeyKind::Data => WbIo::Copy {
+                        lba: p.lba,
+                        len: p.len,
+                        src: k.pos + (p.lba - k.lba),
+                    },
+                    KeyKind::Zeroes | KeyKind::Unmap => WbIo::Zero {
+                        lba: p.lba,
+                        len: p.len,
+                        unmap: k.kind == KeyKind::Unmap,
+                    },
+                });
+            }
+            coverage.insert(k.lba, Extent::new(0, k.len, State::Clean, None, 0));
+        }
+        let landing = ios.iter().any(|io| {
+            let (lba, len) = match *io {
+                WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
+            };
+            let end = lba + u64::from(len);
+            self.inplace
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&s, &(l, _))| s + u64::from(l) > lba)
+        });
+        if landing {
+            // An in-place overwrite is landing in this range: start once it has.
+            return;
+        }
+        // Issue in log order.
+        for io in ios.into_iter().rev() {
+            let (lba, len) = match io {
+                WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
+            };
+            self.wb.ranges.insert(lba, len);
+            self.wb.queue.push_back(io);
+        }
+        let new_dirty_tail = match n.checked_sub(1).map(|i| &self.log[i]) {
+            Some(last) => LogTail {
                 pos: last.next,
                 seq: last.seq + 1,
                 prev_crc: last.crc,
             },
+            None => self.dirty_tail,
+        };
+        self.wb.group = Some(Group {
+            ksets: n,
+            partial,
+            wrote: !self.wb.queue.is_empty(),
+            phase: Phase::Io,
+            new_dirty_tail,
             sectors,
         });
         self.stats.wb_groups += 1;
@@ -394,6 +471,7 @@ impl Shard {
             self.stats.backing_flushes += 1;
         } else {
             g.phase = Phase::Persist;
+            self.maybe_finish_group();
         }
     }
 
@@ -407,6 +485,7 @@ impl Shard {
             return;
         }
         g.phase = Phase::Persist;
+        self.maybe_finish_group();
     }
 
     /// Reclaims the oldest log segment once all of it is behind the dirty tail.
@@ -504,18 +583,30 @@ impl Shard {
                 self.control.releasing.push(seg);
             }
         }
+        self.maybe_finish_group();
+    }
+
+    /// A group is done once its dirty tail is persisted (or it needed none).
+    fn maybe_finish_group(&mut self) {
         let done = matches!(&self.wb.group,
-            Some(g) if g.phase == Phase::Persist && g.new_dirty_tail == dirty);
-        if done {
-            if let Some(g) = self.wb.group.take() {
-                for _ in 0..g.ksets {
-                    if let Some(k) = self.log.pop_front() {
-                        let s: u64 = k.keys.iter().map(|d| u64::from(d.len)).sum();
-                        self.log_dirty_sectors -= s;
-                    }
-                }
-                let _ = g.sectors;
+            Some(g) if g.phase == Phase::Persist && g.new_dirty_tail == self.dirty_tail);
+        if !done {
+            return;
+        }
+        let Some(g) = self.wb.group.take() else {
+            return;
+        };
+        for _ in 0..g.ksets {
+            if let Some(k) = self.log.pop_front() {
+                let s: u64 = k.keys.iter().map(|d| u64::from(d.len)).sum();
+                self.log_dirty_sectors -= s;
             }
         }
+        if let Some(k) = self.log.front_mut() {
+            for d in k.keys.drain(..g.partial) {
+                self.log_dirty_sectors -= u64::from(d.len);
+            }
+        }
+        self.stats.wb_group_sectors += g.sectors;
     }
 }
