@@ -21,6 +21,8 @@ pub enum GeometryError {
     Shards(u32),
     #[error("cache device too small: {have} bytes hold {segments} segments, need at least {need} (two per shard)")]
     TooSmall { have: u64, segments: u64, need: u64 },
+    #[error("gc_percent must be between 0 and 90 (got {0})")]
+    GcPercent(u32),
     #[error("backing device is empty")]
     EmptyBacking,
     #[error("layout inconsistent: {0}")]

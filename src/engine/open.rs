@@ -52,6 +52,9 @@ pub fn format(
     backing: BackingIdentity,
     opts: &FormatOptions,
 ) -> Result<(Superblock, Vec<SectorWrite>), GeometryError> {
+    if opts.gc_percent > 90 {
+        return Err(GeometryError::GcPercent(opts.gc_percent));
+    }
     let geometry = Geometry::new(cache_bytes, backing.sectors, opts.layout)?;
     let sb = Superblock {
         geometry,
@@ -79,7 +82,7 @@ pub fn format(
                 seq: u64::from(slot) + 1,
                 tail,
                 dirty_tail: tail,
-                gc_percent: opts.gc_percent.min(100),
+                gc_percent: opts.gc_percent,
             };
             writes.push((geometry.control_sector(shard, slot), c.encode(seed)));
         }

@@ -5,6 +5,7 @@ pub mod file;
 pub mod host;
 pub mod mem;
 pub mod sim;
+pub mod slow;
 
 use std::collections::HashMap;
 

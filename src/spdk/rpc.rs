@@ -1,0 +1,264 @@
+//! JSON-RPC methods: `bdev_pcache_create`, `bdev_pcache_delete`, `bdev_pcache_get_stats`.
+//!
+//! Registered `SPDK_RPC_RUNTIME` only. A `--json` config (spdk_tgt, bdevperf) still runs
+//! them: SPDK's loader (`lib/init/json_config.c`) makes two passes over the config, first
+//! the methods allowed in STARTUP state, then, after `framework_start_init`, the RUNTIME
+//! ones, in file order. Verified with bdevperf: registered `STARTUP | RUNTIME`,
+//! `bdev_pcache_create` runs in the first pass, before `bdev_malloc_create` (RUNTIME-only)
+//! has created its base bdevs, and fails with "cache bdev ... does not exist".
+//!
+//! Parameters are re-serialized and parsed with serde (`json::params_to_value`,
+//! `config::parse_*`); every bad parameter gets a JSON-RPC error with a message.
+
+use std::ffi::{c_int, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::ffi;
+use super::io::Channel;
+use super::json::{params_to_value, Writer};
+use super::log::{no_unwind, spdk_log};
+use super::stats::{Retired, Snapshot};
+use super::{config, vbdev};
+
+type Handler = unsafe extern "C" fn(*mut ffi::spdk_jsonrpc_request, *const ffi::spdk_json_val);
+
+const METHODS: [(&std::ffi::CStr, Handler); 3] = [
+    (c"bdev_pcache_create", rpc_create),
+    (c"bdev_pcache_delete", rpc_delete),
+    (c"bdev_pcache_get_stats", rpc_get_stats),
+];
+
+/// Called from the module constructor: no panics, no std I/O.
+pub(crate) fn register_methods() {
+    for (name, handler) in METHODS {
+        // SAFETY: static method names and handlers with the expected signature;
+        // libspdk_rpc is loaded (our dependency) and keeps the pointers.
+        unsafe {
+            ffi::spdk_rpc_register_method(name.as_ptr(), Some(handler), ffi::SPDK_RPC_RUNTIME)
+        };
+    }
+}
+
+/// A request that must be answered exactly once; consumed by the reply.
+struct Request(*mut ffi::spdk_jsonrpc_request);
+
+impl Request {
+    fn error(self, code: i32, msg: &str) {
+        spdk_log!(ERROR, "{msg}");
+        let msg = CString::new(msg.replace('\0', "")).unwrap_or_default();
+        // SAFETY: a pending request, answered once (self is consumed).
+        unsafe { ffi::spdk_jsonrpc_send_error_response(self.0, code, msg.as_ptr()) };
+    }
+
+    fn reply(self, v: &Value) {
+        // SAFETY: a pending request, answered once. begin_result returns null for a
+        // notification (no id), in which case nothing is sent.
+        unsafe {
+            let w = ffi::spdk_jsonrpc_begin_result(self.0);
+            if !w.is_null() {
+                Writer::new(w).value(v);
+                ffi::spdk_jsonrpc_end_result(self.0, w);
+            }
+        }
+    }
+
+    fn into_raw(self) -> *mut ffi::spdk_jsonrpc_request {
+        self.0
+    }
+}
+
+/// Run an RPC body; a panic (a bug) becomes an internal error, never an unwind into C.
+fn guarded(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+    body: fn(Request, Value),
+) {
+    // SAFETY: `params` is what the RPC server handed to the handler calling us.
+    let parsed = unsafe { params_to_value(params) };
+    let outcome = catch_unwind(AssertUnwindSafe(|| match parsed {
+        Ok(v) => body(Request(request), v),
+        Err(e) => Request(request).error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &e),
+    }));
+    if outcome.is_err() {
+        Request(request).error(
+            ffi::SPDK_JSONRPC_ERROR_INTERNAL_ERROR,
+            "internal error (panic) in pcache RPC handler",
+        );
+    }
+}
+
+unsafe extern "C" fn rpc_create(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+) {
+    guarded(request, params, |req, params| {
+        match config::parse_create(params) {
+            Err(e) => req.error(
+                ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
+                &format!("bdev_pcache_create: {e}"),
+            ),
+            Ok(cfg) => match vbdev::create(cfg) {
+                Ok(name) => req.reply(&Value::String(name)),
+                Err((code, msg)) => req.error(code, &format!("bdev_pcache_create: {msg}")),
+            },
+        }
+    });
+}
+
+unsafe extern "C" fn delete_done(arg: *mut c_void, rc: c_int) {
+    no_unwind("delete_done", (), || {
+        let req = Request(arg.cast());
+        if rc == 0 {
+            req.reply(&Value::Bool(true));
+        } else {
+            // SAFETY: spdk_strerror returns a valid static/thread-local string.
+            let why = unsafe { std::ffi::CStr::from_ptr(ffi::spdk_strerror(rc.abs())) }
+                .to_string_lossy()
+                .into_owned();
+            req.error(rc, &format!("bdev_pcache_delete: unregister failed: {why}"));
+        }
+    })
+}
+
+unsafe extern "C" fn rpc_delete(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+) {
+    guarded(request, params, |req, params| {
+        let name = match config::parse_delete(params) {
+            Ok(n) => n,
+            Err(e) => {
+                return req.error(
+                    ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
+                    &format!("bdev_pcache_delete: {e}"),
+                )
+            }
+        };
+        let Some(node) = vbdev::find(&name) else {
+            return req.error(
+                -libc::ENODEV,
+                &format!("bdev_pcache_delete: no pcache bdev named '{name}'"),
+            );
+        };
+        let raw = req.into_raw();
+        let rc = vbdev::unregister(node, Some(delete_done), raw.cast());
+        if rc != 0 {
+            // The callback is not called when unregister_by_name fails up front.
+            // SAFETY: same request, not answered yet.
+            unsafe { delete_done(raw.cast(), rc) };
+        }
+    });
+}
+
+// ---- get_stats: sum per-channel counters with spdk_for_each_channel ----
+
+struct Collect {
+    request: *mut ffi::spdk_jsonrpc_request,
+    todo: std::vec::IntoIter<*mut vbdev::Pcache>,
+    current: Option<(String, Arc<Retired>)>,
+    sum: Snapshot,
+    channels: u64,
+    out: Vec<Value>,
+}
+
+/// Start on the next live bdev, or answer when none is left.
+fn collect_next(mut c: Box<Collect>) {
+    for node in c.todo.by_ref() {
+        // The node may have been deleted since the list was taken: skip it then. A live
+        // node's io_device stays registered until our walk over it completes.
+        if !vbdev::is_live(node) {
+            continue;
+        }
+        // SAFETY: live node (registry, same thread).
+        let (name, retired) = unsafe { ((*node).name().to_string(), (*node).retired.clone()) };
+        c.current = Some((name, retired));
+        c.sum = Snapshot::default();
+        c.channels = 0;
+        // SAFETY: `node` is a registered io_device; the context stays valid (leaked Box)
+        // until `collect_done` takes it back.
+        unsafe {
+            ffi::spdk_for_each_channel(
+                node.cast(),
+                Some(collect_channel),
+                Box::into_raw(c).cast(),
+                Some(collect_done),
+            )
+        };
+        return;
+    }
+    let out = Value::Array(std::mem::take(&mut c.out));
+    Request(c.request).reply(&out);
+}
+
+unsafe extern "C" fn collect_channel(i: *mut ffi::spdk_io_channel_iter) {
+    no_unwind("collect_channel", (), || {
+        // SAFETY: the iterator context is our `Collect`; SPDK visits channels one at a time, so
+        // this is the only access. The channel is one of our io_device's, on this thread.
+        unsafe {
+            let c = &mut *ffi::spdk_io_channel_iter_get_ctx(i).cast::<Collect>();
+            let chan =
+                &*ffi::io_channel_get_ctx::<Channel>(ffi::spdk_io_channel_iter_get_channel(i));
+            c.sum.add(&chan.stats().snapshot());
+            c.channels += 1;
+            ffi::spdk_for_each_channel_continue(i, 0);
+        }
+    })
+}
+
+unsafe extern "C" fn collect_done(i: *mut ffi::spdk_io_channel_iter, _status: c_int) {
+    // SAFETY: we leaked this Box in `collect_next`; the walk is over, so it is ours again.
+    let mut c = unsafe { Box::from_raw(ffi::spdk_io_channel_iter_get_ctx(i).cast::<Collect>()) };
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        if let Some((name, retired)) = c.current.take() {
+            let mut total = c.sum;
+            total.add(&retired.get());
+            let v = total.to_json(&name, c.channels);
+            c.out.push(v);
+        }
+    }));
+    if r.is_err() {
+        return Request(c.request).error(
+            ffi::SPDK_JSONRPC_ERROR_INTERNAL_ERROR,
+            "internal error collecting stats",
+        );
+    }
+    collect_next(c);
+}
+
+unsafe extern "C" fn rpc_get_stats(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+) {
+    guarded(request, params, |req, params| {
+        let nodes = match config::parse_stats(params) {
+            Err(e) => {
+                return req.error(
+                    ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
+                    &format!("bdev_pcache_get_stats: {e}"),
+                )
+            }
+            Ok(None) => vbdev::all(),
+            Ok(Some(name)) => match vbdev::find(&name) {
+                Some(n) => vec![n],
+                None => {
+                    return req.error(
+                        -libc::ENODEV,
+                        &format!("bdev_pcache_get_stats: no pcache bdev named '{name}'"),
+                    )
+                }
+            },
+        };
+        let c = Box::new(Collect {
+            request: req.into_raw(),
+            todo: nodes.into_iter(),
+            current: None,
+            sum: Snapshot::default(),
+            channels: 0,
+            out: Vec::new(),
+        });
+        collect_next(c);
+    });
+}

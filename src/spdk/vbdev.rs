@@ -1,0 +1,562 @@
+//! A pcache bdev: its two base bdevs, its `spdk_bdev`, the function table, and its life
+//! from `bdev_pcache_create` to destruct.
+//!
+//! Threading: create, delete, hot-remove events, destruct and the JSON callbacks all run on
+//! the app thread (the RPC thread, where the bases are opened). The I/O path runs on any
+//! thread and only reads fields fixed before `spdk_bdev_register`.
+
+use std::cell::{Cell, UnsafeCell};
+use std::ffi::{c_int, c_void, CString};
+use std::ptr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::config::CreateConfig;
+use super::ffi::{self, spdk_bdev_io_type as t};
+use super::io;
+use super::json::Writer;
+use super::log::{no_unwind, spdk_log};
+use super::module::{finishing, module};
+use super::stats::Retired;
+
+/// Namespace for pcache bdev UUIDs (SHA-1 of this and the base bdevs' UUIDs).
+const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
+
+/// A failed RPC-level operation: JSON-RPC error code and message.
+pub(crate) type RpcError = (i32, String);
+
+/// One opened and claimed base bdev.
+pub(crate) struct Base {
+    pub(crate) name: CString,
+    pub(crate) desc: *mut ffi::spdk_bdev_desc,
+    pub(crate) bdev: *mut ffi::spdk_bdev,
+}
+
+impl Base {
+    fn new(name: &str) -> Result<Self, RpcError> {
+        let name = CString::new(name).map_err(|_| invalid("bdev name contains NUL"))?;
+        Ok(Base {
+            name,
+            desc: ptr::null_mut(),
+            bdev: ptr::null_mut(),
+        })
+    }
+}
+
+/// The io_device and `bdev.ctxt` of one pcache bdev. Heap-allocated, never moved; freed in
+/// the io_device unregister callback, after the last channel is gone.
+pub(crate) struct Pcache {
+    bdev: UnsafeCell<ffi::spdk_bdev>,
+    name: CString,
+    config: CreateConfig,
+    /// `bdev_pcache_create` params, cached for `write_config_json` (bdev-manager lock held).
+    config_params: Value,
+    pub(crate) cache: Base,
+    pub(crate) backing: Base,
+    /// Thread that opened the bases: their descriptors must be closed there.
+    thread: *mut ffi::spdk_thread,
+    /// The backing bdev handles FLUSH (otherwise we complete it ourselves).
+    pub(crate) backing_flush: bool,
+    pub(crate) retired: Arc<Retired>,
+    /// `spdk_bdev_unregister` was called (delete, hot-remove); app thread only.
+    unregistering: Cell<bool>,
+}
+
+impl Pcache {
+    fn bdev_ptr(&self) -> *mut ffi::spdk_bdev {
+        self.bdev.get()
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+// ---- registry of live pcache bdevs (control path only) ----
+
+struct NodePtr(*mut Pcache);
+// SAFETY: the pointer is only dereferenced on the app thread (RPCs, destruct); the mutex
+// just orders access to the list.
+unsafe impl Send for NodePtr {}
+
+static NODES: Mutex<Vec<NodePtr>> = Mutex::new(Vec::new());
+
+fn nodes() -> std::sync::MutexGuard<'static, Vec<NodePtr>> {
+    NODES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The live pcache bdev called `name`.
+pub(crate) fn find(name: &str) -> Option<*mut Pcache> {
+    // SAFETY: registered nodes are live until `destruct` removes them (same thread).
+    nodes()
+        .iter()
+        .map(|n| n.0)
+        .find(|&n| unsafe { (*n).name() } == name)
+}
+
+/// All live pcache bdevs, in creation order.
+pub(crate) fn all() -> Vec<*mut Pcache> {
+    nodes().iter().map(|n| n.0).collect()
+}
+
+/// Is `node` still registered (so: alive, io_device not yet unregistered)?
+pub(crate) fn is_live(node: *mut Pcache) -> bool {
+    nodes().iter().any(|n| n.0 == node)
+}
+
+fn registry_remove(node: *mut Pcache) {
+    nodes().retain(|n| n.0 != node);
+}
+
+pub(crate) fn registry_clear() {
+    nodes().clear();
+}
+
+// ---- create ----
+
+fn invalid(msg: impl Into<String>) -> RpcError {
+    (ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, msg.into())
+}
+
+fn errno(rc: c_int, msg: String) -> RpcError {
+    (if rc < 0 { rc } else { -rc }, msg)
+}
+
+/// Open `base` for writing and claim it (read-many-write-one) for our module.
+fn open_and_claim(node: *mut Pcache, role: &str, base: &mut Base) -> Result<(), RpcError> {
+    let name = base.name.to_string_lossy().into_owned();
+    let mut desc = ptr::null_mut();
+    // SAFETY: on an SPDK thread; `name` is a valid C string; `node` stays alive while the
+    // descriptor is open (it is closed before the node is freed), so the event callback
+    // may use it.
+    let rc = unsafe {
+        ffi::spdk_bdev_open_ext(
+            base.name.as_ptr(),
+            true,
+            Some(base_event),
+            node.cast(),
+            &mut desc,
+        )
+    };
+    if rc == -libc::ENODEV {
+        return Err(errno(rc, format!("{role} '{name}' does not exist")));
+    }
+    if rc == -libc::EPERM {
+        return Err(errno(
+            rc,
+            format!("{role} '{name}' is in use: claimed by a bdev module (another pcache bdev?)"),
+        ));
+    }
+    if rc != 0 {
+        return Err(errno(
+            rc,
+            format!("cannot open {role} '{name}' for writing: {}", strerror(rc)),
+        ));
+    }
+    base.desc = desc;
+    // SAFETY: `desc` was just opened.
+    base.bdev = unsafe { ffi::spdk_bdev_desc_get_bdev(desc) };
+
+    // SAFETY: all-zero is valid; spdk_bdev_claim_opts_init then sets the defaults.
+    let mut opts: ffi::spdk_bdev_claim_opts = unsafe { std::mem::zeroed() };
+    // SAFETY: `opts` is a valid, writable struct of the size we pass.
+    unsafe {
+        ffi::spdk_bdev_claim_opts_init(&mut opts, std::mem::size_of::<ffi::spdk_bdev_claim_opts>())
+    };
+    for (dst, src) in opts.name.iter_mut().zip(b"pcache\0") {
+        *dst = *src as std::ffi::c_char;
+    }
+    // SAFETY: open descriptor, valid opts, our static module. The claim is released when
+    // the descriptor is closed.
+    let rc = unsafe {
+        ffi::spdk_bdev_module_claim_bdev_desc(
+            desc,
+            ffi::spdk_bdev_claim_type::SPDK_BDEV_CLAIM_READ_MANY_WRITE_ONE,
+            &mut opts,
+            module(),
+        )
+    };
+    if rc != 0 {
+        return Err(errno(
+            rc,
+            format!(
+                "cannot claim {role} '{name}': {} (is it used by another bdev module?)",
+                strerror(rc)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn strerror(rc: c_int) -> String {
+    // SAFETY: spdk_strerror returns a pointer to a static or thread-local NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(ffi::spdk_strerror(rc.abs())) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Close whatever base descriptors are open (releasing their claims). Caller's thread
+/// must be the opening thread.
+fn close_bases(node: &mut Pcache) {
+    for base in [&mut node.cache, &mut node.backing] {
+        if !base.desc.is_null() {
+            // SAFETY: opened on this thread, closed once (nulled right after).
+            unsafe { ffi::spdk_bdev_close(base.desc) };
+            base.desc = ptr::null_mut();
+        }
+    }
+}
+
+fn uuid_bytes(u: &ffi::spdk_uuid) -> [u8; 16] {
+    // SAFETY: spdk_uuid is 16 plain bytes (checked by bindgen's layout assertions).
+    unsafe { std::mem::transmute_copy::<ffi::spdk_uuid, [u8; 16]>(u) }
+}
+
+/// Check the bases and fill in the bdev our users see. The bases are open.
+fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
+    // SAFETY: both base bdevs are open (descriptors held), so their structs are live; we
+    // only read plain fields.
+    let (bk, ca) = unsafe { (&*node.backing.bdev, &*node.cache.bdev) };
+    if ptr::eq(bk, ca) {
+        return Err(invalid(format!(
+            "cache_bdev '{}' and backing_bdev '{}' are the same bdev",
+            node.config.cache_bdev, node.config.backing_bdev
+        )));
+    }
+    if bk.md_len != 0 || bk.dif_type != 0 {
+        return Err(invalid(format!(
+            "backing bdev '{}' has metadata/DIF, which pcache does not support",
+            node.config.backing_bdev
+        )));
+    }
+    let o = &node.config.options;
+    let stripe = o.stripe_bytes();
+    for (role, b) in [("backing", bk), ("cache", ca)] {
+        if b.blocklen == 0 || stripe % u64::from(b.blocklen) != 0 {
+            return Err(invalid(format!(
+                "stripe_size_kib {} is not a multiple of the {role} bdev block size {}",
+                o.stripe_size_kib, b.blocklen
+            )));
+        }
+    }
+    let cache_bytes = ca.blockcnt.saturating_mul(u64::from(ca.blocklen));
+    let need = 2 * u64::from(o.shards) * (u64::from(o.segment_size_mib) << 20);
+    if cache_bytes < need {
+        return Err(invalid(format!(
+            "cache bdev '{}' is too small: {cache_bytes} bytes, {} shard(s) need at least {need} (two {} MiB segments each)",
+            node.config.cache_bdev, o.shards, o.segment_size_mib
+        )));
+    }
+    let boundary =
+        u32::try_from(stripe / u64::from(bk.blocklen)).map_err(|_| invalid("stripe too large"))?;
+
+    let mut ns: ffi::spdk_uuid = uuid_zero();
+    let mut uuid: ffi::spdk_uuid = uuid_zero();
+    let mut seed = uuid_bytes(&bk.uuid).to_vec();
+    seed.extend_from_slice(&uuid_bytes(&ca.uuid));
+    // SAFETY: valid out-pointers and a NUL-terminated namespace string; `seed` is read only.
+    let rc = unsafe {
+        let rc = ffi::spdk_uuid_parse(&mut ns, UUID_NAMESPACE.as_ptr());
+        if rc == 0 {
+            ffi::spdk_uuid_generate_sha1(&mut uuid, &mut ns, seed.as_ptr().cast(), seed.len())
+        } else {
+            rc
+        }
+    };
+    if rc != 0 {
+        return Err(errno(rc, "cannot derive the bdev UUID".into()));
+    }
+
+    let (blocklen, blockcnt, phys, align, numa) = (
+        bk.blocklen,
+        bk.blockcnt,
+        bk.phys_blocklen,
+        bk.required_alignment.max(ca.required_alignment),
+        bk.numa,
+    );
+    // SAFETY: the bdev is not registered yet, so we are its only user.
+    let b = unsafe { &mut *node.bdev.get() };
+    b.name = node.name.as_ptr().cast_mut();
+    b.product_name = c"pcache".as_ptr().cast_mut();
+    b.write_cache = 1;
+    b.blocklen = blocklen;
+    b.phys_blocklen = phys;
+    b.blockcnt = blockcnt;
+    b.required_alignment = align;
+    b.optimal_io_boundary = boundary;
+    b.__bindgen_anon_1.set_split_on_optimal_io_boundary(1);
+    b.uuid = uuid;
+    b.numa = numa;
+    b.ctxt = (node as *mut Pcache).cast();
+    b.fn_table = &FN_TABLE;
+    b.module = module();
+    Ok(())
+}
+
+fn uuid_zero() -> ffi::spdk_uuid {
+    // SAFETY: a UUID is plain bytes; all-zero is the null UUID.
+    unsafe { std::mem::zeroed() }
+}
+
+/// `bdev_pcache_create`: open and claim both bases, register the bdev. Returns its name.
+pub(crate) fn create(config: CreateConfig) -> Result<String, RpcError> {
+    if find(&config.name).is_some() {
+        return Err(errno(
+            -libc::EEXIST,
+            format!("pcache bdev '{}' already exists", config.name),
+        ));
+    }
+    let name = CString::new(config.name.clone()).map_err(|_| invalid("name contains NUL"))?;
+    // SAFETY: valid C string; looks up bdevs and aliases under the bdev manager's lock.
+    if !unsafe { ffi::spdk_bdev_get_by_name(name.as_ptr()) }.is_null() {
+        return Err(errno(
+            -libc::EEXIST,
+            format!("a bdev named '{}' already exists", config.name),
+        ));
+    }
+    let node = Box::new(Pcache {
+        // SAFETY: all-zero is a valid unregistered spdk_bdev; fields are set by name below.
+        bdev: UnsafeCell::new(unsafe { std::mem::zeroed() }),
+        name,
+        config_params: config.to_params(),
+        cache: Base::new(&config.cache_bdev)?,
+        backing: Base::new(&config.backing_bdev)?,
+        config,
+        // SAFETY: called on an SPDK thread (the RPC thread).
+        thread: unsafe { ffi::spdk_get_thread() },
+        backing_flush: false,
+        retired: Arc::new(Retired::default()),
+        unregistering: Cell::new(false),
+    });
+    let node = Box::into_raw(node);
+    // SAFETY: freshly allocated and not yet shared with SPDK (except as event context of
+    // descriptors we close before freeing it).
+    let n = unsafe { &mut *node };
+
+    // `node` is only passed along as the (opaque) event context here.
+    let opened = open_and_claim(node, "cache bdev", &mut n.cache)
+        .and_then(|()| open_and_claim(node, "backing bdev", &mut n.backing));
+    if let Err(e) = opened.and_then(|()| fill_bdev(n)) {
+        close_bases(n);
+        // SAFETY: not registered anywhere; we still own the allocation.
+        drop(unsafe { Box::from_raw(node) });
+        return Err(e);
+    }
+    // SAFETY: open descriptor of a live bdev.
+    n.backing_flush =
+        unsafe { ffi::spdk_bdev_io_type_supported(n.backing.bdev, t::SPDK_BDEV_IO_TYPE_FLUSH) };
+
+    // SAFETY: `node` is a stable heap address used as the io_device key until
+    // `spdk_io_device_unregister`; the callbacks match the registered context size.
+    unsafe {
+        ffi::spdk_io_device_register(
+            node.cast(),
+            Some(io::channel_create),
+            Some(io::channel_destroy),
+            std::mem::size_of::<io::Channel>() as u32,
+            n.name.as_ptr(),
+        )
+    };
+    nodes().push(NodePtr(node));
+    // SAFETY: the bdev is fully initialized; after this SPDK owns its lifecycle and calls
+    // our fn_table, ending with `destruct`.
+    let rc = unsafe { ffi::spdk_bdev_register(n.bdev_ptr()) };
+    if rc != 0 {
+        registry_remove(node);
+        close_bases(n);
+        // SAFETY: registered above, no channels exist; the callback frees the node.
+        unsafe { ffi::spdk_io_device_unregister(node.cast(), Some(free_node)) };
+        return Err(errno(rc, format!("cannot register bdev: {}", strerror(rc))));
+    }
+    let name = n.config.name.clone();
+    spdk_log!(
+        NOTICE,
+        "created pcache bdev '{}' (cache '{}', backing '{}', passthrough)",
+        name,
+        n.config.cache_bdev,
+        n.config.backing_bdev
+    );
+    Ok(name)
+}
+
+unsafe extern "C" fn free_node(io_device: *mut c_void) {
+    no_unwind("free_node", (), || {
+        // SAFETY: the io_device is the Box we leaked in `create`; SPDK calls this once, after
+        // every channel is destroyed and no callback can reach the node any more.
+        drop(unsafe { Box::from_raw(io_device.cast::<Pcache>()) });
+    })
+}
+
+// ---- delete, hot-remove, destruct ----
+
+/// Start unregistering the bdev (delete RPC / hot-remove). `cb` gets the result.
+pub(crate) fn unregister(
+    node: *mut Pcache,
+    cb: ffi::spdk_bdev_unregister_cb,
+    cb_arg: *mut c_void,
+) -> c_int {
+    // SAFETY: `node` is live (from the registry, same thread).
+    let n = unsafe { &*node };
+    n.unregistering.set(true);
+    // SAFETY: name is a valid C string; our module owns the bdev.
+    unsafe { ffi::spdk_bdev_unregister_by_name(n.name.as_ptr(), module(), cb, cb_arg) }
+}
+
+unsafe extern "C" fn base_event(
+    kind: ffi::spdk_bdev_event_type::Type,
+    bdev: *mut ffi::spdk_bdev,
+    ctx: *mut c_void,
+) {
+    no_unwind("base_event", (), || {
+        let node = ctx.cast::<Pcache>();
+        // SAFETY: the event context is our node; events are delivered only while the
+        // descriptor is open, and we close descriptors before freeing the node.
+        let n = unsafe { &*node };
+        // SAFETY: the bdev of an event is live during the callback.
+        let base = unsafe { std::ffi::CStr::from_ptr(ffi::spdk_bdev_get_name(bdev)) }
+            .to_string_lossy()
+            .into_owned();
+        match kind {
+            ffi::spdk_bdev_event_type::SPDK_BDEV_EVENT_REMOVE => {
+                if n.unregistering.get() {
+                    return;
+                }
+                spdk_log!(
+                    NOTICE,
+                    "base bdev '{base}' of '{}' is going away{}: unregistering",
+                    n.name(),
+                    if finishing() { " (shutdown)" } else { "" }
+                );
+                n.unregistering.set(true);
+                // SAFETY: our registered bdev; unregistration ends in `destruct`.
+                unsafe { ffi::spdk_bdev_unregister(n.bdev_ptr(), None, ptr::null_mut()) };
+            }
+            other => spdk_log!(
+                NOTICE,
+                "ignoring event {other} on base bdev '{base}' of '{}'",
+                n.name()
+            ),
+        }
+    })
+}
+
+unsafe extern "C" fn close_desc_msg(desc: *mut c_void) {
+    no_unwind("close_desc_msg", (), || {
+        // SAFETY: a descriptor sent by `destruct` to its opening thread, closed exactly once.
+        unsafe { ffi::spdk_bdev_close(desc.cast()) };
+    })
+}
+
+/// `fn_table.destruct`: the bdev is unregistered and has no open descriptors.
+unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
+    no_unwind("destruct", 0, || {
+        let node = ctx.cast::<Pcache>();
+        registry_remove(node);
+        // SAFETY: `ctxt` is our live node; from here only SPDK's channel teardown uses it.
+        let n = unsafe { &mut *node };
+        // SAFETY: spdk_get_thread is callable on any SPDK thread.
+        if n.thread.is_null() || n.thread == unsafe { ffi::spdk_get_thread() } {
+            close_bases(n);
+        } else {
+            for base in [&mut n.cache, &mut n.backing] {
+                if !base.desc.is_null() {
+                    // SAFETY: close on the opening thread, which outlives the bdev layer.
+                    unsafe {
+                        ffi::spdk_thread_send_msg(n.thread, Some(close_desc_msg), base.desc.cast())
+                    };
+                    base.desc = ptr::null_mut();
+                }
+            }
+        }
+        spdk_log!(NOTICE, "destructed pcache bdev '{}'", n.name());
+        // SAFETY: registered in `create`; `free_node` runs after the last channel is destroyed.
+        unsafe { ffi::spdk_io_device_unregister(node.cast(), Some(free_node)) };
+        0
+    })
+}
+
+// ---- function table ----
+
+static FN_TABLE: ffi::spdk_bdev_fn_table = fn_table();
+
+const fn fn_table() -> ffi::spdk_bdev_fn_table {
+    // SAFETY: all-zero is valid: every member is an optional callback.
+    let mut f: ffi::spdk_bdev_fn_table = unsafe { std::mem::zeroed() };
+    f.destruct = Some(destruct);
+    f.submit_request = Some(io::submit_request);
+    f.io_type_supported = Some(io_type_supported);
+    f.get_io_channel = Some(get_io_channel);
+    f.dump_info_json = Some(dump_info_json);
+    f.write_config_json = Some(write_config_json);
+    f
+}
+
+/// Asked once, at `spdk_bdev_register`; the answers are cached by the bdev layer.
+unsafe extern "C" fn io_type_supported(
+    ctx: *mut c_void,
+    kind: ffi::spdk_bdev_io_type::Type,
+) -> bool {
+    no_unwind("io_type_supported", false, || {
+        // SAFETY: `ctx` is our live node.
+        let backing = unsafe { (*ctx.cast::<Pcache>()).backing.bdev };
+        match kind {
+            t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE | t::SPDK_BDEV_IO_TYPE_FLUSH => {
+                true
+            }
+            // SAFETY: the backing bdev is open, so live.
+            t::SPDK_BDEV_IO_TYPE_UNMAP
+            | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
+            | t::SPDK_BDEV_IO_TYPE_RESET => unsafe {
+                ffi::spdk_bdev_io_type_supported(backing, kind)
+            },
+            _ => false,
+        }
+    })
+}
+
+unsafe extern "C" fn get_io_channel(ctx: *mut c_void) -> *mut ffi::spdk_io_channel {
+    no_unwind("get_io_channel", std::ptr::null_mut(), || {
+        // SAFETY: `ctx` is our registered io_device.
+        unsafe { ffi::spdk_get_io_channel(ctx) }
+    })
+}
+
+/// `bdev_get_bdevs` → `driver_specific.pcache`.
+unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_write_ctx) -> c_int {
+    no_unwind("dump_info_json", 0, || {
+        // SAFETY: `ctx` is our live node; `w` is valid for this callback.
+        let (n, w) = unsafe { (&*ctx.cast::<Pcache>(), Writer::new(w)) };
+        let mut options = n.config_params.clone();
+        if let Some(o) = options.as_object_mut() {
+            for k in ["name", "cache_bdev", "backing_bdev"] {
+                o.remove(k);
+            }
+        }
+        // SAFETY: our registered bdev; plain field read.
+        let stripe_blocks = unsafe { (*n.bdev_ptr()).optimal_io_boundary };
+        let info = json!({
+            "name": n.config.name,
+            "cache_bdev": n.config.cache_bdev,
+            "backing_bdev": n.config.backing_bdev,
+            "mode": "passthrough",
+            "stripe_blocks": stripe_blocks,
+            "options": options,
+        });
+        w.named("pcache", &info);
+        0
+    })
+}
+
+/// `save_config`: one `bdev_pcache_create` with every option. Runs under the bdev
+/// manager's spinlock: uses cached data only, never looks a bdev up.
+unsafe extern "C" fn write_config_json(
+    bdev: *mut ffi::spdk_bdev,
+    w: *mut ffi::spdk_json_write_ctx,
+) {
+    no_unwind("write_config_json", (), || {
+        // SAFETY: `bdev` is ours, `ctxt` our live node; `w` is valid for this callback.
+        let (n, w) = unsafe { (&*(*bdev).ctxt.cast::<Pcache>(), Writer::new(w)) };
+        w.value(&json!({"method": "bdev_pcache_create", "params": n.config_params}));
+    })
+}

@@ -1,0 +1,12 @@
+/* Headers bindgen reads for pcache's SPDK shell (see build.rs). Keep this list narrow:
+ * every header added here grows the generated bindings and their layout assertions. */
+#include <spdk/stdinc.h>
+#include <spdk/bdev.h>
+#include <spdk/bdev_module.h>
+#include <spdk/thread.h>
+#include <spdk/rpc.h>
+#include <spdk/jsonrpc.h>
+#include <spdk/json.h>
+#include <spdk/log.h>
+#include <spdk/string.h>
+#include <spdk/uuid.h>
