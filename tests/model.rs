@@ -120,7 +120,22 @@ fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
     // Everything reads back, before and after a final reopen.
     for _ in 0..2 {
         let got = host.read(0, BACKING_SECTORS as u32).expect("final read");
-        assert!(got == model.0, "final image differs from the model");
+        if let Some(i) = (0..BACKING_SECTORS as usize)
+            .find(|&i| got[i * SECTOR..(i + 1) * SECTOR] != model.0[i * SECTOR..(i + 1) * SECTOR])
+        {
+            let lba = i as u64;
+            let mut pieces = Vec::new();
+            for sh in host.cache.shards() {
+                sh.index().lookup(lba, 1, &mut pieces);
+                eprintln!("shard {} at {lba}: {:?}", sh.id(), pieces);
+            }
+            panic!(
+                "final image differs from the model at lba {lba}: got {:?}, want {:?}; stats {:?}",
+                decode_sector(&got[i * SECTOR..(i + 1) * SECTOR], lba),
+                decode_sector(&model.0[i * SECTOR..(i + 1) * SECTOR], lba),
+                host.cache.stats().total
+            );
+        }
         host = reopen(host);
     }
 }

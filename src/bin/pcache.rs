@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Some("check") => image_cmd(&args[1..], true),
         Some("format") => format_cmd(&args[1..]),
         Some("index-mem") => index_mem(&args[1..]),
+        Some("engine-cost") => engine_cost(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -419,6 +420,76 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
             .map_err(|e| e.to_string())?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Drives the engine alone through N 4 KiB write hits (in-place overwrites of cached
+/// blocks) or read hits, completing every command at once with no data moved. Run under
+/// `valgrind --tool=callgrind` at two values of N: the difference divided by the
+/// difference in N is the engine's instructions per operation.
+fn engine_cost(args: &[String]) -> Result<ExitCode, String> {
+    use pcache::engine::{Cache, IoDone, Request};
+    let f = Flags(args);
+    f.check_known(&["--ops", "--reads", "--blocks"])?;
+    let ops = f.num("--ops", 100_000)?;
+    let blocks = f.num("--blocks", 4096)?;
+    let reads = f.has("--reads");
+    let backing = BackingIdentity {
+        sectors: 1 << 21,
+        block_size: 512,
+        uuid: [3; 16],
+        name: "cost".into(),
+    };
+    let fopts = FormatOptions {
+        layout: LayoutOptions {
+            segment_bytes: 4 << 20,
+            stripe_bytes: 1 << 20,
+            shards: 1,
+        },
+        ..FormatOptions::default()
+    };
+    let mut host = SyncHost::format(
+        MemDevice::new(64 << 20),
+        NullDevice(1 << 21, MemDevice::new(0)),
+        backing,
+        &fopts,
+        CacheOptions::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    for b in 0..blocks {
+        host.write(b * 8, vec![0; 4096])
+            .map_err(|e| e.to_string())?;
+    }
+    let (mut cache, _, _): (Cache, _, _) = host.into_parts();
+    let mut cmds = Vec::new();
+    let mut done = Vec::new();
+    let mut rng = Rng::new(9);
+    let op = if reads { Op::Read } else { Op::Write };
+    for id in 0..ops {
+        let lba = rng.below(blocks) * 8;
+        cache
+            .submit(Request {
+                id: id + 1_000_000,
+                op,
+                lba,
+                len: 8,
+            })
+            .map_err(|e| e.to_string())?;
+        cache.poll();
+        cache.drain_commands_into(&mut cmds);
+        for c in cmds.drain(..) {
+            if let Some(tag) = c.tag() {
+                cache.complete(IoDone::ok(tag));
+            }
+        }
+        cache.poll();
+        cache.drain_completions_into(&mut done);
+        if done.len() != 1 {
+            return Err("a request did not complete".into());
+        }
+        done.clear();
+    }
+    println!("{ops} {} hits done", if reads { "read" } else { "write" });
     Ok(ExitCode::SUCCESS)
 }
 

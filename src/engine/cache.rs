@@ -45,6 +45,7 @@ pub struct Cache {
     parents: HashMap<ReqId, Parent>,
     commands: Vec<Command>,
     completions: Vec<(ReqId, ReqResult)>,
+    scratch: Vec<(ReqId, ReqResult)>,
     log: Vec<String>,
 }
 
@@ -84,6 +85,7 @@ impl Cache {
             parents: HashMap::new(),
             commands: Vec::new(),
             completions: Vec::new(),
+            scratch: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -168,19 +170,23 @@ impl Cache {
         loop {
             self.coordinate();
             let mut grants = Vec::new();
-            let mut done = Vec::new();
-            for s in &mut self.shards {
+            for i in 0..self.shards.len() {
+                let s = &mut self.shards[i];
                 s.poll();
                 let out = s.outbox();
                 self.commands.append(&mut out.commands);
-                self.log.append(&mut out.log);
+                if !out.log.is_empty() {
+                    self.log.append(&mut out.log);
+                }
                 for msg in out.to_pool.drain(..) {
                     grants.extend(self.pool.handle(msg));
                 }
-                done.append(&mut out.completions);
-            }
-            for (id, res) in done {
-                self.finish_piece(id, res);
+                std::mem::swap(&mut self.scratch, &mut out.completions);
+                let mut done = std::mem::take(&mut self.scratch);
+                for (id, res) in done.drain(..) {
+                    self.finish_piece(id, res);
+                }
+                self.scratch = done;
             }
             if grants.is_empty() {
                 return;
@@ -271,6 +277,11 @@ impl Cache {
 
     pub fn drain_commands_into(&mut self, out: &mut Vec<Command>) {
         out.append(&mut self.commands);
+    }
+
+    /// Moves finished requests into `out` (no allocation once `out` has grown).
+    pub fn drain_completions_into(&mut self, out: &mut Vec<(ReqId, ReqResult)>) {
+        out.append(&mut self.completions);
     }
 
     pub fn take_completions(&mut self) -> Vec<(ReqId, ReqResult)> {

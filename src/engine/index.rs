@@ -6,7 +6,6 @@
 //! its placeholder survived.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -256,46 +255,48 @@ impl ExtentMap {
         }
     }
 
-    /// Splits [lba, lba+len) into mapped pieces and gaps, in LBA order.
+    /// Splits [lba, lba+len) into mapped pieces and gaps, in LBA order. Walks the map
+    /// backwards from the end of the range: one tree descent, however many pieces.
     pub fn lookup(&self, lba: u64, len: u32, out: &mut Vec<Piece>) {
         out.clear();
         let end = lba + u64::from(len);
-        let mut cur = lba;
-        let start_key = match self.map.range(..=lba).next_back() {
-            Some((&s, e)) if s + u64::from(e.len()) > lba => Bound::Included(s),
-            _ => Bound::Included(lba),
-        };
-        for (&s, e) in self.map.range((start_key, Bound::Excluded(end))) {
-            if s > cur {
+        let mut cur = end;
+        for (&s, e) in self.map.range(..end).rev() {
+            let e_end = s + u64::from(e.len());
+            if e_end <= lba {
+                break;
+            }
+            let a = s.max(lba);
+            let b = e_end.min(end);
+            if b < cur {
                 out.push(Piece {
-                    lba: cur,
-                    len: (s - cur) as u32,
+                    lba: b,
+                    len: (cur - b) as u32,
                     extent: None,
                     whole: false,
                 });
-                cur = s;
             }
-            let e_end = (s + u64::from(e.len())).min(end);
-            if e_end <= cur {
-                continue;
-            }
-            let piece_len = (e_end - cur) as u32;
+            let piece_len = (b - a) as u32;
             out.push(Piece {
-                lba: cur,
+                lba: a,
                 len: piece_len,
-                extent: Some(e.slice(s, cur, piece_len)),
-                whole: cur == s && piece_len == e.len(),
+                extent: Some(e.slice(s, a, piece_len)),
+                whole: a == s && piece_len == e.len(),
             });
-            cur = e_end;
+            cur = a;
+            if s <= lba {
+                break;
+            }
         }
-        if cur < end {
+        if cur > lba {
             out.push(Piece {
-                lba: cur,
-                len: (end - cur) as u32,
+                lba,
+                len: (cur - lba) as u32,
                 extent: None,
                 whole: false,
             });
         }
+        out.reverse();
     }
 
     /// Marks clean the parts of [lba, lba+len) that still hold the data written back from
@@ -312,12 +313,16 @@ impl ExtentMap {
         }
     }
 
-    /// Removes the parts of [lba, lba+len) still in `state` (a zeroing key written back).
-    pub fn punch_state(&mut self, lba: u64, len: u32, state: State) {
+    /// Removes the parts of [lba, lba+len) still in `state` from epoch `epoch` (a zeroing
+    /// key written back). A newer zeroing key over the same range stays: its own writeback
+    /// has not happened yet, and older data may still reach the backing device before it.
+    pub fn punch_state(&mut self, lba: u64, len: u32, state: State, epoch: u32) {
         let mut pieces = Vec::new();
         self.lookup(lba, len, &mut pieces);
         for p in pieces {
-            if p.extent.is_some_and(|e| e.state() == state) {
+            if p.extent
+                .is_some_and(|e| e.state() == state && e.epoch() == Some(epoch))
+            {
                 self.punch(p.lba, p.len);
             }
         }

@@ -10,7 +10,7 @@
 //! are durable. Each kset names the position of the next one and the CRC of the previous
 //! one, so replay can follow the chain and stops at the first kset that does not fit it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::format::{
     kset_sectors, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET_KEYS,
@@ -207,10 +207,10 @@ pub struct Shard {
     pressure: bool,
     idle: bool,
     /// Cache reads in flight per segment: a reclaimed segment waits for them.
-    reads_per_seg: HashMap<u32, u32>,
+    reads_per_seg: Vec<u32>,
     /// In-place overwrites in flight, by extent start: (length, count). Writeback does not
     /// copy an extent while one is landing, or it could mark it clean with the old data.
-    inplace: BTreeMap<u64, (u32, u32)>,
+    inplace: Vec<(u64, u32)>,
     head_header: HeadHeader,
     ready: VecDeque<Grant>,
     preparing: u32,
@@ -262,8 +262,8 @@ impl Shard {
             allowed_epoch: 0,
             pressure: false,
             idle: false,
-            reads_per_seg: HashMap::new(),
-            inplace: BTreeMap::new(),
+            reads_per_seg: vec![0; cfg.geo.segment_count as usize],
+            inplace: Vec::new(),
             head_header: if log.head_needs_header {
                 HeadHeader::Needed
             } else {
@@ -404,8 +404,8 @@ impl Shard {
             req: r.id,
             lba: r.lba,
         });
-        let slot = self.inplace.entry(r.lba).or_insert((r.len, 0));
-        slot.1 += 1;
+        // A short list: at most one entry per write in flight.
+        self.inplace.push((r.lba, r.len));
         self.out.commands.push(Command::Write {
             tag,
             dev: Dev::Cache,
@@ -441,7 +441,10 @@ impl Shard {
                 Some(e) if e.is_data() => {
                     self.stats.read_hit_sectors += u64::from(p.len);
                     let verify = e.crc().filter(|_| p.whole);
-                    *self.reads_per_seg.entry(self.seg_of(e.pos)).or_default() += 1;
+                    let seg = self.seg_of(e.pos) as usize;
+                    if let Some(n) = self.reads_per_seg.get_mut(seg) {
+                        *n += 1;
+                    }
                     let tag = self.tag(TagOwner::Read {
                         read,
                         lba: p.lba,
@@ -897,11 +900,8 @@ impl Shard {
             TagOwner::WbFlush => self.wb_flush_done(done.result),
             TagOwner::Control => self.control_done(done.result),
             TagOwner::InPlace { req, lba } => {
-                if let Some(slot) = self.inplace.get_mut(&lba) {
-                    slot.1 -= 1;
-                    if slot.1 == 0 {
-                        self.inplace.remove(&lba);
-                    }
+                if let Some(i) = self.inplace.iter().position(|e| e.0 == lba) {
+                    self.inplace.swap_remove(i);
                 }
                 let res = done.result.map_err(|_| {
                     self.stats.io_errors += 1;
@@ -917,7 +917,6 @@ impl Shard {
                 src,
             } => self.read_done(read, lba, len, buf_off, src, done.result),
         }
-        self.poll();
     }
 
     fn data_done(&mut self, seq: u64, entry: usize, done: IoDone) {
@@ -1111,12 +1110,9 @@ impl Shard {
         result: Result<(), IoError>,
     ) {
         if let ReadSrc::Cache { ext } = src {
-            let seg = self.seg_of(ext.pos);
-            if let Some(n) = self.reads_per_seg.get_mut(&seg) {
-                *n -= 1;
-                if *n == 0 {
-                    self.reads_per_seg.remove(&seg);
-                }
+            let seg = self.seg_of(ext.pos) as usize;
+            if let Some(n) = self.reads_per_seg.get_mut(seg) {
+                *n = n.saturating_sub(1);
             }
         }
         match (src, result) {

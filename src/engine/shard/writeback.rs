@@ -75,8 +75,17 @@ pub struct SegRec {
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum WbIo {
-    Copy { lba: u64, len: u32, src: u64 },
-    Zero { lba: u64, len: u32, unmap: bool },
+    Copy {
+        lba: u64,
+        len: u32,
+        src: u64,
+    },
+    Zero {
+        lba: u64,
+        len: u32,
+        unmap: bool,
+        epoch: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +124,9 @@ pub(super) struct Writeback {
 impl Writeback {
     /// Whether [lba, lba+len) overlaps data being written back.
     pub fn blocks(&self, lba: u64, len: u32) -> bool {
+        if self.ranges.is_empty() {
+            return false;
+        }
         let end = lba + u64::from(len);
         if let Some((&s, &l)) = self.ranges.range(..end).next_back() {
             return s + u64::from(l) > lba;
@@ -233,11 +245,6 @@ impl Shard {
         self.batches.is_empty() && self.pending.is_empty()
     }
 
-    fn share_sectors(&self) -> u64 {
-        let g = &self.cfg.geo;
-        u64::from(g.segment_count) * u64::from(g.segment_sectors) / u64::from(g.shard_count)
-    }
-
     fn writeback_wanted(&mut self) -> bool {
         if self.wb.failed || self.log.is_empty() {
             return false;
@@ -245,12 +252,15 @@ impl Shard {
         if self.wb.drain || self.stalled || self.pressure || self.idle {
             return true;
         }
-        let pct = self.log_dirty_sectors * 100 / self.share_sectors().max(1);
+        // Compare dirty * 100 against pct * share without dividing on every poll.
+        let g = &self.cfg.geo;
+        let share = u64::from(g.segment_count) * u64::from(g.segment_sectors);
+        let dirty = self.log_dirty_sectors * 100 * u64::from(g.shard_count);
         let o = self.cfg.wb;
         self.wb.active = if self.wb.active {
-            pct > u64::from(o.low_pct)
+            dirty > u64::from(o.low_pct) * share
         } else {
-            pct >= u64::from(o.high_pct)
+            dirty >= u64::from(o.high_pct) * share
         };
         self.wb.active
     }
@@ -330,6 +340,7 @@ impl Shard {
                         lba: p.lba,
                         len: p.len,
                         unmap: k.kind == KeyKind::Unmap,
+                        epoch: k.epoch as u32,
                     },
                 });
             }
@@ -341,9 +352,8 @@ impl Shard {
             };
             let end = lba + u64::from(len);
             self.inplace
-                .range(..end)
-                .next_back()
-                .is_some_and(|(&s, &(l, _))| s + u64::from(l) > lba)
+                .iter()
+                .any(|&(s, l)| s < end && s + u64::from(l) > lba)
         });
         if landing {
             // An in-place overwrite is landing in this range: start once it has.
@@ -392,6 +402,7 @@ impl Shard {
                 lba,
                 len,
                 unmap: true,
+                ..
             } => Command::Unmap {
                 tag,
                 dev: Dev::Backing,
@@ -421,13 +432,18 @@ impl Shard {
         self.stats.wb_sectors += u64::from(len);
         match io {
             WbIo::Copy { lba, len, src } => self.index.mark_clean(lba, len, src),
-            WbIo::Zero { lba, len, unmap } => {
+            WbIo::Zero {
+                lba,
+                len,
+                unmap,
+                epoch,
+            } => {
                 let state = if unmap {
                     State::Unmapped
                 } else {
                     State::Zeroes
                 };
-                self.index.punch_state(lba, len, state);
+                self.index.punch_state(lba, len, state, epoch);
             }
         }
     }
@@ -490,9 +506,19 @@ impl Shard {
 
     /// Reclaims the oldest log segment once all of it is behind the dirty tail.
     fn gc_poll(&mut self) {
+        if !self.control.releasing.is_empty() {
+            self.release_segments();
+        }
+        if self.control.want_tail.is_some() || self.segments.len() < 2 {
+            return;
+        }
+        self.gc_check();
+    }
+
+    fn release_segments(&mut self) {
         let mut reads = std::mem::take(&mut self.control.releasing);
         reads.retain(|&seg| {
-            if self.reads_per_seg.get(&seg).copied().unwrap_or(0) == 0 {
+            if self.reads_per_seg.get(seg as usize).copied().unwrap_or(0) == 0 {
                 self.out.to_pool.push(ToPool::Release { seg });
                 self.stats.gc_segments += 1;
                 false
@@ -501,9 +527,9 @@ impl Shard {
             }
         });
         self.control.releasing = reads;
-        if self.control.want_tail.is_some() || self.segments.len() < 2 {
-            return;
-        }
+    }
+
+    fn gc_check(&mut self) {
         let g = &self.cfg.geo;
         let over = self.segments.len() as u64 * 100 * u64::from(g.shard_count)
             > u64::from(self.cfg.wb.gc_percent) * u64::from(g.segment_count);
