@@ -35,36 +35,6 @@ mod spdk {
         "spdk_util",
     ];
 
-    /// Libraries SPDK's shared objects use without recording them (see SPDK-NOTES): only
-    /// executables (the `pcache` binary and test binaries built with the feature) need them;
-    /// the cdylib is loaded into an SPDK app that already has them.
-    const EXE_SYSLIBS: &[&str] = &[
-        "spdk_env_dpdk",
-        "spdk_notify",
-        "spdk_trace",
-        "spdk_dma",
-        "spdk_accel",
-        "rte_eal",
-        "rte_kvargs",
-        "rte_telemetry",
-        "rte_mempool",
-        "rte_ring",
-        "rte_bus_pci",
-        "rte_pci",
-        "rte_power",
-        "rte_timer",
-        "rte_ethdev",
-        "rte_net",
-        "rte_mbuf",
-        "rte_meter",
-        "uuid",
-        "ssl",
-        "crypto",
-        "aio",
-        "bsd",
-        "numa",
-    ];
-
     struct Spdk {
         include: PathBuf,
         lib: PathBuf,
@@ -162,6 +132,29 @@ mod spdk {
         })
     }
 
+    /// `-L`/`-l` flags of SPDK's `spdk_env_dpdk` and `spdk_syslibs` pkg-config files (looked up
+    /// next to the libraries first). Empty when pkg-config cannot answer: the cdylib does not
+    /// need them, only executables do.
+    fn exe_libs(spdk: &Spdk) -> Vec<String> {
+        let pc_dir = spdk.lib.join("pkgconfig");
+        let mut path = pc_dir.display().to_string();
+        if let Ok(old) = env::var("PKG_CONFIG_PATH") {
+            path = format!("{path}:{old}");
+        }
+        let out = Command::new("pkg-config")
+            .args(["--libs", "spdk_env_dpdk", "spdk_syslibs"])
+            .env("PKG_CONFIG_PATH", path)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter(|f| f.starts_with("-l") || f.starts_with("-L") || *f == "-pthread")
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn build() {
         let spdk = find();
         for lib in SPDK_LIBS {
@@ -236,15 +229,19 @@ mod spdk {
             println!("cargo:rustc-link-lib=dylib={l}");
         }
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        // Executables that link the rlib with the feature on (the `pcache` binary, test
-        // binaries) must resolve what SPDK's shared objects leave undefined (DPDK,
-        // libcrypto, ...); the cdylib gets them from the SPDK app it is loaded into.
-        for kind in ["bins", "tests"] {
-            println!("cargo:rustc-link-arg-{kind}=-Wl,--no-as-needed");
-            for l in EXE_SYSLIBS {
-                println!("cargo:rustc-link-arg-{kind}=-l{l}");
+        // Executables that link the rlib with the feature on (the `pcache` binary, unit and
+        // integration test binaries) must resolve what SPDK's shared objects use without
+        // recording it (libspdk_env_dpdk's DPDK libraries, libspdk_util's libcrypto, ...).
+        // Cargo has no "executables only" link instruction that covers lib unit tests, so
+        // these go to every target, libpcache.so included; there they are no-ops, as the SPDK
+        // app it is preloaded into already has the same libraries loaded.
+        let sys = exe_libs(&spdk);
+        if !sys.is_empty() {
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+            for a in sys {
+                println!("cargo:rustc-link-arg={a}");
             }
-            println!("cargo:rustc-link-arg-{kind}=-Wl,--as-needed");
+            println!("cargo:rustc-link-arg=-Wl,--as-needed");
         }
         println!("cargo:rustc-env=PCACHE_SPDK_LIB_DIR={lib}");
     }

@@ -7,7 +7,8 @@
 //!
 //! Skips (prints `SKIPPED: <reason>` and passes) when SPDK is not found (`SPDK_DIR`,
 //! pkg-config `spdk_bdev`, or `/opt/spdk`), when its spdk_tgt / bdevperf / scripts/rpc.py are
-//! missing, or when `PCACHE_SKIP_SPDK_TESTS` is set. A failing build with SPDK present fails.
+//! missing, when bindgen finds no libclang (`apt-get install libclang-dev`), or when
+//! `PCACHE_SKIP_SPDK_TESTS` is set. Any other build failure with SPDK present fails the test.
 //!
 //! What it checks, on a private RPC socket per test (hugepages if >= 1 GiB free, else
 //! `--no-huge -s 1024`; core 0 only; the tests are serialized by a lock because spdk_tgt and
@@ -31,6 +32,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A build error starting with this is an environment gap, reported as a skip.
+const SKIP_PREFIX: &str = "SKIP:";
 
 struct Spdk {
     dir: PathBuf,
@@ -56,25 +60,49 @@ fn find_spdk() -> Result<Spdk, String> {
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .or_else(|| {
-            let out = Command::new("pkg-config").args(["--variable=prefix", "spdk_bdev"]).output().ok()?;
+            let out = Command::new("pkg-config")
+                .args(["--variable=prefix", "spdk_bdev"])
+                .output()
+                .ok()?;
             let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
             (out.status.success() && !s.is_empty()).then(|| PathBuf::from(s))
         })
-        .or_else(|| Path::new("/opt/spdk/lib/libspdk_bdev.so").exists().then(|| PathBuf::from("/opt/spdk")))
+        .or_else(|| {
+            Path::new("/opt/spdk/lib/libspdk_bdev.so")
+                .exists()
+                .then(|| PathBuf::from("/opt/spdk"))
+        })
         .ok_or("SPDK not found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)")?;
     let lib_dir = first_existing(&[dir.join("lib"), dir.join("build/lib")])
         .filter(|l| l.join("libspdk_bdev.so").exists())
         .ok_or(format!("{} has no shared libspdk_bdev.so", dir.display()))?;
-    let src: Vec<PathBuf> =
-        std::env::var_os("SPDK_SRC").map(PathBuf::from).into_iter().chain([dir.clone(), "/opt/spdk-src".into()]).collect();
+    let src: Vec<PathBuf> = std::env::var_os("SPDK_SRC")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([dir.clone(), "/opt/spdk-src".into()])
+        .collect();
     let tgt = first_existing(&[dir.join("bin/spdk_tgt"), dir.join("build/bin/spdk_tgt")])
         .ok_or(format!("no spdk_tgt under {}", dir.display()))?;
-    let mut perf = vec![dir.join("bin/spdk_bdevperf"), dir.join("bin/bdevperf"), dir.join("build/examples/bdevperf")];
+    let mut perf = vec![
+        dir.join("bin/spdk_bdevperf"),
+        dir.join("bin/bdevperf"),
+        dir.join("build/examples/bdevperf"),
+    ];
     perf.extend(src.iter().map(|s| s.join("build/examples/bdevperf")));
     let bdevperf = first_existing(&perf).ok_or("no bdevperf found")?;
-    let rpc_py = first_existing(&src.iter().map(|s| s.join("scripts/rpc.py")).collect::<Vec<_>>())
-        .ok_or("no SPDK scripts/rpc.py found (set SPDK_SRC to an SPDK source tree)")?;
-    Ok(Spdk { dir, lib_dir, tgt, bdevperf, rpc_py })
+    let rpc_py = first_existing(
+        &src.iter()
+            .map(|s| s.join("scripts/rpc.py"))
+            .collect::<Vec<_>>(),
+    )
+    .ok_or("no SPDK scripts/rpc.py found (set SPDK_SRC to an SPDK source tree)")?;
+    Ok(Spdk {
+        dir,
+        lib_dir,
+        tgt,
+        bdevperf,
+        rpc_py,
+    })
 }
 
 /// Build the module once per test binary; returns the path of libpcache.so.
@@ -90,6 +118,10 @@ fn build_module(spdk: &Spdk) -> Result<PathBuf, String> {
                 .output()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;
             if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                if err.contains("Unable to find libclang") || err.contains("couldn't find any valid shared libraries matching: ['libclang") {
+                    return Err(format!("{SKIP_PREFIX}libclang not found (bindgen needs it: apt-get install libclang-dev)"));
+                }
                 return Err(format!("cargo build --release --features spdk --lib failed:\n{}", String::from_utf8_lossy(&out.stderr)));
             }
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
@@ -106,10 +138,18 @@ fn build_module(spdk: &Spdk) -> Result<PathBuf, String> {
 fn mem_args() -> Vec<String> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |k: &str| {
-        meminfo.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
     };
-    let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default().contains(" hugetlbfs ");
-    if mounted && field("Hugepagesize:") == Some(2048) && field("HugePages_Free:").unwrap_or(0) >= 512 {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .contains(" hugetlbfs ");
+    if mounted
+        && field("Hugepagesize:") == Some(2048)
+        && field("HugePages_Free:").unwrap_or(0) >= 512
+    {
         vec![]
     } else {
         vec!["--no-huge".into(), "-s".into(), "1024".into()]
@@ -145,7 +185,10 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.alive() {
-            let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
             if self.wait_for(Duration::from_secs(10)).is_none() {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
@@ -166,7 +209,10 @@ fn spawn(spdk: &Spdk, so: &Path, bin: &Path, args: &[String], log: &Path) -> Pro
         .stderr(f2)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    Proc { child, log: log.to_path_buf() }
+    Proc {
+        child,
+        log: log.to_path_buf(),
+    }
 }
 
 struct Rpc<'a> {
@@ -189,16 +235,30 @@ impl Rpc<'_> {
     fn ok(&self, args: &[&str]) -> Value {
         let o = self.py(args);
         let out = String::from_utf8_lossy(&o.stdout).to_string();
-        assert!(o.status.success(), "rpc.py {args:?} failed: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "rpc.py {args:?} failed: {out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_str(out.trim()).unwrap_or(Value::String(out.trim().to_string()))
     }
 
     /// rpc.py must fail with a JSON-RPC error whose message contains `want`.
     fn err(&self, args: &[&str], want: &str) {
         let o = self.py(args);
-        let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert!(!o.status.success(), "rpc.py {args:?} unexpectedly succeeded: {all}");
-        assert!(all.contains("\"message\"") && all.contains(want), "rpc.py {args:?}: want error with '{want}', got: {all}");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !o.status.success(),
+            "rpc.py {args:?} unexpectedly succeeded: {all}"
+        );
+        assert!(
+            all.contains("\"message\"") && all.contains(want),
+            "rpc.py {args:?}: want error with '{want}', got: {all}"
+        );
     }
 
     /// Raw JSON-RPC (for params the plugin's argparse cannot produce).
@@ -225,25 +285,39 @@ impl Rpc<'_> {
     fn raw_err(&self, method: &str, params: Option<Value>, want: &str) {
         let v = self.raw(method, params.clone());
         let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(v["error"]["code"].is_i64() && msg.contains(want), "{method} {params:?}: want error '{want}', got {v}");
+        assert!(
+            v["error"]["code"].is_i64() && msg.contains(want),
+            "{method} {params:?}: want error '{want}', got {v}"
+        );
     }
 }
 
 fn start_target<'a>(spdk: &'a Spdk, so: &Path, tag: &str) -> (Proc, Rpc<'a>) {
     let sock = format!("/var/tmp/pcache-it-{tag}-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&sock);
-    let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     args.extend(mem_args());
     let log = std::env::temp_dir().join(format!("pcache-it-{tag}-{}.log", std::process::id()));
     let mut tgt = spawn(spdk, so, &spdk.tgt, &args, &log);
     let rpc = Rpc { spdk, sock };
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        assert!(tgt.alive(), "spdk_tgt exited during start-up:\n{}", tgt.log());
+        assert!(
+            tgt.alive(),
+            "spdk_tgt exited during start-up:\n{}",
+            tgt.log()
+        );
         if Path::new(&rpc.sock).exists() && rpc.py(&["spdk_get_version"]).status.success() {
             break;
         }
-        assert!(Instant::now() < end, "spdk_tgt did not answer RPCs within 60 s:\n{}", tgt.log());
+        assert!(
+            Instant::now() < end,
+            "spdk_tgt did not answer RPCs within 60 s:\n{}",
+            tgt.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     (tgt, rpc)
@@ -259,9 +333,33 @@ fn setup() -> Option<(Spdk, PathBuf)> {
     };
     match build_module(&spdk) {
         Ok(so) => Some((spdk, so)),
-        Err(e) => panic!("{e}"),
+        Err(e) => match e.strip_prefix(SKIP_PREFIX) {
+            Some(why) => {
+                println!("SKIPPED: {why}");
+                None
+            }
+            None => panic!("{e}"),
+        },
     }
 }
+
+/// rpc.py calls that must fail, and a piece of the error message each must carry.
+#[rustfmt::skip]
+const BAD_RPC_PY_CALLS: &[(&[&str], &str)] = &[
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "NoSuchBdev"], "does not exist"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "NoSuchBdev", "-d", "Back1"], "does not exist"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Cache1"], "same bdev"),
+    (&["bdev_pcache_create", "-b", "PC0", "-c", "Cache1", "-d", "Back1"], "already exists"),
+    (&["bdev_pcache_create", "-b", "Cache1", "-c", "Cache1", "-d", "Back1"], "name of a base bdev"),
+    (&["bdev_pcache_create", "-b", "Cache0", "-c", "Cache1", "-d", "Back1"], "already exists"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache0", "-d", "Back1"], "in use"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--gc-percent", "0"], "gc_percent"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--stripe-size-kib", "6"], "stripe_size_kib"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--shards", "300"], "shards"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--shards", "2", "--segment-size-mib", "32"], "too small"),
+    (&["bdev_pcache_delete", "NoSuchPcache"], "no pcache bdev"),
+    (&["bdev_pcache_get_stats", "-b", "NoSuchPcache"], "no pcache bdev"),
+];
 
 #[test]
 fn target_rpc_lifecycle() {
@@ -269,10 +367,28 @@ fn target_rpc_lifecycle() {
     let Some((spdk, so)) = setup() else { return };
     let (mut tgt, rpc) = start_target(&spdk, &so, "rpc");
 
-    for (name, mib) in [("Cache0", "128"), ("Back0", "64"), ("Cache1", "64"), ("Back1", "32")] {
+    for (name, mib) in [
+        ("Cache0", "128"),
+        ("Back0", "64"),
+        ("Cache1", "64"),
+        ("Back1", "32"),
+    ] {
         rpc.ok(&["bdev_malloc_create", "-b", name, mib, "4096"]);
     }
-    assert_eq!(rpc.ok(&["bdev_pcache_create", "-b", "PC0", "-c", "Cache0", "-d", "Back0", "--stripe-size-kib", "64"]), json!("PC0"));
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PC0",
+            "-c",
+            "Cache0",
+            "-d",
+            "Back0",
+            "--stripe-size-kib",
+            "64"
+        ]),
+        json!("PC0")
+    );
 
     let bdevs = rpc.ok(&["bdev_get_bdevs", "-b", "PC0"]);
     let b = &bdevs[0];
@@ -283,9 +399,16 @@ fn target_rpc_lifecycle() {
     assert_eq!(info["cache_bdev"], "Cache0");
     assert_eq!(info["backing_bdev"], "Back0");
     assert_eq!(info["options"]["stripe_size_kib"], 64);
-    assert_eq!(info["stripe_blocks"], 16, "optimal_io_boundary = 64 KiB / 4 KiB");
+    assert_eq!(
+        info["stripe_blocks"], 16,
+        "optimal_io_boundary = 64 KiB / 4 KiB"
+    );
     for base in ["Cache0", "Back0"] {
-        assert_eq!(rpc.ok(&["bdev_get_bdevs", "-b", base])[0]["claimed"], true, "{base} claimed");
+        assert_eq!(
+            rpc.ok(&["bdev_get_bdevs", "-b", base])[0]["claimed"],
+            true,
+            "{base} claimed"
+        );
     }
 
     let stats = rpc.ok(&["bdev_pcache_get_stats"]);
@@ -294,46 +417,77 @@ fn target_rpc_lifecycle() {
     for k in ["read_ops", "read_bytes", "write_ops", "write_bytes"] {
         assert!(stats[0][k].is_u64(), "stats lack {k}: {stats}");
     }
-    assert_eq!(rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["name"], "PC0");
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["name"],
+        "PC0"
+    );
 
     // Bad input: an error with a message each time, and the target lives on.
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "NoSuchBdev"], "does not exist");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "NoSuchBdev", "-d", "Back1"], "does not exist");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Cache1"], "same bdev");
-    rpc.err(&["bdev_pcache_create", "-b", "PC0", "-c", "Cache1", "-d", "Back1"], "already exists");
-    rpc.err(&["bdev_pcache_create", "-b", "Cache1", "-c", "Cache1", "-d", "Back1"], "name of a base bdev");
-    rpc.err(&["bdev_pcache_create", "-b", "Cache0", "-c", "Cache1", "-d", "Back1"], "already exists");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache0", "-d", "Back1"], "in use");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--gc-percent", "0"], "gc_percent");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--stripe-size-kib", "6"], "stripe_size_kib");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--shards", "300"], "shards");
-    rpc.err(&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--shards", "2", "--segment-size-mib", "32"], "too small");
-    rpc.err(&["bdev_pcache_delete", "NoSuchPcache"], "no pcache bdev");
-    rpc.err(&["bdev_pcache_get_stats", "-b", "NoSuchPcache"], "no pcache bdev");
+    for (args, want) in BAD_RPC_PY_CALLS {
+        rpc.err(args, want);
+    }
     let full = json!({"name": "PCx", "cache_bdev": "Cache1", "backing_bdev": "Back1"});
     let mut unknown = full.clone();
     unknown["bogus"] = json!(1);
     rpc.raw_err("bdev_pcache_create", Some(unknown), "unknown field `bogus`");
-    rpc.raw_err("bdev_pcache_create", Some(json!({"name": "PCx", "cache_bdev": "Cache1"})), "missing field `backing_bdev`");
+    rpc.raw_err(
+        "bdev_pcache_create",
+        Some(json!({"name": "PCx", "cache_bdev": "Cache1"})),
+        "missing field `backing_bdev`",
+    );
     rpc.raw_err("bdev_pcache_create", None, "missing parameters");
-    rpc.raw_err("bdev_pcache_create", Some(json!([1, 2])), "invalid");
+    rpc.raw_err(
+        "bdev_pcache_create",
+        Some(json!(["PCx", "Cache1", "Back1"])),
+        "must be a JSON object",
+    );
     let mut wrong = full.clone();
     wrong["shards"] = json!("two");
     rpc.raw_err("bdev_pcache_create", Some(wrong), "invalid type");
     let mut wrong = full.clone();
     wrong["data_crc"] = json!(1);
     rpc.raw_err("bdev_pcache_create", Some(wrong), "invalid type");
-    rpc.raw_err("bdev_pcache_delete", Some(json!({})), "missing field `name`");
-    rpc.raw_err("bdev_pcache_delete", Some(json!({"name": "PC0", "force": true})), "unknown field `force`");
-    rpc.raw_err("bdev_pcache_get_stats", Some(json!({"nam": "PC0"})), "unknown field `nam`");
+    rpc.raw_err(
+        "bdev_pcache_delete",
+        Some(json!({})),
+        "missing field `name`",
+    );
+    rpc.raw_err(
+        "bdev_pcache_delete",
+        Some(json!({"name": "PC0", "force": true})),
+        "unknown field `force`",
+    );
+    rpc.raw_err(
+        "bdev_pcache_get_stats",
+        Some(json!({"nam": "PC0"})),
+        "unknown field `nam`",
+    );
     assert!(tgt.alive(), "spdk_tgt died on bad input:\n{}", tgt.log());
     assert_eq!(rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["name"], "PC0");
-    assert_eq!(rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"], false, "failed creates released their claims");
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"],
+        false,
+        "failed creates released their claims"
+    );
 
     // Second bdev with every option; save_config echoes every option of both.
     rpc.ok(&[
-        "bdev_pcache_create", "-b", "PC1", "-c", "Cache1", "-d", "Back1", "--no-data-crc", "--gc-percent", "70",
-        "--stripe-size-kib", "256", "--segment-size-mib", "8", "--shards", "2",
+        "bdev_pcache_create",
+        "-b",
+        "PC1",
+        "-c",
+        "Cache1",
+        "-d",
+        "Back1",
+        "--no-data-crc",
+        "--gc-percent",
+        "70",
+        "--stripe-size-kib",
+        "256",
+        "--segment-size-mib",
+        "8",
+        "--shards",
+        "2",
     ]);
     let cfg = rpc.ok(&["save_config"]);
     let creates: Vec<Value> = cfg["subsystems"]
@@ -350,24 +504,50 @@ fn target_rpc_lifecycle() {
         "name": "PC1", "cache_bdev": "Cache1", "backing_bdev": "Back1", "data_crc": false, "gc_percent": 70,
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2
     })), "{creates:?}");
-    assert!(creates.iter().any(|p| p["name"] == "PC0" && p["data_crc"] == true && p["stripe_size_kib"] == 64));
+    assert!(creates
+        .iter()
+        .any(|p| p["name"] == "PC0" && p["data_crc"] == true && p["stripe_size_kib"] == 64));
 
     // Delete releases the bases: they can be used again.
     assert_eq!(rpc.ok(&["bdev_pcache_delete", "PC1"]), json!(true));
     rpc.err(&["bdev_get_bdevs", "-b", "PC1"], "");
-    assert_eq!(rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"], false);
-    rpc.ok(&["bdev_pcache_create", "-b", "PC1", "-c", "Cache1", "-d", "Back1"]);
-    assert_eq!(rpc.ok(&["bdev_pcache_get_stats"]).as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"],
+        false
+    );
+    rpc.ok(&[
+        "bdev_pcache_create",
+        "-b",
+        "PC1",
+        "-c",
+        "Cache1",
+        "-d",
+        "Back1",
+    ]);
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_get_stats"]).as_array().map(Vec::len),
+        Some(2)
+    );
 
     // Hot-remove of a base unregisters the pcache bdev on top of it.
     rpc.ok(&["bdev_malloc_delete", "Back1"]);
     let end = Instant::now() + Duration::from_secs(10);
     while rpc.py(&["bdev_get_bdevs", "-b", "PC1"]).status.success() {
-        assert!(Instant::now() < end, "PC1 survived removal of its backing bdev");
+        assert!(
+            Instant::now() < end,
+            "PC1 survived removal of its backing bdev"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"], false, "hot-remove released the cache bdev");
-    assert_eq!(rpc.ok(&["bdev_pcache_get_stats"]).as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"],
+        false,
+        "hot-remove released the cache bdev"
+    );
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_get_stats"]).as_array().map(Vec::len),
+        Some(1)
+    );
 
     assert_eq!(rpc.ok(&["bdev_pcache_delete", "PC0"]), json!(true));
     assert!(tgt.alive(), "spdk_tgt died:\n{}", tgt.log());
@@ -375,7 +555,9 @@ fn target_rpc_lifecycle() {
 
     // Clean shutdown.
     rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = tgt.wait_for(Duration::from_secs(20)).expect("spdk_tgt did not exit on SIGTERM");
+    let st = tgt
+        .wait_for(Duration::from_secs(20))
+        .expect("spdk_tgt did not exit on SIGTERM");
     let log = tgt.log();
     assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
@@ -388,13 +570,22 @@ fn bdevperf_verify_over_pcache() {
     let Some((spdk, so)) = setup() else { return };
     let cfg = root().join("spdk-config/bdevperf-malloc.json");
     let sock = format!("/var/tmp/pcache-it-perf-{}.sock", std::process::id());
-    let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock, "--json"].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock, "--json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     args.push(cfg.display().to_string());
-    args.extend(["-q", "32", "-o", "4096", "-w", "verify", "-t", "5"].iter().map(|s| s.to_string()));
+    args.extend(
+        ["-q", "32", "-o", "4096", "-w", "verify", "-t", "5"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     args.extend(mem_args());
     let log = std::env::temp_dir().join(format!("pcache-it-perf-{}.log", std::process::id()));
     let mut perf = spawn(&spdk, &so, &spdk.bdevperf, &args, &log);
-    let st = perf.wait_for(Duration::from_secs(120)).unwrap_or_else(|| panic!("bdevperf hung:\n{}", perf.log()));
+    let st = perf
+        .wait_for(Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("bdevperf hung:\n{}", perf.log()));
     let out = perf.log();
     println!("{out}");
     assert!(st.success(), "bdevperf failed ({st}):\n{out}");
@@ -404,7 +595,13 @@ fn bdevperf_verify_over_pcache() {
         .map(str::trim)
         .find(|l| l.starts_with("PC0") && l.contains(':'))
         .unwrap_or_else(|| panic!("no PC0 result line:\n{out}"));
-    let nums: Vec<f64> = line.split(':').nth(1).unwrap_or("").split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let nums: Vec<f64> = line
+        .split(':')
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     assert!(nums.len() >= 4, "{line}");
     assert!(nums[1] > 1000.0, "IOPS too low: {line}");
     assert_eq!(nums[3], 0.0, "failed I/O: {line}");

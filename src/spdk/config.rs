@@ -86,11 +86,21 @@ fn missing_params() -> String {
     "missing parameters object".to_string()
 }
 
+/// serde would also fill a struct from a JSON array (by position): require an object.
+fn require_object(params: &Value) -> Result<(), String> {
+    if params.is_object() {
+        Ok(())
+    } else {
+        Err(format!("parameters must be a JSON object (got {params})"))
+    }
+}
+
 /// Parse and validate `bdev_pcache_create` params.
 pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
     if params.is_null() {
         return Err(missing_params());
     }
+    require_object(&params)?;
     let p: CreateParams =
         serde_json::from_value(params).map_err(|e| format!("invalid parameters: {e}"))?;
     check_name("name", &p.name)?;
@@ -181,6 +191,7 @@ pub(crate) fn parse_delete(params: Value) -> Result<String, String> {
     if params.is_null() {
         return Err(missing_params());
     }
+    require_object(&params)?;
     let p: NameParams =
         serde_json::from_value(params).map_err(|e| format!("invalid parameters: {e}"))?;
     check_name("name", &p.name)?;
@@ -192,6 +203,7 @@ pub(crate) fn parse_stats(params: Value) -> Result<Option<String>, String> {
     if params.is_null() {
         return Ok(None);
     }
+    require_object(&params)?;
     let p: OptNameParams =
         serde_json::from_value(params).map_err(|e| format!("invalid parameters: {e}"))?;
     if let Some(n) = &p.name {

@@ -49,7 +49,7 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
         let node = io_device.cast::<Pcache>().cast_const();
         // SAFETY: `io_device` is the live `Pcache` we registered; it outlives its channels
         // (freed only in the io_device unregister callback). The descriptors are open.
-        let (backing, cache) = unsafe { ((*node).backing.desc, (*node).cache.desc) };
+        let (backing, cache) = unsafe { ((*node).backing.desc.get(), (*node).cache.desc.get()) };
         // SAFETY: called on the thread that will use the channels, with open descriptors.
         let backing_ch = unsafe { ffi::spdk_bdev_get_io_channel(backing) };
         // SAFETY: as above.
@@ -229,7 +229,7 @@ fn forward(ch: *mut ffi::spdk_io_channel, io: BdevIo) {
     let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>(ch) };
     let node = io.node();
     // SAFETY: the node outlives every request on its bdev.
-    let (desc, backing_flush) = unsafe { ((*node).backing.desc, (*node).backing_flush) };
+    let (desc, backing_flush) = unsafe { ((*node).backing.desc.get(), (*node).backing_flush) };
     let bch = chan.backing_ch;
     let b = io.block();
     let arg = io.raw().cast::<c_void>();

@@ -29,7 +29,9 @@ pub(crate) type RpcError = (i32, String);
 /// One opened and claimed base bdev.
 pub(crate) struct Base {
     pub(crate) name: CString,
-    pub(crate) desc: *mut ffi::spdk_bdev_desc,
+    /// Open descriptor (null once closed). A `Cell`: destruct clears it through a shared
+    /// reference while channel teardown on other threads may still read other node fields.
+    pub(crate) desc: Cell<*mut ffi::spdk_bdev_desc>,
     pub(crate) bdev: *mut ffi::spdk_bdev,
 }
 
@@ -38,7 +40,7 @@ impl Base {
         let name = CString::new(name).map_err(|_| invalid("bdev name contains NUL"))?;
         Ok(Base {
             name,
-            desc: ptr::null_mut(),
+            desc: Cell::new(ptr::null_mut()),
             bdev: ptr::null_mut(),
         })
     }
@@ -154,7 +156,7 @@ fn open_and_claim(node: *mut Pcache, role: &str, base: &mut Base) -> Result<(), 
             format!("cannot open {role} '{name}' for writing: {}", strerror(rc)),
         ));
     }
-    base.desc = desc;
+    base.desc.set(desc);
     // SAFETY: `desc` was just opened.
     base.bdev = unsafe { ffi::spdk_bdev_desc_get_bdev(desc) };
 
@@ -198,12 +200,12 @@ fn strerror(rc: c_int) -> String {
 
 /// Close whatever base descriptors are open (releasing their claims). Caller's thread
 /// must be the opening thread.
-fn close_bases(node: &mut Pcache) {
-    for base in [&mut node.cache, &mut node.backing] {
-        if !base.desc.is_null() {
-            // SAFETY: opened on this thread, closed once (nulled right after).
-            unsafe { ffi::spdk_bdev_close(base.desc) };
-            base.desc = ptr::null_mut();
+fn close_bases(node: &Pcache) {
+    for base in [&node.cache, &node.backing] {
+        let desc = base.desc.replace(ptr::null_mut());
+        if !desc.is_null() {
+            // SAFETY: opened on this thread, closed once (cleared above).
+            unsafe { ffi::spdk_bdev_close(desc) };
         }
     }
 }
@@ -213,17 +215,54 @@ fn uuid_bytes(u: &ffi::spdk_uuid) -> [u8; 16] {
     unsafe { std::mem::transmute_copy::<ffi::spdk_uuid, [u8; 16]>(u) }
 }
 
+/// The fields of a base bdev we look at, copied out field by field: SPDK keeps writing other
+/// parts of a live `spdk_bdev`, so we never hold a reference to the whole struct.
+struct BaseGeometry {
+    blocklen: u32,
+    blockcnt: u64,
+    phys_blocklen: u32,
+    required_alignment: u8,
+    md_len: u32,
+    dif_type: ffi::spdk_dif_type::Type,
+    uuid: ffi::spdk_uuid,
+    numa: ffi::spdk_bdev__bindgen_ty_2,
+}
+
+impl BaseGeometry {
+    /// # Safety
+    /// `b` is a live (open) bdev.
+    unsafe fn read(b: *const ffi::spdk_bdev) -> Self {
+        // SAFETY: per the contract; each field is read by value through the raw pointer.
+        unsafe {
+            BaseGeometry {
+                blocklen: (*b).blocklen,
+                blockcnt: (*b).blockcnt,
+                phys_blocklen: (*b).phys_blocklen,
+                required_alignment: (*b).required_alignment,
+                md_len: (*b).md_len,
+                dif_type: (*b).dif_type,
+                uuid: (*b).uuid,
+                numa: (*b).numa,
+            }
+        }
+    }
+}
+
 /// Check the bases and fill in the bdev our users see. The bases are open.
 fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
-    // SAFETY: both base bdevs are open (descriptors held), so their structs are live; we
-    // only read plain fields.
-    let (bk, ca) = unsafe { (&*node.backing.bdev, &*node.cache.bdev) };
-    if ptr::eq(bk, ca) {
+    if ptr::eq(node.backing.bdev, node.cache.bdev) {
         return Err(invalid(format!(
             "cache_bdev '{}' and backing_bdev '{}' are the same bdev",
             node.config.cache_bdev, node.config.backing_bdev
         )));
     }
+    // SAFETY: both base bdevs are open (descriptors held), so live.
+    let (bk, ca) = unsafe {
+        (
+            BaseGeometry::read(node.backing.bdev),
+            BaseGeometry::read(node.cache.bdev),
+        )
+    };
     if bk.md_len != 0 || bk.dif_type != 0 {
         return Err(invalid(format!(
             "backing bdev '{}' has metadata/DIF, which pcache does not support",
@@ -232,7 +271,7 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     }
     let o = &node.config.options;
     let stripe = o.stripe_bytes();
-    for (role, b) in [("backing", bk), ("cache", ca)] {
+    for (role, b) in [("backing", &bk), ("cache", &ca)] {
         if b.blocklen == 0 || stripe % u64::from(b.blocklen) != 0 {
             return Err(invalid(format!(
                 "stripe_size_kib {} is not a multiple of the {role} bdev block size {}",
@@ -454,18 +493,18 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
         let node = ctx.cast::<Pcache>();
         registry_remove(node);
         // SAFETY: `ctxt` is our live node; from here only SPDK's channel teardown uses it.
-        let n = unsafe { &mut *node };
+        let n = unsafe { &*node };
         // SAFETY: spdk_get_thread is callable on any SPDK thread.
         if n.thread.is_null() || n.thread == unsafe { ffi::spdk_get_thread() } {
             close_bases(n);
         } else {
-            for base in [&mut n.cache, &mut n.backing] {
-                if !base.desc.is_null() {
+            for base in [&n.cache, &n.backing] {
+                let desc = base.desc.replace(ptr::null_mut());
+                if !desc.is_null() {
                     // SAFETY: close on the opening thread, which outlives the bdev layer.
                     unsafe {
-                        ffi::spdk_thread_send_msg(n.thread, Some(close_desc_msg), base.desc.cast())
+                        ffi::spdk_thread_send_msg(n.thread, Some(close_desc_msg), desc.cast())
                     };
-                    base.desc = ptr::null_mut();
                 }
             }
         }
@@ -504,12 +543,12 @@ unsafe extern "C" fn io_type_supported(
             t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE | t::SPDK_BDEV_IO_TYPE_FLUSH => {
                 true
             }
-            // SAFETY: the backing bdev is open, so live.
             t::SPDK_BDEV_IO_TYPE_UNMAP
             | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
-            | t::SPDK_BDEV_IO_TYPE_RESET => unsafe {
-                ffi::spdk_bdev_io_type_supported(backing, kind)
-            },
+            | t::SPDK_BDEV_IO_TYPE_RESET => {
+                // SAFETY: the backing bdev is open, so live.
+                unsafe { ffi::spdk_bdev_io_type_supported(backing, kind) }
+            }
             _ => false,
         }
     })
