@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use pcache::engine::index::{Extent, ExtentMap, State};
 use pcache::engine::{BackingIdentity, CacheOptions, FormatOptions, LayoutOptions, Op};
+use pcache::media::dax::{self, DaxDevice};
 use pcache::media::file::FileDevice;
 use pcache::media::host::SyncHost;
 use pcache::media::mem::MemDevice;
@@ -29,6 +30,7 @@ usage:
       alone in the same run.
   pcache inspect <image>   Print superblock, shards, segments and dirty/clean usage.
   pcache check <image>     Verify every CRC and a full replay; exit 1 if anything is corrupt.
+      <image> is a file, a block device, or a devdax device (/dev/daxX.Y, mapped).
   pcache index-mem [--extents N] [--random]
       Builds an index of N 4 KiB extents in a fresh process and prints its DRAM per extent.
   pcache format <image> --backing-mib N [--cache-mib N] [--shards N] [--data-crc]
@@ -84,10 +86,16 @@ impl Flags<'_> {
 
 fn image_cmd(args: &[String], check: bool) -> Result<ExitCode, String> {
     let path = args.first().ok_or("missing image path")?;
-    let mut dev = FileDevice::open_read_only(&PathBuf::from(path))
-        .map_err(|e| format!("cannot open {path}: {e}"))?;
+    let p = PathBuf::from(path);
+    // A devdax device can only be mapped; files and block devices are read.
+    let mut dev: Box<dyn BlockDevice> = if dax::is_char_device(&p) {
+        Box::new(DaxDevice::open(&p, None, false).map_err(|e| e.to_string())?)
+    } else {
+        Box::new(FileDevice::open_read_only(&p).map_err(|e| format!("cannot open {path}: {e}"))?)
+    };
+    let dev = dev.as_mut();
     if check {
-        let r = offline::check(&mut dev);
+        let r = offline::check(dev);
         if r.is_clean() {
             println!(
                 "{path}: clean: {} extents, {} data CRCs verified, every metadata CRC verified",
@@ -101,7 +109,7 @@ fn image_cmd(args: &[String], check: bool) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::from(1));
     }
-    print!("{}", offline::inspect(&mut dev));
+    print!("{}", offline::inspect(dev));
     Ok(ExitCode::SUCCESS)
 }
 

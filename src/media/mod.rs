@@ -1,6 +1,7 @@
 //! Hosts that run the engine's device commands: RAM, files, and a fault-injecting,
 //! crash-simulating simulator for tests.
 
+pub mod dax;
 pub mod file;
 pub mod host;
 pub mod mem;

@@ -1,0 +1,335 @@
+//! Persistent memory mapped into the process: a devdax device (`/dev/daxX.Y`), a file on
+//! a DAX filesystem (mapped with `MAP_SYNC`), or — for testing — an ordinary file.
+//!
+//! Writes are a copy into the mapping followed by a persist: for real persistent memory,
+//! each touched cache line is written back with CLWB (else CLFLUSHOPT, else CLFLUSH) and
+//! the stores are fenced with SFENCE; for an ordinary file, `msync(MS_SYNC)` of the pages.
+//! Every write is durable when `write` returns, so the engine's order — data, then the kset
+//! naming it, then the acknowledgement — holds by construction. Machine-check-safe reads
+//! (recovering from poisoned lines) are out of scope: they would go in `read`, copying with
+//! an exception-table-aware routine instead of `copy_from_slice`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use thiserror::Error;
+
+use super::BlockDevice;
+use crate::engine::IoError;
+
+const LINE: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum DaxError {
+    #[error("cannot open {path}: {err}")]
+    Open { path: String, err: std::io::Error },
+    #[error("{path} is empty or its size is unknown")]
+    NoSize { path: String },
+    #[error("cannot map {path}: {err}")]
+    Map { path: String, err: std::io::Error },
+}
+
+/// How writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    /// Persistent memory: flush cache lines, then fence.
+    Cpu(FlushInsn),
+    /// An ordinary file: `msync`. Not persistent memory; for tests and trials only.
+    Msync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushInsn {
+    Clwb,
+    Clflushopt,
+    Clflush,
+}
+
+impl FlushInsn {
+    /// The best cache-line write-back instruction this CPU has.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // CPUID leaf 7, sub-leaf 0, EBX: bit 23 CLFLUSHOPT, bit 24 CLWB.
+            let ebx = std::arch::x86_64::__cpuid_count(7, 0).ebx;
+            if ebx & (1 << 24) != 0 {
+                return FlushInsn::Clwb;
+            }
+            if ebx & (1 << 23) != 0 {
+                return FlushInsn::Clflushopt;
+            }
+        }
+        FlushInsn::Clflush
+    }
+}
+
+/// One persist barrier, as recorded for tests of write ordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistEvent {
+    pub sector: u64,
+    pub sectors: u64,
+}
+
+pub struct DaxDevice {
+    base: NonNull<u8>,
+    len: usize,
+    persist: Persist,
+    writable: bool,
+    _file: File,
+    /// When set, every persist barrier is appended here (tests).
+    pub persist_log: Option<Vec<PersistEvent>>,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through `&mut self` (or
+// `&self` reads); moving it to another thread moves that exclusive ownership with it.
+unsafe impl Send for DaxDevice {}
+
+impl DaxDevice {
+    /// Maps `path`. A character device is taken as devdax; a regular file is mapped with
+    /// `MAP_SYNC` when its filesystem supports DAX, else as an ordinary file (`Persist::Msync`).
+    /// With `create_bytes`, a regular file is created or extended to that size.
+    pub fn open(path: &Path, create_bytes: Option<u64>, writable: bool) -> Result<Self, DaxError> {
+        let name = path.display().to_string();
+        let open_err = |err| DaxError::Open {
+            path: name.clone(),
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .create(writable && create_bytes.is_some())
+            .truncate(false)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let devdax = meta.file_type().is_char_device();
+        if let (Some(n), false) = (create_bytes, devdax) {
+            if meta.len() < n {
+                file.set_len(n).map_err(open_err)?;
+            }
+        }
+        let len = if devdax {
+            devdax_size(meta.rdev())
+        } else {
+            file.metadata().map_err(open_err)?.len()
+        };
+        let len = usize::try_from(len).unwrap_or(0);
+        if len == 0 {
+            return Err(DaxError::NoSize { path: name });
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let fd = file.as_raw_fd();
+        let sync = libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC;
+        // SAFETY: mapping a file we hold open, with a length no larger than the file; the
+        // result is checked against MAP_FAILED before use.
+        let mut ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, sync, fd, 0) };
+        let mut persist = Persist::Cpu(FlushInsn::detect());
+        if ptr == libc::MAP_FAILED && !devdax {
+            // Not a DAX filesystem: an ordinary shared mapping, persisted with msync.
+            // SAFETY: as above.
+            ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+            persist = Persist::Msync;
+        }
+        if ptr == libc::MAP_FAILED {
+            return Err(DaxError::Map {
+                path: name,
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(DaxError::Map {
+            path: name,
+            err: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(DaxDevice {
+            base,
+            len,
+            persist,
+            writable,
+            _file: file,
+            persist_log: None,
+        })
+    }
+
+    pub fn persistence(&self) -> Persist {
+        self.persist
+    }
+
+    /// Whether this is real persistent memory (else writes are made durable with msync).
+    pub fn is_persistent_memory(&self) -> bool {
+        matches!(self.persist, Persist::Cpu(_))
+    }
+
+    /// One line for logs: what was mapped and how it persists.
+    pub fn describe(&self) -> String {
+        match self.persist {
+            Persist::Cpu(i) => format!(
+                "persistent memory, {} MiB mapped, persisted with {i:?} + SFENCE",
+                self.len >> 20
+            ),
+            Persist::Msync => format!(
+                "NOT persistent memory: an ordinary file, {} MiB mapped, persisted with msync \
+                 (for tests and trials; no DAX speed)",
+                self.len >> 20
+            ),
+        }
+    }
+
+    fn range(&self, sector: u64, bytes: usize) -> Result<usize, IoError> {
+        let start = usize::try_from(sector)
+            .ok()
+            .and_then(|s| s.checked_mul(512))
+            .ok_or(IoError::Device)?;
+        match start.checked_add(bytes) {
+            Some(end) if end <= self.len => Ok(start),
+            _ => Err(IoError::Device),
+        }
+    }
+
+    /// Makes [start, start+bytes) of the mapping durable.
+    fn persist_range(&mut self, start: usize, bytes: usize) -> Result<(), IoError> {
+        match self.persist {
+            Persist::Cpu(insn) => {
+                let first = start & !(LINE - 1);
+                let mut line = first;
+                while line < start + bytes {
+                    // SAFETY: `line` is inside the mapping (start..start+bytes was bounds-
+                    // checked, and rounding down to a line stays above the page-aligned base).
+                    unsafe { flush_line(self.base.as_ptr().add(line), insn) };
+                    line += LINE;
+                }
+                sfence();
+            }
+            Persist::Msync => {
+                let page = 4096;
+                let first = start & !(page - 1);
+                let end = (start + bytes).div_ceil(page) * page;
+                let end = end.min(self.len);
+                // SAFETY: the page range lies inside the mapping we own.
+                let rc = unsafe {
+                    libc::msync(
+                        self.base.as_ptr().add(first).cast(),
+                        end - first,
+                        libc::MS_SYNC,
+                    )
+                };
+                if rc != 0 {
+                    return Err(IoError::Device);
+                }
+            }
+        }
+        if let Some(log) = self.persist_log.as_mut() {
+            log.push(PersistEvent {
+                sector: (start / 512) as u64,
+                sectors: bytes.div_ceil(512) as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// # Safety
+/// `p` must point into mapped memory.
+unsafe fn flush_line(p: *const u8, insn: FlushInsn) {
+    // SAFETY: the caller guarantees `p` is mapped; these instructions only write the line
+    // back from the CPU caches and have no other effect on memory.
+    unsafe {
+        match insn {
+            FlushInsn::Clwb => std::arch::asm!("clwb [{}]", in(reg) p, options(nostack)),
+            FlushInsn::Clflushopt => {
+                std::arch::asm!("clflushopt [{}]", in(reg) p, options(nostack))
+            }
+            FlushInsn::Clflush => std::arch::x86_64::_mm_clflush(p),
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+/// # Safety
+/// `p` must point into mapped memory.
+unsafe fn flush_line(_p: *const u8, _insn: FlushInsn) {}
+
+fn sfence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SFENCE only orders stores; it touches no memory.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A devdax device's size, from sysfs.
+fn devdax_size(rdev: u64) -> u64 {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    std::fs::read_to_string(format!("/sys/dev/char/{major}:{minor}/size"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for DaxDevice {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value created; nothing refers to it
+        // after drop.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+impl BlockDevice for DaxDevice {
+    fn sectors(&self) -> u64 {
+        (self.len / 512) as u64
+    }
+
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let start = self.range(sector, buf.len())?;
+        // SAFETY: start..start+len is inside the mapping (checked by `range`); the mapping
+        // outlives this call and `buf` cannot alias it (it is a Rust slice we were given).
+        let src = unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(start), buf.len()) };
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), IoError> {
+        if !self.writable {
+            return Err(IoError::Device);
+        }
+        let start = self.range(sector, buf.len())?;
+        // SAFETY: as in `read`; the mapping is writable and exclusively ours via &mut self.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), buf.len()) };
+        dst.copy_from_slice(buf);
+        self.persist_range(start, buf.len())
+    }
+
+    fn flush(&mut self) -> Result<(), IoError> {
+        // Every write was persisted before it returned.
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, sector: u64, sectors: u64) -> Result<(), IoError> {
+        if !self.writable {
+            return Err(IoError::Device);
+        }
+        let bytes = usize::try_from(sectors * 512).map_err(|_| IoError::Device)?;
+        let start = self.range(sector, bytes)?;
+        // SAFETY: as in `write`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), bytes) };
+        dst.fill(0);
+        self.persist_range(start, bytes)
+    }
+}
+
+/// Opens a path for the offline tool: a char device through DAX, anything else as a file.
+pub fn is_char_device(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
+}
