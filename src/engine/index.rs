@@ -179,6 +179,13 @@ impl ExtentMap {
 
     /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
     pub fn insert(&mut self, lba: u64, ext: Extent) {
+        // Same start and length: nothing else can overlap, so replace in one descent.
+        if let Some(e) = self.map.get_mut(&lba) {
+            if e.len() == ext.len() {
+                *e = ext;
+                return;
+            }
+        }
         self.punch(lba, ext.len());
         self.map.insert(lba, ext);
     }
