@@ -193,3 +193,20 @@ fn overwrites_within_an_epoch_are_absorbed() {
         data_of(50, 100, 9)[..]
     );
 }
+
+#[test]
+fn a_new_gc_percent_is_persisted_and_survives_reopen() {
+    let mut h = host(2 << 20, 4096, 2, false);
+    let mut o = h.cache.writeback_options();
+    assert_eq!(o.gc_percent, 70);
+    o.gc_percent = 40;
+    h.cache.set_writeback_options(o).unwrap();
+    h.run();
+    let h = reopen(h);
+    assert_eq!(h.cache.writeback_options().gc_percent, 40);
+    assert_eq!(h.cache.stats().gc_percent, 40);
+    let mut bad = o;
+    bad.gc_percent = 95;
+    let mut h = h;
+    assert!(h.cache.set_writeback_options(bad).is_err());
+}

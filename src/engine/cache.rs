@@ -62,6 +62,10 @@ pub struct CacheStats {
     pub gc_percent: u32,
     /// Dirty bytes still to write back.
     pub wb_dirty_bytes: u64,
+    /// Current flush epoch of each shard.
+    pub shard_epochs: Vec<u64>,
+    /// Oldest epoch each shard has not yet written back and flushed.
+    pub shard_frontiers: Vec<u64>,
     /// Writeback stopped on a backing-device error (see `retry_writeback`).
     pub wb_failed: bool,
 }
@@ -230,6 +234,27 @@ impl Cache {
         }
     }
 
+    /// Changes writeback pacing and `gc_percent` (0-90, persisted) at run time.
+    pub fn set_writeback_options(&mut self, o: WritebackOptions) -> Result<(), ReqError> {
+        if o.gc_percent > 90 || o.low_pct > o.high_pct || o.max_inflight == 0 || o.group_ksets == 0
+        {
+            return Err(ReqError::Invalid(
+                "gc_percent must be 0-90, low <= high watermark, limits above 0",
+            ));
+        }
+        self.gc_percent = o.gc_percent;
+        for s in &mut self.shards {
+            s.set_writeback_options(o);
+        }
+        Ok(())
+    }
+
+    pub fn writeback_options(&self) -> WritebackOptions {
+        self.shards
+            .first()
+            .map_or_else(WritebackOptions::default, |s| s.writeback_options())
+    }
+
     /// Resumes writeback stopped by a backing-device error.
     pub fn retry_writeback(&mut self) {
         for s in &mut self.shards {
@@ -320,6 +345,8 @@ impl Cache {
             epoch: self.epoch,
             gc_percent: self.gc_percent,
             wb_dirty_bytes: self.dirty_bytes(),
+            shard_epochs: self.shards.iter().map(Shard::epoch).collect(),
+            shard_frontiers: self.shards.iter().map(Shard::frontier).collect(),
             wb_failed: self.shards.iter().any(Shard::writeback_failed),
         }
     }

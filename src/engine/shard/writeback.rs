@@ -145,6 +145,8 @@ pub(super) struct Control {
     pub want_tail: Option<(LogTail, u32)>,
     /// Segments reclaimed, waiting for reads that still use them.
     pub releasing: Vec<u32>,
+    /// An option stored in the slot changed: write it even if no tail moved.
+    pub rewrite: bool,
 }
 
 impl Shard {
@@ -220,6 +222,19 @@ impl Shard {
     /// Write back everything (for detach/delete).
     pub fn set_drain(&mut self, on: bool) {
         self.wb.drain = on;
+    }
+
+    /// Changes writeback pacing and GC at run time. A new `gc_percent` is persisted in the
+    /// control slot (it survives restarts).
+    pub fn set_writeback_options(&mut self, o: WritebackOptions) {
+        if o.gc_percent != self.cfg.wb.gc_percent {
+            self.control.rewrite = true;
+        }
+        self.cfg.wb = o;
+    }
+
+    pub fn writeback_options(&self) -> WritebackOptions {
+        self.cfg.wb
     }
 
     /// Resumes writeback after a backing-device error.
@@ -565,9 +580,10 @@ impl Shard {
             Some(g) if g.phase == Phase::Persist => g.new_dirty_tail,
             _ => self.dirty_tail,
         };
-        if tail == self.tail && dirty == self.dirty_tail {
+        if tail == self.tail && dirty == self.dirty_tail && !self.control.rewrite {
             return;
         }
+        self.control.rewrite = false;
         let slot = ControlSlot {
             shard: self.cfg.id,
             seq: self.control.seq + 1,
@@ -596,6 +612,7 @@ impl Shard {
         if result.is_err() {
             // The other replica still holds the previous state; write this one again.
             self.stats.io_errors += 1;
+            self.control.rewrite = true;
             return;
         }
         self.control.seq += 1;
