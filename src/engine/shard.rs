@@ -572,27 +572,9 @@ impl Shard {
     pub fn poll(&mut self) {
         if self.head_header == HeadHeader::Needed {
             self.head_header = HeadHeader::InFlight;
-            let g = Grant {
+            self.write_segment_header(Grant {
                 seg: self.head.seg,
                 gen: self.head.gen,
-            };
-            self.preparing += 1;
-            let tag = self.tag(TagOwner::SegHeader {
-                seg: g.seg,
-                gen: g.gen,
-            });
-            let hdr = SegmentHeader {
-                seg: g.seg,
-                gen: g.gen,
-                shard: self.cfg.id,
-            }
-            .encode(self.cfg.crc_seed);
-            self.out.commands.push(Command::Write {
-                tag,
-                dev: Dev::Cache,
-                sector: self.cfg.geo.segment_start(g.seg),
-                buf: Buf::Owned(hdr),
-                want_crc: false,
             });
         }
         self.form_batches();

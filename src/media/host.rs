@@ -6,7 +6,7 @@ use thiserror::Error;
 use super::{execute, BlockDevice, Buffers};
 use crate::engine::{
     format, BackingIdentity, Cache, CacheOptions, Command, FormatOptions, GeometryError, IoDone,
-    Op, OpenError, OpenReport, OpenStep, Opener, ReqError, ReqId, ReqResult, Request,
+    Op, OpenError, OpenReport, OpenStep, Opener, ReqError, ReqId, ReqResult,
 };
 
 #[derive(Debug, Error)]
@@ -109,19 +109,15 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
         len: u32,
         data: Option<Vec<u8>>,
     ) -> Result<ReqId, ReqError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let buf = match (op, data) {
-            (_, Some(d)) => d,
-            (Op::Read, None) => vec![0u8; len as usize * 512],
-            _ => Vec::new(),
-        };
-        self.bufs.insert(id, buf);
-        if let Err(e) = self.cache.submit(Request { id, op, lba, len }) {
-            self.bufs.remove(&id);
-            return Err(e);
-        }
-        Ok(id)
+        super::submit_request(
+            &mut self.cache,
+            &mut self.bufs,
+            &mut self.next_id,
+            op,
+            lba,
+            len,
+            data,
+        )
     }
 
     /// Runs commands until nothing is outstanding.

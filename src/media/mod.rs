@@ -10,7 +10,7 @@ pub mod slow;
 
 use std::collections::HashMap;
 
-use crate::engine::{Buf, Command, Dev, IoDone, IoError, ReqId};
+use crate::engine::{Buf, Cache, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, Request};
 
 /// A synchronous block device addressed in 512-byte sectors.
 pub trait BlockDevice {
@@ -34,6 +34,32 @@ pub trait BlockDevice {
 
 /// Request payloads held by a host, by request id.
 pub type Buffers = HashMap<ReqId, Vec<u8>>;
+
+/// Gives a request the next id, keeps its payload (`data` for writes, a zeroed buffer for
+/// reads) and submits it; the payload is dropped again if the cache refuses the request.
+pub fn submit_request(
+    cache: &mut Cache,
+    bufs: &mut Buffers,
+    next_id: &mut ReqId,
+    op: Op,
+    lba: u64,
+    len: u32,
+    data: Option<Vec<u8>>,
+) -> Result<ReqId, ReqError> {
+    let id = *next_id;
+    *next_id += 1;
+    let buf = match (op, data) {
+        (_, Some(d)) => d,
+        (Op::Read, None) => vec![0u8; len as usize * 512],
+        _ => Vec::new(),
+    };
+    bufs.insert(id, buf);
+    if let Err(e) = cache.submit(Request { id, op, lba, len }) {
+        bufs.remove(&id);
+        return Err(e);
+    }
+    Ok(id)
+}
 
 fn req_slice<'a>(bufs: &'a mut Buffers, buf: &Buf) -> Option<&'a mut [u8]> {
     match buf {

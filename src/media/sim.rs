@@ -8,9 +8,7 @@
 
 use super::mem::MemDevice;
 use super::{execute, BlockDevice, Buffers};
-use crate::engine::{
-    Cache, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request,
-};
+use crate::engine::{Cache, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult};
 
 /// SplitMix64: small, fast, and the same everywhere, so a seed reproduces a run.
 #[derive(Debug, Clone)]
@@ -86,19 +84,15 @@ impl Sim {
         len: u32,
         data: Option<Vec<u8>>,
     ) -> Result<ReqId, ReqError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let buf = match (op, data) {
-            (_, Some(d)) => d,
-            (Op::Read, None) => vec![0u8; len as usize * 512],
-            _ => Vec::new(),
-        };
-        self.bufs.insert(id, buf);
-        if let Err(e) = self.cache.submit(Request { id, op, lba, len }) {
-            self.bufs.remove(&id);
-            return Err(e);
-        }
-        Ok(id)
+        super::submit_request(
+            &mut self.cache,
+            &mut self.bufs,
+            &mut self.next_id,
+            op,
+            lba,
+            len,
+            data,
+        )
     }
 
     /// Collects newly issued commands (after submits or completions).
