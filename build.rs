@@ -33,6 +33,7 @@ mod spdk {
         "spdk_rpc",
         "spdk_log",
         "spdk_util",
+        "spdk_env_dpdk",
     ];
 
     struct Spdk {
@@ -182,6 +183,11 @@ mod spdk {
             .allowlist_function(
                 "spdk_(get_thread|thread_send_msg|thread_get_name|get_ticks|get_ticks_hz)",
             )
+            .allowlist_function("spdk_thread_(create|exit|is_running)")
+            .allowlist_function("spdk_poller_(register_named|unregister)")
+            .allowlist_function("spdk_dma_(zmalloc|free)")
+            .allowlist_function("spdk_env_get_(first_core|next_core|core_count)")
+            .allowlist_function("spdk_cpuset_(zero|set_cpu)")
             .allowlist_function("spdk_rpc_register_method")
             .allowlist_function(
                 "spdk_jsonrpc_(begin_result|end_result|send_error_response|send_bool_response)",
@@ -189,7 +195,7 @@ mod spdk {
             .allowlist_function("spdk_json_write_.*")
             .allowlist_function("spdk_log")
             .allowlist_function("spdk_strerror")
-            .allowlist_function("spdk_uuid_(parse|generate_sha1|fmt_lower|is_null|copy)")
+            .allowlist_function("spdk_uuid_(parse|generate|generate_sha1|fmt_lower|is_null|copy)")
             .allowlist_var("SPDK_RPC_(STARTUP|RUNTIME)")
             .allowlist_var("SPDK_JSONRPC_ERROR_.*")
             .allowlist_var("SPDK_IO_CHANNEL_STRUCT_SIZE")
@@ -197,6 +203,7 @@ mod spdk {
             .allowlist_type("spdk_bdev_module")
             .allowlist_type("spdk_bdev_fn_table")
             .allowlist_type("spdk_bdev_io_wait_entry")
+            .allowlist_type("spdk_thread_poller_rc")
             // The packed spdk_bdev_ext_io_opts holds these NVMe unions; bindgen aligns them to 4
             // and Rust rejects the packed struct (E0588). Redefined by hand in ffi.rs.
             .blocklist_type("spdk_bdev_nvme_cdw1[23]")

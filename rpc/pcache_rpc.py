@@ -3,7 +3,8 @@
 Usage (from the repository root):
     PYTHONPATH=rpc /path/to/spdk/scripts/rpc.py -s SOCK --plugin pcache_rpc bdev_pcache_create ...
 
-Methods: bdev_pcache_create, bdev_pcache_delete, bdev_pcache_get_stats.
+Methods: bdev_pcache_create, bdev_pcache_delete, bdev_pcache_get_stats,
+bdev_pcache_flush_start, bdev_pcache_flush_status, bdev_pcache_set_options.
 """
 
 import json
@@ -19,7 +20,8 @@ def bdev_pcache_create(args):
         'cache_bdev': args.cache_bdev,
         'backing_bdev': args.backing_bdev,
     }
-    for key in ('gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards'):
+    for key in ('gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards',
+                'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct', 'core'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -29,7 +31,41 @@ def bdev_pcache_create(args):
 
 
 def bdev_pcache_delete(args):
-    _print(args.client.call('bdev_pcache_delete', {'name': args.name}))
+    params = {'name': args.name}
+    if args.no_drain:
+        params['no_drain'] = True
+    _print(args.client.call('bdev_pcache_delete', params))
+
+
+def bdev_pcache_set_options(args):
+    params = {'name': args.name}
+    for key in ('gc_percent', 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct'):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    _print(args.client.call('bdev_pcache_set_options', params))
+
+
+def _writeback_args(p):
+    p.add_argument('--wb-max-inflight', dest='wb_max_inflight', type=int,
+                   help='backing writes in flight per shard during writeback (1-1024, default 32)')
+    p.add_argument('--wb-group-ksets', dest='wb_group_ksets', type=int,
+                   help='ksets per writeback group: one backing flush and control-slot write '
+                        'each (1-4096, default 64)')
+    p.add_argument('--wb-high-pct', dest='wb_high_pct', type=int,
+                   help='start writing back when dirty data passes this percent of the cache '
+                        '(1-100, default 30)')
+    p.add_argument('--wb-low-pct', dest='wb_low_pct', type=int,
+                   help='stop writing back below this percent (at most --wb-high-pct, default 10; '
+                        'an idle, full or draining cache writes back everything)')
+
+
+def bdev_pcache_flush_start(args):
+    _print(args.client.call('bdev_pcache_flush_start', {'name': args.name}))
+
+
+def bdev_pcache_flush_status(args):
+    _print(args.client.call('bdev_pcache_flush_status', {'name': args.name}))
 
 
 def bdev_pcache_get_stats(args):
@@ -49,25 +85,54 @@ def spdk_rpc_plugin_initialize(subparsers):
                    help='bdev being cached (the slow device)')
     crc = p.add_mutually_exclusive_group()
     crc.add_argument('--data-crc', dest='data_crc', action='store_true', default=None,
-                     help='keep and verify a CRC32C of every cached block (default: on)')
+                     help='keep and verify a CRC32C of every cached block (default: off)')
     crc.add_argument('--no-data-crc', dest='data_crc', action='store_false',
                      help='do not checksum cached data')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
-                   help='collect a segment when at most this percent of it is live (1-99, default 80)')
+                   help='reclaim written-back segments while the log uses more than this percent '
+                        'of the cache (1-90, default 70)')
     p.add_argument('--stripe-size-kib', dest='stripe_size_kib', type=int,
                    help='stripe size in KiB: I/O is split at stripe edges, stripes map to shards '
                         '(multiple of 4, at most a quarter of a segment, default 1024)')
     p.add_argument('--segment-size-mib', dest='segment_size_mib', type=int,
                    help='cache log segment size in MiB (1-1024, default 16)')
     p.add_argument('--shards', type=int, help='number of shards (1-256, default 1)')
+    p.add_argument('--core', type=int,
+                   help='core of the engine thread (one of the app\'s cores; default: '
+                        'round-robin from the last core)')
+    _writeback_args(p)
     p.set_defaults(func=bdev_pcache_create)
 
-    p = subparsers.add_parser('bdev_pcache_delete',
-                              help='Delete a pcache bdev (unregisters it and releases both base bdevs)')
+    p = subparsers.add_parser('bdev_pcache_set_options',
+                              help='Change writeback pacing and gc_percent of a running pcache bdev '
+                                   '(gc_percent is stored on the cache bdev; all are echoed by save_config)')
     p.add_argument('name', help='pcache bdev name')
+    p.add_argument('--gc-percent', dest='gc_percent', type=int,
+                   help='reclaim written-back segments while the log uses more than this percent (1-90)')
+    _writeback_args(p)
+    p.set_defaults(func=bdev_pcache_set_options)
+
+    p = subparsers.add_parser('bdev_pcache_delete',
+                              help='Delete a pcache bdev: write back every dirty block, unregister it '
+                                   'and release both base bdevs')
+    p.add_argument('name', help='pcache bdev name')
+    p.add_argument('--no-drain', dest='no_drain', action='store_true',
+                   help='do not write back first: dirty data stays on the cache bdev '
+                        '(bdev_pcache_create with the same bdevs reattaches it)')
     p.set_defaults(func=bdev_pcache_delete)
 
+    p = subparsers.add_parser('bdev_pcache_flush_start',
+                              help='Start writing back every dirty block to the backing bdev')
+    p.add_argument('name', help='pcache bdev name')
+    p.set_defaults(func=bdev_pcache_flush_start)
+
+    p = subparsers.add_parser('bdev_pcache_flush_status',
+                              help='Dirty bytes left and whether the backing bdev holds every write')
+    p.add_argument('name', help='pcache bdev name')
+    p.set_defaults(func=bdev_pcache_flush_status)
+
     p = subparsers.add_parser('bdev_pcache_get_stats',
-                              help='Per-bdev I/O counters of pcache bdevs (all, or the one named)')
+                              help='Statistics of pcache bdevs (all, or the one named): usage '
+                                   '(clean/dirty/free), requests, errors, writeback, engine counters')
     p.add_argument('-b', '--name', help='only this pcache bdev')
     p.set_defaults(func=bdev_pcache_get_stats)

@@ -1,11 +1,14 @@
 //! RPC parameters and the validated options of a pcache bdev. Pure Rust: no SPDK calls.
 //!
 //! The option ranges mirror the engine's layout rules (`engine::geometry`): segment size
-//! 64 KiB..1 GiB, stripe a multiple of 4 KiB and at most a quarter of a segment, 1..=256
-//! shards. When the engine is wired in, its own validation runs as well at attach time.
+//! 1 MiB..1 GiB, stripe a multiple of 4 KiB and at most a quarter of a segment, 1..=256
+//! shards, gc_percent 1..=90. The engine validates again when it formats. Defaults are the
+//! engine's (`FormatOptions::default()`, `LayoutOptions::default()`).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::engine::shard::WritebackOptions;
 
 /// Maximum shard count (same as the engine's `MAX_SHARDS`).
 pub(crate) const MAX_SHARDS: u32 = 256;
@@ -25,6 +28,72 @@ struct CreateParams {
     stripe_size_kib: Option<u32>,
     segment_size_mib: Option<u32>,
     shards: Option<u32>,
+    wb_max_inflight: Option<u32>,
+    wb_group_ksets: Option<u32>,
+    wb_high_pct: Option<u32>,
+    wb_low_pct: Option<u32>,
+    core: Option<u32>,
+}
+
+/// Writeback pacing: given at create, changed at run time with `bdev_pcache_set_options`,
+/// echoed by `save_config` (not stored on the cache bdev).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Writeback {
+    /// Backing writes in flight per shard.
+    pub max_inflight: u32,
+    /// Ksets per writeback group (one backing flush and control write per group).
+    pub group_ksets: u32,
+    /// Writeback starts when dirty data passes this percentage of the cache...
+    pub high_pct: u32,
+    /// ...and stops below this one (unless space is short, the cache is idle or draining).
+    pub low_pct: u32,
+}
+
+impl Default for Writeback {
+    fn default() -> Self {
+        let w = WritebackOptions::default();
+        Writeback {
+            max_inflight: w.max_inflight,
+            group_ksets: w.group_ksets as u32,
+            high_pct: w.high_pct,
+            low_pct: w.low_pct,
+        }
+    }
+}
+
+impl Writeback {
+    fn check(&self) -> Result<(), String> {
+        if !(1..=1024).contains(&self.max_inflight) {
+            return Err(format!(
+                "wb_max_inflight must be between 1 and 1024 (got {})",
+                self.max_inflight
+            ));
+        }
+        if !(1..=4096).contains(&self.group_ksets) {
+            return Err(format!(
+                "wb_group_ksets must be between 1 and 4096 (got {})",
+                self.group_ksets
+            ));
+        }
+        if !(1..=100).contains(&self.high_pct) || self.low_pct > self.high_pct {
+            return Err(format!(
+                "wb_high_pct must be between 1 and 100 and wb_low_pct at most wb_high_pct (got {} and {})",
+                self.high_pct, self.low_pct
+            ));
+        }
+        Ok(())
+    }
+
+    /// The engine's options with these limits and `gc_percent`.
+    pub(crate) fn engine(&self, gc_percent: u32) -> WritebackOptions {
+        WritebackOptions {
+            max_inflight: self.max_inflight,
+            group_ksets: self.group_ksets as usize,
+            high_pct: self.high_pct,
+            low_pct: self.low_pct,
+            gc_percent,
+        }
+    }
 }
 
 /// Tunables stored with each pcache bdev, echoed in `save_config` and `bdev_get_bdevs`.
@@ -32,7 +101,7 @@ struct CreateParams {
 pub(crate) struct Options {
     /// Keep a CRC32C of every cached block and verify it on read.
     pub data_crc: bool,
-    /// Garbage-collect a segment when at most this percentage of it is still live.
+    /// GC reclaims written-back segments while the log uses more than this share of the cache.
     pub gc_percent: u32,
     /// Stripe size: requests are split at stripe edges, stripes map to shards.
     pub stripe_size_kib: u32,
@@ -40,16 +109,22 @@ pub(crate) struct Options {
     pub segment_size_mib: u32,
     /// Number of shards (engine threads' units of work).
     pub shards: u32,
+    pub wb: Writeback,
+    /// Core of the engine thread (default: round-robin over the app's cores from the last).
+    pub core: Option<u32>,
 }
 
 impl Default for Options {
     fn default() -> Self {
+        let f = crate::engine::FormatOptions::default();
         Options {
-            data_crc: true,
-            gc_percent: 80,
-            stripe_size_kib: 1024,
-            segment_size_mib: 16,
-            shards: 1,
+            data_crc: f.data_crc,
+            gc_percent: f.gc_percent,
+            stripe_size_kib: (f.layout.stripe_bytes / 1024) as u32,
+            segment_size_mib: (f.layout.segment_bytes >> 20) as u32,
+            shards: f.layout.shards,
+            wb: Writeback::default(),
+            core: None,
         }
     }
 }
@@ -122,10 +197,18 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         stripe_size_kib: p.stripe_size_kib.unwrap_or(d.stripe_size_kib),
         segment_size_mib: p.segment_size_mib.unwrap_or(d.segment_size_mib),
         shards: p.shards.unwrap_or(d.shards),
+        wb: Writeback {
+            max_inflight: p.wb_max_inflight.unwrap_or(d.wb.max_inflight),
+            group_ksets: p.wb_group_ksets.unwrap_or(d.wb.group_ksets),
+            high_pct: p.wb_high_pct.unwrap_or(d.wb.high_pct),
+            low_pct: p.wb_low_pct.unwrap_or(d.wb.low_pct),
+        },
+        core: p.core,
     };
-    if !(1..=99).contains(&o.gc_percent) {
+    o.wb.check()?;
+    if !(1..=90).contains(&o.gc_percent) {
         return Err(format!(
-            "gc_percent must be between 1 and 99 (got {})",
+            "gc_percent must be between 1 and 90 (got {})",
             o.gc_percent
         ));
     }
@@ -161,7 +244,7 @@ impl CreateConfig {
     /// spelled out, so a saved config does not depend on today's defaults.
     pub(crate) fn to_params(&self) -> Value {
         let o = &self.options;
-        json!({
+        let mut v = json!({
             "name": self.name,
             "cache_bdev": self.cache_bdev,
             "backing_bdev": self.backing_bdev,
@@ -170,8 +253,92 @@ impl CreateConfig {
             "stripe_size_kib": o.stripe_size_kib,
             "segment_size_mib": o.segment_size_mib,
             "shards": o.shards,
-        })
+            "wb_max_inflight": o.wb.max_inflight,
+            "wb_group_ksets": o.wb.group_ksets,
+            "wb_high_pct": o.wb.high_pct,
+            "wb_low_pct": o.wb.low_pct,
+        });
+        if let Some(c) = o.core {
+            v["core"] = json!(c);
+        }
+        v
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetOptionsParams {
+    name: String,
+    gc_percent: Option<u32>,
+    wb_max_inflight: Option<u32>,
+    wb_group_ksets: Option<u32>,
+    wb_high_pct: Option<u32>,
+    wb_low_pct: Option<u32>,
+}
+
+/// `bdev_pcache_set_options`: the options to change (the others keep their values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetOptions {
+    pub name: String,
+    pub gc_percent: Option<u32>,
+    pub max_inflight: Option<u32>,
+    pub group_ksets: Option<u32>,
+    pub high_pct: Option<u32>,
+    pub low_pct: Option<u32>,
+}
+
+impl SetOptions {
+    /// `cur` with the requested changes, validated.
+    pub(crate) fn apply(&self, cur: WritebackOptions) -> Result<WritebackOptions, String> {
+        let wb = Writeback {
+            max_inflight: self.max_inflight.unwrap_or(cur.max_inflight),
+            group_ksets: self.group_ksets.unwrap_or(cur.group_ksets as u32),
+            high_pct: self.high_pct.unwrap_or(cur.high_pct),
+            low_pct: self.low_pct.unwrap_or(cur.low_pct),
+        };
+        wb.check()?;
+        let gc = self.gc_percent.unwrap_or(cur.gc_percent);
+        if !(1..=90).contains(&gc) {
+            return Err(format!("gc_percent must be between 1 and 90 (got {gc})"));
+        }
+        Ok(wb.engine(gc))
+    }
+}
+
+/// Parse `bdev_pcache_set_options` params: `{name, gc_percent?, wb_*?}`, at least one option.
+pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
+    if params.is_null() {
+        return Err(missing_params());
+    }
+    require_object(&params)?;
+    let p: SetOptionsParams =
+        serde_json::from_value(params).map_err(|e| format!("invalid parameters: {e}"))?;
+    check_name("name", &p.name)?;
+    let o = SetOptions {
+        name: p.name,
+        gc_percent: p.gc_percent,
+        max_inflight: p.wb_max_inflight,
+        group_ksets: p.wb_group_ksets,
+        high_pct: p.wb_high_pct,
+        low_pct: p.wb_low_pct,
+    };
+    if o.gc_percent.is_none()
+        && o.max_inflight.is_none()
+        && o.group_ksets.is_none()
+        && o.high_pct.is_none()
+        && o.low_pct.is_none()
+    {
+        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct)".into());
+    }
+    // Range checks that do not depend on the current values.
+    o.apply(WritebackOptions {
+        max_inflight: o.max_inflight.unwrap_or(1),
+        group_ksets: o.group_ksets.unwrap_or(1) as usize,
+        high_pct: o.high_pct.unwrap_or(100),
+        low_pct: o.low_pct.unwrap_or(0),
+        gc_percent: o.gc_percent.unwrap_or(1),
+    })?;
+    Ok(o)
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,12 +349,42 @@ struct NameParams {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DeleteParams {
+    name: String,
+    no_drain: Option<bool>,
+}
+
+/// `bdev_pcache_delete` parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Delete {
+    pub name: String,
+    /// Skip writing back dirty data: it stays on the cache bdev (reattach to get it).
+    pub no_drain: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct OptNameParams {
     name: Option<String>,
 }
 
-/// Parse `bdev_pcache_delete` params: `{name}`.
-pub(crate) fn parse_delete(params: Value) -> Result<String, String> {
+/// Parse `bdev_pcache_delete` params: `{name, no_drain?}`.
+pub(crate) fn parse_delete(params: Value) -> Result<Delete, String> {
+    if params.is_null() {
+        return Err(missing_params());
+    }
+    require_object(&params)?;
+    let p: DeleteParams =
+        serde_json::from_value(params).map_err(|e| format!("invalid parameters: {e}"))?;
+    check_name("name", &p.name)?;
+    Ok(Delete {
+        name: p.name,
+        no_drain: p.no_drain.unwrap_or(false),
+    })
+}
+
+/// Parse params of the form `{name}` (`bdev_pcache_flush_start`, `_flush_status`).
+pub(crate) fn parse_name(params: Value) -> Result<String, String> {
     if params.is_null() {
         return Err(missing_params());
     }
@@ -253,7 +450,7 @@ mod tests {
                 "must not be empty",
             ),
             (
-                json!({"name": "PC0", "cache_bdev": "M0", "backing_bdev": "M1", "gc_percent": 100}),
+                json!({"name": "PC0", "cache_bdev": "M0", "backing_bdev": "M1", "gc_percent": 91}),
                 "gc_percent",
             ),
             (
@@ -272,6 +469,14 @@ mod tests {
                 json!({"name": "PC0", "cache_bdev": "M0", "backing_bdev": "M1", "data_crc": "yes"}),
                 "invalid type",
             ),
+            (
+                json!({"name": "PC0", "cache_bdev": "M0", "backing_bdev": "M1", "wb_high_pct": 5, "wb_low_pct": 6}),
+                "wb_low_pct",
+            ),
+            (
+                json!({"name": "PC0", "cache_bdev": "M0", "backing_bdev": "M1", "wb_max_inflight": 0}),
+                "wb_max_inflight",
+            ),
         ];
         for (params, want) in cases {
             let err = parse_create(params.clone()).unwrap_err();
@@ -281,7 +486,14 @@ mod tests {
 
     #[test]
     fn delete_and_stats_params() {
-        assert_eq!(parse_delete(json!({"name": "PC0"})).unwrap(), "PC0");
+        assert_eq!(parse_delete(json!({"name": "PC0"})).unwrap().name, "PC0");
+        assert!(
+            parse_delete(json!({"name": "PC0", "no_drain": true}))
+                .unwrap()
+                .no_drain
+        );
+        assert_eq!(parse_name(json!({"name": "PC0"})).unwrap(), "PC0");
+        assert!(parse_name(json!({})).is_err());
         assert!(parse_delete(Value::Null).is_err());
         assert!(parse_delete(json!({"name": "PC0", "x": 1}))
             .unwrap_err()
@@ -293,5 +505,17 @@ mod tests {
             Some("PC0")
         );
         assert!(parse_stats(json!({"nam": "PC0"})).is_err());
+        let so = parse_set_options(json!({"name": "PC0", "wb_high_pct": 50})).unwrap();
+        let o = so.apply(WritebackOptions::default()).unwrap();
+        assert_eq!((o.high_pct, o.low_pct, o.gc_percent), (50, 10, 70));
+        assert!(parse_set_options(json!({"name": "PC0"}))
+            .unwrap_err()
+            .contains("no option"));
+        assert!(parse_set_options(json!({"name": "PC0", "gc_percent": 95})).is_err());
+        let low = parse_set_options(json!({"name": "PC0", "wb_low_pct": 40})).unwrap();
+        assert!(
+            low.apply(WritebackOptions::default()).is_err(),
+            "low above high"
+        );
     }
 }

@@ -2,15 +2,17 @@
 //!
 //! `libpcache.so` is LD_PRELOADed into `spdk_tgt` or `bdevperf` (SPDK built with shared
 //! libraries); its constructor registers the bdev module "pcache" and the RPC methods.
-//! Today the bdev passes every request through to the backing bdev; the cache engine
-//! plugs in at [`io`]'s `submit`.
+//! Each pcache bdev runs the cache engine on its own SPDK thread ([`engine`]).
 //!
 //! - [`ffi`]: bindgen output and SPDK's inline helpers in Rust.
 //! - [`module`]: the `spdk_bdev_module` and load-time registration.
-//! - [`rpc`]: `bdev_pcache_create` / `_delete` / `_get_stats`.
+//! - [`rpc`]: `bdev_pcache_create` / `_delete` / `_get_stats` / `_flush_start` /
+//!   `_flush_status`.
 //! - [`config`]: RPC parameters and validated options (pure Rust).
 //! - [`vbdev`]: one pcache bdev: bases, claims, registration, destruct, hot-remove, JSON.
-//! - [`io`]: channels and the request path.
+//! - [`io`]: channels and the request path on the submitting threads.
+//! - [`engine`]: the engine thread: runs the `Cache`, executes its device commands.
+//! - [`msg`]: messages between SPDK threads.
 //! - [`stats`]: lock-free per-channel counters.
 //! - [`json`], [`log`]: glue to SPDK's JSON writer and logger.
 //!
@@ -19,10 +21,12 @@
 pub mod ffi;
 
 mod config;
+mod engine;
 mod io;
 mod json;
 mod log;
 mod module;
+mod msg;
 mod rpc;
 mod stats;
 mod vbdev;

@@ -1,4 +1,6 @@
-//! JSON-RPC methods: `bdev_pcache_create`, `bdev_pcache_delete`, `bdev_pcache_get_stats`.
+//! JSON-RPC methods: `bdev_pcache_create`, `bdev_pcache_delete`, `bdev_pcache_get_stats`,
+//! `bdev_pcache_flush_start`, `bdev_pcache_flush_status`, `bdev_pcache_set_options`. All but
+//! flush_start answer asynchronously (after messages to the bdev's engine thread).
 //!
 //! Registered `SPDK_RPC_RUNTIME` only. A `--json` config (spdk_tgt, bdevperf) still runs
 //! them: SPDK's loader (`lib/init/json_config.c`) makes two passes over the config, first
@@ -21,14 +23,18 @@ use super::io::Channel;
 use super::json::{params_to_value, Writer};
 use super::log::{no_unwind, spdk_log};
 use super::stats::{Retired, Snapshot};
-use super::{config, vbdev};
+use super::vbdev::NodeState;
+use super::{config, engine, vbdev};
 
 type Handler = unsafe extern "C" fn(*mut ffi::spdk_jsonrpc_request, *const ffi::spdk_json_val);
 
-const METHODS: [(&std::ffi::CStr, Handler); 3] = [
+const METHODS: [(&std::ffi::CStr, Handler); 6] = [
+    (c"bdev_pcache_set_options", rpc_set_options),
     (c"bdev_pcache_create", rpc_create),
     (c"bdev_pcache_delete", rpc_delete),
     (c"bdev_pcache_get_stats", rpc_get_stats),
+    (c"bdev_pcache_flush_start", rpc_flush_start),
+    (c"bdev_pcache_flush_status", rpc_flush_status),
 ];
 
 /// Called from the module constructor: no panics, no std I/O.
@@ -100,10 +106,13 @@ unsafe extern "C" fn rpc_create(
                 ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
                 &format!("bdev_pcache_create: {e}"),
             ),
-            Ok(cfg) => match vbdev::create(cfg) {
-                Ok(name) => req.reply(&Value::String(name)),
-                Err((code, msg)) => req.error(code, &format!("bdev_pcache_create: {msg}")),
-            },
+            Ok(cfg) => vbdev::create(
+                cfg,
+                Box::new(move |res| match res {
+                    Ok(name) => req.reply(&Value::String(name)),
+                    Err((code, msg)) => req.error(code, &format!("bdev_pcache_create: {msg}")),
+                }),
+            ),
         }
     });
 }
@@ -123,13 +132,31 @@ unsafe extern "C" fn delete_done(arg: *mut c_void, rc: c_int) {
     })
 }
 
+/// A running pcache bdev by name, or the error to answer with.
+fn running(method: &str, name: &str) -> Result<*mut vbdev::Pcache, (i32, String)> {
+    let Some(node) = vbdev::find(name) else {
+        return Err((
+            -libc::ENODEV,
+            format!("{method}: no pcache bdev named '{name}'"),
+        ));
+    };
+    // SAFETY: registered nodes are live (same thread).
+    if unsafe { (*node).state() } != NodeState::Running {
+        return Err((
+            -libc::EBUSY,
+            format!("{method}: pcache bdev '{name}' is still being created"),
+        ));
+    }
+    Ok(node)
+}
+
 unsafe extern "C" fn rpc_delete(
     request: *mut ffi::spdk_jsonrpc_request,
     params: *const ffi::spdk_json_val,
 ) {
     guarded(request, params, |req, params| {
-        let name = match config::parse_delete(params) {
-            Ok(n) => n,
+        let d = match config::parse_delete(params) {
+            Ok(d) => d,
             Err(e) => {
                 return req.error(
                     ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
@@ -137,18 +164,177 @@ unsafe extern "C" fn rpc_delete(
                 )
             }
         };
-        let Some(node) = vbdev::find(&name) else {
-            return req.error(
-                -libc::ENODEV,
-                &format!("bdev_pcache_delete: no pcache bdev named '{name}'"),
-            );
+        let node = match running("bdev_pcache_delete", &d.name) {
+            Ok(n) => n,
+            Err((code, msg)) => return req.error(code, &msg),
         };
-        let raw = req.into_raw();
-        let rc = vbdev::unregister(node, Some(delete_done), raw.cast());
-        if rc != 0 {
-            // The callback is not called when unregister_by_name fails up front.
-            // SAFETY: same request, not answered yet.
-            unsafe { delete_done(raw.cast(), rc) };
+        // SAFETY: live node (registry, same thread).
+        let n = unsafe { &*node };
+        if n.deleting.get() {
+            return req.error(
+                -libc::EBUSY,
+                &format!("bdev_pcache_delete: '{}' is already being deleted", d.name),
+            );
+        }
+        n.deleting.set(true);
+        if d.no_drain {
+            return unregister_and_reply(node, req);
+        }
+        // Write back everything while the bdev still serves I/O (a backing failure leaves
+        // it usable), then unregister; destruct drains again what arrived meanwhile.
+        let name = d.name.clone();
+        let sent = engine::drain(
+            n.engine_thread(),
+            n.engine(),
+            Box::new(move |res| {
+                if !vbdev::is_live(node) {
+                    return req.error(
+                        -libc::ENODEV,
+                        &format!("bdev_pcache_delete: '{name}' went away while draining"),
+                    );
+                }
+                // SAFETY: live (checked above, same thread).
+                let n = unsafe { &*node };
+                match res {
+                    Ok(()) => {
+                        n.drain_on_destruct.set(true);
+                        unregister_and_reply(node, req);
+                    }
+                    Err(e) => {
+                        n.deleting.set(false);
+                        req.error(
+                            -libc::EIO,
+                            &format!(
+                                "bdev_pcache_delete: '{name}' not deleted: {e} (no_drain=true deletes it anyway)"
+                            ),
+                        );
+                    }
+                }
+            }),
+        );
+        if sent.is_err() {
+            // The closure (and the request inside it) is gone: nothing can answer it.
+            n.deleting.set(false);
+            spdk_log!(ERROR, "bdev_pcache_delete: cannot reach the engine thread");
+        }
+    });
+}
+
+fn unregister_and_reply(node: *mut vbdev::Pcache, req: Request) {
+    let raw = req.into_raw();
+    let rc = vbdev::unregister(node, Some(delete_done), raw.cast());
+    if rc != 0 {
+        // The callback is not called when unregister_by_name fails up front.
+        // SAFETY: same request, not answered yet.
+        unsafe { delete_done(raw.cast(), rc) };
+    }
+}
+
+unsafe extern "C" fn rpc_flush_start(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+) {
+    guarded(request, params, |req, params| {
+        let m = "bdev_pcache_flush_start";
+        let name = match config::parse_name(params) {
+            Ok(n) => n,
+            Err(e) => {
+                return req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}"))
+            }
+        };
+        let node = match running(m, &name) {
+            Ok(n) => n,
+            Err((code, msg)) => return req.error(code, &msg),
+        };
+        // SAFETY: live node.
+        let n = unsafe { &*node };
+        match engine::flush_start(n.engine_thread(), n.engine()) {
+            Ok(()) => req.reply(&Value::Bool(true)),
+            Err(()) => req.error(
+                -libc::ENOMEM,
+                &format!("{m}: cannot reach the engine thread"),
+            ),
+        }
+    });
+}
+
+unsafe extern "C" fn rpc_set_options(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+) {
+    guarded(request, params, |req, params| {
+        let m = "bdev_pcache_set_options";
+        let so = match config::parse_set_options(params) {
+            Ok(o) => o,
+            Err(e) => {
+                return req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}"))
+            }
+        };
+        let node = match running(m, &so.name) {
+            Ok(n) => n,
+            Err((code, msg)) => return req.error(code, &msg),
+        };
+        // SAFETY: live node.
+        let n = unsafe { &*node };
+        let name = so.name.clone();
+        let sent = engine::set_options(
+            n.engine_thread(),
+            n.engine(),
+            move |cur| so.apply(cur),
+            Box::new(move |res| match res {
+                Err(e) => req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}")),
+                Ok(o) => {
+                    let v = serde_json::json!({
+                        "gc_percent": o.gc_percent,
+                        "wb_max_inflight": o.max_inflight,
+                        "wb_group_ksets": o.group_ksets,
+                        "wb_high_pct": o.high_pct,
+                        "wb_low_pct": o.low_pct,
+                    });
+                    if vbdev::is_live(node) {
+                        // SAFETY: live (checked, same thread).
+                        unsafe { (*node).update_params(&v) };
+                    }
+                    let mut out = v;
+                    out["name"] = Value::String(name);
+                    req.reply(&out);
+                }
+            }),
+        );
+        if sent.is_err() {
+            spdk_log!(ERROR, "{m}: cannot reach the engine thread");
+        }
+    });
+}
+
+unsafe extern "C" fn rpc_flush_status(
+    request: *mut ffi::spdk_jsonrpc_request,
+    params: *const ffi::spdk_json_val,
+) {
+    guarded(request, params, |req, params| {
+        let m = "bdev_pcache_flush_status";
+        let name = match config::parse_name(params) {
+            Ok(n) => n,
+            Err(e) => {
+                return req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}"))
+            }
+        };
+        let node = match running(m, &name) {
+            Ok(n) => n,
+            Err((code, msg)) => return req.error(code, &msg),
+        };
+        // SAFETY: live node.
+        let n = unsafe { &*node };
+        let sent = engine::flush_status(
+            n.engine_thread(),
+            n.engine(),
+            Box::new(move |mut v| {
+                v["name"] = Value::String(name);
+                req.reply(&v)
+            }),
+        );
+        if sent.is_err() {
+            spdk_log!(ERROR, "{m}: cannot reach the engine thread");
         }
     });
 }
@@ -158,7 +344,7 @@ unsafe extern "C" fn rpc_delete(
 struct Collect {
     request: *mut ffi::spdk_jsonrpc_request,
     todo: std::vec::IntoIter<*mut vbdev::Pcache>,
-    current: Option<(String, Arc<Retired>)>,
+    current: Option<(String, Arc<Retired>, *mut vbdev::Pcache)>,
     sum: Snapshot,
     channels: u64,
     out: Vec<Value>,
@@ -169,12 +355,13 @@ fn collect_next(mut c: Box<Collect>) {
     for node in c.todo.by_ref() {
         // The node may have been deleted since the list was taken: skip it then. A live
         // node's io_device stays registered until our walk over it completes.
-        if !vbdev::is_live(node) {
+        // SAFETY: a registered node is live (same thread).
+        if !vbdev::is_live(node) || unsafe { (*node).state() } != NodeState::Running {
             continue;
         }
         // SAFETY: live node (registry, same thread).
         let (name, retired) = unsafe { ((*node).name().to_string(), (*node).retired.clone()) };
-        c.current = Some((name, retired));
+        c.current = Some((name, retired, node));
         c.sum = Snapshot::default();
         c.channels = 0;
         // SAFETY: `node` is a registered io_device; the context stays valid (leaked Box)
@@ -212,20 +399,54 @@ unsafe extern "C" fn collect_done(i: *mut ffi::spdk_io_channel_iter, _status: c_
     // SAFETY: we leaked this Box in `collect_next`; the walk is over, so it is ours again.
     let mut c = unsafe { Box::from_raw(ffi::spdk_io_channel_iter_get_ctx(i).cast::<Collect>()) };
     let r = catch_unwind(AssertUnwindSafe(|| {
-        if let Some((name, retired)) = c.current.take() {
+        c.current.take().map(|(name, retired, node)| {
             let mut total = c.sum;
             total.add(&retired.get());
-            let v = total.to_json(&name, c.channels);
-            c.out.push(v);
-        }
+            (total.to_json(&name, c.channels), node)
+        })
     }));
-    if r.is_err() {
-        return Request(c.request).error(
+    match r {
+        Err(_) => Request(c.request).error(
             ffi::SPDK_JSONRPC_ERROR_INTERNAL_ERROR,
             "internal error collecting stats",
-        );
+        ),
+        Ok(None) => collect_next(c),
+        Ok(Some((v, node))) => collect_engine(c, v, node),
     }
-    collect_next(c);
+}
+
+/// Adds the engine's statistics (by message to its thread) to `v`, then goes on.
+fn collect_engine(mut c: Box<Collect>, v: Value, node: *mut vbdev::Pcache) {
+    // SAFETY: the walk over the node's channels just ended on this thread.
+    if !vbdev::is_live(node) || unsafe { (*node).state() } != NodeState::Running {
+        c.out.push(v);
+        return collect_next(c);
+    }
+    // SAFETY: live node.
+    let (thread, eng) = unsafe { ((*node).engine_thread(), (*node).engine()) };
+    // The closure is dropped unrun if the message cannot be sent: keep the walk reachable.
+    let slot = std::rc::Rc::new(std::cell::RefCell::new(Some((c, v))));
+    let back = slot.clone();
+    let sent = engine::stats(
+        thread,
+        eng,
+        Box::new(move |e: Value| {
+            if let Some((mut c, mut v)) = back.borrow_mut().take() {
+                if let (Some(o), Value::Object(e)) = (v.as_object_mut(), e) {
+                    o.extend(e);
+                }
+                c.out.push(v);
+                collect_next(c);
+            }
+        }),
+    );
+    if sent.is_err() {
+        let taken = slot.borrow_mut().take();
+        if let Some((mut c, v)) = taken {
+            c.out.push(v);
+            collect_next(c);
+        }
+    }
 }
 
 unsafe extern "C" fn rpc_get_stats(

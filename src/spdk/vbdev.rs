@@ -2,10 +2,18 @@
 //! from `bdev_pcache_create` to destruct.
 //!
 //! Threading: create, delete, hot-remove events, destruct and the JSON callbacks all run on
-//! the app thread (the RPC thread, where the bases are opened). The I/O path runs on any
-//! thread and only reads fields fixed before `spdk_bdev_register`.
+//! the app thread (the RPC thread, where the bases are opened). The cache itself runs on the
+//! bdev's engine thread (`engine`), reached by message. The I/O path runs on any thread and
+//! only reads fields fixed before `spdk_bdev_register` (`engine_thread`, `engine`).
+//!
+//! Create is asynchronous: open and claim both bases, start the engine thread, which reads
+//! the cache bdev's superblock (reattach), formats it when it holds no pcache, or refuses
+//! (another backing bdev's cache, damaged metadata); then register the bdev and answer.
+//! Destruct is asynchronous too: stop the engine (after writing back everything if the
+//! delete asked for it), which releases its channels and exits its thread; then close the
+//! bases here and call `spdk_bdev_destruct_done`.
 
-use std::cell::{Cell, UnsafeCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_int, c_void, CString};
 use std::ptr;
 use std::sync::{Arc, Mutex};
@@ -13,12 +21,14 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::config::CreateConfig;
+use super::engine::{self, Engine, OpenInfo, SendPtr, Setup};
 use super::ffi::{self, spdk_bdev_io_type as t};
 use super::io;
 use super::json::Writer;
 use super::log::{no_unwind, spdk_log};
 use super::module::{finishing, module};
 use super::stats::Retired;
+use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions};
 
 /// Namespace for pcache bdev UUIDs (SHA-1 of this and the base bdevs' UUIDs).
 const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
@@ -46,23 +56,46 @@ impl Base {
     }
 }
 
+/// Where a pcache bdev is in its life (app thread only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NodeState {
+    /// The engine is opening or formatting the cache; not registered yet.
+    Creating,
+    /// Registered, serving I/O.
+    Running,
+}
+
 /// The io_device and `bdev.ctxt` of one pcache bdev. Heap-allocated, never moved; freed in
 /// the io_device unregister callback, after the last channel is gone.
 pub(crate) struct Pcache {
     bdev: UnsafeCell<ffi::spdk_bdev>,
     name: CString,
     config: CreateConfig,
-    /// `bdev_pcache_create` params, cached for `write_config_json` (bdev-manager lock held).
-    config_params: Value,
+    /// `bdev_pcache_create` params with the options in effect (from the superblock once the
+    /// cache is open), cached for `write_config_json` (bdev-manager lock held).
+    config_params: RefCell<Value>,
     pub(crate) cache: Base,
     pub(crate) backing: Base,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
-    /// The backing bdev handles FLUSH (otherwise we complete it ourselves).
-    pub(crate) backing_flush: bool,
+    /// The engine and its thread; set before the engine starts and before registration,
+    /// never changed afterwards. The engine is only dereferenced on its thread.
+    engine_thread: *mut ffi::spdk_thread,
+    engine: *mut Engine,
     pub(crate) retired: Arc<Retired>,
+    state: Cell<NodeState>,
+    /// Answer of a create in progress.
+    create_reply: RefCell<Option<CreateReply>>,
+    /// A base bdev went away while the cache was being opened.
+    base_gone: Cell<bool>,
     /// `spdk_bdev_unregister` was called (delete, hot-remove); app thread only.
     unregistering: Cell<bool>,
+    /// A delete is in progress (draining or unregistering).
+    pub(crate) deleting: Cell<bool>,
+    /// Destruct writes back everything before stopping (delete without `no_drain`).
+    pub(crate) drain_on_destruct: Cell<bool>,
+    /// What the open found, for `bdev_get_bdevs`.
+    info: RefCell<Value>,
 }
 
 impl Pcache {
@@ -73,7 +106,34 @@ impl Pcache {
     pub(crate) fn name(&self) -> &str {
         &self.config.name
     }
+
+    pub(crate) fn engine_thread(&self) -> *mut ffi::spdk_thread {
+        self.engine_thread
+    }
+
+    pub(crate) fn engine(&self) -> *mut Engine {
+        self.engine
+    }
+
+    pub(crate) fn state(&self) -> NodeState {
+        self.state.get()
+    }
+
+    /// Records options changed at run time, so `save_config` echoes them.
+    pub(crate) fn update_params(&self, changes: &Value) {
+        if let (Some(p), Some(c)) = (
+            self.config_params.borrow_mut().as_object_mut(),
+            changes.as_object(),
+        ) {
+            for (k, v) in c {
+                p.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
+
+/// The answer to `bdev_pcache_create`: the new bdev's name, or an error.
+pub(crate) type CreateReply = Box<dyn FnOnce(Result<String, RpcError>)>;
 
 // ---- registry of live pcache bdevs (control path only) ----
 
@@ -269,6 +329,25 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
             node.config.backing_bdev
         )));
     }
+    if ca.blocklen != 512 {
+        return Err(invalid(format!(
+            "cache bdev '{}' has {}-byte blocks: pcache needs a cache bdev with 512-byte blocks \
+             (its on-media format updates single 512-byte sectors, e.g. the A/B control slots)",
+            node.config.cache_bdev, ca.blocklen
+        )));
+    }
+    if ca.md_len != 0 || ca.dif_type != 0 {
+        return Err(invalid(format!(
+            "cache bdev '{}' has metadata/DIF, which pcache does not support",
+            node.config.cache_bdev
+        )));
+    }
+    if bk.blocklen != 512 && bk.blocklen != 4096 {
+        return Err(invalid(format!(
+            "backing bdev '{}' has {}-byte blocks: pcache supports 512 and 4096",
+            node.config.backing_bdev, bk.blocklen
+        )));
+    }
     let o = &node.config.options;
     let stripe = o.stripe_bytes();
     for (role, b) in [("backing", &bk), ("cache", &ca)] {
@@ -325,6 +404,13 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     b.required_alignment = align;
     b.optimal_io_boundary = boundary;
     b.__bindgen_anon_1.set_split_on_optimal_io_boundary(1);
+    // Keep UNMAP / WRITE_ZEROES within the engine's 32-bit sector counts.
+    let max_discard = (1u32 << 30) / blocklen;
+    b.max_unmap = max_discard;
+    b.max_unmap_segments = 1;
+    b.max_write_zeroes = max_discard;
+    // Resets wait for in-flight I/O in the bdev layer and rarely reach us.
+    b.reset_io_drain_timeout = 5; // SPDK_BDEV_RESET_IO_DRAIN_RECOMMENDED_VALUE
     b.uuid = uuid;
     b.numa = numa;
     b.ctxt = (node as *mut Pcache).cast();
@@ -338,8 +424,92 @@ fn uuid_zero() -> ffi::spdk_uuid {
     unsafe { std::mem::zeroed() }
 }
 
-/// `bdev_pcache_create`: open and claim both bases, register the bdev. Returns its name.
-pub(crate) fn create(config: CreateConfig) -> Result<String, RpcError> {
+fn random_uuid() -> [u8; 16] {
+    let mut u = uuid_zero();
+    // SAFETY: writes 16 bytes into a valid spdk_uuid.
+    unsafe { ffi::spdk_uuid_generate(&mut u) };
+    uuid_bytes(&u)
+}
+
+/// `bdev_pcache_create`: open and claim both bases, start the engine thread, which opens
+/// (or formats) the cache; `reply` gets the new bdev's name once it is registered.
+pub(crate) fn create(config: CreateConfig, reply: CreateReply) {
+    let node = match prepare(config) {
+        Ok(n) => n,
+        Err(e) => return reply(Err(e)),
+    };
+    // SAFETY: `prepare` leaked a fully built node; only this thread knows it.
+    let n = unsafe { &mut *node };
+    *n.create_reply.borrow_mut() = Some(reply);
+    nodes().push(NodePtr(node));
+
+    // SAFETY: both bases are open, so live.
+    let (bk, ca) = unsafe {
+        (
+            BaseGeometry::read(n.backing.bdev),
+            BaseGeometry::read(n.cache.bdev),
+        )
+    };
+    let o = &n.config.options;
+    // SAFETY: open base bdev.
+    if unsafe { ffi::spdk_bdev_has_write_cache(n.cache.bdev) } {
+        spdk_log!(
+            NOTICE,
+            "{}: cache bdev '{}' has a volatile write cache: acknowledged writes survive a \
+             crash of this process but not a power loss (use persistent memory for that)",
+            n.config.name,
+            n.config.cache_bdev
+        );
+    }
+    let setup = Setup {
+        name: n.config.name.clone(),
+        core: n.config.options.core,
+        app_thread: n.thread,
+        desc: [n.cache.desc.get(), n.backing.desc.get()],
+        bdev: [n.cache.bdev, n.backing.bdev],
+        identity: BackingIdentity {
+            sectors: bk.blockcnt * u64::from(bk.blocklen) / 512,
+            block_size: bk.blocklen,
+            uuid: uuid_bytes(&bk.uuid),
+            name: n.config.backing_bdev.clone(),
+        },
+        format: FormatOptions {
+            layout: LayoutOptions {
+                segment_bytes: u64::from(o.segment_size_mib) << 20,
+                stripe_bytes: o.stripe_bytes(),
+                shards: o.shards,
+            },
+            data_crc: o.data_crc,
+            cache_uuid: random_uuid(),
+            gc_percent: o.gc_percent,
+        },
+        cache_options: CacheOptions {
+            writeback: o.wb.engine(o.gc_percent),
+            ..CacheOptions::default()
+        },
+        cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
+    };
+    let p = SendPtr(node);
+    match engine::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
+        Ok((thread, eng)) => {
+            n.engine_thread = thread;
+            n.engine = eng;
+        }
+        Err(e) => {
+            registry_remove(node);
+            close_bases(n);
+            let reply = n.create_reply.borrow_mut().take();
+            // SAFETY: not registered anywhere; we still own the allocation.
+            drop(unsafe { Box::from_raw(node) });
+            if let Some(r) = reply {
+                r(Err(errno(-libc::ENOMEM, e)));
+            }
+        }
+    }
+}
+
+/// Synchronous part of create: checks, bases opened and claimed, bdev filled in.
+fn prepare(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
     if find(&config.name).is_some() {
         return Err(errno(
             -libc::EEXIST,
@@ -358,15 +528,22 @@ pub(crate) fn create(config: CreateConfig) -> Result<String, RpcError> {
         // SAFETY: all-zero is a valid unregistered spdk_bdev; fields are set by name below.
         bdev: UnsafeCell::new(unsafe { std::mem::zeroed() }),
         name,
-        config_params: config.to_params(),
+        config_params: RefCell::new(config.to_params()),
         cache: Base::new(&config.cache_bdev)?,
         backing: Base::new(&config.backing_bdev)?,
         config,
         // SAFETY: called on an SPDK thread (the RPC thread).
         thread: unsafe { ffi::spdk_get_thread() },
-        backing_flush: false,
+        engine_thread: ptr::null_mut(),
+        engine: ptr::null_mut(),
         retired: Arc::new(Retired::default()),
+        state: Cell::new(NodeState::Creating),
+        create_reply: RefCell::new(None),
+        base_gone: Cell::new(false),
         unregistering: Cell::new(false),
+        deleting: Cell::new(false),
+        drain_on_destruct: Cell::new(false),
+        info: RefCell::new(Value::Null),
     });
     let node = Box::into_raw(node);
     // SAFETY: freshly allocated and not yet shared with SPDK (except as event context of
@@ -382,10 +559,62 @@ pub(crate) fn create(config: CreateConfig) -> Result<String, RpcError> {
         drop(unsafe { Box::from_raw(node) });
         return Err(e);
     }
-    // SAFETY: open descriptor of a live bdev.
-    n.backing_flush =
-        unsafe { ffi::spdk_bdev_io_type_supported(n.backing.bdev, t::SPDK_BDEV_IO_TYPE_FLUSH) };
+    Ok(node)
+}
 
+/// The engine finished opening (app thread): register the bdev, or undo everything.
+fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
+    // SAFETY: the node stays alive while its create is pending (only this path frees it).
+    let n = unsafe { &mut *node };
+    let reply = n.create_reply.borrow_mut().take();
+    let answer = |r: Result<String, RpcError>| {
+        if let Some(reply) = reply {
+            reply(r);
+        }
+    };
+    let info = match res {
+        Ok(info) => info,
+        Err(msg) => {
+            // The engine is gone (thread exited, channels released).
+            registry_remove(node);
+            close_bases(n);
+            // SAFETY: never registered; nobody else holds the node.
+            drop(unsafe { Box::from_raw(node) });
+            return answer(Err(errno(-libc::EINVAL, msg)));
+        }
+    };
+    if n.base_gone.get() {
+        stop_and_free(node, false);
+        return answer(Err(errno(
+            -libc::ENODEV,
+            "a base bdev was removed while the cache was being opened".into(),
+        )));
+    }
+    // The superblock decides the layout of a reattached cache.
+    let g = info.sb.geometry;
+    {
+        let mut p = n.config_params.borrow_mut();
+        p["data_crc"] = json!(info.sb.data_crc);
+        p["gc_percent"] = json!(info.gc_percent);
+        p["stripe_size_kib"] = json!(g.stripe_sectors / 2);
+        p["segment_size_mib"] = json!(g.segment_sectors / 2048);
+        p["shards"] = json!(g.shard_count);
+        if *p != n.config.to_params() && !info.formatted {
+            spdk_log!(
+                NOTICE,
+                "{}: reattached cache keeps its own layout/options: {}",
+                n.name(),
+                p
+            );
+        }
+    }
+    *n.info.borrow_mut() = json!({
+        "formatted": info.formatted,
+        "cache_uuid": info.sb.cache_uuid.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "segments": g.segment_count,
+        "dirty_bytes_at_open": info.dirty_bytes,
+        "open_problems": info.problems,
+    });
     // SAFETY: `node` is a stable heap address used as the io_device key until
     // `spdk_io_device_unregister`; the callbacks match the registered context size.
     unsafe {
@@ -397,26 +626,56 @@ pub(crate) fn create(config: CreateConfig) -> Result<String, RpcError> {
             n.name.as_ptr(),
         )
     };
-    nodes().push(NodePtr(node));
+    n.state.set(NodeState::Running);
     // SAFETY: the bdev is fully initialized; after this SPDK owns its lifecycle and calls
     // our fn_table, ending with `destruct`.
     let rc = unsafe { ffi::spdk_bdev_register(n.bdev_ptr()) };
     if rc != 0 {
-        registry_remove(node);
-        close_bases(n);
-        // SAFETY: registered above, no channels exist; the callback frees the node.
-        unsafe { ffi::spdk_io_device_unregister(node.cast(), Some(free_node)) };
-        return Err(errno(rc, format!("cannot register bdev: {}", strerror(rc))));
+        stop_and_free(node, true);
+        return answer(Err(errno(
+            rc,
+            format!("cannot register bdev: {}", strerror(rc)),
+        )));
     }
-    let name = n.config.name.clone();
     spdk_log!(
         NOTICE,
-        "created pcache bdev '{}' (cache '{}', backing '{}', passthrough)",
-        name,
+        "{} pcache bdev '{}' (cache '{}', backing '{}', {} shard(s), {} segments of {} MiB)",
+        if info.formatted {
+            "created"
+        } else {
+            "reattached"
+        },
+        n.name(),
         n.config.cache_bdev,
-        n.config.backing_bdev
+        n.config.backing_bdev,
+        g.shard_count,
+        g.segment_count,
+        g.segment_sectors / 2048
     );
-    Ok(name)
+    answer(Ok(n.config.name.clone()));
+}
+
+/// Stops the engine of a node that is not (or no longer) registered and frees it.
+fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
+    registry_remove(node);
+    // SAFETY: live node (not freed before the stop completes).
+    let n = unsafe { &*node };
+    let p = SendPtr(node);
+    let done = Box::new(move |_res: Result<(), String>| {
+        // SAFETY: the node lives until here; the engine no longer uses the bases.
+        let n = unsafe { &*p.0 };
+        close_bases(n);
+        if io_device_registered {
+            // SAFETY: registered in `create_opened`; `free_node` runs after its channels.
+            unsafe { ffi::spdk_io_device_unregister(p.0.cast(), Some(free_node)) };
+        } else {
+            // SAFETY: never shared with SPDK beyond the closed descriptors.
+            drop(unsafe { Box::from_raw(p.0) });
+        }
+    });
+    if engine::stop(n.engine_thread, n.engine, false, done).is_err() {
+        spdk_log!(ERROR, "{}: cannot stop the engine; leaking it", n.name());
+    }
 }
 
 unsafe extern "C" fn free_node(io_device: *mut c_void) {
@@ -458,6 +717,25 @@ unsafe extern "C" fn base_event(
             .into_owned();
         match kind {
             ffi::spdk_bdev_event_type::SPDK_BDEV_EVENT_REMOVE => {
+                let dev = if ptr::eq(bdev, n.cache.bdev) {
+                    Dev::Cache
+                } else {
+                    Dev::Backing
+                };
+                // From now on every command for it fails at once, so nothing waits for it.
+                if !n.engine.is_null()
+                    && engine::base_removed(n.engine_thread, n.engine, dev).is_err()
+                {
+                    spdk_log!(
+                        ERROR,
+                        "{}: cannot tell the engine about the removal",
+                        n.name()
+                    );
+                }
+                if n.state.get() == NodeState::Creating {
+                    n.base_gone.set(true);
+                    return;
+                }
                 if n.unregistering.get() {
                     return;
                 }
@@ -480,39 +758,48 @@ unsafe extern "C" fn base_event(
     })
 }
 
-unsafe extern "C" fn close_desc_msg(desc: *mut c_void) {
-    no_unwind("close_desc_msg", (), || {
-        // SAFETY: a descriptor sent by `destruct` to its opening thread, closed exactly once.
-        unsafe { ffi::spdk_bdev_close(desc.cast()) };
-    })
-}
-
-/// `fn_table.destruct`: the bdev is unregistered and has no open descriptors.
+/// `fn_table.destruct`: the bdev is unregistered and has no open descriptors. Asynchronous:
+/// the engine stops (writing back everything first for a draining delete), then the bases
+/// are closed and `spdk_bdev_destruct_done` reports the outcome.
 unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
     no_unwind("destruct", 0, || {
         let node = ctx.cast::<Pcache>();
         registry_remove(node);
-        // SAFETY: `ctxt` is our live node; from here only SPDK's channel teardown uses it.
+        // SAFETY: `ctxt` is our live node; from here only SPDK's channel teardown and the
+        // stop below use it.
         let n = unsafe { &*node };
-        // SAFETY: spdk_get_thread is callable on any SPDK thread.
-        if n.thread.is_null() || n.thread == unsafe { ffi::spdk_get_thread() } {
-            close_bases(n);
-        } else {
-            for base in [&n.cache, &n.backing] {
-                let desc = base.desc.replace(ptr::null_mut());
-                if !desc.is_null() {
-                    // SAFETY: close on the opening thread, which outlives the bdev layer.
-                    unsafe {
-                        ffi::spdk_thread_send_msg(n.thread, Some(close_desc_msg), desc.cast())
-                    };
-                }
-            }
+        let drain = n.drain_on_destruct.get() && !finishing();
+        let p = SendPtr(node);
+        let done = Box::new(move |res: Result<(), String>| destruct_finish(p.0, res));
+        if engine::stop(n.engine_thread, n.engine, drain, done).is_err() {
+            spdk_log!(
+                ERROR,
+                "{}: cannot stop the engine (out of messages); leaking the bdev",
+                n.name()
+            );
+            return 0;
         }
-        spdk_log!(NOTICE, "destructed pcache bdev '{}'", n.name());
-        // SAFETY: registered in `create`; `free_node` runs after the last channel is destroyed.
-        unsafe { ffi::spdk_io_device_unregister(node.cast(), Some(free_node)) };
-        0
+        1
     })
+}
+
+/// The engine stopped (app thread = the thread that opened the bases).
+fn destruct_finish(node: *mut Pcache, res: Result<(), String>) {
+    // SAFETY: the node lives until `free_node`, which only follows the unregister below.
+    let n = unsafe { &*node };
+    close_bases(n);
+    let rc = match &res {
+        Ok(()) => 0,
+        Err(e) => {
+            spdk_log!(ERROR, "{}: {e}", n.name());
+            -libc::EIO
+        }
+    };
+    spdk_log!(NOTICE, "destructed pcache bdev '{}'", n.name());
+    // SAFETY: our unregistered bdev; this reports the end of the destruct we deferred.
+    unsafe { ffi::spdk_bdev_destruct_done(n.bdev_ptr(), rc) };
+    // SAFETY: registered in `create_opened`; `free_node` runs after the last channel.
+    unsafe { ffi::spdk_io_device_unregister(node.cast(), Some(free_node)) };
 }
 
 // ---- function table ----
@@ -537,20 +824,18 @@ unsafe extern "C" fn io_type_supported(
     kind: ffi::spdk_bdev_io_type::Type,
 ) -> bool {
     no_unwind("io_type_supported", false, || {
-        // SAFETY: `ctx` is our live node.
-        let backing = unsafe { (*ctx.cast::<Pcache>()).backing.bdev };
-        match kind {
-            t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE | t::SPDK_BDEV_IO_TYPE_FLUSH => {
-                true
-            }
-            t::SPDK_BDEV_IO_TYPE_UNMAP
-            | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
-            | t::SPDK_BDEV_IO_TYPE_RESET => {
-                // SAFETY: the backing bdev is open, so live.
-                unsafe { ffi::spdk_bdev_io_type_supported(backing, kind) }
-            }
-            _ => false,
-        }
+        let _ = ctx;
+        // The engine handles all of these itself (UNMAP / WRITE_ZEROES are logged as keys
+        // that read as zeros and written back as write-zeroes).
+        matches!(
+            kind,
+            t::SPDK_BDEV_IO_TYPE_READ
+                | t::SPDK_BDEV_IO_TYPE_WRITE
+                | t::SPDK_BDEV_IO_TYPE_FLUSH
+                | t::SPDK_BDEV_IO_TYPE_UNMAP
+                | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
+                | t::SPDK_BDEV_IO_TYPE_RESET
+        )
     })
 }
 
@@ -566,7 +851,7 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
     no_unwind("dump_info_json", 0, || {
         // SAFETY: `ctx` is our live node; `w` is valid for this callback.
         let (n, w) = unsafe { (&*ctx.cast::<Pcache>(), Writer::new(w)) };
-        let mut options = n.config_params.clone();
+        let mut options = n.config_params.borrow().clone();
         if let Some(o) = options.as_object_mut() {
             for k in ["name", "cache_bdev", "backing_bdev"] {
                 o.remove(k);
@@ -578,9 +863,10 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
             "name": n.config.name,
             "cache_bdev": n.config.cache_bdev,
             "backing_bdev": n.config.backing_bdev,
-            "mode": "passthrough",
+            "mode": "write-back",
             "stripe_blocks": stripe_blocks,
             "options": options,
+            "cache": *n.info.borrow(),
         });
         w.named("pcache", &info);
         0
@@ -596,6 +882,6 @@ unsafe extern "C" fn write_config_json(
     no_unwind("write_config_json", (), || {
         // SAFETY: `bdev` is ours, `ctxt` our live node; `w` is valid for this callback.
         let (n, w) = unsafe { (&*(*bdev).ctxt.cast::<Pcache>(), Writer::new(w)) };
-        w.value(&json!({"method": "bdev_pcache_create", "params": n.config_params}));
+        w.value(&json!({"method": "bdev_pcache_create", "params": *n.config_params.borrow()}));
     })
 }

@@ -10,3 +10,5 @@
 #include <spdk/log.h>
 #include <spdk/string.h>
 #include <spdk/uuid.h>
+#include <spdk/env.h>
+#include <spdk/cpuset.h>

@@ -1,0 +1,1802 @@
+//! The engine thread of one pcache bdev: runs the sans-I/O [`Cache`] and executes its device
+//! commands against the cache and backing bdevs.
+//!
+//! Every pcache bdev gets its own SPDK thread (bound to one core of the app's mask, chosen
+//! round-robin from the last core). Everything that touches the [`Cache`] or the base bdevs'
+//! channels happens there:
+//! - requests arrive by message (`submit_msg`, the `spdk_bdev_io` as argument) and are
+//!   submitted to the cache; request completions go back by message to the thread that
+//!   submitted them (`io::complete_msg`), which completes the `spdk_bdev_io`;
+//! - a period-0 poller runs the cache (`poll`, drain commands, execute them) whenever a
+//!   request or a device completion arrived, so concurrent requests are group-committed; a
+//!   1 ms poller keeps writeback going, detects idleness (10 ms without requests), resolves
+//!   drains and resets, and tears the engine down when it stops;
+//! - opening (reading the superblock and replaying the log with the engine's [`Opener`]) and
+//!   formatting run here too, with DMA buffers, before the bdev is registered.
+//!
+//! A request buffer a command names ([`Buf::Req`]) belongs to a live request: each request
+//! holds a slot in [`Reqs`], addressed by the id handed to the engine (slot index and a
+//! generation, so a stale id never reaches a recycled slot). A request completes only when
+//! the engine completed it *and* no device command using its buffer is still in flight.
+//!
+//! Device errors become `IoError::Device`; -ENOMEM from a submission waits on the base
+//! bdev (`spdk_bdev_queue_io_wait`) and is retried. After a base bdev is hot-removed every
+//! command for it fails at once, so requests that need it fail and the rest finish.
+
+use std::ffi::{c_int, c_void, CString};
+use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::{json, Value};
+
+use crate::engine::shard::WritebackOptions;
+use crate::engine::{
+    format, BackingIdentity, Buf, Cache, CacheOptions, Command, Dev, FormatError, FormatOptions,
+    IoDone, IoError, Op, OpenError, OpenStep, Opener, ReqError, ReqId, ReqResult, Request,
+    Superblock,
+};
+
+use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
+use super::io::{self, IoCtx};
+use super::log::{no_unwind, spdk_log};
+use super::msg;
+
+/// What the app thread hands to a new engine.
+pub(crate) struct Setup {
+    pub name: String,
+    /// Core for the engine thread; None: round-robin.
+    pub core: Option<u32>,
+    pub app_thread: *mut ffi::spdk_thread,
+    /// Indexed by [`dev_index`]: cache, backing.
+    pub desc: [*mut ffi::spdk_bdev_desc; 2],
+    pub bdev: [*mut ffi::spdk_bdev; 2],
+    pub identity: BackingIdentity,
+    pub format: FormatOptions,
+    pub cache_options: CacheOptions,
+    /// Size of the cache bdev.
+    pub cache_bytes: u64,
+}
+
+/// The outcome of a successful open.
+pub(crate) struct OpenInfo {
+    pub sb: Superblock,
+    pub formatted: bool,
+    pub problems: Vec<String>,
+    pub gc_percent: u32,
+    /// Dirty data found in the log (not yet on the backing bdev).
+    pub dirty_bytes: u64,
+}
+
+pub(crate) type OpenDone = Box<dyn FnOnce(Result<OpenInfo, String>)>;
+pub(crate) type Done = Box<dyn FnOnce(Result<(), String>)>;
+
+/// A raw pointer moved into a message closure. The closures run on SPDK threads in an order
+/// the code below guarantees; the wrapper only lets the pointer travel.
+pub(crate) struct SendPtr<T>(pub *mut T);
+
+fn dev_index(d: Dev) -> usize {
+    match d {
+        Dev::Cache => 0,
+        Dev::Backing => 1,
+    }
+}
+
+const DEV_NAMES: [&str; 2] = ["cache", "backing"];
+
+// ---- DMA buffers ----
+
+struct DmaBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+/// Power-of-two classes of `spdk_dma_zmalloc` buffers, kept for reuse up to a limit per
+/// class (kset and header writes, writeback bounce buffers, open reads).
+#[derive(Default)]
+struct DmaPool {
+    free: Vec<Vec<*mut u8>>,
+}
+
+impl DmaPool {
+    fn class(len: usize) -> u32 {
+        len.max(4096).next_power_of_two().trailing_zeros()
+    }
+
+    fn keep(class: u32) -> usize {
+        match class {
+            0..=16 => 256,
+            17..=20 => 32,
+            _ => 0,
+        }
+    }
+
+    fn get(&mut self, len: usize) -> Option<DmaBuf> {
+        let class = Self::class(len);
+        let cap = 1usize.checked_shl(class)?;
+        if let Some(p) = self.free.get_mut(class as usize).and_then(Vec::pop) {
+            return Some(DmaBuf { ptr: p, cap });
+        }
+        // SAFETY: plain allocation from SPDK's DMA-able heap; null on failure.
+        let p = unsafe { ffi::spdk_dma_zmalloc(cap, 4096, ptr::null_mut()) };
+        (!p.is_null()).then_some(DmaBuf { ptr: p.cast(), cap })
+    }
+
+    fn put(&mut self, b: DmaBuf) {
+        let class = b.cap.trailing_zeros();
+        if self.free.len() <= class as usize {
+            self.free.resize_with(class as usize + 1, Vec::new);
+        }
+        let list = &mut self.free[class as usize];
+        if list.len() < Self::keep(class) {
+            list.push(b.ptr);
+        } else {
+            // SAFETY: allocated by spdk_dma_zmalloc in `get`, no longer used.
+            unsafe { ffi::spdk_dma_free(b.ptr.cast()) };
+        }
+    }
+
+    fn clear(&mut self) {
+        for p in self.free.drain(..).flatten() {
+            // SAFETY: as in `put`.
+            unsafe { ffi::spdk_dma_free(p.cast()) };
+        }
+    }
+}
+
+// ---- requests in flight ----
+
+struct ReqSlot {
+    io: *mut ffi::spdk_bdev_io,
+    iovs: *const ffi::iovec,
+    iovcnt: usize,
+    /// Device commands in flight that use this request's buffer.
+    refs: u32,
+    /// The engine's verdict, once it completed the request.
+    result: Option<bool>,
+    gen: u32,
+    live: bool,
+}
+
+#[derive(Default)]
+struct Reqs {
+    slots: Vec<ReqSlot>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl Reqs {
+    fn insert(&mut self, io: *mut ffi::spdk_bdev_io, iovs: *const ffi::iovec, n: usize) -> ReqId {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(ReqSlot {
+                    io: ptr::null_mut(),
+                    iovs: ptr::null(),
+                    iovcnt: 0,
+                    refs: 0,
+                    result: None,
+                    gen: 0,
+                    live: false,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let s = &mut self.slots[idx as usize];
+        s.gen = s.gen.wrapping_add(1);
+        s.io = io;
+        s.iovs = iovs;
+        s.iovcnt = n;
+        s.refs = 0;
+        s.result = None;
+        s.live = true;
+        self.live += 1;
+        (u64::from(s.gen) << 32) | u64::from(idx)
+    }
+
+    /// The live slot of request `id`.
+    fn index(&self, id: ReqId) -> Option<u32> {
+        let idx = (id & 0xffff_ffff) as u32;
+        let s = self.slots.get(idx as usize)?;
+        (s.live && u64::from(s.gen) == id >> 32).then_some(idx)
+    }
+
+    fn remove(&mut self, idx: u32) -> *mut ffi::spdk_bdev_io {
+        let s = &mut self.slots[idx as usize];
+        s.live = false;
+        self.live -= 1;
+        self.free.push(idx);
+        std::mem::replace(&mut s.io, ptr::null_mut())
+    }
+}
+
+// ---- device I/O ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A command of the running cache.
+    Cmd,
+    /// A read for the opener.
+    Open,
+    /// A write (or the final flush) of formatting.
+    Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Zeroes,
+    CopyRead,
+    CopyWrite,
+}
+
+/// One base-bdev I/O in flight. Boxed (the wait entry is linked into SPDK's queue while
+/// waiting for memory), recycled through `Engine::dio_free`.
+struct DevIo {
+    eng: *mut Engine,
+    purpose: Purpose,
+    tag: u64,
+    kind: Kind,
+    dev: Dev,
+    /// In blocks of `dev`.
+    offset: u64,
+    blocks: u64,
+    /// Length in 512-byte sectors (for the second half of a copy).
+    sectors: u64,
+    iovs: Vec<ffi::iovec>,
+    /// Request slot whose buffer this uses (holds a reference).
+    req: Option<u32>,
+    verify: Option<u32>,
+    crc: Option<u32>,
+    dma: Option<DmaBuf>,
+    copy_dst: (Dev, u64),
+    wait: ffi::spdk_bdev_io_wait_entry,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    requests: u64,
+    requests_failed: u64,
+    dev_reads: u64,
+    dev_writes: u64,
+    dev_copies: u64,
+    dev_flushes: u64,
+    dev_zeroes: u64,
+    dev_errors: u64,
+    nomem_waits: u64,
+    crc_mismatches: u64,
+    resets: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Opening,
+    Running,
+    /// Stopping after writing back everything (delete).
+    Draining,
+    /// Stopping: no new work, waiting for device I/O in flight.
+    Quiescing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FormatPhase {
+    Idle,
+    Writes { left: u32, failed: bool },
+    Flush,
+}
+
+pub(crate) struct Engine {
+    name: String,
+    app_thread: *mut ffi::spdk_thread,
+    desc: [*mut ffi::spdk_bdev_desc; 2],
+    bdev: [*mut ffi::spdk_bdev; 2],
+    ch: [*mut ffi::spdk_io_channel; 2],
+    /// log2(block size / 512) per device.
+    shift: [u32; 2],
+    blocks: [u64; 2],
+    flush_ok: [bool; 2],
+    removed: [bool; 2],
+    identity: BackingIdentity,
+    fopts: FormatOptions,
+    copts: CacheOptions,
+    cache_bytes: u64,
+
+    cache: Option<Box<Cache>>,
+    state: State,
+    opener: Option<Opener>,
+    formatted: bool,
+    format_phase: FormatPhase,
+    open_done: Option<OpenDone>,
+    open_error: Option<String>,
+    open_problems: Vec<String>,
+    stop_done: Option<Done>,
+
+    reqs: Reqs,
+    cmds: Vec<Command>,
+    dones: Vec<IoDone>,
+    comps: Vec<(ReqId, ReqResult)>,
+    // Boxed on purpose: a DevIo's wait entry is linked into SPDK's queue by address.
+    #[allow(clippy::vec_box)]
+    dio_free: Vec<Box<DevIo>>,
+    dma: DmaPool,
+    /// DevIos issued and not yet completed (including those waiting for memory).
+    inflight: u32,
+    kick: bool,
+    fast: *mut ffi::spdk_poller,
+    slow: *mut ffi::spdk_poller,
+    /// Requests seen by the last slow poll, and slow polls since one arrived.
+    seen: u64,
+    quiet_polls: u32,
+    idle: bool,
+    drain_on: bool,
+    flushing: bool,
+    drain_waiters: Vec<Done>,
+    resets: Vec<*mut ffi::spdk_bdev_io>,
+    unsent: Vec<*mut ffi::spdk_bdev_io>,
+    /// Slow polls since a base bdev was removed with requests still pending.
+    removed_polls: u32,
+    counters: Counters,
+}
+
+/// Slow polls (1 ms each) without a request before the cache counts as idle.
+const IDLE_POLLS: u32 = 10;
+const SLOW_POLL_US: u64 = 1000;
+/// Slow polls after a base bdev removal before stranded requests are failed.
+const ABANDON_POLLS: u32 = 100;
+
+// ---- thread creation ----
+
+static NEXT_CORE: AtomicUsize = AtomicUsize::new(0);
+
+/// A new SPDK thread bound to `want`, or to one core of the app's mask (round-robin from the
+/// last core).
+fn create_thread(name: &str, want: Option<u32>) -> Result<*mut ffi::spdk_thread, String> {
+    let mut cores = Vec::new();
+    // SAFETY: plain queries of the environment's core list.
+    let mut c = unsafe { ffi::spdk_env_get_first_core() };
+    while c != u32::MAX && cores.len() < 4096 {
+        cores.push(c);
+        // SAFETY: as above.
+        c = unsafe { ffi::spdk_env_get_next_core(c) };
+    }
+    let core = match (want, cores.len()) {
+        (Some(c), _) if cores.contains(&c) => Some(c),
+        (Some(c), _) => {
+            return Err(format!(
+                "core {c} is not one of the app's cores {cores:?} (spdk_tgt -m)"
+            ))
+        }
+        (None, 0) => None,
+        (None, len) => Some(cores[len - 1 - NEXT_CORE.fetch_add(1, Ordering::Relaxed) % len]),
+    };
+    // SAFETY: all-zero is a valid (empty) cpuset; the calls only write into it.
+    let mut set: ffi::spdk_cpuset = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpuset.
+    unsafe { ffi::spdk_cpuset_zero(&mut set) };
+    if let Some(core) = core {
+        // SAFETY: `set` is valid; `core` is one of the app's cores.
+        unsafe { ffi::spdk_cpuset_set_cpu(&mut set, core, true) };
+    }
+    let cname = CString::new(format!("pcache_{name}")).map_err(|_| "bad thread name")?;
+    // SAFETY: valid name and cpumask (copied by SPDK); an empty mask means "any core".
+    let th = unsafe {
+        ffi::spdk_thread_create(
+            cname.as_ptr(),
+            if core.is_some() { &set } else { ptr::null() },
+        )
+    };
+    if th.is_null() {
+        return Err("cannot create the engine thread (spdk_thread_create failed)".into());
+    }
+    Ok(th)
+}
+
+/// Creates the engine thread and starts opening (or formatting) the cache there. `done`
+/// runs on the app thread with the outcome; on `Ok` the engine is running and takes
+/// requests, on `Err` it is gone (thread exited, channels released). The descriptors stay
+/// open either way: the caller closes them.
+pub(crate) fn spawn(
+    setup: Setup,
+    done: OpenDone,
+) -> Result<(*mut ffi::spdk_thread, *mut Engine), String> {
+    let thread = create_thread(&setup.name, setup.core)?;
+    let eng = Box::into_raw(Box::new(Engine::new(setup)));
+    let p = SendPtr(eng);
+    if msg::send(thread, move || Engine::start(p.0, done)).is_err() {
+        // SAFETY: the message was not queued; nobody else knows `eng`.
+        drop(unsafe { Box::from_raw(eng) });
+        // The idle thread is exited by the reactor at shutdown.
+        return Err("cannot send the start message to the engine thread".into());
+    }
+    Ok((thread, eng))
+}
+
+fn shift_of(bdev: *mut ffi::spdk_bdev) -> u32 {
+    // SAFETY: an open base bdev.
+    let bl = unsafe { ffi::spdk_bdev_get_block_size(bdev) };
+    (bl / 512).max(1).trailing_zeros()
+}
+
+impl Engine {
+    fn new(s: Setup) -> Self {
+        let flush = |b| {
+            // SAFETY: an open base bdev.
+            unsafe { ffi::spdk_bdev_io_type_supported(b, t::SPDK_BDEV_IO_TYPE_FLUSH) }
+        };
+        let blocks = |b| {
+            // SAFETY: an open base bdev.
+            unsafe { ffi::spdk_bdev_get_num_blocks(b) }
+        };
+        Engine {
+            name: s.name,
+            app_thread: s.app_thread,
+            desc: s.desc,
+            bdev: s.bdev,
+            ch: [ptr::null_mut(); 2],
+            shift: [shift_of(s.bdev[0]), shift_of(s.bdev[1])],
+            blocks: [blocks(s.bdev[0]), blocks(s.bdev[1])],
+            flush_ok: [flush(s.bdev[0]), flush(s.bdev[1])],
+            removed: [false; 2],
+            identity: s.identity,
+            fopts: s.format,
+            copts: s.cache_options,
+            cache_bytes: s.cache_bytes,
+            cache: None,
+            state: State::Opening,
+            opener: None,
+            formatted: false,
+            format_phase: FormatPhase::Idle,
+            open_done: None,
+            open_error: None,
+            open_problems: Vec::new(),
+            stop_done: None,
+            reqs: Reqs::default(),
+            cmds: Vec::new(),
+            dones: Vec::new(),
+            comps: Vec::new(),
+            dio_free: Vec::new(),
+            dma: DmaPool::default(),
+            inflight: 0,
+            kick: false,
+            fast: ptr::null_mut(),
+            slow: ptr::null_mut(),
+            seen: 0,
+            quiet_polls: 0,
+            idle: false,
+            drain_on: false,
+            flushing: false,
+            drain_waiters: Vec::new(),
+            resets: Vec::new(),
+            unsent: Vec::new(),
+            removed_polls: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// First message on the engine thread: channels, pollers, then the opener.
+    fn start(eng: *mut Engine, done: OpenDone) {
+        // SAFETY: `eng` was leaked by `spawn` and is only used on this thread from now on.
+        let e = unsafe { &mut *eng };
+        e.open_done = Some(done);
+        for (i, role) in DEV_NAMES.iter().enumerate() {
+            // SAFETY: open descriptor; we are on the thread that will use the channel.
+            let ch = unsafe { ffi::spdk_bdev_get_io_channel(e.desc[i]) };
+            if ch.is_null() {
+                e.open_error = Some(format!("cannot get an I/O channel to the {role} bdev"));
+                // SAFETY: top level of a message; nothing else borrows the engine.
+                unsafe { Engine::teardown(eng) };
+                return;
+            }
+            e.ch[i] = ch;
+        }
+        let fast_name = c"pcache_engine";
+        let slow_name = c"pcache_housekeeping";
+        // SAFETY: the engine outlives its pollers (unregistered in teardown, on this thread).
+        unsafe {
+            e.fast =
+                ffi::spdk_poller_register_named(Some(fast_poll), eng.cast(), 0, fast_name.as_ptr());
+            e.slow = ffi::spdk_poller_register_named(
+                Some(slow_poll),
+                eng.cast(),
+                SLOW_POLL_US,
+                slow_name.as_ptr(),
+            );
+        }
+        if e.fast.is_null() || e.slow.is_null() {
+            e.open_error = Some("cannot register the engine pollers".into());
+            // SAFETY: top level of a message.
+            unsafe { Engine::teardown(eng) };
+            return;
+        }
+        e.open_begin();
+    }
+
+    // ---- opening and formatting ----
+
+    fn open_begin(&mut self) {
+        let opener = Opener::new(self.identity.clone(), self.copts.clone());
+        let step = opener.start();
+        self.opener = Some(opener);
+        self.open_handle(step);
+    }
+
+    fn fail_open(&mut self, msg: String) {
+        self.open_error = Some(msg);
+        self.opener = None;
+        self.state = State::Quiescing;
+    }
+
+    fn open_handle(&mut self, step: OpenStep) {
+        match step {
+            OpenStep::Read { sector, sectors } => {
+                let len = sectors.saturating_mul(512);
+                let Some(buf) = usize::try_from(len).ok().and_then(|l| self.dma.get(l)) else {
+                    return self.fail_open(format!(
+                        "cannot allocate a {len}-byte DMA buffer to read the cache bdev"
+                    ));
+                };
+                let mut d = self.new_dio(Purpose::Open, 0, Kind::Read, Dev::Cache);
+                d.iovs.push(ffi::iovec {
+                    iov_base: buf.ptr.cast(),
+                    iov_len: len as usize,
+                });
+                d.dma = Some(buf);
+                if !self.set_range(&mut d, sector, sectors) {
+                    self.recycle(d);
+                    return self.fail_open("open read out of range".into());
+                }
+                self.issue(d);
+            }
+            OpenStep::Done(cache) => {
+                self.opener = None;
+                let sb = cache.superblock().clone();
+                let have = self.cache_bytes / 512;
+                if sb.geometry.cache_sectors > have {
+                    return self.fail_open(format!(
+                        "the cache bdev holds a pcache of {} bytes but has only {} bytes",
+                        sb.geometry.cache_sectors * 512,
+                        self.cache_bytes
+                    ));
+                }
+                let info = OpenInfo {
+                    gc_percent: cache.stats().gc_percent,
+                    dirty_bytes: cache.dirty_bytes(),
+                    sb,
+                    formatted: self.formatted,
+                    problems: std::mem::take(&mut self.open_problems),
+                };
+                self.cache = Some(cache);
+                self.state = State::Running;
+                self.kick = true;
+                if let Some(done) = self.open_done.take() {
+                    if msg::send(self.app_thread, move || done(Ok(info))).is_err() {
+                        spdk_log!(
+                            ERROR,
+                            "{}: cannot report the open to the app thread",
+                            self.name
+                        );
+                    }
+                }
+            }
+            OpenStep::Failed(OpenError::NoSuperblock {
+                a: FormatError::BadMagic { .. },
+                b: FormatError::BadMagic { .. },
+            }) if !self.formatted => self.format_begin(),
+            OpenStep::Failed(e) => {
+                let hint = match &e {
+                    OpenError::BackingMismatch { .. } => {
+                        " (refusing to touch it: delete it from its own backing bdev, or wipe the cache bdev)"
+                    }
+                    OpenError::NoSuperblock { .. } => {
+                        " (a damaged pcache superblock: refusing to format over it; wipe the cache bdev to start afresh)"
+                    }
+                    _ => "",
+                };
+                self.fail_open(format!("cannot open the cache: {e}{hint}"));
+            }
+        }
+    }
+
+    fn open_read_done(&mut self, data: Result<Vec<u8>, IoError>) {
+        let Some(opener) = self.opener.as_mut() else {
+            return;
+        };
+        let step = opener.step(data);
+        if let OpenStep::Done(_) = step {
+            // Keep the report for `OpenInfo` (the opener is dropped once done).
+            self.open_problems = opener.report().problems.clone();
+            for p in &self.open_problems {
+                spdk_log!(NOTICE, "{}: open: {p}", self.name);
+            }
+        }
+        self.open_handle(step);
+    }
+
+    fn format_begin(&mut self) {
+        self.opener = None;
+        let (_, writes) = match format(self.cache_bytes, self.identity.clone(), &self.fopts) {
+            Ok(w) => w,
+            Err(e) => return self.fail_open(format!("cannot format the cache bdev: {e}")),
+        };
+        spdk_log!(
+            NOTICE,
+            "{}: cache bdev holds no pcache: formatting ({} bytes)",
+            self.name,
+            self.cache_bytes
+        );
+        self.formatted = true;
+        self.format_phase = FormatPhase::Writes {
+            left: writes.len() as u32,
+            failed: false,
+        };
+        for (sector, bytes) in writes {
+            let mut d = self.new_dio(Purpose::Format, 0, Kind::Write, Dev::Cache);
+            let ok = self.attach_owned(&mut d, &bytes);
+            let sectors = d.sectors;
+            if !ok || !self.set_range(&mut d, sector, sectors) {
+                self.recycle(d);
+                self.format_io_done(false);
+                continue;
+            }
+            self.issue(d);
+        }
+    }
+
+    fn format_io_done(&mut self, ok: bool) {
+        match self.format_phase {
+            FormatPhase::Writes { left, failed } => {
+                let failed = failed || !ok;
+                if left > 1 {
+                    self.format_phase = FormatPhase::Writes {
+                        left: left - 1,
+                        failed,
+                    };
+                    return;
+                }
+                if failed {
+                    self.format_phase = FormatPhase::Idle;
+                    return self
+                        .fail_open("a write to the cache bdev failed while formatting".into());
+                }
+                if self.flush_ok[0] {
+                    self.format_phase = FormatPhase::Flush;
+                    let mut d = self.new_dio(Purpose::Format, 0, Kind::Flush, Dev::Cache);
+                    d.offset = 0;
+                    d.blocks = self.blocks[0];
+                    self.issue(d);
+                } else {
+                    self.format_phase = FormatPhase::Idle;
+                    self.open_begin();
+                }
+            }
+            FormatPhase::Flush => {
+                self.format_phase = FormatPhase::Idle;
+                if ok {
+                    self.open_begin();
+                } else {
+                    self.fail_open("flushing the cache bdev after formatting failed".into());
+                }
+            }
+            FormatPhase::Idle => {}
+        }
+    }
+
+    // ---- requests ----
+
+    /// A request from a submitting thread (by message).
+    fn submit(&mut self, io: *mut ffi::spdk_bdev_io) {
+        self.counters.requests += 1;
+        if !matches!(self.state, State::Running | State::Draining) || self.cache.is_none() {
+            self.counters.requests_failed += 1;
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+            return;
+        }
+        // SAFETY: a pending request of our bdev, handed over by message; `u.bdev` is filled
+        // for every type we accept here (READ, WRITE, FLUSH, UNMAP, WRITE_ZEROES).
+        let (ty, offset, num, iovs, iovcnt) = unsafe {
+            let b = io::block(io);
+            (
+                t::Type::from((*io).type_),
+                (*b).offset_blocks,
+                (*b).num_blocks,
+                (*b).iovs.cast_const(),
+                (*b).iovcnt,
+            )
+        };
+        let op = match ty {
+            t::SPDK_BDEV_IO_TYPE_READ => Op::Read,
+            t::SPDK_BDEV_IO_TYPE_WRITE => Op::Write,
+            t::SPDK_BDEV_IO_TYPE_FLUSH => Op::Flush,
+            t::SPDK_BDEV_IO_TYPE_UNMAP => Op::Unmap,
+            t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => Op::WriteZeroes,
+            _ => {
+                self.counters.requests_failed += 1;
+                self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+                return;
+            }
+        };
+        let shift = self.shift[1];
+        let (lba, len) = if op == Op::Flush {
+            (0, 0)
+        } else {
+            let len = u32::try_from(num << shift).unwrap_or(u32::MAX);
+            (offset << shift, len)
+        };
+        let with_buf = matches!(op, Op::Read | Op::Write);
+        let (iovs, n) = if with_buf && !iovs.is_null() && iovcnt > 0 {
+            (iovs, iovcnt as usize)
+        } else {
+            (ptr::null(), 0)
+        };
+        let id = self.reqs.insert(io, iovs, n);
+        let Some(cache) = self.cache.as_deref_mut() else {
+            return;
+        };
+        if let Err(e) = cache.submit(Request { id, op, lba, len }) {
+            spdk_log!(ERROR, "{}: request refused: {e}", self.name);
+            if let Some(idx) = self.reqs.index(id) {
+                self.reqs.remove(idx);
+            }
+            self.counters.requests_failed += 1;
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+            return;
+        }
+        if self.idle {
+            self.idle = false;
+            cache.set_idle(false);
+        }
+        self.kick = true;
+    }
+
+    /// Sends the completion of `io` to its submitting thread.
+    fn finish_io(&mut self, io: *mut ffi::spdk_bdev_io, status: st::Type) {
+        // SAFETY: a pending request; its driver context is ours. The message transfers it
+        // back to the submitting thread, which reads the status there.
+        unsafe { ptr::addr_of_mut!((*ffi::bdev_io_driver_ctx::<IoCtx>(io)).status).write(status) };
+        if !send_completion(io) {
+            self.unsent.push(io);
+        }
+    }
+
+    fn request_done(&mut self, id: ReqId, res: ReqResult) {
+        let Some(idx) = self.reqs.index(id) else {
+            spdk_log!(
+                ERROR,
+                "{}: completion for an unknown request {id:#x}",
+                self.name
+            );
+            return;
+        };
+        if let Err(e) = &res {
+            self.counters.requests_failed += 1;
+            if !matches!(e, ReqError::Io | ReqError::ShardFailed)
+                || self.counters.requests_failed <= 10
+            {
+                spdk_log!(ERROR, "{}: request failed: {e}", self.name);
+            }
+        }
+        let s = &mut self.reqs.slots[idx as usize];
+        s.result = Some(res.is_ok());
+        if s.refs == 0 {
+            self.finish_slot(idx);
+        }
+    }
+
+    fn finish_slot(&mut self, idx: u32) {
+        let ok = self.reqs.slots[idx as usize].result.unwrap_or(false);
+        let io = self.reqs.remove(idx);
+        self.finish_io(
+            io,
+            if ok {
+                st::SPDK_BDEV_IO_STATUS_SUCCESS
+            } else {
+                st::SPDK_BDEV_IO_STATUS_FAILED
+            },
+        );
+    }
+
+    fn unref(&mut self, idx: u32) {
+        let s = &mut self.reqs.slots[idx as usize];
+        s.refs = s.refs.saturating_sub(1);
+        if s.live && s.refs == 0 && s.result.is_some() {
+            self.finish_slot(idx);
+        }
+    }
+
+    // ---- the cache pump ----
+
+    /// Runs the cache until it has nothing more to say: poll, execute commands, hand back
+    /// immediate results, complete requests. Returns whether anything happened.
+    fn pump(&mut self) -> bool {
+        let mut did = false;
+        for _ in 0..64 {
+            let Some(cache) = self.cache.as_deref_mut() else {
+                break;
+            };
+            if !self.dones.is_empty() {
+                did = true;
+                for d in self.dones.drain(..) {
+                    cache.complete(d);
+                }
+            }
+            cache.poll();
+            cache.drain_commands_into(&mut self.cmds);
+            cache.drain_completions_into(&mut self.comps);
+            let log = cache.take_log();
+            for l in log {
+                spdk_log!(NOTICE, "{}: {l}", self.name);
+            }
+            if self.cmds.is_empty() && self.comps.is_empty() {
+                break;
+            }
+            did = true;
+            let mut comps = std::mem::take(&mut self.comps);
+            for (id, res) in comps.drain(..) {
+                self.request_done(id, res);
+            }
+            self.comps = comps;
+            let mut cmds = std::mem::take(&mut self.cmds);
+            for c in cmds.drain(..) {
+                self.execute(c);
+            }
+            self.cmds = cmds;
+            if self.dones.is_empty() {
+                break;
+            }
+        }
+        did
+    }
+
+    fn new_dio(&mut self, purpose: Purpose, tag: u64, kind: Kind, dev: Dev) -> Box<DevIo> {
+        let eng: *mut Engine = self;
+        let mut d = self.dio_free.pop().unwrap_or_else(|| {
+            Box::new(DevIo {
+                eng,
+                purpose,
+                tag,
+                kind,
+                dev,
+                offset: 0,
+                blocks: 0,
+                sectors: 0,
+                iovs: Vec::new(),
+                req: None,
+                verify: None,
+                crc: None,
+                dma: None,
+                copy_dst: (dev, 0),
+                // SAFETY: all-zero is a valid, unlinked wait entry.
+                wait: unsafe { std::mem::zeroed() },
+            })
+        });
+        d.eng = eng;
+        d.purpose = purpose;
+        d.tag = tag;
+        d.kind = kind;
+        d.dev = dev;
+        d.offset = 0;
+        d.blocks = 0;
+        d.sectors = 0;
+        d.req = None;
+        d.verify = None;
+        d.crc = None;
+        d
+    }
+
+    fn recycle(&mut self, mut d: Box<DevIo>) {
+        if let Some(b) = d.dma.take() {
+            self.dma.put(b);
+        }
+        if let Some(idx) = d.req.take() {
+            self.unref(idx);
+        }
+        d.iovs.clear();
+        if self.dio_free.len() < 1024 {
+            self.dio_free.push(d);
+        }
+    }
+
+    /// Points `d` at bytes `off..off+len` of request `req`'s payload.
+    fn attach_req(&mut self, d: &mut DevIo, req: ReqId, off: u64, len: u64) -> bool {
+        let Some(idx) = self.reqs.index(req) else {
+            spdk_log!(
+                ERROR,
+                "{}: command names an unknown request {req:#x}",
+                self.name
+            );
+            return false;
+        };
+        let s = &mut self.reqs.slots[idx as usize];
+        if s.iovs.is_null() {
+            return false;
+        }
+        // SAFETY: the request is pending, so its iovec array (from the bdev layer) is live
+        // and holds `iovcnt` entries.
+        let iovs = unsafe { std::slice::from_raw_parts(s.iovs, s.iovcnt) };
+        if !sub_iovs(iovs, off, len, &mut d.iovs) {
+            spdk_log!(
+                ERROR,
+                "{}: command range {off}+{len} exceeds its request's buffer",
+                self.name
+            );
+            return false;
+        }
+        s.refs += 1;
+        d.req = Some(idx);
+        d.sectors = len / 512;
+        true
+    }
+
+    /// Copies engine-owned bytes into a DMA buffer for `d`.
+    fn attach_owned(&mut self, d: &mut DevIo, bytes: &[u8]) -> bool {
+        let len = bytes.len().next_multiple_of(512);
+        let Some(buf) = self.dma.get(len) else {
+            spdk_log!(
+                ERROR,
+                "{}: out of DMA memory for a {len}-byte write",
+                self.name
+            );
+            return false;
+        };
+        // SAFETY: `buf` holds at least `len` ≥ `bytes.len()` bytes and does not overlap `bytes`.
+        unsafe {
+            ptr::copy_nonoverlapping(bytes.as_ptr(), buf.ptr, bytes.len());
+            ptr::write_bytes(buf.ptr.add(bytes.len()), 0, len - bytes.len());
+        }
+        d.iovs.push(ffi::iovec {
+            iov_base: buf.ptr.cast(),
+            iov_len: len,
+        });
+        d.dma = Some(buf);
+        d.sectors = (len / 512) as u64;
+        true
+    }
+
+    /// Sets `d`'s device range from 512-byte sectors; false if the device's block size
+    /// does not divide it.
+    fn set_range(&mut self, d: &mut DevIo, sector: u64, sectors: u64) -> bool {
+        let i = dev_index(d.dev);
+        let shift = self.shift[i];
+        let mask = (1u64 << shift) - 1;
+        if (sector | sectors) & mask != 0 {
+            spdk_log!(
+                ERROR,
+                "{}: {} I/O at sector {sector} (+{sectors}) is not aligned to the block size",
+                self.name,
+                DEV_NAMES[i]
+            );
+            return false;
+        }
+        d.offset = sector >> shift;
+        d.blocks = sectors >> shift;
+        d.sectors = sectors;
+        true
+    }
+
+    fn execute(&mut self, cmd: Command) {
+        match cmd {
+            Command::ZeroBuf { buf } => {
+                if let Buf::Req { req, off, len } = buf {
+                    let mut scratch = Vec::new();
+                    if let Some(idx) = self.reqs.index(req) {
+                        let s = &self.reqs.slots[idx as usize];
+                        if !s.iovs.is_null() {
+                            // SAFETY: as in `attach_req`.
+                            let iovs = unsafe { std::slice::from_raw_parts(s.iovs, s.iovcnt) };
+                            if sub_iovs(iovs, off, len, &mut scratch) {
+                                for v in &scratch {
+                                    // SAFETY: a sub-range of the pending request's buffer.
+                                    unsafe {
+                                        ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len)
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Command::Write {
+                tag,
+                dev,
+                sector,
+                buf,
+                want_crc,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Write, dev);
+                let ok = match &buf {
+                    Buf::Req { req, off, len } => {
+                        let ok = self.attach_req(&mut d, *req, *off, *len);
+                        if ok && want_crc {
+                            d.crc = Some(iov_crc(&d.iovs));
+                        }
+                        ok
+                    }
+                    Buf::Owned(v) => self.attach_owned(&mut d, v),
+                };
+                let sectors = d.sectors;
+                if !ok || !self.set_range(&mut d, sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_writes += 1;
+                self.issue(d);
+            }
+            Command::Read {
+                tag,
+                dev,
+                sector,
+                buf,
+                verify_crc,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Read, dev);
+                let ok = match &buf {
+                    Buf::Req { req, off, len } => self.attach_req(&mut d, *req, *off, *len),
+                    Buf::Owned(_) => false,
+                };
+                d.verify = verify_crc;
+                let sectors = d.sectors;
+                if !ok || !self.set_range(&mut d, sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_reads += 1;
+                self.issue(d);
+            }
+            Command::Flush { tag, dev } => {
+                let i = dev_index(dev);
+                if !self.flush_ok[i] && !self.removed[i] {
+                    // No volatile cache to flush: completed writes are durable.
+                    self.dones.push(IoDone::ok(tag));
+                    return;
+                }
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Flush, dev);
+                d.offset = 0;
+                d.blocks = self.blocks[i];
+                self.counters.dev_flushes += 1;
+                self.issue(d);
+            }
+            // Both read as zeros afterwards: write zeroes (the bdev layer emulates it with
+            // writes where the device has no native support). An UNMAP of the backing bdev
+            // need not read back as zeros, which the engine relies on.
+            Command::WriteZeroes {
+                tag,
+                dev,
+                sector,
+                sectors,
+            }
+            | Command::Unmap {
+                tag,
+                dev,
+                sector,
+                sectors,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Zeroes, dev);
+                if !self.set_range(&mut d, sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_zeroes += 1;
+                self.issue(d);
+            }
+            Command::Copy {
+                tag,
+                src,
+                src_sector,
+                dst,
+                dst_sector,
+                sectors,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyRead, src);
+                let len = usize::try_from(sectors.saturating_mul(512)).unwrap_or(usize::MAX);
+                let Some(buf) = self.dma.get(len) else {
+                    spdk_log!(
+                        ERROR,
+                        "{}: out of DMA memory for a {len}-byte copy",
+                        self.name
+                    );
+                    return self.fail_now(d);
+                };
+                d.iovs.push(ffi::iovec {
+                    iov_base: buf.ptr.cast(),
+                    iov_len: len,
+                });
+                d.dma = Some(buf);
+                d.copy_dst = (dst, dst_sector);
+                if !self.set_range(&mut d, src_sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_copies += 1;
+                self.issue(d);
+            }
+        }
+    }
+
+    /// A command that could not even be issued: fail it now.
+    fn fail_now(&mut self, d: Box<DevIo>) {
+        self.counters.dev_errors += 1;
+        if d.purpose == Purpose::Cmd {
+            self.dones.push(IoDone {
+                tag: d.tag,
+                result: Err(IoError::Device),
+                crc: None,
+            });
+            self.kick = true;
+        }
+        self.recycle(d);
+    }
+
+    fn issue(&mut self, d: Box<DevIo>) {
+        self.inflight += 1;
+        let i = dev_index(d.dev);
+        if self.removed[i] {
+            return self.complete_dio(d, false);
+        }
+        let raw = Box::into_raw(d);
+        // SAFETY: `raw` is a live DevIo of this engine; its iovecs point at live buffers.
+        let rc = unsafe { submit_raw(self, raw) };
+        if rc == 0 {
+            return;
+        }
+        // SAFETY: not submitted, so still ours.
+        if rc == -libc::ENOMEM && unsafe { self.queue_wait(raw) } {
+            return;
+        }
+        spdk_log!(
+            ERROR,
+            "{}: {} bdev I/O submission failed: rc {rc}",
+            self.name,
+            DEV_NAMES[i]
+        );
+        // SAFETY: not submitted nor queued: ours again.
+        let d = unsafe { Box::from_raw(raw) };
+        self.complete_dio(d, false);
+    }
+
+    /// Waits for a free `spdk_bdev_io` on `raw`'s device, then resubmits (`dev_retry`).
+    ///
+    /// # Safety
+    /// `raw` is a live DevIo of this engine not submitted or queued anywhere.
+    unsafe fn queue_wait(&mut self, raw: *mut DevIo) -> bool {
+        self.counters.nomem_waits += 1;
+        // SAFETY: per the contract; the entry lives in the boxed DevIo, which stays put
+        // until the callback takes it back.
+        unsafe {
+            let i = dev_index((*raw).dev);
+            let w = ptr::addr_of_mut!((*raw).wait);
+            ptr::write_bytes(w, 0, 1);
+            (*w).bdev = self.bdev[i];
+            (*w).cb_fn = Some(dev_retry);
+            (*w).cb_arg = raw.cast();
+            ffi::spdk_bdev_queue_io_wait(self.bdev[i], self.ch[i], w) == 0
+        }
+    }
+
+    /// A device I/O finished (or failed to start).
+    fn complete_dio(&mut self, mut d: Box<DevIo>, ok: bool) {
+        self.inflight -= 1;
+        if !ok {
+            self.counters.dev_errors += 1;
+        }
+        match d.purpose {
+            Purpose::Cmd => {
+                let mut ok = ok;
+                if d.kind == Kind::CopyRead && ok {
+                    let (dev, sector) = d.copy_dst;
+                    d.kind = Kind::CopyWrite;
+                    d.dev = dev;
+                    let sectors = d.sectors;
+                    if self.set_range(&mut d, sector, sectors) {
+                        return self.issue(d);
+                    }
+                    ok = false;
+                }
+                let mut result = if ok { Ok(()) } else { Err(IoError::Device) };
+                if ok && d.kind == Kind::Read {
+                    if let Some(want) = d.verify {
+                        if iov_crc(&d.iovs) != want {
+                            self.counters.crc_mismatches += 1;
+                            result = Err(IoError::CrcMismatch);
+                        }
+                    }
+                }
+                self.dones.push(IoDone {
+                    tag: d.tag,
+                    result,
+                    crc: d.crc,
+                });
+                self.kick = true;
+                self.recycle(d);
+            }
+            Purpose::Open => {
+                let data = if ok {
+                    let mut v = Vec::new();
+                    for iov in &d.iovs {
+                        // SAFETY: our DMA buffer, filled by the completed read.
+                        v.extend_from_slice(unsafe {
+                            std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len)
+                        });
+                    }
+                    Ok(v)
+                } else {
+                    Err(IoError::Device)
+                };
+                self.recycle(d);
+                if self.state == State::Opening {
+                    self.open_read_done(data);
+                }
+            }
+            Purpose::Format => {
+                self.recycle(d);
+                if self.state == State::Opening {
+                    self.format_io_done(ok);
+                }
+            }
+        }
+    }
+
+    // ---- housekeeping (slow poller) ----
+
+    fn writeback_failed(&self) -> bool {
+        self.cache
+            .as_deref()
+            .is_some_and(|c| c.shards().iter().any(|s| s.writeback_failed()))
+    }
+
+    fn housekeeping(&mut self) -> bool {
+        let mut busy = false;
+        if !self.unsent.is_empty() {
+            let mut keep = Vec::new();
+            for io in self.unsent.drain(..) {
+                if !send_completion(io) {
+                    keep.push(io);
+                }
+            }
+            self.unsent = keep;
+            busy = true;
+        }
+        if matches!(self.state, State::Running | State::Draining) {
+            // Idleness: no request for IDLE_POLLS slow polls.
+            if self.counters.requests == self.seen {
+                self.quiet_polls = self.quiet_polls.saturating_add(1);
+                if !self.idle && self.quiet_polls >= IDLE_POLLS {
+                    self.idle = true;
+                    if let Some(c) = self.cache.as_deref_mut() {
+                        c.set_idle(true);
+                    }
+                }
+            } else {
+                self.seen = self.counters.requests;
+                self.quiet_polls = 0;
+            }
+            let want =
+                self.flushing || !self.drain_waiters.is_empty() || self.state == State::Draining;
+            if want != self.drain_on {
+                self.drain_on = want;
+                if let Some(c) = self.cache.as_deref_mut() {
+                    c.set_drain(want);
+                }
+            }
+            busy |= self.pump();
+            let clean = self.cache.as_deref().is_none_or(Cache::is_clean);
+            let failed = self.writeback_failed();
+            if clean || failed {
+                let res = if clean {
+                    Ok(())
+                } else {
+                    Err("writeback to the backing bdev failed (device error): dirty data stays in the cache".to_string())
+                };
+                if self.flushing {
+                    self.flushing = false;
+                    spdk_log!(
+                        NOTICE,
+                        "{}: flush {}",
+                        self.name,
+                        if clean {
+                            "complete: the backing bdev holds every write"
+                        } else {
+                            "stopped: writeback failed"
+                        }
+                    );
+                }
+                for w in self.drain_waiters.drain(..) {
+                    let r = res.clone();
+                    if msg::send(self.app_thread, move || w(r)).is_err() {
+                        spdk_log!(ERROR, "{}: cannot answer a drain", self.name);
+                    }
+                }
+                if self.state == State::Draining {
+                    if !clean {
+                        self.open_error = res.err();
+                    }
+                    self.state = State::Quiescing;
+                }
+            }
+            if self.removed.iter().any(|&r| r) && self.reqs.live > 0 {
+                // Requests waiting for a device that is gone (e.g. for cache space that
+                // writeback can no longer free) would hold up the unregistration forever.
+                self.removed_polls += 1;
+                if self.removed_polls >= ABANDON_POLLS {
+                    self.fail_all_requests();
+                }
+            }
+            if !self.resets.is_empty() && self.reqs.live == 0 {
+                for io in std::mem::take(&mut self.resets) {
+                    self.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS);
+                }
+            }
+        }
+        busy
+    }
+
+    /// Fails every pending request whose buffer no device I/O uses; the engine's later
+    /// commands or completions for them find no live slot and are dropped.
+    fn fail_all_requests(&mut self) {
+        let stuck: Vec<u32> = (0..self.reqs.slots.len() as u32)
+            .filter(|&i| {
+                let s = &self.reqs.slots[i as usize];
+                s.live && s.refs == 0
+            })
+            .collect();
+        if !stuck.is_empty() {
+            spdk_log!(
+                ERROR,
+                "{}: failing {} request(s) stranded by a removed base bdev",
+                self.name,
+                stuck.len()
+            );
+        }
+        for idx in stuck {
+            self.counters.requests_failed += 1;
+            let io = self.reqs.remove(idx);
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+        }
+    }
+
+    fn ready_to_free(&self) -> bool {
+        self.state == State::Quiescing && self.inflight == 0
+    }
+
+    /// Frees the engine and exits its thread. Reports to `open_done` / `stop_done` on the
+    /// app thread.
+    ///
+    /// # Safety
+    /// On the engine thread, at the top level of a message or poller (nothing borrows the
+    /// engine), with no device I/O in flight.
+    unsafe fn teardown(eng: *mut Engine) {
+        // SAFETY: per the contract we own the engine now.
+        let mut e = unsafe { Box::from_raw(eng) };
+        for p in [&mut e.fast, &mut e.slow] {
+            if !p.is_null() {
+                // SAFETY: registered on this thread; unregistering from inside a poller is
+                // allowed.
+                unsafe { ffi::spdk_poller_unregister(p) };
+            }
+        }
+        // Requests the engine still holds (a base bdev vanished under them) fail.
+        e.fail_all_requests();
+        for io in std::mem::take(&mut e.resets) {
+            e.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS);
+        }
+        for io in std::mem::take(&mut e.unsent) {
+            if !send_completion(io) {
+                spdk_log!(ERROR, "{}: lost a request completion at teardown", e.name);
+            }
+        }
+        for w in e.drain_waiters.drain(..) {
+            let _ = msg::send(e.app_thread, move || {
+                w(Err("the pcache bdev is going away".into()))
+            });
+        }
+        for ch in e.ch {
+            if !ch.is_null() {
+                // SAFETY: obtained on this thread in `start`; no I/O in flight.
+                unsafe { ffi::spdk_put_io_channel(ch) };
+            }
+        }
+        e.cache = None;
+        e.dio_free.clear();
+        e.dma.clear();
+        let app = e.app_thread;
+        let name = std::mem::take(&mut e.name);
+        let err = e.open_error.take();
+        let open_done = e.open_done.take();
+        let stop_done = e.stop_done.take();
+        drop(e);
+        if let Some(d) = open_done {
+            let err = err.clone().unwrap_or_else(|| "the engine stopped".into());
+            if msg::send(app, move || d(Err(err))).is_err() {
+                spdk_log!(ERROR, "{name}: cannot report the failed open");
+            }
+        }
+        if let Some(d) = stop_done {
+            let r = err.map_or(Ok(()), Err);
+            if msg::send(app, move || d(r)).is_err() {
+                spdk_log!(ERROR, "{name}: cannot report the engine stop");
+            }
+        }
+        // SAFETY: we are on the engine thread (its pollers and channels are gone).
+        unsafe { ffi::spdk_thread_exit(msg::current()) };
+    }
+
+    fn stats_json(&self) -> Value {
+        let c = self.counters;
+        let engine = json!({
+            "requests": c.requests,
+            "requests_failed": c.requests_failed,
+            "requests_in_flight": self.reqs.live,
+            "device_reads": c.dev_reads,
+            "device_writes": c.dev_writes,
+            "device_copies": c.dev_copies,
+            "device_flushes": c.dev_flushes,
+            "device_write_zeroes": c.dev_zeroes,
+            "device_errors": c.dev_errors,
+            "device_io_in_flight": self.inflight,
+            "nomem_waits": c.nomem_waits,
+            "crc_mismatches": c.crc_mismatches,
+            "resets": c.resets,
+            "idle": self.idle,
+            "draining": self.drain_on,
+        });
+        let Some(cache) = self.cache.as_deref() else {
+            return json!({"host": engine});
+        };
+        let s = cache.stats();
+        let g = cache.geometry();
+        let seg_bytes = u64::from(g.segment_sectors) * 512;
+        let capacity = u64::from(s.segments_total) * seg_bytes;
+        let free = u64::from(s.segments_free) * seg_bytes;
+        let pct = |x: u64| {
+            if capacity == 0 {
+                0.0
+            } else {
+                (x as f64 * 1000.0 / capacity as f64).round() / 10.0
+            }
+        };
+        let t = &s.total;
+        json!({
+            "usage": {
+                "capacity_bytes": capacity,
+                "clean": {"bytes": s.clean_bytes, "percent": pct(s.clean_bytes)},
+                "dirty": {"bytes": s.dirty_bytes, "percent": pct(s.dirty_bytes)},
+                "free": {"bytes": free, "percent": pct(free)},
+                "segments_total": s.segments_total,
+                "segments_free": s.segments_free,
+                "extents": s.extents,
+            },
+            "requests": {
+                "reads": t.reads,
+                "writes": t.writes,
+                "discards": t.discards,
+                "read_hit_sectors": t.read_hit_sectors,
+                "read_miss_sectors": t.read_miss_sectors,
+                "in_place_writes": t.in_place_writes,
+                "cache_full_waits": t.cache_full_waits,
+            },
+            "errors": {
+                "io_errors": t.io_errors,
+                "crc_errors": t.crc_errors,
+                "wb_errors": t.wb_errors,
+                "kset_retries": t.kset_retries,
+                "requests_failed": c.requests_failed,
+                "device_errors": c.dev_errors,
+            },
+            "writeback": {
+                "dirty_bytes": s.wb_dirty_bytes,
+                "failed": s.wb_failed,
+                "epoch": s.epoch,
+                "gc_percent": s.gc_percent,
+            },
+            "engine": s,
+            "host": engine,
+        })
+    }
+}
+
+/// Splits bytes `off..off+len` of the buffer described by `iovs` into `out`.
+fn sub_iovs(iovs: &[ffi::iovec], off: u64, len: u64, out: &mut Vec<ffi::iovec>) -> bool {
+    out.clear();
+    let mut skip = off;
+    let mut want = len;
+    for v in iovs {
+        if want == 0 {
+            break;
+        }
+        let l = v.iov_len as u64;
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let take = (l - skip).min(want);
+        out.push(ffi::iovec {
+            // SAFETY: `skip < l`: still inside this iovec's buffer.
+            iov_base: unsafe { v.iov_base.cast::<u8>().add(skip as usize).cast() },
+            iov_len: take as usize,
+        });
+        want -= take;
+        skip = 0;
+    }
+    want == 0
+}
+
+fn iov_crc(iovs: &[ffi::iovec]) -> u32 {
+    let mut crc = 0;
+    for v in iovs {
+        // SAFETY: every iovec we build points at `iov_len` live bytes (a pending request's
+        // buffer or our DMA buffer).
+        let s = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+        crc = crc32c::crc32c_append(crc, s);
+    }
+    crc
+}
+
+/// Sends `io` back to its submitting thread to be completed there.
+fn send_completion(io: *mut ffi::spdk_bdev_io) -> bool {
+    // SAFETY: a pending request; `io::complete_msg` completes it on its own thread.
+    unsafe {
+        let th = ffi::spdk_bdev_io_get_thread(io);
+        ffi::spdk_thread_send_msg(th, Some(io::complete_msg), io.cast()) == 0
+    }
+}
+
+/// Issues `d` on its device.
+///
+/// # Safety
+/// `d` is a live DevIo of `e`, owned by the caller; on success SPDK owns it until `dev_done`.
+unsafe fn submit_raw(e: &Engine, d: *mut DevIo) -> c_int {
+    // SAFETY: per the contract; every buffer named by the iovecs is live until completion.
+    unsafe {
+        let dio = &mut *d;
+        let i = dev_index(dio.dev);
+        let (desc, ch) = (e.desc[i], e.ch[i]);
+        let cb = Some(dev_done as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void));
+        let arg = d.cast::<c_void>();
+        match dio.kind {
+            Kind::Read | Kind::CopyRead => ffi::spdk_bdev_readv_blocks(
+                desc,
+                ch,
+                dio.iovs.as_mut_ptr(),
+                dio.iovs.len() as c_int,
+                dio.offset,
+                dio.blocks,
+                cb,
+                arg,
+            ),
+            Kind::Write | Kind::CopyWrite => ffi::spdk_bdev_writev_blocks(
+                desc,
+                ch,
+                dio.iovs.as_mut_ptr(),
+                dio.iovs.len() as c_int,
+                dio.offset,
+                dio.blocks,
+                cb,
+                arg,
+            ),
+            Kind::Flush => ffi::spdk_bdev_flush_blocks(desc, ch, dio.offset, dio.blocks, cb, arg),
+            Kind::Zeroes => {
+                ffi::spdk_bdev_write_zeroes_blocks(desc, ch, dio.offset, dio.blocks, cb, arg)
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn dev_done(bdev_io: *mut ffi::spdk_bdev_io, success: bool, arg: *mut c_void) {
+    no_unwind("pcache dev_done", (), || {
+        // Free first: this may synchronously resubmit DevIos waiting for memory
+        // (`dev_retry`), which borrow the engine themselves.
+        // SAFETY: the base request SPDK allocated for us; we are done with it.
+        unsafe { ffi::spdk_bdev_free_io(bdev_io) };
+        // SAFETY: `arg` is the DevIo we submitted; it is ours again.
+        let d = unsafe { Box::from_raw(arg.cast::<DevIo>()) };
+        let eng = d.eng;
+        // SAFETY: the engine outlives its device I/O (teardown waits for `inflight == 0`);
+        // completions run on the engine thread, where nothing else borrows it now.
+        unsafe { (*eng).complete_dio(d, success) };
+    })
+}
+
+unsafe extern "C" fn dev_retry(arg: *mut c_void) {
+    no_unwind("pcache dev_retry", (), || {
+        let raw = arg.cast::<DevIo>();
+        // SAFETY: the queued DevIo; its engine is alive (inflight counts it).
+        let e = unsafe { &mut *(*raw).eng };
+        // SAFETY: `raw` is ours again (the wait entry fired).
+        let rc = unsafe { submit_raw(e, raw) };
+        if rc == 0 {
+            return;
+        }
+        // SAFETY: not submitted: still ours.
+        if rc == -libc::ENOMEM && unsafe { e.queue_wait(raw) } {
+            return;
+        }
+        // SAFETY: neither submitted nor queued.
+        let d = unsafe { Box::from_raw(raw) };
+        e.complete_dio(d, false);
+    })
+}
+
+unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
+    no_unwind("pcache engine poller", 0, || {
+        // SAFETY: the engine registered this poller with itself as argument and unregisters
+        // it before being freed; pollers run at the top level of the engine thread.
+        let e = unsafe { &mut *arg.cast::<Engine>() };
+        if !e.kick && e.dones.is_empty() {
+            return ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int;
+        }
+        e.kick = false;
+        if matches!(e.state, State::Running | State::Draining) && e.pump() {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+        } else {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+        }
+    })
+}
+
+unsafe extern "C" fn slow_poll(arg: *mut c_void) -> c_int {
+    no_unwind("pcache housekeeping poller", 0, || {
+        let eng = arg.cast::<Engine>();
+        // SAFETY: as in `fast_poll`.
+        let e = unsafe { &mut *eng };
+        if e.ready_to_free() {
+            // SAFETY: top level of a poller on the engine thread, nothing in flight.
+            unsafe { Engine::teardown(eng) };
+            return ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int;
+        }
+        if e.housekeeping() {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+        } else {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+        }
+    })
+}
+
+// ---- messages from other threads ----
+
+/// Engine-thread entry of a request (`spdk_thread_send_msg` argument: the bdev_io).
+pub(crate) unsafe extern "C" fn submit_msg(arg: *mut c_void) {
+    no_unwind("pcache submit", (), || {
+        let io = arg.cast::<ffi::spdk_bdev_io>();
+        // SAFETY: a pending request of a pcache bdev; `ctxt` is its live node, whose engine
+        // pointer was set before registration and stays valid while requests are pending.
+        let eng = unsafe { (*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>()).engine() };
+        // SAFETY: on the engine thread at the top level of a message.
+        unsafe { (*eng).submit(io) };
+    })
+}
+
+/// Engine-thread entry of a RESET: completes once no request is in flight.
+pub(crate) unsafe extern "C" fn reset_msg(arg: *mut c_void) {
+    no_unwind("pcache reset", (), || {
+        let io = arg.cast::<ffi::spdk_bdev_io>();
+        // SAFETY: as in `submit_msg`.
+        let e = unsafe { &mut *(*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>()).engine() };
+        e.counters.resets += 1;
+        e.resets.push(io);
+    })
+}
+
+/// Runs `f` on the engine at the top level of its thread. Err if the message cannot be sent.
+fn with_engine(
+    thread: *mut ffi::spdk_thread,
+    eng: *mut Engine,
+    f: impl FnOnce(&mut Engine) + 'static,
+) -> Result<(), ()> {
+    let p = SendPtr(eng);
+    msg::send(thread, move || {
+        // SAFETY: the engine lives until its teardown, which only follows a stop; callers
+        // send no message after the stop message (same sender, FIFO delivery).
+        f(unsafe { &mut *p.0 })
+    })
+}
+
+/// Gathers the engine's statistics; `done` runs on the app thread.
+pub(crate) fn stats(
+    thread: *mut ffi::spdk_thread,
+    eng: *mut Engine,
+    done: Box<dyn FnOnce(Value)>,
+) -> Result<(), ()> {
+    with_engine(thread, eng, move |e| {
+        let v = e.stats_json();
+        if msg::send(e.app_thread, move || done(v)).is_err() {
+            spdk_log!(ERROR, "{}: cannot return stats to the app thread", e.name);
+        }
+    })
+}
+
+/// Writes back everything dirty; `done` runs on the app thread once the cache is clean (or
+/// writeback failed).
+pub(crate) fn drain(thread: *mut ffi::spdk_thread, eng: *mut Engine, done: Done) -> Result<(), ()> {
+    with_engine(thread, eng, move |e| {
+        if let Some(c) = e.cache.as_deref_mut() {
+            c.retry_writeback();
+        }
+        e.drain_waiters.push(done);
+    })
+}
+
+/// Starts writing back everything dirty (`bdev_pcache_flush_start`).
+pub(crate) fn flush_start(thread: *mut ffi::spdk_thread, eng: *mut Engine) -> Result<(), ()> {
+    with_engine(thread, eng, |e| {
+        if let Some(c) = e.cache.as_deref_mut() {
+            c.retry_writeback();
+        }
+        e.flushing = true;
+    })
+}
+
+/// Writeback progress (`bdev_pcache_flush_status`); `done` runs on the app thread.
+pub(crate) fn flush_status(
+    thread: *mut ffi::spdk_thread,
+    eng: *mut Engine,
+    done: Box<dyn FnOnce(Value)>,
+) -> Result<(), ()> {
+    with_engine(thread, eng, move |e| {
+        let failed = e.writeback_failed();
+        let v = match e.cache.as_deref() {
+            Some(c) => json!({
+                "dirty_bytes": c.dirty_bytes(),
+                "clean": c.is_clean(),
+                "flushing": e.flushing,
+                "writeback_failed": failed,
+            }),
+            None => json!({"clean": false, "flushing": false, "writeback_failed": failed}),
+        };
+        if msg::send(e.app_thread, move || done(v)).is_err() {
+            spdk_log!(ERROR, "{}: cannot return flush status", e.name);
+        }
+    })
+}
+
+/// Changes writeback pacing / gc_percent: `f` maps the current options to the new ones (or
+/// an error); `done` runs on the app thread with the options in effect.
+pub(crate) fn set_options(
+    thread: *mut ffi::spdk_thread,
+    eng: *mut Engine,
+    f: impl FnOnce(WritebackOptions) -> Result<WritebackOptions, String> + 'static,
+    done: Box<dyn FnOnce(Result<WritebackOptions, String>)>,
+) -> Result<(), ()> {
+    with_engine(thread, eng, move |e| {
+        let r = match e.cache.as_deref_mut() {
+            None => Err("the cache is not running".to_string()),
+            Some(c) => f(c.writeback_options()).and_then(|o| {
+                c.set_writeback_options(o)
+                    .map(|()| c.writeback_options())
+                    .map_err(|err| err.to_string())
+            }),
+        };
+        e.kick = true;
+        if msg::send(e.app_thread, move || done(r)).is_err() {
+            spdk_log!(ERROR, "{}: cannot answer set_options", e.name);
+        }
+    })
+}
+
+/// A base bdev is being removed: fail every command for it from now on.
+pub(crate) fn base_removed(
+    thread: *mut ffi::spdk_thread,
+    eng: *mut Engine,
+    dev: Dev,
+) -> Result<(), ()> {
+    with_engine(thread, eng, move |e| {
+        e.removed[dev_index(dev)] = true;
+        e.kick = true;
+    })
+}
+
+/// Stops the engine (after writing back everything when `drain`), releases its channels
+/// and exits its thread; `done` runs on the app thread afterwards (Err if the drain failed).
+pub(crate) fn stop(
+    thread: *mut ffi::spdk_thread,
+    eng: *mut Engine,
+    drain: bool,
+    done: Done,
+) -> Result<(), ()> {
+    with_engine(thread, eng, move |e| {
+        e.stop_done = Some(done);
+        e.state = if drain && !e.removed.iter().any(|&r| r) {
+            State::Draining
+        } else {
+            State::Quiescing
+        };
+        if let Some(c) = e.cache.as_deref_mut() {
+            c.retry_writeback();
+        }
+    })
+}
