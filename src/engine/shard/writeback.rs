@@ -26,7 +26,8 @@ pub struct WritebackOptions {
     pub max_inflight: u32,
     /// Ksets per writeback group (one backing flush and one control write per group).
     pub group_ksets: usize,
-    /// Writeback starts when dirty data passes this share of the shard's cache space...
+    /// Writeback starts when dirty data passes this share of the shard's cache space
+    /// (defaults like dm-writecache's watermarks)...
     pub high_pct: u32,
     /// ...and stops below this one (unless space is short, the cache is idle, or draining).
     pub low_pct: u32,
@@ -39,8 +40,8 @@ impl Default for WritebackOptions {
         WritebackOptions {
             max_inflight: 32,
             group_ksets: 64,
-            high_pct: 30,
-            low_pct: 10,
+            high_pct: 50,
+            low_pct: 40,
             gc_percent: 70,
         }
     }
@@ -314,10 +315,12 @@ impl Shard {
         if n == 0 && partial == 0 {
             return;
         }
-        // Every key here belongs to the allowed epoch. Within an epoch a later key absorbs
-        // an earlier one; across epochs it must not (the backing device has to pass through
-        // this epoch's image), so coverage counts only later keys of the same epoch, and
-        // what is not covered is copied from the key's own data, which stays in place until
+        // Every key of a group belongs to the allowed epoch (the shard's frontier). Within
+        // an epoch a later key absorbs an earlier one; across epochs it must not (the
+        // backing device has to pass through this epoch's image). Coverage is taken from
+        // later keys of the group only: writing an older value of the same epoch that a
+        // later group overwrites is legal, and keeps the cost per group O(group).
+        // Uncovered pieces are copied from the key's own data, which stays in place until
         // the dirty tail passes it.
         let group_keys: Vec<DirtyKey> = self
             .log
@@ -328,16 +331,6 @@ impl Shard {
             .copied()
             .collect();
         let mut coverage = ExtentMap::new();
-        let later_same_epoch = self
-            .log
-            .iter()
-            .enumerate()
-            .skip(n)
-            .flat_map(|(i, k)| k.keys.iter().skip(if i == n { partial } else { 0 }))
-            .take_while(|k| k.epoch <= allowed);
-        for k in later_same_epoch {
-            coverage.insert(k.lba, Extent::new(0, k.len, State::Clean, None, 0));
-        }
         let mut pieces = Vec::new();
         let mut sectors = 0u64;
         let mut ios = Vec::new();
