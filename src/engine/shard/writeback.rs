@@ -186,23 +186,23 @@ impl Shard {
 
     /// Lowest epoch with data this shard has not yet written back and flushed.
     pub fn frontier(&self) -> u64 {
-        let logged = self.log.iter().flat_map(|k| k.keys.iter()).map(|k| k.epoch);
-        let batched = self
-            .batches
+        // Epochs never decrease along the log, then the batches, then the queue: the first
+        // non-fill key found is the oldest.
+        for k in &self.log {
+            if let Some(d) = k.keys.first() {
+                return d.epoch;
+            }
+        }
+        let is_fill = |op: &super::LogOp| matches!(op, super::LogOp::Fill { .. });
+        for b in &self.batches {
+            if let Some(e) = b.entries.iter().find(|e| !is_fill(&e.p.op)) {
+                return e.p.epoch;
+            }
+        }
+        self.pending
             .iter()
-            .flat_map(|b| b.entries.iter())
-            .filter(|e| !matches!(e.p.op, super::LogOp::Fill { .. }))
-            .map(|e| e.p.epoch);
-        let queued = self
-            .pending
-            .iter()
-            .filter(|p| !matches!(p.op, super::LogOp::Fill { .. }))
-            .map(|p| p.epoch);
-        logged
-            .chain(batched)
-            .chain(queued)
-            .next()
-            .unwrap_or(self.epoch)
+            .find(|p| !is_fill(&p.op))
+            .map_or(self.epoch, |p| p.epoch)
     }
 
     /// The highest epoch this shard may write back (from the coordinator).
