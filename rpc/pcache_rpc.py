@@ -17,10 +17,14 @@ def _print(result):
 def bdev_pcache_create(args):
     params = {
         'name': args.name,
-        'cache_bdev': args.cache_bdev,
         'backing_bdev': args.backing_bdev,
     }
-    for key in ('gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards',
+    # Exactly one of the two; the target explains what is wrong when both or neither are given.
+    if args.cache_bdev is not None:
+        params['cache_bdev'] = args.cache_bdev
+    if args.cache_path is not None:
+        params['cache_path'] = args.cache_path
+    for key in ('cache_size_mib', 'gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards',
                 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct', 'core'):
         value = getattr(args, key)
         if value is not None:
@@ -54,9 +58,9 @@ def _writeback_args(p):
                         'each (1-4096, default 64)')
     p.add_argument('--wb-high-pct', dest='wb_high_pct', type=int,
                    help='start writing back when dirty data passes this percent of the cache '
-                        '(1-100, default 30)')
+                        '(1-100, default 50)')
     p.add_argument('--wb-low-pct', dest='wb_low_pct', type=int,
-                   help='stop writing back below this percent (at most --wb-high-pct, default 10; '
+                   help='stop writing back below this percent (at most --wb-high-pct, default 40; '
                         'an idle, full or draining cache writes back everything)')
 
 
@@ -76,11 +80,17 @@ def bdev_pcache_get_stats(args):
 def spdk_rpc_plugin_initialize(subparsers):
     p = subparsers.add_parser(
         'bdev_pcache_create',
-        help='Create a pcache bdev: a write-back cache on CACHE_BDEV in front of BACKING_BDEV '
-             '(both are claimed; the new bdev has the backing bdev\'s size)')
+        help='Create a pcache bdev: a write-back cache on CACHE_BDEV or CACHE_PATH in front '
+             'of BACKING_BDEV (bdevs are claimed; the new bdev has the backing bdev\'s size)')
     p.add_argument('-b', '--name', required=True, help='name of the new pcache bdev')
-    p.add_argument('-c', '--cache-bdev', dest='cache_bdev', required=True,
-                   help='bdev holding the cache (persistent memory / fast device)')
+    p.add_argument('-c', '--cache-bdev', dest='cache_bdev',
+                   help='bdev holding the cache (fast device); or give --cache-path')
+    p.add_argument('-p', '--cache-path', dest='cache_path',
+                   help='DAX device (/dev/daxX.Y) or file mapped as the cache, without a bdev '
+                        'round trip; a file that is not on a DAX filesystem is persisted with '
+                        'msync and is NOT persistent memory (tests and trials)')
+    p.add_argument('--cache-size-mib', dest='cache_size_mib', type=int,
+                   help='with --cache-path: create the file, or extend it, to this size in MiB')
     p.add_argument('-d', '--backing-bdev', dest='backing_bdev', required=True,
                    help='bdev being cached (the slow device)')
     crc = p.add_mutually_exclusive_group()

@@ -36,6 +36,12 @@
 //!   with the dirty data found in its log, `spdk_dd` reads the pattern back identical over
 //!   NVMe/TCP, a flush writes it back and the backing file then holds it; a cache bdev
 //!   offered to another backing bdev is refused and left unclaimed. Needs spdk_dd.
+//! - `restart_and_reattach_cache_path`: the same with the cache in a tmpfs file mapped by the
+//!   engine (`cache_path`, `cache_size_mib`): the saved config carries the path and reattaches.
+//! - `cache_path_rpc_and_verify`: `cache_path` bad inputs (both/neither, cannot open, cannot
+//!   map, too small, bad size) get JSON-RPC errors; bdev_get_bdevs / get_stats / save_config
+//!   show the path and "NOT persistent memory"; a second bdev on the same path is refused;
+//!   clean delete and reattach; bdevperf `-w verify` (up to 10 s) over a `cache_path` bdev.
 //!
 //! Every process is killed on every exit path (a Drop guard).
 
@@ -594,7 +600,7 @@ fn target_rpc_lifecycle() {
             &set["wb_low_pct"],
             &set["wb_max_inflight"]
         ),
-        (&json!(60), &json!(50), &json!(10), &json!(16)),
+        (&json!(60), &json!(50), &json!(40), &json!(16)),
         "{set}"
     );
     rpc.err(
@@ -625,7 +631,7 @@ fn target_rpc_lifecycle() {
     assert!(creates.contains(&json!({
         "name": "PC1", "cache_bdev": "Cache1", "backing_bdev": "Back1", "data_crc": false, "gc_percent": 70,
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 32,
-        "wb_group_ksets": 64, "wb_high_pct": 30, "wb_low_pct": 10
+        "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40
     })), "{creates:?}");
     assert!(
         creates.iter().any(|p| p["name"] == "PC0"
@@ -983,6 +989,24 @@ fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
 
 #[test]
 fn restart_and_reattach() {
+    restart_case(None);
+}
+
+/// `restart_and_reattach` with the cache in a file mapped by the engine (`cache_path`, in
+/// tmpfs): the saved config carries the path, the restart reattaches it.
+#[test]
+fn restart_and_reattach_cache_path() {
+    let path = PathBuf::from(format!(
+        "/dev/shm/pcache-it-persist-{}.img",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    restart_case(Some(&path));
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The cache: aio bdev `Cache0` (None) or the mapped file `cache_path`.
+fn restart_case(cache_path: Option<&Path>) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
     let Some(dd) = spdk.dd.clone() else {
@@ -990,12 +1014,23 @@ fn restart_and_reattach() {
         return;
     };
     let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("pcache-it-persist-{pid}"));
+    let tag = if cache_path.is_some() {
+        "persistp"
+    } else {
+        "persist"
+    };
+    let dir = std::env::temp_dir().join(format!("pcache-it-{tag}-{pid}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let cache_img = dir.join("cache.img");
     let back_img = dir.join("backing.img");
     let other_img = dir.join("other.img");
+    let path_s = cache_path.map(|p| p.display().to_string());
+    // `-c Cache0` or `-p PATH --cache-size-mib 64`.
+    let cache_args: Vec<&str> = match &path_s {
+        None => vec!["-c", "Cache0"],
+        Some(p) => vec!["-p", p, "--cache-size-mib", "64"],
+    };
     for p in [&cache_img, &back_img, &other_img] {
         std::fs::File::create(p)
             .and_then(|f| f.set_len(64 << 20))
@@ -1020,17 +1055,19 @@ fn restart_and_reattach() {
     .expect("initiator config");
 
     // ---- phase 1: write through NVMe/TCP, then SIGKILL the target ----
-    let (mut tgt, rpc) = start_target(&spdk, &so, "persist");
+    let (mut tgt, rpc) = start_target(&spdk, &so, tag);
     let cache_s = cache_img.display().to_string();
     let back_s = back_img.display().to_string();
-    rpc.ok(&[
-        "bdev_aio_create",
-        &cache_s,
-        "Cache0",
-        "512",
-        "-u",
-        "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0001",
-    ]);
+    if cache_path.is_none() {
+        rpc.ok(&[
+            "bdev_aio_create",
+            &cache_s,
+            "Cache0",
+            "512",
+            "-u",
+            "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0001",
+        ]);
+    }
     rpc.ok(&[
         "bdev_aio_create",
         &back_s,
@@ -1057,19 +1094,10 @@ fn restart_and_reattach() {
         "-u",
         "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0003",
     ]);
-    rpc.ok(&[
-        "bdev_pcache_create",
-        "-b",
-        "PC0",
-        "-c",
-        "Cache0",
-        "-d",
-        "Slow0",
-        "--segment-size-mib",
-        "2",
-        "--stripe-size-kib",
-        "256",
-    ]);
+    let mut create = vec!["bdev_pcache_create", "-b", "PC0", "-d", "Slow0"];
+    create.extend(&cache_args);
+    create.extend(["--segment-size-mib", "2", "--stripe-size-kib", "256"]);
+    rpc.ok(&create);
     rpc.ok(&["nvmf_create_transport", "-t", "TCP"]);
     rpc.ok(&[
         "nvmf_create_subsystem",
@@ -1128,6 +1156,11 @@ fn restart_and_reattach() {
             if m["method"] == "bdev_pcache_create" {
                 creates += 1;
                 assert_eq!(m["params"]["segment_size_mib"], 2, "{m}");
+                if let Some(p) = &path_s {
+                    assert_eq!(m["params"]["cache_path"], json!(p), "{m}");
+                    assert_eq!(m["params"]["cache_size_mib"], 64, "{m}");
+                    assert!(m["params"].get("cache_bdev").is_none(), "{m}");
+                }
             }
         }
     }
@@ -1137,7 +1170,7 @@ fn restart_and_reattach() {
     let (mut tgt, rpc) = start_target_with(
         &spdk,
         &so,
-        "persist2",
+        &format!("{tag}2"),
         &["--json".into(), cfg_path.display().to_string()],
     );
     let b = rpc.ok(&["bdev_get_bdevs", "-b", "PC0"]);
@@ -1147,6 +1180,10 @@ fn restart_and_reattach() {
         info["cache"]["dirty_bytes_at_open"].as_u64() >= Some(data.len() as u64),
         "the log replay found the dirty pattern: {info}"
     );
+    if let Some(p) = &path_s {
+        assert_eq!(info["cache_path"], json!(p), "{info}");
+        assert_eq!(info["persistent_memory"], false, "tmpfs: {info}");
+    }
     let out_s = dir.join("readback.bin").display().to_string();
     run_dd(
         &spdk,
@@ -1184,31 +1221,18 @@ fn restart_and_reattach() {
     assert_eq!(rpc.ok(&["bdev_pcache_delete", "PC0"]), json!(true));
     let other_s = other_img.display().to_string();
     rpc.ok(&["bdev_aio_create", &other_s, "Other0", "4096"]);
-    rpc.err(
-        &[
-            "bdev_pcache_create",
-            "-b",
-            "PC9",
-            "-c",
-            "Cache0",
-            "-d",
-            "Other0",
-        ],
-        "another backing device",
-    );
-    assert_eq!(
-        rpc.ok(&["bdev_get_bdevs", "-b", "Cache0"])[0]["claimed"],
-        false
-    );
-    rpc.ok(&[
-        "bdev_pcache_create",
-        "-b",
-        "PC0",
-        "-c",
-        "Cache0",
-        "-d",
-        "Slow0",
-    ]);
+    let mut other = vec!["bdev_pcache_create", "-b", "PC9", "-d", "Other0"];
+    other.extend(&cache_args);
+    rpc.err(&other, "another backing device");
+    if cache_path.is_none() {
+        assert_eq!(
+            rpc.ok(&["bdev_get_bdevs", "-b", "Cache0"])[0]["claimed"],
+            false
+        );
+    }
+    let mut again = vec!["bdev_pcache_create", "-b", "PC0", "-d", "Slow0"];
+    again.extend(&cache_args);
+    rpc.ok(&again);
     let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
     assert_eq!(info["cache"]["formatted"], false, "{info}");
     assert_eq!(info["cache"]["dirty_bytes_at_open"], 0, "{info}");
@@ -1221,4 +1245,241 @@ fn restart_and_reattach() {
     assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `cache_path`: the cache is a file in tmpfs mapped by the engine thread (no cache bdev).
+/// Bad inputs get JSON-RPC errors; bdev_get_bdevs, get_stats and save_config show the path
+/// and the persistence mode; a second bdev on the same path is refused; then bdevperf
+/// `-w verify` runs over a `cache_path` pcache bdev with writeback and GC busy.
+#[test]
+fn cache_path_rpc_and_verify() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let pid = std::process::id();
+    let path = format!("/dev/shm/pcache-it-dax-{pid}.img");
+    let small = format!("/dev/shm/pcache-it-dax-small-{pid}.img");
+    let _ = std::fs::remove_file(&path);
+    std::fs::File::create(&small)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("small cache file");
+
+    let (mut tgt, rpc) = start_target(&spdk, &so, "daxrpc");
+    rpc.ok(&["bdev_malloc_create", "-b", "Back1", "64", "4096"]);
+    rpc.ok(&["bdev_malloc_create", "-b", "Cache1", "64", "512"]);
+    let base = |extra: Value| {
+        let mut p = json!({"name": "PCd", "backing_bdev": "Back1"});
+        if let (Some(o), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        Some(p)
+    };
+    for (params, want) in [
+        (
+            json!({"cache_bdev": "Cache1", "cache_path": path}),
+            "not both",
+        ),
+        (json!({}), "got neither"),
+        (
+            json!({"cache_bdev": "Cache1", "cache_size_mib": 64}),
+            "goes with cache_path",
+        ),
+        (
+            json!({"cache_path": "/nonexistent-dir/pc.img", "cache_size_mib": 64}),
+            "cannot open",
+        ),
+        (
+            json!({"cache_path": format!("/dev/shm/pcache-it-none-{pid}")}),
+            "No such file",
+        ),
+        (json!({"cache_path": "/dev/shm"}), "cannot open"),
+        (json!({"cache_path": "/dev/null"}), "size is unknown"),
+        (json!({"cache_path": small}), "too small"),
+        (
+            json!({"cache_path": path, "cache_size_mib": 0}),
+            "cache_size_mib",
+        ),
+    ] {
+        rpc.raw_err("bdev_pcache_create", base(params), want);
+    }
+    rpc.err(
+        &["bdev_pcache_create", "-b", "PCd", "-d", "Back1"],
+        "got neither",
+    );
+    assert!(
+        !Path::new(&format!("/dev/shm/pcache-it-none-{pid}")).exists(),
+        "no file is created without cache_size_mib"
+    );
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "Back1"])[0]["claimed"],
+        false,
+        "failed creates release the backing bdev"
+    );
+
+    rpc.ok(&[
+        "bdev_pcache_create",
+        "-b",
+        "PCd",
+        "-p",
+        &path,
+        "--cache-size-mib",
+        "64",
+        "-d",
+        "Back1",
+        "--segment-size-mib",
+        "2",
+        "--stripe-size-kib",
+        "256",
+    ]);
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PCd"])[0]["driver_specific"]["pcache"];
+    assert_eq!(info["cache_path"], json!(path), "{info}");
+    assert_eq!(info["persistent_memory"], false, "{info}");
+    assert!(
+        info["persistence"]
+            .as_str()
+            .is_some_and(|p| p.contains("NOT persistent memory")),
+        "{info}"
+    );
+    assert_eq!(info["cache"]["formatted"], true, "{info}");
+    // The same file for a second bdev: refused (flock).
+    rpc.ok(&["bdev_malloc_create", "-b", "Back2", "64", "4096"]);
+    rpc.err(
+        &[
+            "bdev_pcache_create",
+            "-b",
+            "PCe",
+            "-p",
+            &path,
+            "-d",
+            "Back2",
+        ],
+        "in use",
+    );
+    let st = rpc.ok(&["bdev_pcache_get_stats", "-b", "PCd"]);
+    assert_eq!(st[0]["cache_path"], json!(path), "{st}");
+    assert_eq!(st[0]["persistent_memory"], false, "{st}");
+    let saved = rpc.ok(&["save_config"]);
+    let create = saved["subsystems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["config"].as_array().cloned().unwrap_or_default())
+        .find(|m| m["method"] == "bdev_pcache_create")
+        .unwrap_or_else(|| panic!("no bdev_pcache_create in {saved}"));
+    assert_eq!(create["params"]["cache_path"], json!(path), "{create}");
+    assert_eq!(create["params"]["cache_size_mib"], 64, "{create}");
+    assert!(create["params"].get("cache_bdev").is_none(), "{create}");
+    assert!(
+        tgt.log().contains("NOT persistent memory"),
+        "describe() is logged"
+    );
+    assert_eq!(rpc.ok(&["bdev_pcache_delete", "PCd"]), json!(true));
+    // Reattach after a clean delete: the superblock is in the file.
+    rpc.ok(&[
+        "bdev_pcache_create",
+        "-b",
+        "PCd",
+        "-p",
+        &path,
+        "-d",
+        "Back1",
+    ]);
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PCd"])[0]["driver_specific"]["pcache"];
+    assert_eq!(info["cache"]["formatted"], false, "{info}");
+    assert_eq!(info["options"]["segment_size_mib"], 2, "{info}");
+    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
+    let st = tgt
+        .wait_for(Duration::from_secs(30))
+        .expect("spdk_tgt did not exit on SIGTERM");
+    let log = tgt.log();
+    assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    drop(tgt);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&small);
+
+    // ---- bdevperf verify over a cache_path pcache bdev ----
+    let Some(perf_py) = spdk.bdevperf_py.clone() else {
+        println!("SKIPPED (verify part): no examples/bdev/bdevperf/bdevperf.py next to rpc.py");
+        return;
+    };
+    let cfg = std::env::temp_dir().join(format!("pcache-it-dax-{pid}.json"));
+    std::fs::write(
+        &cfg,
+        json!({"subsystems": [{"subsystem": "bdev", "config": [
+            {"method": "bdev_malloc_create", "params": {"name": "PcBacking0", "num_blocks": 65536, "block_size": 4096}},
+            {"method": "bdev_pcache_create", "params": {"name": "PC0", "cache_path": path, "cache_size_mib": 64,
+                "backing_bdev": "PcBacking0", "segment_size_mib": 2, "stripe_size_kib": 256}},
+            {"method": "bdev_wait_for_examine"}
+        ]}]})
+        .to_string(),
+    )
+    .expect("bdevperf config");
+    let secs = verify_secs().min(10);
+    let (mut perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "daxperf");
+    let out = perform_tests(
+        &spdk,
+        &perf_py,
+        &rpc.sock,
+        secs + 120,
+        &[
+            "-w",
+            "verify",
+            "-q",
+            "32",
+            "-o",
+            "4096",
+            "-t",
+            &secs.to_string(),
+        ],
+    )
+    .output()
+    .expect("run bdevperf.py");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "perform_tests failed: {text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        perf.log()
+    );
+    let res: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let jobs = res["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(jobs.len(), 1, "{res}");
+    println!("bdevperf verify {secs} s over cache_path: {}", jobs[0]);
+    assert_eq!(jobs[0]["io_failed"], 0, "failed I/O: {res}");
+    assert!(
+        jobs[0]["iops"].as_f64() > Some(1000.0),
+        "IOPS too low: {res}"
+    );
+    let s = &rpc.ok(&["bdev_pcache_get_stats"])[0];
+    let t = &s["engine"]["total"];
+    println!(
+        "cache_path stats: usage {}\nerrors {}\nhost {}",
+        s["usage"], s["errors"], s["host"]
+    );
+    assert!(
+        t["wb_sectors"].as_u64() > Some(0),
+        "nothing written back: {t}"
+    );
+    assert!(
+        t["gc_segments"].as_u64() > Some(0),
+        "no segment collected: {t}"
+    );
+    for k in [
+        "io_errors",
+        "crc_errors",
+        "wb_errors",
+        "device_errors",
+        "requests_failed",
+    ] {
+        assert_eq!(s["errors"][k], 0, "{k}: {s}");
+    }
+    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
+    let st = perf
+        .wait_for(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("bdevperf did not exit:\n{}", perf.log()));
+    let out = perf.log();
+    assert!(st.success(), "bdevperf failed ({st}):\n{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&cfg);
 }

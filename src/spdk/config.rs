@@ -21,7 +21,9 @@ const MAX_NAME: usize = 255;
 #[serde(deny_unknown_fields)]
 struct CreateParams {
     name: String,
-    cache_bdev: String,
+    cache_bdev: Option<String>,
+    cache_path: Option<String>,
+    cache_size_mib: Option<u64>,
     backing_bdev: String,
     data_crc: Option<bool>,
     gc_percent: Option<u32>,
@@ -135,14 +137,46 @@ impl Options {
     }
 }
 
+/// Where the cache lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CacheMedia {
+    /// A bdev, driven asynchronously like the backing bdev.
+    Bdev(String),
+    /// A DAX device or file mapped into the process (`media::dax::DaxDevice`); commands
+    /// for it complete inline on the engine thread. `size_mib` creates / extends a regular
+    /// file to that size.
+    Path { path: String, size_mib: Option<u64> },
+}
+
 /// A validated `bdev_pcache_create` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CreateConfig {
     pub name: String,
-    pub cache_bdev: String,
+    pub cache: CacheMedia,
     pub backing_bdev: String,
     pub options: Options,
 }
+
+impl CreateConfig {
+    /// The cache for messages: "cache bdev 'X'" or "cache path 'P'".
+    pub(crate) fn cache_label(&self) -> String {
+        match &self.cache {
+            CacheMedia::Bdev(b) => format!("cache bdev '{b}'"),
+            CacheMedia::Path { path, .. } => format!("cache path '{path}'"),
+        }
+    }
+
+    /// The cache bdev's name (None for a mapped path).
+    pub(crate) fn cache_bdev(&self) -> Option<&str> {
+        match &self.cache {
+            CacheMedia::Bdev(b) => Some(b),
+            CacheMedia::Path { .. } => None,
+        }
+    }
+}
+
+/// Largest `cache_size_mib` (16 TiB).
+const MAX_CACHE_MIB: u64 = 16 << 20;
 
 fn check_name(field: &str, v: &str) -> Result<(), String> {
     if v.is_empty() {
@@ -179,15 +213,47 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
     let p: CreateParams =
         serde_json::from_value(params).map_err(|e| format!("invalid parameters: {e}"))?;
     check_name("name", &p.name)?;
-    check_name("cache_bdev", &p.cache_bdev)?;
     check_name("backing_bdev", &p.backing_bdev)?;
-    if p.cache_bdev == p.backing_bdev {
-        return Err(format!(
-            "cache_bdev and backing_bdev are the same bdev '{}'",
-            p.cache_bdev
-        ));
-    }
-    if p.name == p.cache_bdev || p.name == p.backing_bdev {
+    let cache = match (p.cache_bdev, p.cache_path) {
+        (Some(_), Some(_)) => {
+            return Err("give exactly one of cache_bdev or cache_path, not both".into())
+        }
+        (None, None) => {
+            return Err("give exactly one of cache_bdev or cache_path (got neither)".into())
+        }
+        (Some(b), None) => {
+            check_name("cache_bdev", &b)?;
+            if p.cache_size_mib.is_some() {
+                return Err("cache_size_mib goes with cache_path, not cache_bdev".into());
+            }
+            if b == p.backing_bdev {
+                return Err(format!(
+                    "cache_bdev and backing_bdev are the same bdev '{b}'"
+                ));
+            }
+            if p.name == b {
+                return Err(format!("name '{}' is the name of a base bdev", p.name));
+            }
+            CacheMedia::Bdev(b)
+        }
+        (None, Some(path)) => {
+            if path.is_empty() || path.contains('\0') {
+                return Err("cache_path must be a non-empty path without NUL characters".into());
+            }
+            if let Some(m) = p.cache_size_mib {
+                if !(1..=MAX_CACHE_MIB).contains(&m) {
+                    return Err(format!(
+                        "cache_size_mib must be between 1 and {MAX_CACHE_MIB} (got {m})"
+                    ));
+                }
+            }
+            CacheMedia::Path {
+                path,
+                size_mib: p.cache_size_mib,
+            }
+        }
+    };
+    if p.name == p.backing_bdev {
         return Err(format!("name '{}' is the name of a base bdev", p.name));
     }
     let d = Options::default();
@@ -233,7 +299,7 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
     }
     Ok(CreateConfig {
         name: p.name,
-        cache_bdev: p.cache_bdev,
+        cache,
         backing_bdev: p.backing_bdev,
         options: o,
     })
@@ -246,7 +312,6 @@ impl CreateConfig {
         let o = &self.options;
         let mut v = json!({
             "name": self.name,
-            "cache_bdev": self.cache_bdev,
             "backing_bdev": self.backing_bdev,
             "data_crc": o.data_crc,
             "gc_percent": o.gc_percent,
@@ -258,6 +323,15 @@ impl CreateConfig {
             "wb_high_pct": o.wb.high_pct,
             "wb_low_pct": o.wb.low_pct,
         });
+        match &self.cache {
+            CacheMedia::Bdev(b) => v["cache_bdev"] = json!(b),
+            CacheMedia::Path { path, size_mib } => {
+                v["cache_path"] = json!(path);
+                if let Some(m) = size_mib {
+                    v["cache_size_mib"] = json!(m);
+                }
+            }
+        }
         if let Some(c) = o.core {
             v["core"] = json!(c);
         }
@@ -423,6 +497,17 @@ mod tests {
         assert_eq!(c.options, Options::default());
         let again = parse_create(c.to_params()).unwrap();
         assert_eq!(again, c);
+        let p = json!({"name": "PC0", "cache_path": "/dev/shm/pc", "cache_size_mib": 64, "backing_bdev": "M1"});
+        let c = parse_create(p).unwrap();
+        assert_eq!(
+            c.cache,
+            CacheMedia::Path {
+                path: "/dev/shm/pc".into(),
+                size_mib: Some(64)
+            }
+        );
+        assert_eq!(c.to_params()["cache_path"], "/dev/shm/pc");
+        assert_eq!(parse_create(c.to_params()).unwrap(), c);
     }
 
     #[test]
@@ -432,6 +517,23 @@ mod tests {
             (
                 json!({"name": "PC0", "cache_bdev": "M0"}),
                 "missing field `backing_bdev`",
+            ),
+            (
+                json!({"name": "PC0", "cache_bdev": "M0", "cache_path": "/dev/shm/x", "backing_bdev": "M1"}),
+                "not both",
+            ),
+            (json!({"name": "PC0", "backing_bdev": "M1"}), "got neither"),
+            (
+                json!({"name": "PC0", "cache_bdev": "M0", "cache_size_mib": 64, "backing_bdev": "M1"}),
+                "goes with cache_path",
+            ),
+            (
+                json!({"name": "PC0", "cache_path": "", "backing_bdev": "M1"}),
+                "cache_path",
+            ),
+            (
+                json!({"name": "PC0", "cache_path": "/dev/shm/x", "cache_size_mib": 0, "backing_bdev": "M1"}),
+                "cache_size_mib",
             ),
             (
                 json!({"name": "PC0", "cache_bdev": "M0", "backing_bdev": "M0"}),
@@ -507,12 +609,16 @@ mod tests {
         assert!(parse_stats(json!({"nam": "PC0"})).is_err());
         let so = parse_set_options(json!({"name": "PC0", "wb_high_pct": 50})).unwrap();
         let o = so.apply(WritebackOptions::default()).unwrap();
-        assert_eq!((o.high_pct, o.low_pct, o.gc_percent), (50, 10, 70));
+        let d = WritebackOptions::default();
+        assert_eq!(
+            (o.high_pct, o.low_pct, o.gc_percent),
+            (50, d.low_pct, d.gc_percent)
+        );
         assert!(parse_set_options(json!({"name": "PC0"}))
             .unwrap_err()
             .contains("no option"));
         assert!(parse_set_options(json!({"name": "PC0", "gc_percent": 95})).is_err());
-        let low = parse_set_options(json!({"name": "PC0", "wb_low_pct": 40})).unwrap();
+        let low = parse_set_options(json!({"name": "PC0", "wb_low_pct": 95})).unwrap();
         assert!(
             low.apply(WritebackOptions::default()).is_err(),
             "low above high"

@@ -19,10 +19,16 @@
 //! generation, so a stale id never reaches a recycled slot). A request completes only when
 //! the engine completed it *and* no device command using its buffer is still in flight.
 //!
+//! With a mapped cache (`cache_path`: a [`DaxDevice`], no cache bdev) the same device I/O
+//! descriptions are built, and `issue` executes those for the cache inline (`dax_run`: a
+//! copy between the mapping and the buffers, persisted before it returns) and completes
+//! them at once; backing I/O stays asynchronous.
+//!
 //! Device errors become `IoError::Device`; -ENOMEM from a submission waits on the base
 //! bdev (`spdk_bdev_queue_io_wait`) and is retried. After a base bdev is hot-removed every
 //! command for it fails at once, so requests that need it fail and the rest finish.
 
+use std::collections::VecDeque;
 use std::ffi::{c_int, c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +46,8 @@ use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use super::io::{self, IoCtx};
 use super::log::{no_unwind, spdk_log};
 use super::msg;
+use crate::media::dax::DaxDevice;
+use crate::media::BlockDevice;
 
 /// What the app thread hands to a new engine.
 pub(crate) struct Setup {
@@ -55,6 +63,9 @@ pub(crate) struct Setup {
     pub cache_options: CacheOptions,
     /// Size of the cache bdev.
     pub cache_bytes: u64,
+    /// The mapped cache (`cache_path`): `desc[0]` / `bdev[0]` are null and every cache
+    /// command completes inline on the engine thread.
+    pub dax: Option<DaxDevice>,
 }
 
 /// The outcome of a successful open.
@@ -250,6 +261,8 @@ struct DevIo {
     verify: Option<u32>,
     crc: Option<u32>,
     dma: Option<DmaBuf>,
+    /// Engine-owned bytes written straight from here (mapped cache only).
+    owned: Vec<u8>,
     copy_dst: (Dev, u64),
     wait: ffi::spdk_bdev_io_wait_entry,
 }
@@ -301,6 +314,14 @@ pub(crate) struct Engine {
     fopts: FormatOptions,
     copts: CacheOptions,
     cache_bytes: u64,
+    /// The mapped cache, when there is no cache bdev.
+    dax: Option<DaxDevice>,
+    /// Completions of inline (mapped-cache) commands, delivered in order by the outermost
+    /// `issue` so a completion that issues more I/O does not recurse.
+    dax_done: VecDeque<(Box<DevIo>, bool)>,
+    dax_busy: bool,
+    /// Scratch for iovecs that do not split on sector boundaries.
+    dax_bounce: Vec<u8>,
 
     cache: Option<Box<Cache>>,
     state: State,
@@ -428,20 +449,29 @@ impl Engine {
             // SAFETY: an open base bdev.
             unsafe { ffi::spdk_bdev_get_num_blocks(b) }
         };
+        // A mapped cache: 512-byte blocks, every write durable when it returns.
+        let (cshift, cblocks, cflush) = match &s.dax {
+            Some(d) => (0, d.sectors(), false),
+            None => (shift_of(s.bdev[0]), blocks(s.bdev[0]), flush(s.bdev[0])),
+        };
         Engine {
             name: s.name,
             app_thread: s.app_thread,
             desc: s.desc,
             bdev: s.bdev,
             ch: [ptr::null_mut(); 2],
-            shift: [shift_of(s.bdev[0]), shift_of(s.bdev[1])],
-            blocks: [blocks(s.bdev[0]), blocks(s.bdev[1])],
-            flush_ok: [flush(s.bdev[0]), flush(s.bdev[1])],
+            shift: [cshift, shift_of(s.bdev[1])],
+            blocks: [cblocks, blocks(s.bdev[1])],
+            flush_ok: [cflush, flush(s.bdev[1])],
             removed: [false; 2],
             identity: s.identity,
             fopts: s.format,
             copts: s.cache_options,
             cache_bytes: s.cache_bytes,
+            dax: s.dax,
+            dax_done: VecDeque::new(),
+            dax_busy: false,
+            dax_bounce: Vec::new(),
             cache: None,
             state: State::Opening,
             opener: None,
@@ -480,6 +510,9 @@ impl Engine {
         let e = unsafe { &mut *eng };
         e.open_done = Some(done);
         for (i, role) in DEV_NAMES.iter().enumerate() {
+            if e.desc[i].is_null() {
+                continue; // the mapped cache
+            }
             // SAFETY: open descriptor; we are on the thread that will use the channel.
             let ch = unsafe { ffi::spdk_bdev_get_io_channel(e.desc[i]) };
             if ch.is_null() {
@@ -632,7 +665,7 @@ impl Engine {
         };
         for (sector, bytes) in writes {
             let mut d = self.new_dio(Purpose::Format, 0, Kind::Write, Dev::Cache);
-            let ok = self.attach_owned(&mut d, &bytes);
+            let ok = self.attach_vec(&mut d, bytes);
             let sectors = d.sectors;
             if !ok || !self.set_range(&mut d, sector, sectors) {
                 self.recycle(d);
@@ -865,6 +898,7 @@ impl Engine {
                 verify: None,
                 crc: None,
                 dma: None,
+                owned: Vec::new(),
                 copy_dst: (dev, 0),
                 // SAFETY: all-zero is a valid, unlinked wait entry.
                 wait: unsafe { std::mem::zeroed() },
@@ -888,6 +922,7 @@ impl Engine {
         if let Some(b) = d.dma.take() {
             self.dma.put(b);
         }
+        d.owned = Vec::new();
         if let Some(idx) = d.req.take() {
             self.unref(idx);
         }
@@ -925,6 +960,23 @@ impl Engine {
         s.refs += 1;
         d.req = Some(idx);
         d.sectors = len / 512;
+        true
+    }
+
+    /// Points `d` at engine-owned bytes: kept in `d` for the mapped cache, else copied into
+    /// a DMA buffer.
+    fn attach_vec(&mut self, d: &mut DevIo, mut v: Vec<u8>) -> bool {
+        if !(d.dev == Dev::Cache && self.dax.is_some()) {
+            return self.attach_owned(d, &v);
+        }
+        v.resize(v.len().next_multiple_of(512), 0);
+        d.iovs.push(ffi::iovec {
+            iov_base: v.as_mut_ptr().cast(),
+            iov_len: v.len(),
+        });
+        d.sectors = (v.len() / 512) as u64;
+        // Moving the Vec keeps its heap buffer where the iovec points.
+        d.owned = v;
         true
     }
 
@@ -1004,15 +1056,15 @@ impl Engine {
                 want_crc,
             } => {
                 let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Write, dev);
-                let ok = match &buf {
+                let ok = match buf {
                     Buf::Req { req, off, len } => {
-                        let ok = self.attach_req(&mut d, *req, *off, *len);
+                        let ok = self.attach_req(&mut d, req, off, len);
                         if ok && want_crc {
                             d.crc = Some(iov_crc(&d.iovs));
                         }
                         ok
                     }
-                    Buf::Owned(v) => self.attach_owned(&mut d, v),
+                    Buf::Owned(v) => self.attach_vec(&mut d, v),
                 };
                 let sectors = d.sectors;
                 if !ok || !self.set_range(&mut d, sector, sectors) {
@@ -1128,6 +1180,23 @@ impl Engine {
         let i = dev_index(d.dev);
         if self.removed[i] {
             return self.complete_dio(d, false);
+        }
+        if d.dev == Dev::Cache {
+            if let Some(dax) = self.dax.as_mut() {
+                let ok = dax_run(dax, &d, &mut self.dax_bounce);
+                if !ok {
+                    spdk_log!(ERROR, "{}: mapped cache I/O failed", self.name);
+                }
+                self.dax_done.push_back((d, ok));
+                if !self.dax_busy {
+                    self.dax_busy = true;
+                    while let Some((d, ok)) = self.dax_done.pop_front() {
+                        self.complete_dio(d, ok);
+                    }
+                    self.dax_busy = false;
+                }
+                return;
+            }
         }
         let raw = Box::into_raw(d);
         // SAFETY: `raw` is a live DevIo of this engine; its iovecs point at live buffers.
@@ -1525,6 +1594,56 @@ fn iov_crc(iovs: &[ffi::iovec]) -> u32 {
         crc = crc32c::crc32c_append(crc, s);
     }
     crc
+}
+
+/// Executes `d` on the mapped cache (512-byte blocks): done when this returns.
+fn dax_run(dax: &mut DaxDevice, d: &DevIo, bounce: &mut Vec<u8>) -> bool {
+    let sector = d.offset;
+    let slice = |v: &ffi::iovec| {
+        // SAFETY: every iovec we build points at `iov_len` live bytes (a pending request's
+        // buffer, our DMA buffer or `d.owned`), none inside the mapping; each slice is used
+        // alone and dropped before the next one is made.
+        unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
+    };
+    let whole = d.iovs.iter().all(|v| v.iov_len % 512 == 0);
+    let total: usize = d.iovs.iter().map(|v| v.iov_len).sum();
+    let res = match d.kind {
+        Kind::Flush => dax.flush(),
+        Kind::Zeroes => dax.write_zeroes(sector, d.blocks),
+        Kind::Read | Kind::CopyRead if whole => d
+            .iovs
+            .iter()
+            .try_fold(sector, |s, v| {
+                dax.read(s, slice(v)).map(|()| s + (v.iov_len / 512) as u64)
+            })
+            .map(drop),
+        Kind::Write | Kind::CopyWrite if whole => d
+            .iovs
+            .iter()
+            .try_fold(sector, |s, v| {
+                dax.write(s, slice(v))
+                    .map(|()| s + (v.iov_len / 512) as u64)
+            })
+            .map(drop),
+        Kind::Read | Kind::CopyRead => {
+            bounce.resize(total, 0);
+            dax.read(sector, bounce).map(|()| {
+                let mut at = 0;
+                for v in &d.iovs {
+                    slice(v).copy_from_slice(&bounce[at..at + v.iov_len]);
+                    at += v.iov_len;
+                }
+            })
+        }
+        Kind::Write | Kind::CopyWrite => {
+            bounce.clear();
+            for v in &d.iovs {
+                bounce.extend_from_slice(slice(v));
+            }
+            dax.write(sector, bounce)
+        }
+    };
+    res.is_ok()
 }
 
 /// Sends `io` back to its submitting thread to be completed there.

@@ -423,7 +423,17 @@ fn collect_engine(mut c: Box<Collect>, v: Value, node: *mut vbdev::Pcache) {
         return collect_next(c);
     }
     // SAFETY: live node.
-    let (thread, eng) = unsafe { ((*node).engine_thread(), (*node).engine()) };
+    let (thread, eng, media) = unsafe {
+        (
+            (*node).engine_thread(),
+            (*node).engine(),
+            (*node).media().clone(),
+        )
+    };
+    let mut v = v;
+    if let (Some(o), Value::Object(m)) = (v.as_object_mut(), media) {
+        o.extend(m);
+    }
     // The closure is dropped unrun if the message cannot be sent: keep the walk reachable.
     let slot = std::rc::Rc::new(std::cell::RefCell::new(Some((c, v))));
     let back = slot.clone();

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::config::CreateConfig;
+use super::config::{CacheMedia, CreateConfig};
 use super::engine::{self, Engine, OpenInfo, SendPtr, Setup};
 use super::ffi::{self, spdk_bdev_io_type as t};
 use super::io;
@@ -29,6 +29,8 @@ use super::log::{no_unwind, spdk_log};
 use super::module::{finishing, module};
 use super::stats::Retired;
 use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions};
+use crate::media::dax::DaxDevice;
+use crate::media::BlockDevice;
 
 /// Namespace for pcache bdev UUIDs (SHA-1 of this and the base bdevs' UUIDs).
 const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
@@ -74,8 +76,16 @@ pub(crate) struct Pcache {
     /// `bdev_pcache_create` params with the options in effect (from the superblock once the
     /// cache is open), cached for `write_config_json` (bdev-manager lock held).
     config_params: RefCell<Value>,
+    /// The cache bdev (name empty, never opened, with `cache_path`).
     pub(crate) cache: Base,
     pub(crate) backing: Base,
+    /// The mapped cache (`cache_path`), until the engine takes it at create.
+    dax: RefCell<Option<DaxDevice>>,
+    /// An exclusive `flock` on the cache path while this bdev lives (no second pcache bdev,
+    /// here or in another process, maps the same cache).
+    _path_lock: Option<std::fs::File>,
+    /// What holds the cache, for `bdev_get_bdevs` and `bdev_pcache_get_stats`.
+    media: Value,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
     /// The engine and its thread; set before the engine starts and before registration,
@@ -117,6 +127,11 @@ impl Pcache {
 
     pub(crate) fn state(&self) -> NodeState {
         self.state.get()
+    }
+
+    /// `{"cache_bdev"}` or `{"cache_path", "persistent_memory", "persistence"}`.
+    pub(crate) fn media(&self) -> &Value {
+        &self.media
     }
 
     /// Records options changed at run time, so `save_config` echoes them.
@@ -312,17 +327,12 @@ impl BaseGeometry {
 fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     if ptr::eq(node.backing.bdev, node.cache.bdev) {
         return Err(invalid(format!(
-            "cache_bdev '{}' and backing_bdev '{}' are the same bdev",
-            node.config.cache_bdev, node.config.backing_bdev
+            "{} and backing_bdev '{}' are the same bdev",
+            node.config.cache_label(),
+            node.config.backing_bdev
         )));
     }
-    // SAFETY: both base bdevs are open (descriptors held), so live.
-    let (bk, ca) = unsafe {
-        (
-            BaseGeometry::read(node.backing.bdev),
-            BaseGeometry::read(node.cache.bdev),
-        )
-    };
+    let (bk, ca) = geometries(node);
     if bk.md_len != 0 || bk.dif_type != 0 {
         return Err(invalid(format!(
             "backing bdev '{}' has metadata/DIF, which pcache does not support",
@@ -331,15 +341,16 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     }
     if ca.blocklen != 512 {
         return Err(invalid(format!(
-            "cache bdev '{}' has {}-byte blocks: pcache needs a cache bdev with 512-byte blocks \
+            "{} has {}-byte blocks: pcache needs a cache bdev with 512-byte blocks \
              (its on-media format updates single 512-byte sectors, e.g. the A/B control slots)",
-            node.config.cache_bdev, ca.blocklen
+            node.config.cache_label(),
+            ca.blocklen
         )));
     }
     if ca.md_len != 0 || ca.dif_type != 0 {
         return Err(invalid(format!(
-            "cache bdev '{}' has metadata/DIF, which pcache does not support",
-            node.config.cache_bdev
+            "{} has metadata/DIF, which pcache does not support",
+            node.config.cache_label()
         )));
     }
     if bk.blocklen != 512 && bk.blocklen != 4096 {
@@ -362,8 +373,8 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     let need = 2 * u64::from(o.shards) * (u64::from(o.segment_size_mib) << 20);
     if cache_bytes < need {
         return Err(invalid(format!(
-            "cache bdev '{}' is too small: {cache_bytes} bytes, {} shard(s) need at least {need} (two {} MiB segments each)",
-            node.config.cache_bdev, o.shards, o.segment_size_mib
+            "{} is too small: {cache_bytes} bytes, {} shard(s) need at least {need} (two {} MiB segments each)",
+            node.config.cache_label(), o.shards, o.segment_size_mib
         )));
     }
     let boundary =
@@ -372,7 +383,10 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     let mut ns: ffi::spdk_uuid = uuid_zero();
     let mut uuid: ffi::spdk_uuid = uuid_zero();
     let mut seed = uuid_bytes(&bk.uuid).to_vec();
-    seed.extend_from_slice(&uuid_bytes(&ca.uuid));
+    match &node.config.cache {
+        CacheMedia::Bdev(_) => seed.extend_from_slice(&uuid_bytes(&ca.uuid)),
+        CacheMedia::Path { path, .. } => seed.extend_from_slice(path.as_bytes()),
+    }
     // SAFETY: valid out-pointers and a NUL-terminated namespace string; `seed` is read only.
     let rc = unsafe {
         let rc = ffi::spdk_uuid_parse(&mut ns, UUID_NAMESPACE.as_ptr());
@@ -419,6 +433,28 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     Ok(())
 }
 
+/// The backing and cache geometries; a mapped cache looks like a bdev of 512-byte blocks.
+/// The bases are open.
+fn geometries(node: &Pcache) -> (BaseGeometry, BaseGeometry) {
+    // SAFETY: the backing bdev is open (descriptor held), so live.
+    let bk = unsafe { BaseGeometry::read(node.backing.bdev) };
+    let ca = match node.dax.borrow().as_ref() {
+        Some(d) => BaseGeometry {
+            blocklen: 512,
+            blockcnt: d.sectors(),
+            phys_blocklen: 512,
+            required_alignment: 0,
+            md_len: 0,
+            dif_type: 0,
+            uuid: uuid_zero(),
+            numa: bk.numa,
+        },
+        // SAFETY: the cache bdev is open, so live.
+        None => unsafe { BaseGeometry::read(node.cache.bdev) },
+    };
+    (bk, ca)
+}
+
 fn uuid_zero() -> ffi::spdk_uuid {
     // SAFETY: a UUID is plain bytes; all-zero is the null UUID.
     unsafe { std::mem::zeroed() }
@@ -443,22 +479,16 @@ pub(crate) fn create(config: CreateConfig, reply: CreateReply) {
     *n.create_reply.borrow_mut() = Some(reply);
     nodes().push(NodePtr(node));
 
-    // SAFETY: both bases are open, so live.
-    let (bk, ca) = unsafe {
-        (
-            BaseGeometry::read(n.backing.bdev),
-            BaseGeometry::read(n.cache.bdev),
-        )
-    };
+    let (bk, ca) = geometries(n);
     let o = &n.config.options;
-    // SAFETY: open base bdev.
-    if unsafe { ffi::spdk_bdev_has_write_cache(n.cache.bdev) } {
+    // SAFETY: open base bdev (only checked for a cache bdev).
+    if !n.cache.bdev.is_null() && unsafe { ffi::spdk_bdev_has_write_cache(n.cache.bdev) } {
         spdk_log!(
             NOTICE,
-            "{}: cache bdev '{}' has a volatile write cache: acknowledged writes survive a \
+            "{}: {} has a volatile write cache: acknowledged writes survive a \
              crash of this process but not a power loss (use persistent memory for that)",
             n.config.name,
-            n.config.cache_bdev
+            n.config.cache_label()
         );
     }
     let setup = Setup {
@@ -488,6 +518,7 @@ pub(crate) fn create(config: CreateConfig, reply: CreateReply) {
             ..CacheOptions::default()
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
+        dax: n.dax.borrow_mut().take(),
     };
     let p = SendPtr(node);
     match engine::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
@@ -529,8 +560,11 @@ fn prepare(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         bdev: UnsafeCell::new(unsafe { std::mem::zeroed() }),
         name,
         config_params: RefCell::new(config.to_params()),
-        cache: Base::new(&config.cache_bdev)?,
+        cache: Base::new(config.cache_bdev().unwrap_or_default())?,
         backing: Base::new(&config.backing_bdev)?,
+        dax: RefCell::new(None),
+        _path_lock: None,
+        media: Value::Null,
         config,
         // SAFETY: called on an SPDK thread (the RPC thread).
         thread: unsafe { ffi::spdk_get_thread() },
@@ -551,8 +585,14 @@ fn prepare(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
     let n = unsafe { &mut *node };
 
     // `node` is only passed along as the (opaque) event context here.
-    let opened = open_and_claim(node, "cache bdev", &mut n.cache)
-        .and_then(|()| open_and_claim(node, "backing bdev", &mut n.backing));
+    let opened = match n.config.cache.clone() {
+        CacheMedia::Bdev(name) => {
+            n.media = json!({"cache_bdev": name});
+            open_and_claim(node, "cache bdev", &mut n.cache)
+        }
+        CacheMedia::Path { path, size_mib } => map_cache(n, &path, size_mib),
+    }
+    .and_then(|()| open_and_claim(node, "backing bdev", &mut n.backing));
     if let Err(e) = opened.and_then(|()| fill_bdev(n)) {
         close_bases(n);
         // SAFETY: not registered anywhere; we still own the allocation.
@@ -560,6 +600,56 @@ fn prepare(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         return Err(e);
     }
     Ok(node)
+}
+
+/// An exclusive, non-blocking `flock` on `path` (None if it cannot be opened yet).
+fn lock_path(path: &str) -> Result<Option<std::fs::File>, RpcError> {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else {
+        return Ok(None);
+    };
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(errno(
+            -libc::EBUSY,
+            format!(
+                "cache path '{path}' is in use (another pcache bdev maps it, here or in another process)"
+            ),
+        ));
+    }
+    Ok(Some(f))
+}
+
+/// Maps the cache path (created / extended to `size_mib` when given) into `n.dax`.
+fn map_cache(n: &mut Pcache, path: &str, size_mib: Option<u64>) -> Result<(), RpcError> {
+    let bytes = size_mib.map(|m| m << 20);
+    let lock = lock_path(path)?;
+    let dax = DaxDevice::open(std::path::Path::new(path), bytes, true).map_err(|e| {
+        errno(
+            -libc::EINVAL,
+            format!("cache_path: {e} (a DAX device, or a file: give cache_size_mib to create it)"),
+        )
+    })?;
+    spdk_log!(
+        NOTICE,
+        "{}: cache path '{path}': {}",
+        n.config.name,
+        dax.describe()
+    );
+    n.media = json!({
+        "cache_path": path,
+        "cache_size_mib": size_mib,
+        "mapped_bytes": dax.sectors() * 512,
+        "persistent_memory": dax.is_persistent_memory(),
+        "persistence": dax.describe(),
+    });
+    *n.dax.borrow_mut() = Some(dax);
+    // A file created just now is locked now.
+    n._path_lock = match lock {
+        Some(l) => Some(l),
+        None => lock_path(path)?,
+    };
+    Ok(())
 }
 
 /// The engine finished opening (app thread): register the bdev, or undo everything.
@@ -639,14 +729,14 @@ fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
     }
     spdk_log!(
         NOTICE,
-        "{} pcache bdev '{}' (cache '{}', backing '{}', {} shard(s), {} segments of {} MiB)",
+        "{} pcache bdev '{}' ({}, backing '{}', {} shard(s), {} segments of {} MiB)",
         if info.formatted {
             "created"
         } else {
             "reattached"
         },
         n.name(),
-        n.config.cache_bdev,
+        n.config.cache_label(),
         n.config.backing_bdev,
         g.shard_count,
         g.segment_count,
@@ -853,21 +943,29 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
         let (n, w) = unsafe { (&*ctx.cast::<Pcache>(), Writer::new(w)) };
         let mut options = n.config_params.borrow().clone();
         if let Some(o) = options.as_object_mut() {
-            for k in ["name", "cache_bdev", "backing_bdev"] {
+            for k in [
+                "name",
+                "cache_bdev",
+                "cache_path",
+                "cache_size_mib",
+                "backing_bdev",
+            ] {
                 o.remove(k);
             }
         }
         // SAFETY: our registered bdev; plain field read.
         let stripe_blocks = unsafe { (*n.bdev_ptr()).optimal_io_boundary };
-        let info = json!({
+        let mut info = json!({
             "name": n.config.name,
-            "cache_bdev": n.config.cache_bdev,
             "backing_bdev": n.config.backing_bdev,
             "mode": "write-back",
             "stripe_blocks": stripe_blocks,
             "options": options,
             "cache": *n.info.borrow(),
         });
+        if let (Some(o), Some(m)) = (info.as_object_mut(), n.media.as_object()) {
+            o.extend(m.clone());
+        }
         w.named("pcache", &info);
         0
     })
