@@ -39,6 +39,9 @@ pub enum Persist {
     Cpu(FlushInsn),
     /// An ordinary file: `msync`. Not persistent memory; for tests and trials only.
     Msync,
+    /// A file in RAM (tmpfs): stores are already where `msync` would put them; survives a
+    /// process crash, not a power loss. Not persistent memory; for tests and benchmarks.
+    Ram,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,10 +135,15 @@ impl DaxDevice {
         let mut ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, sync, fd, 0) };
         let mut persist = Persist::Cpu(FlushInsn::detect());
         if ptr == libc::MAP_FAILED && !devdax {
-            // Not a DAX filesystem: an ordinary shared mapping, persisted with msync.
+            // Not a DAX filesystem: an ordinary shared mapping, persisted with msync (or
+            // with nothing at all on tmpfs, whose pages are the file).
             // SAFETY: as above.
             ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
-            persist = Persist::Msync;
+            persist = if on_tmpfs(&file) {
+                Persist::Ram
+            } else {
+                Persist::Msync
+            };
         }
         if ptr == libc::MAP_FAILED {
             return Err(DaxError::Map {
@@ -178,6 +186,11 @@ impl DaxDevice {
                  (for tests and trials; no DAX speed)",
                 self.len >> 20
             ),
+            Persist::Ram => format!(
+                "NOT persistent memory: a file in RAM (tmpfs), {} MiB mapped; survives a \
+                 process crash, not a power loss (for tests and benchmarks)",
+                self.len >> 20
+            ),
         }
     }
 
@@ -206,6 +219,7 @@ impl DaxDevice {
                 }
                 sfence();
             }
+            Persist::Ram => {}
             Persist::Msync => {
                 let page = 4096;
                 let first = start & !(page - 1);
@@ -264,6 +278,16 @@ fn sfence() {
     };
     #[cfg(not(target_arch = "x86_64"))]
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether the file lives on tmpfs (RAM).
+fn on_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // SAFETY: statfs is plain old data; fstatfs fills it for an open descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is open for the duration of the call and `st` is a valid out-pointer.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as i64 == TMPFS_MAGIC
 }
 
 /// A devdax device's size, from sysfs.
