@@ -357,3 +357,33 @@ impl BlockDevice for DaxDevice {
 pub fn is_char_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The write-back instructions are legal on any memory: run each one this CPU has.
+    #[test]
+    fn flush_instructions_run_on_ordinary_memory() {
+        let buf = vec![7u8; 4096];
+        let best = FlushInsn::detect();
+        let mut insns = vec![FlushInsn::Clflush];
+        if matches!(best, FlushInsn::Clwb | FlushInsn::Clflushopt) {
+            insns.push(FlushInsn::Clflushopt);
+        }
+        if best == FlushInsn::Clwb {
+            insns.push(FlushInsn::Clwb);
+        }
+        for insn in insns {
+            for line in (0..buf.len()).step_by(LINE) {
+                // SAFETY: every line address is inside `buf`, which lives across the loop.
+                unsafe { flush_line(buf.as_ptr().add(line), insn) };
+            }
+            sfence();
+        }
+        assert!(
+            buf.iter().all(|&b| b == 7),
+            "write-back leaves the data as it was"
+        );
+    }
+}
