@@ -5,7 +5,8 @@
 //! into the cache; anything newer that lands on it wins, so a fill can only commit where
 //! its placeholder survived.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -128,9 +129,45 @@ pub struct Piece {
     pub whole: bool,
 }
 
-#[derive(Debug, Default)]
+/// Sectors per bucket by default (1 MiB, the default stripe).
+pub const DEFAULT_BUCKET_SECTORS: u64 = 2048;
+
+/// A multiplicative hash for bucket numbers: one multiply, and consecutive buckets spread.
+#[derive(Default, Clone, Copy)]
+pub struct BucketHasher(u64);
+
+impl std::hash::Hasher for BucketHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Buckets = HashMap<u64, Vec<(u64, Extent)>, BuildHasherDefault<BucketHasher>>;
+
+/// Extents bucketed by LBA range (a stripe by default): a hash lookup finds the bucket,
+/// a binary search the extent. Requests never cross a stripe, so extents stay inside one
+/// bucket; an extent that would cross a bucket edge is stored as one piece per bucket.
+/// Point lookups cost about two cache misses however large the map, where a B-tree costs
+/// one per level.
+#[derive(Debug)]
 pub struct ExtentMap {
-    map: BTreeMap<u64, Extent>,
+    bucket: u64,
+    buckets: Buckets,
+    len: usize,
+}
+
+impl Default for ExtentMap {
+    fn default() -> Self {
+        Self::with_bucket(DEFAULT_BUCKET_SECTORS)
+    }
 }
 
 impl ExtentMap {
@@ -138,56 +175,126 @@ impl ExtentMap {
         Self::default()
     }
 
+    /// `bucket_sectors`: the stripe, so no extent is ever split for the index.
+    pub fn with_bucket(bucket_sectors: u64) -> Self {
+        ExtentMap {
+            bucket: bucket_sectors.max(8),
+            buckets: Buckets::default(),
+            len: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
 
+    /// Every extent, in LBA order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Extent)> {
-        self.map.iter().map(|(k, v)| (*k, v))
+        let mut keys: Vec<u64> = self.buckets.keys().copied().collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .filter_map(|k| self.buckets.get(&k))
+            .flat_map(|v| v.iter().map(|(s, e)| (*s, e)))
     }
 
+    /// The extent starting exactly at `lba`.
     pub fn get(&self, lba: u64) -> Option<&Extent> {
-        self.map.get(&lba)
+        let v = self.buckets.get(&(lba / self.bucket))?;
+        let i = v.partition_point(|(s, _)| *s < lba);
+        v.get(i).filter(|(s, _)| *s == lba).map(|(_, e)| e)
+    }
+
+    /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
+    fn per_bucket(&self, lba: u64, len: u32, mut f: impl FnMut(u64, u32)) {
+        let end = lba + u64::from(len);
+        let mut at = lba;
+        while at < end {
+            let b_end = ((at / self.bucket) + 1) * self.bucket;
+            let e = b_end.min(end);
+            f(at, (e - at) as u32);
+            at = e;
+        }
     }
 
     /// Removes every mapping in [lba, lba+len), trimming extents that stick out.
     pub fn punch(&mut self, lba: u64, len: u32) {
+        let mut parts = Vec::new();
+        self.per_bucket(lba, len, |a, l| parts.push((a, l)));
+        for (a, l) in parts {
+            self.punch_in_bucket(a, l);
+        }
+    }
+
+    fn punch_in_bucket(&mut self, lba: u64, len: u32) {
+        let key = lba / self.bucket;
+        let Some(v) = self.buckets.get_mut(&key) else {
+            return;
+        };
         let end = lba + u64::from(len);
+        let before = v.len();
+        let mut i = v.partition_point(|(s, _)| *s < lba);
         // An extent starting before `lba` that reaches into the range.
-        if let Some((&s, &e)) = self.map.range(..lba).next_back() {
+        if i > 0 {
+            let (s, e) = v[i - 1];
             let e_end = s + u64::from(e.len());
             if e_end > lba {
-                self.map.insert(s, e.slice(s, s, (lba - s) as u32));
+                v[i - 1] = (s, e.slice(s, s, (lba - s) as u32));
                 if e_end > end {
-                    self.map.insert(end, e.slice(s, end, (e_end - end) as u32));
+                    v.insert(i, (end, e.slice(s, end, (e_end - end) as u32)));
+                    self.len += v.len() - before;
+                    return;
                 }
             }
         }
-        // Extents starting inside the range.
-        while let Some((&s, &e)) = self.map.range(lba..end).next() {
-            self.map.remove(&s);
+        // Extents starting inside the range: whole ones go, the last may stick out.
+        let first = i;
+        while i < v.len() && v[i].0 < end {
+            let (s, e) = v[i];
             let e_end = s + u64::from(e.len());
             if e_end > end {
-                self.map.insert(end, e.slice(s, end, (e_end - end) as u32));
+                v[i] = (end, e.slice(s, end, (e_end - end) as u32));
+                break;
             }
+            i += 1;
         }
+        v.drain(first..i);
+        let after = v.len();
+        if after == 0 {
+            self.buckets.remove(&key);
+        }
+        self.len = self.len + after - before;
     }
 
     /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
     pub fn insert(&mut self, lba: u64, ext: Extent) {
-        // Same start and length: nothing else can overlap, so replace in one descent.
-        if let Some(e) = self.map.get_mut(&lba) {
-            if e.len() == ext.len() {
+        let end = lba + u64::from(ext.len());
+        if lba / self.bucket != (end - 1) / self.bucket {
+            // Crosses a bucket edge (never for stripe-sized buckets): one piece per bucket.
+            let mut parts = Vec::new();
+            self.per_bucket(lba, ext.len(), |a, l| parts.push((a, l)));
+            for (a, l) in parts {
+                self.insert(a, ext.slice(lba, a, l));
+            }
+            return;
+        }
+        let v = self.buckets.entry(lba / self.bucket).or_default();
+        let i = v.partition_point(|(s, _)| *s < lba);
+        // Same start and length: nothing else can overlap, so replace in place.
+        if let Some((s, e)) = v.get_mut(i) {
+            if *s == lba && e.len() == ext.len() {
                 *e = ext;
                 return;
             }
         }
-        self.punch(lba, ext.len());
-        self.map.insert(lba, ext);
+        self.punch_in_bucket(lba, ext.len());
+        let v = self.buckets.entry(lba / self.bucket).or_default();
+        let i = v.partition_point(|(s, _)| *s < lba);
+        v.insert(i, (lba, ext));
+        self.len += 1;
     }
 
     /// Removes placeholders in the range (a newer key is about to be logged there).
@@ -195,12 +302,10 @@ impl ExtentMap {
         let mut doomed = Vec::new();
         self.for_each_overlap(lba, len, |s, e| {
             if e.state() == State::Placeholder {
-                doomed.push(s);
+                doomed.push(clip(s, e.len(), lba, len));
             }
         });
-        for s in doomed {
-            let e = self.map[&s];
-            let (ps, pl) = clip(s, e.len(), lba, len);
+        for (ps, pl) in doomed {
             self.punch(ps, pl);
         }
     }
@@ -217,8 +322,8 @@ impl ExtentMap {
     }
 
     /// Turns the surviving placeholder of fill `id` into clean data at `pos` (the cache
-    /// sector of `lba`).
-    /// `crc` covers the whole fill; it is kept only if the placeholder survived whole.
+    /// sector of `lba`). `crc` covers the whole fill; it is kept only if the placeholder
+    /// survived whole.
     pub fn commit_fill(
         &mut self,
         id: u64,
@@ -251,38 +356,38 @@ impl ExtentMap {
     }
 
     fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
-        let end = lba + u64::from(len);
-        if let Some((&s, e)) = self.map.range(..lba).next_back() {
-            if s + u64::from(e.len()) > lba {
-                f(s, e);
+        self.per_bucket(lba, len, |a, l| {
+            let Some(v) = self.buckets.get(&(a / self.bucket)) else {
+                return;
+            };
+            let end = a + u64::from(l);
+            let mut i = v.partition_point(|(s, _)| *s < a);
+            if i > 0 && v[i - 1].0 + u64::from(v[i - 1].1.len()) > a {
+                i -= 1;
             }
-        }
-        for (&s, e) in self.map.range(lba..end) {
-            f(s, e);
-        }
+            while i < v.len() && v[i].0 < end {
+                f(v[i].0, &v[i].1);
+                i += 1;
+            }
+        });
     }
 
-    /// Splits [lba, lba+len) into mapped pieces and gaps, in LBA order. Walks the map
-    /// backwards from the end of the range: one tree descent, however many pieces.
+    /// Splits [lba, lba+len) into mapped pieces and gaps, in LBA order.
     pub fn lookup(&self, lba: u64, len: u32, out: &mut Vec<Piece>) {
         out.clear();
         let end = lba + u64::from(len);
-        let mut cur = end;
-        for (&s, e) in self.map.range(..end).rev() {
-            let e_end = s + u64::from(e.len());
-            if e_end <= lba {
-                break;
-            }
+        let mut cur = lba;
+        self.for_each_overlap(lba, len, |s, e| {
             let a = s.max(lba);
-            let b = e_end.min(end);
-            if b < cur {
+            if a > cur {
                 out.push(Piece {
-                    lba: b,
-                    len: (cur - b) as u32,
+                    lba: cur,
+                    len: (a - cur) as u32,
                     extent: None,
                     whole: false,
                 });
             }
+            let b = (s + u64::from(e.len())).min(end);
             let piece_len = (b - a) as u32;
             out.push(Piece {
                 lba: a,
@@ -290,20 +395,16 @@ impl ExtentMap {
                 extent: Some(e.slice(s, a, piece_len)),
                 whole: a == s && piece_len == e.len(),
             });
-            cur = a;
-            if s <= lba {
-                break;
-            }
-        }
-        if cur > lba {
+            cur = b;
+        });
+        if cur < end {
             out.push(Piece {
-                lba,
-                len: (cur - lba) as u32,
+                lba: cur,
+                len: (end - cur) as u32,
                 extent: None,
                 whole: false,
             });
         }
-        out.reverse();
     }
 
     /// Marks clean the parts of [lba, lba+len) that still hold the data written back from
@@ -339,27 +440,37 @@ impl ExtentMap {
     /// reclaimed). Returns how many dirty extents were found there and kept (none, if the
     /// caller only reclaims written-back segments).
     pub fn drop_segment(&mut self, lo: u64, hi: u64) -> usize {
-        let mut doomed = Vec::new();
         let mut dirty = 0;
-        for (&s, e) in &self.map {
-            if e.is_data() && e.pos >= lo && e.pos < hi {
-                if e.state() == State::Clean {
-                    doomed.push(s);
-                } else {
+        let mut removed = 0;
+        self.buckets.retain(|_, v| {
+            v.retain(|(_, e)| {
+                let inside = e.is_data() && e.pos >= lo && e.pos < hi;
+                if inside && e.state() != State::Clean {
                     dirty += 1;
                 }
-            }
-        }
-        for s in doomed {
-            self.map.remove(&s);
-        }
+                let drop = inside && e.state() == State::Clean;
+                removed += usize::from(drop);
+                !drop
+            });
+            !v.is_empty()
+        });
+        self.len -= removed;
         dirty
     }
 
     /// Drops the extent at `lba` if it is still exactly `ext` (used after a CRC mismatch).
     pub fn remove_if_same(&mut self, lba: u64, ext: &Extent) -> bool {
-        if self.map.get(&lba) == Some(ext) {
-            self.map.remove(&lba);
+        let key = lba / self.bucket;
+        let Some(v) = self.buckets.get_mut(&key) else {
+            return false;
+        };
+        let i = v.partition_point(|(s, _)| *s < lba);
+        if v.get(i).is_some_and(|(s, e)| *s == lba && e == ext) {
+            v.remove(i);
+            if v.is_empty() {
+                self.buckets.remove(&key);
+            }
+            self.len -= 1;
             return true;
         }
         false
@@ -369,14 +480,16 @@ impl ExtentMap {
     pub fn usage(&self) -> (u64, u64, usize) {
         let mut dirty = 0;
         let mut clean = 0;
-        for e in self.map.values() {
-            match e.state() {
-                State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len()),
-                State::Clean => clean += u64::from(e.len()),
-                State::Placeholder => {}
+        for v in self.buckets.values() {
+            for (_, e) in v {
+                match e.state() {
+                    State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len()),
+                    State::Clean => clean += u64::from(e.len()),
+                    State::Placeholder => {}
+                }
             }
         }
-        (dirty, clean, self.map.len())
+        (dirty, clean, self.len)
     }
 }
 
@@ -450,5 +563,32 @@ mod tests {
         let v = flat(&m);
         assert_eq!(v, vec![(0, 9000, 2), (2, 500, 2), (4, 9004, 4)]);
         assert_eq!(m.get(0).unwrap().state(), State::Clean);
+    }
+
+    #[test]
+    fn an_extent_crossing_a_bucket_edge_reads_back_whole_and_punches_cleanly() {
+        let mut m = ExtentMap::with_bucket(8);
+        m.insert(4, data(1000, 8));
+        assert_eq!(flat(&m), vec![(4, 1000, 4), (8, 1004, 4)]);
+        let mut out = Vec::new();
+        m.lookup(0, 16, &mut out);
+        let got: Vec<_> = out
+            .iter()
+            .map(|p| (p.lba, p.len, p.extent.map(|e| e.pos)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 4, None),
+                (4, 4, Some(1000)),
+                (8, 4, Some(1004)),
+                (12, 4, None)
+            ]
+        );
+        m.punch(6, 4);
+        assert_eq!(flat(&m), vec![(4, 1000, 2), (10, 1006, 2)]);
+        assert_eq!(m.len(), 2);
+        m.punch(0, 16);
+        assert!(m.is_empty());
     }
 }

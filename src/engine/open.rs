@@ -375,7 +375,7 @@ impl Opener {
             self.shards.push(ShardReplay {
                 control: c,
                 control_slot,
-                index: ExtentMap::new(),
+                index: ExtentMap::with_bucket(u64::from(geo.stripe_sectors)),
                 segments: VecDeque::from([SegRec {
                     seg: t.pos.seg,
                     gen: t.pos.gen,
