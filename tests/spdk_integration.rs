@@ -733,33 +733,7 @@ fn bdevperf_verify_over_pcache() {
     let secs = verify_secs();
     let cfg = root().join("spdk-config/bdevperf-pcache-small-cache.json");
     let (mut perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "perf");
-    let out = perform_tests(
-        &spdk,
-        &perf_py,
-        &rpc.sock,
-        secs + 120,
-        &[
-            "-w",
-            "verify",
-            "-q",
-            "32",
-            "-o",
-            "4096",
-            "-t",
-            &secs.to_string(),
-        ],
-    )
-    .output()
-    .expect("run bdevperf.py");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "perform_tests failed: {text}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        perf.log()
-    );
-    let res: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let jobs = res["results"].as_array().cloned().unwrap_or_default();
+    let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
     assert_eq!(jobs.len(), 2, "{res}");
     for job in &jobs {
         println!("bdevperf verify {secs} s: {job}");
@@ -859,6 +833,32 @@ fn perform_tests(
         .args(args)
         .env("PYTHONPATH", py_path.unwrap_or_default());
     c
+}
+
+/// Runs bdevperf `-w verify -q 32 -o 4096 -t secs` through bdevperf.py and returns the
+/// parsed result and its jobs; fails the test (with bdevperf's log) if the run fails.
+fn verify_jobs(
+    spdk: &Spdk,
+    perf_py: &Path,
+    sock: &str,
+    perf: &Proc,
+    secs: u64,
+) -> (Value, Vec<Value>) {
+    let t = secs.to_string();
+    let args = ["-w", "verify", "-q", "32", "-o", "4096", "-t", t.as_str()];
+    let out = perform_tests(spdk, perf_py, sock, secs + 120, &args)
+        .output()
+        .expect("run bdevperf.py");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "perform_tests failed: {text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        perf.log()
+    );
+    let res: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let jobs = res["results"].as_array().cloned().unwrap_or_default();
+    (res, jobs)
 }
 
 #[test]
@@ -1416,33 +1416,7 @@ fn cache_path_rpc_and_verify() {
     .expect("bdevperf config");
     let secs = verify_secs().min(10);
     let (mut perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "daxperf");
-    let out = perform_tests(
-        &spdk,
-        &perf_py,
-        &rpc.sock,
-        secs + 120,
-        &[
-            "-w",
-            "verify",
-            "-q",
-            "32",
-            "-o",
-            "4096",
-            "-t",
-            &secs.to_string(),
-        ],
-    )
-    .output()
-    .expect("run bdevperf.py");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "perform_tests failed: {text}{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        perf.log()
-    );
-    let res: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let jobs = res["results"].as_array().cloned().unwrap_or_default();
+    let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
     assert_eq!(jobs.len(), 1, "{res}");
     println!("bdevperf verify {secs} s over cache_path: {}", jobs[0]);
     assert_eq!(jobs[0]["io_failed"], 0, "failed I/O: {res}");
