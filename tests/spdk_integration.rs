@@ -751,23 +751,7 @@ fn bdevperf_verify_over_pcache() {
         );
         assert_eq!(s["failed_ops"], 0, "{s}");
         assert!(s["write_ops"].as_u64() > Some(0), "{s}");
-        assert!(
-            t["wb_sectors"].as_u64() > Some(0),
-            "nothing written back: {t}"
-        );
-        assert!(
-            t["gc_segments"].as_u64() > Some(0),
-            "no segment collected: {t}"
-        );
-        for k in [
-            "io_errors",
-            "crc_errors",
-            "wb_errors",
-            "device_errors",
-            "requests_failed",
-        ] {
-            assert_eq!(s["errors"][k], 0, "{k}: {s}");
-        }
+        assert_wrote_back_cleanly(s);
     }
     assert_eq!(
         stats[1]["engine"]["shards"].as_array().map(Vec::len),
@@ -833,6 +817,29 @@ fn perform_tests(
         .args(args)
         .env("PYTHONPATH", py_path.unwrap_or_default());
     c
+}
+
+/// One pcache bdev's `bdev_pcache_get_stats` entry shows writeback and GC at work and no
+/// error counter moved.
+fn assert_wrote_back_cleanly(s: &Value) {
+    let t = &s["engine"]["total"];
+    assert!(
+        t["wb_sectors"].as_u64() > Some(0),
+        "nothing written back: {t}"
+    );
+    assert!(
+        t["gc_segments"].as_u64() > Some(0),
+        "no segment collected: {t}"
+    );
+    for k in [
+        "io_errors",
+        "crc_errors",
+        "wb_errors",
+        "device_errors",
+        "requests_failed",
+    ] {
+        assert_eq!(s["errors"][k], 0, "{k}: {s}");
+    }
 }
 
 /// Runs bdevperf `-w verify -q 32 -o 4096 -t secs` through bdevperf.py and returns the
@@ -1425,28 +1432,11 @@ fn cache_path_rpc_and_verify() {
         "IOPS too low: {res}"
     );
     let s = &rpc.ok(&["bdev_pcache_get_stats"])[0];
-    let t = &s["engine"]["total"];
     println!(
         "cache_path stats: usage {}\nerrors {}\nhost {}",
         s["usage"], s["errors"], s["host"]
     );
-    assert!(
-        t["wb_sectors"].as_u64() > Some(0),
-        "nothing written back: {t}"
-    );
-    assert!(
-        t["gc_segments"].as_u64() > Some(0),
-        "no segment collected: {t}"
-    );
-    for k in [
-        "io_errors",
-        "crc_errors",
-        "wb_errors",
-        "device_errors",
-        "requests_failed",
-    ] {
-        assert_eq!(s["errors"][k], 0, "{k}: {s}");
-    }
+    assert_wrote_back_cleanly(s);
     rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
     let st = perf
         .wait_for(Duration::from_secs(30))
