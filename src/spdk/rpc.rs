@@ -133,6 +133,20 @@ unsafe extern "C" fn delete_done(arg: *mut c_void, rc: c_int) {
 }
 
 /// A running pcache bdev by name, or the error to answer with.
+/// `running` for methods whose only parameter is `{name}`: the node and its name.
+fn running_named(
+    method: &str,
+    params: Value,
+) -> Result<(*mut vbdev::Pcache, String), (i32, String)> {
+    let name = config::parse_name(params).map_err(|e| {
+        (
+            ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
+            format!("{method}: {e}"),
+        )
+    })?;
+    Ok((running(method, &name)?, name))
+}
+
 fn running(method: &str, name: &str) -> Result<*mut vbdev::Pcache, (i32, String)> {
     let Some(node) = vbdev::find(name) else {
         return Err((
@@ -236,13 +250,7 @@ unsafe extern "C" fn rpc_flush_start(
 ) {
     guarded(request, params, |req, params| {
         let m = "bdev_pcache_flush_start";
-        let name = match config::parse_name(params) {
-            Ok(n) => n,
-            Err(e) => {
-                return req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}"))
-            }
-        };
-        let node = match running(m, &name) {
+        let (node, _) = match running_named(m, params) {
             Ok(n) => n,
             Err((code, msg)) => return req.error(code, &msg),
         };
@@ -313,13 +321,7 @@ unsafe extern "C" fn rpc_flush_status(
 ) {
     guarded(request, params, |req, params| {
         let m = "bdev_pcache_flush_status";
-        let name = match config::parse_name(params) {
-            Ok(n) => n,
-            Err(e) => {
-                return req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}"))
-            }
-        };
-        let node = match running(m, &name) {
+        let (node, name) = match running_named(m, params) {
             Ok(n) => n,
             Err((code, msg)) => return req.error(code, &msg),
         };
