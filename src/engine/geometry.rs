@@ -8,8 +8,6 @@ pub const SB_B_SECTOR: u64 = 8;
 /// Control slots start here: two one-sector replicas per shard.
 pub const CONTROL_SECTOR: u64 = 16;
 pub const MAX_SHARDS: u32 = 256;
-/// Sectors a segment keeps for itself: its header and one spare for a link kset.
-pub const SEGMENT_OVERHEAD: u32 = 2;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum GeometryError {

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use super::format::{
     kset_sectors, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET_KEYS,
 };
-use super::geometry::{Geometry, SEGMENT_OVERHEAD};
+use super::geometry::Geometry;
 use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ShardRequest, Tag};
 use super::pool::{Grant, ToPool};
@@ -306,24 +306,9 @@ impl Shard {
         &mut self.out
     }
 
-    /// Segments the log occupies, oldest first.
-    pub fn log_segments(&self) -> impl Iterator<Item = u32> + '_ {
-        self.segments.iter().map(|s| s.seg)
-    }
-
-    /// Segments held in reserve (granted, not yet in the log).
-    pub fn reserve_segments(&self) -> impl Iterator<Item = u32> + '_ {
-        self.ready.iter().map(|g| g.seg)
-    }
-
     /// Requests still owed a completion, and whether the shard has work in flight.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty() && self.batches.is_empty() && self.tags.is_empty()
-    }
-
-    /// Writes are waiting for space.
-    pub fn is_stalled(&self) -> bool {
-        self.stalled
     }
 
     fn tag(&mut self, owner: TagOwner) -> Tag {
@@ -1166,11 +1151,6 @@ impl Shard {
         }
     }
 
-    /// Cache sectors in use by the log (approximate: whole segments plus reserve).
-    pub fn used_segments(&self) -> u32 {
-        self.segments.len() as u32 + self.ready.len() as u32 + self.preparing
-    }
-
     /// Sequence of the first kset not yet written back.
     pub fn dirty_tail(&self) -> LogTail {
         self.dirty_tail
@@ -1179,14 +1159,5 @@ impl Shard {
     /// The current log head, for inspection.
     pub fn head(&self) -> LogPos {
         self.head
-    }
-
-    /// Free sectors left in the head segment.
-    pub fn head_room(&self) -> u32 {
-        (self.cfg.geo.segment_sectors - 1).saturating_sub(self.head.off)
-    }
-
-    pub fn segment_overhead() -> u32 {
-        SEGMENT_OVERHEAD
     }
 }
