@@ -150,13 +150,56 @@ impl std::hash::Hasher for BucketHasher {
     }
 }
 
-type Buckets = HashMap<u64, Vec<(u64, Extent)>, BuildHasherDefault<BucketHasher>>;
+/// Extents of one bucket in LBA order: starts as 16-bit offsets from the bucket's first
+/// sector, apart from the extents themselves, so finding an extent scans a few contiguous
+/// cache lines (256 extents: 512 bytes) instead of chasing a binary search through 24-byte
+/// entries, one cache miss per probe.
+#[derive(Debug, Default)]
+struct Bucket {
+    starts: Vec<u16>,
+    exts: Vec<Extent>,
+}
+
+/// Up to this many extents a bucket is searched by counting (independent loads the CPU
+/// overlaps and vectorizes); beyond, by binary search.
+const LINEAR_MAX: usize = 512;
+
+/// The largest bucket: offsets within it must fit the 16-bit starts.
+const MAX_BUCKET_SECTORS: u64 = 1 << 16;
+
+impl Bucket {
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// How many extents start before `off`: the index of the first one at or after it.
+    #[inline]
+    fn rank(&self, off: u16) -> usize {
+        if self.starts.len() <= LINEAR_MAX {
+            self.starts.iter().map(|&s| usize::from(s < off)).sum()
+        } else {
+            self.starts.partition_point(|&s| s < off)
+        }
+    }
+
+    fn insert(&mut self, i: usize, off: u16, e: Extent) {
+        self.starts.insert(i, off);
+        self.exts.insert(i, e);
+    }
+
+    fn remove_range(&mut self, a: usize, b: usize) {
+        self.starts.drain(a..b);
+        self.exts.drain(a..b);
+    }
+}
+
+type Buckets = HashMap<u64, Bucket, BuildHasherDefault<BucketHasher>>;
 
 /// Extents bucketed by LBA range (a stripe by default): a hash lookup finds the bucket,
-/// a binary search the extent. Requests never cross a stripe, so extents stay inside one
-/// bucket; an extent that would cross a bucket edge is stored as one piece per bucket.
-/// Point lookups cost about two cache misses however large the map, where a B-tree costs
-/// one per level.
+/// a scan of its start offsets the extent. Requests never cross a stripe, so extents stay
+/// inside one bucket; an extent that would cross a bucket edge is stored as one piece per
+/// bucket. Point lookups cost about three cache misses however large the map, where a
+/// B-tree costs one per level.
 #[derive(Debug)]
 pub struct ExtentMap {
     bucket: u64,
@@ -175,10 +218,11 @@ impl ExtentMap {
         Self::default()
     }
 
-    /// `bucket_sectors`: the stripe, so no extent is ever split for the index.
+    /// `bucket_sectors`: the stripe, so no extent is ever split for the index (stripes
+    /// over 32 MiB use 32 MiB buckets).
     pub fn with_bucket(bucket_sectors: u64) -> Self {
         ExtentMap {
-            bucket: bucket_sectors.max(8),
+            bucket: bucket_sectors.clamp(8, MAX_BUCKET_SECTORS),
             buckets: Buckets::default(),
             len: 0,
         }
@@ -192,20 +236,36 @@ impl ExtentMap {
         self.len == 0
     }
 
+    /// The bucket number of `lba` and its offset inside it.
+    #[inline]
+    fn locate(&self, lba: u64) -> (u64, u16) {
+        let key = lba / self.bucket;
+        // Below `bucket` <= 2^16 by construction.
+        (key, (lba - key * self.bucket) as u16)
+    }
+
     /// Every extent, in LBA order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Extent)> {
         let mut keys: Vec<u64> = self.buckets.keys().copied().collect();
         keys.sort_unstable();
+        let size = self.bucket;
         keys.into_iter()
-            .filter_map(|k| self.buckets.get(&k))
-            .flat_map(|v| v.iter().map(|(s, e)| (*s, e)))
+            .filter_map(move |k| self.buckets.get(&k).map(|b| (k * size, b)))
+            .flat_map(|(base, b)| {
+                b.starts
+                    .iter()
+                    .zip(&b.exts)
+                    .map(move |(&o, e)| (base + u64::from(o), e))
+            })
     }
 
     /// The extent starting exactly at `lba`.
+    #[inline]
     pub fn get(&self, lba: u64) -> Option<&Extent> {
-        let v = self.buckets.get(&(lba / self.bucket))?;
-        let i = v.partition_point(|(s, _)| *s < lba);
-        v.get(i).filter(|(s, _)| *s == lba).map(|(_, e)| e)
+        let (key, off) = self.locate(lba);
+        let b = self.buckets.get(&key)?;
+        let i = b.rank(off);
+        (b.starts.get(i) == Some(&off)).then(|| &b.exts[i])
     }
 
     /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
@@ -229,40 +289,49 @@ impl ExtentMap {
         }
     }
 
+    /// `punch` for a range inside one bucket.
     fn punch_in_bucket(&mut self, lba: u64, len: u32) {
-        let key = lba / self.bucket;
-        let Some(v) = self.buckets.get_mut(&key) else {
+        let (key, off) = self.locate(lba);
+        let base = key * self.bucket;
+        let Some(b) = self.buckets.get_mut(&key) else {
             return;
         };
         let end = lba + u64::from(len);
-        let before = v.len();
-        let mut i = v.partition_point(|(s, _)| *s < lba);
+        let before = b.len();
+        let mut i = b.rank(off);
         // An extent starting before `lba` that reaches into the range.
         if i > 0 {
-            let (s, e) = v[i - 1];
+            let s = base + u64::from(b.starts[i - 1]);
+            let e = b.exts[i - 1];
             let e_end = s + u64::from(e.len());
             if e_end > lba {
-                v[i - 1] = (s, e.slice(s, s, (lba - s) as u32));
+                b.exts[i - 1] = e.slice(s, s, (lba - s) as u32);
                 if e_end > end {
-                    v.insert(i, (end, e.slice(s, end, (e_end - end) as u32)));
-                    self.len += v.len() - before;
+                    let tail = e.slice(s, end, (e_end - end) as u32);
+                    b.insert(i, (end - base) as u16, tail);
+                    self.len += b.len() - before;
                     return;
                 }
             }
         }
         // Extents starting inside the range: whole ones go, the last may stick out.
         let first = i;
-        while i < v.len() && v[i].0 < end {
-            let (s, e) = v[i];
+        while i < b.len() {
+            let s = base + u64::from(b.starts[i]);
+            if s >= end {
+                break;
+            }
+            let e = b.exts[i];
             let e_end = s + u64::from(e.len());
             if e_end > end {
-                v[i] = (end, e.slice(s, end, (e_end - end) as u32));
+                b.starts[i] = (end - base) as u16;
+                b.exts[i] = e.slice(s, end, (e_end - end) as u32);
                 break;
             }
             i += 1;
         }
-        v.drain(first..i);
-        let after = v.len();
+        b.remove_range(first, i);
+        let after = b.len();
         if after == 0 {
             self.buckets.remove(&key);
         }
@@ -281,19 +350,19 @@ impl ExtentMap {
             }
             return;
         }
-        let v = self.buckets.entry(lba / self.bucket).or_default();
-        let i = v.partition_point(|(s, _)| *s < lba);
-        // Same start and length: nothing else can overlap, so replace in place.
-        if let Some((s, e)) = v.get_mut(i) {
-            if *s == lba && e.len() == ext.len() {
-                *e = ext;
+        let (key, off) = self.locate(lba);
+        if let Some(b) = self.buckets.get_mut(&key) {
+            let i = b.rank(off);
+            // Same start and length: nothing else can overlap, so replace in place.
+            if b.starts.get(i) == Some(&off) && b.exts[i].len() == ext.len() {
+                b.exts[i] = ext;
                 return;
             }
         }
         self.punch_in_bucket(lba, ext.len());
-        let v = self.buckets.entry(lba / self.bucket).or_default();
-        let i = v.partition_point(|(s, _)| *s < lba);
-        v.insert(i, (lba, ext));
+        let b = self.buckets.entry(key).or_default();
+        let i = b.rank(off);
+        b.insert(i, off, ext);
         self.len += 1;
     }
 
@@ -357,16 +426,22 @@ impl ExtentMap {
 
     fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
         self.per_bucket(lba, len, |a, l| {
-            let Some(v) = self.buckets.get(&(a / self.bucket)) else {
+            let (key, off) = self.locate(a);
+            let Some(b) = self.buckets.get(&key) else {
                 return;
             };
+            let base = key * self.bucket;
             let end = a + u64::from(l);
-            let mut i = v.partition_point(|(s, _)| *s < a);
-            if i > 0 && v[i - 1].0 + u64::from(v[i - 1].1.len()) > a {
+            let mut i = b.rank(off);
+            if i > 0 && base + u64::from(b.starts[i - 1]) + u64::from(b.exts[i - 1].len()) > a {
                 i -= 1;
             }
-            while i < v.len() && v[i].0 < end {
-                f(v[i].0, &v[i].1);
+            while i < b.len() {
+                let s = base + u64::from(b.starts[i]);
+                if s >= end {
+                    break;
+                }
+                f(s, &b.exts[i]);
                 i += 1;
             }
         });
@@ -442,17 +517,25 @@ impl ExtentMap {
     pub fn drop_segment(&mut self, lo: u64, hi: u64) -> usize {
         let mut dirty = 0;
         let mut removed = 0;
-        self.buckets.retain(|_, v| {
-            v.retain(|(_, e)| {
+        self.buckets.retain(|_, b| {
+            let mut keep = 0;
+            for i in 0..b.len() {
+                let e = b.exts[i];
                 let inside = e.is_data() && e.pos >= lo && e.pos < hi;
                 if inside && e.state() != State::Clean {
                     dirty += 1;
                 }
-                let drop = inside && e.state() == State::Clean;
-                removed += usize::from(drop);
-                !drop
-            });
-            !v.is_empty()
+                if inside && e.state() == State::Clean {
+                    removed += 1;
+                } else {
+                    b.starts[keep] = b.starts[i];
+                    b.exts[keep] = e;
+                    keep += 1;
+                }
+            }
+            b.starts.truncate(keep);
+            b.exts.truncate(keep);
+            keep > 0
         });
         self.len -= removed;
         dirty
@@ -460,14 +543,14 @@ impl ExtentMap {
 
     /// Drops the extent at `lba` if it is still exactly `ext` (used after a CRC mismatch).
     pub fn remove_if_same(&mut self, lba: u64, ext: &Extent) -> bool {
-        let key = lba / self.bucket;
-        let Some(v) = self.buckets.get_mut(&key) else {
+        let (key, off) = self.locate(lba);
+        let Some(b) = self.buckets.get_mut(&key) else {
             return false;
         };
-        let i = v.partition_point(|(s, _)| *s < lba);
-        if v.get(i).is_some_and(|(s, e)| *s == lba && e == ext) {
-            v.remove(i);
-            if v.is_empty() {
+        let i = b.rank(off);
+        if b.starts.get(i) == Some(&off) && b.exts[i] == *ext {
+            b.remove_range(i, i + 1);
+            if b.len() == 0 {
                 self.buckets.remove(&key);
             }
             self.len -= 1;
@@ -480,8 +563,8 @@ impl ExtentMap {
     pub fn usage(&self) -> (u64, u64, usize) {
         let mut dirty = 0;
         let mut clean = 0;
-        for v in self.buckets.values() {
-            for (_, e) in v {
+        for b in self.buckets.values() {
+            for e in &b.exts {
                 match e.state() {
                     State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len()),
                     State::Clean => clean += u64::from(e.len()),
@@ -590,5 +673,95 @@ mod tests {
         assert_eq!(m.len(), 2);
         m.punch(0, 16);
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn bucket_rank_counts_and_searches_alike() {
+        for n in [0usize, 1, 7, LINEAR_MAX, LINEAR_MAX + 1, 3000] {
+            let b = Bucket {
+                starts: (0..n).map(|i| (i * 13 + 5) as u16).collect(),
+                exts: vec![data(0, 1); n],
+            };
+            for off in (0..(n * 13 + 20)).step_by(3) {
+                let off = off as u16;
+                let want = b.starts.partition_point(|&s| s < off);
+                assert_eq!(b.rank(off), want, "n {n} off {off}");
+            }
+        }
+    }
+
+    /// Random inserts, punches and lookups against a map of single sectors, with buckets
+    /// small enough that extents cross their edges and large enough for binary search.
+    mod against_sectors {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Insert(u64, u32),
+            Punch(u64, u32),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => (0u64..4000, 1u32..40).prop_map(|(l, n)| Op::Insert(l, n)),
+                1 => (0u64..4000, 1u32..200).prop_map(|(l, n)| Op::Punch(l, n)),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn extent_map_matches_a_sector_map(
+                bucket in prop_oneof![Just(8u64), Just(64), Just(4096)],
+                ops in proptest::collection::vec(op(), 1..600),
+            ) {
+                let mut m = ExtentMap::with_bucket(bucket);
+                // sector -> cache position of that sector
+                let mut r: BTreeMap<u64, u64> = BTreeMap::new();
+                let mut pos = 1_000_000u64;
+                for o in &ops {
+                    match *o {
+                        Op::Insert(l, n) => {
+                            m.insert(l, Extent::new(pos, n, State::Dirty, None, 0));
+                            for k in 0..u64::from(n) {
+                                r.insert(l + k, pos + k);
+                            }
+                            pos += u64::from(n);
+                        }
+                        Op::Punch(l, n) => {
+                            m.punch(l, n);
+                            for k in 0..u64::from(n) {
+                                r.remove(&(l + k));
+                            }
+                        }
+                    }
+                }
+                let mut got = BTreeMap::new();
+                let mut last_end = 0;
+                for (s, e) in m.iter() {
+                    prop_assert!(s >= last_end, "extents overlap or are out of order");
+                    last_end = s + u64::from(e.len());
+                    prop_assert_eq!(m.get(s), Some(e));
+                    for k in 0..u64::from(e.len()) {
+                        got.insert(s + k, e.pos + k);
+                    }
+                }
+                prop_assert_eq!(&got, &r);
+                prop_assert_eq!(m.len(), m.iter().count());
+                let mut pieces = Vec::new();
+                m.lookup(100, 3000, &mut pieces);
+                let mut at = 100;
+                for p in &pieces {
+                    prop_assert_eq!(p.lba, at);
+                    for k in 0..u64::from(p.len) {
+                        let want = r.get(&(p.lba + k)).copied();
+                        prop_assert_eq!(p.extent.map(|e| e.pos + k), want);
+                    }
+                    at += u64::from(p.len);
+                }
+                prop_assert_eq!(at, 3100);
+            }
+        }
     }
 }
