@@ -169,6 +169,17 @@ impl Cache {
         Ok(())
     }
 
+    /// Loads the index entry a request at `lba` will need and returns a word of it (see
+    /// [`ExtentMap::touch`](super::index::ExtentMap::touch)).
+    #[inline]
+    pub fn touch(&self, lba: u64) -> u64 {
+        if lba >= self.sb.geometry.backing_sectors {
+            return 0;
+        }
+        let shard = self.sb.geometry.shard_of(lba) as usize;
+        self.shards.get(shard).map_or(0, |s| s.index().touch(lba))
+    }
+
     /// Lets every shard batch what it was given and exchanges pool messages until quiet.
     pub fn poll(&mut self) {
         loop {

@@ -273,6 +273,19 @@ impl ExtentMap {
         (b.starts.get(i) == Some(&off)).then(|| &b.exts[i])
     }
 
+    /// Loads the extent that would hold `lba` and returns a word of it, for a caller that
+    /// touches a whole batch of requests before processing it: the lookups' cache misses
+    /// then overlap (independent loads) instead of stalling one request at a time.
+    #[inline]
+    pub fn touch(&self, lba: u64) -> u64 {
+        let (key, off) = self.locate(lba);
+        let Some(b) = self.buckets.get(&key) else {
+            return 0;
+        };
+        let i = b.rank(off);
+        b.exts.get(i).map_or(0, |e| e.pos)
+    }
+
     /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
     fn per_bucket(&self, lba: u64, len: u32, mut f: impl FnMut(u64, u32)) {
         let end = lba + u64::from(len);

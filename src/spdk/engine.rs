@@ -354,6 +354,9 @@ pub(crate) struct Engine {
     flushing: bool,
     drain_waiters: Vec<Done>,
     resets: Vec<*mut ffi::spdk_bdev_io>,
+    /// Requests received by message, submitted together by the next poll (or before any
+    /// other message is handled), so their index lookups overlap.
+    incoming: Vec<*mut ffi::spdk_bdev_io>,
     unsent: Vec<*mut ffi::spdk_bdev_io>,
     /// Slow polls since a base bdev was removed with requests still pending.
     removed_polls: u32,
@@ -498,6 +501,7 @@ impl Engine {
             flushing: false,
             drain_waiters: Vec::new(),
             resets: Vec::new(),
+            incoming: Vec::with_capacity(64),
             unsent: Vec::new(),
             removed_polls: 0,
             counters: Counters::default(),
@@ -780,6 +784,34 @@ impl Engine {
             cache.set_idle(false);
         }
         self.kick = true;
+    }
+
+    /// Submits the requests received since the last poll. Their index entries are loaded
+    /// first, all together: one request's cache misses then overlap the next ones' instead
+    /// of each lookup stalling in turn.
+    fn submit_incoming(&mut self) {
+        if self.incoming.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.incoming);
+        if let (Some(cache), true) = (self.cache.as_deref(), batch.len() > 1) {
+            let shift = self.shift[1];
+            let mut acc = 0u64;
+            for &io in &batch {
+                // SAFETY: a pending request of our bdev; `u.bdev.offset_blocks` is an
+                // integer read by value (zero or stale for types that do not use it, which
+                // only makes the hint useless).
+                let offset = unsafe { (*io::block(io)).offset_blocks };
+                acc ^= cache.touch(offset << shift);
+            }
+            std::hint::black_box(acc);
+        }
+        for io in batch.drain(..) {
+            self.submit(io);
+        }
+        if self.incoming.is_empty() {
+            self.incoming = batch;
+        }
     }
 
     /// Sends the completion of `io` to its submitting thread.
@@ -1736,6 +1768,7 @@ unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
         // SAFETY: the engine registered this poller with itself as argument and unregisters
         // it before being freed; pollers run at the top level of the engine thread.
         let e = unsafe { &mut *arg.cast::<Engine>() };
+        e.submit_incoming();
         if !e.kick && e.dones.is_empty() {
             return ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int;
         }
@@ -1753,6 +1786,7 @@ unsafe extern "C" fn slow_poll(arg: *mut c_void) -> c_int {
         let eng = arg.cast::<Engine>();
         // SAFETY: as in `fast_poll`.
         let e = unsafe { &mut *eng };
+        e.submit_incoming();
         if e.ready_to_free() {
             // SAFETY: top level of a poller on the engine thread, nothing in flight.
             unsafe { Engine::teardown(eng) };
@@ -1776,7 +1810,9 @@ pub(crate) unsafe extern "C" fn submit_msg(arg: *mut c_void) {
         // pointer was set before registration and stays valid while requests are pending.
         let eng = unsafe { (*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>()).engine() };
         // SAFETY: on the engine thread at the top level of a message.
-        unsafe { (*eng).submit(io) };
+        let e = unsafe { &mut *eng };
+        e.incoming.push(io);
+        e.kick = true;
     })
 }
 
@@ -1786,6 +1822,7 @@ pub(crate) unsafe extern "C" fn reset_msg(arg: *mut c_void) {
         let io = arg.cast::<ffi::spdk_bdev_io>();
         // SAFETY: as in `submit_msg`.
         let e = unsafe { &mut *(*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>()).engine() };
+        e.submit_incoming();
         e.counters.resets += 1;
         e.resets.push(io);
     })
@@ -1801,7 +1838,10 @@ fn with_engine(
     msg::send(thread, move || {
         // SAFETY: the engine lives until its teardown, which only follows a stop; callers
         // send no message after the stop message (same sender, FIFO delivery).
-        f(unsafe { &mut *p.0 })
+        let e = unsafe { &mut *p.0 };
+        // Requests received before this message are handled before it.
+        e.submit_incoming();
+        f(e)
     })
 }
 
