@@ -1,6 +1,9 @@
-//! All shards of one cache driven from one thread: request splitting, segment pool
+//! The shards of one cache driven from one thread: request splitting, segment pool
 //! messages and completion assembly. Hosts without threads (the `pcache` tool, tests,
-//! benchmarks) use this; the SPDK shell runs the same shards on their own threads.
+//! benchmarks) drive all shards with one `Cache`; a threaded host [`Cache::split`]s it into
+//! parts, one per thread, and carries between them what the parts cannot decide alone
+//! (segment requests and grants, the writeback epoch barrier, space pressure): see
+//! [`Coordination`].
 
 use std::collections::HashMap;
 
@@ -9,7 +12,7 @@ use serde::Serialize;
 use super::format::Superblock;
 use super::geometry::Geometry;
 use super::io::{Command, IoDone, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
-use super::pool::SegmentPool;
+use super::pool::{Grant, SegmentPool, ToPool};
 use super::shard::{Shard, WritebackOptions};
 use super::stats::ShardStats;
 
@@ -35,10 +38,30 @@ impl std::fmt::Debug for Cache {
     }
 }
 
+/// Cross-part decisions a split cache's host hands every part (see [`Cache::split`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coordination {
+    /// Oldest flush epoch some shard has not written back: no shard may write back a
+    /// later one (the minimum of every part's [`Cache::frontier`]).
+    pub allowed_epoch: u64,
+    /// Space is short (from the part holding the pool: [`Cache::pool_pressure`]).
+    pub pressure: bool,
+}
+
 pub struct Cache {
     sb: Superblock,
+    /// The shards this cache drives (all of them unless split), in id order.
     shards: Vec<Shard>,
-    pool: SegmentPool,
+    /// Shard id -> index in `shards`, `None` for another part's shard.
+    local: Vec<Option<u32>>,
+    /// The segment pool; only part 0 of a split cache has it.
+    pool: Option<SegmentPool>,
+    /// Set when split: the host decides for all parts.
+    coordination: Option<Coordination>,
+    /// Messages for the pool held by another part.
+    pool_out: Vec<ToPool>,
+    /// Grants for shards of other parts.
+    grants_out: Vec<(u32, Grant)>,
     epoch: u64,
     gc_percent: u32,
     opts: CacheOptions,
@@ -52,6 +75,8 @@ pub struct Cache {
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheStats {
     pub total: ShardStats,
+    /// Id of each shard in `shards` (and the other per-shard lists).
+    pub shard_ids: Vec<u32>,
     pub shards: Vec<ShardStats>,
     pub dirty_bytes: u64,
     pub clean_bytes: u64,
@@ -70,6 +95,42 @@ pub struct CacheStats {
     pub wb_failed: bool,
 }
 
+impl CacheStats {
+    /// Folds in the statistics of another part of a split cache (per-shard lists stay in
+    /// shard id order).
+    pub fn merge(&mut self, o: CacheStats) {
+        self.total.add(&o.total);
+        let mut rows: Vec<_> = std::mem::take(&mut self.shard_ids)
+            .into_iter()
+            .zip(std::mem::take(&mut self.shards))
+            .zip(std::mem::take(&mut self.shard_epochs))
+            .zip(std::mem::take(&mut self.shard_frontiers))
+            .chain(
+                o.shard_ids
+                    .into_iter()
+                    .zip(o.shards)
+                    .zip(o.shard_epochs)
+                    .zip(o.shard_frontiers),
+            )
+            .collect();
+        rows.sort_by_key(|(((id, _), _), _)| *id);
+        for (((id, s), e), f) in rows {
+            self.shard_ids.push(id);
+            self.shards.push(s);
+            self.shard_epochs.push(e);
+            self.shard_frontiers.push(f);
+        }
+        self.dirty_bytes += o.dirty_bytes;
+        self.clean_bytes += o.clean_bytes;
+        self.extents += o.extents;
+        self.segments_total += o.segments_total;
+        self.segments_free += o.segments_free;
+        self.epoch = self.epoch.max(o.epoch);
+        self.wb_dirty_bytes += o.wb_dirty_bytes;
+        self.wb_failed |= o.wb_failed;
+    }
+}
+
 impl Cache {
     pub(crate) fn from_parts(
         sb: Superblock,
@@ -79,10 +140,15 @@ impl Cache {
         gc_percent: u32,
         opts: CacheOptions,
     ) -> Self {
+        let local = (0..shards.len() as u32).map(Some).collect();
         Cache {
             sb,
             shards,
-            pool,
+            local,
+            pool: Some(pool),
+            coordination: None,
+            pool_out: Vec::new(),
+            grants_out: Vec::new(),
             epoch,
             gc_percent,
             opts,
@@ -114,7 +180,118 @@ impl Cache {
         self.epoch
     }
 
-    /// Accepts a request; its completion comes out of [`Cache::take_completions`].
+    /// Splits the cache into `parts` caches to run on as many threads: part `i` drives the
+    /// shards whose id is `i` modulo `parts`; part 0 keeps the segment pool. From then on
+    /// the host must carry between the parts: [`Cache::take_pool_messages`] to part 0's
+    /// [`Cache::pool_message`], [`Cache::take_grants`] to the owning part's
+    /// [`Cache::grant`], and a [`Coordination`] built from every part's
+    /// [`Cache::frontier`] and part 0's [`Cache::pool_pressure`] to every part's
+    /// [`Cache::coordinate_with`]. A request goes to every part that owns one of its
+    /// stripes (a flush to all parts) and completes when each of them completed it.
+    pub fn split(self, parts: usize) -> Vec<Cache> {
+        let parts = parts.clamp(1, self.shards.len().max(1));
+        if parts == 1 {
+            return vec![self];
+        }
+        let n = self.shards.len();
+        let mut buckets: Vec<Vec<Shard>> = (0..parts).map(|_| Vec::new()).collect();
+        for (i, s) in self.shards.into_iter().enumerate() {
+            buckets[i % parts].push(s);
+        }
+        let first = Coordination {
+            allowed_epoch: 0,
+            pressure: false,
+        };
+        let mut pool = self.pool;
+        buckets
+            .into_iter()
+            .enumerate()
+            .map(|(p, shards)| {
+                let mut local = vec![None; n];
+                for (li, id) in (p..n).step_by(parts).enumerate() {
+                    local[id] = Some(li as u32);
+                }
+                Cache {
+                    sb: self.sb.clone(),
+                    shards,
+                    local,
+                    pool: if p == 0 { pool.take() } else { None },
+                    coordination: Some(first),
+                    pool_out: Vec::new(),
+                    grants_out: Vec::new(),
+                    epoch: self.epoch,
+                    gc_percent: self.gc_percent,
+                    opts: self.opts.clone(),
+                    parents: HashMap::new(),
+                    commands: Vec::new(),
+                    completions: Vec::new(),
+                    scratch: Vec::new(),
+                    log: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether this cache drives shard `id`.
+    pub fn owns_shard(&self, id: u32) -> bool {
+        self.local.get(id as usize).is_some_and(Option::is_some)
+    }
+
+    /// Oldest epoch one of this cache's shards has not written back and flushed.
+    pub fn frontier(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(Shard::frontier)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Whether space is short, for the part holding the pool (None elsewhere).
+    pub fn pool_pressure(&self) -> Option<bool> {
+        let pool = self.pool.as_ref()?;
+        let total = u64::from(pool.total());
+        let used = total - u64::from(pool.free_count());
+        Some(pool.waiting() > 0 || used * 100 > total * u64::from(self.gc_percent))
+    }
+
+    /// Applies the host's cross-part decisions (split caches only).
+    pub fn coordinate_with(&mut self, c: Coordination) {
+        if self.coordination.is_some() {
+            self.coordination = Some(c);
+        }
+    }
+
+    /// Messages for the pool, which another part holds.
+    pub fn take_pool_messages(&mut self, out: &mut Vec<ToPool>) {
+        out.append(&mut self.pool_out);
+    }
+
+    /// Grants for shards of other parts.
+    pub fn take_grants(&mut self, out: &mut Vec<(u32, Grant)>) {
+        out.append(&mut self.grants_out);
+    }
+
+    /// A pool message from a shard of another part (part 0 only; ignored elsewhere).
+    pub fn pool_message(&mut self, msg: ToPool) {
+        let grants = match self.pool.as_mut() {
+            Some(pool) => pool.handle(msg),
+            None => return,
+        };
+        for (shard, g) in grants {
+            self.grant(shard, g);
+        }
+    }
+
+    /// A segment for shard `shard`: applied if it is ours, else queued for its part.
+    pub fn grant(&mut self, shard: u32, g: Grant) {
+        match self.local.get(shard as usize).copied().flatten() {
+            Some(li) => self.shards[li as usize].grant(g),
+            None => self.grants_out.push((shard, g)),
+        }
+    }
+
+    /// Accepts a request; its completion comes out of [`Cache::take_completions`]. A split
+    /// cache serves only the parts of the request in its own shards.
     pub fn submit(&mut self, r: Request) -> Result<(), ReqError> {
         let limit = self.sb.geometry.backing_sectors;
         if r.op != Op::Flush {
@@ -143,7 +320,22 @@ impl Cache {
         }
         let stripe = u64::from(self.sb.geometry.stripe_sectors);
         let end = r.lba + u64::from(r.len);
-        let pieces = (end - 1) / stripe - r.lba / stripe + 1;
+        let pieces = if self.shards.len() == self.local.len() {
+            (end - 1) / stripe - r.lba / stripe + 1
+        } else {
+            let mut n = 0;
+            let mut s = r.lba / stripe;
+            while s * stripe < end {
+                n += u64::from(self.owns_shard(self.sb.geometry.shard_of(s * stripe)));
+                s += 1;
+            }
+            n
+        };
+        if pieces == 0 {
+            // Another part's stripes only: nothing to do here.
+            self.completions.push((r.id, Ok(())));
+            return Ok(());
+        }
         if pieces > 1 {
             self.parents.insert(
                 r.id,
@@ -157,13 +349,15 @@ impl Cache {
         while lba < end {
             let piece_end = ((lba / stripe + 1) * stripe).min(end);
             let shard = self.sb.geometry.shard_of(lba) as usize;
-            self.shards[shard].submit(ShardRequest {
-                id: r.id,
-                op: r.op,
-                lba,
-                len: (piece_end - lba) as u32,
-                buf_off: (lba - r.lba) * 512,
-            });
+            if let Some(li) = self.local.get(shard).copied().flatten() {
+                self.shards[li as usize].submit(ShardRequest {
+                    id: r.id,
+                    op: r.op,
+                    lba,
+                    len: (piece_end - lba) as u32,
+                    buf_off: (lba - r.lba) * 512,
+                });
+            }
             lba = piece_end;
         }
         Ok(())
@@ -177,7 +371,10 @@ impl Cache {
             return 0;
         }
         let shard = self.sb.geometry.shard_of(lba) as usize;
-        self.shards.get(shard).map_or(0, |s| s.index().touch(lba))
+        match self.local.get(shard).copied().flatten() {
+            Some(li) => self.shards[li as usize].index().touch(lba),
+            None => 0,
+        }
     }
 
     /// Lets every shard batch what it was given and exchanges pool messages until quiet.
@@ -193,8 +390,13 @@ impl Cache {
                 if !out.log.is_empty() {
                     self.log.append(&mut out.log);
                 }
-                for msg in out.to_pool.drain(..) {
-                    grants.extend(self.pool.handle(msg));
+                match self.pool.as_mut() {
+                    Some(pool) => {
+                        for msg in out.to_pool.drain(..) {
+                            grants.extend(pool.handle(msg));
+                        }
+                    }
+                    None => self.pool_out.append(&mut out.to_pool),
                 }
                 std::mem::swap(&mut self.scratch, &mut out.completions);
                 let mut done = std::mem::take(&mut self.scratch);
@@ -207,7 +409,7 @@ impl Cache {
                 return;
             }
             for (shard, g) in grants {
-                self.shards[shard as usize].grant(g);
+                self.grant(shard, g);
             }
         }
     }
@@ -216,15 +418,17 @@ impl Cache {
     /// epoch E+1 before every shard has written back and flushed epoch E), and whether
     /// space is short.
     fn coordinate(&mut self) {
-        let allowed = self
-            .shards
-            .iter()
-            .map(Shard::frontier)
-            .min()
-            .unwrap_or(self.epoch);
-        let total = u64::from(self.pool.total());
-        let used = total - u64::from(self.pool.free_count());
-        let pressure = self.pool.waiting() > 0 || used * 100 > total * u64::from(self.gc_percent);
+        let (allowed, pressure) = match self.coordination {
+            Some(c) => (c.allowed_epoch, c.pressure),
+            None => (
+                self.shards
+                    .iter()
+                    .map(Shard::frontier)
+                    .min()
+                    .unwrap_or(self.epoch),
+                self.pool_pressure().unwrap_or(false),
+            ),
+        };
         for s in &mut self.shards {
             s.set_allowed_epoch(allowed);
             s.set_pressure(pressure);
@@ -302,8 +506,8 @@ impl Cache {
     /// Hands a device completion to the shard that issued the command.
     pub fn complete(&mut self, done: IoDone) {
         let shard = (done.tag >> 48) as usize;
-        if let Some(s) = self.shards.get_mut(shard) {
-            s.complete(done);
+        if let Some(li) = self.local.get(shard).copied().flatten() {
+            self.shards[li as usize].complete(done);
         }
     }
 
@@ -333,6 +537,13 @@ impl Cache {
         self.parents.is_empty() && self.shards.iter().all(|s| s.is_idle())
     }
 
+    /// Ids of the shards this cache drives.
+    pub fn shard_ids(&self) -> Vec<u32> {
+        (0..self.local.len() as u32)
+            .filter(|&id| self.owns_shard(id))
+            .collect()
+    }
+
     pub fn stats(&self) -> CacheStats {
         let mut total = ShardStats::default();
         let mut dirty = 0;
@@ -347,12 +558,13 @@ impl Cache {
         }
         CacheStats {
             total,
+            shard_ids: self.shard_ids(),
             shards: self.shards.iter().map(|s| s.stats).collect(),
             dirty_bytes: dirty * 512,
             clean_bytes: clean * 512,
             extents,
-            segments_total: self.pool.total(),
-            segments_free: self.pool.free_count(),
+            segments_total: self.pool.as_ref().map_or(0, SegmentPool::total),
+            segments_free: self.pool.as_ref().map_or(0, SegmentPool::free_count),
             epoch: self.epoch,
             gc_percent: self.gc_percent,
             wb_dirty_bytes: self.dirty_bytes(),
