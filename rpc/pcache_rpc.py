@@ -31,6 +31,8 @@ def bdev_pcache_create(args):
             params[key] = value
     if args.data_crc is not None:
         params['data_crc'] = args.data_crc
+    if args.defer:
+        params['defer'] = True
     _print(args.client.call('bdev_pcache_create', params))
 
 
@@ -110,6 +112,11 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('--core', type=int,
                    help='core of the engine thread (one of the app\'s cores; default: '
                         'round-robin from the last core)')
+    p.add_argument('--defer', action='store_true',
+                   help='a missing cache or backing bdev is not an error: the request waits and '
+                        'the bdev is created when the missing bdev(s) appear (returns true; '
+                        'bdev_pcache_get_stats lists it as "waiting for ...", bdev_pcache_delete '
+                        'drops it); save_config writes every pcache bdev this way')
     _writeback_args(p)
     p.set_defaults(func=bdev_pcache_create)
 
@@ -124,7 +131,8 @@ def spdk_rpc_plugin_initialize(subparsers):
 
     p = subparsers.add_parser('bdev_pcache_delete',
                               help='Delete a pcache bdev: write back every dirty block, unregister it '
-                                   'and release both base bdevs')
+                                   'and release both base bdevs (a pcache bdev still waiting for '
+                                   'its base bdevs is just forgotten)')
     p.add_argument('name', help='pcache bdev name')
     p.add_argument('--no-drain', dest='no_drain', action='store_true',
                    help='do not write back first: dirty data stays on the cache bdev '
@@ -143,6 +151,9 @@ def spdk_rpc_plugin_initialize(subparsers):
 
     p = subparsers.add_parser('bdev_pcache_get_stats',
                               help='Statistics of pcache bdevs (all, or the one named): usage '
-                                   '(clean/dirty/free), requests, errors, writeback, engine counters')
+                                   '(clean/dirty/free), requests, errors, writeback, engine counters; '
+                                   'pcache bdevs still waiting for a base bdev (deferred create, or '
+                                   'a cache found by examine) are listed with "state": '
+                                   '"waiting for <bdev>"')
     p.add_argument('-b', '--name', help='only this pcache bdev')
     p.set_defaults(func=bdev_pcache_get_stats)

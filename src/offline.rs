@@ -16,6 +16,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     pub open: Option<OpenReport>,
     pub superblock: Option<Superblock>,
+    /// The pcache bdev name in the superblock replica used (None: not named).
+    pub bdev_name: Option<String>,
     pub extents: u64,
     pub dirty_bytes: u64,
     pub clean_bytes: u64,
@@ -28,19 +30,28 @@ impl CheckReport {
     }
 }
 
-/// Reads the superblock replicas; the first valid one wins.
-fn read_superblock(dev: &mut dyn BlockDevice, problems: &mut Vec<String>) -> Option<Superblock> {
+/// Reads the superblock replicas; the first valid one wins. Returns it with its bdev name.
+fn read_superblock(
+    dev: &mut dyn BlockDevice,
+    problems: &mut Vec<String>,
+) -> Option<(Superblock, Option<String>)> {
     let mut buf = vec![0u8; 2 * SB_B_SECTOR as usize * SECTOR];
     if dev.read(0, &mut buf).is_err() {
         problems.push("cannot read the superblock area".into());
         return None;
     }
     let half = SB_B_SECTOR as usize * SECTOR;
-    let a = Superblock::decode(&buf[..half]);
-    let b = Superblock::decode(&buf[half..]);
-    match (a, b) {
-        (Ok(a), _) => Some(a),
-        (Err(_), Ok(b)) => Some(b),
+    let (ra, rb) = (&buf[..half], &buf[half..]);
+    let named = |r: &[u8], sb: Superblock, problems: &mut Vec<String>| {
+        let name = Superblock::decode_name(r).unwrap_or_else(|e| {
+            problems.push(format!("superblock bdev name: {e}"));
+            None
+        });
+        Some((sb, name))
+    };
+    match (Superblock::decode(ra), Superblock::decode(rb)) {
+        (Ok(a), _) => named(ra, a, problems),
+        (Err(_), Ok(b)) => named(rb, b, problems),
         (Err(a), Err(b)) => {
             problems.push(format!(
                 "no valid superblock: replica A: {a}; replica B: {b}"
@@ -53,9 +64,10 @@ fn read_superblock(dev: &mut dyn BlockDevice, problems: &mut Vec<String>) -> Opt
 /// Opens the image as its own superblock describes it, replaying every shard.
 pub fn open_image(dev: &mut dyn BlockDevice) -> (Option<Cache>, CheckReport) {
     let mut report = CheckReport::default();
-    let Some(sb) = read_superblock(dev, &mut report.problems) else {
+    let Some((sb, name)) = read_superblock(dev, &mut report.problems) else {
         return (None, report);
     };
+    report.bdev_name = name;
     let opts = CacheOptions {
         no_read_fill: true,
         ..CacheOptions::default()
@@ -130,6 +142,14 @@ pub fn inspect(dev: &mut dyn BlockDevice) -> String {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
+        );
+        let _ = writeln!(
+            out,
+            "  pcache bdev      {}",
+            report
+                .bdev_name
+                .as_deref()
+                .map_or("(none)".to_string(), |n| format!("'{n}'"))
         );
         let _ = writeln!(out, "  cache size       {} bytes", g.cache_sectors * 512);
         let _ = writeln!(

@@ -94,6 +94,62 @@ fn the_golden_v1_image_opens_and_reads_back_its_contents() {
     let r = offline::check(&mut dev);
     assert!(r.is_clean(), "{:?}", r.problems);
     assert!(r.crc_checked > 0 && r.clean_bytes > 0 && r.dirty_bytes > 0);
+    assert_eq!(r.bdev_name, None, "written before the name field existed");
+}
+
+/// The superblock's bdev name (bytes 160..224, zero in images from before the field):
+/// absent in the golden image; naming a replica changes only the field and the CRC, the
+/// named image opens and checks cleanly, and clearing the name restores the original bytes.
+#[test]
+fn golden_superblock_name_field() {
+    let img = load().bytes().to_vec();
+    let (a, b) = (&img[..4096], &img[4096..8192]);
+    for r in [a, b] {
+        assert_eq!(Superblock::decode_name(r).unwrap(), None);
+    }
+    let named = Superblock::rename(a, Some("PC0")).unwrap();
+    assert_eq!(
+        Superblock::decode_name(&named).unwrap().as_deref(),
+        Some("PC0")
+    );
+    let sb = Superblock::decode(a).unwrap();
+    assert_eq!(Superblock::decode(&named).unwrap(), sb);
+    assert_eq!(sb.encode_named(Some("PC0")).unwrap(), named);
+    let changed: Vec<usize> = (0..4096).filter(|&i| named[i] != a[i]).collect();
+    assert!(
+        changed
+            .iter()
+            .all(|&i| (160..224).contains(&i) || i >= 4092),
+        "{changed:?}"
+    );
+    let mut dev = load();
+    dev.bytes_mut()[..4096].copy_from_slice(&named);
+    dev.bytes_mut()[4096..8192].copy_from_slice(&named);
+    let r = offline::check(&mut dev);
+    assert!(r.is_clean(), "{:?}", r.problems);
+    assert_eq!(r.bdev_name.as_deref(), Some("PC0"));
+    assert!(offline::inspect(&mut dev).contains("pcache bdev      'PC0'"));
+    let longest = "n".repeat(63);
+    let r63 = Superblock::rename(a, Some(&longest)).unwrap();
+    assert_eq!(
+        Superblock::decode_name(&r63).unwrap().as_deref(),
+        Some(longest.as_str())
+    );
+    assert!(Superblock::rename(a, Some(&"n".repeat(64))).is_err());
+    assert!(Superblock::rename(a, Some("a\0b")).is_err());
+    assert_eq!(Superblock::rename(&named, None).unwrap(), a);
+    // A name without its NUL, or with bytes after it, is refused (CRC re-sealed by hand).
+    let mut bad = named.clone();
+    bad[160..224].fill(b'x');
+    let crc = crc32c::crc32c(&bad[..4092]);
+    bad[4092..].copy_from_slice(&crc.to_le_bytes());
+    assert!(Superblock::decode(&bad).is_ok());
+    assert!(Superblock::decode_name(&bad).is_err());
+    bad[160..224].fill(0);
+    bad[200] = 1;
+    let crc = crc32c::crc32c(&bad[..4092]);
+    bad[4092..].copy_from_slice(&crc.to_le_bytes());
+    assert!(Superblock::decode_name(&bad).is_err());
 }
 
 /// Byte ranges of every superblock replica, control slot and kset (header and keys).

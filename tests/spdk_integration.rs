@@ -42,6 +42,17 @@
 //!   map, too small, bad size) get JSON-RPC errors; bdev_get_bdevs / get_stats / save_config
 //!   show the path and "NOT persistent memory"; a second bdev on the same path is refused;
 //!   clean delete and reattach; bdevperf `-w verify` (up to 10 s) over a `cache_path` bdev.
+//! - `examine_autoload_after_restart`: pcache over aio bdevs with fixed UUIDs, a pattern
+//!   written over NVMe/TCP; restarts whose config creates only the base bdevs (cache first,
+//!   then backing first) bring the pcache bdev back by examine under its stored name, data
+//!   intact; a matching create adopts it; a reattach under another name stores that name
+//!   and the next restart uses it.
+//! - `deferred_create_and_load_config`: `bdev_pcache_create --defer` before the bases exist
+//!   answers true and is listed as waiting; bad input still errors; a pending request is
+//!   deleted; the bases appear and it attaches; `save_config` writes `defer: true` (pending
+//!   requests included) and `load_config` of it, creates first, works in a fresh target.
+//! - `deferred_create_does_io`: bdevperf loads a config with only a deferred create, the
+//!   bases come by RPC, and `-w verify` runs over the pcache bdev.
 //!
 //! Every process is killed on every exit path (a Drop guard).
 
@@ -563,7 +574,8 @@ fn target_rpc_lifecycle() {
         "failed creates released their claims"
     );
 
-    // Second bdev with every option; save_config echoes every option of both.
+    // Second bdev with every option; save_config echoes every option of both, with
+    // `defer: true` (the saved config loads whatever order its base bdevs come in).
     rpc.ok(&[
         "bdev_pcache_create",
         "-b",
@@ -631,7 +643,7 @@ fn target_rpc_lifecycle() {
     assert!(creates.contains(&json!({
         "name": "PC1", "cache_bdev": "Cache1", "backing_bdev": "Back1", "data_crc": false, "gc_percent": 70,
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 32,
-        "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40
+        "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "defer": true
     })), "{creates:?}");
     assert!(
         creates.iter().any(|p| p["name"] == "PC0"
@@ -771,6 +783,18 @@ fn bdevperf_verify_over_pcache() {
 /// Starts bdevperf `-z` on `cfg` and waits until PC0 exists. Returns the process and an RPC
 /// client for its socket.
 fn start_bdevperf<'a>(spdk: &'a Spdk, so: &Path, cfg: &Path, tag: &str) -> (Proc, Rpc<'a>) {
+    start_bdevperf_until(spdk, so, cfg, tag, "PC0")
+}
+
+/// Starts bdevperf `-z` on `cfg` and waits until bdev `ready` exists (when `ready` is empty:
+/// until it answers RPCs).
+fn start_bdevperf_until<'a>(
+    spdk: &'a Spdk,
+    so: &Path,
+    cfg: &Path,
+    tag: &str,
+    ready: &str,
+) -> (Proc, Rpc<'a>) {
     let sock = format!("/var/tmp/pcache-it-{tag}-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&sock);
     let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock, "-z", "--json"]
@@ -788,9 +812,12 @@ fn start_bdevperf<'a>(spdk: &'a Spdk, so: &Path, cfg: &Path, tag: &str) -> (Proc
     let mut perf = spawn(spdk, so, &spdk.bdevperf, &args, &log);
     let rpc = Rpc { spdk, sock };
     let end = Instant::now() + Duration::from_secs(60);
-    while !(Path::new(&rpc.sock).exists()
-        && rpc.py(&["bdev_get_bdevs", "-b", "PC0"]).status.success())
-    {
+    let probe: Vec<&str> = if ready.is_empty() {
+        vec!["spdk_get_version"]
+    } else {
+        vec!["bdev_get_bdevs", "-b", ready]
+    };
+    while !(Path::new(&rpc.sock).exists() && rpc.py(&probe).status.success()) {
         assert!(perf.alive(), "bdevperf exited:\n{}", perf.log());
         assert!(Instant::now() < end, "bdevperf not ready:\n{}", perf.log());
         std::thread::sleep(Duration::from_millis(200));
@@ -987,6 +1014,51 @@ fn run_dd(spdk: &Spdk, dd: &Path, cfg: &Path, args: &[&str], log: &Path) {
     assert!(st.success(), "spdk_dd {args:?} failed ({st}):\n{out}");
 }
 
+/// The NVMe-oF subsystem a target exports a pcache bdev on (see [`nvmf_export`]).
+const NQN: &str = "nqn.2016-06.io.spdk:pcache-it";
+
+/// Exports `bdev` over NVMe/TCP on 127.0.0.1:`port` as [`NQN`], for `spdk_dd` in another
+/// process to write and read it.
+fn nvmf_export(rpc: &Rpc, bdev: &str, port: &str) {
+    rpc.ok(&["nvmf_create_transport", "-t", "TCP"]);
+    rpc.ok(&[
+        "nvmf_create_subsystem",
+        NQN,
+        "-a",
+        "-s",
+        "SPDK00000000000001",
+    ]);
+    rpc.ok(&["nvmf_subsystem_add_ns", NQN, bdev]);
+    rpc.ok(&[
+        "nvmf_subsystem_add_listener",
+        NQN,
+        "-t",
+        "tcp",
+        "-a",
+        "127.0.0.1",
+        "-s",
+        port,
+    ]);
+}
+
+/// `dir/initiator.json`: spdk_dd's config, attaching [`NQN`] at 127.0.0.1:`port` as
+/// `Nvme0` (its namespace is the bdev `Nvme0n1`).
+fn initiator_config(dir: &Path, port: &str) -> PathBuf {
+    let initiator = dir.join("initiator.json");
+    std::fs::write(
+        &initiator,
+        json!({"subsystems": [{"subsystem": "bdev", "config": [
+            {"method": "bdev_nvme_attach_controller", "params": {
+                "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+                "trsvcid": port, "subnqn": NQN}},
+            {"method": "bdev_wait_for_examine"}
+        ]}]})
+        .to_string(),
+    )
+    .expect("initiator config");
+    initiator
+}
+
 fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
     let mut f = std::fs::File::open(path).expect("open");
     let mut v = vec![0u8; len];
@@ -1047,19 +1119,7 @@ fn restart_case(cache_path: Option<&Path>) {
     let pattern_file = dir.join("pattern.bin");
     std::fs::write(&pattern_file, &data).expect("pattern file");
     let port = free_port().to_string();
-    let nqn = "nqn.2016-06.io.spdk:pcache-it";
-    let initiator = dir.join("initiator.json");
-    std::fs::write(
-        &initiator,
-        json!({"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_nvme_attach_controller", "params": {
-                "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
-                "trsvcid": port, "subnqn": nqn}},
-            {"method": "bdev_wait_for_examine"}
-        ]}]})
-        .to_string(),
-    )
-    .expect("initiator config");
+    let initiator = initiator_config(&dir, &port);
 
     // ---- phase 1: write through NVMe/TCP, then SIGKILL the target ----
     let (mut tgt, rpc) = start_target(&spdk, &so, tag);
@@ -1105,25 +1165,7 @@ fn restart_case(cache_path: Option<&Path>) {
     create.extend(&cache_args);
     create.extend(["--segment-size-mib", "2", "--stripe-size-kib", "256"]);
     rpc.ok(&create);
-    rpc.ok(&["nvmf_create_transport", "-t", "TCP"]);
-    rpc.ok(&[
-        "nvmf_create_subsystem",
-        nqn,
-        "-a",
-        "-s",
-        "SPDK00000000000001",
-    ]);
-    rpc.ok(&["nvmf_subsystem_add_ns", nqn, "PC0"]);
-    rpc.ok(&[
-        "nvmf_subsystem_add_listener",
-        nqn,
-        "-t",
-        "tcp",
-        "-a",
-        "127.0.0.1",
-        "-s",
-        &port,
-    ]);
+    nvmf_export(&rpc, "PC0", &port);
     let pattern_s = pattern_file.display().to_string();
     run_dd(
         &spdk,
@@ -1445,5 +1487,509 @@ fn cache_path_rpc_and_verify() {
     assert!(st.success(), "bdevperf failed ({st}):\n{out}");
     assert!(!out.contains("panicked"), "{out}");
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&cfg);
+}
+
+/// Starts spdk_tgt on the JSON config `cfg` (written to `dir/<tag>.json`); it answers RPCs
+/// only once the whole config has run (`bdev_wait_for_examine` included).
+fn start_target_json<'a>(
+    spdk: &'a Spdk,
+    so: &Path,
+    tag: &str,
+    dir: &Path,
+    cfg: &Value,
+) -> (Proc, Rpc<'a>) {
+    let path = dir.join(format!("{tag}.json"));
+    std::fs::write(&path, cfg.to_string()).expect("config file");
+    start_target_with(
+        spdk,
+        so,
+        tag,
+        &["--json".into(), path.display().to_string()],
+    )
+}
+
+/// A JSON config whose bdev subsystem runs `methods` (`{"method", "params"}` each), then
+/// `bdev_wait_for_examine`.
+fn bdev_config(methods: &[Value]) -> Value {
+    let mut config = methods.to_vec();
+    config.push(json!({"method": "bdev_wait_for_examine"}));
+    json!({"subsystems": [{"subsystem": "bdev", "config": config}]})
+}
+
+/// Shuts the target down through `spdk_kill_instance SIGTERM`: it must exit 0 without a
+/// panic. Returns its log.
+fn stop_target(mut tgt: Proc, rpc: &Rpc) -> String {
+    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
+    let st = tgt
+        .wait_for(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("spdk_tgt did not exit on SIGTERM:\n{}", tgt.log()));
+    let log = tgt.log();
+    assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    log
+}
+
+/// Waits up to `secs` for bdev `name`; returns its `bdev_get_bdevs` entry.
+fn wait_bdev(rpc: &Rpc, name: &str, secs: u64) -> Value {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let o = rpc.py(&["bdev_get_bdevs", "-b", name]);
+        if o.status.success() {
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            return v[0].clone();
+        }
+        assert!(
+            Instant::now() < end,
+            "bdev '{name}' did not appear in {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `bdev_pcache_create` params in a saved config.
+fn saved_creates(cfg: &Value) -> Vec<Value> {
+    cfg["subsystems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["subsystem"] == "bdev")
+        .flat_map(|s| s["config"].as_array().cloned().unwrap_or_default())
+        .filter(|m| m["method"] == "bdev_pcache_create")
+        .map(|m| m["params"].clone())
+        .collect()
+}
+
+/// Autoload by examine: a pcache bdev created on aio bdevs (fixed UUIDs), written through
+/// NVMe/TCP, comes back by itself, under its name and with its data, when the target
+/// restarts with a config that creates only the two base bdevs: cache bdev first (the
+/// cache waits for its backing bdev), then backing bdev first (attached at once). A create
+/// matching the examined bdev adopts it; a reattach under another name stores the new name,
+/// which the next restart uses.
+#[test]
+fn examine_autoload_after_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(dd) = spdk.dd.clone() else {
+        println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
+        return;
+    };
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("pcache-it-autoload-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cache_img, back_img) = (dir.join("cache.img"), dir.join("backing.img"));
+    for p in [&cache_img, &back_img] {
+        std::fs::File::create(p)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("image file");
+    }
+    let (cache_s, back_s) = (
+        cache_img.display().to_string(),
+        back_img.display().to_string(),
+    );
+    const CACHE_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0101";
+    const BACK_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0102";
+    let cache_bdev = json!({"method": "bdev_aio_create", "params": {
+        "filename": cache_s, "name": "Cache0", "block_size": 512, "uuid": CACHE_UUID}});
+    let back_bdev = json!({"method": "bdev_aio_create", "params": {
+        "filename": back_s, "name": "Back0", "block_size": 4096, "uuid": BACK_UUID}});
+    let data = pattern(4 << 20, 0xa070_10ad);
+    let pattern_file = dir.join("pattern.bin");
+    std::fs::write(&pattern_file, &data).expect("pattern file");
+    let port = free_port().to_string();
+    let initiator = initiator_config(&dir, &port);
+    let out_s = dir.join("readback.bin").display().to_string();
+    // Exports `name` and reads the pattern's length back through it.
+    let read_back = |rpc: &Rpc, name: &str, phase: &str| {
+        nvmf_export(rpc, name, &port);
+        run_dd(
+            &spdk,
+            &dd,
+            &initiator,
+            &[
+                "--ib", "Nvme0n1", "--of", &out_s, "--bs", "65536", "--count", "64",
+            ],
+            &dir.join(format!("dd-read-{phase}.log")),
+        );
+        let back = std::fs::read(&out_s).expect("read-back file");
+        assert!(
+            back == data,
+            "{phase}: data read back through {name} differs"
+        );
+    };
+    // An examined pcache bdev: reattached (not formatted) by examine, bases claimed.
+    let check_examined = |rpc: &Rpc, name: &str, phase: &str| {
+        let b = wait_bdev(rpc, name, 10);
+        let info = &b["driver_specific"]["pcache"];
+        assert_eq!(info["attached_by"], "examine", "{phase}: {info}");
+        assert_eq!(info["cache"]["formatted"], false, "{phase}: {info}");
+        assert_eq!(info["cache_bdev"], "Cache0", "{phase}: {info}");
+        assert_eq!(info["backing_bdev"], "Back0", "{phase}: {info}");
+        assert_eq!(info["options"]["segment_size_mib"], 2, "{phase}: {info}");
+        assert_eq!(info["options"]["stripe_size_kib"], 256, "{phase}: {info}");
+        for base in ["Cache0", "Back0"] {
+            assert_eq!(
+                rpc.ok(&["bdev_get_bdevs", "-b", base])[0]["claimed"],
+                true,
+                "{phase}: {base} claimed"
+            );
+        }
+        let st = rpc.ok(&["bdev_pcache_get_stats"]);
+        assert_eq!(st.as_array().map(Vec::len), Some(1), "{phase}: {st}");
+        assert_eq!(st[0]["state"], "running", "{phase}: {st}");
+    };
+
+    // ---- phase 1: create by RPC, write the pattern through NVMe/TCP ----
+    let (tgt, rpc) = start_target(&spdk, &so, "auto1");
+    rpc.ok(&[
+        "bdev_aio_create",
+        &cache_s,
+        "Cache0",
+        "512",
+        "-u",
+        CACHE_UUID,
+    ]);
+    rpc.ok(&["bdev_aio_create", &back_s, "Back0", "4096", "-u", BACK_UUID]);
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PCa",
+            "-c",
+            "Cache0",
+            "-d",
+            "Back0",
+            "--segment-size-mib",
+            "2",
+            "--stripe-size-kib",
+            "256",
+        ]),
+        json!("PCa")
+    );
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "PCa"])[0]["driver_specific"]["pcache"]["attached_by"],
+        "rpc"
+    );
+    nvmf_export(&rpc, "PCa", &port);
+    let pattern_s = pattern_file.display().to_string();
+    run_dd(
+        &spdk,
+        &dd,
+        &initiator,
+        &[
+            "--if", &pattern_s, "--ob", "Nvme0n1", "--bs", "65536", "--qd", "8",
+        ],
+        &dir.join("dd-write.log"),
+    );
+    let log = stop_target(tgt, &rpc);
+    assert!(
+        log.contains("PCa: storing the bdev name in the cache superblock (it held none)"),
+        "{log}"
+    );
+
+    // ---- phase 2: only the base bdevs, cache bdev first: it waits for its backing ----
+    let cfg = bdev_config(&[cache_bdev.clone(), back_bdev.clone()]);
+    let (tgt, rpc) = start_target_json(&spdk, &so, "auto2", &dir, &cfg);
+    check_examined(&rpc, "PCa", "cache first");
+    read_back(&rpc, "PCa", "cache-first");
+    let log = stop_target(tgt, &rpc);
+    assert!(
+        log.contains(
+            "examine: bdev 'Cache0' holds pcache 'PCa'; waiting for its backing bdev 'Back0'"
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.contains("storing the bdev name"),
+        "the name was already stored: {log}"
+    );
+
+    // ---- phase 3: backing bdev first: attached as soon as the cache bdev is examined ----
+    let cfg = bdev_config(&[back_bdev.clone(), cache_bdev.clone()]);
+    let (tgt, rpc) = start_target_json(&spdk, &so, "auto3", &dir, &cfg);
+    check_examined(&rpc, "PCa", "backing first");
+    // save_config writes it with defer: true.
+    let creates = saved_creates(&rpc.ok(&["save_config"]));
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    assert_eq!(creates[0]["name"], "PCa");
+    assert_eq!(creates[0]["defer"], true, "{creates:?}");
+    // A create for the examined bdev (a saved config loading after examine) adopts it.
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PCa",
+            "-c",
+            "Cache0",
+            "-d",
+            "Back0",
+            "--wb-high-pct",
+            "30",
+            "--wb-low-pct",
+            "10",
+            "--defer",
+        ]),
+        json!("PCa")
+    );
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PCa"])[0]["driver_specific"]["pcache"];
+    assert_eq!(info["attached_by"], "rpc", "{info}");
+    assert_eq!(info["options"]["wb_high_pct"], 30, "{info}");
+    // Adopted once: another create is an error again.
+    rpc.err(
+        &[
+            "bdev_pcache_create",
+            "-b",
+            "PCa",
+            "-c",
+            "Cache0",
+            "-d",
+            "Back0",
+        ],
+        "already exists",
+    );
+    // Reattached under another name: the new name is stored.
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_delete", "PCa", "--no-drain"]),
+        json!(true)
+    );
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PCb",
+            "-c",
+            "Cache0",
+            "-d",
+            "Back0"
+        ]),
+        json!("PCb")
+    );
+    let log = stop_target(tgt, &rpc);
+    assert!(
+        log.contains("PCb: storing the bdev name in the cache superblock (it held 'PCa')"),
+        "{log}"
+    );
+
+    // ---- phase 4: the next start attaches it under the new name, data intact ----
+    let cfg = bdev_config(&[cache_bdev, back_bdev]);
+    let (tgt, rpc) = start_target_json(&spdk, &so, "auto4", &dir, &cfg);
+    check_examined(&rpc, "PCb", "renamed");
+    rpc.err(&["bdev_get_bdevs", "-b", "PCa"], "");
+    read_back(&rpc, "PCb", "renamed");
+    let log = stop_target(tgt, &rpc);
+    println!("spdk_tgt log (phase 4):\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `bdev_pcache_create` with `defer`: before its base bdevs exist it answers `true` and the
+/// request is listed as waiting; bad parameters are still errors; a pending request can be
+/// deleted; creating the bases attaches it. `save_config` writes every pcache bdev (and
+/// every pending request) with `defer: true`, and `load_config` of that config into a fresh
+/// target works even with the creates moved before the base bdevs.
+#[test]
+fn deferred_create_and_load_config() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("pcache-it-defer-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (tgt, rpc) = start_target(&spdk, &so, "defer");
+
+    let create = [
+        "bdev_pcache_create",
+        "-b",
+        "PCd",
+        "-c",
+        "CacheD",
+        "-d",
+        "BackD",
+    ];
+    // Without defer a missing base is still an error.
+    rpc.err(&create, "does not exist");
+    let mut deferred = create.to_vec();
+    deferred.extend(["--shards", "2", "--segment-size-mib", "4", "--defer"]);
+    assert_eq!(rpc.ok(&deferred), json!(true));
+    let st = rpc.ok(&["bdev_pcache_get_stats"]);
+    assert_eq!(st.as_array().map(Vec::len), Some(1), "{st}");
+    assert_eq!(st[0]["name"], "PCd", "{st}");
+    assert_eq!(st[0]["state"], "waiting for CacheD, BackD", "{st}");
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_get_stats", "-b", "PCd"])[0]["state"],
+        "waiting for CacheD, BackD"
+    );
+    // Every other bad parameter is still an error.
+    let mut bad = deferred.clone();
+    bad[2] = "PCx";
+    bad.extend(["--gc-percent", "0"]);
+    rpc.err(&bad, "gc_percent");
+    rpc.err(&deferred, "already exists");
+    rpc.err(
+        &[
+            "bdev_pcache_create",
+            "-b",
+            "PCy",
+            "-c",
+            "CacheD",
+            "-d",
+            "OtherD",
+            "--defer",
+        ],
+        "in use",
+    );
+    rpc.err(
+        &["bdev_pcache_set_options", "PCd", "--gc-percent", "50"],
+        "not attached yet",
+    );
+    rpc.err(&["bdev_pcache_flush_start", "PCd"], "not attached yet");
+    // A pending request is deleted like a bdev.
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PCz",
+            "-c",
+            "CacheZ",
+            "-d",
+            "BackZ",
+            "--defer"
+        ]),
+        json!(true)
+    );
+    assert_eq!(rpc.ok(&["bdev_pcache_delete", "PCz"]), json!(true));
+    rpc.err(&["bdev_pcache_get_stats", "-b", "PCz"], "no pcache bdev");
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_get_stats"]).as_array().map(Vec::len),
+        Some(1)
+    );
+    // Pending requests are saved.
+    let creates = saved_creates(&rpc.ok(&["save_config"]));
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    assert_eq!(creates[0]["name"], "PCd");
+    assert_eq!(creates[0]["defer"], true);
+    assert_eq!(creates[0]["shards"], 2);
+
+    // The bases appear: the backing first (still waiting), then the cache.
+    rpc.ok(&["bdev_malloc_create", "-b", "BackD", "64", "4096"]);
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_get_stats", "-b", "PCd"])[0]["state"],
+        "waiting for CacheD"
+    );
+    rpc.ok(&["bdev_malloc_create", "-b", "CacheD", "64", "512"]);
+    let b = wait_bdev(&rpc, "PCd", 10);
+    let info = &b["driver_specific"]["pcache"];
+    assert_eq!(info["attached_by"], "rpc", "{info}");
+    assert_eq!(info["cache"]["formatted"], true, "{info}");
+    assert_eq!(info["options"]["shards"], 2, "{info}");
+    let st = rpc.ok(&["bdev_pcache_get_stats", "-b", "PCd"]);
+    assert_eq!(st[0]["state"], "running", "{st}");
+    // A second pending request, left waiting: saved too.
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PCw",
+            "-c",
+            "CacheW",
+            "-d",
+            "BackD2",
+            "--defer"
+        ]),
+        json!(true)
+    );
+    rpc.ok(&["bdev_malloc_create", "-b", "BackD2", "32", "512"]);
+    let saved = rpc.ok(&["save_config"]);
+    let creates = saved_creates(&saved);
+    assert_eq!(creates.len(), 2, "{creates:?}");
+    assert!(creates.iter().all(|c| c["defer"] == true), "{creates:?}");
+    stop_target(tgt, &rpc);
+
+    // load_config into a fresh target, the pcache creates moved before every base bdev.
+    let mut bdev = saved["subsystems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["subsystem"] == "bdev")
+        .cloned()
+        .expect("bdev subsystem in save_config");
+    if let Some(cfg) = bdev["config"].as_array_mut() {
+        cfg.sort_by_key(|m| m["method"] != "bdev_pcache_create");
+    }
+    let path = dir.join("saved-bdev.json");
+    std::fs::write(&path, json!({"subsystems": [bdev]}).to_string()).expect("config");
+    let (tgt, rpc) = start_target(&spdk, &so, "defer2");
+    let path_s = path.display().to_string();
+    rpc.ok(&["load_config", "-j", &path_s]);
+    let b = wait_bdev(&rpc, "PCd", 10);
+    let info = &b["driver_specific"]["pcache"];
+    assert_eq!(info["cache_bdev"], "CacheD", "{info}");
+    assert_eq!(info["options"]["shards"], 2, "{info}");
+    let st = rpc.ok(&["bdev_pcache_get_stats"]);
+    let names: Vec<(&str, &str)> = st
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default(),
+                s["state"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [("PCd", "running"), ("PCw", "waiting for CacheW")],
+        "{st}"
+    );
+    let log = stop_target(tgt, &rpc);
+    println!("spdk_tgt log (load_config):\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// bdevperf loads a config holding only a deferred `bdev_pcache_create` (its bases do not
+/// exist yet); the bases are then created by RPC, the pcache bdev appears, and
+/// `-w verify` runs over it without a failed I/O.
+#[test]
+fn deferred_create_does_io() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = spdk.bdevperf_py.clone() else {
+        println!("SKIPPED: no examples/bdev/bdevperf/bdevperf.py next to rpc.py");
+        return;
+    };
+    let cfg = std::env::temp_dir().join(format!("pcache-it-deferio-{}.json", std::process::id()));
+    std::fs::write(
+        &cfg,
+        bdev_config(&[json!({"method": "bdev_pcache_create", "params": {
+            "name": "PC0", "cache_bdev": "PcCache0", "backing_bdev": "PcBacking0",
+            "segment_size_mib": 2, "stripe_size_kib": 256, "defer": true}})])
+        .to_string(),
+    )
+    .expect("bdevperf config");
+    let (mut perf, rpc) = start_bdevperf_until(&spdk, &so, &cfg, "deferio", "");
+    let st = rpc.ok(&["bdev_pcache_get_stats"]);
+    assert_eq!(st[0]["state"], "waiting for PcCache0, PcBacking0", "{st}");
+    rpc.ok(&["bdev_malloc_create", "-b", "PcCache0", "32", "512"]);
+    rpc.ok(&["bdev_malloc_create", "-b", "PcBacking0", "128", "4096"]);
+    wait_bdev(&rpc, "PC0", 10);
+    let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, 3);
+    assert_eq!(jobs.len(), 1, "only PC0 (its bases are claimed): {res}");
+    println!(
+        "bdevperf verify 3 s over a deferred pcache bdev: {}",
+        jobs[0]
+    );
+    assert_eq!(jobs[0]["io_failed"], 0, "failed I/O: {res}");
+    assert!(
+        jobs[0]["iops"].as_f64() > Some(1000.0),
+        "IOPS too low: {res}"
+    );
+    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
+    let st = perf
+        .wait_for(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("bdevperf did not exit:\n{}", perf.log()));
+    let out = perf.log();
+    assert!(st.success(), "bdevperf failed ({st}):\n{out}");
+    assert!(!out.contains("panicked"), "{out}");
     let _ = std::fs::remove_file(&cfg);
 }

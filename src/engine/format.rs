@@ -24,6 +24,14 @@ pub const KEY_BYTES: usize = 40;
 pub const MAX_KSET_KEYS: usize = 256;
 pub const SB_FLAG_DATA_CRC: u32 = 1;
 pub const BACKING_NAME_BYTES: usize = 64;
+/// Bytes `SB_NAME_OFFSET..+SB_NAME_BYTES` of a superblock replica: the name of the pcache
+/// bdev the cache belongs to (SPDK module), NUL-padded, at most `SB_NAME_BYTES - 1` bytes.
+/// All zero means "no name": images written before the field existed, the offline `format`,
+/// and a fresh format until the SPDK module names it. Not part of [`Superblock`] (whose
+/// equality and layout it does not affect): read with [`Superblock::decode_name`], written
+/// with [`Superblock::encode_named`] / [`Superblock::rename`].
+pub const SB_NAME_OFFSET: usize = 160;
+pub const SB_NAME_BYTES: usize = 64;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FormatError {
@@ -197,11 +205,83 @@ impl Superblock {
         })
     }
 
+    /// The pcache bdev name stored in a replica (`None`: the field is all zero). The replica
+    /// must decode (magic, CRC, version, geometry); a name that is not NUL-terminated, not
+    /// UTF-8 or followed by non-zero padding is an error.
+    pub fn decode_name(buf: &[u8]) -> Result<Option<String>> {
+        const W: &str = "superblock name";
+        Self::decode(buf)?;
+        let field = &buf[SB_NAME_OFFSET..SB_NAME_OFFSET + SB_NAME_BYTES];
+        let Some(end) = field.iter().position(|&c| c == 0) else {
+            return Err(FormatError::Mismatch {
+                what: W,
+                detail: format!("not NUL-terminated within {SB_NAME_BYTES} bytes"),
+            });
+        };
+        if field[end..].iter().any(|&c| c != 0) {
+            return Err(FormatError::Mismatch {
+                what: W,
+                detail: "non-zero bytes after the terminating NUL".into(),
+            });
+        }
+        if end == 0 {
+            return Ok(None);
+        }
+        match std::str::from_utf8(&field[..end]) {
+            Ok(n) => Ok(Some(n.to_string())),
+            Err(e) => Err(FormatError::Mismatch {
+                what: W,
+                detail: format!("not UTF-8: {e}"),
+            }),
+        }
+    }
+
+    /// [`encode`](Self::encode) with `name` in the name field.
+    pub fn encode_named(&self, name: Option<&str>) -> Result<Vec<u8>> {
+        let mut b = self.encode();
+        put_name(&mut b, name)?;
+        Ok(b)
+    }
+
+    /// A copy of the replica `buf` (which must decode) with its name field set to `name`
+    /// and its CRC updated; every other byte is kept.
+    pub fn rename(buf: &[u8], name: Option<&str>) -> Result<Vec<u8>> {
+        Self::decode(buf)?;
+        let mut b = buf[..SB_BYTES].to_vec();
+        put_name(&mut b, name)?;
+        Ok(b)
+    }
+
     /// Seed for every CRC that binds a structure to this cache instance, so structures left
     /// on the device by an earlier format never validate.
     pub fn crc_seed(&self) -> u32 {
         crc32c::crc32c(&self.cache_uuid)
     }
+}
+
+/// Writes `name` (or zeros) into the name field of an encoded superblock and re-seals its CRC.
+fn put_name(b: &mut [u8], name: Option<&str>) -> Result<()> {
+    need("superblock", b, SB_BYTES)?;
+    let name = name.unwrap_or_default().as_bytes();
+    if name.len() >= SB_NAME_BYTES {
+        return Err(FormatError::OutOfBounds {
+            what: "superblock name length",
+            value: name.len() as u64,
+            limit: SB_NAME_BYTES as u64,
+        });
+    }
+    if name.contains(&0) {
+        return Err(FormatError::Mismatch {
+            what: "superblock name",
+            detail: "contains a NUL byte".into(),
+        });
+    }
+    let field = &mut b[SB_NAME_OFFSET..SB_NAME_OFFSET + SB_NAME_BYTES];
+    field.fill(0);
+    field[..name.len()].copy_from_slice(name);
+    let crc = crc32c::crc32c(&b[..SB_BYTES - 4]);
+    put(b, SB_BYTES - 4, &crc.to_le_bytes());
+    Ok(())
 }
 
 /// A position in a shard's log: segment, its generation, and a sector inside the segment.

@@ -35,6 +35,7 @@ struct CreateParams {
     wb_high_pct: Option<u32>,
     wb_low_pct: Option<u32>,
     core: Option<u32>,
+    defer: Option<bool>,
 }
 
 /// Writeback pacing: given at create, changed at run time with `bdev_pcache_set_options`,
@@ -155,6 +156,8 @@ pub(crate) struct CreateConfig {
     pub cache: CacheMedia,
     pub backing_bdev: String,
     pub options: Options,
+    /// A missing base bdev is not an error: the request waits for it (`defer`).
+    pub defer: bool,
 }
 
 impl CreateConfig {
@@ -302,10 +305,36 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         cache,
         backing_bdev: p.backing_bdev,
         options: o,
+        defer: p.defer.unwrap_or(false),
     })
 }
 
 impl CreateConfig {
+    /// The request that reattaches a cache found by examine: named and laid out as its
+    /// superblock says (`data_crc`, stripe, segment size, shards); writeback limits and the
+    /// engine core take their defaults (they are not stored on the cache).
+    pub(crate) fn from_superblock(
+        name: String,
+        cache_bdev: String,
+        backing_bdev: String,
+        sb: &crate::engine::Superblock,
+    ) -> Self {
+        let g = &sb.geometry;
+        CreateConfig {
+            name,
+            cache: CacheMedia::Bdev(cache_bdev),
+            backing_bdev,
+            options: Options {
+                data_crc: sb.data_crc,
+                stripe_size_kib: g.stripe_sectors / 2,
+                segment_size_mib: g.segment_sectors / 2048,
+                shards: g.shard_count,
+                ..Options::default()
+            },
+            defer: false,
+        }
+    }
+
     /// The `params` of the `bdev_pcache_create` call that recreates this bdev: every option
     /// spelled out, so a saved config does not depend on today's defaults.
     pub(crate) fn to_params(&self) -> Value {
@@ -508,6 +537,22 @@ mod tests {
         );
         assert_eq!(c.to_params()["cache_path"], "/dev/shm/pc");
         assert_eq!(parse_create(c.to_params()).unwrap(), c);
+    }
+
+    #[test]
+    fn defer_flag() {
+        assert!(!parse_create(base()).unwrap().defer);
+        let mut p = base();
+        p["defer"] = json!(true);
+        let c = parse_create(p).unwrap();
+        assert!(c.defer);
+        assert!(
+            c.to_params().get("defer").is_none(),
+            "added when the config is written"
+        );
+        p = base();
+        p["defer"] = json!("yes");
+        assert!(parse_create(p).unwrap_err().contains("invalid type"));
     }
 
     #[test]

@@ -1,15 +1,43 @@
-//! The `spdk_bdev_module` "pcache" and its registration at load time.
+//! The `spdk_bdev_module` "pcache", its registration at load time, examine (autoload of
+//! caches found on new bdevs) and requests that wait for their base bdevs.
 //!
 //! SPDK v26.05 has no plugin loader: `libpcache.so` is LD_PRELOADed into a stock SPDK app
 //! built with shared libraries, and a constructor adds the module to the bdev layer's list
 //! and registers our RPC methods before `main` runs (what `SPDK_BDEV_MODULE_REGISTER` and
 //! `SPDK_RPC_REGISTER` do in C).
+//!
+//! Every new bdev goes through the bdev layer's examine, on the app thread:
+//! - `examine_config` (synchronous, no I/O): a request waiting for its bases
+//!   ([`Pending`]) whose last base just appeared is attached now: the create opens and
+//!   claims both bases before any other module's `examine_disk` looks at them.
+//! - `examine_disk` (asynchronous): a base of a pcache bdev being created waits for the
+//!   create, so `bdev_wait_for_examine` covers it. Any other bdev with 512-byte blocks is
+//!   probed: both superblock replicas are read (sectors 0..16); a pcache superblock that
+//!   carries a bdev name and whose backing bdev is present (same UUID, else same name when
+//!   either has none, and same size: the open's own rule) is reattached through the same
+//!   create as `bdev_pcache_create`; without its backing bdev it waits for it (a
+//!   [`Pending`] attached by the backing bdev's `examine_config`).
+//!
+//! `spdk_bdev_module_examine_done` is called exactly once per callback: by dropping an
+//! [`ExamineDone`] token, which every path owns or hands on (to the probe's completion, to
+//! the create's reply).
 
 use std::cell::UnsafeCell;
-use std::ffi::c_int;
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
-use super::{ffi, io, rpc, vbdev};
+use serde_json::{json, Value};
+
+use super::config::{CacheMedia, CreateConfig};
+use super::json::Writer;
+use super::log::{no_unwind, spdk_log};
+use super::vbdev::{self, Origin, RpcError};
+use super::{ffi, io, rpc};
+use crate::engine::format::{FormatError, SB_BYTES};
+use crate::engine::geometry::SB_B_SECTOR;
+use crate::engine::{BackingIdentity, Superblock};
 
 /// The module struct lives in a static: SPDK links it into its module list and writes its
 /// `internal` fields, so it needs a stable address and interior mutability.
@@ -33,6 +61,9 @@ const fn new_module() -> ffi::spdk_bdev_module {
     m.fini_start = Some(fini_start);
     m.module_fini = Some(module_fini);
     m.get_ctx_size = Some(get_ctx_size);
+    m.config_json = Some(config_json);
+    m.examine_config = Some(examine_config);
+    m.examine_disk = Some(examine_disk);
     m
 }
 
@@ -43,6 +74,18 @@ pub(crate) fn module() -> *mut ffi::spdk_bdev_module {
 
 pub(crate) fn finishing() -> bool {
     FINISHING.load(Ordering::Relaxed)
+}
+
+/// `spdk_log` at WARN level (the shared `spdk_log!` knows ERROR and NOTICE).
+macro_rules! warn_log {
+    ($($arg:tt)*) => {
+        super::log::log(
+            ffi::spdk_log_level::SPDK_LOG_WARN,
+            c"src/spdk/module.rs",
+            line!(),
+            &format!($($arg)*),
+        )
+    };
 }
 
 // Life before main: keep this to FFI registration calls only (no std I/O, nothing that
@@ -67,8 +110,848 @@ unsafe extern "C" fn fini_start() {
 unsafe extern "C" fn module_fini() {
     // Every pcache bdev has been unregistered (and destructed) by now.
     vbdev::registry_clear();
+    pending().clear();
 }
 
 unsafe extern "C" fn get_ctx_size() -> c_int {
     std::mem::size_of::<io::IoCtx>() as c_int
+}
+
+// ---- requests waiting for base bdevs ----
+
+/// What a [`Pending`] request waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// `bdev_pcache_create` with `defer`: its bases, by name.
+    Deferred,
+    /// Examine found the cache: its backing bdev, as the superblock identifies it.
+    Backing(BackingIdentity),
+}
+
+/// A pcache bdev to attach once its base bdevs exist (app thread only).
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub config: CreateConfig,
+    pub wait: Wait,
+}
+
+static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
+
+fn pending() -> MutexGuard<'static, Vec<Pending>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes and returns the pending entries `f` selects.
+fn take_pending(mut f: impl FnMut(&Pending) -> bool) -> Vec<Pending> {
+    let mut all = pending();
+    let (taken, kept) = std::mem::take(&mut *all).into_iter().partition(|p| f(p));
+    *all = kept;
+    taken
+}
+
+fn bdev_by_name(name: &str) -> *mut ffi::spdk_bdev {
+    let Ok(c) = CString::new(name) else {
+        return ptr::null_mut();
+    };
+    // SAFETY: valid C string; looks up bdevs and aliases under the bdev manager's lock.
+    unsafe { ffi::spdk_bdev_get_by_name(c.as_ptr()) }
+}
+
+fn bdev_name(b: *mut ffi::spdk_bdev) -> String {
+    // SAFETY: `b` is a live bdev; its name is a NUL-terminated string it owns.
+    unsafe { CStr::from_ptr(ffi::spdk_bdev_get_name(b)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Size of a bdev in 512-byte sectors.
+fn bdev_sectors(b: *mut ffi::spdk_bdev) -> u64 {
+    // SAFETY: `b` is a live bdev; plain getters.
+    let (blocks, bs) = unsafe {
+        (
+            ffi::spdk_bdev_get_num_blocks(b),
+            ffi::spdk_bdev_get_block_size(b),
+        )
+    };
+    blocks.saturating_mul(u64::from(bs)) / 512
+}
+
+fn bdev_uuid(b: *mut ffi::spdk_bdev) -> [u8; 16] {
+    // SAFETY: `b` is a live bdev; its UUID is 16 plain bytes inside it (bindgen's layout
+    // assertions check the size), copied out.
+    unsafe {
+        let u = ffi::spdk_bdev_get_uuid(b);
+        if u.is_null() {
+            [0; 16]
+        } else {
+            ptr::read_unaligned(u.cast::<[u8; 16]>())
+        }
+    }
+}
+
+fn is_ours(b: *mut ffi::spdk_bdev) -> bool {
+    // SAFETY: `b` is a live bdev; `module` is set before registration and never changes.
+    ptr::eq(unsafe { (*b).module }, module())
+}
+
+fn hex(u: &[u8; 16]) -> String {
+    u.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Is `b` the backing bdev `id` describes, by the open's own rule (size, then UUID when
+/// both have one, else name)? Returns the backing bdev name the create must use.
+fn backing_match(id: &BackingIdentity, b: *mut ffi::spdk_bdev) -> Option<String> {
+    if is_ours(b) || bdev_sectors(b) != id.sectors {
+        return None;
+    }
+    let uuid = bdev_uuid(b);
+    if id.uuid != [0; 16] && uuid != [0; 16] {
+        (uuid == id.uuid).then(|| bdev_name(b))
+    } else {
+        (bdev_name(b) == id.name).then(|| id.name.clone())
+    }
+}
+
+/// Is bdev `name` claimed (by any module)? Such a bdev cannot be opened for writing.
+fn claimed(name: &str) -> bool {
+    let Ok(c) = CString::new(name) else {
+        return false;
+    };
+    let mut desc = ptr::null_mut();
+    // SAFETY: app thread; valid name; the descriptor is closed right away, on this thread.
+    unsafe {
+        let rc = ffi::spdk_bdev_open_ext(
+            c.as_ptr(),
+            true,
+            Some(probe_event),
+            ptr::null_mut(),
+            &mut desc,
+        );
+        if rc == 0 {
+            ffi::spdk_bdev_close(desc);
+        }
+        rc == -libc::EPERM
+    }
+}
+
+/// The present backing bdev `id` describes: by UUID first, then by name.
+fn find_backing(id: &BackingIdentity) -> Option<String> {
+    if id.uuid != [0; 16] {
+        // SAFETY: app thread; walks the bdev manager's list, bdevs stay live meanwhile.
+        let mut b = unsafe { ffi::spdk_bdev_first() };
+        while !b.is_null() {
+            if bdev_uuid(b) == id.uuid {
+                if let Some(n) = backing_match(id, b) {
+                    return Some(n);
+                }
+            }
+            // SAFETY: `b` is a live bdev of the list.
+            b = unsafe { ffi::spdk_bdev_next(b) };
+        }
+    }
+    let b = bdev_by_name(&id.name);
+    (!b.is_null()).then(|| backing_match(id, b)).flatten()
+}
+
+impl Pending {
+    fn bases(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.config.cache_bdev().into_iter().collect();
+        v.push(&self.config.backing_bdev);
+        v
+    }
+
+    /// What it still waits for, for messages and `bdev_pcache_get_stats`.
+    fn waiting_for(&self) -> Vec<String> {
+        match &self.wait {
+            Wait::Deferred => self
+                .bases()
+                .into_iter()
+                .filter(|b| bdev_by_name(b).is_null())
+                .map(str::to_string)
+                .collect(),
+            Wait::Backing(id) => vec![format!(
+                "{} (uuid {}, {} bytes)",
+                id.name,
+                hex(&id.uuid),
+                id.sectors * 512
+            )],
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        let waiting = self.waiting_for();
+        let mut v = json!({
+            "name": self.config.name,
+            "state": format!("waiting for {}", waiting.join(", ")),
+            "waiting_for": waiting,
+            "backing_bdev": self.config.backing_bdev,
+            "attach": match self.wait {
+                Wait::Deferred => "bdev_pcache_create (defer)",
+                Wait::Backing(_) => "examine",
+            },
+        });
+        match &self.config.cache {
+            CacheMedia::Bdev(b) => v["cache_bdev"] = json!(b),
+            CacheMedia::Path { path, .. } => v["cache_path"] = json!(path),
+        }
+        v
+    }
+}
+
+/// Pending entries as `bdev_pcache_get_stats` lists them (all, or the one named).
+pub(crate) fn pending_json(name: Option<&str>) -> Vec<Value> {
+    pending()
+        .iter()
+        .filter(|p| name.is_none_or(|n| p.config.name == n))
+        .map(Pending::to_json)
+        .collect()
+}
+
+/// `bdev_pcache_delete` of a pending name: forget it. False when there is none.
+pub(crate) fn pending_delete(name: &str) -> bool {
+    let gone = take_pending(|p| p.config.name == name);
+    for p in &gone {
+        spdk_log!(
+            NOTICE,
+            "pcache bdev '{name}' no longer waits for {}",
+            p.waiting_for().join(", ")
+        );
+    }
+    !gone.is_empty()
+}
+
+/// Why a new request (`cfg`) cannot wait next to the pending ones, if it cannot.
+fn pending_conflict(cfg: &CreateConfig) -> Option<String> {
+    let mut mine: Vec<&str> = cfg.cache_bdev().into_iter().collect();
+    mine.push(&cfg.backing_bdev);
+    let all = pending();
+    for p in all.iter() {
+        if p.config.name == cfg.name {
+            return Some(format!(
+                "pcache bdev '{}' already exists, waiting for {} (bdev_pcache_delete drops it)",
+                cfg.name,
+                p.waiting_for().join(", ")
+            ));
+        }
+        let same_path = matches!((&p.config.cache, &cfg.cache),
+            (CacheMedia::Path { path: a, .. }, CacheMedia::Path { path: b, .. }) if a == b);
+        if let Some(b) = p.bases().into_iter().find(|b| mine.contains(b)) {
+            return Some(format!(
+                "bdev '{b}' is in use: pending pcache bdev '{}' waits to use it",
+                p.config.name
+            ));
+        }
+        if same_path {
+            return Some(format!(
+                "{} is in use: pending pcache bdev '{}' waits to use it",
+                cfg.cache_label(),
+                p.config.name
+            ));
+        }
+    }
+    None
+}
+
+/// `save_config` (module part): the deferred requests still waiting, so they survive a
+/// restart. Live pcache bdevs are written by their own `write_config_json`; what examine
+/// waits for is found again by examine and is not written.
+unsafe extern "C" fn config_json(w: *mut ffi::spdk_json_write_ctx) -> c_int {
+    no_unwind("config_json", 0, || {
+        // SAFETY: `w` is valid for this callback.
+        let w = unsafe { Writer::new(w) };
+        for p in pending().iter().filter(|p| p.wait == Wait::Deferred) {
+            let mut params = p.config.to_params();
+            params["defer"] = json!(true);
+            w.value(&json!({"method": "bdev_pcache_create", "params": params}));
+        }
+        0
+    })
+}
+
+// ---- bdev_pcache_create ----
+
+/// The answer to `bdev_pcache_create`: the name (created or adopted now), `true` (waits for
+/// its base bdevs), or an error.
+pub(crate) type RequestReply = Box<dyn FnOnce(Result<Value, RpcError>)>;
+
+/// `bdev_pcache_create`: adopt the bdev examine attached for this very request, create now,
+/// or (with `defer` and a base missing) remember the request until its bases exist.
+pub(crate) fn create_request(cfg: CreateConfig, reply: RequestReply) {
+    let named = |reply: RequestReply| -> vbdev::CreateReply {
+        Box::new(move |r| reply(r.map(Value::String)))
+    };
+    if let Some(node) = vbdev::find(&cfg.name) {
+        if vbdev::adoptable(node, &cfg) {
+            return vbdev::adopt(node, cfg, named(reply));
+        }
+    }
+    // What examine waits for on this cache (or under this name) gives way to the request.
+    for p in take_pending(|p| {
+        matches!(p.wait, Wait::Backing(_))
+            && (p.config.name == cfg.name || p.config.cache == cfg.cache)
+    }) {
+        spdk_log!(
+            NOTICE,
+            "{}: bdev_pcache_create replaces the attach of '{}' examine was waiting for",
+            cfg.name,
+            p.config.name
+        );
+    }
+    if let Some(msg) = pending_conflict(&cfg) {
+        return reply(Err((-libc::EEXIST, msg)));
+    }
+    let missing: Vec<String> = cfg
+        .cache_bdev()
+        .into_iter()
+        .chain([cfg.backing_bdev.as_str()])
+        .filter(|b| bdev_by_name(b).is_null())
+        .map(str::to_string)
+        .collect();
+    if missing.is_empty() || !cfg.defer {
+        return vbdev::create(cfg, Origin::Rpc, named(reply));
+    }
+    if let Err(e) = vbdev::check_name_free(&cfg.name) {
+        return reply(Err(e));
+    }
+    let mine: Vec<&str> = cfg
+        .cache_bdev()
+        .into_iter()
+        .chain([cfg.backing_bdev.as_str()])
+        .collect();
+    for b in mine {
+        if let Some(node) = vbdev::using(b) {
+            // SAFETY: live node (registry, app thread).
+            let other = unsafe { (*node).name().to_string() };
+            return reply(Err((
+                -libc::EBUSY,
+                format!("bdev '{b}' is in use by pcache bdev '{other}'"),
+            )));
+        }
+    }
+    spdk_log!(
+        NOTICE,
+        "pcache bdev '{}' waits for {} (deferred create): it is attached when {}",
+        cfg.name,
+        missing.join(", "),
+        if missing.len() > 1 {
+            "they appear"
+        } else {
+            "it appears"
+        }
+    );
+    pending().push(Pending {
+        config: cfg,
+        wait: Wait::Deferred,
+    });
+    reply(Ok(Value::Bool(true)));
+}
+
+// ---- examine ----
+
+/// Owning this token means owing the bdev layer one `spdk_bdev_module_examine_done`: it
+/// is called when the token is dropped, whatever the path (also on unwinding).
+struct ExamineDone;
+
+impl Drop for ExamineDone {
+    fn drop(&mut self) {
+        // SAFETY: our registered module; called once per token, and one token is made per
+        // examine callback. SPDK runs the accounting on the app thread.
+        unsafe { ffi::spdk_bdev_module_examine_done(module()) };
+    }
+}
+
+unsafe extern "C" fn examine_config(bdev: *mut ffi::spdk_bdev) {
+    let _done = ExamineDone;
+    no_unwind("examine_config", (), || {
+        if finishing() || is_ours(bdev) {
+            return;
+        }
+        attach_ready(bdev);
+    });
+}
+
+/// Attaches the pending requests `bdev` (just registered) completes.
+fn attach_ready(bdev: *mut ffi::spdk_bdev) {
+    // What examine found on a cache bdev that is gone since is forgotten (it is examined
+    // again if it comes back).
+    for p in take_pending(|p| {
+        matches!(p.wait, Wait::Backing(_))
+            && p.config
+                .cache_bdev()
+                .is_some_and(|c| bdev_by_name(c).is_null())
+    }) {
+        spdk_log!(
+            NOTICE,
+            "pcache bdev '{}' no longer waits for its backing bdev: {} is gone",
+            p.config.name,
+            p.config.cache_label()
+        );
+    }
+    let mut backing_for: Vec<(String, String)> = Vec::new();
+    let ready = take_pending(|p| match &p.wait {
+        Wait::Deferred => p.bases().iter().all(|b| !bdev_by_name(b).is_null()),
+        Wait::Backing(id) => match backing_match(id, bdev) {
+            Some(name) => {
+                backing_for.push((p.config.name.clone(), name));
+                true
+            }
+            None => false,
+        },
+    });
+    for mut p in ready {
+        let origin = match p.wait {
+            Wait::Deferred => Origin::Rpc,
+            Wait::Backing(_) => {
+                if let Some((_, b)) = backing_for.iter().find(|(n, _)| *n == p.config.name) {
+                    p.config.backing_bdev = b.clone();
+                }
+                Origin::Examine
+            }
+        };
+        let name = p.config.name.clone();
+        spdk_log!(
+            NOTICE,
+            "pcache bdev '{name}': {} is here, attaching ({}, backing '{}')",
+            bdev_name(bdev),
+            p.config.cache_label(),
+            p.config.backing_bdev
+        );
+        vbdev::create(
+            p.config,
+            origin,
+            Box::new(move |r| {
+                if let Err((_, e)) = r {
+                    spdk_log!(ERROR, "cannot attach pcache bdev '{name}': {e}");
+                }
+            }),
+        );
+    }
+}
+
+unsafe extern "C" fn examine_disk(bdev: *mut ffi::spdk_bdev) {
+    let done = ExamineDone;
+    no_unwind("examine_disk", (), move || examine_disk_body(bdev, done));
+}
+
+fn examine_disk_body(bdev: *mut ffi::spdk_bdev, done: ExamineDone) {
+    if finishing() || is_ours(bdev) {
+        return;
+    }
+    let name = bdev_name(bdev);
+    // A base of a pcache bdev being created (e.g. by `examine_config` just now): the
+    // examine ends when the create does, so `bdev_wait_for_examine` covers the create.
+    if let Some(node) = vbdev::with_base(bdev).or_else(|| vbdev::using(&name)) {
+        return vbdev::when_created(node, Box::new(move |_| drop(done)));
+    }
+    // SAFETY: live bdev; plain getters.
+    let (bs, blocks) = unsafe {
+        (
+            ffi::spdk_bdev_get_block_size(bdev),
+            ffi::spdk_bdev_get_num_blocks(bdev),
+        )
+    };
+    if bs != 512 || blocks < 2 * SB_B_SECTOR {
+        return;
+    }
+    // The request that waits for this cache bdev decides what it holds.
+    if pending()
+        .iter()
+        .any(|p| p.wait == Wait::Deferred && p.config.cache_bdev() == Some(name.as_str()))
+    {
+        return;
+    }
+    // What examine found earlier under this name is stale: this bdev is probed anew.
+    take_pending(|p| p.config.cache_bdev() == Some(name.as_str()));
+    probe(name, done);
+}
+
+unsafe extern "C" fn probe_event(
+    _kind: ffi::spdk_bdev_event_type::Type,
+    _bdev: *mut ffi::spdk_bdev,
+    _ctx: *mut c_void,
+) {
+    // The probe closes its descriptor as soon as its read completes.
+}
+
+/// Reads both superblock replicas of `name` and acts on what they hold.
+fn probe(name: String, done: ExamineDone) {
+    let Ok(cname) = CString::new(name.clone()) else {
+        return;
+    };
+    let mut desc = ptr::null_mut();
+    // SAFETY: app thread; valid name; read-only open with a (no-op) event callback.
+    let rc = unsafe {
+        ffi::spdk_bdev_open_ext(
+            cname.as_ptr(),
+            false,
+            Some(probe_event),
+            ptr::null_mut(),
+            &mut desc,
+        )
+    };
+    if rc != 0 {
+        spdk_log!(
+            NOTICE,
+            "examine: cannot open bdev '{name}' to look for a pcache superblock (rc {rc})"
+        );
+        return;
+    }
+    let read = BlockOp::Read {
+        offset_blocks: 0,
+        num_blocks: 2 * SB_B_SECTOR,
+    };
+    block_io(
+        desc,
+        read,
+        Box::new(move |res| {
+            // SAFETY: opened above on this (the app) thread; closed once.
+            unsafe { ffi::spdk_bdev_close(desc) };
+            match res {
+                Ok(buf) => probed(name, &buf, done),
+                Err(e) => spdk_log!(
+                    NOTICE,
+                    "examine: cannot read the superblock area of bdev '{name}': {e}"
+                ),
+            }
+        }),
+    );
+}
+
+/// What the probe of cache bdev candidate `cache` read (sectors 0..16).
+fn probed(cache: String, buf: &[u8], done: ExamineDone) {
+    if buf.len() < 2 * SB_BYTES {
+        return;
+    }
+    let (a, b) = buf.split_at(SB_BYTES);
+    let (sb, replica) = match (Superblock::decode(a), Superblock::decode(&b[..SB_BYTES])) {
+        (Ok(sb), _) => (sb, a),
+        (Err(_), Ok(sb)) => (sb, &b[..SB_BYTES]),
+        (Err(FormatError::BadMagic { .. }), Err(FormatError::BadMagic { .. })) => return,
+        (Err(ea), Err(eb)) => {
+            warn_log!(
+                "examine: bdev '{cache}' holds a damaged pcache superblock (replica A: {ea}; \
+                 replica B: {eb}): not attaching it"
+            );
+            return;
+        }
+    };
+    let name = match Superblock::decode_name(replica) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            spdk_log!(
+                NOTICE,
+                "examine: bdev '{cache}' holds a pcache without a bdev name (written before \
+                 names were stored): attach it once with bdev_pcache_create (cache_bdev \
+                 '{cache}', backing_bdev '{}'); it is attached by examine from then on",
+                sb.backing.name
+            );
+            return;
+        }
+        Err(e) => {
+            warn_log!("examine: bdev '{cache}' holds a pcache superblock with a bad name: {e}");
+            return;
+        }
+    };
+    if finishing() {
+        return;
+    }
+    if let Some(node) = vbdev::find(&name).or_else(|| vbdev::using(&cache)) {
+        // SAFETY: live node (registry, app thread).
+        let other = unsafe { (*node).name().to_string() };
+        spdk_log!(
+            NOTICE,
+            "examine: bdev '{cache}' holds pcache '{name}', but pcache bdev '{other}' exists: \
+             not attaching it"
+        );
+        return;
+    }
+    let cfg =
+        CreateConfig::from_superblock(name.clone(), cache.clone(), sb.backing.name.clone(), &sb);
+    if let Some(why) = pending_conflict(&cfg) {
+        spdk_log!(
+            NOTICE,
+            "examine: bdev '{cache}' holds pcache '{name}': not attaching it ({why})"
+        );
+        return;
+    }
+    if let Err((_, why)) = vbdev::check_name_free(&name) {
+        warn_log!("examine: bdev '{cache}' holds pcache '{name}': not attaching it ({why})");
+        return;
+    }
+    let Some(backing) = find_backing(&sb.backing) else {
+        spdk_log!(
+            NOTICE,
+            "examine: bdev '{cache}' holds pcache '{name}'; waiting for its backing bdev '{}' \
+             (uuid {}, {} bytes)",
+            sb.backing.name,
+            hex(&sb.backing.uuid),
+            sb.backing.sectors * 512
+        );
+        pending().push(Pending {
+            config: cfg,
+            wait: Wait::Backing(sb.backing.clone()),
+        });
+        return;
+    };
+    let cfg = CreateConfig {
+        backing_bdev: backing,
+        ..cfg
+    };
+    for (role, b) in [
+        ("cache", cache.as_str()),
+        ("backing", cfg.backing_bdev.as_str()),
+    ] {
+        if claimed(b) {
+            spdk_log!(
+                NOTICE,
+                "examine: bdev '{cache}' holds pcache '{name}': not attaching it, its {role} \
+                 bdev '{b}' is claimed by another module"
+            );
+            return;
+        }
+    }
+    spdk_log!(
+        NOTICE,
+        "examine: bdev '{cache}' holds pcache '{name}' of backing bdev '{}': attaching",
+        cfg.backing_bdev
+    );
+    vbdev::create(
+        cfg,
+        Origin::Examine,
+        Box::new(move |r| {
+            if let Err((_, e)) = r {
+                spdk_log!(ERROR, "examine: cannot attach pcache bdev '{name}': {e}");
+            }
+            drop(done);
+        }),
+    );
+}
+
+// ---- a one-shot timer on the current thread ----
+
+struct Timer {
+    poller: *mut ffi::spdk_poller,
+    f: Option<Box<dyn FnOnce()>>,
+}
+
+unsafe extern "C" fn timer_fire(arg: *mut c_void) -> c_int {
+    no_unwind("timer", 0, || {
+        // SAFETY: `arg` is the Timer leaked by `after`; the poller is unregistered below
+        // before anything else runs, so it fires exactly once.
+        let mut t = unsafe { Box::from_raw(arg.cast::<Timer>()) };
+        // SAFETY: our poller, on the thread that registered it.
+        unsafe { ffi::spdk_poller_unregister(&mut t.poller) };
+        if let Some(f) = t.f.take() {
+            f();
+        }
+        ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+    })
+}
+
+/// Runs `f` on the calling SPDK thread in `us` microseconds. Err (and `f` dropped) when
+/// the poller cannot be registered.
+pub(crate) fn after(us: u64, f: Box<dyn FnOnce()>) -> Result<(), ()> {
+    let t = Box::into_raw(Box::new(Timer {
+        poller: ptr::null_mut(),
+        f: Some(f),
+    }));
+    // SAFETY: on an SPDK thread; the Timer lives until `timer_fire` takes it back (the
+    // poller cannot fire before this function returns to the reactor).
+    unsafe {
+        let p = ffi::spdk_poller_register_named(
+            Some(timer_fire),
+            t.cast(),
+            us,
+            c"pcache_timer".as_ptr(),
+        );
+        if p.is_null() {
+            drop(Box::from_raw(t));
+            return Err(());
+        }
+        (*t).poller = p;
+    }
+    Ok(())
+}
+
+// ---- block I/O from the app thread (examine, superblock name) ----
+
+/// One command of [`block_io`].
+pub(crate) enum BlockOp {
+    Read {
+        offset_blocks: u64,
+        num_blocks: u64,
+    },
+    /// `data` is a whole number of blocks.
+    Write {
+        offset_blocks: u64,
+        data: Vec<u8>,
+    },
+    /// The whole bdev; skipped (success) when the bdev does not support FLUSH.
+    Flush,
+}
+
+/// Completion of [`block_io`]: the data read (empty for a write or flush), or why not.
+pub(crate) type BlockDone = Box<dyn FnOnce(Result<Vec<u8>, String>)>;
+
+struct BlockIo {
+    ch: *mut ffi::spdk_io_channel,
+    buf: *mut c_void,
+    len: usize,
+    read: bool,
+    done: BlockDone,
+}
+
+impl BlockIo {
+    /// Frees the DMA buffer and puts the channel (on the thread that got it).
+    fn release(&self) {
+        // SAFETY: allocated / got in `block_io` on this thread, released once (the BlockIo
+        // is consumed right after).
+        unsafe {
+            if !self.buf.is_null() {
+                ffi::spdk_dma_free(self.buf);
+            }
+            ffi::spdk_put_io_channel(self.ch);
+        }
+    }
+}
+
+/// Runs one read, write or flush on the open descriptor `desc` from the calling SPDK thread
+/// (the app thread), with an I/O channel and DMA buffer of its own; `done` runs on this
+/// thread (at once when the command cannot be submitted).
+pub(crate) fn block_io(desc: *mut ffi::spdk_bdev_desc, op: BlockOp, done: BlockDone) {
+    // SAFETY: `desc` is open (caller); plain getters of its live bdev.
+    let (bdev, bs) = unsafe {
+        let b = ffi::spdk_bdev_desc_get_bdev(desc);
+        (b, u64::from(ffi::spdk_bdev_get_block_size(b)))
+    };
+    let (len, read) = match &op {
+        BlockOp::Read { num_blocks, .. } => (num_blocks.saturating_mul(bs), true),
+        BlockOp::Write { data, .. } => (data.len() as u64, false),
+        BlockOp::Flush => (0, false),
+    };
+    if let BlockOp::Flush = op {
+        // SAFETY: live bdev.
+        if !unsafe {
+            ffi::spdk_bdev_io_type_supported(bdev, ffi::spdk_bdev_io_type::SPDK_BDEV_IO_TYPE_FLUSH)
+        } {
+            return done(Ok(Vec::new()));
+        }
+    }
+    let Ok(len) = usize::try_from(len) else {
+        return done(Err("I/O too large".into()));
+    };
+    if bs == 0 || len as u64 % bs != 0 {
+        return done(Err(format!(
+            "{len} bytes is not a whole number of {bs}-byte blocks"
+        )));
+    }
+    // SAFETY: open descriptor, on the thread that will put the channel.
+    let ch = unsafe { ffi::spdk_bdev_get_io_channel(desc) };
+    if ch.is_null() {
+        return done(Err("cannot get an I/O channel".into()));
+    }
+    let mut buf = ptr::null_mut();
+    if len > 0 {
+        // SAFETY: live bdev; plain allocation (freed in `release`).
+        buf = unsafe {
+            let align = ffi::spdk_bdev_get_buf_align(bdev).max(4096);
+            ffi::spdk_dma_zmalloc(len, align, ptr::null_mut())
+        };
+        if buf.is_null() {
+            // SAFETY: got above on this thread.
+            unsafe { ffi::spdk_put_io_channel(ch) };
+            return done(Err(format!("cannot allocate a {len}-byte DMA buffer")));
+        }
+    }
+    if let BlockOp::Write { data, .. } = &op {
+        // SAFETY: `buf` holds `len` = `data.len()` bytes and does not overlap `data`.
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), buf.cast::<u8>(), len) };
+    }
+    let ctx = Box::into_raw(Box::new(BlockIo {
+        ch,
+        buf,
+        len,
+        read,
+        done,
+    }));
+    let n = len as u64 / bs;
+    // SAFETY: open descriptor and its channel on this thread; `buf` holds the blocks and
+    // lives until the completion, which takes `ctx` back (exactly once).
+    let rc = unsafe {
+        match op {
+            BlockOp::Read { offset_blocks, .. } => ffi::spdk_bdev_read_blocks(
+                desc,
+                ch,
+                buf,
+                offset_blocks,
+                n,
+                Some(block_io_done),
+                ctx.cast(),
+            ),
+            BlockOp::Write { offset_blocks, .. } => ffi::spdk_bdev_write_blocks(
+                desc,
+                ch,
+                buf,
+                offset_blocks,
+                n,
+                Some(block_io_done),
+                ctx.cast(),
+            ),
+            BlockOp::Flush => ffi::spdk_bdev_flush_blocks(
+                desc,
+                ch,
+                0,
+                ffi::spdk_bdev_get_num_blocks(bdev),
+                Some(block_io_done),
+                ctx.cast(),
+            ),
+        }
+    };
+    if rc != 0 {
+        // SAFETY: not submitted: the completion never runs, `ctx` is still ours.
+        let b = unsafe { Box::from_raw(ctx) };
+        b.release();
+        (b.done)(Err(format!("cannot submit the I/O (rc {rc})")));
+    }
+}
+
+unsafe extern "C" fn block_io_done(io: *mut ffi::spdk_bdev_io, success: bool, arg: *mut c_void) {
+    no_unwind("block_io_done", (), || {
+        // SAFETY: the bdev_io of our submission, freed once; `arg` is the BlockIo leaked by
+        // `block_io`, delivered exactly once, on the submitting thread.
+        let b = unsafe {
+            ffi::spdk_bdev_free_io(io);
+            Box::from_raw(arg.cast::<BlockIo>())
+        };
+        let res = if !success {
+            Err("the I/O failed".to_string())
+        } else if b.read {
+            // SAFETY: `buf` holds `len` bytes the read filled.
+            Ok(unsafe { std::slice::from_raw_parts(b.buf.cast::<u8>(), b.len) }.to_vec())
+        } else {
+            Ok(Vec::new())
+        };
+        b.release();
+        (b.done)(res);
+    })
+}
+
+/// [`block_io`] over `steps` in order, stopping at the first failure.
+pub(crate) fn block_io_steps(
+    desc: *mut ffi::spdk_bdev_desc,
+    steps: Vec<BlockOp>,
+    done: Box<dyn FnOnce(Result<(), String>)>,
+) {
+    let mut steps = std::collections::VecDeque::from(steps);
+    let Some(op) = steps.pop_front() else {
+        return done(Ok(()));
+    };
+    block_io(
+        desc,
+        op,
+        Box::new(move |r| match r {
+            Ok(_) => block_io_steps(desc, steps.into(), done),
+            Err(e) => done(Err(e)),
+        }),
+    );
 }

@@ -11,6 +11,11 @@
 //!
 //! Parameters are re-serialized and parsed with serde (`json::params_to_value`,
 //! `config::parse_*`); every bad parameter gets a JSON-RPC error with a message.
+//!
+//! `bdev_pcache_create` answers the new bdev's name, or `true` when `defer` lets it wait
+//! for a missing base bdev (`module::create_request`). Such waiting requests, and caches
+//! examine found whose backing bdev is missing, are listed by `bdev_pcache_get_stats` with
+//! `"state": "waiting for ..."` and dropped by `bdev_pcache_delete`.
 
 use std::ffi::{c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,7 +29,7 @@ use super::json::{params_to_value, Writer};
 use super::log::{no_unwind, spdk_log};
 use super::stats::{Retired, Snapshot};
 use super::vbdev::NodeState;
-use super::{config, engine, vbdev};
+use super::{config, engine, module, vbdev};
 
 type Handler = unsafe extern "C" fn(*mut ffi::spdk_jsonrpc_request, *const ffi::spdk_json_val);
 
@@ -106,10 +111,10 @@ unsafe extern "C" fn rpc_create(
                 ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
                 &format!("bdev_pcache_create: {e}"),
             ),
-            Ok(cfg) => vbdev::create(
+            Ok(cfg) => module::create_request(
                 cfg,
                 Box::new(move |res| match res {
-                    Ok(name) => req.reply(&Value::String(name)),
+                    Ok(v) => req.reply(&v),
                     Err((code, msg)) => req.error(code, &format!("bdev_pcache_create: {msg}")),
                 }),
             ),
@@ -149,6 +154,15 @@ fn running_named(
 
 fn running(method: &str, name: &str) -> Result<*mut vbdev::Pcache, (i32, String)> {
     let Some(node) = vbdev::find(name) else {
+        if let Some(p) = module::pending_json(Some(name)).first() {
+            return Err((
+                -libc::EBUSY,
+                format!(
+                    "{method}: pcache bdev '{name}' is not attached yet: {}",
+                    p["state"].as_str().unwrap_or("waiting")
+                ),
+            ));
+        }
         return Err((
             -libc::ENODEV,
             format!("{method}: no pcache bdev named '{name}'"),
@@ -178,6 +192,10 @@ unsafe extern "C" fn rpc_delete(
                 )
             }
         };
+        // A request still waiting for its base bdevs is simply forgotten.
+        if vbdev::find(&d.name).is_none() && module::pending_delete(&d.name) {
+            return req.reply(&Value::Bool(true));
+        }
         let node = match running("bdev_pcache_delete", &d.name) {
             Ok(n) => n,
             Err((code, msg)) => return req.error(code, &msg),
@@ -350,6 +368,8 @@ struct Collect {
     sum: Snapshot,
     channels: u64,
     out: Vec<Value>,
+    /// Requests waiting for their base bdevs, listed after the live bdevs.
+    pending: Vec<Value>,
 }
 
 /// Start on the next live bdev, or answer when none is left.
@@ -378,8 +398,9 @@ fn collect_next(mut c: Box<Collect>) {
         };
         return;
     }
-    let out = Value::Array(std::mem::take(&mut c.out));
-    Request(c.request).reply(&out);
+    let mut out = std::mem::take(&mut c.out);
+    out.append(&mut c.pending);
+    Request(c.request).reply(&Value::Array(out));
 }
 
 unsafe extern "C" fn collect_channel(i: *mut ffi::spdk_io_channel_iter) {
@@ -404,7 +425,11 @@ unsafe extern "C" fn collect_done(i: *mut ffi::spdk_io_channel_iter, _status: c_
         c.current.take().map(|(name, retired, node)| {
             let mut total = c.sum;
             total.add(&retired.get());
-            (total.to_json(&name, c.channels), node)
+            let mut v = total.to_json(&name, c.channels);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("state".into(), Value::String("running".into()));
+            }
+            (v, node)
         })
     }));
     match r {
@@ -466,21 +491,25 @@ unsafe extern "C" fn rpc_get_stats(
     params: *const ffi::spdk_json_val,
 ) {
     guarded(request, params, |req, params| {
-        let nodes = match config::parse_stats(params) {
+        let (nodes, pending) = match config::parse_stats(params) {
             Err(e) => {
                 return req.error(
                     ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS,
                     &format!("bdev_pcache_get_stats: {e}"),
                 )
             }
-            Ok(None) => vbdev::all(),
+            Ok(None) => (vbdev::all(), module::pending_json(None)),
             Ok(Some(name)) => match vbdev::find(&name) {
-                Some(n) => vec![n],
+                Some(n) => (vec![n], Vec::new()),
                 None => {
-                    return req.error(
-                        -libc::ENODEV,
-                        &format!("bdev_pcache_get_stats: no pcache bdev named '{name}'"),
-                    )
+                    let p = module::pending_json(Some(&name));
+                    if p.is_empty() {
+                        return req.error(
+                            -libc::ENODEV,
+                            &format!("bdev_pcache_get_stats: no pcache bdev named '{name}'"),
+                        );
+                    }
+                    (Vec::new(), p)
                 }
             },
         };
@@ -491,6 +520,7 @@ unsafe extern "C" fn rpc_get_stats(
             sum: Snapshot::default(),
             channels: 0,
             out: Vec::new(),
+            pending,
         });
         collect_next(c);
     });

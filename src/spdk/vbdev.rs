@@ -20,15 +20,19 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+use super::config::SetOptions;
 use super::config::{CacheMedia, CreateConfig};
 use super::engine::{self, Engine, OpenInfo, SendPtr, Setup};
 use super::ffi::{self, spdk_bdev_io_type as t};
 use super::io;
 use super::json::Writer;
 use super::log::{no_unwind, spdk_log};
+use super::module::{after, block_io, block_io_steps, BlockOp};
 use super::module::{finishing, module};
 use super::stats::Retired;
-use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions};
+use crate::engine::format::{SB_BYTES, SB_NAME_BYTES};
+use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
+use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
 
@@ -56,6 +60,15 @@ impl Base {
             bdev: ptr::null_mut(),
         })
     }
+}
+
+/// How a pcache bdev came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// `bdev_pcache_create` (also a deferred one, and an examined bdev a create adopted).
+    Rpc,
+    /// `examine_disk` found its cache bdev and reattached it from the superblock.
+    Examine,
 }
 
 /// Where a pcache bdev is in its life (app thread only).
@@ -94,8 +107,10 @@ pub(crate) struct Pcache {
     engine: *mut Engine,
     pub(crate) retired: Arc<Retired>,
     state: Cell<NodeState>,
-    /// Answer of a create in progress.
-    create_reply: RefCell<Option<CreateReply>>,
+    origin: Cell<Origin>,
+    /// Who waits for the create in progress: its requester first, then e.g. an
+    /// `examine_disk` of a base bdev, or a create adopting an examined bdev.
+    waiters: RefCell<Vec<CreateReply>>,
     /// A base bdev went away while the cache was being opened.
     base_gone: Cell<bool>,
     /// `spdk_bdev_unregister` was called (delete, hot-remove); app thread only.
@@ -127,6 +142,15 @@ impl Pcache {
 
     pub(crate) fn state(&self) -> NodeState {
         self.state.get()
+    }
+
+    pub(crate) fn config(&self) -> &CreateConfig {
+        &self.config
+    }
+
+    /// Is `bdev` one of this node's (open) base bdevs?
+    fn has_base(&self, bdev: *mut ffi::spdk_bdev) -> bool {
+        !bdev.is_null() && (ptr::eq(self.cache.bdev, bdev) || ptr::eq(self.backing.bdev, bdev))
     }
 
     /// `{"cache_bdev"}` or `{"cache_path", "persistent_memory", "persistence"}`.
@@ -182,6 +206,54 @@ pub(crate) fn is_live(node: *mut Pcache) -> bool {
     nodes().iter().any(|n| n.0 == node)
 }
 
+/// The live pcache bdev that has `bdev` as an open base.
+pub(crate) fn with_base(bdev: *mut ffi::spdk_bdev) -> Option<*mut Pcache> {
+    // SAFETY: registered nodes are live (same thread).
+    nodes()
+        .iter()
+        .map(|n| n.0)
+        .find(|&n| unsafe { (*n).has_base(bdev) })
+}
+
+/// The live pcache bdev whose configuration names `bdev` as its cache or backing bdev.
+pub(crate) fn using(bdev: &str) -> Option<*mut Pcache> {
+    nodes().iter().map(|n| n.0).find(|&n| {
+        // SAFETY: registered nodes are live (same thread).
+        let c = unsafe { (*n).config() };
+        c.cache_bdev() == Some(bdev) || c.backing_bdev == bdev
+    })
+}
+
+/// Runs `reply` once the create of `node` (live, app thread) has finished: at once with
+/// its name when it runs already, else with the outcome of the create.
+pub(crate) fn when_created(node: *mut Pcache, reply: CreateReply) {
+    // SAFETY: live node (caller), app thread.
+    let n = unsafe { &*node };
+    match n.state.get() {
+        NodeState::Running => reply(Ok(n.config.name.clone())),
+        NodeState::Creating => n.waiters.borrow_mut().push(reply),
+    }
+}
+
+/// Is the name free for a new pcache bdev (no pcache bdev, no other bdev or alias)?
+pub(crate) fn check_name_free(name: &str) -> Result<(), RpcError> {
+    if find(name).is_some() {
+        return Err(errno(
+            -libc::EEXIST,
+            format!("pcache bdev '{name}' already exists"),
+        ));
+    }
+    let c = CString::new(name).map_err(|_| invalid("name contains NUL"))?;
+    // SAFETY: valid C string; looks up bdevs and aliases under the bdev manager's lock.
+    if !unsafe { ffi::spdk_bdev_get_by_name(c.as_ptr()) }.is_null() {
+        return Err(errno(
+            -libc::EEXIST,
+            format!("a bdev named '{name}' already exists"),
+        ));
+    }
+    Ok(())
+}
+
 fn registry_remove(node: *mut Pcache) {
     nodes().retain(|n| n.0 != node);
 }
@@ -200,8 +272,26 @@ fn errno(rc: c_int, msg: String) -> RpcError {
     (if rc < 0 { rc } else { -rc }, msg)
 }
 
+/// Why the base bdevs could not be opened and claimed.
+enum OpenFailure {
+    /// The claim was refused while the bdev was open for writing elsewhere: typically
+    /// another module's examine still reading a bdev that just appeared. Retried shortly.
+    Busy(RpcError),
+    Failed(RpcError),
+}
+
+impl From<RpcError> for OpenFailure {
+    fn from(e: RpcError) -> Self {
+        OpenFailure::Failed(e)
+    }
+}
+
+/// How often, and how far apart, a busy claim is retried (1 s in all).
+const CLAIM_RETRIES: u32 = 100;
+const CLAIM_RETRY_US: u64 = 10_000;
+
 /// Open `base` for writing and claim it (read-many-write-one) for our module.
-fn open_and_claim(node: *mut Pcache, role: &str, base: &mut Base) -> Result<(), RpcError> {
+fn open_and_claim(node: *mut Pcache, role: &str, base: &mut Base) -> Result<(), OpenFailure> {
     let name = base.name.to_string_lossy().into_owned();
     let mut desc = ptr::null_mut();
     // SAFETY: on an SPDK thread; `name` is a valid C string; `node` stays alive while the
@@ -217,19 +307,21 @@ fn open_and_claim(node: *mut Pcache, role: &str, base: &mut Base) -> Result<(), 
         )
     };
     if rc == -libc::ENODEV {
-        return Err(errno(rc, format!("{role} '{name}' does not exist")));
+        return Err(errno(rc, format!("{role} '{name}' does not exist")).into());
     }
     if rc == -libc::EPERM {
         return Err(errno(
             rc,
             format!("{role} '{name}' is in use: claimed by a bdev module (another pcache bdev?)"),
-        ));
+        )
+        .into());
     }
     if rc != 0 {
         return Err(errno(
             rc,
             format!("cannot open {role} '{name}' for writing: {}", strerror(rc)),
-        ));
+        )
+        .into());
     }
     base.desc.set(desc);
     // SAFETY: `desc` was just opened.
@@ -255,13 +347,20 @@ fn open_and_claim(node: *mut Pcache, role: &str, base: &mut Base) -> Result<(), 
         )
     };
     if rc != 0 {
-        return Err(errno(
+        let e = errno(
             rc,
             format!(
                 "cannot claim {role} '{name}': {} (is it used by another bdev module?)",
                 strerror(rc)
             ),
-        ));
+        );
+        // Open for writing worked, so no module holds a claim that excludes writers:
+        // someone else has it open for writing (for now, usually).
+        return Err(if rc == -libc::EPERM {
+            OpenFailure::Busy(e)
+        } else {
+            OpenFailure::Failed(e)
+        });
     }
     Ok(())
 }
@@ -467,18 +566,74 @@ fn random_uuid() -> [u8; 16] {
     uuid_bytes(&u)
 }
 
-/// `bdev_pcache_create`: open and claim both bases, start the engine thread, which opens
-/// (or formats) the cache; `reply` gets the new bdev's name once it is registered.
-pub(crate) fn create(config: CreateConfig, reply: CreateReply) {
-    let node = match prepare(config) {
+/// `bdev_pcache_create` (and attach from examine): open and claim both bases, start the
+/// engine thread, which opens (or formats) the cache; `reply` gets the new bdev's name once
+/// it is registered.
+pub(crate) fn create(config: CreateConfig, origin: Origin, reply: CreateReply) {
+    let node = match new_node(config) {
         Ok(n) => n,
         Err(e) => return reply(Err(e)),
     };
-    // SAFETY: `prepare` leaked a fully built node; only this thread knows it.
-    let n = unsafe { &mut *node };
-    *n.create_reply.borrow_mut() = Some(reply);
+    // SAFETY: `new_node` leaked a new node; only this thread knows it.
+    let n = unsafe { &*node };
+    n.origin.set(origin);
+    n.waiters.borrow_mut().push(reply);
+    // Registered (Creating) from here: the name is taken, examine sees the bases it names.
     nodes().push(NodePtr(node));
+    attach_bases(node, CLAIM_RETRIES);
+}
 
+/// Opens and claims the bases (retrying a busy claim), then starts the engine.
+fn attach_bases(node: *mut Pcache, retries: u32) {
+    if finishing() {
+        return fail_create(
+            node,
+            errno(-libc::ENODEV, "the application is shutting down".into()),
+        );
+    }
+    match open_bases(node) {
+        Ok(()) => start_engine(node),
+        Err(OpenFailure::Busy(e)) if retries > 0 => {
+            // SAFETY: live node (registry, Creating: only this path frees it), app thread.
+            let n = unsafe { &mut *node };
+            close_bases(n);
+            n.cache.bdev = ptr::null_mut();
+            n.backing.bdev = ptr::null_mut();
+            if retries == CLAIM_RETRIES {
+                spdk_log!(
+                    NOTICE,
+                    "{}: {}; retrying for up to {} ms",
+                    n.name(),
+                    e.1,
+                    u64::from(CLAIM_RETRIES) * CLAIM_RETRY_US / 1000
+                );
+            }
+            let again = Box::new(move || attach_bases(node, retries - 1));
+            if after(CLAIM_RETRY_US, again).is_err() {
+                fail_create(node, e);
+            }
+        }
+        Err(OpenFailure::Busy(e) | OpenFailure::Failed(e)) => fail_create(node, e),
+    }
+}
+
+/// A create failed before its engine started: undo and answer.
+fn fail_create(node: *mut Pcache, e: RpcError) {
+    // SAFETY: live node (registry, Creating: only this path frees it), app thread.
+    let n = unsafe { &*node };
+    registry_remove(node);
+    close_bases(n);
+    let waiters = n.waiters.take();
+    // SAFETY: never registered with SPDK; the descriptors are closed; nobody else holds it.
+    drop(unsafe { Box::from_raw(node) });
+    reply_all(waiters, Err(e));
+}
+
+/// The bases are open and claimed: start the engine thread, which opens (or formats) the
+/// cache and then calls `create_opened` here.
+fn start_engine(node: *mut Pcache) {
+    // SAFETY: live node (registry, Creating), app thread.
+    let n = unsafe { &mut *node };
     let (bk, ca) = geometries(n);
     let o = &n.config.options;
     // SAFETY: open base bdev (only checked for a cache bdev).
@@ -526,35 +681,116 @@ pub(crate) fn create(config: CreateConfig, reply: CreateReply) {
             n.engine_thread = thread;
             n.engine = eng;
         }
-        Err(e) => {
-            registry_remove(node);
-            close_bases(n);
-            let reply = n.create_reply.borrow_mut().take();
-            // SAFETY: not registered anywhere; we still own the allocation.
-            drop(unsafe { Box::from_raw(node) });
-            if let Some(r) = reply {
-                r(Err(errno(-libc::ENOMEM, e)));
+        Err(e) => fail_create(node, errno(-libc::ENOMEM, e)),
+    }
+}
+
+/// Does the create request `cfg` describe `node`, a bdev examine attached and no create
+/// has adopted yet (same name, cache bdev and backing bdev)?
+pub(crate) fn adoptable(node: *mut Pcache, cfg: &CreateConfig) -> bool {
+    // SAFETY: live node (caller), app thread.
+    let n = unsafe { &*node };
+    n.origin.get() == Origin::Examine
+        && n.config.name == cfg.name
+        && matches!(cfg.cache, CacheMedia::Bdev(_))
+        && n.config.cache == cfg.cache
+        && n.config.backing_bdev == cfg.backing_bdev
+}
+
+/// A create request for a bdev examine attached (a saved config loading after examine
+/// found the cache, or a script that creates what it expects): the bdev becomes the
+/// request's. Its writeback limits are applied and `save_config` echoes the request's
+/// options; the layout (superblock) and gc_percent (control slots) stay the cache's, as on
+/// any reattach, and a `core` takes effect at the next attach. `reply` gets the name.
+pub(crate) fn adopt(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
+    // SAFETY: live node (caller), app thread.
+    let n = unsafe { &*node };
+    n.origin.set(Origin::Rpc);
+    when_created(
+        node,
+        Box::new(move |res| match res {
+            Err(e) => reply(Err(e)),
+            Ok(_) => adopt_running(node, cfg, reply),
+        }),
+    );
+}
+
+fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
+    if !is_live(node) {
+        return reply(Err(errno(
+            -libc::ENODEV,
+            format!("pcache bdev '{}' went away", cfg.name),
+        )));
+    }
+    // SAFETY: live (checked, same thread).
+    let n = unsafe { &*node };
+    let wb = cfg.options.wb;
+    let so = SetOptions {
+        name: cfg.name.clone(),
+        gc_percent: None,
+        max_inflight: Some(wb.max_inflight),
+        group_ksets: Some(wb.group_ksets),
+        high_pct: Some(wb.high_pct),
+        low_pct: Some(wb.low_pct),
+    };
+    let core = cfg.options.core;
+    // The closure is dropped unrun if the message cannot be sent: keep the reply reachable.
+    let slot = std::rc::Rc::new(RefCell::new(Some(reply)));
+    let back = slot.clone();
+    let name = cfg.name.clone();
+    let sent = engine::set_options(
+        n.engine_thread,
+        n.engine,
+        move |cur| so.apply(cur),
+        Box::new(move |res| {
+            let Some(reply) = back.borrow_mut().take() else {
+                return;
+            };
+            match res {
+                Err(e) => reply(Err(invalid(e))),
+                Ok(o) => {
+                    if is_live(node) {
+                        let mut v = json!({
+                            "wb_max_inflight": o.max_inflight,
+                            "wb_group_ksets": o.group_ksets,
+                            "wb_high_pct": o.high_pct,
+                            "wb_low_pct": o.low_pct,
+                        });
+                        if let Some(c) = core {
+                            v["core"] = json!(c);
+                        }
+                        // SAFETY: live (checked, same thread).
+                        unsafe { (*node).update_params(&v) };
+                    }
+                    spdk_log!(
+                        NOTICE,
+                        "{name}: bdev_pcache_create adopted the bdev examine attached \
+                         (writeback options applied{})",
+                        if core.is_some() {
+                            "; core applies at the next attach"
+                        } else {
+                            ""
+                        }
+                    );
+                    reply(Ok(name));
+                }
             }
+        }),
+    );
+    if sent.is_err() {
+        if let Some(reply) = slot.borrow_mut().take() {
+            reply(Err(errno(
+                -libc::ENOMEM,
+                "cannot reach the engine thread".into(),
+            )));
         }
     }
 }
 
-/// Synchronous part of create: checks, bases opened and claimed, bdev filled in.
-fn prepare(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
-    if find(&config.name).is_some() {
-        return Err(errno(
-            -libc::EEXIST,
-            format!("pcache bdev '{}' already exists", config.name),
-        ));
-    }
+/// A new node for `config` (name checked, nothing opened yet), leaked.
+fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
+    check_name_free(&config.name)?;
     let name = CString::new(config.name.clone()).map_err(|_| invalid("name contains NUL"))?;
-    // SAFETY: valid C string; looks up bdevs and aliases under the bdev manager's lock.
-    if !unsafe { ffi::spdk_bdev_get_by_name(name.as_ptr()) }.is_null() {
-        return Err(errno(
-            -libc::EEXIST,
-            format!("a bdev named '{}' already exists", config.name),
-        ));
-    }
     let node = Box::new(Pcache {
         // SAFETY: all-zero is a valid unregistered spdk_bdev; fields are set by name below.
         bdev: UnsafeCell::new(unsafe { std::mem::zeroed() }),
@@ -572,34 +808,38 @@ fn prepare(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         engine: ptr::null_mut(),
         retired: Arc::new(Retired::default()),
         state: Cell::new(NodeState::Creating),
-        create_reply: RefCell::new(None),
+        origin: Cell::new(Origin::Rpc),
+        waiters: RefCell::new(Vec::new()),
         base_gone: Cell::new(false),
         unregistering: Cell::new(false),
         deleting: Cell::new(false),
         drain_on_destruct: Cell::new(false),
         info: RefCell::new(Value::Null),
     });
-    let node = Box::into_raw(node);
-    // SAFETY: freshly allocated and not yet shared with SPDK (except as event context of
-    // descriptors we close before freeing it).
-    let n = unsafe { &mut *node };
+    Ok(Box::into_raw(node))
+}
 
+/// Maps the cache (once) or opens and claims the cache bdev, opens and claims the backing
+/// bdev, checks them and fills in the bdev. On failure the caller closes what is open.
+fn open_bases(node: *mut Pcache) -> Result<(), OpenFailure> {
+    // SAFETY: live node, not shared with SPDK yet (except as event context of descriptors
+    // we close before freeing it); app thread.
+    let n = unsafe { &mut *node };
     // `node` is only passed along as the (opaque) event context here.
-    let opened = match n.config.cache.clone() {
+    match n.config.cache.clone() {
         CacheMedia::Bdev(name) => {
             n.media = json!({"cache_bdev": name});
-            open_and_claim(node, "cache bdev", &mut n.cache)
+            open_and_claim(node, "cache bdev", &mut n.cache)?;
         }
-        CacheMedia::Path { path, size_mib } => map_cache(n, &path, size_mib),
+        CacheMedia::Path { path, size_mib } => {
+            if n.dax.borrow().is_none() {
+                map_cache(n, &path, size_mib)?;
+            }
+        }
     }
-    .and_then(|()| open_and_claim(node, "backing bdev", &mut n.backing));
-    if let Err(e) = opened.and_then(|()| fill_bdev(n)) {
-        close_bases(n);
-        // SAFETY: not registered anywhere; we still own the allocation.
-        drop(unsafe { Box::from_raw(node) });
-        return Err(e);
-    }
-    Ok(node)
+    open_and_claim(node, "backing bdev", &mut n.backing)?;
+    fill_bdev(n)?;
+    Ok(())
 }
 
 /// An exclusive, non-blocking `flock` on `path` (None if it cannot be opened yet).
@@ -655,24 +895,123 @@ fn map_cache(n: &mut Pcache, path: &str, size_mib: Option<u64>) -> Result<(), Rp
 /// The engine finished opening (app thread): register the bdev, or undo everything.
 fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
     // SAFETY: the node stays alive while its create is pending (only this path frees it).
-    let n = unsafe { &mut *node };
-    let reply = n.create_reply.borrow_mut().take();
-    let answer = |r: Result<String, RpcError>| {
-        if let Some(reply) = reply {
-            reply(r);
-        }
-    };
+    let n = unsafe { &*node };
     let info = match res {
         Ok(info) => info,
         Err(msg) => {
             // The engine is gone (thread exited, channels released).
             registry_remove(node);
             close_bases(n);
+            let waiters = n.waiters.take();
             // SAFETY: never registered; nobody else holds the node.
             drop(unsafe { Box::from_raw(node) });
-            return answer(Err(errno(-libc::EINVAL, msg)));
+            return reply_all(waiters, Err(errno(-libc::EINVAL, msg)));
         }
     };
+    let desc = n.cache.desc.get();
+    if desc.is_null() || n.base_gone.get() {
+        return create_finish(node, info);
+    }
+    persist_name(n.name(), desc, Box::new(move || create_finish(node, info)));
+}
+
+/// Answers everyone waiting for a create.
+fn reply_all(waiters: Vec<CreateReply>, r: Result<String, RpcError>) {
+    for w in waiters {
+        w(r.clone());
+    }
+}
+
+/// Stores the bdev name in both superblock replicas of the cache bdev when they do not
+/// hold it yet (a fresh format, an image from before the name field, a reattach under
+/// another name): replica A, then B, each flushed before the next, so a crash leaves at
+/// least one valid replica. Then `then`. Failures are logged and otherwise ignored: the
+/// cache works without its name, only the attach by examine needs it. The engine never
+/// writes the superblock sectors after format, so these writes race with nothing.
+fn persist_name(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce()>) {
+    if name.len() >= SB_NAME_BYTES {
+        spdk_log!(
+            NOTICE,
+            "{name}: the name is longer than {} bytes and is not stored in the cache \
+             superblock: examine will not attach this cache by itself",
+            SB_NAME_BYTES - 1
+        );
+        return then();
+    }
+    let name = name.to_string();
+    let read = BlockOp::Read {
+        offset_blocks: 0,
+        num_blocks: 2 * SB_B_SECTOR,
+    };
+    block_io(
+        desc,
+        read,
+        Box::new(move |res| {
+            let buf = match res {
+                Ok(b) if b.len() >= 2 * SB_BYTES => b,
+                Ok(_) => return then(),
+                Err(e) => {
+                    spdk_log!(
+                        ERROR,
+                        "{name}: cannot read the superblock to store the bdev name: {e}"
+                    );
+                    return then();
+                }
+            };
+            let (a, b) = buf.split_at(SB_BYTES);
+            let named = |r: &[u8]| matches!(Superblock::decode_name(r), Ok(Some(n)) if n == name);
+            if named(a) && named(b) {
+                return then();
+            }
+            // The replica the open used: A when valid, else B.
+            let src = if Superblock::decode(a).is_ok() { a } else { b };
+            let old = Superblock::decode_name(src).ok().flatten();
+            let bytes = match Superblock::rename(src, Some(&name)) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    spdk_log!(ERROR, "{name}: cannot store the bdev name: {e}");
+                    return then();
+                }
+            };
+            spdk_log!(
+                NOTICE,
+                "{name}: storing the bdev name in the cache superblock ({})",
+                match old {
+                    Some(o) => format!("it held '{o}'"),
+                    None => "it held none".into(),
+                }
+            );
+            let mut steps = Vec::new();
+            for sector in [SB_A_SECTOR, SB_B_SECTOR] {
+                steps.push(BlockOp::Write {
+                    offset_blocks: sector,
+                    data: bytes.clone(),
+                });
+                steps.push(BlockOp::Flush);
+            }
+            block_io_steps(
+                desc,
+                steps,
+                Box::new(move |r| {
+                    if let Err(e) = r {
+                        spdk_log!(
+                            ERROR,
+                            "{name}: storing the bdev name in the superblock failed: {e}"
+                        );
+                    }
+                    then();
+                }),
+            );
+        }),
+    );
+}
+
+/// The open succeeded and the name is stored: register the bdev, or undo everything.
+fn create_finish(node: *mut Pcache, info: OpenInfo) {
+    // SAFETY: the node stays alive while its create is pending (only this path frees it).
+    let n = unsafe { &*node };
+    let waiters = n.waiters.take();
+    let answer = move |r| reply_all(waiters, r);
     if n.base_gone.get() {
         stop_and_free(node, false);
         return answer(Err(errno(
@@ -696,6 +1035,18 @@ fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
                 n.name(),
                 p
             );
+        }
+    }
+    // Split at the engine's stripes: the superblock's, which win over the create options.
+    {
+        // SAFETY: not registered yet, so we are the bdev's only user.
+        let b = unsafe { &mut *n.bdev_ptr() };
+        if let Some(v) = (u64::from(g.stripe_sectors) * 512)
+            .checked_div(u64::from(b.blocklen))
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|&v| v > 0)
+        {
+            b.optimal_io_boundary = v;
         }
     }
     *n.info.borrow_mut() = json!({
@@ -958,6 +1309,10 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
         let mut info = json!({
             "name": n.config.name,
             "backing_bdev": n.config.backing_bdev,
+            "attached_by": match n.origin.get() {
+                Origin::Rpc => "rpc",
+                Origin::Examine => "examine",
+            },
             "mode": "write-back",
             "stripe_blocks": stripe_blocks,
             "options": options,
@@ -971,7 +1326,8 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
     })
 }
 
-/// `save_config`: one `bdev_pcache_create` with every option. Runs under the bdev
+/// `save_config`: one `bdev_pcache_create` with every option and `defer: true` (a config
+/// loads even when a base bdev comes later, e.g. from an NVMe attach). Runs under the bdev
 /// manager's spinlock: uses cached data only, never looks a bdev up.
 unsafe extern "C" fn write_config_json(
     bdev: *mut ffi::spdk_bdev,
@@ -980,6 +1336,8 @@ unsafe extern "C" fn write_config_json(
     no_unwind("write_config_json", (), || {
         // SAFETY: `bdev` is ours, `ctxt` our live node; `w` is valid for this callback.
         let (n, w) = unsafe { (&*(*bdev).ctxt.cast::<Pcache>(), Writer::new(w)) };
-        w.value(&json!({"method": "bdev_pcache_create", "params": *n.config_params.borrow()}));
+        let mut params = n.config_params.borrow().clone();
+        params["defer"] = json!(true);
+        w.value(&json!({"method": "bdev_pcache_create", "params": params}));
     })
 }
