@@ -22,7 +22,10 @@ use crate::engine::pool::ToPool;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WritebackOptions {
-    /// Backing writes in flight per shard.
+    /// Backing writes in flight per shard. Deeper than an application's usual QD32: a
+    /// group ends with a flush and the pipeline drains there, so with 32 a slow (100 us)
+    /// backing device absorbed sustained writes at only ~0.6-0.75x its own QD32 rate; with
+    /// 64 at ~1.2x.
     pub max_inflight: u32,
     /// Ksets per writeback group (one backing flush and one control write per group).
     pub group_ksets: usize,
@@ -38,7 +41,7 @@ pub struct WritebackOptions {
 impl Default for WritebackOptions {
     fn default() -> Self {
         WritebackOptions {
-            max_inflight: 32,
+            max_inflight: 64,
             group_ksets: 64,
             high_pct: 50,
             low_pct: 40,
