@@ -642,7 +642,7 @@ fn target_rpc_lifecycle() {
     assert_eq!(creates.len(), 2, "save_config: {cfg}");
     assert!(creates.contains(&json!({
         "name": "PC1", "cache_bdev": "Cache1", "backing_bdev": "Back1", "data_crc": false, "gc_percent": 70,
-        "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 32,
+        "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 64,
         "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "defer": true
     })), "{creates:?}");
     assert!(
