@@ -596,13 +596,9 @@ fn probe(name: String, done: ExamineDone) {
         );
         return;
     }
-    let read = BlockOp::Read {
-        offset_blocks: 0,
-        num_blocks: 2 * SB_B_SECTOR,
-    };
     block_io(
         desc,
-        read,
+        BlockOp::read_superblocks(),
         Box::new(move |res| {
             // SAFETY: opened above on this (the app) thread; closed once.
             unsafe { ffi::spdk_bdev_close(desc) };
@@ -788,6 +784,16 @@ pub(crate) enum BlockOp {
     },
     /// The whole bdev; skipped (success) when the bdev does not support FLUSH.
     Flush,
+}
+
+impl BlockOp {
+    /// Both superblock replicas of a cache bdev (512-byte blocks).
+    pub(crate) fn read_superblocks() -> Self {
+        BlockOp::Read {
+            offset_blocks: 0,
+            num_blocks: 2 * SB_B_SECTOR,
+        }
+    }
 }
 
 /// Completion of [`block_io`]: the data read (empty for a write or flush), or why not.

@@ -939,13 +939,9 @@ fn persist_name(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce
         return then();
     }
     let name = name.to_string();
-    let read = BlockOp::Read {
-        offset_blocks: 0,
-        num_blocks: 2 * SB_B_SECTOR,
-    };
     block_io(
         desc,
-        read,
+        BlockOp::read_superblocks(),
         Box::new(move |res| {
             let buf = match res {
                 Ok(b) if b.len() >= 2 * SB_BYTES => b,
