@@ -108,10 +108,11 @@ def spdk_rpc_plugin_initialize(subparsers):
                         '(multiple of 4, at most a quarter of a segment, default 1024)')
     p.add_argument('--segment-size-mib', dest='segment_size_mib', type=int,
                    help='cache log segment size in MiB (1-1024, default 16)')
-    p.add_argument('--shards', type=int, help='number of shards (1-256, default 1)')
+    p.add_argument('--shards', type=int,
+                   help='number of shards (1-256, default: one per core of the app)')
     p.add_argument('--core', type=int,
-                   help='core of the engine thread (one of the app\'s cores; default: '
-                        'round-robin from the last core)')
+                   help='run a single engine thread, on this core (one of the app\'s cores; '
+                        'default: one engine thread per core, at most one per shard)')
     p.add_argument('--defer', action='store_true',
                    help='a missing cache or backing bdev is not an error: the request waits and '
                         'the bdev is created when the missing bdev(s) appear (returns true; '

@@ -352,7 +352,14 @@ fn start_target_with<'a>(
 ) -> (Proc, Rpc<'a>) {
     let sock = format!("/var/tmp/pcache-it-{tag}-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&sock);
-    let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock]
+    // Every core of the machine (two at most): pcache bdevs then run a team of engine
+    // threads, one per core (see `two_cores`).
+    let mask = if two_cores().contains(&"0x3") {
+        "0x3"
+    } else {
+        "0x1"
+    };
+    let mut args: Vec<String> = ["-u", "--disable-cpumask-locks", "-m", mask, "-r", &sock]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -744,9 +751,13 @@ fn bdevperf_verify_over_pcache() {
     };
     let secs = verify_secs();
     let cfg = root().join("spdk-config/bdevperf-pcache-small-cache.json");
-    let (mut perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "perf");
+    // Two cores when the machine has them: PC1 (2 shards) then runs on a team of two engine
+    // threads, PC0 (pinned to core 0) on one.
+    let cores = two_cores();
+    let (mut perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "perf", "PC0", cores);
+    let per_bdev = if cores.contains(&"-C") { 2 } else { 1 };
     let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
-    assert_eq!(jobs.len(), 2, "{res}");
+    assert_eq!(jobs.len(), 2 * per_bdev, "{res}");
     for job in &jobs {
         println!("bdevperf verify {secs} s: {job}");
         assert_eq!(job["io_failed"], 0, "failed I/O: {res}");
@@ -771,6 +782,23 @@ fn bdevperf_verify_over_pcache() {
         "{}",
         stats[1]
     );
+    assert_eq!(stats[0]["host"]["engine_threads"], 1, "{}", stats[0]);
+    assert_eq!(stats[1]["host"]["engine_threads"], per_bdev, "{}", stats[1]);
+    // Every engine writes back on a flush; delete drains (all engines) and unregisters.
+    assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC1"]), json!(true));
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = rpc.ok(&["bdev_pcache_flush_status", "PC1"]);
+        assert_eq!(st["writeback_failed"], false, "{st}");
+        if st["clean"] == true {
+            assert_eq!(st["dirty_bytes"], 0, "{st}");
+            break;
+        }
+        assert!(Instant::now() < end, "flush did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rpc.ok(&["bdev_pcache_delete", "PC1"]);
+    rpc.err(&["bdev_get_bdevs", "-b", "PC1"], "");
     rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
     let st = perf
         .wait_for(Duration::from_secs(30))
@@ -786,6 +814,16 @@ fn start_bdevperf<'a>(spdk: &'a Spdk, so: &Path, cfg: &Path, tag: &str) -> (Proc
     start_bdevperf_until(spdk, so, cfg, tag, "PC0")
 }
 
+/// Cores for a multi-core bdevperf: `-m 0x3 -C` (every core sends I/O to every bdev) when
+/// the machine has two, else one core.
+fn two_cores() -> &'static [&'static str] {
+    if std::thread::available_parallelism().map_or(1, usize::from) >= 2 {
+        &["-m", "0x3", "-C"]
+    } else {
+        &["-m", "0x1"]
+    }
+}
+
 /// Starts bdevperf `-z` on `cfg` and waits until bdev `ready` exists (when `ready` is empty:
 /// until it answers RPCs).
 fn start_bdevperf_until<'a>(
@@ -795,10 +833,24 @@ fn start_bdevperf_until<'a>(
     tag: &str,
     ready: &str,
 ) -> (Proc, Rpc<'a>) {
+    start_bdevperf_with(spdk, so, cfg, tag, ready, &["-m", "0x1"])
+}
+
+/// `start_bdevperf_until` with these core arguments.
+fn start_bdevperf_with<'a>(
+    spdk: &'a Spdk,
+    so: &Path,
+    cfg: &Path,
+    tag: &str,
+    ready: &str,
+    cores: &[&str],
+) -> (Proc, Rpc<'a>) {
     let sock = format!("/var/tmp/pcache-it-{tag}-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&sock);
-    let mut args: Vec<String> = ["-u", "-m", "0x1", "-r", &sock, "-z", "--json"]
+    let mut args: Vec<String> = ["-u", "--disable-cpumask-locks"]
         .iter()
+        .chain(cores)
+        .chain(&["-r", &sock, "-z", "--json"])
         .map(|s| s.to_string())
         .collect();
     args.push(cfg.display().to_string());
@@ -904,7 +956,11 @@ fn hot_remove_under_io() {
         return;
     };
     let cfg = root().join("spdk-config/bdevperf-pcache-small-cache.json");
-    let (mut perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "hotrm");
+    // PC0: one engine thread, loses its backing bdev; PC1: a team of engine threads (on two
+    // cores), loses its cache bdev.
+    // `-f`: jobs go on after failed I/O (PC1's requests fail once its cache is gone).
+    let args: Vec<&str> = two_cores().iter().copied().chain(["-f"]).collect();
+    let (mut perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "hotrm", "PC0", &args);
     let mut job = perform_tests(&spdk, &perf_py, &rpc.sock, 120, &["-t", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -912,6 +968,7 @@ fn hot_remove_under_io() {
         .expect("run bdevperf.py");
     std::thread::sleep(Duration::from_secs(3));
     rpc.ok(&["bdev_malloc_delete", "PcBacking0"]);
+    rpc.ok(&["bdev_malloc_delete", "PcCache1"]);
     let end = Instant::now() + Duration::from_secs(30);
     let st = loop {
         if let Ok(Some(st)) = job.try_wait() {
@@ -943,6 +1000,18 @@ fn hot_remove_under_io() {
         false,
         "hot-remove released the cache bdev"
     );
+    while rpc.py(&["bdev_get_bdevs", "-b", "PC1"]).status.success() {
+        assert!(
+            Instant::now() < end,
+            "PC1 survived removal of its cache bdev"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "PcBacking1"])[0]["claimed"],
+        false,
+        "hot-remove of the cache bdev released the backing bdev"
+    );
     rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
     let st = perf
         .wait_for(Duration::from_secs(30))
@@ -951,6 +1020,7 @@ fn hot_remove_under_io() {
     assert!(st.success(), "bdevperf exit {st}:\n{out}");
     assert!(!out.contains("panicked"), "{out}");
     assert!(out.contains("destructed pcache bdev 'PC0'"), "{out}");
+    assert!(out.contains("destructed pcache bdev 'PC1'"), "{out}");
 }
 
 /// A deterministic pseudo-random pattern.
@@ -978,6 +1048,7 @@ fn free_port() -> u16 {
 fn run_dd(spdk: &Spdk, dd: &Path, cfg: &Path, args: &[&str], log: &Path) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut all: Vec<String> = vec![
+        "--disable-cpumask-locks".into(),
         "-m".into(),
         if cores > 1 { "0x2" } else { "0x1" }.into(),
         "--json".into(),

@@ -81,6 +81,7 @@ pub struct DaxDevice {
     len: usize,
     persist: Persist,
     writable: bool,
+    devdax: bool,
     _file: File,
     /// When set, every persist barrier is appended here (tests).
     pub persist_log: Option<Vec<PersistEvent>>,
@@ -123,6 +124,18 @@ impl DaxDevice {
         if len == 0 {
             return Err(DaxError::NoSize { path: name });
         }
+        Self::map(file, len, writable, devdax, name)
+    }
+
+    /// Maps `file` (`len` bytes): with MAP_SYNC where the filesystem is DAX, else as an
+    /// ordinary shared mapping persisted with msync (or nothing, on tmpfs).
+    fn map(
+        file: File,
+        len: usize,
+        writable: bool,
+        devdax: bool,
+        name: String,
+    ) -> Result<Self, DaxError> {
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -166,9 +179,26 @@ impl DaxDevice {
             len,
             persist,
             writable,
+            devdax,
             _file: file,
             persist_log: None,
         })
+    }
+
+    /// A second mapping of the same memory, for another thread: each thread writes only
+    /// the segments (and control slots) of its own shards, through its own mapping.
+    pub fn map_again(&self) -> Result<Self, DaxError> {
+        let file = self._file.try_clone().map_err(|err| DaxError::Open {
+            path: "(mapped cache)".into(),
+            err,
+        })?;
+        Self::map(
+            file,
+            self.len,
+            self.writable,
+            self.devdax,
+            "(mapped cache)".into(),
+        )
     }
 
     pub fn persistence(&self) -> Persist {

@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::engine::shard::WritebackOptions;
 
@@ -110,12 +111,17 @@ pub(crate) struct Options {
     pub stripe_size_kib: u32,
     /// Cache log segment size.
     pub segment_size_mib: u32,
-    /// Number of shards (engine threads' units of work).
+    /// Number of shards (engine threads' units of work; default one per app core).
     pub shards: u32,
     pub wb: Writeback,
-    /// Core of the engine thread (default: round-robin over the app's cores from the last).
+    /// Runs a single engine thread, on this core (default: one engine thread per core of
+    /// the app, at most one per shard).
     pub core: Option<u32>,
 }
+
+/// Shards of a new cache when the create names none: one per core of the app (set when
+/// the module starts), so each core gets an engine thread.
+pub(crate) static DEFAULT_SHARDS: AtomicU32 = AtomicU32::new(1);
 
 impl Default for Options {
     fn default() -> Self {
@@ -125,7 +131,9 @@ impl Default for Options {
             gc_percent: f.gc_percent,
             stripe_size_kib: (f.layout.stripe_bytes / 1024) as u32,
             segment_size_mib: (f.layout.segment_bytes >> 20) as u32,
-            shards: f.layout.shards,
+            shards: DEFAULT_SHARDS
+                .load(Ordering::Relaxed)
+                .clamp(f.layout.shards, MAX_SHARDS),
             wb: Writeback::default(),
             core: None,
         }

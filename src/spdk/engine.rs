@@ -1,9 +1,11 @@
-//! The engine thread of one pcache bdev: runs the sans-I/O [`Cache`] and executes its device
-//! commands against the cache and backing bdevs.
+//! An engine thread of a pcache bdev: runs the sans-I/O [`Cache`] (or, in a team of engine
+//! threads, its part of it: see `team`) and executes its device commands against the cache
+//! and backing bdevs.
 //!
-//! Every pcache bdev gets its own SPDK thread (bound to one core of the app's mask, chosen
-//! round-robin from the last core). Everything that touches the [`Cache`] or the base bdevs'
-//! channels happens there:
+//! The lead engine of a pcache bdev gets its own SPDK thread (bound to one core of the app's
+//! mask, chosen round-robin from the last core), the others one each on the following
+//! cores. Everything that touches an engine's [`Cache`] or its base bdev channels happens
+//! on its thread:
 //! - requests arrive by message (`submit_msg`, the `spdk_bdev_io` as argument) and are
 //!   submitted to the cache; request completions go back by message to the thread that
 //!   submitted them (`io::complete_msg`), which completes the `spdk_bdev_io`;
@@ -32,6 +34,11 @@ use std::collections::VecDeque;
 use std::ffi::{c_int, c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+mod team;
+pub(crate) use team::Peer;
+use team::{Gather, TeamState};
 
 use serde_json::{json, Value};
 
@@ -66,6 +73,8 @@ pub(crate) struct Setup {
     /// The mapped cache (`cache_path`): `desc[0]` / `bdev[0]` are null and every cache
     /// command completes inline on the engine thread.
     pub dax: Option<DaxDevice>,
+    /// Engine threads wanted (one per core by default; at most one per shard).
+    pub workers: usize,
 }
 
 /// The outcome of a successful open.
@@ -76,6 +85,8 @@ pub(crate) struct OpenInfo {
     pub gc_percent: u32,
     /// Dirty data found in the log (not yet on the backing bdev).
     pub dirty_bytes: u64,
+    /// The engine threads, lead first (empty: the lead alone serves every request).
+    pub team: Arc<[Peer]>,
 }
 
 pub(crate) type OpenDone = Box<dyn FnOnce(Result<OpenInfo, String>)>;
@@ -301,6 +312,12 @@ enum FormatPhase {
 
 pub(crate) struct Engine {
     name: String,
+    /// Place in the bdev's team of engine threads (0: the lead; see `team`).
+    wid: usize,
+    want_workers: usize,
+    /// Core of this engine's thread (None: any).
+    core: Option<u32>,
+    team: TeamState,
     app_thread: *mut ffi::spdk_thread,
     desc: [*mut ffi::spdk_bdev_desc; 2],
     bdev: [*mut ffi::spdk_bdev; 2],
@@ -375,15 +392,11 @@ static NEXT_CORE: AtomicUsize = AtomicUsize::new(0);
 
 /// A new SPDK thread bound to `want`, or to one core of the app's mask (round-robin from the
 /// last core).
-fn create_thread(name: &str, want: Option<u32>) -> Result<*mut ffi::spdk_thread, String> {
-    let mut cores = Vec::new();
-    // SAFETY: plain queries of the environment's core list.
-    let mut c = unsafe { ffi::spdk_env_get_first_core() };
-    while c != u32::MAX && cores.len() < 4096 {
-        cores.push(c);
-        // SAFETY: as above.
-        c = unsafe { ffi::spdk_env_get_next_core(c) };
-    }
+fn create_thread(
+    name: &str,
+    want: Option<u32>,
+) -> Result<(*mut ffi::spdk_thread, Option<u32>), String> {
+    let cores = app_cores();
     let core = match (want, cores.len()) {
         (Some(c), _) if cores.contains(&c) => Some(c),
         (Some(c), _) => {
@@ -413,7 +426,32 @@ fn create_thread(name: &str, want: Option<u32>) -> Result<*mut ffi::spdk_thread,
     if th.is_null() {
         return Err("cannot create the engine thread (spdk_thread_create failed)".into());
     }
-    Ok(th)
+    Ok((th, core))
+}
+
+/// The app's cores (`-m`), in order.
+pub(crate) fn app_cores() -> Vec<u32> {
+    let mut cores = Vec::new();
+    // SAFETY: plain queries of the environment's core list.
+    let mut c = unsafe { ffi::spdk_env_get_first_core() };
+    while c != u32::MAX && cores.len() < 4096 {
+        cores.push(c);
+        // SAFETY: as above.
+        c = unsafe { ffi::spdk_env_get_next_core(c) };
+    }
+    cores
+}
+
+/// Cores for a team of `n` engines whose lead runs on `lead`: the app's cores in order
+/// from the lead's, wrapping (None everywhere when the lead is not pinned).
+fn team_cores(lead: Option<u32>, n: usize) -> Vec<Option<u32>> {
+    let cores = app_cores();
+    let Some(at) = lead.and_then(|l| cores.iter().position(|&c| c == l)) else {
+        return vec![None; n];
+    };
+    (0..n)
+        .map(|k| Some(cores[(at + k) % cores.len()]))
+        .collect()
 }
 
 /// Creates the engine thread and starts opening (or formatting) the cache there. `done`
@@ -424,8 +462,10 @@ pub(crate) fn spawn(
     setup: Setup,
     done: OpenDone,
 ) -> Result<(*mut ffi::spdk_thread, *mut Engine), String> {
-    let thread = create_thread(&setup.name, setup.core)?;
-    let eng = Box::into_raw(Box::new(Engine::new(setup)));
+    let (thread, core) = create_thread(&setup.name, setup.core)?;
+    let mut e = Engine::new(setup);
+    e.core = core;
+    let eng = Box::into_raw(Box::new(e));
     let p = SendPtr(eng);
     if msg::send(thread, move || Engine::start(p.0, done)).is_err() {
         // SAFETY: the message was not queued; nobody else knows `eng`.
@@ -459,6 +499,10 @@ impl Engine {
         };
         Engine {
             name: s.name,
+            wid: 0,
+            want_workers: s.workers.max(1),
+            core: None,
+            team: TeamState::default(),
             app_thread: s.app_thread,
             desc: s.desc,
             bdev: s.bdev,
@@ -513,40 +557,90 @@ impl Engine {
         // SAFETY: `eng` was leaked by `spawn` and is only used on this thread from now on.
         let e = unsafe { &mut *eng };
         e.open_done = Some(done);
+        if let Err(err) = e.attach_thread(eng) {
+            e.open_error = Some(err);
+            // SAFETY: top level of a message; nothing else borrows the engine.
+            unsafe { Engine::teardown(eng) };
+            return;
+        }
+        e.open_begin();
+    }
+
+    /// The base bdevs' channels and the pollers, on this engine's thread.
+    fn attach_thread(&mut self, eng: *mut Engine) -> Result<(), String> {
         for (i, role) in DEV_NAMES.iter().enumerate() {
-            if e.desc[i].is_null() {
+            if self.desc[i].is_null() {
                 continue; // the mapped cache
             }
             // SAFETY: open descriptor; we are on the thread that will use the channel.
-            let ch = unsafe { ffi::spdk_bdev_get_io_channel(e.desc[i]) };
+            let ch = unsafe { ffi::spdk_bdev_get_io_channel(self.desc[i]) };
             if ch.is_null() {
-                e.open_error = Some(format!("cannot get an I/O channel to the {role} bdev"));
-                // SAFETY: top level of a message; nothing else borrows the engine.
-                unsafe { Engine::teardown(eng) };
-                return;
+                return Err(format!("cannot get an I/O channel to the {role} bdev"));
             }
-            e.ch[i] = ch;
+            self.ch[i] = ch;
         }
         let fast_name = c"pcache_engine";
         let slow_name = c"pcache_housekeeping";
         // SAFETY: the engine outlives its pollers (unregistered in teardown, on this thread).
         unsafe {
-            e.fast =
+            self.fast =
                 ffi::spdk_poller_register_named(Some(fast_poll), eng.cast(), 0, fast_name.as_ptr());
-            e.slow = ffi::spdk_poller_register_named(
+            self.slow = ffi::spdk_poller_register_named(
                 Some(slow_poll),
                 eng.cast(),
                 SLOW_POLL_US,
                 slow_name.as_ptr(),
             );
         }
-        if e.fast.is_null() || e.slow.is_null() {
-            e.open_error = Some("cannot register the engine pollers".into());
-            // SAFETY: top level of a message.
-            unsafe { Engine::teardown(eng) };
-            return;
+        if self.fast.is_null() || self.slow.is_null() {
+            return Err("cannot register the engine pollers".into());
         }
-        e.open_begin();
+        Ok(())
+    }
+
+    /// Engine `k` of the team, to drive `part` (made on the lead's thread, started on its
+    /// own by `start_worker`).
+    fn worker(&self, k: usize, part: Cache, dax: Option<DaxDevice>) -> Engine {
+        let mut e = Engine::new(Setup {
+            name: self.name.clone(),
+            core: None,
+            app_thread: self.app_thread,
+            desc: self.desc,
+            bdev: self.bdev,
+            identity: self.identity.clone(),
+            format: self.fopts.clone(),
+            cache_options: self.copts.clone(),
+            cache_bytes: self.cache_bytes,
+            dax,
+            workers: 1,
+        });
+        e.wid = k;
+        e.cache = Some(Box::new(part));
+        e
+    }
+
+    /// A worker's first message: channels and pollers; then it takes requests.
+    fn start_worker(&mut self, eng: *mut Engine) -> Result<(), String> {
+        self.attach_thread(eng)?;
+        self.state = State::Running;
+        self.kick = true;
+        Ok(())
+    }
+
+    /// The cache is open and every engine runs: report to the app thread.
+    fn open_succeeded(&mut self, mut info: OpenInfo) {
+        info.team = self.team.peers.clone();
+        self.state = State::Running;
+        self.kick = true;
+        if let Some(done) = self.open_done.take() {
+            if msg::send(self.app_thread, move || done(Ok(info))).is_err() {
+                spdk_log!(
+                    ERROR,
+                    "{}: cannot report the open to the app thread",
+                    self.name
+                );
+            }
+        }
     }
 
     // ---- opening and formatting ----
@@ -602,19 +696,9 @@ impl Engine {
                     sb,
                     formatted: self.formatted,
                     problems: std::mem::take(&mut self.open_problems),
+                    team: Arc::from(Vec::new()),
                 };
-                self.cache = Some(cache);
-                self.state = State::Running;
-                self.kick = true;
-                if let Some(done) = self.open_done.take() {
-                    if msg::send(self.app_thread, move || done(Ok(info))).is_err() {
-                        spdk_log!(
-                            ERROR,
-                            "{}: cannot report the open to the app thread",
-                            self.name
-                        );
-                    }
-                }
+                self.spawn_team(cache, info);
             }
             OpenStep::Failed(OpenError::NoSuperblock {
                 a: FormatError::BadMagic { .. },
@@ -816,9 +900,23 @@ impl Engine {
 
     /// Sends the completion of `io` to its submitting thread.
     fn finish_io(&mut self, io: *mut ffi::spdk_bdev_io, status: st::Type) {
-        // SAFETY: a pending request; its driver context is ours. The message transfers it
-        // back to the submitting thread, which reads the status there.
-        unsafe { ptr::addr_of_mut!((*ffi::bdev_io_driver_ctx::<IoCtx>(io)).status).write(status) };
+        // SAFETY: our bdevs' bdev_io carry an IoCtx as driver context.
+        let ctx = unsafe { ffi::bdev_io_driver_ctx::<IoCtx>(io) };
+        // SAFETY: a pending request; `fanout` was written by the submitting thread before
+        // it sent the request to the engines, and is only read after that.
+        if unsafe { (*ctx).fanout } {
+            // Several engines answer this request: each sends its own status.
+            let p = SendPtr(io);
+            // SAFETY: a pending request; its thread lives until it completes.
+            let th = unsafe { ffi::spdk_bdev_io_get_thread(io) };
+            if msg::send(th, move || io::fanout_done(p.0, status)).is_err() {
+                spdk_log!(ERROR, "{}: lost the completion of a request", self.name);
+            }
+            return;
+        }
+        // SAFETY: as above; the message transfers the request back to the submitting
+        // thread, which reads the status there.
+        unsafe { ptr::addr_of_mut!((*ctx).status).write(status) };
         if !send_completion(io) {
             self.unsent.push(io);
         }
@@ -910,6 +1008,7 @@ impl Engine {
                 break;
             }
         }
+        self.exchange();
         did
     }
 
@@ -1343,6 +1442,7 @@ impl Engine {
 
     fn housekeeping(&mut self) -> bool {
         let mut busy = false;
+        self.report_frontier();
         if !self.unsent.is_empty() {
             let mut keep = Vec::new();
             for io in self.unsent.drain(..) {
@@ -1497,7 +1597,7 @@ impl Engine {
         e.dma.clear();
         let app = e.app_thread;
         let name = std::mem::take(&mut e.name);
-        let err = e.open_error.take();
+        let err = e.open_error.take().or_else(|| e.team.stop_error.take());
         let open_done = e.open_done.take();
         let stop_done = e.stop_done.take();
         drop(e);
@@ -1517,9 +1617,10 @@ impl Engine {
         unsafe { ffi::spdk_thread_exit(msg::current()) };
     }
 
-    fn stats_json(&self) -> Value {
+    /// This engine's share of the statistics (see [`render_stats`]).
+    fn stats_part(&self) -> StatsPart {
         let c = self.counters;
-        let engine = json!({
+        let host = json!({
             "requests": c.requests,
             "requests_failed": c.requests_failed,
             "requests_in_flight": self.reqs.live,
@@ -1536,59 +1637,109 @@ impl Engine {
             "idle": self.idle,
             "draining": self.drain_on,
         });
-        let Some(cache) = self.cache.as_deref() else {
-            return json!({"host": engine});
-        };
-        let s = cache.stats();
-        let g = cache.geometry();
-        let seg_bytes = u64::from(g.segment_sectors) * 512;
-        let capacity = u64::from(s.segments_total) * seg_bytes;
-        let free = u64::from(s.segments_free) * seg_bytes;
-        let pct = |x: u64| {
-            if capacity == 0 {
-                0.0
-            } else {
-                (x as f64 * 1000.0 / capacity as f64).round() / 10.0
-            }
-        };
-        let t = &s.total;
-        json!({
-            "usage": {
-                "capacity_bytes": capacity,
-                "clean": {"bytes": s.clean_bytes, "percent": pct(s.clean_bytes)},
-                "dirty": {"bytes": s.dirty_bytes, "percent": pct(s.dirty_bytes)},
-                "free": {"bytes": free, "percent": pct(free)},
-                "segments_total": s.segments_total,
-                "segments_free": s.segments_free,
-                "extents": s.extents,
-            },
-            "requests": {
-                "reads": t.reads,
-                "writes": t.writes,
-                "discards": t.discards,
-                "read_hit_sectors": t.read_hit_sectors,
-                "read_miss_sectors": t.read_miss_sectors,
-                "in_place_writes": t.in_place_writes,
-                "cache_full_waits": t.cache_full_waits,
-            },
-            "errors": {
-                "io_errors": t.io_errors,
-                "crc_errors": t.crc_errors,
-                "wb_errors": t.wb_errors,
-                "kset_retries": t.kset_retries,
-                "requests_failed": c.requests_failed,
-                "device_errors": c.dev_errors,
-            },
-            "writeback": {
-                "dirty_bytes": s.wb_dirty_bytes,
-                "failed": s.wb_failed,
-                "epoch": s.epoch,
-                "gc_percent": s.gc_percent,
-            },
-            "engine": s,
-            "host": engine,
-        })
+        StatsPart {
+            host,
+            cache: self
+                .cache
+                .as_deref()
+                .map(|c| (c.stats(), c.geometry().segment_sectors)),
+        }
     }
+}
+
+/// One engine's statistics, merged across a team by [`render_stats`].
+struct StatsPart {
+    host: Value,
+    cache: Option<(crate::engine::CacheStats, u32)>,
+}
+
+/// Adds the numbers of `b` into `a` (objects field by field; booleans: any).
+fn add_json(a: &mut Value, b: &Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(k) {
+                    Some(x) => add_json(x, v),
+                    None => {
+                        a.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Number(x), Value::Number(y)) => {
+            if let (Some(x1), Some(y1)) = (x.as_u64(), y.as_u64()) {
+                *x = (x1 + y1).into();
+            }
+        }
+        (Value::Bool(x), Value::Bool(y)) => *x |= *y,
+        _ => {}
+    }
+}
+
+/// The `bdev_pcache_get_stats` body from every engine's part.
+fn render_stats(parts: Vec<StatsPart>) -> Value {
+    let mut host = json!({});
+    let mut cache: Option<(crate::engine::CacheStats, u32)> = None;
+    let engines = parts.len();
+    for p in parts {
+        add_json(&mut host, &p.host);
+        match (&mut cache, p.cache) {
+            (Some((s, _)), Some((o, _))) => s.merge(o),
+            (None, Some(x)) => cache = Some(x),
+            _ => {}
+        }
+    }
+    host["engine_threads"] = json!(engines);
+    let Some((s, segment_sectors)) = cache else {
+        return json!({"host": host});
+    };
+    let seg_bytes = u64::from(segment_sectors) * 512;
+    let capacity = u64::from(s.segments_total) * seg_bytes;
+    let free = u64::from(s.segments_free) * seg_bytes;
+    let pct = |x: u64| {
+        if capacity == 0 {
+            0.0
+        } else {
+            (x as f64 * 1000.0 / capacity as f64).round() / 10.0
+        }
+    };
+    let t = &s.total;
+    json!({
+        "usage": {
+            "capacity_bytes": capacity,
+            "clean": {"bytes": s.clean_bytes, "percent": pct(s.clean_bytes)},
+            "dirty": {"bytes": s.dirty_bytes, "percent": pct(s.dirty_bytes)},
+            "free": {"bytes": free, "percent": pct(free)},
+            "segments_total": s.segments_total,
+            "segments_free": s.segments_free,
+            "extents": s.extents,
+        },
+        "requests": {
+            "reads": t.reads,
+            "writes": t.writes,
+            "discards": t.discards,
+            "read_hit_sectors": t.read_hit_sectors,
+            "read_miss_sectors": t.read_miss_sectors,
+            "in_place_writes": t.in_place_writes,
+            "cache_full_waits": t.cache_full_waits,
+        },
+        "errors": {
+            "io_errors": t.io_errors,
+            "crc_errors": t.crc_errors,
+            "wb_errors": t.wb_errors,
+            "kset_retries": t.kset_retries,
+            "requests_failed": host["requests_failed"].clone(),
+            "device_errors": host["device_errors"].clone(),
+        },
+        "writeback": {
+            "dirty_bytes": s.wb_dirty_bytes,
+            "failed": s.wb_failed,
+            "epoch": s.epoch,
+            "gc_percent": s.gc_percent,
+        },
+        "engine": s,
+        "host": host,
+    })
 }
 
 /// Splits bytes `off..off+len` of the buffer described by `iovs` into `out`.
@@ -1788,6 +1939,15 @@ unsafe extern "C" fn slow_poll(arg: *mut c_void) -> c_int {
         let e = unsafe { &mut *eng };
         e.submit_incoming();
         if e.ready_to_free() {
+            if e.is_worker() {
+                // The lead ends the team (two-phase stop, see `team`).
+                e.park();
+                return ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int;
+            }
+            if !e.team_done() {
+                e.report_frontier();
+                return ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int;
+            }
             // SAFETY: top level of a poller on the engine thread, nothing in flight.
             unsafe { Engine::teardown(eng) };
             return ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int;
@@ -1802,15 +1962,24 @@ unsafe extern "C" fn slow_poll(arg: *mut c_void) -> c_int {
 
 // ---- messages from other threads ----
 
+/// The engine of `io`'s bdev that runs on this thread.
+fn engine_here(io: *mut ffi::spdk_bdev_io) -> *mut Engine {
+    // SAFETY: a pending request of a pcache bdev; `ctxt` is its live node, whose engine
+    // and team were set before registration and stay valid while requests are pending.
+    let node = unsafe { &*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>() };
+    let here = msg::current();
+    node.team()
+        .iter()
+        .find(|p| p.thread == here)
+        .map_or_else(|| node.engine(), |p| p.eng)
+}
+
 /// Engine-thread entry of a request (`spdk_thread_send_msg` argument: the bdev_io).
 pub(crate) unsafe extern "C" fn submit_msg(arg: *mut c_void) {
     no_unwind("pcache submit", (), || {
         let io = arg.cast::<ffi::spdk_bdev_io>();
-        // SAFETY: a pending request of a pcache bdev; `ctxt` is its live node, whose engine
-        // pointer was set before registration and stays valid while requests are pending.
-        let eng = unsafe { (*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>()).engine() };
         // SAFETY: on the engine thread at the top level of a message.
-        let e = unsafe { &mut *eng };
+        let e = unsafe { &mut *engine_here(io) };
         e.incoming.push(io);
         e.kick = true;
     })
@@ -1821,7 +1990,7 @@ pub(crate) unsafe extern "C" fn reset_msg(arg: *mut c_void) {
     no_unwind("pcache reset", (), || {
         let io = arg.cast::<ffi::spdk_bdev_io>();
         // SAFETY: as in `submit_msg`.
-        let e = unsafe { &mut *(*(*(*io).bdev).ctxt.cast::<super::vbdev::Pcache>()).engine() };
+        let e = unsafe { &mut *engine_here(io) };
         e.submit_incoming();
         e.counters.resets += 1;
         e.resets.push(io);
@@ -1845,38 +2014,94 @@ fn with_engine(
     })
 }
 
-/// Gathers the engine's statistics; `done` runs on the app thread.
+/// Every engine of the team `e` leads (itself alone when it has none).
+fn members(e: &Engine) -> Vec<Peer> {
+    if e.team.peers.is_empty() {
+        vec![Peer {
+            thread: msg::current(),
+            eng: e as *const Engine as *mut Engine,
+        }]
+    } else {
+        e.team.peers.to_vec()
+    }
+}
+
+/// Runs `f` on every engine of the lead's team (each on its thread), then `then` with the
+/// results, on the thread of the last one to answer. A member that cannot be reached
+/// counts as `missing`.
+fn on_team<T: 'static>(
+    e: &Engine,
+    f: impl Fn(&mut Engine) -> T + Clone + 'static,
+    missing: impl Fn() -> T,
+    then: impl FnOnce(Vec<T>) + 'static,
+) {
+    let peers = members(e);
+    let g = Gather::new(peers.len(), then);
+    for p in peers {
+        let (g2, f) = (g.clone(), f.clone());
+        if team::send(p, move |w| Gather::put(&g2, f(w))).is_err() {
+            Gather::put(&g, missing());
+        }
+    }
+}
+
+/// Gathers the statistics of every engine; `done` runs on the app thread.
 pub(crate) fn stats(
     thread: *mut ffi::spdk_thread,
     eng: *mut Engine,
     done: Box<dyn FnOnce(Value)>,
 ) -> Result<(), ()> {
     with_engine(thread, eng, move |e| {
-        let v = e.stats_json();
-        if msg::send(e.app_thread, move || done(v)).is_err() {
-            spdk_log!(ERROR, "{}: cannot return stats to the app thread", e.name);
-        }
+        let (app, name) = (e.app_thread, e.name.clone());
+        on_team(
+            e,
+            |w| Some(w.stats_part()),
+            || None,
+            move |parts| {
+                let v = render_stats(parts.into_iter().flatten().collect());
+                if msg::send(app, move || done(v)).is_err() {
+                    spdk_log!(ERROR, "{name}: cannot return stats to the app thread");
+                }
+            },
+        );
     })
 }
 
-/// Writes back everything dirty; `done` runs on the app thread once the cache is clean (or
-/// writeback failed).
+/// Writes back everything dirty; `done` runs on the app thread once every engine's cache
+/// is clean (or writeback failed).
 pub(crate) fn drain(thread: *mut ffi::spdk_thread, eng: *mut Engine, done: Done) -> Result<(), ()> {
     with_engine(thread, eng, move |e| {
-        if let Some(c) = e.cache.as_deref_mut() {
-            c.retry_writeback();
+        let peers = members(e);
+        let g = Gather::new(peers.len(), move |rs: Vec<Result<(), String>>| {
+            done(rs.into_iter().find(Result::is_err).unwrap_or(Ok(())));
+        });
+        for p in peers {
+            let g2 = g.clone();
+            let sent = team::send(p, move |w| {
+                if let Some(c) = w.cache.as_deref_mut() {
+                    c.retry_writeback();
+                }
+                // Answered on the app thread by the engine's housekeeping.
+                w.drain_waiters.push(Box::new(move |r| Gather::put(&g2, r)));
+            });
+            if sent.is_err() {
+                Gather::put(&g, Err("cannot reach an engine thread".into()));
+            }
         }
-        e.drain_waiters.push(done);
     })
 }
 
 /// Starts writing back everything dirty (`bdev_pcache_flush_start`).
 pub(crate) fn flush_start(thread: *mut ffi::spdk_thread, eng: *mut Engine) -> Result<(), ()> {
     with_engine(thread, eng, |e| {
-        if let Some(c) = e.cache.as_deref_mut() {
-            c.retry_writeback();
+        for p in members(e) {
+            let _ = team::send(p, |w| {
+                if let Some(c) = w.cache.as_deref_mut() {
+                    c.retry_writeback();
+                }
+                w.flushing = true;
+            });
         }
-        e.flushing = true;
     })
 }
 
@@ -1887,24 +2112,35 @@ pub(crate) fn flush_status(
     done: Box<dyn FnOnce(Value)>,
 ) -> Result<(), ()> {
     with_engine(thread, eng, move |e| {
-        let failed = e.writeback_failed();
-        let v = match e.cache.as_deref() {
-            Some(c) => json!({
-                "dirty_bytes": c.dirty_bytes(),
-                "clean": c.is_clean(),
-                "flushing": e.flushing,
-                "writeback_failed": failed,
-            }),
-            None => json!({"clean": false, "flushing": false, "writeback_failed": failed}),
-        };
-        if msg::send(e.app_thread, move || done(v)).is_err() {
-            spdk_log!(ERROR, "{}: cannot return flush status", e.name);
-        }
+        let (app, name) = (e.app_thread, e.name.clone());
+        on_team(
+            e,
+            |w| {
+                let failed = w.writeback_failed();
+                match w.cache.as_deref() {
+                    Some(c) => (c.dirty_bytes(), c.is_clean(), w.flushing, failed),
+                    None => (0, false, false, failed),
+                }
+            },
+            || (0, false, false, true),
+            move |parts| {
+                let v = json!({
+                    "dirty_bytes": parts.iter().map(|p| p.0).sum::<u64>(),
+                    "clean": parts.iter().all(|p| p.1),
+                    "flushing": parts.iter().any(|p| p.2),
+                    "writeback_failed": parts.iter().any(|p| p.3),
+                });
+                if msg::send(app, move || done(v)).is_err() {
+                    spdk_log!(ERROR, "{name}: cannot return flush status");
+                }
+            },
+        );
     })
 }
 
 /// Changes writeback pacing / gc_percent: `f` maps the current options to the new ones (or
-/// an error); `done` runs on the app thread with the options in effect.
+/// an error); `done` runs on the app thread with the options in effect. The lead decides;
+/// the other engines take the same options.
 pub(crate) fn set_options(
     thread: *mut ffi::spdk_thread,
     eng: *mut Engine,
@@ -1921,6 +2157,17 @@ pub(crate) fn set_options(
             }),
         };
         e.kick = true;
+        if let Ok(o) = r {
+            for p in members(e).into_iter().skip(1) {
+                let _ = team::send(p, move |w| {
+                    if let Some(c) = w.cache.as_deref_mut() {
+                        // Validated by the lead.
+                        let _ = c.set_writeback_options(o);
+                    }
+                    w.kick = true;
+                });
+            }
+        }
         if msg::send(e.app_thread, move || done(r)).is_err() {
             spdk_log!(ERROR, "{}: cannot answer set_options", e.name);
         }
@@ -1934,13 +2181,18 @@ pub(crate) fn base_removed(
     dev: Dev,
 ) -> Result<(), ()> {
     with_engine(thread, eng, move |e| {
-        e.removed[dev_index(dev)] = true;
-        e.kick = true;
+        for p in members(e) {
+            let _ = team::send(p, move |w| {
+                w.removed[dev_index(dev)] = true;
+                w.kick = true;
+            });
+        }
     })
 }
 
-/// Stops the engine (after writing back everything when `drain`), releases its channels
-/// and exits its thread; `done` runs on the app thread afterwards (Err if the drain failed).
+/// Stops every engine (after writing back everything when `drain`), releases their
+/// channels and exits their threads, the lead last; `done` runs on the app thread
+/// afterwards (Err if a drain failed).
 pub(crate) fn stop(
     thread: *mut ffi::spdk_thread,
     eng: *mut Engine,
@@ -1957,5 +2209,6 @@ pub(crate) fn stop(
         if let Some(c) = e.cache.as_deref_mut() {
             c.retry_writeback();
         }
+        e.stop_workers(drain);
     })
 }

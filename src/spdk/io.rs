@@ -12,10 +12,11 @@ use std::ffi::{c_int, c_void};
 use std::ptr;
 
 use super::engine;
+use super::engine::Peer;
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use super::log::{no_unwind, spdk_log};
 use super::stats::IoCounters;
-use super::vbdev::Pcache;
+use super::vbdev::{Pcache, Route};
 
 /// Per-thread channel context (what `spdk_io_channel_get_ctx` returns for our io_device).
 /// The engine thread owns the base bdevs' channels; this only counts.
@@ -37,6 +38,11 @@ pub(crate) struct IoCtx {
     pub(crate) ch: *mut ffi::spdk_io_channel,
     /// Written by the engine thread before it sends the request back.
     pub(crate) status: st::Type,
+    /// Sent to several engines, which then answer by [`fanout_done`] (set before sending).
+    pub(crate) fanout: bool,
+    /// Engines still to answer, and the worst status so far (submitting thread only).
+    left: u32,
+    worst: st::Type,
 }
 
 // driver_ctx sits at offset 1216 of an 8-aligned spdk_bdev_io.
@@ -109,6 +115,7 @@ pub(crate) unsafe extern "C" fn submit_request(
         unsafe {
             ptr::addr_of_mut!((*ctx(io)).ch).write(ch);
             ptr::addr_of_mut!((*ctx(io)).status).write(st::SPDK_BDEV_IO_STATUS_FAILED);
+            ptr::addr_of_mut!((*ctx(io)).fanout).write(false);
         }
         // SAFETY: a live bdev_io handed to us.
         let ty = t::Type::from(unsafe { (*io).type_ });
@@ -132,16 +139,63 @@ pub(crate) unsafe extern "C" fn submit_request(
     })
 }
 
-/// Hands `io` to its bdev's engine thread.
+/// Hands `io` to the engine thread of its stripe's shard, or to each engine it concerns.
 fn to_engine(io: *mut ffi::spdk_bdev_io, f: unsafe extern "C" fn(*mut c_void)) {
-    // SAFETY: live bdev_io of our bdev, whose `ctxt` is its node; the engine thread was set
-    // before registration.
-    let thread = unsafe { (*(*(*io).bdev).ctxt.cast::<Pcache>()).engine_thread() };
-    // SAFETY: the engine thread lives until the bdev is destructed, after all I/O.
-    let rc = unsafe { ffi::spdk_thread_send_msg(thread, Some(f), io.cast()) };
-    if rc != 0 {
-        // Out of message buffers: the bdev layer retries NOMEM requests later.
-        complete_here(io, st::SPDK_BDEV_IO_STATUS_NOMEM);
+    // SAFETY: live bdev_io of our bdev, whose `ctxt` is its node; the engine thread and the
+    // team were set before registration.
+    let node = unsafe { &*(*(*io).bdev).ctxt.cast::<Pcache>() };
+    let targets = match node.route(io) {
+        Route::Lead => None,
+        Route::One(p) => Some(p.thread),
+        Route::Many(v) => return fan_out(io, f, &v),
+    };
+    {
+        let thread = targets.unwrap_or_else(|| node.engine_thread());
+        // SAFETY: the engine threads live until the bdev is destructed, after all I/O.
+        let rc = unsafe { ffi::spdk_thread_send_msg(thread, Some(f), io.cast()) };
+        if rc != 0 {
+            // Out of message buffers: the bdev layer retries NOMEM requests later.
+            complete_here(io, st::SPDK_BDEV_IO_STATUS_NOMEM);
+        }
+    }
+}
+
+/// Sends `io` to each of `targets`; [`fanout_done`] collects their answers.
+fn fan_out(io: *mut ffi::spdk_bdev_io, f: unsafe extern "C" fn(*mut c_void), targets: &[Peer]) {
+    // SAFETY: this request's context, written before any engine sees the request.
+    unsafe {
+        let c = ctx(io);
+        ptr::addr_of_mut!((*c).fanout).write(true);
+        ptr::addr_of_mut!((*c).left).write(targets.len() as u32);
+        ptr::addr_of_mut!((*c).worst).write(st::SPDK_BDEV_IO_STATUS_SUCCESS);
+    }
+    for p in targets.iter() {
+        // SAFETY: as above.
+        let rc = unsafe { ffi::spdk_thread_send_msg(p.thread, Some(f), io.cast()) };
+        if rc != 0 {
+            fanout_done(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+        }
+    }
+}
+
+/// One engine's answer to a request sent to several (on the submitting thread): the last
+/// completes it, failed if any part failed.
+pub(crate) fn fanout_done(io: *mut ffi::spdk_bdev_io, status: st::Type) {
+    // SAFETY: a pending fanned-out request on its submitting thread: `left` and `worst`
+    // are only touched here.
+    let (left, worst) = unsafe {
+        let c = ctx(io);
+        if status != st::SPDK_BDEV_IO_STATUS_SUCCESS {
+            (*c).worst = st::SPDK_BDEV_IO_STATUS_FAILED;
+        }
+        (*c).left = (*c).left.saturating_sub(1);
+        ((*c).left, (*c).worst)
+    };
+    if left == 0 {
+        // SAFETY: as above; `complete_msg` reads the status from the context.
+        unsafe { ptr::addr_of_mut!((*ctx(io)).status).write(worst) };
+        // SAFETY: the request's own thread, completed exactly once (the last answer).
+        unsafe { complete_msg(io.cast()) };
     }
 }
 

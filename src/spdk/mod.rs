@@ -11,7 +11,8 @@
 //! - [`config`]: RPC parameters and validated options (pure Rust).
 //! - [`vbdev`]: one pcache bdev: bases, claims, registration, destruct, hot-remove, JSON.
 //! - [`io`]: channels and the request path on the submitting threads.
-//! - [`engine`]: the engine thread: runs the `Cache`, executes its device commands.
+//! - [`engine`]: the engine threads (a team, one per core): each runs its part of the
+//!   `Cache` and executes its device commands; `engine::team` carries what the parts share.
 //! - [`msg`]: messages between SPDK threads.
 //! - [`stats`]: lock-free per-channel counters.
 //! - [`json`], [`log`]: glue to SPDK's JSON writer and logger.

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::config::SetOptions;
 use super::config::{CacheMedia, CreateConfig};
-use super::engine::{self, Engine, OpenInfo, SendPtr, Setup};
+use super::engine::{self, Engine, OpenInfo, Peer, SendPtr, Setup};
 use super::ffi::{self, spdk_bdev_io_type as t};
 use super::io;
 use super::json::Writer;
@@ -82,6 +82,25 @@ pub(crate) enum NodeState {
 
 /// The io_device and `bdev.ctxt` of one pcache bdev. Heap-allocated, never moved; freed in
 /// the io_device unregister callback, after the last channel is gone.
+/// Where a request goes (see [`Pcache::route`]).
+pub(crate) enum Route {
+    /// The lead engine (a bdev with one engine thread).
+    Lead,
+    One(Peer),
+    Many(Vec<Peer>),
+}
+
+/// How requests map to engines: stripe `s` belongs to shard `s % shards`, which engine
+/// `shard % team size` drives.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Routing {
+    /// Stripe size, sectors.
+    stripe: u64,
+    shards: u32,
+    /// log2(bdev block size / 512).
+    shift: u32,
+}
+
 pub(crate) struct Pcache {
     bdev: UnsafeCell<ffi::spdk_bdev>,
     name: CString,
@@ -105,6 +124,9 @@ pub(crate) struct Pcache {
     /// never changed afterwards. The engine is only dereferenced on its thread.
     engine_thread: *mut ffi::spdk_thread,
     engine: *mut Engine,
+    /// The engine threads when there are several (set before registration, then fixed),
+    /// and where requests go: which engine serves each stripe.
+    team: std::cell::OnceCell<(Arc<[Peer]>, Routing)>,
     pub(crate) retired: Arc<Retired>,
     state: Cell<NodeState>,
     origin: Cell<Origin>,
@@ -138,6 +160,56 @@ impl Pcache {
 
     pub(crate) fn engine(&self) -> *mut Engine {
         self.engine
+    }
+
+    /// The engine threads (empty when the lead engine serves everything).
+    pub(crate) fn team(&self) -> &[Peer] {
+        self.team.get().map_or(&[], |(t, _)| t)
+    }
+
+    /// Which engines `io` concerns: its stripes' shards' engines (all of them for a flush
+    /// or a reset). Empty: the lead alone.
+    pub(crate) fn route(&self, io: *mut ffi::spdk_bdev_io) -> Route {
+        let Some((team, r)) = self.team.get() else {
+            return Route::Lead;
+        };
+        // SAFETY: a live request of this bdev; `u.bdev` holds its range for the block
+        // types (integer fields read by value).
+        let (ty, offset, num) = unsafe {
+            let b = super::io::block(io);
+            (
+                ffi::spdk_bdev_io_type::Type::from((*io).type_),
+                (*b).offset_blocks,
+                (*b).num_blocks,
+            )
+        };
+        use ffi::spdk_bdev_io_type as t;
+        if !matches!(
+            ty,
+            t::SPDK_BDEV_IO_TYPE_READ
+                | t::SPDK_BDEV_IO_TYPE_WRITE
+                | t::SPDK_BDEV_IO_TYPE_UNMAP
+                | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
+        ) || num == 0
+        {
+            return Route::Many(team.to_vec());
+        }
+        let n = team.len() as u64;
+        let engine_of = |stripe: u64| (stripe % u64::from(r.shards) % n) as usize;
+        let first = (offset << r.shift) / r.stripe;
+        let last = (((offset + num) << r.shift) - 1) / r.stripe;
+        let e0 = engine_of(first);
+        if first == last || (first + 1..=last.min(first + n)).all(|s| engine_of(s) == e0) {
+            return Route::One(team[e0]);
+        }
+        let mut out: Vec<Peer> = Vec::new();
+        for s in first..=last.min(first + u64::from(r.shards) * n) {
+            let p = team[engine_of(s)];
+            if !out.iter().any(|q| q.thread == p.thread) {
+                out.push(p);
+            }
+        }
+        Route::Many(out)
     }
 
     pub(crate) fn state(&self) -> NodeState {
@@ -674,6 +746,12 @@ fn start_engine(node: *mut Pcache) {
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
         dax: n.dax.borrow_mut().take(),
+        // One engine thread per core, unless pinned to one core (at most one per shard).
+        workers: if n.config.options.core.is_some() {
+            1
+        } else {
+            engine::app_cores().len().max(1)
+        },
     };
     let p = SendPtr(node);
     match engine::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
@@ -806,6 +884,7 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         thread: unsafe { ffi::spdk_get_thread() },
         engine_thread: ptr::null_mut(),
         engine: ptr::null_mut(),
+        team: std::cell::OnceCell::new(),
         retired: Arc::new(Retired::default()),
         state: Cell::new(NodeState::Creating),
         origin: Cell::new(Origin::Rpc),
@@ -1033,6 +1112,16 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
             );
         }
     }
+    if info.team.len() > 1 {
+        // SAFETY: not registered yet: nothing reads the routing concurrently.
+        let blocklen = unsafe { (*n.bdev_ptr()).blocklen };
+        let routing = Routing {
+            stripe: u64::from(g.stripe_sectors).max(1),
+            shards: g.shard_count.max(1),
+            shift: (blocklen / 512).max(1).trailing_zeros(),
+        };
+        let _ = n.team.set((info.team.clone(), routing));
+    }
     // Split at the engine's stripes: the superblock's, which win over the create options.
     {
         // SAFETY: not registered yet, so we are the bdev's only user.
@@ -1076,7 +1165,8 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
     }
     spdk_log!(
         NOTICE,
-        "{} pcache bdev '{}' ({}, backing '{}', {} shard(s), {} segments of {} MiB)",
+        "{} pcache bdev '{}' ({}, backing '{}', {} shard(s) on {} engine thread(s), {} \
+         segments of {} MiB)",
         if info.formatted {
             "created"
         } else {
@@ -1086,6 +1176,7 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
         n.config.cache_label(),
         n.config.backing_bdev,
         g.shard_count,
+        info.team.len().max(1),
         g.segment_count,
         g.segment_sectors / 2048
     );
