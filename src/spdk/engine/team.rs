@@ -176,9 +176,9 @@ impl Engine {
                 let res = e.start_worker(p.eng);
                 if let Err(err) = &res {
                     // Nothing runs there: park at once (the lead stops the team).
-                    e.state = State::Quiescing;
-                    e.team.parked = true;
                     spdk_log!(ERROR, "{}: engine {k}: {err}", e.name);
+                    e.state = State::Quiescing;
+                    e.park();
                 }
                 let _ = send(lead, move |l| l.worker_started(res));
             });
