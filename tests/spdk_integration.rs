@@ -340,6 +340,29 @@ impl Rpc<'_> {
     }
 }
 
+/// A fresh scratch directory for one test (emptied if a previous run left it).
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pcache-it-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Stops the target, prints its log under `what`, removes the test's scratch directory.
+fn finish_target(tgt: Proc, rpc: &Rpc, what: &str, dir: &Path) {
+    let log = stop_target(tgt, rpc);
+    println!("spdk_tgt log ({what}):\n{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// SPDK's bdevperf.py (drives `bdevperf -z`), or None after printing why the test skips.
+fn bdevperf_py(spdk: &Spdk) -> Option<PathBuf> {
+    if spdk.bdevperf_py.is_none() {
+        println!("SKIPPED: no examples/bdev/bdevperf/bdevperf.py next to rpc.py");
+    }
+    spdk.bdevperf_py.clone()
+}
+
 fn start_target<'a>(spdk: &'a Spdk, so: &Path, tag: &str) -> (Proc, Rpc<'a>) {
     start_target_with(spdk, so, tag, &[])
 }
@@ -745,8 +768,7 @@ fn verify_secs() -> u64 {
 fn bdevperf_verify_over_pcache() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
-    let Some(perf_py) = spdk.bdevperf_py.clone() else {
-        println!("SKIPPED: no examples/bdev/bdevperf/bdevperf.py next to rpc.py");
+    let Some(perf_py) = bdevperf_py(&spdk) else {
         return;
     };
     let secs = verify_secs();
@@ -951,8 +973,7 @@ fn verify_jobs(
 fn hot_remove_under_io() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
-    let Some(perf_py) = spdk.bdevperf_py.clone() else {
-        println!("SKIPPED: no examples/bdev/bdevperf/bdevperf.py next to rpc.py");
+    let Some(perf_py) = bdevperf_py(&spdk) else {
         return;
     };
     let cfg = root().join("spdk-config/bdevperf-pcache-small-cache.json");
@@ -1163,15 +1184,12 @@ fn restart_case(cache_path: Option<&Path>) {
         println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
         return;
     };
-    let pid = std::process::id();
     let tag = if cache_path.is_some() {
         "persistp"
     } else {
         "persist"
     };
-    let dir = std::env::temp_dir().join(format!("pcache-it-{tag}-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch_dir(tag);
     let cache_img = dir.join("cache.img");
     let back_img = dir.join("backing.img");
     let other_img = dir.join("other.img");
@@ -1645,10 +1663,7 @@ fn examine_autoload_after_restart() {
         println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
         return;
     };
-    let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("pcache-it-autoload-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch_dir("autoload");
     let (cache_img, back_img) = (dir.join("cache.img"), dir.join("backing.img"));
     for p in [&cache_img, &back_img] {
         std::fs::File::create(p)
@@ -1848,9 +1863,7 @@ fn examine_autoload_after_restart() {
     check_examined(&rpc, "PCb", "renamed");
     rpc.err(&["bdev_get_bdevs", "-b", "PCa"], "");
     read_back(&rpc, "PCb", "renamed");
-    let log = stop_target(tgt, &rpc);
-    println!("spdk_tgt log (phase 4):\n{log}");
-    let _ = std::fs::remove_dir_all(&dir);
+    finish_target(tgt, &rpc, "phase 4", &dir);
 }
 
 /// `bdev_pcache_create` with `defer`: before its base bdevs exist it answers `true` and the
@@ -1862,10 +1875,7 @@ fn examine_autoload_after_restart() {
 fn deferred_create_and_load_config() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
-    let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("pcache-it-defer-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = scratch_dir("defer");
     let (tgt, rpc) = start_target(&spdk, &so, "defer");
 
     let create = [
@@ -2013,9 +2023,7 @@ fn deferred_create_and_load_config() {
         [("PCd", "running"), ("PCw", "waiting for CacheW")],
         "{st}"
     );
-    let log = stop_target(tgt, &rpc);
-    println!("spdk_tgt log (load_config):\n{log}");
-    let _ = std::fs::remove_dir_all(&dir);
+    finish_target(tgt, &rpc, "load_config", &dir);
 }
 
 /// bdevperf loads a config holding only a deferred `bdev_pcache_create` (its bases do not
@@ -2025,8 +2033,7 @@ fn deferred_create_and_load_config() {
 fn deferred_create_does_io() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
-    let Some(perf_py) = spdk.bdevperf_py.clone() else {
-        println!("SKIPPED: no examples/bdev/bdevperf/bdevperf.py next to rpc.py");
+    let Some(perf_py) = bdevperf_py(&spdk) else {
         return;
     };
     let cfg = std::env::temp_dir().join(format!("pcache-it-deferio-{}.json", std::process::id()));

@@ -189,19 +189,9 @@ fn run_split(parts: usize, shards: u32, seed: u64) {
     let mut id = 0;
     for _ in 0..600 {
         // A batch of non-overlapping writes, some crossing stripes (so parts share them).
-        let mut taken: Vec<(u64, u64)> = Vec::new();
-        for _ in 0..1 + rng.below(16) {
-            let len = 1 + rng.below(48) as u32;
-            let lba = rng.below(backing_sectors - u64::from(len));
-            let end = lba + u64::from(len);
-            if taken.iter().any(|&(a, b)| lba < b && a < end) {
-                continue;
-            }
-            taken.push((lba, end));
-            id += 1;
-            let d = data_of(id, lba, len);
-            let at = lba as usize * SECTOR;
-            model[at..at + d.len()].copy_from_slice(&d);
+        for (lba, len, d) in
+            random_write_batch(&mut rng, 16, 48, backing_sectors, &mut id, &mut model)
+        {
             h.submit(Op::Write, lba, len, Some(d));
         }
         h.run();

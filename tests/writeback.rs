@@ -43,27 +43,15 @@ fn sustained(ops: u64, shards: u32, seed: u64) -> MemHost {
     let mut id = 0;
     let mut done = 0;
     while done < ops {
-        let qd = 1 + rng.below(16);
-        let mut taken: Vec<(u64, u64)> = Vec::new();
-        for _ in 0..qd {
-            let len = 1 + rng.below(16) as u32;
-            let lba = rng.below(backing_sectors - u64::from(len));
-            let end = lba + u64::from(len);
-            if taken.iter().any(|&(a, b)| lba < b && a < end) {
-                continue;
-            }
-            taken.push((lba, end));
-            id += 1;
-            let d = data_of(id, lba, len);
-            let at = lba as usize * SECTOR;
-            model[at..at + d.len()].copy_from_slice(&d);
+        let batch = random_write_batch(&mut rng, 16, 16, backing_sectors, &mut id, &mut model);
+        done += batch.len() as u64;
+        for (lba, len, d) in batch {
             h.submit(Op::Write, lba, len, Some(d)).expect("submit");
         }
         h.run();
         for (_, r, _) in h.take_done() {
             r.expect("write completes");
         }
-        done += taken.len() as u64;
         if rng.chance(5) {
             h.flush().unwrap();
         }

@@ -85,3 +85,33 @@ pub fn decode_sector(s: &[u8], lba: u64) -> Option<u64> {
     let id = u64::from_le_bytes(s[..8].try_into().ok()?);
     (id != 0 && s == sector_of(id, lba)).then_some(id)
 }
+
+/// Up to `max_qd` random writes of 1..=`max_len` sectors below `backing_sectors` that do not
+/// overlap one another (so they may run concurrently), each with data naming its writer
+/// (ids from `next_id`), applied to `model` (a byte image of the device) in order.
+pub fn random_write_batch(
+    rng: &mut pcache::media::sim::Rng,
+    max_qd: u64,
+    max_len: u64,
+    backing_sectors: u64,
+    next_id: &mut u64,
+    model: &mut [u8],
+) -> Vec<(u64, u32, Vec<u8>)> {
+    let mut taken: Vec<(u64, u64)> = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..1 + rng.below(max_qd) {
+        let len = 1 + rng.below(max_len) as u32;
+        let lba = rng.below(backing_sectors - u64::from(len));
+        let end = lba + u64::from(len);
+        if taken.iter().any(|&(a, b)| lba < b && a < end) {
+            continue;
+        }
+        taken.push((lba, end));
+        *next_id += 1;
+        let d = data_of(*next_id, lba, len);
+        let at = lba as usize * SECTOR;
+        model[at..at + d.len()].copy_from_slice(&d);
+        out.push((lba, len, d));
+    }
+    out
+}
