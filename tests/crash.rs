@@ -184,6 +184,9 @@ struct Mode {
     /// A cache of a few segments with writeback always on: GC, cache-full waits and the
     /// epoch barrier are exercised all the time.
     writeback: bool,
+    /// Run the shards as this many parts (the SPDK host's engine threads), the segment
+    /// pool and the writeback barrier travelling between them by message.
+    parts: usize,
 }
 
 impl Mode {
@@ -214,7 +217,7 @@ fn images(seed: u64, mode: Mode) -> (Cache, MemDevice, MemDevice) {
         MemDevice::new(mode.cache_bytes()),
         MemDevice::new(BACKING_SECTORS * 512),
         identity(BACKING_SECTORS),
-        &small_format(1 + (seed % 3) as u32, seed % 4 == 0),
+        &small_format(mode.parts as u32 + (seed % 3) as u32, seed % 4 == 0),
         mode.options(),
     )
     .expect("format");
@@ -313,7 +316,7 @@ fn phase(
             break;
         }
         if !sim.step() && !inflight.is_empty() && sim.take_done_peek() == 0 {
-            let failed = sim.cache.stats().wb_failed;
+            let failed = sim.writeback_failed();
             for sh in sim.cache.shards() {
                 eprintln!("{}", sh.debug_state());
             }
@@ -383,11 +386,12 @@ fn run_seed(seed: u64, mode: Mode) -> u32 {
                 .0
                 .expect("open"),
         };
-        let mut sim = Sim::new(
+        let mut sim = Sim::with_parts(
             c,
             cimg,
             bimg,
             seed.wrapping_mul(31).wrapping_add(u64::from(round)),
+            mode.parts,
         );
         let (ci, bi) = phase(&mut sim, &mut hist, &mut rng, &mut next_id, seed, mode);
         crashes += 1;
@@ -430,7 +434,12 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
         (false, true) => " with writeback and GC in a small cache",
         (true, true) => " with writeback, GC and random I/O errors",
     };
-    println!("crash points checked{kind}: {points} ({seeds} seeds x {CRASHES_PER_SEED})");
+    let parts = if mode.parts > 1 {
+        format!(", shards split over {} parts", mode.parts)
+    } else {
+        String::new()
+    };
+    println!("crash points checked{kind}{parts}: {points} ({seeds} seeds x {CRASHES_PER_SEED})");
     assert!(points >= seeds * u64::from(CRASHES_PER_SEED));
 }
 
@@ -441,6 +450,7 @@ fn every_acknowledged_write_survives_crashes_at_random_points() {
         Mode {
             faults: false,
             writeback: false,
+            parts: 1,
         },
     );
 }
@@ -452,6 +462,7 @@ fn acknowledged_writes_survive_crashes_with_random_io_errors() {
         Mode {
             faults: true,
             writeback: false,
+            parts: 1,
         },
     );
 }
@@ -465,6 +476,7 @@ fn crashes_during_writeback_and_gc_lose_nothing_and_keep_the_backing_ordered() {
         Mode {
             faults: false,
             writeback: true,
+            parts: 1,
         },
     );
 }
@@ -476,6 +488,30 @@ fn crashes_during_writeback_with_random_io_errors() {
         Mode {
             faults: true,
             writeback: true,
+            parts: 1,
+        },
+    );
+}
+
+/// The same with the shards run as parts, as the SPDK host's engine threads run them: the
+/// backing device stays ordered across parts because no part writes back an epoch before
+/// every part has written back and flushed the one before.
+#[test]
+fn crashes_with_shards_split_over_engine_threads_keep_the_backing_ordered() {
+    run_seeds(
+        600,
+        Mode {
+            faults: false,
+            writeback: true,
+            parts: 2,
+        },
+    );
+    run_seeds(
+        200,
+        Mode {
+            faults: true,
+            writeback: true,
+            parts: 3,
         },
     );
 }

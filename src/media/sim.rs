@@ -1,14 +1,21 @@
 //! The simulator: runs a [`Cache`] over RAM images with completions in a seeded random
-//! order, chosen commands failing, and crashes at any instant.
+//! order, chosen commands failing, and crashes at any instant. [`Sim::split`] runs the
+//! cache as parts, as the SPDK host's engine threads do, carrying the cross-part traffic
+//! (pool messages, grants, the writeback barrier) between them.
 //!
 //! Durability model. Cache device: a write is durable once it completes (persistent
 //! memory); a write still in flight at a crash is torn: each 512-byte sector is old or new
 //! at random. Backing device: completed writes are volatile until a flush completes; at a
 //! crash each unflushed write survives or not at random.
 
+use std::collections::HashMap;
+
 use super::mem::MemDevice;
 use super::{execute, BlockDevice, Buffers};
-use crate::engine::{Cache, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult};
+use crate::engine::pool::{Grant, ToPool};
+use crate::engine::{
+    Cache, Command, Coordination, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request,
+};
 
 /// SplitMix64: small, fast, and the same everywhere, so a seed reproduces a run.
 #[derive(Debug, Clone)]
@@ -38,13 +45,20 @@ impl Rng {
 pub type FaultFn = Box<dyn FnMut(u64, &Command) -> bool>;
 
 pub struct Sim {
+    /// The cache, or part 0 of a split one.
     pub cache: Cache,
+    /// Parts 1.. of a split cache (empty when whole).
+    others: Vec<Cache>,
+    /// Split: parts still to answer each request; the last coordination sent.
+    waiting: HashMap<ReqId, (usize, ReqResult)>,
+    coordination: Option<Coordination>,
     pub cache_img: MemDevice,
     backing_live: MemDevice,
     backing_durable: MemDevice,
     unflushed: Vec<(u64, Vec<u8>)>,
     bufs: Buffers,
-    inflight: Vec<(u64, Command)>,
+    /// Issue number, issuing part, command.
+    inflight: Vec<(u64, usize, Command)>,
     pub rng: Rng,
     issued: u64,
     fault: Option<FaultFn>,
@@ -58,6 +72,9 @@ impl Sim {
     pub fn new(cache: Cache, cache_img: MemDevice, backing: MemDevice, seed: u64) -> Self {
         Sim {
             cache,
+            others: Vec::new(),
+            waiting: HashMap::new(),
+            coordination: None,
             cache_img,
             backing_durable: backing.clone(),
             backing_live: backing,
@@ -77,6 +94,59 @@ impl Sim {
         self.fault = Some(f);
     }
 
+    /// A simulator running `cache` as `parts` parts ([`Cache::split`]: shard i in part
+    /// i mod parts).
+    pub fn with_parts(
+        cache: Cache,
+        cache_img: MemDevice,
+        backing: MemDevice,
+        seed: u64,
+        parts: usize,
+    ) -> Self {
+        let mut all = cache.split(parts);
+        // `split` returns at least one part.
+        let others = all.split_off(1);
+        let mut sim = match all.pop() {
+            Some(first) => Sim::new(first, cache_img, backing, seed),
+            None => unreachable!("Cache::split returned no part"),
+        };
+        sim.others = others;
+        sim
+    }
+
+    fn parts(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    fn part(&mut self, i: usize) -> &mut Cache {
+        if i == 0 {
+            &mut self.cache
+        } else {
+            &mut self.others[i - 1]
+        }
+    }
+
+    /// The parts a request concerns (all for a flush).
+    fn owners(&mut self, op: Op, lba: u64, len: u32) -> Vec<usize> {
+        if op == Op::Flush {
+            return (0..self.parts()).collect();
+        }
+        let g = *self.cache.geometry();
+        let stripe = u64::from(g.stripe_sectors);
+        let mut out = Vec::new();
+        let mut s = lba / stripe;
+        while s * stripe < lba + u64::from(len.max(1)) {
+            let shard = g.shard_of(s * stripe);
+            if let Some(p) = (0..self.parts()).find(|&p| self.part(p).owns_shard(shard)) {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+            s += 1;
+        }
+        out
+    }
+
     pub fn submit(
         &mut self,
         op: Op,
@@ -84,34 +154,138 @@ impl Sim {
         len: u32,
         data: Option<Vec<u8>>,
     ) -> Result<ReqId, ReqError> {
-        super::submit_request(
-            &mut self.cache,
-            &mut self.bufs,
-            &mut self.next_id,
-            op,
-            lba,
-            len,
-            data,
-        )
+        if self.others.is_empty() {
+            return super::submit_request(
+                &mut self.cache,
+                &mut self.bufs,
+                &mut self.next_id,
+                op,
+                lba,
+                len,
+                data,
+            );
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let buf = match (op, data) {
+            (_, Some(d)) => d,
+            (Op::Read, None) => vec![0u8; len as usize * 512],
+            _ => Vec::new(),
+        };
+        self.bufs.insert(id, buf);
+        let owners = self.owners(op, lba, len);
+        // Every part checks a request the same way: the first answers for all.
+        let r = Request { id, op, lba, len };
+        let first = owners.first().copied().unwrap_or(0);
+        if let Err(e) = self.part(first).submit(r) {
+            self.bufs.remove(&id);
+            return Err(e);
+        }
+        self.waiting.insert(id, (owners.len().max(1), Ok(())));
+        for p in owners.into_iter().skip(1) {
+            self.part(p).submit(r)?;
+        }
+        Ok(id)
     }
 
-    /// Collects newly issued commands (after submits or completions).
+    /// Collects newly issued commands (after submits or completions), and for a split
+    /// cache carries the cross-part traffic until nothing moves.
     pub fn pump(&mut self) {
-        self.cache.poll();
-        for cmd in self.cache.take_commands() {
-            if let Command::ZeroBuf { .. } = cmd {
-                let _ = execute(
-                    &cmd,
-                    &mut self.cache_img,
-                    &mut self.backing_live,
-                    &mut self.bufs,
-                );
-                continue;
+        loop {
+            let mut moved = false;
+            for i in 0..self.parts() {
+                self.part(i).poll();
+                let cmds = self.part(i).take_commands();
+                moved |= !cmds.is_empty();
+                for cmd in cmds {
+                    if let Command::ZeroBuf { .. } = cmd {
+                        let _ = execute(
+                            &cmd,
+                            &mut self.cache_img,
+                            &mut self.backing_live,
+                            &mut self.bufs,
+                        );
+                        continue;
+                    }
+                    self.issued += 1;
+                    self.inflight.push((self.issued, i, cmd));
+                }
+                let comps = self.part(i).take_completions();
+                if self.others.is_empty() {
+                    self.done.extend(comps);
+                    continue;
+                }
+                for (id, r) in comps {
+                    // Done when every part answered (they all use its buffer); failed if
+                    // any part failed.
+                    let Some((left, res)) = self.waiting.get_mut(&id) else {
+                        continue;
+                    };
+                    *left -= 1;
+                    if res.is_ok() {
+                        *res = r;
+                    }
+                    if *left == 0 {
+                        if let Some((_, res)) = self.waiting.remove(&id) {
+                            self.done.push((id, res));
+                        }
+                    }
+                }
             }
-            self.issued += 1;
-            self.inflight.push((self.issued, cmd));
+            if !self.others.is_empty() {
+                moved |= self.exchange();
+            }
+            if !moved {
+                break;
+            }
         }
-        self.done.append(&mut self.cache.take_completions());
+    }
+
+    /// The split cache's cross-part traffic; true if anything moved.
+    fn exchange(&mut self) -> bool {
+        let mut msgs: Vec<ToPool> = Vec::new();
+        let mut grants: Vec<(u32, Grant)> = Vec::new();
+        for i in 0..self.parts() {
+            self.part(i).take_pool_messages(&mut msgs);
+        }
+        let mut moved = !msgs.is_empty();
+        for m in msgs {
+            self.cache.pool_message(m);
+        }
+        for i in 0..self.parts() {
+            self.part(i).take_grants(&mut grants);
+        }
+        moved |= !grants.is_empty();
+        for (shard, g) in grants {
+            for i in 0..self.parts() {
+                if self.part(i).owns_shard(shard) {
+                    self.part(i).grant(shard, g);
+                }
+            }
+        }
+        let allowed = (0..self.parts())
+            .map(|i| self.part(i).frontier())
+            .min()
+            .unwrap_or(0);
+        let c = Coordination {
+            allowed_epoch: allowed,
+            pressure: self.cache.pool_pressure().unwrap_or(false),
+        };
+        if self.coordination != Some(c) {
+            self.coordination = Some(c);
+            for i in 0..self.parts() {
+                self.part(i).coordinate_with(c);
+            }
+            moved = true;
+        }
+        moved
+    }
+
+    /// Writeback stopped on a backing-device error in some part.
+    pub fn writeback_failed(&self) -> bool {
+        std::iter::once(&self.cache)
+            .chain(&self.others)
+            .any(|c| c.stats().wb_failed)
     }
 
     pub fn inflight(&self) -> usize {
@@ -125,7 +299,7 @@ impl Sim {
             return false;
         }
         let i = self.rng.below(self.inflight.len() as u64) as usize;
-        let (n, cmd) = self.inflight.swap_remove(i);
+        let (n, part, cmd) = self.inflight.swap_remove(i);
         let fail = self.fault.as_mut().is_some_and(|f| f(n, &cmd));
         let done = if fail {
             cmd.tag().map(|tag| IoDone {
@@ -138,7 +312,7 @@ impl Sim {
         };
         self.completed += 1;
         if let Some(d) = done {
-            self.cache.complete(d);
+            self.part(part).complete(d);
         }
         self.pump();
         true
@@ -228,7 +402,7 @@ impl Sim {
                 let _ = backing.write(*s, d);
             }
         }
-        for (_, cmd) in &self.inflight {
+        for (_, _, cmd) in &self.inflight {
             let Command::Write {
                 dev, sector, buf, ..
             } = cmd
