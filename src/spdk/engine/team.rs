@@ -136,6 +136,15 @@ impl Engine {
         let mut parts = (*cache).split(want).into_iter();
         self.cache = parts.next().map(Box::new);
         let cores = super::team_cores(self.core, want);
+        spdk_log!(
+            NOTICE,
+            "{}: {want} engine threads, on cores {:?}",
+            self.name,
+            cores
+                .iter()
+                .map(|c| c.map_or(-1, i64::from))
+                .collect::<Vec<_>>()
+        );
         let mut peers = vec![Peer {
             thread: super::msg::current(),
             eng: self,
