@@ -330,6 +330,20 @@ impl Rpc<'_> {
         }
     }
 
+    /// Whether bdev `name` is claimed by a module.
+    fn claimed(&self, name: &str) -> bool {
+        self.ok(&["bdev_get_bdevs", "-b", name])[0]["claimed"] == true
+    }
+
+    /// Waits up to 10 s for bdev `name` to be unregistered (by `cause`).
+    fn wait_gone(&self, name: &str, cause: &str) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.py(&["bdev_get_bdevs", "-b", name]).status.success() {
+            assert!(Instant::now() < end, "{name} survived {cause}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn raw_err(&self, method: &str, params: Option<Value>, want: &str) {
         let v = self.raw(method, params.clone());
         let msg = v["error"]["message"].as_str().unwrap_or_default();
@@ -598,9 +612,8 @@ fn target_rpc_lifecycle() {
     );
     assert!(tgt.alive(), "spdk_tgt died on bad input:\n{}", tgt.log());
     assert_eq!(rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["name"], "PC0");
-    assert_eq!(
-        rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"],
-        false,
+    assert!(
+        !rpc.claimed("Cache1"),
         "failed creates released their claims"
     );
 
@@ -721,19 +734,8 @@ fn target_rpc_lifecycle() {
 
     // Hot-remove of a base unregisters the pcache bdev on top of it.
     rpc.ok(&["bdev_malloc_delete", "Back1"]);
-    let end = Instant::now() + Duration::from_secs(10);
-    while rpc.py(&["bdev_get_bdevs", "-b", "PC1"]).status.success() {
-        assert!(
-            Instant::now() < end,
-            "PC1 survived removal of its backing bdev"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        rpc.ok(&["bdev_get_bdevs", "-b", "Cache1"])[0]["claimed"],
-        false,
-        "hot-remove released the cache bdev"
-    );
+    rpc.wait_gone("PC1", "removal of its backing bdev");
+    assert!(!rpc.claimed("Cache1"), "hot-remove released the cache bdev");
     assert_eq!(
         rpc.ok(&["bdev_pcache_get_stats"]).as_array().map(Vec::len),
         Some(1)
@@ -1008,29 +1010,14 @@ fn hot_remove_under_io() {
     }
     println!("perform_tests ({st}): {text}");
     assert!(perf.alive(), "bdevperf died:\n{}", perf.log());
-    let end = Instant::now() + Duration::from_secs(10);
-    while rpc.py(&["bdev_get_bdevs", "-b", "PC0"]).status.success() {
-        assert!(
-            Instant::now() < end,
-            "PC0 survived removal of its backing bdev"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        rpc.ok(&["bdev_get_bdevs", "-b", "PcCache0"])[0]["claimed"],
-        false,
+    rpc.wait_gone("PC0", "removal of its backing bdev");
+    assert!(
+        !rpc.claimed("PcCache0"),
         "hot-remove released the cache bdev"
     );
-    while rpc.py(&["bdev_get_bdevs", "-b", "PC1"]).status.success() {
-        assert!(
-            Instant::now() < end,
-            "PC1 survived removal of its cache bdev"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        rpc.ok(&["bdev_get_bdevs", "-b", "PcBacking1"])[0]["claimed"],
-        false,
+    rpc.wait_gone("PC1", "removal of its cache bdev");
+    assert!(
+        !rpc.claimed("PcBacking1"),
         "hot-remove of the cache bdev released the backing bdev"
     );
     rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
@@ -1447,9 +1434,8 @@ fn cache_path_rpc_and_verify() {
         !Path::new(&format!("/dev/shm/pcache-it-none-{pid}")).exists(),
         "no file is created without cache_size_mib"
     );
-    assert_eq!(
-        rpc.ok(&["bdev_get_bdevs", "-b", "Back1"])[0]["claimed"],
-        false,
+    assert!(
+        !rpc.claimed("Back1"),
         "failed creates release the backing bdev"
     );
 

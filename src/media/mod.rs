@@ -48,17 +48,21 @@ pub fn submit_request(
 ) -> Result<ReqId, ReqError> {
     let id = *next_id;
     *next_id += 1;
-    let buf = match (op, data) {
-        (_, Some(d)) => d,
-        (Op::Read, None) => vec![0u8; len as usize * 512],
-        _ => Vec::new(),
-    };
-    bufs.insert(id, buf);
+    bufs.insert(id, request_buf(op, len, data));
     if let Err(e) = cache.submit(Request { id, op, lba, len }) {
         bufs.remove(&id);
         return Err(e);
     }
     Ok(id)
+}
+
+/// A request's payload: the data of a write, a zeroed buffer for a read, else nothing.
+pub(crate) fn request_buf(op: Op, len: u32, data: Option<Vec<u8>>) -> Vec<u8> {
+    match (op, data) {
+        (_, Some(d)) => d,
+        (Op::Read, None) => vec![0u8; len as usize * 512],
+        _ => Vec::new(),
+    }
 }
 
 fn req_slice<'a>(bufs: &'a mut Buffers, buf: &Buf) -> Option<&'a mut [u8]> {

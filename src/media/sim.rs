@@ -167,12 +167,7 @@ impl Sim {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let buf = match (op, data) {
-            (_, Some(d)) => d,
-            (Op::Read, None) => vec![0u8; len as usize * 512],
-            _ => Vec::new(),
-        };
-        self.bufs.insert(id, buf);
+        self.bufs.insert(id, super::request_buf(op, len, data));
         let owners = self.owners(op, lba, len);
         // Every part checks a request the same way: the first answers for all.
         let r = Request { id, op, lba, len };
