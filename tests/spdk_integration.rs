@@ -746,13 +746,7 @@ fn target_rpc_lifecycle() {
     assert_eq!(rpc.ok(&["bdev_pcache_get_stats"]), json!([]));
 
     // Clean shutdown.
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = tgt
-        .wait_for(Duration::from_secs(20))
-        .expect("spdk_tgt did not exit on SIGTERM");
-    let log = tgt.log();
-    assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
-    assert!(!log.contains("panicked"), "{log}");
+    let log = stop_app(tgt, &rpc, 20);
     println!("spdk_tgt log:\n{log}");
 }
 
@@ -778,7 +772,7 @@ fn bdevperf_verify_over_pcache() {
     // Two cores when the machine has them: PC1 (2 shards) then runs on a team of two engine
     // threads, PC0 (pinned to core 0) on one.
     let cores = two_cores();
-    let (mut perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "perf", "PC0", cores);
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "perf", "PC0", cores);
     let per_bdev = if cores.contains(&"-C") { 2 } else { 1 };
     let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
     assert_eq!(jobs.len(), 2 * per_bdev, "{res}");
@@ -823,13 +817,7 @@ fn bdevperf_verify_over_pcache() {
     }
     rpc.ok(&["bdev_pcache_delete", "PC1"]);
     rpc.err(&["bdev_get_bdevs", "-b", "PC1"], "");
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = perf
-        .wait_for(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("bdevperf did not exit:\n{}", perf.log()));
-    let out = perf.log();
-    assert!(st.success(), "bdevperf failed ({st}):\n{out}");
-    assert!(!out.contains("panicked"), "{out}");
+    stop_app(perf, &rpc, 30);
 }
 
 /// Starts bdevperf `-z` on `cfg` and waits until PC0 exists. Returns the process and an RPC
@@ -1020,13 +1008,7 @@ fn hot_remove_under_io() {
         !rpc.claimed("PcBacking1"),
         "hot-remove of the cache bdev released the backing bdev"
     );
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = perf
-        .wait_for(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("bdevperf did not exit:\n{}", perf.log()));
-    let out = perf.log();
-    assert!(st.success(), "bdevperf exit {st}:\n{out}");
-    assert!(!out.contains("panicked"), "{out}");
+    let out = stop_app(perf, &rpc, 30);
     assert!(out.contains("destructed pcache bdev 'PC0'"), "{out}");
     assert!(out.contains("destructed pcache bdev 'PC1'"), "{out}");
 }
@@ -1292,7 +1274,7 @@ fn restart_case(cache_path: Option<&Path>) {
     assert_eq!(creates, 1, "save_config: {saved}");
     let cfg_path = dir.join("saved.json");
     std::fs::write(&cfg_path, cfg.to_string()).expect("saved config");
-    let (mut tgt, rpc) = start_target_with(
+    let (tgt, rpc) = start_target_with(
         &spdk,
         &so,
         &format!("{tag}2"),
@@ -1362,13 +1344,7 @@ fn restart_case(cache_path: Option<&Path>) {
     assert_eq!(info["cache"]["formatted"], false, "{info}");
     assert_eq!(info["cache"]["dirty_bytes_at_open"], 0, "{info}");
 
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = tgt
-        .wait_for(Duration::from_secs(30))
-        .expect("spdk_tgt did not exit on SIGTERM");
-    let log = tgt.log();
-    assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
-    assert!(!log.contains("panicked"), "{log}");
+    stop_target(tgt, &rpc);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1388,7 +1364,7 @@ fn cache_path_rpc_and_verify() {
         .and_then(|f| f.set_len(4 << 20))
         .expect("small cache file");
 
-    let (mut tgt, rpc) = start_target(&spdk, &so, "daxrpc");
+    let (tgt, rpc) = start_target(&spdk, &so, "daxrpc");
     rpc.ok(&["bdev_malloc_create", "-b", "Back1", "64", "4096"]);
     rpc.ok(&["bdev_malloc_create", "-b", "Cache1", "64", "512"]);
     let base = |extra: Value| {
@@ -1510,14 +1486,7 @@ fn cache_path_rpc_and_verify() {
     let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PCd"])[0]["driver_specific"]["pcache"];
     assert_eq!(info["cache"]["formatted"], false, "{info}");
     assert_eq!(info["options"]["segment_size_mib"], 2, "{info}");
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = tgt
-        .wait_for(Duration::from_secs(30))
-        .expect("spdk_tgt did not exit on SIGTERM");
-    let log = tgt.log();
-    assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    drop(tgt);
+    stop_target(tgt, &rpc);
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&small);
 
@@ -1539,7 +1508,7 @@ fn cache_path_rpc_and_verify() {
     )
     .expect("bdevperf config");
     let secs = verify_secs().min(10);
-    let (mut perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "daxperf");
+    let (perf, rpc) = start_bdevperf(&spdk, &so, &cfg, "daxperf");
     let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
     assert_eq!(jobs.len(), 1, "{res}");
     println!("bdevperf verify {secs} s over cache_path: {}", jobs[0]);
@@ -1554,13 +1523,7 @@ fn cache_path_rpc_and_verify() {
         s["usage"], s["errors"], s["host"]
     );
     assert_wrote_back_cleanly(s);
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = perf
-        .wait_for(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("bdevperf did not exit:\n{}", perf.log()));
-    let out = perf.log();
-    assert!(st.success(), "bdevperf failed ({st}):\n{out}");
-    assert!(!out.contains("panicked"), "{out}");
+    stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&cfg);
 }
@@ -1594,13 +1557,19 @@ fn bdev_config(methods: &[Value]) -> Value {
 
 /// Shuts the target down through `spdk_kill_instance SIGTERM`: it must exit 0 without a
 /// panic. Returns its log.
-fn stop_target(mut tgt: Proc, rpc: &Rpc) -> String {
+fn stop_target(tgt: Proc, rpc: &Rpc) -> String {
+    stop_app(tgt, rpc, 30)
+}
+
+/// Stops an SPDK app (spdk_tgt or bdevperf) by RPC: it must exit cleanly within `secs`
+/// without a panic. Returns its log.
+fn stop_app(mut app: Proc, rpc: &Rpc, secs: u64) -> String {
     rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = tgt
-        .wait_for(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("spdk_tgt did not exit on SIGTERM:\n{}", tgt.log()));
-    let log = tgt.log();
-    assert!(st.success(), "spdk_tgt exit {st}:\n{log}");
+    let st = app
+        .wait_for(Duration::from_secs(secs))
+        .unwrap_or_else(|| panic!("the app did not exit on SIGTERM:\n{}", app.log()));
+    let log = app.log();
+    assert!(st.success(), "exit {st}:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
     log
 }
@@ -2031,7 +2000,7 @@ fn deferred_create_does_io() {
         .to_string(),
     )
     .expect("bdevperf config");
-    let (mut perf, rpc) = start_bdevperf_until(&spdk, &so, &cfg, "deferio", "");
+    let (perf, rpc) = start_bdevperf_until(&spdk, &so, &cfg, "deferio", "");
     let st = rpc.ok(&["bdev_pcache_get_stats"]);
     assert_eq!(st[0]["state"], "waiting for PcCache0, PcBacking0", "{st}");
     rpc.ok(&["bdev_malloc_create", "-b", "PcCache0", "32", "512"]);
@@ -2048,12 +2017,6 @@ fn deferred_create_does_io() {
         jobs[0]["iops"].as_f64() > Some(1000.0),
         "IOPS too low: {res}"
     );
-    rpc.ok(&["spdk_kill_instance", "SIGTERM"]);
-    let st = perf
-        .wait_for(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("bdevperf did not exit:\n{}", perf.log()));
-    let out = perf.log();
-    assert!(st.success(), "bdevperf failed ({st}):\n{out}");
-    assert!(!out.contains("panicked"), "{out}");
+    stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_file(&cfg);
 }
