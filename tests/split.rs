@@ -1,166 +1,30 @@
-//! A cache split into parts, one per thread in the SPDK host, driven here from one thread
-//! with the same cross-part traffic the host carries: pool messages and grants, and the
-//! epoch barrier / pressure decisions. Requests go to every part owning one of their
-//! stripes (flushes to all) and complete when all of them did. Checked against a plain
-//! reference device, through writeback, GC, a drain and a reopen as one unsplit cache.
+//! A cache split into parts, one per thread in the SPDK host, driven by the simulator
+//! (`Sim::with_parts`) with the same cross-part traffic the host carries: pool messages and
+//! grants, and the epoch barrier / pressure decisions; device completions come in a seeded
+//! random order. Requests go to every part owning one of their stripes (flushes to all)
+//! and complete when all of them did. Checked against a plain reference device, through
+//! writeback, GC, a drain and a reopen as one unsplit cache.
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
-use pcache::engine::pool::{Grant, ToPool};
 use pcache::engine::shard::WritebackOptions;
-use pcache::engine::{Cache, CacheOptions, Command, Coordination, IoDone, Op, ReqId, Request};
+use pcache::engine::{Cache, CacheOptions, Op};
 use pcache::media::host::SyncHost;
 use pcache::media::mem::MemDevice;
-use pcache::media::sim::Rng;
-use pcache::media::{execute, Buffers};
+use pcache::media::sim::{Rng, Sim};
 
-struct Split {
-    parts: Vec<Cache>,
-    cache_dev: MemDevice,
-    backing_dev: MemDevice,
-    bufs: Buffers,
-    next_id: ReqId,
-    /// Request -> parts still to complete it.
-    waiting: HashMap<ReqId, usize>,
-    done: Vec<(ReqId, bool)>,
-}
-
-impl Split {
-    fn new(host: MemHost, parts: usize) -> Self {
-        let (cache, cache_dev, backing_dev) = host.into_parts();
-        Split {
-            parts: cache.split(parts),
-            cache_dev,
-            backing_dev,
-            bufs: Buffers::new(),
-            next_id: 1,
-            waiting: HashMap::new(),
-            done: Vec::new(),
-        }
-    }
-
-    fn owners(&self, op: Op, lba: u64, len: u32) -> Vec<usize> {
-        if op == Op::Flush {
-            return (0..self.parts.len()).collect();
-        }
-        let g = *self.parts[0].geometry();
-        let stripe = u64::from(g.stripe_sectors);
-        let mut out = Vec::new();
-        let mut s = lba / stripe;
-        while s * stripe < lba + u64::from(len) {
-            let shard = g.shard_of(s * stripe);
-            let p = (0..self.parts.len())
-                .find(|&p| self.parts[p].owns_shard(shard))
-                .expect("every shard has a part");
-            if !out.contains(&p) {
-                out.push(p);
-            }
-            s += 1;
-        }
-        out
-    }
-
-    fn submit(&mut self, op: Op, lba: u64, len: u32, data: Option<Vec<u8>>) -> ReqId {
-        let id = self.next_id;
-        self.next_id += 1;
-        let buf =
-            data.unwrap_or_else(|| vec![0u8; len as usize * 512 * usize::from(op == Op::Read)]);
-        self.bufs.insert(id, buf);
-        let owners = self.owners(op, lba, len);
-        self.waiting.insert(id, owners.len());
-        for p in owners {
-            self.parts[p]
-                .submit(Request { id, op, lba, len })
-                .expect("submit");
-        }
-        id
-    }
-
-    /// The host's cross-part step: pool messages to part 0, grants to their parts, and
-    /// every part told the barrier and pressure.
-    fn coordinate(&mut self) -> bool {
-        let mut moved = false;
-        let mut msgs: Vec<ToPool> = Vec::new();
-        for p in &mut self.parts {
-            p.take_pool_messages(&mut msgs);
-        }
-        moved |= !msgs.is_empty();
-        for m in msgs {
-            self.parts[0].pool_message(m);
-        }
-        let mut grants: Vec<(u32, Grant)> = Vec::new();
-        for p in &mut self.parts {
-            p.take_grants(&mut grants);
-        }
-        moved |= !grants.is_empty();
-        for (shard, g) in grants {
-            for p in &mut self.parts {
-                if p.owns_shard(shard) {
-                    p.grant(shard, g);
-                }
-            }
-        }
-        let c = Coordination {
-            allowed_epoch: self.parts.iter().map(Cache::frontier).min().unwrap_or(0),
-            pressure: self.parts[0].pool_pressure().unwrap_or(false),
-        };
-        for p in &mut self.parts {
-            p.coordinate_with(c);
-        }
-        moved
-    }
-
-    fn run(&mut self) {
-        loop {
-            let mut busy = self.coordinate();
-            for i in 0..self.parts.len() {
-                self.parts[i].poll();
-                let cmds: Vec<Command> = self.parts[i].take_commands();
-                busy |= !cmds.is_empty();
-                let mut dones: Vec<IoDone> = Vec::new();
-                for c in &cmds {
-                    if let Some(d) = execute(
-                        c,
-                        &mut self.cache_dev,
-                        &mut self.backing_dev,
-                        &mut self.bufs,
-                    ) {
-                        dones.push(d);
-                    }
-                }
-                for d in dones {
-                    self.parts[i].complete(d);
-                }
-                for (id, r) in self.parts[i].take_completions() {
-                    let left = self.waiting.get_mut(&id).expect("known request");
-                    *left -= 1;
-                    if *left == 0 {
-                        self.waiting.remove(&id);
-                        self.done.push((id, r.is_ok()));
-                    }
-                }
-            }
-            if !busy {
-                break;
-            }
-        }
-    }
-
-    fn one(&mut self, op: Op, lba: u64, len: u32, data: Option<Vec<u8>>) -> Vec<u8> {
-        let id = self.submit(op, lba, len, data);
-        self.run();
-        let at = self.done.iter().position(|&(i, _)| i == id).expect("done");
-        let (_, ok) = self.done.remove(at);
-        assert!(ok, "{op:?} {lba}+{len} failed");
-        self.bufs.remove(&id).unwrap_or_default()
-    }
-
-    fn dirty_bytes(&self) -> u64 {
-        self.parts.iter().map(Cache::dirty_bytes).sum()
-    }
+/// Runs one request to completion; returns its buffer.
+fn one(sim: &mut Sim, op: Op, lba: u64, len: u32, data: Option<Vec<u8>>) -> Vec<u8> {
+    let id = sim.submit(op, lba, len, data).expect("submit");
+    sim.run();
+    let (_, r, buf) = sim
+        .take_done()
+        .into_iter()
+        .find(|(i, _, _)| *i == id)
+        .expect("done");
+    r.unwrap_or_else(|e| panic!("{op:?} {lba}+{len} failed: {e}"));
+    buf
 }
 
 fn run_split(parts: usize, shards: u32, seed: u64) {
@@ -182,8 +46,9 @@ fn run_split(parts: usize, shards: u32, seed: u64) {
         opts,
     )
     .expect("format");
-    let mut h = Split::new(host, parts);
-    assert_eq!(h.parts.len(), parts);
+    let (cache, cache_dev, backing_dev) = host.into_parts();
+    let mut sim = Sim::with_parts(cache, cache_dev, backing_dev, seed, parts);
+    assert_eq!(sim.parts().count(), parts);
     let mut model = vec![0u8; backing_sectors as usize * SECTOR];
     let mut rng = Rng::new(seed);
     let mut id = 0;
@@ -192,21 +57,19 @@ fn run_split(parts: usize, shards: u32, seed: u64) {
         for (lba, len, d) in
             random_write_batch(&mut rng, 16, 48, backing_sectors, &mut id, &mut model)
         {
-            h.submit(Op::Write, lba, len, Some(d));
+            sim.submit(Op::Write, lba, len, Some(d)).expect("submit");
         }
-        h.run();
-        let done: Vec<_> = h.done.drain(..).collect();
-        for (rid, ok) in done {
-            assert!(ok, "write {rid} failed");
-            h.bufs.remove(&rid);
+        sim.run();
+        for (rid, r, _) in sim.take_done() {
+            r.unwrap_or_else(|e| panic!("write {rid} failed: {e}"));
         }
         if rng.chance(5) {
-            h.one(Op::Flush, 0, 0, None);
+            one(&mut sim, Op::Flush, 0, 0, None);
         }
         if rng.chance(4) {
             let len = 1 + rng.below(96) as u32;
             let lba = rng.below(backing_sectors - u64::from(len));
-            let got = h.one(Op::Read, lba, len, None);
+            let got = one(&mut sim, Op::Read, lba, len, None);
             let at = lba as usize * SECTOR;
             assert!(
                 got == model[at..at + len as usize * SECTOR],
@@ -214,20 +77,24 @@ fn run_split(parts: usize, shards: u32, seed: u64) {
             );
         }
     }
-    let gc: u64 = h.parts.iter().map(|p| p.stats().total.gc_segments).sum();
+    let gc: u64 = sim.parts().map(|p| p.stats().total.gc_segments).sum();
     assert!(gc > 0, "the cache was overwritten 4x: GC must have run");
-    for p in &mut h.parts {
+    for p in sim.parts_mut() {
         p.set_drain(true);
     }
-    h.run();
-    assert_eq!(h.dirty_bytes(), 0, "drain leaves nothing dirty");
+    sim.run();
+    let dirty: u64 = sim.parts().map(Cache::dirty_bytes).sum();
+    assert_eq!(dirty, 0, "drain leaves nothing dirty");
+    assert_eq!(sim.inflight(), 0);
+    let backing = sim.cache.superblock().backing.clone();
+    // Nothing in flight and the drain ended with a backing flush: these are the images.
+    let (cache_dev, backing_dev) = sim.crash();
     assert!(
-        h.backing_dev.bytes() == model.as_slice(),
+        backing_dev.bytes() == model.as_slice(),
         "after a drain the backing device equals the reference"
     );
     // The parts' shards together are one cache on the media: it reopens whole.
-    let backing = h.parts[0].superblock().backing.clone();
-    let mut whole = SyncHost::open(h.cache_dev, h.backing_dev, backing, CacheOptions::default())
+    let mut whole = SyncHost::open(cache_dev, backing_dev, backing, CacheOptions::default())
         .expect("reopen")
         .0;
     for _ in 0..50 {

@@ -114,8 +114,17 @@ impl Sim {
         sim
     }
 
-    fn parts(&self) -> usize {
+    fn part_count(&self) -> usize {
         1 + self.others.len()
+    }
+
+    /// Every part of the cache (just the cache when it is whole).
+    pub fn parts(&self) -> impl Iterator<Item = &Cache> {
+        std::iter::once(&self.cache).chain(&self.others)
+    }
+
+    pub fn parts_mut(&mut self) -> impl Iterator<Item = &mut Cache> {
+        std::iter::once(&mut self.cache).chain(&mut self.others)
     }
 
     fn part(&mut self, i: usize) -> &mut Cache {
@@ -129,7 +138,7 @@ impl Sim {
     /// The parts a request concerns (all for a flush).
     fn owners(&mut self, op: Op, lba: u64, len: u32) -> Vec<usize> {
         if op == Op::Flush {
-            return (0..self.parts()).collect();
+            return (0..self.part_count()).collect();
         }
         let g = *self.cache.geometry();
         let stripe = u64::from(g.stripe_sectors);
@@ -137,7 +146,7 @@ impl Sim {
         let mut s = lba / stripe;
         while s * stripe < lba + u64::from(len.max(1)) {
             let shard = g.shard_of(s * stripe);
-            if let Some(p) = (0..self.parts()).find(|&p| self.part(p).owns_shard(shard)) {
+            if let Some(p) = (0..self.part_count()).find(|&p| self.part(p).owns_shard(shard)) {
                 if !out.contains(&p) {
                     out.push(p);
                 }
@@ -188,7 +197,7 @@ impl Sim {
     pub fn pump(&mut self) {
         loop {
             let mut moved = false;
-            for i in 0..self.parts() {
+            for i in 0..self.part_count() {
                 self.part(i).poll();
                 let cmds = self.part(i).take_commands();
                 moved |= !cmds.is_empty();
@@ -240,25 +249,25 @@ impl Sim {
     fn exchange(&mut self) -> bool {
         let mut msgs: Vec<ToPool> = Vec::new();
         let mut grants: Vec<(u32, Grant)> = Vec::new();
-        for i in 0..self.parts() {
+        for i in 0..self.part_count() {
             self.part(i).take_pool_messages(&mut msgs);
         }
         let mut moved = !msgs.is_empty();
         for m in msgs {
             self.cache.pool_message(m);
         }
-        for i in 0..self.parts() {
+        for i in 0..self.part_count() {
             self.part(i).take_grants(&mut grants);
         }
         moved |= !grants.is_empty();
         for (shard, g) in grants {
-            for i in 0..self.parts() {
+            for i in 0..self.part_count() {
                 if self.part(i).owns_shard(shard) {
                     self.part(i).grant(shard, g);
                 }
             }
         }
-        let allowed = (0..self.parts())
+        let allowed = (0..self.part_count())
             .map(|i| self.part(i).frontier())
             .min()
             .unwrap_or(0);
@@ -268,7 +277,7 @@ impl Sim {
         };
         if self.coordination != Some(c) {
             self.coordination = Some(c);
-            for i in 0..self.parts() {
+            for i in 0..self.part_count() {
                 self.part(i).coordinate_with(c);
             }
             moved = true;
@@ -278,9 +287,7 @@ impl Sim {
 
     /// Writeback stopped on a backing-device error in some part.
     pub fn writeback_failed(&self) -> bool {
-        std::iter::once(&self.cache)
-            .chain(&self.others)
-            .any(|c| c.stats().wb_failed)
+        self.parts().any(|c| c.stats().wb_failed)
     }
 
     pub fn inflight(&self) -> usize {
