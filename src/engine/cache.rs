@@ -196,7 +196,7 @@ impl Cache {
         let n = self.shards.len();
         let mut buckets: Vec<Vec<Shard>> = (0..parts).map(|_| Vec::new()).collect();
         for (i, s) in self.shards.into_iter().enumerate() {
-            buckets[i % parts].push(s);
+            buckets[Self::part_of_shard(i as u32, parts)].push(s);
         }
         let first = Coordination {
             allowed_epoch: 0,
@@ -208,7 +208,8 @@ impl Cache {
             .enumerate()
             .map(|(p, shards)| {
                 let mut local = vec![None; n];
-                for (li, id) in (p..n).step_by(parts).enumerate() {
+                let ids = (0..n).filter(|&id| Self::part_of_shard(id as u32, parts) == p);
+                for (li, id) in ids.enumerate() {
                     local[id] = Some(li as u32);
                 }
                 Cache {
@@ -230,6 +231,11 @@ impl Cache {
                 }
             })
             .collect()
+    }
+
+    /// The part that drives shard `shard` when a cache is split into `parts`.
+    pub fn part_of_shard(shard: u32, parts: usize) -> usize {
+        shard as usize % parts.max(1)
     }
 
     /// Whether this cache drives shard `id`.

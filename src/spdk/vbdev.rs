@@ -32,7 +32,9 @@ use super::module::{finishing, module};
 use super::stats::Retired;
 use crate::engine::format::{SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
-use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
+use crate::engine::{
+    BackingIdentity, Cache, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock,
+};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
 
@@ -195,7 +197,8 @@ impl Pcache {
             return Route::Many(team.to_vec());
         }
         let n = team.len() as u64;
-        let engine_of = |stripe: u64| (stripe % u64::from(r.shards) % n) as usize;
+        let engine_of =
+            |stripe: u64| Cache::part_of_shard((stripe % u64::from(r.shards)) as u32, team.len());
         let first = (offset << r.shift) / r.stripe;
         let last = (((offset + num) << r.shift) - 1) / r.stripe;
         let e0 = engine_of(first);

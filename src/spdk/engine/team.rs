@@ -332,9 +332,8 @@ impl Engine {
                 }
             }
         }
-        let n = self.team_size() as u32;
         for (shard, g) in std::mem::take(&mut self.team.grants) {
-            let p = self.team.peers[(shard % n) as usize];
+            let p = self.team.peers[Cache::part_of_shard(shard, self.team_size())];
             if send(p, move |w| {
                 if let Some(c) = w.cache.as_deref_mut() {
                     c.grant(shard, g);
