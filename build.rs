@@ -181,13 +181,13 @@ mod spdk {
             .allowlist_function("spdk_io_channel_(get_thread|iter_.*)")
             .allowlist_function("spdk_for_each_channel(_continue)?")
             .allowlist_function(
-                "spdk_(get_thread|thread_send_msg|thread_get_name|get_ticks|get_ticks_hz)",
+                "spdk_(get_thread|set_thread|thread_send_msg|thread_get_name|get_ticks|get_ticks_hz)",
             )
-            .allowlist_function("spdk_thread_(create|exit|is_running)")
+            .allowlist_function("spdk_thread_(create|exit|is_running|get_cpumask)")
             .allowlist_function("spdk_poller_(register_named|unregister)")
             .allowlist_function("spdk_dma_(zmalloc|free)")
-            .allowlist_function("spdk_env_get_(first_core|next_core|core_count)")
-            .allowlist_function("spdk_cpuset_(zero|set_cpu)")
+            .allowlist_function("spdk_env_get_(first_core|next_core|core_count|current_core)")
+            .allowlist_function("spdk_cpuset_(zero|set_cpu|get_cpu|count)")
             .allowlist_function("spdk_rpc_register_method")
             .allowlist_function(
                 "spdk_jsonrpc_(begin_result|end_result|send_error_response|send_bool_response)",

@@ -369,17 +369,17 @@ impl Cache {
         Ok(())
     }
 
-    /// Loads the index entry a request at `lba` will need and returns a word of it (see
-    /// [`ExtentMap::touch`](super::index::ExtentMap::touch)).
+    /// Where the index entry a request at `lba` will need lives, or null (see
+    /// [`ExtentMap::entry_addr`](super::index::ExtentMap::entry_addr)).
     #[inline]
-    pub fn touch(&self, lba: u64) -> u64 {
+    pub fn index_entry_addr(&self, lba: u64) -> *const u8 {
         if lba >= self.sb.geometry.backing_sectors {
-            return 0;
+            return std::ptr::null();
         }
         let shard = self.sb.geometry.shard_of(lba) as usize;
         match self.local.get(shard).copied().flatten() {
-            Some(li) => self.shards[li as usize].index().touch(lba),
-            None => 0,
+            Some(li) => self.shards[li as usize].index().entry_addr(lba),
+            None => std::ptr::null(),
         }
     }
 

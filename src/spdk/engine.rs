@@ -6,9 +6,11 @@
 //! mask, chosen round-robin from the last core), the others one each on the following
 //! cores. Everything that touches an engine's [`Cache`] or its base bdev channels happens
 //! on its thread:
-//! - requests arrive by message (`submit_msg`, the `spdk_bdev_io` as argument) and are
-//!   submitted to the cache; request completions go back by message to the thread that
-//!   submitted them (`io::complete_msg`), which completes the `spdk_bdev_io`;
+//! - requests arrive in the engine's [`Inbox`]: by message from threads on other cores
+//!   (`submit_msg`, the `spdk_bdev_io` as argument), pushed directly by threads pinned to
+//!   the engine's own core; the next poll submits them to the cache together. Completions
+//!   go back by message to the thread that submitted them (`io::complete_msg`), or, for a
+//!   thread on this core, are delivered at once as that thread (`io::complete_as_submitter`);
 //! - a period-0 poller runs the cache (`poll`, drain commands, execute them) whenever a
 //!   request or a device completion arrived, so concurrent requests are group-committed; a
 //!   1 ms poller keeps writeback going, detects idleness (10 ms without requests), resolves
@@ -36,7 +38,9 @@ use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+mod inbox;
 mod team;
+use inbox::Inbox;
 pub(crate) use team::Peer;
 use team::{Gather, TeamState};
 
@@ -371,9 +375,11 @@ pub(crate) struct Engine {
     flushing: bool,
     drain_waiters: Vec<Done>,
     resets: Vec<*mut ffi::spdk_bdev_io>,
-    /// Requests received by message, submitted together by the next poll (or before any
-    /// other message is handled), so their index lookups overlap.
-    incoming: Vec<*mut ffi::spdk_bdev_io>,
+    /// Requests received (by message, or pushed by a thread on this core), submitted
+    /// together by the next poll (or before any other message is handled), so their index
+    /// lookups overlap; `batch` is the buffer they are moved to for that.
+    inbox: std::rc::Rc<Inbox>,
+    batch: Vec<*mut ffi::spdk_bdev_io>,
     unsent: Vec<*mut ffi::spdk_bdev_io>,
     /// Slow polls since a base bdev was removed with requests still pending.
     removed_polls: u32,
@@ -458,13 +464,11 @@ fn team_cores(lead: Option<u32>, n: usize) -> Vec<Option<u32>> {
 /// runs on the app thread with the outcome; on `Ok` the engine is running and takes
 /// requests, on `Err` it is gone (thread exited, channels released). The descriptors stay
 /// open either way: the caller closes them.
-pub(crate) fn spawn(
-    setup: Setup,
-    done: OpenDone,
-) -> Result<(*mut ffi::spdk_thread, *mut Engine), String> {
+pub(crate) fn spawn(setup: Setup, done: OpenDone) -> Result<Peer, String> {
     let (thread, core) = create_thread(&setup.name, setup.core)?;
     let mut e = Engine::new(setup);
     e.core = core;
+    let inbox = std::rc::Rc::as_ptr(&e.inbox);
     let eng = Box::into_raw(Box::new(e));
     let p = SendPtr(eng);
     if msg::send(thread, move || Engine::start(p.0, done)).is_err() {
@@ -473,7 +477,12 @@ pub(crate) fn spawn(
         // The idle thread is exited by the reactor at shutdown.
         return Err("cannot send the start message to the engine thread".into());
     }
-    Ok((thread, eng))
+    Ok(Peer {
+        thread,
+        eng,
+        core,
+        inbox,
+    })
 }
 
 fn shift_of(bdev: *mut ffi::spdk_bdev) -> u32 {
@@ -545,7 +554,8 @@ impl Engine {
             flushing: false,
             drain_waiters: Vec::new(),
             resets: Vec::new(),
-            incoming: Vec::with_capacity(64),
+            inbox: std::rc::Rc::default(),
+            batch: Vec::with_capacity(64),
             unsent: Vec::new(),
             removed_polls: 0,
             counters: Counters::default(),
@@ -874,28 +884,25 @@ impl Engine {
     /// first, all together: one request's cache misses then overlap the next ones' instead
     /// of each lookup stalling in turn.
     fn submit_incoming(&mut self) {
-        if self.incoming.is_empty() {
+        if self.inbox.is_empty() {
             return;
         }
-        let mut batch = std::mem::take(&mut self.incoming);
+        let mut batch = std::mem::take(&mut self.batch);
+        self.inbox.take(&mut batch);
         if let (Some(cache), true) = (self.cache.as_deref(), batch.len() > 1) {
             let shift = self.shift[1];
-            let mut acc = 0u64;
             for &io in &batch {
                 // SAFETY: a pending request of our bdev; `u.bdev.offset_blocks` is an
                 // integer read by value (zero or stale for types that do not use it, which
                 // only makes the hint useless).
                 let offset = unsafe { (*io::block(io)).offset_blocks };
-                acc ^= cache.touch(offset << shift);
+                prefetch(cache.index_entry_addr(offset << shift));
             }
-            std::hint::black_box(acc);
         }
         for io in batch.drain(..) {
             self.submit(io);
         }
-        if self.incoming.is_empty() {
-            self.incoming = batch;
-        }
+        self.batch = batch;
     }
 
     /// Sends the completion of `io` to its submitting thread.
@@ -913,6 +920,10 @@ impl Engine {
                 spdk_log!(ERROR, "{}: lost the completion of a request", self.name);
             }
             return;
+        }
+        // SAFETY: as above (`local` is written before the request reaches the inbox).
+        if unsafe { (*ctx).local } {
+            return io::complete_as_submitter(io, status);
         }
         // SAFETY: as above; the message transfers the request back to the submitting
         // thread, which reads the status there.
@@ -1829,6 +1840,21 @@ fn dax_run(dax: &mut DaxDevice, d: &DevIo, bounce: &mut Vec<u8>) -> bool {
     res.is_ok()
 }
 
+/// Starts loading the cache line at `p` (null: nothing) without waiting for it.
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    if !p.is_null() {
+        // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault,
+        // whatever the address; SSE is part of the x86_64 baseline.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Sends `io` back to its submitting thread to be completed there.
 fn send_completion(io: *mut ffi::spdk_bdev_io) -> bool {
     // SAFETY: a pending request; `io::complete_msg` completes it on its own thread.
@@ -1980,8 +2006,8 @@ pub(crate) unsafe extern "C" fn submit_msg(arg: *mut c_void) {
         let io = arg.cast::<ffi::spdk_bdev_io>();
         // SAFETY: on the engine thread at the top level of a message.
         let e = unsafe { &mut *engine_here(io) };
-        e.incoming.push(io);
-        e.kick = true;
+        // SAFETY: on the engine thread.
+        unsafe { e.inbox.push(io) };
     })
 }
 
@@ -2017,10 +2043,7 @@ fn with_engine(
 /// Every engine of the team `e` leads (itself alone when it has none).
 fn members(e: &Engine) -> Vec<Peer> {
     if e.team.peers.is_empty() {
-        vec![Peer {
-            thread: msg::current(),
-            eng: e as *const Engine as *mut Engine,
-        }]
+        vec![e.peer()]
     } else {
         e.team.peers.to_vec()
     }

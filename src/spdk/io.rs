@@ -1,12 +1,19 @@
 //! The I/O path on the submitting threads: per-thread channels, `submit_request`, and the
 //! completion message coming back from the engine thread.
 //!
-//! Every request goes to the bdev's engine thread by message (`engine::submit_msg`, the
-//! `spdk_bdev_io` as argument: no allocation). READ first gets a data buffer from the bdev
-//! layer (`spdk_bdev_io_get_buf`) when the caller sent none. The engine thread sends the
-//! request back with its status in the driver context when it is done ([`complete_msg`]),
-//! and it is completed here, on the thread that submitted it, as SPDK requires. Nothing in
-//! flight lives in the channel buffer, which SPDK frees on its own schedule.
+//! Every request goes to the engine thread of its stripe's shard. READ first gets a data
+//! buffer from the bdev layer (`spdk_bdev_io_get_buf`) when the caller sent none.
+//! - From a thread pinned to another core, by message (`engine::submit_msg`, the
+//!   `spdk_bdev_io` as argument: no allocation). The engine sends the request back with its
+//!   status in the driver context when it is done ([`complete_msg`]), and it is completed
+//!   there, on the thread that submitted it, as SPDK requires.
+//! - From a thread pinned to the engine's own core, without a message either way: the
+//!   request goes straight into the engine's inbox, and the engine completes it as the
+//!   submitting thread ([`complete_as_submitter`]). Both threads are polled by the same
+//!   reactor, one at a time, so this is the same sequence of events minus the message
+//!   rings (see `engine::inbox`).
+//!
+//! Nothing in flight lives in the channel buffer, which SPDK frees on its own schedule.
 
 use std::ffi::{c_int, c_void};
 use std::ptr;
@@ -23,6 +30,8 @@ use super::vbdev::{Pcache, Route};
 pub(crate) struct Channel {
     node: *const Pcache,
     stats: IoCounters,
+    /// The one core this channel's thread may run on (its cpumask), if it has one.
+    core: Option<u32>,
 }
 
 impl Channel {
@@ -40,6 +49,9 @@ pub(crate) struct IoCtx {
     pub(crate) status: st::Type,
     /// Sent to several engines, which then answer by [`fanout_done`] (set before sending).
     pub(crate) fanout: bool,
+    /// Put straight into the inbox of an engine on this thread's core: the engine
+    /// completes it as this thread ([`complete_as_submitter`]).
+    pub(crate) local: bool,
     /// Engines still to answer, and the worst status so far (submitting thread only).
     left: u32,
     worst: st::Type,
@@ -55,12 +67,33 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
         let chan = Channel {
             node: io_device.cast::<Pcache>().cast_const(),
             stats: IoCounters::default(),
+            core: pinned_core(),
         };
         // SAFETY: SPDK allocated `size_of::<Channel>()` bytes for us at `buf` (we registered
         // that size), suitably aligned (the context follows a 96-byte, 8-aligned header).
         unsafe { ptr::write(buf.cast::<Channel>(), chan) };
         0
     })
+}
+
+/// The core the current SPDK thread is bound to, if its cpumask names exactly one (and it
+/// runs there now: a reactor-driven app). Such a thread never moves: SPDK's schedulers
+/// only place a thread within its cpumask, which only the thread itself could change.
+fn pinned_core() -> Option<u32> {
+    // SAFETY: queries of the current thread and its cpumask (valid while the thread lives,
+    // which it does while we run on it).
+    unsafe {
+        let th = ffi::spdk_get_thread();
+        if th.is_null() {
+            return None;
+        }
+        let mask = ffi::spdk_thread_get_cpumask(th);
+        if mask.is_null() || ffi::spdk_cpuset_count(mask) != 1 {
+            return None;
+        }
+        let core = ffi::spdk_env_get_current_core();
+        (core != u32::MAX && ffi::spdk_cpuset_get_cpu(mask, core)).then_some(core)
+    }
 }
 
 /// io_device channel destructor, on the channel's thread.
@@ -116,6 +149,7 @@ pub(crate) unsafe extern "C" fn submit_request(
             ptr::addr_of_mut!((*ctx(io)).ch).write(ch);
             ptr::addr_of_mut!((*ctx(io)).status).write(st::SPDK_BDEV_IO_STATUS_FAILED);
             ptr::addr_of_mut!((*ctx(io)).fanout).write(false);
+            ptr::addr_of_mut!((*ctx(io)).local).write(false);
         }
         // SAFETY: a live bdev_io handed to us.
         let ty = t::Type::from(unsafe { (*io).type_ });
@@ -126,11 +160,11 @@ pub(crate) unsafe extern "C" fn submit_request(
                 // SAFETY: pending READ; the callback runs (maybe synchronously) on this thread.
                 unsafe { ffi::spdk_bdev_io_get_buf(io, Some(read_get_buf_done), len) };
             }
-            t::SPDK_BDEV_IO_TYPE_RESET => to_engine(io, engine::reset_msg),
+            t::SPDK_BDEV_IO_TYPE_RESET => to_engine(io, Entry::Reset),
             t::SPDK_BDEV_IO_TYPE_WRITE
             | t::SPDK_BDEV_IO_TYPE_FLUSH
             | t::SPDK_BDEV_IO_TYPE_UNMAP
-            | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => to_engine(io, engine::submit_msg),
+            | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => to_engine(io, Entry::Submit),
             other => {
                 spdk_log!(ERROR, "unsupported I/O type {other}");
                 complete_here(io, st::SPDK_BDEV_IO_STATUS_FAILED);
@@ -139,25 +173,55 @@ pub(crate) unsafe extern "C" fn submit_request(
     })
 }
 
+/// How a request enters an engine.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// Through its inbox (READ, WRITE, FLUSH, UNMAP, WRITE_ZEROES).
+    Submit,
+    /// By message always: a RESET waits on the engine's requests in flight.
+    Reset,
+}
+
 /// Hands `io` to the engine thread of its stripe's shard, or to each engine it concerns.
-fn to_engine(io: *mut ffi::spdk_bdev_io, f: unsafe extern "C" fn(*mut c_void)) {
-    // SAFETY: live bdev_io of our bdev, whose `ctxt` is its node; the engine thread and the
-    // team were set before registration.
+fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
+    // SAFETY: live bdev_io of our bdev, whose `ctxt` is its node; the engine threads and
+    // the team were set before registration.
     let node = unsafe { &*(*(*io).bdev).ctxt.cast::<Pcache>() };
-    let targets = match node.route(io) {
-        Route::Lead => None,
-        Route::One(p) => Some(p.thread),
+    let f = match entry {
+        Entry::Submit => engine::submit_msg,
+        Entry::Reset => engine::reset_msg,
+    };
+    let p = match node.route(io) {
+        Route::One(p) => p,
         Route::Many(v) => return fan_out(io, f, &v),
     };
-    {
-        let thread = targets.unwrap_or_else(|| node.engine_thread());
-        // SAFETY: the engine threads live until the bdev is destructed, after all I/O.
-        let rc = unsafe { ffi::spdk_thread_send_msg(thread, Some(f), io.cast()) };
-        if rc != 0 {
-            // Out of message buffers: the bdev layer retries NOMEM requests later.
-            complete_here(io, st::SPDK_BDEV_IO_STATUS_NOMEM);
+    if entry == Entry::Submit && on_core_of(io, p) {
+        // SAFETY: the request's context, ours until the engine takes it; the engine's
+        // thread and ours are pinned to this core, where we run now (`Inbox::push`).
+        unsafe {
+            ptr::addr_of_mut!((*ctx(io)).local).write(true);
+            (*p.inbox).push(io);
         }
+        return;
     }
+    // SAFETY: the engine threads live until the bdev is destructed, after all I/O.
+    let rc = unsafe { ffi::spdk_thread_send_msg(p.thread, Some(f), io.cast()) };
+    if rc != 0 {
+        // Out of message buffers: the bdev layer retries NOMEM requests later.
+        complete_here(io, st::SPDK_BDEV_IO_STATUS_NOMEM);
+    }
+}
+
+/// Is the submitting thread of `io` pinned to the core `p`'s engine thread is pinned to
+/// (and running there)?
+fn on_core_of(io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
+    let Some(core) = p.core else {
+        return false;
+    };
+    // SAFETY: the request's channel, written at submit on this thread, alive while it is.
+    let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch) };
+    // SAFETY: plain query of the current reactor.
+    chan.core == Some(core) && unsafe { ffi::spdk_env_get_current_core() } == core
 }
 
 /// Sends `io` to each of `targets`; [`fanout_done`] collects their answers.
@@ -212,8 +276,25 @@ unsafe extern "C" fn read_get_buf_done(
             complete_here(io, st::SPDK_BDEV_IO_STATUS_FAILED);
             return;
         }
-        to_engine(io, engine::submit_msg);
+        to_engine(io, Entry::Submit);
     })
+}
+
+/// Completes a request that came through the inbox ([`IoCtx::local`]) from its engine's
+/// thread, as the thread that submitted it: both are pinned to this core, so the submitting
+/// thread is not running now, and this is what its `complete_msg` message would do.
+pub(crate) fn complete_as_submitter(io: *mut ffi::spdk_bdev_io, status: st::Type) {
+    // SAFETY: a pending request handed back by the engine; its context is ours again.
+    unsafe { ptr::addr_of_mut!((*ctx(io)).status).write(status) };
+    let me = super::msg::current();
+    // SAFETY: the request's thread lives until it completes; switching SPDK's notion of the
+    // current thread to it (and back) is sound because it shares this OS thread (above), so
+    // its state is not in use; `complete_msg` then runs exactly as it would there.
+    unsafe {
+        ffi::spdk_set_thread(ffi::spdk_bdev_io_get_thread(io));
+        complete_msg(io.cast());
+        ffi::spdk_set_thread(me);
+    }
 }
 
 /// The engine thread is done with `io` (message back to the submitting thread): count it

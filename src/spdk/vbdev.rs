@@ -4,7 +4,7 @@
 //! Threading: create, delete, hot-remove events, destruct and the JSON callbacks all run on
 //! the app thread (the RPC thread, where the bases are opened). The cache itself runs on the
 //! bdev's engine thread (`engine`), reached by message. The I/O path runs on any thread and
-//! only reads fields fixed before `spdk_bdev_register` (`engine_thread`, `engine`).
+//! only reads fields fixed before `spdk_bdev_register` (`lead`, `team`).
 //!
 //! Create is asynchronous: open and claim both bases, start the engine thread, which reads
 //! the cache bdev's superblock (reattach), formats it when it holds no pcache, or refuses
@@ -86,8 +86,6 @@ pub(crate) enum NodeState {
 /// the io_device unregister callback, after the last channel is gone.
 /// Where a request goes (see [`Pcache::route`]).
 pub(crate) enum Route {
-    /// The lead engine (a bdev with one engine thread).
-    Lead,
     One(Peer),
     Many(Vec<Peer>),
 }
@@ -122,10 +120,10 @@ pub(crate) struct Pcache {
     media: Value,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
-    /// The engine and its thread; set before the engine starts and before registration,
-    /// never changed afterwards. The engine is only dereferenced on its thread.
-    engine_thread: *mut ffi::spdk_thread,
-    engine: *mut Engine,
+    /// The (lead) engine, its thread, core and inbox; set before the engine starts and
+    /// before registration, never changed afterwards. The engine is only dereferenced on
+    /// its thread.
+    lead: Peer,
     /// The engine threads when there are several (set before registration, then fixed),
     /// and where requests go: which engine serves each stripe.
     team: std::cell::OnceCell<(Arc<[Peer]>, Routing)>,
@@ -157,11 +155,11 @@ impl Pcache {
     }
 
     pub(crate) fn engine_thread(&self) -> *mut ffi::spdk_thread {
-        self.engine_thread
+        self.lead.thread
     }
 
     pub(crate) fn engine(&self) -> *mut Engine {
-        self.engine
+        self.lead.eng
     }
 
     /// The engine threads (empty when the lead engine serves everything).
@@ -170,10 +168,10 @@ impl Pcache {
     }
 
     /// Which engines `io` concerns: its stripes' shards' engines (all of them for a flush
-    /// or a reset). Empty: the lead alone.
+    /// or a reset), or the lead alone when it has no team.
     pub(crate) fn route(&self, io: *mut ffi::spdk_bdev_io) -> Route {
         let Some((team, r)) = self.team.get() else {
-            return Route::Lead;
+            return Route::One(self.lead);
         };
         // SAFETY: a live request of this bdev; `u.bdev` holds its range for the block
         // types (integer fields read by value).
@@ -758,10 +756,7 @@ fn start_engine(node: *mut Pcache) {
     };
     let p = SendPtr(node);
     match engine::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
-        Ok((thread, eng)) => {
-            n.engine_thread = thread;
-            n.engine = eng;
-        }
+        Ok(lead) => n.lead = lead,
         Err(e) => fail_create(node, errno(-libc::ENOMEM, e)),
     }
 }
@@ -820,8 +815,8 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
     let back = slot.clone();
     let name = cfg.name.clone();
     let sent = engine::set_options(
-        n.engine_thread,
-        n.engine,
+        n.lead.thread,
+        n.lead.eng,
         move |cur| so.apply(cur),
         Box::new(move |res| {
             let Some(reply) = back.borrow_mut().take() else {
@@ -885,8 +880,12 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         config,
         // SAFETY: called on an SPDK thread (the RPC thread).
         thread: unsafe { ffi::spdk_get_thread() },
-        engine_thread: ptr::null_mut(),
-        engine: ptr::null_mut(),
+        lead: Peer {
+            thread: ptr::null_mut(),
+            eng: ptr::null_mut(),
+            core: None,
+            inbox: ptr::null(),
+        },
         team: std::cell::OnceCell::new(),
         retired: Arc::new(Retired::default()),
         state: Cell::new(NodeState::Creating),
@@ -1204,7 +1203,7 @@ fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
             drop(unsafe { Box::from_raw(p.0) });
         }
     });
-    if engine::stop(n.engine_thread, n.engine, false, done).is_err() {
+    if engine::stop(n.lead.thread, n.lead.eng, false, done).is_err() {
         spdk_log!(ERROR, "{}: cannot stop the engine; leaking it", n.name());
     }
 }
@@ -1254,8 +1253,8 @@ unsafe extern "C" fn base_event(
                     Dev::Backing
                 };
                 // From now on every command for it fails at once, so nothing waits for it.
-                if !n.engine.is_null()
-                    && engine::base_removed(n.engine_thread, n.engine, dev).is_err()
+                if !n.lead.eng.is_null()
+                    && engine::base_removed(n.lead.thread, n.lead.eng, dev).is_err()
                 {
                     spdk_log!(
                         ERROR,
@@ -1302,7 +1301,7 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
         let drain = n.drain_on_destruct.get() && !finishing();
         let p = SendPtr(node);
         let done = Box::new(move |res: Result<(), String>| destruct_finish(p.0, res));
-        if engine::stop(n.engine_thread, n.engine, drain, done).is_err() {
+        if engine::stop(n.lead.thread, n.lead.eng, drain, done).is_err() {
             spdk_log!(
                 ERROR,
                 "{}: cannot stop the engine (out of messages); leaking the bdev",

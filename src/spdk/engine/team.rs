@@ -23,15 +23,19 @@ use crate::engine::pool::{Grant, ToPool};
 use crate::engine::{Cache, Coordination};
 use crate::spdk::ffi;
 
-/// One engine of a team: its thread and the engine, which is only dereferenced there.
+/// One engine of a team: its thread and the engine, which is only dereferenced there; the
+/// core the thread is pinned to, and its inbox, which threads pinned to that core fill
+/// directly (see [`Inbox`](super::inbox::Inbox)).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Peer {
     pub thread: *mut ffi::spdk_thread,
     pub eng: *mut Engine,
+    pub core: Option<u32>,
+    pub inbox: *const super::inbox::Inbox,
 }
 
-// SAFETY: a Peer is an address: it is only dereferenced by messages running on its own
-// thread (`send`), never where it was copied.
+// SAFETY: a Peer is an address: the engine is only dereferenced by messages running on its
+// own thread (`send`), the inbox only on its core (`Inbox::push`), never where it was copied.
 unsafe impl Send for Peer {}
 // SAFETY: as above; sharing the address shares nothing else.
 unsafe impl Sync for Peer {}
@@ -110,6 +114,16 @@ impl<T: 'static> Gather<T> {
 }
 
 impl Engine {
+    /// This engine as a peer (on its thread).
+    pub(super) fn peer(&self) -> Peer {
+        Peer {
+            thread: msg::current(),
+            eng: self as *const Engine as *mut Engine,
+            core: self.core,
+            inbox: std::rc::Rc::as_ptr(&self.inbox),
+        }
+    }
+
     pub(super) fn team_size(&self) -> usize {
         self.team.peers.len().max(1)
     }
@@ -145,10 +159,7 @@ impl Engine {
                 .map(|c| c.map_or(-1, i64::from))
                 .collect::<Vec<_>>()
         );
-        let mut peers = vec![Peer {
-            thread: super::msg::current(),
-            eng: self,
-        }];
+        let mut peers = vec![self.peer()];
         let mut workers = Vec::new();
         for (k, part) in parts.enumerate() {
             let k = k + 1;
@@ -160,14 +171,22 @@ impl Engine {
                 .map_err(|e| format!("cannot map the cache again for engine {k}: {e}"))
                 .and_then(|dax| {
                     super::create_thread(&format!("{}_{k}", self.name), cores[k])
-                        .map(|(thread, _)| (thread, dax))
+                        .map(|(thread, core)| (thread, core, dax))
                 });
-            let (thread, dax) = match made {
+            let (thread, core, dax) = match made {
                 Ok(x) => x,
                 Err(e) => return self.team_failed_to_start(&peers, e),
             };
-            let eng = Box::into_raw(Box::new(self.worker(k, part, dax)));
-            peers.push(Peer { thread, eng });
+            let mut w = self.worker(k, part, dax);
+            w.core = core;
+            let inbox = std::rc::Rc::as_ptr(&w.inbox);
+            let eng = Box::into_raw(Box::new(w));
+            peers.push(Peer {
+                thread,
+                eng,
+                core,
+                inbox,
+            });
             workers.push(k);
         }
         let peers: Arc<[Peer]> = peers.into();

@@ -1,0 +1,44 @@
+//! The requests waiting for an engine's next poll.
+//!
+//! Two kinds of producer fill an inbox, both on the engine's own reactor (OS thread):
+//! - `submit_msg`, a message on the engine thread (requests from other cores);
+//! - a submitting thread pinned to the engine's core, directly (`io::to_engine`): SPDK
+//!   threads pinned to one core are all polled by that core's reactor, one at a time, so
+//!   such a push runs between the engine's callbacks or nested inside one (a completion the
+//!   engine delivers on the submitting thread's behalf may submit the next request), never
+//!   concurrently with them.
+//!
+//! Hence an `UnsafeCell`, not a lock: nothing ever holds a reference into the vector across
+//! a call that could push (`push` and `take` borrow it for their own duration only), and the
+//! inbox is shared (`Rc`), never behind the engine's `&mut`.
+
+use std::cell::UnsafeCell;
+
+use crate::spdk::ffi;
+
+#[derive(Default)]
+pub(crate) struct Inbox(UnsafeCell<Vec<*mut ffi::spdk_bdev_io>>);
+
+impl Inbox {
+    /// Queues `io` for the engine's next poll.
+    ///
+    /// # Safety
+    /// Called on the engine's reactor: on the engine thread, or on a thread pinned to the
+    /// engine's core (see the module docs).
+    pub(crate) unsafe fn push(&self, io: *mut ffi::spdk_bdev_io) {
+        // SAFETY: per the contract no other access runs concurrently, and no reference into
+        // the vector outlives `push` or `take`, so this one is unique while it lives.
+        unsafe { (*self.0.get()).push(io) }
+    }
+
+    /// Moves the queued requests to `out` (empty on entry), leaving its old buffer here.
+    pub(super) fn take(&self, out: &mut Vec<*mut ffi::spdk_bdev_io>) {
+        // SAFETY: called by the engine on its thread; unique for the duration as in `push`.
+        unsafe { std::ptr::swap(self.0.get(), out) }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        // SAFETY: as in `take`; a read of the length only.
+        unsafe { (*self.0.get()).is_empty() }
+    }
+}
