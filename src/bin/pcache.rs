@@ -34,7 +34,11 @@ usage:
   pcache index-mem [--extents N] [--random]
       Builds an index of N 4 KiB extents in a fresh process and prints its DRAM per extent.
   pcache format <image> --backing-mib N [--cache-mib N] [--shards N] [--data-crc]
-      Format a file as a cache for a backing device of N MiB (for trying inspect/check).";
+      Format a file as a cache for a backing device of N MiB (for trying inspect/check).
+  pcache core-latency [--rounds N]
+      Round trip of a cache line between two spinning threads (on two CPUs when the
+      machine has two idle), in ns: what every cross-core message pays (scripts/bench
+      prints it beside the 2-core figures).";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Some("format") => format_cmd(&args[1..]),
         Some("index-mem") => index_mem(&args[1..]),
         Some("engine-cost") => engine_cost(&args[1..]),
+        Some("core-latency") => core_latency(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -498,6 +503,41 @@ fn engine_cost(args: &[String]) -> Result<ExitCode, String> {
         done.clear();
     }
     println!("{ops} {} hits done", if reads { "read" } else { "write" });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ping-pongs a counter between this thread and a second one, both spinning, and prints
+/// the median round trip of 5 runs in ns.
+fn core_latency(args: &[String]) -> Result<ExitCode, String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let f = Flags(args);
+    f.check_known(&["--rounds"])?;
+    let rounds = f.num("--rounds", 200_000)?.max(1);
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let flag = Arc::new(AtomicU64::new(0));
+        let other = flag.clone();
+        let peer = std::thread::spawn(move || {
+            for i in 0..rounds {
+                while other.load(Ordering::Acquire) != 2 * i + 1 {
+                    std::hint::spin_loop();
+                }
+                other.store(2 * i + 2, Ordering::Release);
+            }
+        });
+        let t = Instant::now();
+        for i in 0..rounds {
+            flag.store(2 * i + 1, Ordering::Release);
+            while flag.load(Ordering::Acquire) != 2 * i + 2 {
+                std::hint::spin_loop();
+            }
+        }
+        runs.push(t.elapsed().as_nanos() as f64 / rounds as f64);
+        peer.join().map_err(|_| "the peer thread panicked")?;
+    }
+    runs.sort_by(f64::total_cmp);
+    println!("{:.0}", runs[runs.len() / 2]);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,7 +9,7 @@
 //! - requests arrive in the engine's [`Inbox`]: by message from threads on other cores
 //!   (`submit_msg`, the `spdk_bdev_io` as argument), pushed directly by threads pinned to
 //!   the engine's own core; the next poll submits them to the cache together. Completions
-//!   go back by message to the thread that submitted them (`io::complete_msg`), or, for a
+//!   go back by message to the thread that submitted them (`io::complete_remote_msg`), or, for a
 //!   thread on this core, are delivered at once as that thread (`io::complete_as_submitter`);
 //! - a period-0 poller runs the cache (`poll`, drain commands, execute them) whenever a
 //!   request or a device completion arrived, so concurrent requests are group-committed; a
@@ -55,6 +55,7 @@ use crate::engine::{
 
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use super::io::{self, IoCtx};
+use super::link::{Desc, EngineEnd, Finished};
 use super::log::{no_unwind, spdk_log};
 use super::msg;
 use crate::media::dax::DaxDevice;
@@ -171,10 +172,22 @@ impl DmaPool {
 
 // ---- requests in flight ----
 
+/// How a request reached the engine, hence how to answer it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    /// Through the inbox: its context says how (`IoCtx::local`, `fanout`, else a message).
+    Inbox,
+    /// On queue pair `k` of `Engine::links`: back on its completion queue.
+    Link(usize),
+}
+
 struct ReqSlot {
     io: *mut ffi::spdk_bdev_io,
+    /// The payload's iovecs: `iov` when there is one (`iovs` null), else `iovcnt` at `iovs`.
     iovs: *const ffi::iovec,
     iovcnt: usize,
+    iov: ffi::iovec,
+    reply: Reply,
     /// Device commands in flight that use this request's buffer.
     refs: u32,
     /// The engine's verdict, once it completed the request.
@@ -190,8 +203,22 @@ struct Reqs {
     live: usize,
 }
 
+impl ReqSlot {
+    /// The payload's iovecs (none for requests without data).
+    fn iovs(&self) -> &[ffi::iovec] {
+        match (self.iovs.is_null(), self.iovcnt) {
+            (_, 0) => &[],
+            (true, _) => std::slice::from_ref(&self.iov),
+            // SAFETY: the request is pending, so its iovec array (from the bdev layer or
+            // its submitter) is live and holds `iovcnt` entries.
+            (false, n) => unsafe { std::slice::from_raw_parts(self.iovs, n) },
+        }
+    }
+}
+
 impl Reqs {
-    fn insert(&mut self, io: *mut ffi::spdk_bdev_io, iovs: *const ffi::iovec, n: usize) -> ReqId {
+    /// A slot for request `d`, whose payload `with_buf` says whether to keep.
+    fn insert(&mut self, d: &Desc, with_buf: bool, reply: Reply) -> ReqId {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -199,6 +226,11 @@ impl Reqs {
                     io: ptr::null_mut(),
                     iovs: ptr::null(),
                     iovcnt: 0,
+                    iov: ffi::iovec {
+                        iov_base: ptr::null_mut(),
+                        iov_len: 0,
+                    },
+                    reply: Reply::Inbox,
                     refs: 0,
                     result: None,
                     gen: 0,
@@ -209,9 +241,13 @@ impl Reqs {
         };
         let s = &mut self.slots[idx as usize];
         s.gen = s.gen.wrapping_add(1);
-        s.io = io;
-        s.iovs = iovs;
-        s.iovcnt = n;
+        s.io = d.io;
+        (s.iovs, s.iovcnt, s.iov) = if with_buf {
+            (d.iovs, d.iovcnt as usize, d.iov)
+        } else {
+            (ptr::null(), 0, s.iov)
+        };
+        s.reply = reply;
         s.refs = 0;
         s.result = None;
         s.live = true;
@@ -226,12 +262,12 @@ impl Reqs {
         (s.live && u64::from(s.gen) == id >> 32).then_some(idx)
     }
 
-    fn remove(&mut self, idx: u32) -> *mut ffi::spdk_bdev_io {
+    fn remove(&mut self, idx: u32) -> (*mut ffi::spdk_bdev_io, Reply) {
         let s = &mut self.slots[idx as usize];
         s.live = false;
         self.live -= 1;
         self.free.push(idx);
-        std::mem::replace(&mut s.io, ptr::null_mut())
+        (std::mem::replace(&mut s.io, ptr::null_mut()), s.reply)
     }
 }
 
@@ -380,7 +416,12 @@ pub(crate) struct Engine {
     /// lookups overlap; `batch` is the buffer they are moved to for that.
     inbox: std::rc::Rc<Inbox>,
     batch: Vec<*mut ffi::spdk_bdev_io>,
-    unsent: Vec<*mut ffi::spdk_bdev_io>,
+    /// Queue pairs with submitting threads on other cores (`link`); None: a free place.
+    links: Vec<Option<EngineEnd>>,
+    /// Scratch for `submit_incoming`.
+    descs: Vec<(Desc, Reply)>,
+    /// Completions whose message could not be sent yet ([`io::completion_arg`]s).
+    unsent: Vec<*mut c_void>,
     /// Slow polls since a base bdev was removed with requests still pending.
     removed_polls: u32,
     counters: Counters,
@@ -480,6 +521,7 @@ pub(crate) fn spawn(setup: Setup, done: OpenDone) -> Result<Peer, String> {
     Ok(Peer {
         thread,
         eng,
+        wid: 0,
         core,
         inbox,
     })
@@ -556,6 +598,8 @@ impl Engine {
             resets: Vec::new(),
             inbox: std::rc::Rc::default(),
             batch: Vec::with_capacity(64),
+            links: Vec::new(),
+            descs: Vec::with_capacity(64),
             unsent: Vec::new(),
             removed_polls: 0,
             counters: Counters::default(),
@@ -815,27 +859,16 @@ impl Engine {
 
     // ---- requests ----
 
-    /// A request from a submitting thread (by message).
-    fn submit(&mut self, io: *mut ffi::spdk_bdev_io) {
+    /// A request handed to this engine (`reply`: how it came, so how to answer).
+    fn submit(&mut self, d: Desc, reply: Reply) {
+        let io = d.io;
         self.counters.requests += 1;
         if !matches!(self.state, State::Running | State::Draining) || self.cache.is_none() {
             self.counters.requests_failed += 1;
-            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
             return;
         }
-        // SAFETY: a pending request of our bdev, handed over by message; `u.bdev` is filled
-        // for every type we accept here (READ, WRITE, FLUSH, UNMAP, WRITE_ZEROES).
-        let (ty, offset, num, iovs, iovcnt) = unsafe {
-            let b = io::block(io);
-            (
-                t::Type::from((*io).type_),
-                (*b).offset_blocks,
-                (*b).num_blocks,
-                (*b).iovs.cast_const(),
-                (*b).iovcnt,
-            )
-        };
-        let op = match ty {
+        let op = match d.ty {
             t::SPDK_BDEV_IO_TYPE_READ => Op::Read,
             t::SPDK_BDEV_IO_TYPE_WRITE => Op::Write,
             t::SPDK_BDEV_IO_TYPE_FLUSH => Op::Flush,
@@ -843,7 +876,7 @@ impl Engine {
             t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => Op::WriteZeroes,
             _ => {
                 self.counters.requests_failed += 1;
-                self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+                self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
                 return;
             }
         };
@@ -851,16 +884,12 @@ impl Engine {
         let (lba, len) = if op == Op::Flush {
             (0, 0)
         } else {
-            let len = u32::try_from(num << shift).unwrap_or(u32::MAX);
-            (offset << shift, len)
+            let len = u32::try_from(d.num << shift).unwrap_or(u32::MAX);
+            (d.offset << shift, len)
         };
-        let with_buf = matches!(op, Op::Read | Op::Write);
-        let (iovs, n) = if with_buf && !iovs.is_null() && iovcnt > 0 {
-            (iovs, iovcnt as usize)
-        } else {
-            (ptr::null(), 0)
-        };
-        let id = self.reqs.insert(io, iovs, n);
+        let id = self
+            .reqs
+            .insert(&d, matches!(op, Op::Read | Op::Write), reply);
         let Some(cache) = self.cache.as_deref_mut() else {
             return;
         };
@@ -870,7 +899,7 @@ impl Engine {
                 self.reqs.remove(idx);
             }
             self.counters.requests_failed += 1;
-            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
             return;
         }
         if self.idle {
@@ -880,33 +909,60 @@ impl Engine {
         self.kick = true;
     }
 
-    /// Submits the requests received since the last poll. Their index entries are loaded
-    /// first, all together: one request's cache misses then overlap the next ones' instead
-    /// of each lookup stalling in turn.
+    /// Submits the requests received since the last poll: from the inbox and the queue
+    /// pairs. Their index entries are prefetched first, all together: one request's cache
+    /// misses then overlap the next ones' instead of each lookup stalling in turn.
     fn submit_incoming(&mut self) {
-        if self.inbox.is_empty() {
-            return;
+        let mut descs = std::mem::take(&mut self.descs);
+        if !self.inbox.is_empty() {
+            let mut batch = std::mem::take(&mut self.batch);
+            self.inbox.take(&mut batch);
+            descs.extend(batch.drain(..).map(|io| (Desc::of(io), Reply::Inbox)));
+            self.batch = batch;
         }
-        let mut batch = std::mem::take(&mut self.batch);
-        self.inbox.take(&mut batch);
-        if let (Some(cache), true) = (self.cache.as_deref(), batch.len() > 1) {
-            let shift = self.shift[1];
-            for &io in &batch {
-                // SAFETY: a pending request of our bdev; `u.bdev.offset_blocks` is an
-                // integer read by value (zero or stale for types that do not use it, which
-                // only makes the hint useless).
-                let offset = unsafe { (*io::block(io)).offset_blocks };
-                prefetch(cache.index_entry_addr(offset << shift));
+        for (k, slot) in self.links.iter_mut().enumerate() {
+            let Some(end) = slot else { continue };
+            while let Ok(d) = end.sq.pop() {
+                descs.push((d, Reply::Link(k)));
+            }
+            if end.closed() {
+                *slot = None;
             }
         }
-        for io in batch.drain(..) {
-            self.submit(io);
+        if let (Some(cache), true) = (self.cache.as_deref(), descs.len() > 1) {
+            let shift = self.shift[1];
+            for (d, _) in &descs {
+                prefetch(cache.index_entry_addr(d.offset << shift));
+            }
         }
-        self.batch = batch;
+        for (d, reply) in descs.drain(..) {
+            self.submit(d, reply);
+        }
+        self.descs = descs;
+    }
+
+    /// A submitting thread on another core opened queue pair `end` with this engine.
+    fn add_link(&mut self, end: EngineEnd) {
+        match self.links.iter().position(Option::is_none) {
+            Some(k) => self.links[k] = Some(end),
+            None => self.links.push(Some(end)),
+        }
     }
 
     /// Sends the completion of `io` to its submitting thread.
-    fn finish_io(&mut self, io: *mut ffi::spdk_bdev_io, status: st::Type) {
+    fn finish_io(&mut self, io: *mut ffi::spdk_bdev_io, status: st::Type, reply: Reply) {
+        if let Reply::Link(k) = reply {
+            let done = Finished(io::completion_arg(io, status));
+            let queued = self
+                .links
+                .get_mut(k)
+                .and_then(Option::as_mut)
+                .is_some_and(|end| end.cq.push(done).is_ok());
+            if !queued && !send_completion(done.0) {
+                self.unsent.push(done.0);
+            }
+            return;
+        }
         // SAFETY: our bdevs' bdev_io carry an IoCtx as driver context.
         let ctx = unsafe { ffi::bdev_io_driver_ctx::<IoCtx>(io) };
         // SAFETY: a pending request; `fanout` was written by the submitting thread before
@@ -925,11 +981,9 @@ impl Engine {
         if unsafe { (*ctx).local } {
             return io::complete_as_submitter(io, status);
         }
-        // SAFETY: as above; the message transfers the request back to the submitting
-        // thread, which reads the status there.
-        unsafe { ptr::addr_of_mut!((*ctx).status).write(status) };
-        if !send_completion(io) {
-            self.unsent.push(io);
+        let arg = io::completion_arg(io, status);
+        if !send_completion(arg) {
+            self.unsent.push(arg);
         }
     }
 
@@ -959,7 +1013,7 @@ impl Engine {
 
     fn finish_slot(&mut self, idx: u32) {
         let ok = self.reqs.slots[idx as usize].result.unwrap_or(false);
-        let io = self.reqs.remove(idx);
+        let (io, reply) = self.reqs.remove(idx);
         self.finish_io(
             io,
             if ok {
@@ -967,6 +1021,7 @@ impl Engine {
             } else {
                 st::SPDK_BDEV_IO_STATUS_FAILED
             },
+            reply,
         );
     }
 
@@ -1085,12 +1140,10 @@ impl Engine {
             return false;
         };
         let s = &mut self.reqs.slots[idx as usize];
-        if s.iovs.is_null() {
+        let iovs = s.iovs();
+        if iovs.is_empty() {
             return false;
         }
-        // SAFETY: the request is pending, so its iovec array (from the bdev layer) is live
-        // and holds `iovcnt` entries.
-        let iovs = unsafe { std::slice::from_raw_parts(s.iovs, s.iovcnt) };
         if !sub_iovs(iovs, off, len, &mut d.iovs) {
             spdk_log!(
                 ERROR,
@@ -1174,17 +1227,11 @@ impl Engine {
                 if let Buf::Req { req, off, len } = buf {
                     let mut scratch = Vec::new();
                     if let Some(idx) = self.reqs.index(req) {
-                        let s = &self.reqs.slots[idx as usize];
-                        if !s.iovs.is_null() {
-                            // SAFETY: as in `attach_req`.
-                            let iovs = unsafe { std::slice::from_raw_parts(s.iovs, s.iovcnt) };
-                            if sub_iovs(iovs, off, len, &mut scratch) {
-                                for v in &scratch {
-                                    // SAFETY: a sub-range of the pending request's buffer.
-                                    unsafe {
-                                        ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len)
-                                    };
-                                }
+                        let iovs = self.reqs.slots[idx as usize].iovs();
+                        if !iovs.is_empty() && sub_iovs(iovs, off, len, &mut scratch) {
+                            for v in &scratch {
+                                // SAFETY: a sub-range of the pending request's buffer.
+                                unsafe { ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
                             }
                         }
                     }
@@ -1531,7 +1578,7 @@ impl Engine {
             }
             if !self.resets.is_empty() && self.reqs.live == 0 {
                 for io in std::mem::take(&mut self.resets) {
-                    self.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS);
+                    self.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS, Reply::Inbox);
                 }
             }
         }
@@ -1557,8 +1604,8 @@ impl Engine {
         }
         for idx in stuck {
             self.counters.requests_failed += 1;
-            let io = self.reqs.remove(idx);
-            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+            let (io, reply) = self.reqs.remove(idx);
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
         }
     }
 
@@ -1585,7 +1632,7 @@ impl Engine {
         // Requests the engine still holds (a base bdev vanished under them) fail.
         e.fail_all_requests();
         for io in std::mem::take(&mut e.resets) {
-            e.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS);
+            e.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS, Reply::Inbox);
         }
         for io in std::mem::take(&mut e.unsent) {
             if !send_completion(io) {
@@ -1855,12 +1902,14 @@ fn prefetch(p: *const u8) {
     let _ = p;
 }
 
-/// Sends `io` back to its submitting thread to be completed there.
-fn send_completion(io: *mut ffi::spdk_bdev_io) -> bool {
-    // SAFETY: a pending request; `io::complete_msg` completes it on its own thread.
+/// Sends a finished request ([`io::completion_arg`]) back to its submitting thread to be
+/// completed there.
+fn send_completion(arg: *mut c_void) -> bool {
+    let (io, _) = io::from_completion_arg(arg);
+    // SAFETY: a pending request; `io::complete_remote_msg` completes it on its own thread.
     unsafe {
         let th = ffi::spdk_bdev_io_get_thread(io);
-        ffi::spdk_thread_send_msg(th, Some(io::complete_msg), io.cast()) == 0
+        ffi::spdk_thread_send_msg(th, Some(io::complete_remote_msg), arg) == 0
     }
 }
 
@@ -2000,12 +2049,18 @@ fn engine_here(io: *mut ffi::spdk_bdev_io) -> *mut Engine {
         .map_or_else(|| node.engine(), |p| p.eng)
 }
 
+/// Gives `p`'s engine the engine's ends of a new queue pair (`link`), by message.
+pub(crate) fn attach_link(p: Peer, end: EngineEnd) -> Result<(), ()> {
+    team::send(p, move |e| e.add_link(end))
+}
+
 /// Engine-thread entry of a request (`spdk_thread_send_msg` argument: the bdev_io).
 pub(crate) unsafe extern "C" fn submit_msg(arg: *mut c_void) {
     no_unwind("pcache submit", (), || {
         let io = arg.cast::<ffi::spdk_bdev_io>();
         // SAFETY: on the engine thread at the top level of a message.
         let e = unsafe { &mut *engine_here(io) };
+        io::prefetch_request(io);
         // SAFETY: on the engine thread.
         unsafe { e.inbox.push(io) };
     })

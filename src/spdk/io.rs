@@ -3,10 +3,14 @@
 //!
 //! Every request goes to the engine thread of its stripe's shard. READ first gets a data
 //! buffer from the bdev layer (`spdk_bdev_io_get_buf`) when the caller sent none.
-//! - From a thread pinned to another core, by message (`engine::submit_msg`, the
-//!   `spdk_bdev_io` as argument: no allocation). The engine sends the request back with its
-//!   status in the driver context when it is done ([`complete_msg`]), and it is completed
-//!   there, on the thread that submitted it, as SPDK requires.
+//! - From a thread on another core, through a queue pair with that engine ([`link`]): a
+//!   descriptor of the request goes on its submission queue, and the engine puts the
+//!   bdev_io back on its completion queue, outcome in the low bit, which the channel's
+//!   poller ([`link_poll`]) completes, on the thread that submitted it, as SPDK requires.
+//!   The engine never touches the bdev_io's lines, which stay on the submitting core.
+//! - When a queue is full, or for a thread outside the reactors, by message
+//!   (`engine::submit_msg`, the `spdk_bdev_io` as argument: no allocation); the engine
+//!   answers by message ([`complete_remote_msg`]), only reading the request.
 //! - From a thread pinned to the engine's own core, without a message either way: the
 //!   request goes straight into the engine's inbox, and the engine completes it as the
 //!   submitting thread ([`complete_as_submitter`]). Both threads are polled by the same
@@ -18,9 +22,12 @@
 use std::ffi::{c_int, c_void};
 use std::ptr;
 
+use std::cell::{Cell, RefCell};
+
 use super::engine;
 use super::engine::Peer;
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
+use super::link::{self, Desc, Finished, Link};
 use super::log::{no_unwind, spdk_log};
 use super::stats::IoCounters;
 use super::vbdev::{Pcache, Route};
@@ -32,6 +39,14 @@ pub(crate) struct Channel {
     stats: IoCounters,
     /// The one core this channel's thread may run on (its cpumask), if it has one.
     core: Option<u32>,
+    /// Queue pairs with the team's engines on other cores (index: engine number), each
+    /// made on the first request for that engine.
+    links: RefCell<Vec<Option<Link>>>,
+    /// Takes completions off `links` (registered with the first queue pair).
+    poller: Cell<*mut ffi::spdk_poller>,
+    /// Completions taken off the queues, completed once `links` is no longer borrowed (a
+    /// completion callback may submit the next request).
+    done: RefCell<Vec<Finished>>,
 }
 
 impl Channel {
@@ -45,8 +60,6 @@ impl Channel {
 pub(crate) struct IoCtx {
     /// Our channel the request was submitted on (for the counters).
     pub(crate) ch: *mut ffi::spdk_io_channel,
-    /// Written by the engine thread before it sends the request back.
-    pub(crate) status: st::Type,
     /// Sent to several engines, which then answer by [`fanout_done`] (set before sending).
     pub(crate) fanout: bool,
     /// Put straight into the inbox of an engine on this thread's core: the engine
@@ -68,6 +81,9 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
             node: io_device.cast::<Pcache>().cast_const(),
             stats: IoCounters::default(),
             core: pinned_core(),
+            links: RefCell::new(Vec::new()),
+            poller: Cell::new(ptr::null_mut()),
+            done: RefCell::new(Vec::new()),
         };
         // SAFETY: SPDK allocated `size_of::<Channel>()` bytes for us at `buf` (we registered
         // that size), suitably aligned (the context follows a 96-byte, 8-aligned header).
@@ -102,6 +118,14 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
         // SAFETY: `buf` holds the Channel written by `channel_create`; SPDK calls this once,
         // on the channel's thread, after which it frees the buffer without dropping it.
         let chan = unsafe { ptr::read(buf.cast::<Channel>()) };
+        let mut poller = chan.poller.get();
+        if !poller.is_null() {
+            // SAFETY: our poller, registered on this thread, unregistered once.
+            unsafe { ffi::spdk_poller_unregister(&mut poller) };
+        }
+        // Every request on the channel completed, so the queues are empty: dropping our
+        // ends tells the engines (`EngineEnd::closed`).
+        drop(chan.links.take());
         // SAFETY: the node outlives its channels (freed in the io_device unregister callback).
         unsafe { (*chan.node).retired.fold(&chan.stats.snapshot()) };
     })
@@ -129,6 +153,46 @@ fn ctx(io: *mut ffi::spdk_bdev_io) -> *mut IoCtx {
     unsafe { ffi::bdev_io_driver_ctx::<IoCtx>(io) }
 }
 
+/// Starts loading the lines of `io` an engine on another core reads (its header, block
+/// parameters and driver context), so that a batch of requests arriving by message misses
+/// on them all at once rather than one by one when it is submitted.
+pub(crate) fn prefetch_request(io: *mut ffi::spdk_bdev_io) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let b = block(io).cast::<i8>();
+        // SAFETY: prefetches read nothing architecturally and cannot fault; the addresses
+        // are fields of a live request (projections only, nothing is read here).
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(io.cast());
+            _mm_prefetch::<_MM_HINT_T0>(b);
+            _mm_prefetch::<_MM_HINT_T0>(b.add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ctx(io).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = io;
+}
+
+/// A finished request as a message argument: the bdev_io, its low bit set if it failed (a
+/// bdev_io holds pointers, so it is at least 8-aligned; the engine only ever reports success
+/// or failure).
+pub(crate) fn completion_arg(io: *mut ffi::spdk_bdev_io, status: st::Type) -> *mut c_void {
+    let failed = usize::from(status != st::SPDK_BDEV_IO_STATUS_SUCCESS);
+    io.cast::<u8>().wrapping_add(failed).cast()
+}
+
+pub(crate) fn from_completion_arg(arg: *mut c_void) -> (*mut ffi::spdk_bdev_io, st::Type) {
+    let failed = arg as usize & 1;
+    let io = arg.cast::<u8>().wrapping_sub(failed).cast();
+    let status = if failed == 0 {
+        st::SPDK_BDEV_IO_STATUS_SUCCESS
+    } else {
+        st::SPDK_BDEV_IO_STATUS_FAILED
+    };
+    (io, status)
+}
+
 /// Complete `io` here and now (submitting thread) with `status`.
 fn complete_here(io: *mut ffi::spdk_bdev_io, status: st::Type) {
     // SAFETY: a pending request on this thread, completed exactly once.
@@ -147,7 +211,6 @@ pub(crate) unsafe extern "C" fn submit_request(
         // SAFETY: `ctx` is this request's driver context, ours to (re)initialize at submit.
         unsafe {
             ptr::addr_of_mut!((*ctx(io)).ch).write(ch);
-            ptr::addr_of_mut!((*ctx(io)).status).write(st::SPDK_BDEV_IO_STATUS_FAILED);
             ptr::addr_of_mut!((*ctx(io)).fanout).write(false);
             ptr::addr_of_mut!((*ctx(io)).local).write(false);
         }
@@ -195,6 +258,9 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         Route::One(p) => p,
         Route::Many(v) => return fan_out(io, f, &v),
     };
+    if entry == Entry::Submit && via_link(io, p) {
+        return;
+    }
     if entry == Entry::Submit && on_core_of(io, p) {
         // SAFETY: the request's context, ours until the engine takes it; the engine's
         // thread and ours are pinned to this core, where we run now (`Inbox::push`).
@@ -210,6 +276,84 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         // Out of message buffers: the bdev layer retries NOMEM requests later.
         complete_here(io, st::SPDK_BDEV_IO_STATUS_NOMEM);
     }
+}
+
+/// Queues `io` to `p`'s engine, on another core, through this channel's queue pair with
+/// it (made now if this is the first request for it). False: use a message instead (the
+/// engine is on this core, a ring is full, or no pair could be made).
+fn via_link(io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
+    // SAFETY: the request's channel, written at submit on this thread, alive while it is.
+    let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch) };
+    if chan.core.is_some() && chan.core == p.core {
+        return false;
+    }
+    let k = p.wid as usize;
+    let mut links = chan.links.borrow_mut();
+    if links.get(k).is_none_or(Option::is_none) {
+        if !chan.start_polling() {
+            return false;
+        }
+        let (mine, theirs) = link::pair();
+        if engine::attach_link(p, theirs).is_err() {
+            return false;
+        }
+        if links.len() <= k {
+            links.resize_with(k + 1, || None);
+        }
+        links[k] = Some(mine);
+    }
+    let Some(l) = links.get_mut(k).and_then(Option::as_mut) else {
+        return false;
+    };
+    l.sq.push(Desc::of(io)).is_ok()
+}
+
+impl Channel {
+    /// Registers the poller that completes what the engines put on the queues.
+    fn start_polling(&self) -> bool {
+        if !self.poller.get().is_null() {
+            return true;
+        }
+        let name = c"pcache_links";
+        // SAFETY: the channel context outlives the poller (unregistered in
+        // `channel_destroy` before the context is freed); registered on this thread.
+        let p = unsafe {
+            ffi::spdk_poller_register_named(
+                Some(link_poll),
+                (self as *const Channel).cast_mut().cast(),
+                0,
+                name.as_ptr(),
+            )
+        };
+        self.poller.set(p);
+        !p.is_null()
+    }
+}
+
+/// The channel poller: completes the requests the remote engines finished.
+unsafe extern "C" fn link_poll(arg: *mut c_void) -> c_int {
+    no_unwind("pcache link poller", 0, || {
+        // SAFETY: the channel registered this poller with itself as argument and
+        // unregisters it before it is freed; pollers run on the channel's thread.
+        let chan = unsafe { &*arg.cast::<Channel>() };
+        let mut done = chan.done.take();
+        for l in chan.links.borrow_mut().iter_mut().flatten() {
+            while let Ok(d) = l.cq.pop() {
+                done.push(d);
+            }
+        }
+        let busy = !done.is_empty();
+        for d in done.drain(..) {
+            let (io, status) = from_completion_arg(d.0);
+            complete(io, status);
+        }
+        chan.done.replace(done);
+        if busy {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+        } else {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+        }
+    })
 }
 
 /// Is the submitting thread of `io` pinned to the core `p`'s engine thread is pinned to
@@ -256,10 +400,8 @@ pub(crate) fn fanout_done(io: *mut ffi::spdk_bdev_io, status: st::Type) {
         ((*c).left, (*c).worst)
     };
     if left == 0 {
-        // SAFETY: as above; `complete_msg` reads the status from the context.
-        unsafe { ptr::addr_of_mut!((*ctx(io)).status).write(worst) };
-        // SAFETY: the request's own thread, completed exactly once (the last answer).
-        unsafe { complete_msg(io.cast()) };
+        // The request's own thread, completed exactly once (the last answer).
+        complete(io, worst);
     }
 }
 
@@ -284,41 +426,42 @@ unsafe extern "C" fn read_get_buf_done(
 /// thread, as the thread that submitted it: both are pinned to this core, so the submitting
 /// thread is not running now, and this is what its `complete_msg` message would do.
 pub(crate) fn complete_as_submitter(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending request handed back by the engine; its context is ours again.
-    unsafe { ptr::addr_of_mut!((*ctx(io)).status).write(status) };
     let me = super::msg::current();
     // SAFETY: the request's thread lives until it completes; switching SPDK's notion of the
     // current thread to it (and back) is sound because it shares this OS thread (above), so
-    // its state is not in use; `complete_msg` then runs exactly as it would there.
-    unsafe {
-        ffi::spdk_set_thread(ffi::spdk_bdev_io_get_thread(io));
-        complete_msg(io.cast());
-        ffi::spdk_set_thread(me);
-    }
+    // its state is not in use; `complete` then runs exactly as it would there.
+    unsafe { ffi::spdk_set_thread(ffi::spdk_bdev_io_get_thread(io)) };
+    no_unwind("complete_as_submitter", (), || complete(io, status));
+    // SAFETY: back to the engine thread we were called on.
+    unsafe { ffi::spdk_set_thread(me) };
 }
 
-/// The engine thread is done with `io` (message back to the submitting thread): count it
-/// and complete it with the status the engine left in its context.
-pub(crate) unsafe extern "C" fn complete_msg(arg: *mut c_void) {
-    no_unwind("complete_msg", (), || {
-        let io = arg.cast::<ffi::spdk_bdev_io>();
-        // SAFETY: the pending request sent back to its submitting thread (this one); the
-        // engine wrote its status before sending the message.
-        let (status, ch, ty, bytes) = unsafe {
-            let c = ctx(io);
-            let ty = t::Type::from((*io).type_);
-            let bytes = match ty {
-                t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE => bytes(io),
-                _ => 0,
-            };
-            ((*c).status, (*c).ch, ty, bytes)
-        };
-        if !ch.is_null() {
-            // SAFETY: our channel on this thread; it outlives the requests submitted on it.
-            let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>(ch) };
-            chan.stats
-                .record(ty, bytes, status == st::SPDK_BDEV_IO_STATUS_SUCCESS);
-        }
-        complete_here(io, status);
+/// An engine on another core is done with a request (message back to the submitting
+/// thread; the argument from [`completion_arg`]).
+pub(crate) unsafe extern "C" fn complete_remote_msg(arg: *mut c_void) {
+    no_unwind("complete_remote_msg", (), || {
+        let (io, status) = from_completion_arg(arg);
+        complete(io, status);
     })
+}
+
+/// Counts `io` on its channel and completes it with `status` (on its submitting thread).
+fn complete(io: *mut ffi::spdk_bdev_io, status: st::Type) {
+    // SAFETY: a pending request on its submitting thread (this one), handed back by the
+    // engines; its type, size and channel are read by value.
+    let (ch, ty, bytes) = unsafe {
+        let ty = t::Type::from((*io).type_);
+        let bytes = match ty {
+            t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE => bytes(io),
+            _ => 0,
+        };
+        ((*ctx(io)).ch, ty, bytes)
+    };
+    if !ch.is_null() {
+        // SAFETY: our channel on this thread; it outlives the requests submitted on it.
+        let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>(ch) };
+        chan.stats
+            .record(ty, bytes, status == st::SPDK_BDEV_IO_STATUS_SUCCESS);
+    }
+    complete_here(io, status);
 }

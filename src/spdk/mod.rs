@@ -11,6 +11,7 @@
 //! - [`config`]: RPC parameters and validated options (pure Rust).
 //! - [`vbdev`]: one pcache bdev: bases, claims, registration, destruct, hot-remove, JSON.
 //! - [`io`]: channels and the request path on the submitting threads.
+//! - [`link`]: queue pairs from a submitting thread to an engine on another core.
 //! - [`engine`]: the engine threads (a team, one per core): each runs its part of the
 //!   `Cache` and executes its device commands; `engine::team` carries what the parts share.
 //! - [`msg`]: messages between SPDK threads.
@@ -25,6 +26,7 @@ mod config;
 mod engine;
 mod io;
 mod json;
+mod link;
 mod log;
 mod module;
 mod msg;

@@ -883,6 +883,7 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         lead: Peer {
             thread: ptr::null_mut(),
             eng: ptr::null_mut(),
+            wid: 0,
             core: None,
             inbox: ptr::null(),
         },

@@ -30,6 +30,8 @@ use crate::spdk::ffi;
 pub(crate) struct Peer {
     pub thread: *mut ffi::spdk_thread,
     pub eng: *mut Engine,
+    /// Place in the team (0: the lead).
+    pub wid: u32,
     pub core: Option<u32>,
     pub inbox: *const super::inbox::Inbox,
 }
@@ -119,6 +121,7 @@ impl Engine {
         Peer {
             thread: msg::current(),
             eng: self as *const Engine as *mut Engine,
+            wid: self.wid as u32,
             core: self.core,
             inbox: std::rc::Rc::as_ptr(&self.inbox),
         }
@@ -184,6 +187,7 @@ impl Engine {
             peers.push(Peer {
                 thread,
                 eng,
+                wid: k as u32,
                 core,
                 inbox,
             });
