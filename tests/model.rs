@@ -173,3 +173,37 @@ fn a_request_past_the_device_end_is_refused() {
     );
     assert!(err.is_err());
 }
+
+/// Reads served at once from the cache media (`Cache::read_inline`, what the SPDK shell does
+/// over a mapped cache and `SyncHost::read` does) return what the same read returns as a
+/// request through device commands, over hits, partial hits, misses, zeroed and unmapped
+/// ranges; and whole hits are served inline.
+#[test]
+fn inline_reads_match_reads_through_commands() {
+    let mut host = new_host(CACHE_BYTES, BACKING_SECTORS, &small_format(2, false));
+    let mut rng = pcache::media::sim::Rng::new(11);
+    for id in 0..300u64 {
+        let lba = rng.below(BACKING_SECTORS - 64);
+        let len = 1 + rng.below(32) as u32;
+        match id % 10 {
+            8 => host.unmap(lba, len).expect("unmap"),
+            9 => host.write_zeroes(lba, len).expect("write_zeroes"),
+            _ => host.write(lba, data_of(id, lba, len)).expect("write"),
+        }
+    }
+    for _ in 0..400 {
+        let lba = rng.below(BACKING_SECTORS - 64);
+        let len = 1 + rng.below(64) as u32;
+        let inline = host.read(lba, len).expect("inline read");
+        let id = host
+            .submit(pcache::engine::Op::Read, lba, len, None)
+            .expect("read request");
+        host.run();
+        let done = host.take_done();
+        let (_, res, buf) = done.into_iter().find(|d| d.0 == id).expect("completion");
+        res.expect("read request result");
+        assert_eq!(inline, buf, "read of {len} sectors at {lba}");
+    }
+    let inline_reads = host.cache.stats().total.inline_reads;
+    assert!(inline_reads > 0, "no read was served inline");
+}

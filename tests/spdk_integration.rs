@@ -1523,6 +1523,12 @@ fn cache_path_rpc_and_verify() {
         s["usage"], s["errors"], s["host"]
     );
     assert_wrote_back_cleanly(s);
+    // Verify reads back what it wrote: hits on the mapped cache are served inline.
+    assert!(
+        s["requests"]["inline_reads"].as_u64() > Some(0),
+        "no read served inline from the mapping: {}",
+        s["requests"]
+    );
     stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&cfg);

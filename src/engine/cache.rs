@@ -369,6 +369,28 @@ impl Cache {
         Ok(())
     }
 
+    /// Serves a read of cached data at once, if it can (see [`Shard::read_inline`]): the
+    /// range lies in one stripe of a shard this part drives, and every sector is cached.
+    /// None: submit it as a request instead.
+    pub fn read_inline(
+        &mut self,
+        lba: u64,
+        len: u32,
+        copy: &mut dyn FnMut(u64, u64, u64) -> bool,
+    ) -> Option<bool> {
+        let end = lba.checked_add(u64::from(len))?;
+        if len == 0 || end > self.sb.geometry.backing_sectors {
+            return None;
+        }
+        let stripe = u64::from(self.sb.geometry.stripe_sectors);
+        if lba / stripe != (end - 1) / stripe {
+            return None;
+        }
+        let shard = self.sb.geometry.shard_of(lba) as usize;
+        let li = self.local.get(shard).copied().flatten()?;
+        self.shards[li as usize].read_inline(lba, len, copy)
+    }
+
     /// Where the index entry a request at `lba` will need lives, or null (see
     /// [`ExtentMap::entry_addr`](super::index::ExtentMap::entry_addr)).
     #[inline]

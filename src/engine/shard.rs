@@ -474,6 +474,44 @@ impl Shard {
         self.maybe_finish_read(read);
     }
 
+    /// Serves a read entirely from cached data, at once: `copy(cache_sector, buf_off,
+    /// bytes)` moves each piece from the cache media into the request's buffer (for a host
+    /// whose cache is mapped memory, or synchronous). None: the read needs the normal path
+    /// (a miss or a hole, zeroed or unmapped ranges, a fill in flight, data CRCs to verify,
+    /// a failed shard). Some(false): a copy failed.
+    ///
+    /// As consistent as the normal path: the index only names data that is durable (or
+    /// being rewritten in place by a write in flight, which a concurrent read may see either
+    /// way), and no segment can be reclaimed while the copies run.
+    pub fn read_inline(
+        &mut self,
+        lba: u64,
+        len: u32,
+        copy: &mut dyn FnMut(u64, u64, u64) -> bool,
+    ) -> Option<bool> {
+        if self.failed || self.cfg.data_crc {
+            return None;
+        }
+        let mut pieces = std::mem::take(&mut self.scratch);
+        self.index.lookup(lba, len, &mut pieces);
+        let res = pieces
+            .iter()
+            .all(|p| p.extent.is_some_and(|e| e.is_data()))
+            .then(|| {
+                pieces.iter().all(|p| {
+                    p.extent
+                        .is_some_and(|e| copy(e.pos, (p.lba - lba) * 512, u64::from(p.len) * 512))
+                })
+            });
+        self.scratch = pieces;
+        if res.is_some() {
+            self.stats.reads += 1;
+            self.stats.read_hit_sectors += u64::from(len);
+            self.stats.inline_reads += 1;
+        }
+        res
+    }
+
     fn issue_backing_read(
         &mut self,
         read: u32,

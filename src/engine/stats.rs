@@ -10,6 +10,9 @@ pub struct ShardStats {
     pub read_hit_sectors: u64,
     pub read_miss_sectors: u64,
     pub in_place_writes: u64,
+    /// Reads served from mapped cache media at once (`Cache::read_inline`), counted in
+    /// `reads` too.
+    pub inline_reads: u64,
     pub fills: u64,
     pub fill_bypass: u64,
     pub ksets_written: u64,
@@ -37,6 +40,7 @@ impl ShardStats {
         self.read_hit_sectors += o.read_hit_sectors;
         self.read_miss_sectors += o.read_miss_sectors;
         self.in_place_writes += o.in_place_writes;
+        self.inline_reads += o.inline_reads;
         self.fills += o.fills;
         self.fill_bypass += o.fill_bypass;
         self.ksets_written += o.ksets_written;

@@ -184,8 +184,22 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
         self.one(Op::Write, lba, len, Some(data)).map(|_| ())
     }
 
+    /// Reads `len` sectors: served at once from the cache media when every sector is
+    /// cached (`Cache::read_inline`, as the SPDK shell does over a mapped cache), else as a
+    /// request.
     pub fn read(&mut self, lba: u64, len: u32) -> Result<Vec<u8>, ReqError> {
-        self.one(Op::Read, lba, len, None)
+        let mut buf = vec![0u8; len as usize * 512];
+        let dev = &mut self.cache_dev;
+        let mut copy = |sector: u64, off: u64, bytes: u64| {
+            let (off, bytes) = (off as usize, bytes as usize);
+            buf.get_mut(off..off + bytes)
+                .is_some_and(|b| dev.read(sector, b).is_ok())
+        };
+        match self.cache.read_inline(lba, len, &mut copy) {
+            Some(true) => Ok(buf),
+            Some(false) => Err(ReqError::Io),
+            None => self.one(Op::Read, lba, len, None),
+        }
     }
 
     pub fn flush(&mut self) -> ReqResult {

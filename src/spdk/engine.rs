@@ -55,7 +55,7 @@ use crate::engine::{
 
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use super::io::{self, IoCtx};
-use super::link::{Desc, EngineEnd, Finished};
+use super::link::{Desc, EngineEnd, Finished, Iovs};
 use super::log::{no_unwind, spdk_log};
 use super::msg;
 use crate::media::dax::DaxDevice;
@@ -183,10 +183,8 @@ enum Reply {
 
 struct ReqSlot {
     io: *mut ffi::spdk_bdev_io,
-    /// The payload's iovecs: `iov` when there is one (`iovs` null), else `iovcnt` at `iovs`.
-    iovs: *const ffi::iovec,
-    iovcnt: usize,
-    iov: ffi::iovec,
+    /// The payload's iovecs (none for requests without data).
+    iovs: Iovs,
     reply: Reply,
     /// Device commands in flight that use this request's buffer.
     refs: u32,
@@ -204,15 +202,8 @@ struct Reqs {
 }
 
 impl ReqSlot {
-    /// The payload's iovecs (none for requests without data).
     fn iovs(&self) -> &[ffi::iovec] {
-        match (self.iovs.is_null(), self.iovcnt) {
-            (_, 0) => &[],
-            (true, _) => std::slice::from_ref(&self.iov),
-            // SAFETY: the request is pending, so its iovec array (from the bdev layer or
-            // its submitter) is live and holds `iovcnt` entries.
-            (false, n) => unsafe { std::slice::from_raw_parts(self.iovs, n) },
-        }
+        self.iovs.get()
     }
 }
 
@@ -224,12 +215,7 @@ impl Reqs {
             None => {
                 self.slots.push(ReqSlot {
                     io: ptr::null_mut(),
-                    iovs: ptr::null(),
-                    iovcnt: 0,
-                    iov: ffi::iovec {
-                        iov_base: ptr::null_mut(),
-                        iov_len: 0,
-                    },
+                    iovs: Iovs::default(),
                     reply: Reply::Inbox,
                     refs: 0,
                     result: None,
@@ -242,11 +228,7 @@ impl Reqs {
         let s = &mut self.slots[idx as usize];
         s.gen = s.gen.wrapping_add(1);
         s.io = d.io;
-        (s.iovs, s.iovcnt, s.iov) = if with_buf {
-            (d.iovs, d.iovcnt as usize, d.iov)
-        } else {
-            (ptr::null(), 0, s.iov)
-        };
+        s.iovs = if with_buf { d.iovs } else { Iovs::default() };
         s.reply = reply;
         s.refs = 0;
         s.result = None;
@@ -379,6 +361,8 @@ pub(crate) struct Engine {
     dax_busy: bool,
     /// Scratch for iovecs that do not split on sector boundaries.
     dax_bounce: Vec<u8>,
+    /// Scratch for the part of a request's iovecs a piece of an inline read fills.
+    iov_scratch: Vec<ffi::iovec>,
 
     cache: Option<Box<Cache>>,
     state: State,
@@ -570,6 +554,7 @@ impl Engine {
             dax_done: VecDeque::new(),
             dax_busy: false,
             dax_bounce: Vec::new(),
+            iov_scratch: Vec::new(),
             cache: None,
             state: State::Opening,
             opener: None,
@@ -887,6 +872,19 @@ impl Engine {
             let len = u32::try_from(d.num << shift).unwrap_or(u32::MAX);
             (d.offset << shift, len)
         };
+        if op == Op::Read {
+            if let Some(ok) = self.read_inline(&d, lba, len) {
+                let status = if ok {
+                    st::SPDK_BDEV_IO_STATUS_SUCCESS
+                } else {
+                    self.counters.dev_errors += 1;
+                    self.counters.requests_failed += 1;
+                    st::SPDK_BDEV_IO_STATUS_FAILED
+                };
+                self.finish_io(io, status, reply);
+                return;
+            }
+        }
         let id = self
             .reqs
             .insert(&d, matches!(op, Op::Read | Op::Write), reply);
@@ -907,6 +905,24 @@ impl Engine {
             cache.set_idle(false);
         }
         self.kick = true;
+    }
+
+    /// With a mapped cache, serves a read of cached data at once: copied from the mapping
+    /// into the request's buffer, no device command (see `Cache::read_inline`).
+    fn read_inline(&mut self, d: &Desc, lba: u64, len: u32) -> Option<bool> {
+        let (Some(cache), Some(dax)) = (self.cache.as_deref_mut(), self.dax.as_mut()) else {
+            return None;
+        };
+        let iovs = d.iovs.get();
+        if iovs.is_empty() {
+            return None;
+        }
+        let (part, bounce) = (&mut self.iov_scratch, &mut self.dax_bounce);
+        let mut copy = |sector: u64, off: u64, bytes: u64| {
+            part.clear();
+            sub_iovs(iovs, off, bytes, part) && dax_read(dax, sector, part, bounce)
+        };
+        cache.read_inline(lba, len, &mut copy)
     }
 
     /// Submits the requests received since the last poll: from the inbox and the queue
@@ -1779,6 +1795,7 @@ fn render_stats(parts: Vec<StatsPart>) -> Value {
             "read_hit_sectors": t.read_hit_sectors,
             "read_miss_sectors": t.read_miss_sectors,
             "in_place_writes": t.in_place_writes,
+            "inline_reads": t.inline_reads,
             "cache_full_waits": t.cache_full_waits,
         },
         "errors": {
@@ -1840,51 +1857,71 @@ fn iov_crc(iovs: &[ffi::iovec]) -> u32 {
 /// Executes `d` on the mapped cache (512-byte blocks): done when this returns.
 fn dax_run(dax: &mut DaxDevice, d: &DevIo, bounce: &mut Vec<u8>) -> bool {
     let sector = d.offset;
-    let slice = |v: &ffi::iovec| {
-        // SAFETY: every iovec we build points at `iov_len` live bytes (a pending request's
-        // buffer, our DMA buffer or `d.owned`), none inside the mapping; each slice is used
-        // alone and dropped before the next one is made.
-        unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
-    };
-    let whole = d.iovs.iter().all(|v| v.iov_len % 512 == 0);
-    let total: usize = d.iovs.iter().map(|v| v.iov_len).sum();
-    let res = match d.kind {
-        Kind::Flush => dax.flush(),
-        Kind::Zeroes => dax.write_zeroes(sector, d.blocks),
-        Kind::Read | Kind::CopyRead if whole => d
-            .iovs
-            .iter()
-            .try_fold(sector, |s, v| {
-                dax.read(s, slice(v)).map(|()| s + (v.iov_len / 512) as u64)
-            })
-            .map(drop),
-        Kind::Write | Kind::CopyWrite if whole => d
-            .iovs
-            .iter()
-            .try_fold(sector, |s, v| {
-                dax.write(s, slice(v))
-                    .map(|()| s + (v.iov_len / 512) as u64)
-            })
-            .map(drop),
-        Kind::Read | Kind::CopyRead => {
-            bounce.resize(total, 0);
-            dax.read(sector, bounce).map(|()| {
-                let mut at = 0;
-                for v in &d.iovs {
-                    slice(v).copy_from_slice(&bounce[at..at + v.iov_len]);
-                    at += v.iov_len;
-                }
-            })
-        }
-        Kind::Write | Kind::CopyWrite => {
-            bounce.clear();
-            for v in &d.iovs {
-                bounce.extend_from_slice(slice(v));
+    match d.kind {
+        Kind::Flush => dax.flush().is_ok(),
+        Kind::Zeroes => dax.write_zeroes(sector, d.blocks).is_ok(),
+        Kind::Read | Kind::CopyRead => dax_read(dax, sector, &d.iovs, bounce),
+        Kind::Write | Kind::CopyWrite => dax_write(dax, sector, &d.iovs, bounce),
+    }
+}
+
+/// The bytes an iovec we built names.
+///
+/// # Safety
+/// `v` points at `iov_len` live bytes (a pending request's buffer, our DMA buffer or a
+/// DevIo's owned bytes), none inside the mapping, not otherwise borrowed while the slice
+/// lives.
+unsafe fn iov_bytes<'a>(v: &ffi::iovec) -> &'a mut [u8] {
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
+}
+
+/// Copies sectors from `sector` of the mapped cache into `iovs`.
+fn dax_read(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut Vec<u8>) -> bool {
+    if iovs.iter().all(|v| v.iov_len % 512 == 0) {
+        let mut s = sector;
+        for v in iovs {
+            // SAFETY: an iovec we built or were given (see `iov_bytes`); each slice is used
+            // alone and dropped before the next one is made.
+            if dax.read(s, unsafe { iov_bytes(v) }).is_err() {
+                return false;
             }
-            dax.write(sector, bounce)
+            s += (v.iov_len / 512) as u64;
         }
-    };
-    res.is_ok()
+        return true;
+    }
+    bounce.resize(iovs.iter().map(|v| v.iov_len).sum(), 0);
+    if dax.read(sector, bounce).is_err() {
+        return false;
+    }
+    let mut at = 0;
+    for v in iovs {
+        // SAFETY: as above.
+        unsafe { iov_bytes(v) }.copy_from_slice(&bounce[at..at + v.iov_len]);
+        at += v.iov_len;
+    }
+    true
+}
+
+/// Copies `iovs` to the mapped cache at `sector`, persisted when this returns.
+fn dax_write(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut Vec<u8>) -> bool {
+    if iovs.iter().all(|v| v.iov_len % 512 == 0) {
+        let mut s = sector;
+        for v in iovs {
+            // SAFETY: as in `dax_read`.
+            if dax.write(s, unsafe { iov_bytes(v) }).is_err() {
+                return false;
+            }
+            s += (v.iov_len / 512) as u64;
+        }
+        return true;
+    }
+    bounce.clear();
+    for v in iovs {
+        // SAFETY: as in `dax_read`.
+        bounce.extend_from_slice(unsafe { iov_bytes(v) });
+    }
+    dax.write(sector, bounce).is_ok()
 }
 
 /// Starts loading the cache line at `p` (null: nothing) without waiting for it.

@@ -40,11 +40,43 @@ pub(crate) struct Desc {
     pub ty: t::Type,
     pub offset: u64,
     pub num: u64,
-    /// The request's iovecs: `iov` itself when there is exactly one (`iovs` null), else
-    /// `iovs` (owned by the bdev_io or its submitter) with `iovcnt` entries.
-    pub iovs: *const ffi::iovec,
-    pub iovcnt: u32,
-    pub iov: ffi::iovec,
+    /// The payload (READ and WRITE; none for the others).
+    pub iovs: Iovs,
+}
+
+/// A request's iovecs: one copied inline, or the bdev layer's array of several (owned by
+/// the bdev_io or its submitter, live while the request is pending).
+#[derive(Clone, Copy)]
+pub(crate) struct Iovs {
+    one: ffi::iovec,
+    many: *const ffi::iovec,
+    count: u32,
+}
+
+impl Default for Iovs {
+    fn default() -> Self {
+        Iovs {
+            one: ffi::iovec {
+                iov_base: ptr::null_mut(),
+                iov_len: 0,
+            },
+            many: ptr::null(),
+            count: 0,
+        }
+    }
+}
+
+impl Iovs {
+    /// The iovecs (while the request they belong to is pending).
+    pub(crate) fn get(&self) -> &[ffi::iovec] {
+        match (self.many.is_null(), self.count) {
+            (_, 0) => &[],
+            (true, _) => std::slice::from_ref(&self.one),
+            // SAFETY: `many` is the pending request's iovec array with `count` entries
+            // (`Desc::of`); callers only hold an Iovs while that request is pending.
+            (false, n) => unsafe { std::slice::from_raw_parts(self.many, n as usize) },
+        }
+    }
 }
 
 // SAFETY: a Desc is a copy of a pending request's parameters; the pointers in it are only
@@ -63,15 +95,19 @@ impl Desc {
             let ty = t::Type::from((*io).type_);
             let (offset, num) = ((*b).offset_blocks, (*b).num_blocks);
             let data = matches!(ty, t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE);
-            let (iovs, n) = ((*b).iovs.cast_const(), (*b).iovcnt);
-            let none = ffi::iovec {
-                iov_base: ptr::null_mut(),
-                iov_len: 0,
-            };
-            let (iovs, iovcnt, iov) = match (data, iovs.is_null(), n) {
-                (true, false, 1) => (ptr::null(), 1, *iovs),
-                (true, false, n) if n > 1 => (iovs, n as u32, none),
-                _ => (ptr::null(), 0, none),
+            let (v, n) = ((*b).iovs.cast_const(), (*b).iovcnt);
+            let iovs = match (data, v.is_null(), n) {
+                (true, false, 1) => Iovs {
+                    one: *v,
+                    count: 1,
+                    ..Iovs::default()
+                },
+                (true, false, n) if n > 1 => Iovs {
+                    many: v,
+                    count: n as u32,
+                    ..Iovs::default()
+                },
+                _ => Iovs::default(),
             };
             Desc {
                 io,
@@ -79,8 +115,6 @@ impl Desc {
                 offset,
                 num,
                 iovs,
-                iovcnt,
-                iov,
             }
         }
     }
