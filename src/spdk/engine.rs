@@ -1876,19 +1876,33 @@ unsafe fn iov_bytes<'a>(v: &ffi::iovec) -> &'a mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) }
 }
 
+/// Runs `f(first sector, bytes)` for each of `iovs` in turn, laid over consecutive sectors
+/// from `sector`, until one fails. None: an iovec is not a whole number of sectors (the
+/// caller goes through a bounce buffer instead).
+fn per_iov(
+    sector: u64,
+    iovs: &[ffi::iovec],
+    mut f: impl FnMut(u64, &mut [u8]) -> bool,
+) -> Option<bool> {
+    if iovs.iter().any(|v| v.iov_len % 512 != 0) {
+        return None;
+    }
+    let mut s = sector;
+    for v in iovs {
+        // SAFETY: an iovec we built or were given (see `iov_bytes`); each slice is used
+        // alone and dropped before the next one is made.
+        if !f(s, unsafe { iov_bytes(v) }) {
+            return Some(false);
+        }
+        s += (v.iov_len / 512) as u64;
+    }
+    Some(true)
+}
+
 /// Copies sectors from `sector` of the mapped cache into `iovs`.
 fn dax_read(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut Vec<u8>) -> bool {
-    if iovs.iter().all(|v| v.iov_len % 512 == 0) {
-        let mut s = sector;
-        for v in iovs {
-            // SAFETY: an iovec we built or were given (see `iov_bytes`); each slice is used
-            // alone and dropped before the next one is made.
-            if dax.read(s, unsafe { iov_bytes(v) }).is_err() {
-                return false;
-            }
-            s += (v.iov_len / 512) as u64;
-        }
-        return true;
+    if let Some(ok) = per_iov(sector, iovs, |s, b| dax.read(s, b).is_ok()) {
+        return ok;
     }
     bounce.resize(iovs.iter().map(|v| v.iov_len).sum(), 0);
     if dax.read(sector, bounce).is_err() {
@@ -1896,7 +1910,7 @@ fn dax_read(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut 
     }
     let mut at = 0;
     for v in iovs {
-        // SAFETY: as above.
+        // SAFETY: as in `per_iov`.
         unsafe { iov_bytes(v) }.copy_from_slice(&bounce[at..at + v.iov_len]);
         at += v.iov_len;
     }
@@ -1905,20 +1919,12 @@ fn dax_read(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut 
 
 /// Copies `iovs` to the mapped cache at `sector`, persisted when this returns.
 fn dax_write(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut Vec<u8>) -> bool {
-    if iovs.iter().all(|v| v.iov_len % 512 == 0) {
-        let mut s = sector;
-        for v in iovs {
-            // SAFETY: as in `dax_read`.
-            if dax.write(s, unsafe { iov_bytes(v) }).is_err() {
-                return false;
-            }
-            s += (v.iov_len / 512) as u64;
-        }
-        return true;
+    if let Some(ok) = per_iov(sector, iovs, |s, b| dax.write(s, b).is_ok()) {
+        return ok;
     }
     bounce.clear();
     for v in iovs {
-        // SAFETY: as in `dax_read`.
+        // SAFETY: as in `per_iov`.
         bounce.extend_from_slice(unsafe { iov_bytes(v) });
     }
     dax.write(sector, bounce).is_ok()
