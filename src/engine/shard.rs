@@ -635,7 +635,8 @@ impl Shard {
                 data += d;
             }
             if n > 0 {
-                self.build_batch(n);
+                let (n, pad) = self.aligned_batch(n, data, seg_end);
+                self.build_batch(n, pad);
                 continue;
             }
             // Nothing fits in this segment: move to a ready one, or wait for space.
@@ -695,11 +696,39 @@ impl Shard {
         self.encode_ready();
     }
 
-    fn build_batch(&mut self, n: usize) {
+    /// How many of the `n` pending entries that fit (`data` sectors of data) to take, and
+    /// how many sectors to leave between their kset and their data so the data starts on a
+    /// 4 KiB boundary of the cache: a 4 KiB block then lies in one page, which the CPU's
+    /// prefetchers (they stop at page edges) and mapped-memory copies handle best. Padded only
+    /// when that costs at most 1/16 of the batch's data (a lone small write is not), dropping
+    /// trailing entries to the next batch if the padding would not fit in the segment. Keys
+    /// name their data's offset, so replay needs nothing.
+    fn aligned_batch(&self, mut n: usize, mut data: u32, seg_end: u32) -> (usize, u32) {
+        let all = n;
+        loop {
+            let start = self.cfg.geo.segment_start(self.head.seg)
+                + u64::from(self.head.off + kset_sectors(n));
+            let pad = ((8 - start % 8) % 8) as u32;
+            if pad == 0 || pad * 16 > data {
+                break;
+            }
+            if self.head.off + kset_sectors(n) + pad + data <= seg_end {
+                return (n, pad);
+            }
+            if n == 1 {
+                break;
+            }
+            n -= 1;
+            data -= self.pending.get(n).map_or(0, Pending::data_sectors);
+        }
+        (all, 0)
+    }
+
+    fn build_batch(&mut self, n: usize, pad: u32) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let pos = self.head;
-        let mut off = pos.off + kset_sectors(n);
+        let mut off = pos.off + kset_sectors(n) + pad;
         let mut entries = Vec::with_capacity(n);
         let mut data_pending = 0;
         for i in 0..n {
