@@ -239,7 +239,8 @@ pub(crate) unsafe extern "C" fn submit_request(
 /// How a request enters an engine.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Entry {
-    /// Through its inbox (READ, WRITE, FLUSH, UNMAP, WRITE_ZEROES).
+    /// Through its queue pair with this thread, its inbox, or a message (READ, WRITE,
+    /// FLUSH, UNMAP, WRITE_ZEROES).
     Submit,
     /// By message always: a RESET waits on the engine's requests in flight.
     Reset,
