@@ -802,6 +802,14 @@ fn bdevperf_verify_over_pcache() {
     );
     assert_eq!(stats[0]["host"]["engine_threads"], 1, "{}", stats[0]);
     assert_eq!(stats[1]["host"]["engine_threads"], per_bdev, "{}", stats[1]);
+    if per_bdev == 2 {
+        // A job on each core, an engine on each core: requests reach an engine from its own
+        // core without a message, and from the other core through a queue pair.
+        let h = &stats[1]["host"];
+        println!("PC1 arrivals: {h}");
+        assert!(h["requests_same_core"].as_u64() > Some(0), "{h}");
+        assert!(h["requests_queue_pair"].as_u64() > Some(0), "{h}");
+    }
     // Every engine writes back on a flush; delete drains (all engines) and unregisters.
     assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC1"]), json!(true));
     let end = Instant::now() + Duration::from_secs(60);

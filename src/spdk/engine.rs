@@ -311,6 +311,11 @@ struct Counters {
     dev_zeroes: u64,
     dev_errors: u64,
     nomem_waits: u64,
+    /// How requests arrived: from a thread on this core (inbox), through a queue pair from
+    /// another core, or by message.
+    arrived_same_core: u64,
+    arrived_queue_pair: u64,
+    arrived_by_message: u64,
     crc_mismatches: u64,
     resets: u64,
 }
@@ -848,6 +853,14 @@ impl Engine {
     fn submit(&mut self, d: Desc, reply: Reply) {
         let io = d.io;
         self.counters.requests += 1;
+        match reply {
+            Reply::Link(_) => self.counters.arrived_queue_pair += 1,
+            // SAFETY: a pending request; `local` was written before it reached the inbox.
+            Reply::Inbox if unsafe { (*ffi::bdev_io_driver_ctx::<IoCtx>(io)).local } => {
+                self.counters.arrived_same_core += 1
+            }
+            Reply::Inbox => self.counters.arrived_by_message += 1,
+        }
         if !matches!(self.state, State::Running | State::Draining) || self.cache.is_none() {
             self.counters.requests_failed += 1;
             self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
@@ -1706,6 +1719,9 @@ impl Engine {
             "device_errors": c.dev_errors,
             "device_io_in_flight": self.inflight,
             "nomem_waits": c.nomem_waits,
+            "requests_same_core": c.arrived_same_core,
+            "requests_queue_pair": c.arrived_queue_pair,
+            "requests_by_message": c.arrived_by_message,
             "crc_mismatches": c.crc_mismatches,
             "resets": c.resets,
             "idle": self.idle,
