@@ -1083,6 +1083,36 @@ fn run_dd(spdk: &Spdk, dd: &Path, cfg: &Path, args: &[&str], log: &Path) {
     assert!(st.success(), "spdk_dd {args:?} failed ({st}):\n{out}");
 }
 
+/// spdk_dd's block size for the tests' transfers over NVMe/TCP.
+const DD_BS: usize = 65536;
+
+/// Writes the file `src` to the exported namespace (spdk_dd with the `initiator` config).
+fn dd_write(spdk: &Spdk, dd: &Path, initiator: &Path, src: &Path, log: &Path) {
+    let src = src.display().to_string();
+    let bs = DD_BS.to_string();
+    let args = ["--if", &src, "--ob", "Nvme0n1", "--bs", &bs, "--qd", "8"];
+    run_dd(spdk, dd, initiator, &args, log);
+}
+
+/// Reads the first `bytes` of the exported namespace into the file `out` (spdk_dd with the
+/// `initiator` config) and returns them.
+fn dd_read(
+    spdk: &Spdk,
+    dd: &Path,
+    initiator: &Path,
+    out: &Path,
+    bytes: usize,
+    log: &Path,
+) -> Vec<u8> {
+    let out_s = out.display().to_string();
+    let (bs, count) = (DD_BS.to_string(), (bytes / DD_BS).to_string());
+    let args = [
+        "--ib", "Nvme0n1", "--of", &out_s, "--bs", &bs, "--count", &count,
+    ];
+    run_dd(spdk, dd, initiator, &args, log);
+    std::fs::read(out).expect("read-back file")
+}
+
 /// The NVMe-oF subsystem a target exports a pcache bdev on (see [`nvmf_export`]).
 const NQN: &str = "nqn.2016-06.io.spdk:pcache-it";
 
@@ -1232,14 +1262,11 @@ fn restart_case(cache_path: Option<&Path>) {
     create.extend(["--segment-size-mib", "2", "--stripe-size-kib", "256"]);
     rpc.ok(&create);
     nvmf_export(&rpc, "PC0", &port);
-    let pattern_s = pattern_file.display().to_string();
-    run_dd(
+    dd_write(
         &spdk,
         &dd,
         &initiator,
-        &[
-            "--if", &pattern_s, "--ob", "Nvme0n1", "--bs", "65536", "--qd", "8",
-        ],
+        &pattern_file,
         &dir.join("dd-write.log"),
     );
     let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
@@ -1299,17 +1326,14 @@ fn restart_case(cache_path: Option<&Path>) {
         assert_eq!(info["cache_path"], json!(p), "{info}");
         assert_eq!(info["persistent_memory"], false, "tmpfs: {info}");
     }
-    let out_s = dir.join("readback.bin").display().to_string();
-    run_dd(
+    let back = dd_read(
         &spdk,
         &dd,
         &initiator,
-        &[
-            "--ib", "Nvme0n1", "--of", &out_s, "--bs", "65536", "--count", "128",
-        ],
+        &dir.join("readback.bin"),
+        data.len(),
         &dir.join("dd-read.log"),
     );
-    let back = std::fs::read(&out_s).expect("read-back file");
     assert!(
         back == data,
         "data read back after the crash differs from what was written"
@@ -1654,20 +1678,18 @@ fn examine_autoload_after_restart() {
     std::fs::write(&pattern_file, &data).expect("pattern file");
     let port = free_port().to_string();
     let initiator = initiator_config(&dir, &port);
-    let out_s = dir.join("readback.bin").display().to_string();
+    let out = dir.join("readback.bin");
     // Exports `name` and reads the pattern's length back through it.
     let read_back = |rpc: &Rpc, name: &str, phase: &str| {
         nvmf_export(rpc, name, &port);
-        run_dd(
+        let back = dd_read(
             &spdk,
             &dd,
             &initiator,
-            &[
-                "--ib", "Nvme0n1", "--of", &out_s, "--bs", "65536", "--count", "64",
-            ],
+            &out,
+            data.len(),
             &dir.join(format!("dd-read-{phase}.log")),
         );
-        let back = std::fs::read(&out_s).expect("read-back file");
         assert!(
             back == data,
             "{phase}: data read back through {name} differs"
@@ -1727,14 +1749,11 @@ fn examine_autoload_after_restart() {
         "rpc"
     );
     nvmf_export(&rpc, "PCa", &port);
-    let pattern_s = pattern_file.display().to_string();
-    run_dd(
+    dd_write(
         &spdk,
         &dd,
         &initiator,
-        &[
-            "--if", &pattern_s, "--ob", "Nvme0n1", "--bs", "65536", "--qd", "8",
-        ],
+        &pattern_file,
         &dir.join("dd-write.log"),
     );
     let log = stop_target(tgt, &rpc);
