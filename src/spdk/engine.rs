@@ -920,6 +920,19 @@ impl Engine {
         self.kick = true;
     }
 
+    /// Stops taking work: drains first when `drain` (unless a base bdev is gone, so nothing
+    /// could be written back), else only waits for device I/O in flight.
+    fn begin_stop(&mut self, drain: bool) {
+        self.state = if drain && !self.removed.iter().any(|&r| r) {
+            State::Draining
+        } else {
+            State::Quiescing
+        };
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.retry_writeback();
+        }
+    }
+
     /// With a mapped cache, serves a read of cached data at once: copied from the mapping
     /// into the request's buffer, no device command (see `Cache::read_inline`).
     fn read_inline(&mut self, d: &Desc, lba: u64, len: u32) -> Option<bool> {
@@ -961,7 +974,7 @@ impl Engine {
         if let (Some(cache), true) = (self.cache.as_deref(), descs.len() > 1) {
             let shift = self.shift[1];
             for (d, _) in &descs {
-                prefetch(cache.index_entry_addr(d.offset << shift));
+                io::prefetch(cache.index_entry_addr(d.offset << shift));
             }
         }
         for (d, reply) in descs.drain(..) {
@@ -1946,21 +1959,6 @@ fn dax_write(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut
     dax.write(sector, bounce).is_ok()
 }
 
-/// Starts loading the cache line at `p` (null: nothing) without waiting for it.
-#[inline]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    if !p.is_null() {
-        // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault,
-        // whatever the address; SSE is part of the x86_64 baseline.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 /// Sends a finished request ([`io::completion_arg`]) back to its submitting thread to be
 /// completed there.
 fn send_completion(arg: *mut c_void) -> bool {
@@ -2338,14 +2336,7 @@ pub(crate) fn stop(
 ) -> Result<(), ()> {
     with_engine(thread, eng, move |e| {
         e.stop_done = Some(done);
-        e.state = if drain && !e.removed.iter().any(|&r| r) {
-            State::Draining
-        } else {
-            State::Quiescing
-        };
-        if let Some(c) = e.cache.as_deref_mut() {
-            c.retry_writeback();
-        }
+        e.begin_stop(drain);
         e.stop_workers(drain);
     })
 }

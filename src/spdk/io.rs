@@ -157,21 +157,27 @@ fn ctx(io: *mut ffi::spdk_bdev_io) -> *mut IoCtx {
 /// parameters and driver context), so that a batch of requests arriving by message misses
 /// on them all at once rather than one by one when it is submitted.
 pub(crate) fn prefetch_request(io: *mut ffi::spdk_bdev_io) {
+    // Addresses of fields of a live request: projections only, nothing is read here.
+    let b = block(io).cast::<u8>();
+    prefetch(io.cast());
+    prefetch(b);
+    prefetch(b.wrapping_add(64));
+    prefetch(ctx(io).cast());
+}
+
+/// Starts loading the cache line at `p` (null: nothing) without waiting for it.
+#[inline]
+pub(crate) fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let b = block(io).cast::<i8>();
-        // SAFETY: prefetches read nothing architecturally and cannot fault; the addresses
-        // are fields of a live request (projections only, nothing is read here).
+    if !p.is_null() {
+        // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault,
+        // whatever the address; SSE is part of the x86_64 baseline.
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(io.cast());
-            _mm_prefetch::<_MM_HINT_T0>(b);
-            _mm_prefetch::<_MM_HINT_T0>(b.add(64));
-            _mm_prefetch::<_MM_HINT_T0>(ctx(io).cast());
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = io;
+    let _ = p;
 }
 
 /// A finished request as a message argument: the bdev_io, its low bit set if it failed (a
@@ -259,17 +265,25 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         Route::One(p) => p,
         Route::Many(v) => return fan_out(io, f, &v),
     };
-    if entry == Entry::Submit && via_link(io, p) {
-        return;
-    }
-    if entry == Entry::Submit && on_core_of(io, p) {
-        // SAFETY: the request's context, ours until the engine takes it; the engine's
-        // thread and ours are pinned to this core, where we run now (`Inbox::push`).
-        unsafe {
-            ptr::addr_of_mut!((*ctx(io)).local).write(true);
-            (*p.inbox).push(io);
+    if entry == Entry::Submit {
+        // SAFETY: the request's channel, written at submit on this thread, alive while it is.
+        let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch) };
+        match p.core.filter(|&c| chan.core == Some(c)) {
+            // SAFETY: plain query of the current reactor.
+            Some(core) if unsafe { ffi::spdk_env_get_current_core() } == core => {
+                // SAFETY: the request's context, ours until the engine takes it; the
+                // engine's thread and ours are pinned to this core, where we run now
+                // (`Inbox::push`).
+                unsafe {
+                    ptr::addr_of_mut!((*ctx(io)).local).write(true);
+                    (*p.inbox).push(io);
+                }
+                return;
+            }
+            Some(_) => {}
+            None if via_link(chan, io, p) => return,
+            None => {}
         }
-        return;
     }
     // SAFETY: the engine threads live until the bdev is destructed, after all I/O.
     let rc = unsafe { ffi::spdk_thread_send_msg(p.thread, Some(f), io.cast()) };
@@ -279,15 +293,10 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
     }
 }
 
-/// Queues `io` to `p`'s engine, on another core, through this channel's queue pair with
-/// it (made now if this is the first request for it). False: use a message instead (the
-/// engine is on this core, a ring is full, or no pair could be made).
-fn via_link(io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
-    // SAFETY: the request's channel, written at submit on this thread, alive while it is.
-    let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch) };
-    if chan.core.is_some() && chan.core == p.core {
-        return false;
-    }
+/// Queues `io` to `p`'s engine, not on this channel's core, through the channel's queue
+/// pair with it (made now if this is the first request for it). False: use a message
+/// instead (a ring is full, or no pair could be made).
+fn via_link(chan: &Channel, io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
     let k = p.wid as usize;
     let mut links = chan.links.borrow_mut();
     if links.get(k).is_none_or(Option::is_none) {
@@ -355,18 +364,6 @@ unsafe extern "C" fn link_poll(arg: *mut c_void) -> c_int {
             ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
         }
     })
-}
-
-/// Is the submitting thread of `io` pinned to the core `p`'s engine thread is pinned to
-/// (and running there)?
-fn on_core_of(io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
-    let Some(core) = p.core else {
-        return false;
-    };
-    // SAFETY: the request's channel, written at submit on this thread, alive while it is.
-    let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch) };
-    // SAFETY: plain query of the current reactor.
-    chan.core == Some(core) && unsafe { ffi::spdk_env_get_current_core() } == core
 }
 
 /// Sends `io` to each of `targets`; [`fanout_done`] collects their answers.

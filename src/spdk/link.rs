@@ -10,8 +10,7 @@
 //! So each submitting thread, on its first request for a given remote engine, makes a pair
 //! of single-producer single-consumer rings with it (`rtrb`), like an NVMe queue pair:
 //! - the submission queue carries a [`Desc`]: what the engine needs of the request, copied
-//!   by the submitting thread (several descriptors share a cache line, and the engine
-//!   prefetches them as it drains the queue);
+//!   by the submitting thread (one cache line, the only one of the request that crosses);
 //! - the completion queue carries the bdev_io back with its outcome in the low bit
 //!   (`io::completion_arg`); the submitting thread's channel poller completes it.
 //!

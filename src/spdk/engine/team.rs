@@ -258,16 +258,8 @@ impl Engine {
     pub(super) fn stop_workers(&mut self, drain: bool) {
         for p in self.team.peers.iter().skip(1).copied() {
             let sent = send(p, move |w| {
-                if w.team.parked {
-                    return;
-                }
-                w.state = if drain && !w.removed.iter().any(|&r| r) {
-                    State::Draining
-                } else {
-                    State::Quiescing
-                };
-                if let Some(c) = w.cache.as_deref_mut() {
-                    c.retry_writeback();
+                if !w.team.parked {
+                    w.begin_stop(drain);
                 }
             });
             if sent.is_err() {
