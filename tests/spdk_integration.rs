@@ -514,11 +514,7 @@ fn target_rpc_lifecycle() {
         "optimal_io_boundary = 64 KiB / 4 KiB"
     );
     for base in ["Cache0", "Back0"] {
-        assert_eq!(
-            rpc.ok(&["bdev_get_bdevs", "-b", base])[0]["claimed"],
-            true,
-            "{base} claimed"
-        );
+        assert!(rpc.claimed(base), "{base} claimed");
     }
 
     let stats = rpc.ok(&["bdev_pcache_get_stats"]);
@@ -1706,11 +1702,7 @@ fn examine_autoload_after_restart() {
         assert_eq!(info["options"]["segment_size_mib"], 2, "{phase}: {info}");
         assert_eq!(info["options"]["stripe_size_kib"], 256, "{phase}: {info}");
         for base in ["Cache0", "Back0"] {
-            assert_eq!(
-                rpc.ok(&["bdev_get_bdevs", "-b", base])[0]["claimed"],
-                true,
-                "{phase}: {base} claimed"
-            );
+            assert!(rpc.claimed(base), "{phase}: {base} claimed");
         }
         let st = rpc.ok(&["bdev_pcache_get_stats"]);
         assert_eq!(st.as_array().map(Vec::len), Some(1), "{phase}: {st}");
