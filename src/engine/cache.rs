@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::format::Superblock;
 use super::geometry::Geometry;
-use super::io::{Command, IoDone, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
+use super::io::{Command, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
 use super::pool::{Grant, SegmentPool, ToPool};
 use super::shard::{Shard, WritebackOptions};
 use super::stats::ShardStats;
@@ -22,6 +22,18 @@ pub struct CacheOptions {
     pub no_read_fill: bool,
     /// Writeback pacing (its `gc_percent` is overridden by the value persisted at format).
     pub writeback: WritebackOptions,
+}
+
+/// A request served directly by the host (see [`Cache::begin_direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    /// Cache-device sector to read from or write to (the request's length).
+    pub sector: u64,
+    pub write: bool,
+    /// Index in `Cache::shards`.
+    shard: u32,
+    /// The shard's key for `end_direct`: the pinned segment, or the rewritten LBA.
+    key: u64,
 }
 
 struct Parent {
@@ -378,6 +390,37 @@ impl Cache {
         len: u32,
         copy: &mut dyn FnMut(u64, u64, u64) -> bool,
     ) -> Option<bool> {
+        let li = self.sole_shard(lba, len)?;
+        self.shards[li].read_inline(lba, len, copy)
+    }
+
+    /// Starts a read hit or an in-place write that the host serves with one cache-device
+    /// I/O of its own, at [`Direct::sector`], from or into the request's buffer: no
+    /// commands, tags or completions to carry. The host reports the I/O's outcome with
+    /// [`Cache::end_direct`], whose result is the request's. None: submit it normally.
+    pub fn begin_direct(&mut self, op: Op, lba: u64, len: u32) -> Option<Direct> {
+        let li = self.sole_shard(lba, len)?;
+        let (sector, key) = self.shards[li].begin_direct(op, lba, len)?;
+        Some(Direct {
+            sector,
+            write: op == Op::Write,
+            shard: li as u32,
+            key,
+        })
+    }
+
+    /// The device I/O of `d` finished with `result`: the request's result.
+    pub fn end_direct(&mut self, d: Direct, result: Result<(), IoError>) -> ReqResult {
+        let op = if d.write { Op::Write } else { Op::Read };
+        match self.shards.get_mut(d.shard as usize) {
+            Some(s) => s.end_direct(op, d.key, result),
+            None => Err(ReqError::Invalid("direct request of an unknown shard")),
+        }
+    }
+
+    /// The index in `shards` of the local shard serving all of `lba..+len` (inside the
+    /// device and one stripe), or None.
+    fn sole_shard(&self, lba: u64, len: u32) -> Option<usize> {
         let end = lba.checked_add(u64::from(len))?;
         if len == 0 || end > self.sb.geometry.backing_sectors {
             return None;
@@ -387,8 +430,11 @@ impl Cache {
             return None;
         }
         let shard = self.sb.geometry.shard_of(lba) as usize;
-        let li = self.local.get(shard).copied().flatten()?;
-        self.shards[li as usize].read_inline(lba, len, copy)
+        self.local
+            .get(shard)
+            .copied()
+            .flatten()
+            .map(|li| li as usize)
     }
 
     /// Where the index entry a request at `lba` will need lives, or null (see

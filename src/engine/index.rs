@@ -273,6 +273,24 @@ impl ExtentMap {
         (b.starts.get(i) == Some(&off)).then(|| &b.exts[i])
     }
 
+    /// The one extent covering all of [lba, lba+len), as the slice of it that does (as a
+    /// lookup's single piece would be), or None.
+    #[inline]
+    pub fn covering(&self, lba: u64, len: u32) -> Option<Extent> {
+        let (key, off) = self.locate(lba);
+        if u64::from(off) + u64::from(len) > self.bucket {
+            return None;
+        }
+        let b = self.buckets.get(&key)?;
+        let mut i = b.rank(off);
+        if b.starts.get(i) != Some(&off) {
+            i = i.checked_sub(1)?;
+        }
+        let (s, e) = (u64::from(b.starts[i]), &b.exts[i]);
+        (s + u64::from(e.len()) >= u64::from(off) + u64::from(len))
+            .then(|| e.slice(s, u64::from(off), len))
+    }
+
     /// Where the index entry a lookup at `lba` ends on lives (null if its bucket is empty),
     /// found without reading the entry itself. The SPDK shell prefetches these for a whole
     /// batch of requests before processing it, so the lookups' cache misses overlap instead
@@ -780,6 +798,18 @@ mod tests {
                     at += u64::from(p.len);
                 }
                 prop_assert_eq!(at, 3100);
+                // `covering` is a lookup that found exactly one mapped piece.
+                for o in &ops {
+                    let (Op::Insert(l, n) | Op::Punch(l, n)) = *o;
+                    for (l, n) in [(l, n), (l + 1, n.min(8)), (l.saturating_sub(3), 4)] {
+                        m.lookup(l, n, &mut pieces);
+                        let want = match pieces.as_slice() {
+                            [p] => p.extent,
+                            _ => None,
+                        };
+                        prop_assert_eq!(m.covering(l, n), want, "covering {}+{}", l, n);
+                    }
+                }
             }
         }
     }

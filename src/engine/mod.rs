@@ -13,7 +13,7 @@ pub mod shard;
 pub mod slab;
 pub mod stats;
 
-pub use cache::{Cache, CacheOptions, CacheStats, Coordination};
+pub use cache::{Cache, CacheOptions, CacheStats, Coordination, Direct};
 pub use format::{BackingIdentity, FormatError, Superblock};
 pub use geometry::{Geometry, GeometryError, LayoutOptions};
 pub use io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request};

@@ -17,7 +17,9 @@ use super::format::{
 };
 use super::geometry::Geometry;
 use super::index::{Extent, ExtentMap, Piece, State};
-use super::io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ShardRequest, Tag};
+use super::io::{
+    Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag,
+};
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
@@ -373,18 +375,9 @@ impl Shard {
     /// no new key, no space used. Crash-safe because the epoch's writes carry no order and
     /// a torn unacknowledged write may leave old and new sectors mixed.
     fn try_in_place(&mut self, r: &ShardRequest) -> bool {
-        if self.cfg.data_crc {
-            return false;
-        }
-        let Some(e) = self.index.get(r.lba).copied() else {
+        let Some(pos) = self.in_place_target(r.lba, r.len) else {
             return false;
         };
-        if self.wb.drain || self.wb.blocks(r.lba, r.len) {
-            return false;
-        }
-        if e.state() != State::Dirty || e.len() != r.len || e.epoch() != Some(self.epoch as u32) {
-            return false;
-        }
         let tag = self.tag(TagOwner::InPlace {
             req: r.id,
             lba: r.lba,
@@ -394,7 +387,7 @@ impl Shard {
         self.out.commands.push(Command::Write {
             tag,
             dev: Dev::Cache,
-            sector: e.pos,
+            sector: pos,
             buf: Buf::Req {
                 req: r.id,
                 off: r.buf_off,
@@ -404,6 +397,68 @@ impl Shard {
         });
         self.stats.in_place_writes += 1;
         true
+    }
+
+    /// Where a write of `lba..+len` may go in place, if it may: it covers exactly a dirty
+    /// extent of the current epoch that writeback is not copying.
+    fn in_place_target(&self, lba: u64, len: u32) -> Option<u64> {
+        if self.cfg.data_crc || self.wb.drain || self.wb.blocks(lba, len) {
+            return None;
+        }
+        let e = self.index.get(lba)?;
+        (e.state() == State::Dirty && e.len() == len && e.epoch() == Some(self.epoch as u32))
+            .then_some(e.pos)
+    }
+
+    /// Starts a request the host serves with one cache-device I/O of its own, at the
+    /// returned cache sector, skipping commands and tags: a read of one cached data extent
+    /// (its segment is pinned against GC until [`Shard::end_direct`]), or a write that
+    /// rewrites a dirty extent in place (under the same conditions as a submitted one).
+    /// Also returns the key `end_direct` needs. None: submit it normally.
+    pub fn begin_direct(&mut self, op: Op, lba: u64, len: u32) -> Option<(u64, u64)> {
+        if self.failed || self.cfg.data_crc {
+            return None;
+        }
+        match op {
+            Op::Read => {
+                let e = self.index.covering(lba, len).filter(|e| e.is_data())?;
+                let seg = self.seg_of(e.pos);
+                *self.reads_per_seg.get_mut(seg as usize)? += 1;
+                self.stats.reads += 1;
+                self.stats.read_hit_sectors += u64::from(len);
+                self.stats.direct += 1;
+                Some((e.pos, u64::from(seg)))
+            }
+            Op::Write => {
+                let pos = self.in_place_target(lba, len)?;
+                self.inplace.push((lba, len));
+                self.stats.writes += 1;
+                self.stats.in_place_writes += 1;
+                self.stats.direct += 1;
+                Some((pos, lba))
+            }
+            _ => None,
+        }
+    }
+
+    /// The device I/O of a request [`Shard::begin_direct`] started finished.
+    pub fn end_direct(&mut self, op: Op, key: u64, result: Result<(), IoError>) -> ReqResult {
+        match op {
+            Op::Read => {
+                if let Some(n) = self.reads_per_seg.get_mut(key as usize) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            _ => {
+                if let Some(i) = self.inplace.iter().position(|e| e.0 == key) {
+                    self.inplace.swap_remove(i);
+                }
+            }
+        }
+        result.map_err(|_| {
+            self.stats.io_errors += 1;
+            ReqError::Io
+        })
     }
 
     fn start_read(&mut self, r: ShardRequest) {

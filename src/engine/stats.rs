@@ -13,6 +13,9 @@ pub struct ShardStats {
     /// Reads served from mapped cache media at once (`Cache::read_inline`), counted in
     /// `reads` too.
     pub inline_reads: u64,
+    /// Read hits and in-place writes the host served with one cache-device I/O of its own
+    /// (`Cache::begin_direct`), counted in `reads` / `writes` too.
+    pub direct: u64,
     pub fills: u64,
     pub fill_bypass: u64,
     pub ksets_written: u64,
@@ -41,6 +44,7 @@ impl ShardStats {
         self.read_miss_sectors += o.read_miss_sectors;
         self.in_place_writes += o.in_place_writes;
         self.inline_reads += o.inline_reads;
+        self.direct += o.direct;
         self.fills += o.fills;
         self.fill_bypass += o.fill_bypass;
         self.ksets_written += o.ksets_written;

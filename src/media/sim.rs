@@ -14,8 +14,13 @@ use super::mem::MemDevice;
 use super::{execute, BlockDevice, Buffers};
 use crate::engine::pool::{Grant, ToPool};
 use crate::engine::{
-    Cache, Command, Coordination, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request,
+    Buf, Cache, Command, Coordination, Dev, Direct, IoDone, IoError, Op, ReqError, ReqId,
+    ReqResult, Request,
 };
+
+/// Tags of the device I/O the simulator issues itself for direct requests (the request id
+/// below it); the engine's tags carry a shard id in bits 48.. and never set bit 63.
+const DIRECT_TAG: u64 = 1 << 63;
 
 /// SplitMix64: small, fast, and the same everywhere, so a seed reproduces a run.
 #[derive(Debug, Clone)]
@@ -66,6 +71,11 @@ pub struct Sim {
     next_id: ReqId,
     /// Number of device commands completed so far.
     pub completed: u64,
+    /// Percentage of reads and writes first offered to [`Cache::begin_direct`], as the
+    /// SPDK host offers every one (default 50, so both paths run).
+    pub direct_percent: u64,
+    /// Direct requests in flight, by request id.
+    directs: HashMap<ReqId, Direct>,
 }
 
 impl Sim {
@@ -87,6 +97,8 @@ impl Sim {
             done: Vec::new(),
             next_id: 1,
             completed: 0,
+            direct_percent: 50,
+            directs: HashMap::new(),
         }
     }
 
@@ -163,6 +175,10 @@ impl Sim {
         len: u32,
         data: Option<Vec<u8>>,
     ) -> Result<ReqId, ReqError> {
+        let data = match self.submit_direct(op, lba, len, data) {
+            Ok(id) => return Ok(id),
+            Err(data) => data,
+        };
         if self.others.is_empty() {
             return super::submit_request(
                 &mut self.cache,
@@ -189,6 +205,58 @@ impl Sim {
         for p in owners.into_iter().skip(1) {
             self.part(p).submit(r)?;
         }
+        Ok(id)
+    }
+
+    /// Serves a read or write with one cache-device I/O of the host's own when the cache
+    /// allows ([`Cache::begin_direct`]); else gives `data` back.
+    fn submit_direct(
+        &mut self,
+        op: Op,
+        lba: u64,
+        len: u32,
+        data: Option<Vec<u8>>,
+    ) -> Result<ReqId, Option<Vec<u8>>> {
+        if !matches!(op, Op::Read | Op::Write) || !self.rng.chance(self.direct_percent) {
+            return Err(data);
+        }
+        let &[part] = self.owners(op, lba, len).as_slice() else {
+            return Err(data);
+        };
+        let Some(d) = self.part(part).begin_direct(op, lba, len) else {
+            return Err(data);
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.bufs.insert(id, super::request_buf(op, len, data));
+        let (tag, buf) = (
+            DIRECT_TAG | id,
+            Buf::Req {
+                req: id,
+                off: 0,
+                len: u64::from(len) * 512,
+            },
+        );
+        let cmd = if d.write {
+            Command::Write {
+                tag,
+                dev: Dev::Cache,
+                sector: d.sector,
+                buf,
+                want_crc: false,
+            }
+        } else {
+            Command::Read {
+                tag,
+                dev: Dev::Cache,
+                sector: d.sector,
+                buf,
+                verify_crc: None,
+            }
+        };
+        self.issued += 1;
+        self.inflight.push((self.issued, part, cmd));
+        self.directs.insert(id, d);
         Ok(id)
     }
 
@@ -313,8 +381,16 @@ impl Sim {
             self.run_one(&cmd)
         };
         self.completed += 1;
-        if let Some(d) = done {
-            self.part(part).complete(d);
+        match done {
+            Some(d) if d.tag & DIRECT_TAG != 0 => {
+                let id = d.tag & !DIRECT_TAG;
+                if let Some(direct) = self.directs.remove(&id) {
+                    let res = self.part(part).end_direct(direct, d.result);
+                    self.done.push((id, res));
+                }
+            }
+            Some(d) => self.part(part).complete(d),
+            None => {}
         }
         self.pump();
         true

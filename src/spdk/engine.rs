@@ -48,9 +48,9 @@ use serde_json::{json, Value};
 
 use crate::engine::shard::WritebackOptions;
 use crate::engine::{
-    format, BackingIdentity, Buf, Cache, CacheOptions, Command, Dev, FormatError, FormatOptions,
-    IoDone, IoError, Op, OpenError, OpenStep, Opener, ReqError, ReqId, ReqResult, Request,
-    Superblock,
+    format, BackingIdentity, Buf, Cache, CacheOptions, Command, Dev, Direct, FormatError,
+    FormatOptions, IoDone, IoError, Op, OpenError, OpenStep, Opener, ReqError, ReqId, ReqResult,
+    Request, Superblock,
 };
 
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
@@ -259,6 +259,8 @@ impl Reqs {
 enum Purpose {
     /// A command of the running cache.
     Cmd,
+    /// The one I/O of a request served directly (`Cache::begin_direct`).
+    Direct,
     /// A read for the opener.
     Open,
     /// A write (or the final flush) of formatting.
@@ -297,6 +299,8 @@ struct DevIo {
     /// Engine-owned bytes written straight from here (mapped cache only).
     owned: Vec<u8>,
     copy_dst: (Dev, u64),
+    /// For `Purpose::Direct`: the request it serves and how to answer it.
+    direct: Option<(Direct, *mut ffi::spdk_bdev_io, Reply)>,
     wait: ffi::spdk_bdev_io_wait_entry,
 }
 
@@ -380,6 +384,8 @@ pub(crate) struct Engine {
     stop_done: Option<Done>,
 
     reqs: Reqs,
+    /// Direct requests in flight (`issue_direct`).
+    direct_live: usize,
     cmds: Vec<Command>,
     dones: Vec<IoDone>,
     comps: Vec<(ReqId, ReqResult)>,
@@ -570,6 +576,7 @@ impl Engine {
             open_problems: Vec::new(),
             stop_done: None,
             reqs: Reqs::default(),
+            direct_live: 0,
             cmds: Vec::new(),
             dones: Vec::new(),
             comps: Vec::new(),
@@ -885,6 +892,12 @@ impl Engine {
             let len = u32::try_from(d.num << shift).unwrap_or(u32::MAX);
             (d.offset << shift, len)
         };
+        if self.idle {
+            self.idle = false;
+            if let Some(c) = self.cache.as_deref_mut() {
+                c.set_idle(false);
+            }
+        }
         if op == Op::Read {
             if let Some(ok) = self.read_inline(&d, lba, len) {
                 let status = if ok {
@@ -896,6 +909,15 @@ impl Engine {
                 };
                 self.finish_io(io, status, reply);
                 return;
+            }
+        }
+        if matches!(op, Op::Read | Op::Write) {
+            let direct = self
+                .cache
+                .as_deref_mut()
+                .and_then(|c| c.begin_direct(op, lba, len));
+            if let Some(direct) = direct {
+                return self.issue_direct(&d, reply, direct, u64::from(len));
             }
         }
         let id = self
@@ -913,11 +935,53 @@ impl Engine {
             self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
             return;
         }
-        if self.idle {
-            self.idle = false;
-            cache.set_idle(false);
-        }
         self.kick = true;
+    }
+
+    /// Serves request `d` with one cache-device I/O of `sectors` straight from or into its
+    /// buffer (see `Cache::begin_direct`): no request slot, command or tag.
+    fn issue_direct(&mut self, d: &Desc, reply: Reply, direct: Direct, sectors: u64) {
+        let kind = if direct.write {
+            Kind::Write
+        } else {
+            Kind::Read
+        };
+        let mut dio = self.new_dio(Purpose::Direct, 0, kind, Dev::Cache);
+        dio.iovs.extend_from_slice(d.iovs.get());
+        dio.direct = Some((direct, d.io, reply));
+        self.direct_live += 1;
+        if !self.set_range(&mut dio, direct.sector, sectors) {
+            self.counters.dev_errors += 1;
+            return self.finish_direct(dio, false);
+        }
+        if direct.write {
+            self.counters.dev_writes += 1;
+        } else {
+            self.counters.dev_reads += 1;
+        }
+        self.issue(dio);
+    }
+
+    /// The device I/O of a direct request finished: so did the request.
+    fn finish_direct(&mut self, mut dio: Box<DevIo>, ok: bool) {
+        let Some((direct, io, reply)) = dio.direct.take() else {
+            return self.recycle(dio);
+        };
+        self.recycle(dio);
+        self.direct_live -= 1;
+        let result = if ok { Ok(()) } else { Err(IoError::Device) };
+        let status = match self
+            .cache
+            .as_deref_mut()
+            .map(|c| c.end_direct(direct, result))
+        {
+            Some(Ok(())) => st::SPDK_BDEV_IO_STATUS_SUCCESS,
+            _ => {
+                self.counters.requests_failed += 1;
+                st::SPDK_BDEV_IO_STATUS_FAILED
+            }
+        };
+        self.finish_io(io, status, reply);
     }
 
     /// Stops taking work: drains first when `drain` (unless a base bdev is gone, so nothing
@@ -1139,6 +1203,7 @@ impl Engine {
                 dma: None,
                 owned: Vec::new(),
                 copy_dst: (dev, 0),
+                direct: None,
                 // SAFETY: all-zero is a valid, unlinked wait entry.
                 wait: unsafe { std::mem::zeroed() },
             })
@@ -1154,6 +1219,7 @@ impl Engine {
         d.req = None;
         d.verify = None;
         d.crc = None;
+        d.direct = None;
         d
     }
 
@@ -1505,6 +1571,7 @@ impl Engine {
                 self.kick = true;
                 self.recycle(d);
             }
+            Purpose::Direct => self.finish_direct(d, ok),
             Purpose::Open => {
                 let data = if ok {
                     let mut v = Vec::new();
@@ -1723,7 +1790,7 @@ impl Engine {
         let host = json!({
             "requests": c.requests,
             "requests_failed": c.requests_failed,
-            "requests_in_flight": self.reqs.live,
+            "requests_in_flight": self.reqs.live + self.direct_live,
             "device_reads": c.dev_reads,
             "device_writes": c.dev_writes,
             "device_copies": c.dev_copies,
@@ -1825,6 +1892,7 @@ fn render_stats(parts: Vec<StatsPart>) -> Value {
             "read_miss_sectors": t.read_miss_sectors,
             "in_place_writes": t.in_place_writes,
             "inline_reads": t.inline_reads,
+            "direct": t.direct,
             "cache_full_waits": t.cache_full_waits,
         },
         "errors": {
