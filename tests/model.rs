@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use pcache::media::BlockDevice;
 use proptest::prelude::*;
 
 const BACKING_SECTORS: u64 = 4096; // 2 MiB
@@ -194,6 +195,16 @@ fn inline_reads_match_reads_through_commands() {
     for _ in 0..400 {
         let lba = rng.below(BACKING_SECTORS - 64);
         let len = 1 + rng.below(64) as u32;
+        // The prefetch hint names the sectors a one-extent inline read copies.
+        if let Some(sector) = host.cache.cached_sector(lba, len) {
+            let mut want = vec![0u8; len as usize * 512];
+            host.cache_dev.read(sector, &mut want).expect("cache read");
+            assert_eq!(
+                host.read(lba, len).expect("read"),
+                want,
+                "hint for {lba}+{len}"
+            );
+        }
         let inline = host.read(lba, len).expect("inline read");
         let id = host
             .submit(pcache::engine::Op::Read, lba, len, None)

@@ -394,6 +394,15 @@ impl Cache {
         self.shards[li].read_inline(lba, len, copy)
     }
 
+    /// Where the cached data of `lba..+len` lives when one data extent holds all of it
+    /// (what [`Cache::read_inline`] would copy), without counting a read: for prefetching.
+    #[inline]
+    pub fn cached_sector(&self, lba: u64, len: u32) -> Option<u64> {
+        let li = self.sole_shard(lba, len)?;
+        let e = self.shards[li].index().covering(lba, len)?;
+        e.is_data().then_some(e.pos)
+    }
+
     /// Starts a read hit or an in-place write that the host serves with one cache-device
     /// I/O of its own, at [`Direct::sector`], from or into the request's buffer: no
     /// commands, tags or completions to carry. The host reports the I/O's outcome with
