@@ -1042,27 +1042,32 @@ impl Engine {
             }
         }
         for i in 0..descs.len() {
-            // Over a mapped cache, start loading the next read's data while this request
-            // runs: its copy then finds the lines on their way instead of waiting for DRAM.
-            if let (Some(next), Some(cache), Some(dax)) =
-                (descs.get(i + 1), self.cache.as_deref(), self.dax.as_ref())
-            {
-                if next.0.ty == t::SPDK_BDEV_IO_TYPE_READ {
-                    let shift = self.shift[1];
-                    let (lba, len) = (next.0.offset << shift, next.0.num << shift);
-                    if let Some(sector) = u32::try_from(len)
-                        .ok()
-                        .and_then(|len| cache.cached_sector(lba, len))
-                    {
-                        dax.prefetch(sector, (len * 512) as usize);
-                    }
-                }
-            }
+            self.prefetch_read(descs.get(i + 1));
             let (d, reply) = descs[i];
             self.submit(d, reply);
         }
         descs.clear();
         self.descs = descs;
+    }
+
+    /// Over a mapped cache, starts loading the data of `next` if it is a read hit, while
+    /// the request before it runs: its copy then finds the lines on their way instead of
+    /// waiting for DRAM (two requests ahead measured no better).
+    fn prefetch_read(&self, next: Option<&(Desc, Reply)>) {
+        if let (Some(next), Some(cache), Some(dax)) =
+            (next, self.cache.as_deref(), self.dax.as_ref())
+        {
+            if next.0.ty == t::SPDK_BDEV_IO_TYPE_READ {
+                let shift = self.shift[1];
+                let (lba, len) = (next.0.offset << shift, next.0.num << shift);
+                if let Some(sector) = u32::try_from(len)
+                    .ok()
+                    .and_then(|len| cache.cached_sector(lba, len))
+                {
+                    dax.prefetch(sector, (len * 512) as usize);
+                }
+            }
+        }
     }
 
     /// A submitting thread on another core opened queue pair `end` with this engine.
