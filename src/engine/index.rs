@@ -154,11 +154,20 @@ impl std::hash::Hasher for BucketHasher {
 /// sector, apart from the extents themselves, so finding an extent scans a few contiguous
 /// cache lines (256 extents: 512 bytes) instead of chasing a binary search through 24-byte
 /// entries, one cache miss per probe.
+///
+/// A directory of [`DIR`] chunks narrows the scan to one chunk's starts, so a lookup reads
+/// the same few lines however full the bucket is (256 extents: one line of the 512).
 #[derive(Debug, Default)]
 struct Bucket {
     starts: Vec<u16>,
     exts: Vec<Extent>,
+    /// `dir[c]`: how many extents start before chunk `c` (offset `c << shift`, the map's
+    /// chunk shift), kept up to date by every change to `starts`.
+    dir: [u16; DIR],
 }
+
+/// Chunks in a bucket's directory.
+const DIR: usize = 32;
 
 /// Up to this many extents a bucket is searched by counting (independent loads the CPU
 /// overlaps and vectorizes); beyond, by binary search.
@@ -173,28 +182,55 @@ impl Bucket {
     }
 
     /// How many extents start before `off`: the index of the first one at or after it.
+    /// `shift`: the map's chunk shift.
     #[inline]
-    fn rank(&self, off: u16) -> usize {
-        if self.starts.len() <= LINEAR_MAX {
+    fn rank(&self, off: u16, shift: u32) -> usize {
+        let c = usize::from(off >> shift).min(DIR - 1);
+        let lo = usize::from(self.dir[c]);
+        let hi = self
+            .dir
+            .get(c + 1)
+            .map_or(self.starts.len(), |&h| usize::from(h));
+        let part = &self.starts[lo..hi];
+        lo + if part.len() <= LINEAR_MAX {
             // A 16-bit count (LINEAR_MAX fits) keeps eight lanes per 128-bit compare.
             let mut n: u16 = 0;
-            for &s in &self.starts {
+            for &s in part {
                 n += u16::from(s < off);
             }
             usize::from(n)
         } else {
-            self.starts.partition_point(|&s| s < off)
+            part.partition_point(|&s| s < off)
         }
     }
 
-    fn insert(&mut self, i: usize, off: u16, e: Extent) {
+    fn insert(&mut self, i: usize, off: u16, e: Extent, shift: u32) {
         self.starts.insert(i, off);
         self.exts.insert(i, e);
+        for d in self.dir.iter_mut().skip(usize::from(off >> shift) + 1) {
+            *d += 1;
+        }
     }
 
-    fn remove_range(&mut self, a: usize, b: usize) {
-        self.starts.drain(a..b);
-        self.exts.drain(a..b);
+    fn remove_range(&mut self, a: usize, b: usize, shift: u32) {
+        if a < b {
+            self.starts.drain(a..b);
+            self.exts.drain(a..b);
+            self.rebuild_dir(shift);
+        }
+    }
+
+    /// Recounts the directory after starts moved or went.
+    fn rebuild_dir(&mut self, shift: u32) {
+        let mut i = 0;
+        for (c, d) in self.dir.iter_mut().enumerate() {
+            let lim = (c as u32) << shift;
+            while i < self.starts.len() && u32::from(self.starts[i]) < lim {
+                i += 1;
+            }
+            // At most one bucket's sectors (2^16) start before the last chunk.
+            *d = i as u16;
+        }
     }
 }
 
@@ -208,6 +244,8 @@ type Buckets = HashMap<u64, Bucket, BuildHasherDefault<BucketHasher>>;
 #[derive(Debug)]
 pub struct ExtentMap {
     bucket: u64,
+    /// log2 of the directory chunk: the least with `bucket <= DIR << shift`.
+    shift: u32,
     buckets: Buckets,
     len: usize,
 }
@@ -226,8 +264,13 @@ impl ExtentMap {
     /// `bucket_sectors`: the stripe, so no extent is ever split for the index (stripes
     /// over 32 MiB use 32 MiB buckets).
     pub fn with_bucket(bucket_sectors: u64) -> Self {
+        let bucket = bucket_sectors.clamp(8, MAX_BUCKET_SECTORS);
         ExtentMap {
-            bucket: bucket_sectors.clamp(8, MAX_BUCKET_SECTORS),
+            bucket,
+            shift: bucket
+                .div_ceil(DIR as u64)
+                .next_power_of_two()
+                .trailing_zeros(),
             buckets: Buckets::default(),
             len: 0,
         }
@@ -269,7 +312,7 @@ impl ExtentMap {
     pub fn get(&self, lba: u64) -> Option<&Extent> {
         let (key, off) = self.locate(lba);
         let b = self.buckets.get(&key)?;
-        let i = b.rank(off);
+        let i = b.rank(off, self.shift);
         (b.starts.get(i) == Some(&off)).then(|| &b.exts[i])
     }
 
@@ -282,7 +325,7 @@ impl ExtentMap {
             return None;
         }
         let b = self.buckets.get(&key)?;
-        let mut i = b.rank(off);
+        let mut i = b.rank(off, self.shift);
         if b.starts.get(i) != Some(&off) {
             i = i.checked_sub(1)?;
         }
@@ -301,7 +344,7 @@ impl ExtentMap {
         let Some(b) = self.buckets.get(&key) else {
             return std::ptr::null();
         };
-        let i = b.rank(off).min(b.exts.len().saturating_sub(1));
+        let i = b.rank(off, self.shift).min(b.exts.len().saturating_sub(1));
         b.exts.as_ptr().wrapping_add(i).cast()
     }
 
@@ -328,6 +371,7 @@ impl ExtentMap {
 
     /// `punch` for a range inside one bucket.
     fn punch_in_bucket(&mut self, lba: u64, len: u32) {
+        let shift = self.shift;
         let (key, off) = self.locate(lba);
         let base = key * self.bucket;
         let Some(b) = self.buckets.get_mut(&key) else {
@@ -335,7 +379,7 @@ impl ExtentMap {
         };
         let end = lba + u64::from(len);
         let before = b.len();
-        let mut i = b.rank(off);
+        let mut i = b.rank(off, self.shift);
         // An extent starting before `lba` that reaches into the range.
         if i > 0 {
             let s = base + u64::from(b.starts[i - 1]);
@@ -345,7 +389,7 @@ impl ExtentMap {
                 b.exts[i - 1] = e.slice(s, s, (lba - s) as u32);
                 if e_end > end {
                     let tail = e.slice(s, end, (e_end - end) as u32);
-                    b.insert(i, (end - base) as u16, tail);
+                    b.insert(i, (end - base) as u16, tail, shift);
                     self.len += b.len() - before;
                     return;
                 }
@@ -353,6 +397,7 @@ impl ExtentMap {
         }
         // Extents starting inside the range: whole ones go, the last may stick out.
         let first = i;
+        let mut moved = false;
         while i < b.len() {
             let s = base + u64::from(b.starts[i]);
             if s >= end {
@@ -363,11 +408,15 @@ impl ExtentMap {
             if e_end > end {
                 b.starts[i] = (end - base) as u16;
                 b.exts[i] = e.slice(s, end, (e_end - end) as u32);
+                moved = true;
                 break;
             }
             i += 1;
         }
-        b.remove_range(first, i);
+        b.remove_range(first, i, shift);
+        if moved && first == i {
+            b.rebuild_dir(shift);
+        }
         let after = b.len();
         if after == 0 {
             self.buckets.remove(&key);
@@ -377,6 +426,7 @@ impl ExtentMap {
 
     /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
     pub fn insert(&mut self, lba: u64, ext: Extent) {
+        let shift = self.shift;
         let end = lba + u64::from(ext.len());
         if lba / self.bucket != (end - 1) / self.bucket {
             // Crosses a bucket edge (never for stripe-sized buckets): one piece per bucket.
@@ -389,7 +439,7 @@ impl ExtentMap {
         }
         let (key, off) = self.locate(lba);
         if let Some(b) = self.buckets.get_mut(&key) {
-            let i = b.rank(off);
+            let i = b.rank(off, self.shift);
             // Same start and length: nothing else can overlap, so replace in place.
             if b.starts.get(i) == Some(&off) && b.exts[i].len() == ext.len() {
                 b.exts[i] = ext;
@@ -398,8 +448,8 @@ impl ExtentMap {
         }
         self.punch_in_bucket(lba, ext.len());
         let b = self.buckets.entry(key).or_default();
-        let i = b.rank(off);
-        b.insert(i, off, ext);
+        let i = b.rank(off, shift);
+        b.insert(i, off, ext, shift);
         self.len += 1;
     }
 
@@ -469,7 +519,7 @@ impl ExtentMap {
             };
             let base = key * self.bucket;
             let end = a + u64::from(l);
-            let mut i = b.rank(off);
+            let mut i = b.rank(off, self.shift);
             if i > 0 && base + u64::from(b.starts[i - 1]) + u64::from(b.exts[i - 1].len()) > a {
                 i -= 1;
             }
@@ -552,6 +602,7 @@ impl ExtentMap {
     /// reclaimed). Returns how many dirty extents were found there and kept (none, if the
     /// caller only reclaims written-back segments).
     pub fn drop_segment(&mut self, lo: u64, hi: u64) -> usize {
+        let shift = self.shift;
         let mut dirty = 0;
         let mut removed = 0;
         self.buckets.retain(|_, b| {
@@ -572,6 +623,7 @@ impl ExtentMap {
             }
             b.starts.truncate(keep);
             b.exts.truncate(keep);
+            b.rebuild_dir(shift);
             keep > 0
         });
         self.len -= removed;
@@ -580,13 +632,14 @@ impl ExtentMap {
 
     /// Drops the extent at `lba` if it is still exactly `ext` (used after a CRC mismatch).
     pub fn remove_if_same(&mut self, lba: u64, ext: &Extent) -> bool {
+        let shift = self.shift;
         let (key, off) = self.locate(lba);
         let Some(b) = self.buckets.get_mut(&key) else {
             return false;
         };
-        let i = b.rank(off);
+        let i = b.rank(off, self.shift);
         if b.starts.get(i) == Some(&off) && b.exts[i] == *ext {
-            b.remove_range(i, i + 1);
+            b.remove_range(i, i + 1, shift);
             if b.len() == 0 {
                 self.buckets.remove(&key);
             }
@@ -594,6 +647,20 @@ impl ExtentMap {
             return true;
         }
         false
+    }
+
+    /// Every bucket's directory matches its starts (for tests).
+    #[cfg(test)]
+    fn dirs_consistent(&self) -> bool {
+        self.buckets.values().all(|b| {
+            let mut fresh = Bucket {
+                starts: b.starts.clone(),
+                exts: Vec::new(),
+                dir: [0; DIR],
+            };
+            fresh.rebuild_dir(self.shift);
+            fresh.dir == b.dir
+        })
     }
 
     /// Counts (dirty sectors, clean sectors, extents).
@@ -715,14 +782,19 @@ mod tests {
     #[test]
     fn bucket_rank_counts_and_searches_alike() {
         for n in [0usize, 1, 7, LINEAR_MAX, LINEAR_MAX + 1, 3000] {
-            let b = Bucket {
-                starts: (0..n).map(|i| (i * 13 + 5) as u16).collect(),
-                exts: vec![data(0, 1); n],
-            };
-            for off in (0..(n * 13 + 20)).step_by(3) {
-                let off = off as u16;
-                let want = b.starts.partition_point(|&s| s < off);
-                assert_eq!(b.rank(off), want, "n {n} off {off}");
+            // Shifts whose last chunk is short of the starts (a long tail to scan) or not.
+            for shift in [0, 6, 11] {
+                let mut b = Bucket {
+                    starts: (0..n).map(|i| (i * 13 + 5) as u16).collect(),
+                    exts: vec![data(0, 1); n],
+                    dir: [0; DIR],
+                };
+                b.rebuild_dir(shift);
+                for off in (0..(n * 13 + 20).min(65535)).step_by(3) {
+                    let off = off as u16;
+                    let want = b.starts.partition_point(|&s| s < off);
+                    assert_eq!(b.rank(off, shift), want, "n {n} shift {shift} off {off}");
+                }
             }
         }
     }
@@ -773,6 +845,7 @@ mod tests {
                             }
                         }
                     }
+                    prop_assert!(m.dirs_consistent(), "a bucket directory is stale after {:?}", o);
                 }
                 let mut got = BTreeMap::new();
                 let mut last_end = 0;
