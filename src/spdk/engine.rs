@@ -1017,8 +1017,9 @@ impl Engine {
 
     /// Submits the requests received since the last poll: from the inbox and the queue
     /// pairs. Their index entries are prefetched first, all together: one request's cache
-    /// misses then overlap the next ones' instead of each lookup stalling in turn.
-    fn submit_incoming(&mut self) {
+    /// misses then overlap the next ones' instead of each lookup stalling in turn. True if
+    /// there were any.
+    fn submit_incoming(&mut self) -> bool {
         let mut descs = std::mem::take(&mut self.descs);
         if !self.inbox.is_empty() {
             let mut batch = std::mem::take(&mut self.batch);
@@ -1046,8 +1047,10 @@ impl Engine {
             let (d, reply) = descs[i];
             self.submit(d, reply);
         }
+        let took = !descs.is_empty();
         descs.clear();
         self.descs = descs;
+        took
     }
 
     /// Over a mapped cache, starts loading the data of `next` if it is a read hit, while
@@ -2142,12 +2145,17 @@ unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
         // SAFETY: the engine registered this poller with itself as argument and unregisters
         // it before being freed; pollers run at the top level of the engine thread.
         let e = unsafe { &mut *arg.cast::<Engine>() };
-        e.submit_incoming();
+        // Requests served directly leave nothing to pump but were work all the same.
+        let took = e.submit_incoming();
         if !e.kick && e.dones.is_empty() {
-            return ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int;
+            return if took {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+            } else {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+            };
         }
         e.kick = false;
-        if matches!(e.state, State::Running | State::Draining) && e.pump() {
+        if matches!(e.state, State::Running | State::Draining) && (e.pump() || took) {
             ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
         } else {
             ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
@@ -2160,7 +2168,7 @@ unsafe extern "C" fn slow_poll(arg: *mut c_void) -> c_int {
         let eng = arg.cast::<Engine>();
         // SAFETY: as in `fast_poll`.
         let e = unsafe { &mut *eng };
-        e.submit_incoming();
+        let took = e.submit_incoming();
         if e.ready_to_free() {
             if e.is_worker() {
                 // The lead ends the team (two-phase stop, see `team`).
@@ -2175,7 +2183,7 @@ unsafe extern "C" fn slow_poll(arg: *mut c_void) -> c_int {
             unsafe { Engine::teardown(eng) };
             return ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int;
         }
-        if e.housekeeping() {
+        if e.housekeeping() || took {
             ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
         } else {
             ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
