@@ -336,15 +336,16 @@ impl Cache {
             self.completions.push((r.id, Ok(())));
             return Ok(());
         }
-        let stripe = u64::from(self.sb.geometry.stripe_sectors);
+        let g = self.sb.geometry;
+        let stripe = u64::from(g.stripe_sectors);
         let end = r.lba + u64::from(r.len);
         let pieces = if self.shards.len() == self.local.len() {
-            (end - 1) / stripe - r.lba / stripe + 1
+            g.stripe_of(end - 1) - g.stripe_of(r.lba) + 1
         } else {
             let mut n = 0;
-            let mut s = r.lba / stripe;
+            let mut s = g.stripe_of(r.lba);
             while s * stripe < end {
-                n += u64::from(self.owns_shard(self.sb.geometry.shard_of(s * stripe)));
+                n += u64::from(self.owns_shard(g.shard_of_stripe(s)));
                 s += 1;
             }
             n
@@ -365,8 +366,8 @@ impl Cache {
         }
         let mut lba = r.lba;
         while lba < end {
-            let piece_end = ((lba / stripe + 1) * stripe).min(end);
-            let shard = self.sb.geometry.shard_of(lba) as usize;
+            let piece_end = ((g.stripe_of(lba) + 1) * stripe).min(end);
+            let shard = g.shard_of(lba) as usize;
             if let Some(li) = self.local.get(shard).copied().flatten() {
                 self.shards[li as usize].submit(ShardRequest {
                     id: r.id,
@@ -434,11 +435,12 @@ impl Cache {
         if len == 0 || end > self.sb.geometry.backing_sectors {
             return None;
         }
-        let stripe = u64::from(self.sb.geometry.stripe_sectors);
-        if lba / stripe != (end - 1) / stripe {
+        let g = &self.sb.geometry;
+        let stripe = g.stripe_of(lba);
+        if g.stripe_of(end - 1) != stripe {
             return None;
         }
-        let shard = self.sb.geometry.shard_of(lba) as usize;
+        let shard = g.shard_of_stripe(stripe) as usize;
         self.local
             .get(shard)
             .copied()

@@ -287,7 +287,7 @@ impl ExtentMap {
     /// The bucket number of `lba` and its offset inside it.
     #[inline]
     fn locate(&self, lba: u64) -> (u64, u16) {
-        let key = lba / self.bucket;
+        let key = super::geometry::div(lba, self.bucket);
         // Below `bucket` <= 2^16 by construction.
         (key, (lba - key * self.bucket) as u16)
     }
@@ -353,7 +353,7 @@ impl ExtentMap {
         let end = lba + u64::from(len);
         let mut at = lba;
         while at < end {
-            let b_end = ((at / self.bucket) + 1) * self.bucket;
+            let b_end = (super::geometry::div(at, self.bucket) + 1) * self.bucket;
             let e = b_end.min(end);
             f(at, (e - at) as u32);
             at = e;
@@ -428,7 +428,7 @@ impl ExtentMap {
     pub fn insert(&mut self, lba: u64, ext: Extent) {
         let shift = self.shift;
         let end = lba + u64::from(ext.len());
-        if lba / self.bucket != (end - 1) / self.bucket {
+        if self.locate(lba).0 != self.locate(end - 1).0 {
             // Crosses a bucket edge (never for stripe-sized buckets): one piece per bucket.
             let mut parts = Vec::new();
             self.per_bucket(lba, ext.len(), |a, l| parts.push((a, l)));
