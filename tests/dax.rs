@@ -105,6 +105,47 @@ fn a_write_persists_its_data_then_its_kset_then_is_acknowledged() {
     let _ = std::fs::remove_file(path);
 }
 
+/// An in-place rewrite served directly (`Cache::begin_direct`), as the SPDK host does over
+/// a mapped cache: its data goes out unfenced, is persisted by the batch's fence, and only
+/// then is the request ended and acknowledged; it reads back.
+#[test]
+fn a_direct_in_place_write_is_persisted_by_the_fence_before_it_is_acknowledged() {
+    let path = temp_path("direct");
+    let dax = formatted_dax(&path);
+    let (mut host, _) = SyncHost::open(
+        dax,
+        MemDevice::new(BACKING_SECTORS * 512),
+        identity(BACKING_SECTORS),
+        CacheOptions::default(),
+    )
+    .unwrap();
+    host.write(40, data_of(1, 40, 8)).unwrap();
+    let d = host
+        .cache
+        .begin_direct(Op::Write, 40, 8)
+        .expect("a dirty extent of this epoch is rewritten in place");
+    assert!(d.write);
+    host.cache_dev.persist_log = Some(Vec::new());
+    host.cache_dev
+        .write_unfenced(d.sector, &data_of(2, 40, 8))
+        .unwrap();
+    host.cache_dev.fence();
+    let log = host.cache_dev.persist_log.take().unwrap();
+    assert_eq!(
+        log,
+        vec![PersistEvent {
+            sector: d.sector,
+            sectors: 8
+        }],
+        "the rewrite is persisted once, by the time the fence returns"
+    );
+    host.cache.end_direct(d, Ok(())).expect("acknowledged");
+    assert_eq!(host.read(40, 8).unwrap(), data_of(2, 40, 8));
+    assert_eq!(host.cache.stats().total.direct, 1);
+    drop(host);
+    let _ = std::fs::remove_file(path);
+}
+
 /// Random writes, reads, flushes, discards and reopens over the DAX host match a plain
 /// block device.
 #[test]

@@ -790,6 +790,12 @@ fn bdevperf_verify_over_pcache() {
         assert!(s["write_ops"].as_u64() > Some(0), "{s}");
         assert_wrote_back_cleanly(s);
     }
+    // PC0 (no data CRC): verify's read hits are single cache-bdev reads (direct requests).
+    assert!(
+        stats[0]["requests"]["direct"].as_u64() > Some(0),
+        "{}",
+        stats[0]["requests"]
+    );
     assert_eq!(
         stats[1]["engine"]["shards"].as_array().map(Vec::len),
         Some(2),
@@ -1210,6 +1216,9 @@ fn restart_case(cache_path: Option<&Path>) {
     let data = pattern(8 << 20, 0x5eed_cafe);
     let pattern_file = dir.join("pattern.bin");
     std::fs::write(&pattern_file, &data).expect("pattern file");
+    // Written first over the same blocks: the pattern then rewrites dirty extents in place.
+    let older_file = dir.join("older.bin");
+    std::fs::write(&older_file, pattern(data.len(), 0x01d_da7a)).expect("older pattern file");
     let port = free_port().to_string();
     let initiator = initiator_config(&dir, &port);
 
@@ -1262,8 +1271,22 @@ fn restart_case(cache_path: Option<&Path>) {
         &spdk,
         &dd,
         &initiator,
+        &older_file,
+        &dir.join("dd-write-older.log"),
+    );
+    dd_write(
+        &spdk,
+        &dd,
+        &initiator,
         &pattern_file,
         &dir.join("dd-write.log"),
+    );
+    let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
+    assert!(
+        s["requests"]["direct"].as_u64() > Some(0)
+            && s["requests"]["in_place_writes"].as_u64() > Some(0),
+        "the second pass should rewrite dirty blocks in place, served directly: {}",
+        s["requests"]
     );
     let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
     assert!(

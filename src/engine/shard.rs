@@ -662,7 +662,10 @@ impl Shard {
 
     fn seg_of(&self, pos: u64) -> u32 {
         let g = &self.cfg.geo;
-        (pos.saturating_sub(g.segments_start) / u64::from(g.segment_sectors)) as u32
+        super::geometry::div(
+            pos.saturating_sub(g.segments_start),
+            u64::from(g.segment_sectors),
+        ) as u32
     }
 
     fn ask_for_segments(&mut self) {

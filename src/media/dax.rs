@@ -85,6 +85,8 @@ pub struct DaxDevice {
     _file: File,
     /// When set, every persist barrier is appended here (tests).
     pub persist_log: Option<Vec<PersistEvent>>,
+    /// Byte ranges written by `write_unfenced` and not yet fenced.
+    unfenced: Vec<(usize, usize)>,
 }
 
 // SAFETY: the mapping is owned by this value and only accessed through `&mut self` (or
@@ -182,6 +184,7 @@ impl DaxDevice {
             devdax,
             _file: file,
             persist_log: None,
+            unfenced: Vec::new(),
         })
     }
 
@@ -259,18 +262,66 @@ impl DaxDevice {
         }
     }
 
+    /// Writes `buf` at `sector` like [`BlockDevice::write`] but leaves the closing store
+    /// fence to [`DaxDevice::fence`]: durable once that returns. Writes issued together
+    /// then share one fence instead of each waiting for its own stores to drain. (With
+    /// `Persist::Msync` there is no fence to share: durable when this returns.)
+    pub fn write_unfenced(&mut self, sector: u64, buf: &[u8]) -> Result<(), IoError> {
+        if !self.writable {
+            return Err(IoError::Device);
+        }
+        let start = self.range(sector, buf.len())?;
+        // SAFETY: as in `read`; the mapping is writable and exclusively ours via &mut self.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), buf.len()) };
+        if self.persist == Persist::Msync {
+            dst.copy_from_slice(buf);
+            return self.persist_range(start, buf.len());
+        }
+        // Non-temporal stores bypass the CPU caches: no line to write back, only the fence
+        // (and no read of the cold destination lines before writing them).
+        if !copy_streaming(dst, buf) {
+            dst.copy_from_slice(buf);
+            self.write_back(start, buf.len());
+        }
+        self.unfenced.push((start, buf.len()));
+        Ok(())
+    }
+
+    /// Makes every [`DaxDevice::write_unfenced`] since the last fence durable.
+    pub fn fence(&mut self) {
+        if self.unfenced.is_empty() {
+            return;
+        }
+        sfence();
+        for i in 0..self.unfenced.len() {
+            let (start, bytes) = self.unfenced[i];
+            self.log_persist(start, bytes);
+        }
+        self.unfenced.clear();
+    }
+
+    /// Starts writing [start, start+bytes) back from the CPU caches (durable at the next
+    /// fence); nothing to do for RAM.
+    fn write_back(&mut self, start: usize, bytes: usize) {
+        let Persist::Cpu(insn) = self.persist else {
+            return;
+        };
+        let first = start & !(LINE - 1);
+        let mut line = first;
+        while line < start + bytes {
+            // SAFETY: `line` is inside the mapping (start..start+bytes was bounds-checked,
+            // and rounding down to a line stays above the page-aligned base).
+            unsafe { flush_line(self.base.as_ptr().add(line), insn) };
+            line += LINE;
+        }
+    }
+
     /// Makes [start, start+bytes) of the mapping durable.
     fn persist_range(&mut self, start: usize, bytes: usize) -> Result<(), IoError> {
         match self.persist {
-            Persist::Cpu(insn) => {
-                let first = start & !(LINE - 1);
-                let mut line = first;
-                while line < start + bytes {
-                    // SAFETY: `line` is inside the mapping (start..start+bytes was bounds-
-                    // checked, and rounding down to a line stays above the page-aligned base).
-                    unsafe { flush_line(self.base.as_ptr().add(line), insn) };
-                    line += LINE;
-                }
+            Persist::Cpu(_) => {
+                self.write_back(start, bytes);
                 sfence();
             }
             Persist::Ram => {}
@@ -394,6 +445,7 @@ fn devdax_size(rdev: u64) -> u64 {
 
 impl Drop for DaxDevice {
     fn drop(&mut self) {
+        self.fence();
         // SAFETY: unmapping exactly the mapping this value created; nothing refers to it
         // after drop.
         unsafe {
@@ -429,22 +481,9 @@ impl BlockDevice for DaxDevice {
     }
 
     fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), IoError> {
-        if !self.writable {
-            return Err(IoError::Device);
-        }
-        let start = self.range(sector, buf.len())?;
-        // SAFETY: as in `read`; the mapping is writable and exclusively ours via &mut self.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), buf.len()) };
-        if self.persist != Persist::Msync && copy_streaming(dst, buf) {
-            // Non-temporal stores bypass the CPU caches: no line to write back, only the
-            // fence (and no read of the cold destination lines before writing them).
-            sfence();
-            self.log_persist(start, buf.len());
-            return Ok(());
-        }
-        dst.copy_from_slice(buf);
-        self.persist_range(start, buf.len())
+        self.write_unfenced(sector, buf)?;
+        self.fence();
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), IoError> {

@@ -386,6 +386,8 @@ pub(crate) struct Engine {
     reqs: Reqs,
     /// Direct requests in flight (`issue_direct`).
     direct_live: usize,
+    /// Direct writes copied to the mapped cache, awaiting the batch's fence.
+    unfenced: Vec<(Box<DevIo>, bool)>,
     cmds: Vec<Command>,
     dones: Vec<IoDone>,
     comps: Vec<(ReqId, ReqResult)>,
@@ -577,6 +579,7 @@ impl Engine {
             stop_done: None,
             reqs: Reqs::default(),
             direct_live: 0,
+            unfenced: Vec::new(),
             cmds: Vec::new(),
             dones: Vec::new(),
             comps: Vec::new(),
@@ -1047,10 +1050,27 @@ impl Engine {
             let (d, reply) = descs[i];
             self.submit(d, reply);
         }
+        self.fence_direct_writes();
         let took = !descs.is_empty();
         descs.clear();
         self.descs = descs;
         took
+    }
+
+    /// Makes the direct writes of this batch to the mapped cache durable with one fence,
+    /// then completes them: data durable before the acknowledgement, as for each alone.
+    fn fence_direct_writes(&mut self) {
+        if self.unfenced.is_empty() {
+            return;
+        }
+        if let Some(dax) = self.dax.as_mut() {
+            dax.fence();
+        }
+        let mut done = std::mem::take(&mut self.unfenced);
+        for (d, ok) in done.drain(..) {
+            self.complete_dio(d, ok);
+        }
+        self.unfenced = done;
     }
 
     /// Over a mapped cache, starts loading the data of `next` if it is a read hit, while
@@ -1506,6 +1526,12 @@ impl Engine {
         }
         if d.dev == Dev::Cache {
             if let Some(dax) = self.dax.as_mut() {
+                if d.purpose == Purpose::Direct && d.kind == Kind::Write {
+                    // Completed after the batch's one fence (`fence_direct_writes`).
+                    let ok = dax_write(dax, d.offset, &d.iovs, &mut self.dax_bounce, false);
+                    self.unfenced.push((d, ok));
+                    return;
+                }
                 let ok = dax_run(dax, &d, &mut self.dax_bounce);
                 if !ok {
                     spdk_log!(ERROR, "{}: mapped cache I/O failed", self.name);
@@ -1984,7 +2010,7 @@ fn dax_run(dax: &mut DaxDevice, d: &DevIo, bounce: &mut Vec<u8>) -> bool {
         Kind::Flush => dax.flush().is_ok(),
         Kind::Zeroes => dax.write_zeroes(sector, d.blocks).is_ok(),
         Kind::Read | Kind::CopyRead => dax_read(dax, sector, &d.iovs, bounce),
-        Kind::Write | Kind::CopyWrite => dax_write(dax, sector, &d.iovs, bounce),
+        Kind::Write | Kind::CopyWrite => dax_write(dax, sector, &d.iovs, bounce, true),
     }
 }
 
@@ -2040,9 +2066,23 @@ fn dax_read(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut 
     true
 }
 
-/// Copies `iovs` to the mapped cache at `sector`, persisted when this returns.
-fn dax_write(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut Vec<u8>) -> bool {
-    if let Some(ok) = per_iov(sector, iovs, |s, b| dax.write(s, b).is_ok()) {
+/// Copies `iovs` to the mapped cache at `sector`: persisted when this returns if `fenced`,
+/// else at the device's next fence (`DaxDevice::write_unfenced`).
+fn dax_write(
+    dax: &mut DaxDevice,
+    sector: u64,
+    iovs: &[ffi::iovec],
+    bounce: &mut Vec<u8>,
+    fenced: bool,
+) -> bool {
+    let mut write = |s: u64, b: &[u8]| {
+        if fenced {
+            dax.write(s, b).is_ok()
+        } else {
+            dax.write_unfenced(s, b).is_ok()
+        }
+    };
+    if let Some(ok) = per_iov(sector, iovs, |s, b| write(s, b)) {
         return ok;
     }
     bounce.clear();
@@ -2050,7 +2090,7 @@ fn dax_write(dax: &mut DaxDevice, sector: u64, iovs: &[ffi::iovec], bounce: &mut
         // SAFETY: as in `per_iov`.
         bounce.extend_from_slice(unsafe { iov_bytes(v) });
     }
-    dax.write(sector, bounce).is_ok()
+    write(sector, bounce)
 }
 
 /// Sends a finished request ([`io::completion_arg`]) back to its submitting thread to be
