@@ -37,6 +37,18 @@ fn formatted_dax(path: &std::path::Path) -> DaxDevice {
     dev
 }
 
+/// A cache formatted on a DAX mapping of `path`, opened by the synchronous host.
+fn dax_host(path: &std::path::Path) -> SyncHost<DaxDevice, MemDevice> {
+    SyncHost::open(
+        formatted_dax(path),
+        MemDevice::new(BACKING_SECTORS * 512),
+        identity(BACKING_SECTORS),
+        CacheOptions::default(),
+    )
+    .unwrap()
+    .0
+}
+
 #[test]
 fn an_ordinary_file_is_mapped_and_called_not_persistent_memory() {
     let path = temp_path("describe");
@@ -111,14 +123,7 @@ fn a_write_persists_its_data_then_its_kset_then_is_acknowledged() {
 #[test]
 fn a_direct_in_place_write_is_persisted_by_the_fence_before_it_is_acknowledged() {
     let path = temp_path("direct");
-    let dax = formatted_dax(&path);
-    let (mut host, _) = SyncHost::open(
-        dax,
-        MemDevice::new(BACKING_SECTORS * 512),
-        identity(BACKING_SECTORS),
-        CacheOptions::default(),
-    )
-    .unwrap();
+    let mut host = dax_host(&path);
     host.write(40, data_of(1, 40, 8)).unwrap();
     let d = host
         .cache
@@ -152,14 +157,7 @@ fn a_direct_in_place_write_is_persisted_by_the_fence_before_it_is_acknowledged()
 fn reads_match_a_plain_block_device_over_the_dax_host() {
     for seed in 0..8u64 {
         let path = temp_path(&format!("model{seed}"));
-        let dax = formatted_dax(&path);
-        let (mut host, _) = SyncHost::open(
-            dax,
-            MemDevice::new(BACKING_SECTORS * 512),
-            identity(BACKING_SECTORS),
-            CacheOptions::default(),
-        )
-        .unwrap();
+        let mut host = dax_host(&path);
         let mut model = vec![0u8; BACKING_SECTORS as usize * SECTOR];
         let mut rng = Rng::new(seed);
         for id in 1..300u64 {

@@ -7,10 +7,8 @@
 mod common;
 
 use common::*;
-use pcache::engine::shard::WritebackOptions;
 use pcache::engine::{CacheOptions, Op};
 use pcache::media::host::SyncHost;
-use pcache::media::mem::MemDevice;
 use pcache::media::sim::{Rng, Sim};
 
 const BLOCK: u32 = 8;
@@ -20,24 +18,7 @@ fn run(parts: usize, seed: u64, direct_percent: u64) -> (u64, u64) {
     let cache_bytes = 2 << 20;
     let backing_sectors = 2 * cache_bytes / 512;
     let blocks = backing_sectors / u64::from(BLOCK);
-    let opts = CacheOptions {
-        writeback: WritebackOptions {
-            high_pct: 30,
-            low_pct: 0,
-            ..WritebackOptions::default()
-        },
-        ..CacheOptions::default()
-    };
-    let host = SyncHost::format(
-        MemDevice::new(cache_bytes),
-        MemDevice::new(backing_sectors * 512),
-        identity(backing_sectors),
-        &small_format(4, false),
-        opts,
-    )
-    .expect("format");
-    let (cache, cache_dev, backing_dev) = host.into_parts();
-    let mut sim = Sim::with_parts(cache, cache_dev, backing_dev, seed, parts);
+    let mut sim = eager_writeback_sim(cache_bytes, backing_sectors, 4, seed, parts);
     sim.direct_percent = direct_percent;
     let mut model = vec![0u8; backing_sectors as usize * SECTOR];
     let mut rng = Rng::new(seed);

@@ -8,10 +8,8 @@
 mod common;
 
 use common::*;
-use pcache::engine::shard::WritebackOptions;
 use pcache::engine::{Cache, CacheOptions, Op};
 use pcache::media::host::SyncHost;
-use pcache::media::mem::MemDevice;
 use pcache::media::sim::{Rng, Sim};
 
 /// Runs one request to completion; returns its buffer.
@@ -30,24 +28,7 @@ fn one(sim: &mut Sim, op: Op, lba: u64, len: u32, data: Option<Vec<u8>>) -> Vec<
 fn run_split(parts: usize, shards: u32, seed: u64) {
     let cache_bytes = 2 << 20;
     let backing_sectors = 4 * cache_bytes / 512;
-    let opts = CacheOptions {
-        writeback: WritebackOptions {
-            high_pct: 30,
-            low_pct: 0,
-            ..WritebackOptions::default()
-        },
-        ..CacheOptions::default()
-    };
-    let host = SyncHost::format(
-        MemDevice::new(cache_bytes),
-        MemDevice::new(backing_sectors * 512),
-        identity(backing_sectors),
-        &small_format(shards, false),
-        opts,
-    )
-    .expect("format");
-    let (cache, cache_dev, backing_dev) = host.into_parts();
-    let mut sim = Sim::with_parts(cache, cache_dev, backing_dev, seed, parts);
+    let mut sim = eager_writeback_sim(cache_bytes, backing_sectors, shards, seed, parts);
     assert_eq!(sim.parts().count(), parts);
     let mut model = vec![0u8; backing_sectors as usize * SECTOR];
     let mut rng = Rng::new(seed);

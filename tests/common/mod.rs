@@ -2,9 +2,11 @@
 //! reference model of a block device.
 #![allow(dead_code)]
 
+use pcache::engine::shard::WritebackOptions;
 use pcache::engine::{BackingIdentity, CacheOptions, FormatOptions, LayoutOptions};
 use pcache::media::host::SyncHost;
 use pcache::media::mem::MemDevice;
+use pcache::media::sim::Sim;
 
 pub const SECTOR: usize = 512;
 
@@ -114,4 +116,34 @@ pub fn random_write_batch(
         out.push((lba, len, d));
     }
     out
+}
+
+/// A simulator over a freshly formatted `cache_bytes` cache of `shards` shards in front of
+/// `backing_sectors`, split into `parts`, writing back early (from 30% dirty, down to
+/// nothing) so writeback and GC run under the test's writes.
+pub fn eager_writeback_sim(
+    cache_bytes: u64,
+    backing_sectors: u64,
+    shards: u32,
+    seed: u64,
+    parts: usize,
+) -> Sim {
+    let opts = CacheOptions {
+        writeback: WritebackOptions {
+            high_pct: 30,
+            low_pct: 0,
+            ..WritebackOptions::default()
+        },
+        ..CacheOptions::default()
+    };
+    let host = SyncHost::format(
+        MemDevice::new(cache_bytes),
+        MemDevice::new(backing_sectors * 512),
+        identity(backing_sectors),
+        &small_format(shards, false),
+        opts,
+    )
+    .expect("format");
+    let (cache, cache_dev, backing_dev) = host.into_parts();
+    Sim::with_parts(cache, cache_dev, backing_dev, seed, parts)
 }
