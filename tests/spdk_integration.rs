@@ -978,18 +978,38 @@ fn hot_remove_under_io() {
     };
     let cfg = root().join("spdk-config/bdevperf-pcache-small-cache.json");
     // PC0: one engine thread, loses its backing bdev; PC1: a team of engine threads (on two
-    // cores), loses its cache bdev.
+    // cores), loses its cache bdev; PC2 (below) loses its cache bdev under direct I/O.
     // `-f`: jobs go on after failed I/O (PC1's requests fail once its cache is gone).
     let args: Vec<&str> = two_cores().iter().copied().chain(["-f"]).collect();
     let (mut perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "hotrm", "PC0", &args);
+    // PC2: a 16 MiB backing under a 64 MiB cache, so random writes soon rewrite dirty
+    // blocks in place, served directly; it loses its cache bdev with those in flight.
+    rpc.ok(&["bdev_malloc_create", "-b", "PcCache2", "64", "512"]);
+    rpc.ok(&["bdev_malloc_create", "-b", "PcBacking2", "16", "4096"]);
+    rpc.ok(&[
+        "bdev_pcache_create",
+        "-b",
+        "PC2",
+        "-c",
+        "PcCache2",
+        "-d",
+        "PcBacking2",
+        "--segment-size-mib",
+        "2",
+        "--stripe-size-kib",
+        "256",
+    ]);
     let mut job = perform_tests(&spdk, &perf_py, &rpc.sock, 120, &["-t", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run bdevperf.py");
     std::thread::sleep(Duration::from_secs(3));
+    let pc2 = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC2"])[0]["requests"];
+    assert!(pc2["direct"].as_u64() > Some(0), "PC2: {pc2}");
     rpc.ok(&["bdev_malloc_delete", "PcBacking0"]);
     rpc.ok(&["bdev_malloc_delete", "PcCache1"]);
+    rpc.ok(&["bdev_malloc_delete", "PcCache2"]);
     let end = Instant::now() + Duration::from_secs(30);
     let st = loop {
         if let Ok(Some(st)) = job.try_wait() {
@@ -1018,9 +1038,18 @@ fn hot_remove_under_io() {
         !rpc.claimed("PcBacking1"),
         "hot-remove of the cache bdev released the backing bdev"
     );
+    rpc.wait_gone("PC2", "removal of its cache bdev under direct I/O");
+    assert!(
+        !rpc.claimed("PcBacking2"),
+        "hot-remove of the cache bdev released the backing bdev"
+    );
     let out = stop_app(perf, &rpc, 30);
-    assert!(out.contains("destructed pcache bdev 'PC0'"), "{out}");
-    assert!(out.contains("destructed pcache bdev 'PC1'"), "{out}");
+    for pc in ["PC0", "PC1", "PC2"] {
+        assert!(
+            out.contains(&format!("destructed pcache bdev '{pc}'")),
+            "{out}"
+        );
+    }
 }
 
 /// A deterministic pseudo-random pattern.
