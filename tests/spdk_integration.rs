@@ -812,6 +812,23 @@ fn bdevperf_verify_over_pcache() {
         assert!(h["requests_same_core"].as_u64() > Some(0), "{h}");
         assert!(h["requests_queue_pair"].as_u64() > Some(0), "{h}");
     }
+    // Resets among reads (bdevperf's `reset` workload sends one per job after 10 s)
+    // complete once the requests before them did, direct ones included. The bdev layer
+    // aborts what is submitted while a reset runs (bdevperf counts those as failed, a few
+    // hundred over passthru too): a reset that took long would show as many more.
+    let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, "reset", 11);
+    assert_eq!(jobs.len(), 2 * per_bdev, "{res}");
+    for job in &jobs {
+        assert_eq!(job["status"], "finished", "{res}");
+        let ios = job["iops"].as_f64().unwrap_or(0.0) * job["runtime"].as_f64().unwrap_or(0.0);
+        let failed = job["io_failed"].as_f64().unwrap_or(f64::MAX);
+        assert!(
+            ios > 0.0 && failed < ios / 1000.0,
+            "failed I/O with resets: {res}"
+        );
+    }
+    let h = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["host"];
+    assert!(h["resets"].as_u64() > Some(0), "no reset reached PC0: {h}");
     // Every engine writes back on a flush; delete drains (all engines) and unregisters.
     assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC1"]), json!(true));
     let end = Instant::now() + Duration::from_secs(60);
@@ -952,8 +969,21 @@ fn verify_jobs(
     perf: &Proc,
     secs: u64,
 ) -> (Value, Vec<Value>) {
+    run_jobs(spdk, perf_py, sock, perf, "verify", secs)
+}
+
+/// Runs bdevperf `workload` (QD32, 4 KiB) for `secs` on every bdev; returns the result and
+/// its jobs.
+fn run_jobs(
+    spdk: &Spdk,
+    perf_py: &Path,
+    sock: &str,
+    perf: &Proc,
+    workload: &str,
+    secs: u64,
+) -> (Value, Vec<Value>) {
     let t = secs.to_string();
-    let args = ["-w", "verify", "-q", "32", "-o", "4096", "-t", t.as_str()];
+    let args = ["-w", workload, "-q", "32", "-o", "4096", "-t", t.as_str()];
     let out = perform_tests(spdk, perf_py, sock, secs + 120, &args)
         .output()
         .expect("run bdevperf.py");

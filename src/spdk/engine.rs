@@ -1737,13 +1737,19 @@ impl Engine {
                     self.fail_all_requests();
                 }
             }
-            if !self.resets.is_empty() && self.reqs.live == 0 {
-                for io in std::mem::take(&mut self.resets) {
-                    self.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS, Reply::Inbox);
-                }
-            }
+            self.finish_resets();
         }
         busy
+    }
+
+    /// Completes the resets waiting here once no request is in flight (the bdev layer
+    /// holds new ones back until they complete; see `reset_io_drain_timeout`).
+    fn finish_resets(&mut self) {
+        if !self.resets.is_empty() && self.reqs.live + self.direct_live == 0 {
+            for io in std::mem::take(&mut self.resets) {
+                self.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS, Reply::Inbox);
+            }
+        }
     }
 
     /// Fails every pending request whose buffer no device I/O uses; the engine's later
@@ -2187,6 +2193,9 @@ unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
         let e = unsafe { &mut *arg.cast::<Engine>() };
         // Requests served directly leave nothing to pump but were work all the same.
         let took = e.submit_incoming();
+        if !e.resets.is_empty() && matches!(e.state, State::Running | State::Draining) {
+            e.finish_resets();
+        }
         if !e.kick && e.dones.is_empty() {
             return if took {
                 ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
