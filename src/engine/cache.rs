@@ -452,14 +452,9 @@ impl Cache {
     /// [`ExtentMap::entry_addr`](super::index::ExtentMap::entry_addr)).
     #[inline]
     pub fn index_entry_addr(&self, lba: u64) -> *const u8 {
-        if lba >= self.sb.geometry.backing_sectors {
-            return std::ptr::null();
-        }
-        let shard = self.sb.geometry.shard_of(lba) as usize;
-        match self.local.get(shard).copied().flatten() {
-            Some(li) => self.shards[li as usize].index().entry_addr(lba),
-            None => std::ptr::null(),
-        }
+        self.sole_shard(lba, 1).map_or(std::ptr::null(), |li| {
+            self.shards[li].index().entry_addr(lba)
+        })
     }
 
     /// Lets every shard batch what it was given and exchanges pool messages until quiet.

@@ -445,15 +445,28 @@ impl Shard {
     pub fn end_direct(&mut self, op: Op, key: u64, result: Result<(), IoError>) -> ReqResult {
         match op {
             Op::Read => {
-                if let Some(n) = self.reads_per_seg.get_mut(key as usize) {
-                    *n = n.saturating_sub(1);
-                }
+                self.unpin_segment(key as usize);
+                result.map_err(|_| {
+                    self.stats.io_errors += 1;
+                    ReqError::Io
+                })
             }
-            _ => {
-                if let Some(i) = self.inplace.iter().position(|e| e.0 == key) {
-                    self.inplace.swap_remove(i);
-                }
-            }
+            _ => self.in_place_done(key, result),
+        }
+    }
+
+    /// A read of segment `seg` finished: GC may reclaim it again once none is left.
+    fn unpin_segment(&mut self, seg: usize) {
+        if let Some(n) = self.reads_per_seg.get_mut(seg) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// The in-place rewrite at `lba` finished (writeback may copy the range again): the
+    /// request's result.
+    fn in_place_done(&mut self, lba: u64, result: Result<(), IoError>) -> ReqResult {
+        if let Some(i) = self.inplace.iter().position(|e| e.0 == lba) {
+            self.inplace.swap_remove(i);
         }
         result.map_err(|_| {
             self.stats.io_errors += 1;
@@ -992,13 +1005,7 @@ impl Shard {
             TagOwner::WbFlush => self.wb_flush_done(done.result),
             TagOwner::Control => self.control_done(done.result),
             TagOwner::InPlace { req, lba } => {
-                if let Some(i) = self.inplace.iter().position(|e| e.0 == lba) {
-                    self.inplace.swap_remove(i);
-                }
-                let res = done.result.map_err(|_| {
-                    self.stats.io_errors += 1;
-                    ReqError::Io
-                });
+                let res = self.in_place_done(lba, done.result);
                 self.out.completions.push((req, res));
             }
             TagOwner::Read {
@@ -1202,10 +1209,7 @@ impl Shard {
         result: Result<(), IoError>,
     ) {
         if let ReadSrc::Cache { ext } = src {
-            let seg = self.seg_of(ext.pos) as usize;
-            if let Some(n) = self.reads_per_seg.get_mut(seg) {
-                *n = n.saturating_sub(1);
-            }
+            self.unpin_segment(self.seg_of(ext.pos) as usize);
         }
         match (src, result) {
             (ReadSrc::Cache { .. }, Ok(())) => self.read_piece_done(read),

@@ -2193,7 +2193,7 @@ unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
         let e = unsafe { &mut *arg.cast::<Engine>() };
         // Requests served directly leave nothing to pump but were work all the same.
         let took = e.submit_incoming();
-        if !e.resets.is_empty() && matches!(e.state, State::Running | State::Draining) {
+        if matches!(e.state, State::Running | State::Draining) {
             e.finish_resets();
         }
         if !e.kick && e.dones.is_empty() {
