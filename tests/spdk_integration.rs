@@ -814,16 +814,19 @@ fn bdevperf_verify_over_pcache() {
     }
     // Resets among reads (bdevperf's `reset` workload sends one per job after 10 s)
     // complete once the requests before them did, direct ones included. The bdev layer
-    // aborts what is submitted while a reset runs (bdevperf counts those as failed, a few
-    // hundred over passthru too): a reset that took long would show as many more.
+    // aborts what is submitted while a reset runs (bdevperf counts those as failed: 100-300
+    // per job here, 0.02-0.05% of its I/O, as over passthru). A reset that took long shows
+    // as far more: ~1M in the drain-timeout livelock this guards against. The bound is 1%,
+    // so that a slow or busy machine (fewer I/O per second, as many aborts) still passes.
     let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, "reset", 11);
     assert_eq!(jobs.len(), 2 * per_bdev, "{res}");
     for job in &jobs {
+        println!("bdevperf reset 11 s: {job}");
         assert_eq!(job["status"], "finished", "{res}");
         let ios = job["iops"].as_f64().unwrap_or(0.0) * job["runtime"].as_f64().unwrap_or(0.0);
         let failed = job["io_failed"].as_f64().unwrap_or(f64::MAX);
         assert!(
-            ios > 0.0 && failed < ios / 1000.0,
+            ios > 0.0 && failed < ios / 100.0,
             "failed I/O with resets: {res}"
         );
     }
