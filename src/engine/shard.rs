@@ -25,7 +25,7 @@ use super::slab::Slab;
 use super::stats::ShardStats;
 
 mod writeback;
-use writeback::{Control, WbIo, Writeback};
+use writeback::{first_dirty_epoch, Control, WbIo, Writeback};
 pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions};
 
 /// Segments a shard keeps ready (header durable) beyond the one it writes.
@@ -201,6 +201,11 @@ pub struct Shard {
     segments: VecDeque<SegRec>,
     log: VecDeque<Logged>,
     log_dirty_sectors: u64,
+    /// Epoch of the first dirty key in `log` (None: it has none). Ksets of fills only
+    /// stay in `log` until a writeback group passes them, so under read misses there can
+    /// be many before the first dirty key: this keeps `frontier`, asked on every poll, from
+    /// scanning them.
+    log_front_epoch: Option<u64>,
     tail: LogTail,
     dirty_tail: LogTail,
     control: Control,
@@ -252,6 +257,7 @@ impl Shard {
                 .flat_map(|k| k.keys.iter())
                 .map(|k| u64::from(k.len))
                 .sum(),
+            log_front_epoch: first_dirty_epoch(&log.log),
             log: log.log,
             tail: log.tail,
             dirty_tail: log.dirty_tail,
@@ -1147,6 +1153,9 @@ impl Shard {
                         epoch: p.epoch,
                     });
                 }
+            }
+            if self.log_front_epoch.is_none() {
+                self.log_front_epoch = dirty.first().map(|d| d.epoch);
             }
             self.log.push_back(Logged {
                 seq: b.seq,

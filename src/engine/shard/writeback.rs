@@ -50,6 +50,11 @@ impl Default for WritebackOptions {
     }
 }
 
+/// Epoch of the first dirty key in `log`, if any.
+pub(super) fn first_dirty_epoch(log: &VecDeque<Logged>) -> Option<u64> {
+    log.iter().find_map(|k| k.keys.first()).map(|d| d.epoch)
+}
+
 /// A durable kset at or after the dirty tail, with the keys writeback needs.
 #[derive(Debug, Clone)]
 pub struct Logged {
@@ -191,10 +196,9 @@ impl Shard {
     pub fn frontier(&self) -> u64 {
         // Epochs never decrease along the log, then the batches, then the queue: the first
         // non-fill key found is the oldest.
-        for k in &self.log {
-            if let Some(d) = k.keys.first() {
-                return d.epoch;
-            }
+        debug_assert_eq!(self.log_front_epoch, first_dirty_epoch(&self.log));
+        if let Some(epoch) = self.log_front_epoch {
+            return epoch;
         }
         let is_fill = |op: &super::LogOp| matches!(op, super::LogOp::Fill { .. });
         for b in &self.batches {
@@ -257,7 +261,7 @@ impl Shard {
 
     /// Nothing dirty: no logged, batched or queued write.
     pub fn is_clean(&self) -> bool {
-        self.log.iter().all(|k| k.keys.is_empty()) && self.frontier_is_idle()
+        self.log_front_epoch.is_none() && self.frontier_is_idle()
     }
 
     fn frontier_is_idle(&self) -> bool {
@@ -646,6 +650,8 @@ impl Shard {
                 self.log_dirty_sectors -= u64::from(d.len);
             }
         }
+        // Once per group: the ksets of fills it did not reach are scanned again later.
+        self.log_front_epoch = first_dirty_epoch(&self.log);
         self.stats.wb_group_sectors += g.sectors;
     }
 }
