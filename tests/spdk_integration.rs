@@ -790,11 +790,17 @@ fn bdevperf_verify_over_pcache() {
         assert!(s["write_ops"].as_u64() > Some(0), "{s}");
         assert_wrote_back_cleanly(s);
     }
-    // PC0 (no data CRC): verify's read hits are single cache-bdev reads (direct requests).
+    // PC0 (no data CRC): verify's read hits are single cache-bdev reads (direct requests),
+    // which the job on PC0's engine core serves itself, on its own cache-bdev channel.
     assert!(
         stats[0]["requests"]["direct"].as_u64() > Some(0),
         "{}",
         stats[0]["requests"]
+    );
+    let h0 = &stats[0]["host"];
+    assert!(
+        h0["requests_served_by_submitter"].as_u64() > Some(0),
+        "{h0}"
     );
     assert_eq!(
         stats[1]["engine"]["shards"].as_array().map(Vec::len),

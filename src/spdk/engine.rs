@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 mod inbox;
+pub(crate) mod local;
 mod team;
 use inbox::Inbox;
 pub(crate) use team::Peer;
@@ -318,6 +319,8 @@ struct Counters {
     /// How requests arrived: from a thread on this core (inbox), through a queue pair from
     /// another core, or by message.
     arrived_same_core: u64,
+    /// Of those, served by the submitting thread itself (`local`).
+    served_by_submitter: u64,
     arrived_queue_pair: u64,
     arrived_by_message: u64,
     crc_mismatches: u64,
@@ -1745,7 +1748,10 @@ impl Engine {
     /// Completes the resets waiting here once no request is in flight (the bdev layer
     /// holds new ones back until they complete; see `reset_io_drain_timeout`).
     fn finish_resets(&mut self) {
-        if !self.resets.is_empty() && self.reqs.live + self.direct_live == 0 {
+        if !self.resets.is_empty()
+            && self.reqs.live + self.direct_live == 0
+            && self.inbox.held() == 0
+        {
             for io in std::mem::take(&mut self.resets) {
                 self.finish_io(io, st::SPDK_BDEV_IO_STATUS_SUCCESS, Reply::Inbox);
             }
@@ -1858,6 +1864,7 @@ impl Engine {
             "device_io_in_flight": self.inflight,
             "nomem_waits": c.nomem_waits,
             "requests_same_core": c.arrived_same_core,
+            "requests_served_by_submitter": c.served_by_submitter,
             "requests_queue_pair": c.arrived_queue_pair,
             "requests_by_message": c.arrived_by_message,
             "crc_mismatches": c.crc_mismatches,

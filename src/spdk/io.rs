@@ -6,16 +6,18 @@
 //! - From a thread on another core, through a queue pair with that engine ([`link`]): a
 //!   descriptor of the request goes on its submission queue, and the engine puts the
 //!   bdev_io back on its completion queue, outcome in the low bit, which the channel's
-//!   poller ([`link_poll`]) completes, on the thread that submitted it, as SPDK requires.
+//!   poller ([`channel_poll`]) completes, on the thread that submitted it, as SPDK requires.
 //!   The engine never touches the bdev_io's lines, which stay on the submitting core.
 //! - When a queue is full, or for a thread outside the reactors, by message
 //!   (`engine::submit_msg`, the `spdk_bdev_io` as argument: no allocation); the engine
 //!   answers by message ([`complete_remote_msg`]), only reading the request.
 //! - From a thread pinned to the engine's own core, without a message either way: the
-//!   request goes straight into the engine's inbox, and the engine completes it as the
-//!   submitting thread ([`complete_as_submitter`]). Both threads are polled by the same
-//!   reactor, one at a time, so this is the same sequence of events minus the message
-//!   rings (see `engine::inbox`).
+//!   request waits in the channel for its poller ([`channel_poll`]), which serves a read
+//!   hit or an in-place rewrite itself with one I/O on its own channel to the cache bdev
+//!   (`engine::local`), and puts any other request straight into the engine's inbox; the
+//!   engine completes those as the submitting thread ([`complete_as_submitter`]). Both
+//!   threads are polled by the same reactor, one at a time, so this is the same sequence
+//!   of events minus the message rings (see `engine::inbox`).
 //!
 //! Nothing in flight lives in the channel buffer, which SPDK frees on its own schedule.
 
@@ -47,11 +49,37 @@ pub(crate) struct Channel {
     /// Completions taken off the queues, completed once `links` is no longer borrowed (a
     /// completion callback may submit the next request).
     done: RefCell<Vec<Finished>>,
+    /// This thread's channel to the cache bdev, for requests served at once
+    /// (`engine::local`); made on first use.
+    cache_ch: Cell<*mut ffi::spdk_io_channel>,
+    /// Requests for engines on this core, served (or handed to their engine) together by
+    /// the channel's next poll, so that their index lookups overlap (`engine::local`).
+    local: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
 }
 
 impl Channel {
     pub(crate) fn stats(&self) -> &IoCounters {
         &self.stats
+    }
+
+    /// This thread's channel to the cache bdev (null: none, e.g. a mapped cache).
+    pub(crate) fn cache_channel(&self) -> *mut ffi::spdk_io_channel {
+        let ch = self.cache_ch.get();
+        if !ch.is_null() {
+            return ch;
+        }
+        // SAFETY: the node outlives its channels; its cache descriptor is closed only at
+        // destruct, after every channel of the bdev is gone, and a descriptor may hand out
+        // channels on any thread.
+        let ch = unsafe {
+            let desc = (*self.node).cache.desc.get();
+            if desc.is_null() {
+                return ptr::null_mut();
+            }
+            ffi::spdk_bdev_get_io_channel(desc)
+        };
+        self.cache_ch.set(ch);
+        ch
     }
 }
 
@@ -68,6 +96,10 @@ pub(crate) struct IoCtx {
     /// Engines still to answer, and the worst status so far (submitting thread only).
     left: u32,
     worst: st::Type,
+    /// Served at once on this thread (`engine::local`): its engine and what it started,
+    /// and the entry that waits for a free cache bdev_io.
+    pub(crate) local_direct: Option<engine::local::Local>,
+    pub(crate) wait: ffi::spdk_bdev_io_wait_entry,
 }
 
 // driver_ctx sits at offset 1216 of an 8-aligned spdk_bdev_io.
@@ -84,6 +116,8 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
             links: RefCell::new(Vec::new()),
             poller: Cell::new(ptr::null_mut()),
             done: RefCell::new(Vec::new()),
+            cache_ch: Cell::new(ptr::null_mut()),
+            local: RefCell::new(Vec::new()),
         };
         // SAFETY: SPDK allocated `size_of::<Channel>()` bytes for us at `buf` (we registered
         // that size), suitably aligned (the context follows a 96-byte, 8-aligned header).
@@ -126,6 +160,11 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
         // Every request on the channel completed, so the queues are empty: dropping our
         // ends tells the engines (`EngineEnd::closed`).
         drop(chan.links.take());
+        let ch = chan.cache_ch.get();
+        if !ch.is_null() {
+            // SAFETY: our reference to the cache bdev's channel on this thread, put once.
+            unsafe { ffi::spdk_put_io_channel(ch) };
+        }
         // SAFETY: the node outlives its channels (freed in the io_device unregister callback).
         unsafe { (*chan.node).retired.fold(&chan.stats.snapshot()) };
     })
@@ -148,7 +187,7 @@ fn bytes(io: *mut ffi::spdk_bdev_io) -> u64 {
     }
 }
 
-fn ctx(io: *mut ffi::spdk_bdev_io) -> *mut IoCtx {
+pub(crate) fn ctx(io: *mut ffi::spdk_bdev_io) -> *mut IoCtx {
     // SAFETY: our bdevs' bdev_io carry `size_of::<IoCtx>()` bytes of driver context.
     unsafe { ffi::bdev_io_driver_ctx::<IoCtx>(io) }
 }
@@ -271,6 +310,11 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         match p.core.filter(|&c| chan.core == Some(c)) {
             // SAFETY: plain query of the current reactor.
             Some(core) if unsafe { ffi::spdk_env_get_current_core() } == core => {
+                if chan.start_polling() {
+                    engine::local::wait(p);
+                    chan.local.borrow_mut().push((io, p));
+                    return;
+                }
                 // SAFETY: the request's context, ours until the engine takes it; the
                 // engine's thread and ours are pinned to this core, where we run now
                 // (`Inbox::push`).
@@ -324,12 +368,12 @@ impl Channel {
         if !self.poller.get().is_null() {
             return true;
         }
-        let name = c"pcache_links";
+        let name = c"pcache_channel";
         // SAFETY: the channel context outlives the poller (unregistered in
         // `channel_destroy` before the context is freed); registered on this thread.
         let p = unsafe {
             ffi::spdk_poller_register_named(
-                Some(link_poll),
+                Some(channel_poll),
                 (self as *const Channel).cast_mut().cast(),
                 0,
                 name.as_ptr(),
@@ -340,19 +384,40 @@ impl Channel {
     }
 }
 
-/// The channel poller: completes the requests the remote engines finished.
-unsafe extern "C" fn link_poll(arg: *mut c_void) -> c_int {
-    no_unwind("pcache link poller", 0, || {
+/// Hands `io`, for the engine `p` on this core, to that engine's inbox: the engine
+/// completes it as this thread ([`complete_as_submitter`]).
+pub(crate) fn to_inbox(io: *mut ffi::spdk_bdev_io, p: Peer) {
+    // SAFETY: the request's context, ours until the engine takes it; the engine's thread
+    // and ours are pinned to this core, where we run now (`Inbox::push`).
+    unsafe {
+        ptr::addr_of_mut!((*ctx(io)).local).write(true);
+        (*p.inbox).push(io);
+    }
+}
+
+/// The channel poller: serves the requests for engines on this core that arrived since the
+/// last poll, and completes the requests the engines on other cores finished.
+unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
+    no_unwind("pcache channel poller", 0, || {
         // SAFETY: the channel registered this poller with itself as argument and
         // unregisters it before it is freed; pollers run on the channel's thread.
         let chan = unsafe { &*arg.cast::<Channel>() };
+        let mut batch = chan.local.take();
+        let mut busy = !batch.is_empty();
+        engine::local::serve_batch(&mut batch, chan);
+        // Requests submitted meanwhile (by completions) wait for the next poll.
+        let mut cur = chan.local.borrow_mut();
+        if cur.is_empty() {
+            std::mem::swap(&mut *cur, &mut batch);
+        }
+        drop(cur);
         let mut done = chan.done.take();
         for l in chan.links.borrow_mut().iter_mut().flatten() {
             while let Ok(d) = l.cq.pop() {
                 done.push(d);
             }
         }
-        let busy = !done.is_empty();
+        busy |= !done.is_empty();
         for d in done.drain(..) {
             let (io, status) = from_completion_arg(d.0);
             complete(io, status);
@@ -444,7 +509,7 @@ pub(crate) unsafe extern "C" fn complete_remote_msg(arg: *mut c_void) {
 }
 
 /// Counts `io` on its channel and completes it with `status` (on its submitting thread).
-fn complete(io: *mut ffi::spdk_bdev_io, status: st::Type) {
+pub(crate) fn complete(io: *mut ffi::spdk_bdev_io, status: st::Type) {
     // SAFETY: a pending request on its submitting thread (this one), handed back by the
     // engines; its type, size and channel are read by value.
     let (ch, ty, bytes) = unsafe {

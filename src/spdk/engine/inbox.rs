@@ -12,12 +12,17 @@
 //! a call that could push (`push` and `take` borrow it for their own duration only), and the
 //! inbox is shared (`Rc`), never behind the engine's `&mut`.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 
 use crate::spdk::ffi;
 
 #[derive(Default)]
-pub(crate) struct Inbox(UnsafeCell<Vec<*mut ffi::spdk_bdev_io>>);
+pub(crate) struct Inbox {
+    queue: UnsafeCell<Vec<*mut ffi::spdk_bdev_io>>,
+    /// Requests for this engine waiting in the batch of a submitting thread on its core
+    /// (`local`), which a reset must wait for like those in flight.
+    held: Cell<u32>,
+}
 
 impl Inbox {
     /// Queues `io` for the engine's next poll.
@@ -28,17 +33,32 @@ impl Inbox {
     pub(crate) unsafe fn push(&self, io: *mut ffi::spdk_bdev_io) {
         // SAFETY: per the contract no other access runs concurrently, and no reference into
         // the vector outlives `push` or `take`, so this one is unique while it lives.
-        unsafe { (*self.0.get()).push(io) }
+        unsafe { (*self.queue.get()).push(io) }
     }
 
     /// Moves the queued requests to `out` (empty on entry), leaving its old buffer here.
     pub(super) fn take(&self, out: &mut Vec<*mut ffi::spdk_bdev_io>) {
         // SAFETY: called by the engine on its thread; unique for the duration as in `push`.
-        unsafe { std::ptr::swap(self.0.get(), out) }
+        unsafe { std::ptr::swap(self.queue.get(), out) }
+    }
+
+    /// A submitting thread on this core holds one more request for the engine.
+    pub(super) fn hold(&self) {
+        self.held.set(self.held.get() + 1);
+    }
+
+    /// One request `hold` counted was served or handed over.
+    pub(super) fn release(&self) {
+        self.held.set(self.held.get().saturating_sub(1));
+    }
+
+    /// Requests held by submitting threads on this core.
+    pub(super) fn held(&self) -> u32 {
+        self.held.get()
     }
 
     pub(super) fn is_empty(&self) -> bool {
         // SAFETY: as in `take`; a read of the length only.
-        unsafe { (*self.0.get()).is_empty() }
+        unsafe { (*self.queue.get()).is_empty() }
     }
 }

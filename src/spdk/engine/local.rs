@@ -1,0 +1,247 @@
+//! Requests served by the submitting thread itself, when the engine of their stripe runs on
+//! the same core and can serve them directly (a read hit or an in-place rewrite:
+//! `Cache::begin_direct`).
+//!
+//! A submitting thread pinned to an engine's core collects the requests for that engine in
+//! its channel, and its channel poller serves them together ([`serve_batch`]): it starts
+//! loading every request's index entry, then asks the engine where each one's data is and
+//! issues the one cache-bdev I/O on its own channel to the cache bdev, completing the
+//! request from that I/O's callback, on its own thread. That is a passthru vbdev's path
+//! plus an index lookup whose cache misses overlap those of the batch, with no inbox,
+//! engine poll or thread switch. Requests it cannot serve so go to the engine's inbox.
+//!
+//! The engine is never borrowed while a submitting thread uses it: both threads are pinned
+//! to this core and polled by its reactor one at a time, and the engine's own callbacks
+//! never reach the channel poller (a completion the engine delivers as the submitter may
+//! submit again, which only queues the request in the channel).
+//!
+//! The engine counts what it has started here as its own (`inflight`, `direct_live`), and
+//! requests held in a batch through its inbox (`Inbox::hold`), so it neither stops nor
+//! completes a reset while one is pending.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use super::{Engine, Peer, State};
+use crate::engine::{Direct, IoError, Op};
+use crate::spdk::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
+use crate::spdk::io::{self, Channel};
+use crate::spdk::log::no_unwind;
+
+/// Counts a request for `p`'s engine that a submitting thread on its core now holds.
+pub(crate) fn wait(p: Peer) {
+    // SAFETY: the inbox lives as long as its engine, which outlives the bdev's requests.
+    unsafe { (*p.inbox).hold() };
+}
+
+/// Serves the requests of `batch` (empty on return), each for an engine on this core,
+/// collected by this thread's channel `chan`, at the top level of its poller.
+pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan: &Channel) {
+    if batch.len() > 1 {
+        for &(io, p) in batch.iter() {
+            // SAFETY: the engine lives while its requests are pending and is not borrowed
+            // (module docs); read only.
+            let e = unsafe { &*p.eng };
+            if let Some(c) = e.cache.as_deref() {
+                // SAFETY: a pending request; its offset is read by value.
+                let offset = unsafe { (*io::block(io)).offset_blocks };
+                io::prefetch(c.index_entry_addr(offset << e.shift[1]));
+            }
+        }
+    }
+    for (io, p) in batch.drain(..) {
+        // SAFETY: as in `wait`.
+        unsafe { (*p.inbox).release() };
+        if !serve(p, io, chan) {
+            io::to_inbox(io, p);
+        }
+    }
+}
+
+/// Serves `io` (a request of a pcache bdev, submitted on this thread through `chan`,
+/// pinned to the core of `p`'s engine, where we run) if its engine can serve it directly.
+/// False: hand it to the engine.
+fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
+    // SAFETY: a live request of this bdev; type read by value.
+    let ty = t::Type::from(unsafe { (*io).type_ });
+    let op = match ty {
+        t::SPDK_BDEV_IO_TYPE_READ => Op::Read,
+        t::SPDK_BDEV_IO_TYPE_WRITE => Op::Write,
+        _ => return false,
+    };
+    let ch = chan.cache_channel();
+    if ch.is_null() {
+        return false;
+    }
+    // SAFETY: the engine lives until after the bdev's last request and is not borrowed
+    // while this thread's poller runs (module docs).
+    let e = unsafe { &mut *p.eng };
+    let Some((direct, blocks)) = e.begin_local(io, op) else {
+        return false;
+    };
+    let local = Local {
+        eng: p.eng,
+        direct,
+        blocks,
+    };
+    // SAFETY: this request's driver context, ours while it is pending.
+    unsafe { ptr::addr_of_mut!((*io::ctx(io)).local_direct).write(Some(local)) };
+    submit(io, ch, local);
+    true
+}
+
+/// What a request served at once started (kept in its driver context).
+#[derive(Clone, Copy)]
+pub(crate) struct Local {
+    eng: *mut Engine,
+    direct: Direct,
+    /// Offset and length in cache bdev blocks.
+    blocks: [u64; 2],
+}
+
+impl Engine {
+    /// The engine's part of [`serve`]: starts `io` as a direct request and counts it, or
+    /// None. Returns what was started and its extent in cache bdev blocks.
+    fn begin_local(&mut self, io: *mut ffi::spdk_bdev_io, op: Op) -> Option<(Direct, [u64; 2])> {
+        if self.dax.is_some()
+            || self.removed[0]
+            || !matches!(self.state, State::Running | State::Draining)
+        {
+            return None;
+        }
+        // SAFETY: a live READ/WRITE request; its block parameters are read by value.
+        let (offset, num) = unsafe {
+            let b = io::block(io);
+            ((*b).offset_blocks, (*b).num_blocks)
+        };
+        let shift = self.shift[1];
+        let len = u32::try_from(num << shift).ok()?;
+        let cache = self.cache.as_deref_mut()?;
+        let direct = cache.begin_direct(op, offset << shift, len)?;
+        let cshift = self.shift[0];
+        let sectors = u64::from(len);
+        if (direct.sector | sectors) & ((1u64 << cshift) - 1) != 0 {
+            // Never so: the cache bdev's blocks divide every extent. Undone, and left to
+            // the engine, which reports it.
+            let _ = cache.end_direct(direct, Ok(()));
+            return None;
+        }
+        if self.idle {
+            self.idle = false;
+            cache.set_idle(false);
+        }
+        let c = &mut self.counters;
+        c.requests += 1;
+        c.arrived_same_core += 1;
+        c.served_by_submitter += 1;
+        if direct.write {
+            c.dev_writes += 1;
+        } else {
+            c.dev_reads += 1;
+        }
+        self.inflight += 1;
+        self.direct_live += 1;
+        Some((direct, [direct.sector >> cshift, sectors >> cshift]))
+    }
+
+    /// The cache-bdev I/O of a request [`serve`] started finished: so did the request.
+    fn end_local(&mut self, direct: Direct, ok: bool) -> st::Type {
+        self.inflight -= 1;
+        self.direct_live -= 1;
+        if !ok {
+            self.counters.dev_errors += 1;
+        }
+        let result = if ok { Ok(()) } else { Err(IoError::Device) };
+        match self
+            .cache
+            .as_deref_mut()
+            .map(|c| c.end_direct(direct, result))
+        {
+            Some(Ok(())) => st::SPDK_BDEV_IO_STATUS_SUCCESS,
+            _ => {
+                self.counters.requests_failed += 1;
+                st::SPDK_BDEV_IO_STATUS_FAILED
+            }
+        }
+    }
+}
+
+/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`.
+fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) {
+    // SAFETY: a pending request of a live node, whose cache descriptor stays open while it
+    // is pending; its iovecs are live until it completes, which is after this I/O does.
+    let rc = unsafe {
+        let node = &*(*(*io).bdev).ctxt.cast::<crate::spdk::vbdev::Pcache>();
+        let desc = node.cache.desc.get();
+        let b = io::block(io);
+        let (iovs, iovcnt) = ((*b).iovs, (*b).iovcnt);
+        let cb = Some(done as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void));
+        let [offset, num] = l.blocks;
+        if l.direct.write {
+            ffi::spdk_bdev_writev_blocks(desc, ch, iovs, iovcnt, offset, num, cb, io.cast())
+        } else {
+            ffi::spdk_bdev_readv_blocks(desc, ch, iovs, iovcnt, offset, num, cb, io.cast())
+        }
+    };
+    if rc == 0 {
+        return;
+    }
+    if rc == -libc::ENOMEM {
+        // SAFETY: the request's context holds the wait entry; it stays put (the bdev_io
+        // does not move) until `retry` runs. The cache bdev is live (descriptor open).
+        let queued = unsafe {
+            let w = ptr::addr_of_mut!((*io::ctx(io)).wait);
+            ptr::write_bytes(w, 0, 1);
+            let node = &*(*(*io).bdev).ctxt.cast::<crate::spdk::vbdev::Pcache>();
+            (*w).bdev = node.cache.bdev;
+            (*w).cb_fn = Some(retry);
+            (*w).cb_arg = io.cast();
+            ffi::spdk_bdev_queue_io_wait(node.cache.bdev, ch, w) == 0
+        };
+        if queued {
+            return;
+        }
+    }
+    finish(io, false);
+}
+
+/// A cache bdev_io is free again: resubmits the request that waited for one.
+unsafe extern "C" fn retry(arg: *mut c_void) {
+    no_unwind("pcache local retry", (), || {
+        let io = arg.cast::<ffi::spdk_bdev_io>();
+        // SAFETY: the pending request that queued this wait on its own thread (this one):
+        // its context holds what `serve` started, and names its live channel.
+        let (local, ch) = unsafe {
+            let chan = &*ffi::io_channel_get_ctx::<Channel>((*io::ctx(io)).ch);
+            ((*io::ctx(io)).local_direct, chan.cache_channel())
+        };
+        match local {
+            Some(l) => submit(io, ch, l),
+            None => io::complete(io, st::SPDK_BDEV_IO_STATUS_FAILED),
+        }
+    })
+}
+
+/// Completion of the cache-bdev I/O of a request served at once, on its submitting thread.
+unsafe extern "C" fn done(child: *mut ffi::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    no_unwind("pcache local done", (), || {
+        // SAFETY: the cache bdev_io we submitted; we are done with it.
+        unsafe { ffi::spdk_bdev_free_io(child) };
+        finish(arg.cast(), ok);
+    })
+}
+
+/// Ends request `io` served at once, its cache-bdev I/O having succeeded or not.
+fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
+    // SAFETY: a pending request `serve` started, on its submitting thread; its context
+    // names the engine, alive while the request is pending and not borrowed now (its
+    // reactor runs this thread's callback; the engine is not below us: completions of the
+    // cache bdev are delivered at the top level of a poller or message).
+    let status = unsafe {
+        match (*io::ctx(io)).local_direct.take() {
+            Some(l) => (*l.eng).end_local(l.direct, ok),
+            None => st::SPDK_BDEV_IO_STATUS_FAILED,
+        }
+    };
+    io::complete(io, status);
+}
