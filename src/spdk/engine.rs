@@ -535,6 +535,8 @@ fn shift_of(bdev: *mut ffi::spdk_bdev) -> u32 {
 
 impl Engine {
     fn new(s: Setup) -> Self {
+        // A mapped cache is served inline by the engine, with one fence per batch.
+        let mapped = s.dax.is_some();
         let flush = |b| {
             // SAFETY: an open base bdev.
             unsafe { ffi::spdk_bdev_io_type_supported(b, t::SPDK_BDEV_IO_TYPE_FLUSH) }
@@ -599,7 +601,7 @@ impl Engine {
             flushing: false,
             drain_waiters: Vec::new(),
             resets: Vec::new(),
-            inbox: std::rc::Rc::default(),
+            inbox: std::rc::Rc::new(Inbox::new(mapped)),
             batch: Vec::with_capacity(64),
             links: Vec::new(),
             descs: Vec::with_capacity(64),

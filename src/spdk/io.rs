@@ -310,7 +310,9 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         match p.core.filter(|&c| chan.core == Some(c)) {
             // SAFETY: plain query of the current reactor.
             Some(core) if unsafe { ffi::spdk_env_get_current_core() } == core => {
-                if chan.start_polling() {
+                // SAFETY: the engine's inbox lives as long as it does (beyond this request).
+                let direct = unsafe { !(*p.inbox).never_direct() };
+                if direct && chan.start_polling() {
                     engine::local::wait(p);
                     chan.local.borrow_mut().push((io, p));
                     return;

@@ -22,6 +22,9 @@ pub(crate) struct Inbox {
     /// Requests for this engine waiting in the batch of a submitting thread on its core
     /// (`local`), which a reset must wait for like those in flight.
     held: Cell<u32>,
+    /// The engine never serves a request directly (a mapped cache, which it serves inline
+    /// itself, or data CRCs): submitting threads send everything here at once.
+    never_direct: Cell<bool>,
 }
 
 impl Inbox {
@@ -55,6 +58,22 @@ impl Inbox {
     /// Requests held by submitting threads on this core.
     pub(super) fn held(&self) -> u32 {
         self.held.get()
+    }
+
+    /// Whether submitting threads should skip serving requests themselves.
+    pub(crate) fn never_direct(&self) -> bool {
+        self.never_direct.get()
+    }
+
+    /// `never_direct`: see [`Inbox::never_direct`].
+    pub(super) fn new(never_direct: bool) -> Self {
+        let inbox = Inbox::default();
+        inbox.never_direct.set(never_direct);
+        inbox
+    }
+
+    pub(super) fn set_never_direct(&self) {
+        self.never_direct.set(true);
     }
 
     pub(super) fn is_empty(&self) -> bool {

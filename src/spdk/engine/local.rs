@@ -103,10 +103,11 @@ impl Engine {
     /// The engine's part of [`serve`]: starts `io` as a direct request and counts it, or
     /// None. Returns what was started and its extent in cache bdev blocks.
     fn begin_local(&mut self, io: *mut ffi::spdk_bdev_io, op: Op) -> Option<(Direct, [u64; 2])> {
-        if self.dax.is_some()
-            || self.removed[0]
-            || !matches!(self.state, State::Running | State::Draining)
-        {
+        if self.removed[0] || !matches!(self.state, State::Running | State::Draining) {
+            return None;
+        }
+        if self.dax.is_some() {
+            // Never sent here (`Inbox::never_direct`).
             return None;
         }
         // SAFETY: a live READ/WRITE request; its block parameters are read by value.
@@ -117,7 +118,13 @@ impl Engine {
         let shift = self.shift[1];
         let len = u32::try_from(num << shift).ok()?;
         let cache = self.cache.as_deref_mut()?;
-        let direct = cache.begin_direct(op, offset << shift, len)?;
+        let Some(direct) = cache.begin_direct(op, offset << shift, len) else {
+            if cache.superblock().data_crc {
+                // Every read is checked against its CRC by the engine.
+                self.inbox.set_never_direct();
+            }
+            return None;
+        };
         let cshift = self.shift[0];
         let sectors = u64::from(len);
         if (direct.sector | sectors) & ((1u64 << cshift) - 1) != 0 {
