@@ -976,9 +976,16 @@ impl Engine {
             return self.recycle(dio);
         };
         self.recycle(dio);
+        let status = self.end_direct(direct, ok);
+        self.finish_io(io, status, reply);
+    }
+
+    /// The device I/O of direct request `direct` (issued here or by its submitting thread:
+    /// `local`) ended: the request's status.
+    fn end_direct(&mut self, direct: Direct, ok: bool) -> st::Type {
         self.direct_live -= 1;
         let result = if ok { Ok(()) } else { Err(IoError::Device) };
-        let status = match self
+        match self
             .cache
             .as_deref_mut()
             .map(|c| c.end_direct(direct, result))
@@ -988,8 +995,7 @@ impl Engine {
                 self.counters.requests_failed += 1;
                 st::SPDK_BDEV_IO_STATUS_FAILED
             }
-        };
-        self.finish_io(io, status, reply);
+        }
     }
 
     /// Stops taking work: drains first when `drain` (unless a base bdev is gone, so nothing

@@ -23,10 +23,11 @@ use std::ffi::c_void;
 use std::ptr;
 
 use super::{Engine, Peer, State};
-use crate::engine::{Direct, IoError, Op};
+use crate::engine::{Direct, Op};
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use crate::spdk::io::{self, Channel};
 use crate::spdk::log::no_unwind;
+use crate::spdk::msg;
 
 /// Counts a request for `p`'s engine that a submitting thread on its core now holds.
 pub(crate) fn wait(p: Peer) {
@@ -86,7 +87,9 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     };
     // SAFETY: this request's driver context, ours while it is pending.
     unsafe { ptr::addr_of_mut!((*io::ctx(io)).local_direct).write(Some(local)) };
-    submit(io, ch, local);
+    if !submit(io, ch, local) {
+        finish(io, false);
+    }
     true
 }
 
@@ -154,27 +157,16 @@ impl Engine {
     /// The cache-bdev I/O of a request [`serve`] started finished: so did the request.
     fn end_local(&mut self, direct: Direct, ok: bool) -> st::Type {
         self.inflight -= 1;
-        self.direct_live -= 1;
         if !ok {
             self.counters.dev_errors += 1;
         }
-        let result = if ok { Ok(()) } else { Err(IoError::Device) };
-        match self
-            .cache
-            .as_deref_mut()
-            .map(|c| c.end_direct(direct, result))
-        {
-            Some(Ok(())) => st::SPDK_BDEV_IO_STATUS_SUCCESS,
-            _ => {
-                self.counters.requests_failed += 1;
-                st::SPDK_BDEV_IO_STATUS_FAILED
-            }
-        }
+        self.end_direct(direct, ok)
     }
 }
 
-/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`.
-fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) {
+/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`, or
+/// queues it until a cache bdev_io is free. False: neither could be done.
+fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) -> bool {
     // SAFETY: a pending request of a live node, whose cache descriptor stays open while it
     // is pending; its iovecs are live until it completes, which is after this I/O does.
     let rc = unsafe {
@@ -191,7 +183,7 @@ fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) {
         }
     };
     if rc == 0 {
-        return;
+        return true;
     }
     if rc == -libc::ENOMEM {
         // SAFETY: the request's context holds the wait entry; it stays put (the bdev_io
@@ -206,10 +198,10 @@ fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) {
             ffi::spdk_bdev_queue_io_wait(node.cache.bdev, ch, w) == 0
         };
         if queued {
-            return;
+            return true;
         }
     }
-    finish(io, false);
+    false
 }
 
 /// A cache bdev_io is free again: resubmits the request that waited for one.
@@ -222,11 +214,25 @@ unsafe extern "C" fn retry(arg: *mut c_void) {
             let chan = &*ffi::io_channel_get_ctx::<Channel>((*io::ctx(io)).ch);
             ((*io::ctx(io)).local_direct, chan.cache_channel())
         };
-        match local {
-            Some(l) => submit(io, ch, l),
-            None => io::complete(io, st::SPDK_BDEV_IO_STATUS_FAILED),
+        let Some(l) = local else {
+            return io::complete(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+        };
+        if submit(io, ch, l) {
+            return;
+        }
+        // This wait may fire while the engine is borrowed (a bdev_io freed by a completion
+        // the engine delivers as this thread), so the failure is ended from a message.
+        // SAFETY: a plain message to this (live) thread, the pending request as argument.
+        let rc = unsafe { ffi::spdk_thread_send_msg(msg::current(), Some(fail_msg), arg) };
+        if rc != 0 {
+            finish(io, false);
         }
     })
+}
+
+/// Fails a request served at once whose cache-bdev I/O could not be issued.
+unsafe extern "C" fn fail_msg(arg: *mut c_void) {
+    no_unwind("pcache local fail", (), || finish(arg.cast(), false))
 }
 
 /// Completion of the cache-bdev I/O of a request served at once, on its submitting thread.
@@ -238,12 +244,13 @@ unsafe extern "C" fn done(child: *mut ffi::spdk_bdev_io, ok: bool, arg: *mut c_v
     })
 }
 
-/// Ends request `io` served at once, its cache-bdev I/O having succeeded or not.
+/// Ends request `io` served at once, its cache-bdev I/O having succeeded or not. At the top
+/// level of a poller or message of the submitting thread.
 fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
     // SAFETY: a pending request `serve` started, on its submitting thread; its context
     // names the engine, alive while the request is pending and not borrowed now (its
-    // reactor runs this thread's callback; the engine is not below us: completions of the
-    // cache bdev are delivered at the top level of a poller or message).
+    // reactor runs this thread's callback, at the top level: completions of the cache bdev
+    // are delivered by a poller, and failures by `serve` or a message).
     let status = unsafe {
         match (*io::ctx(io)).local_direct.take() {
             Some(l) => (*l.eng).end_local(l.direct, ok),
