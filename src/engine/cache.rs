@@ -448,6 +448,15 @@ impl Cache {
             .map(|li| li as usize)
     }
 
+    /// Where the starts the index lookup of a request at `lba` counts lie, or null (see
+    /// [`ExtentMap::starts_addr`](super::index::ExtentMap::starts_addr)).
+    #[inline]
+    pub fn index_starts_addr(&self, lba: u64) -> *const u8 {
+        self.sole_shard(lba, 1).map_or(std::ptr::null(), |li| {
+            self.shards[li].index().starts_addr(lba)
+        })
+    }
+
     /// Where the index entry a request at `lba` will need lives, or null (see
     /// [`ExtentMap::entry_addr`](super::index::ExtentMap::entry_addr)).
     #[inline]

@@ -348,6 +348,19 @@ impl ExtentMap {
         b.exts.as_ptr().wrapping_add(i).cast()
     }
 
+    /// Where the starts a lookup at `lba` counts begin (null if its bucket is empty): the
+    /// first of two prefetch stages, before [`ExtentMap::entry_addr`], whose count then
+    /// finds those lines loaded. Reads the bucket's directory only.
+    #[inline]
+    pub fn starts_addr(&self, lba: u64) -> *const u8 {
+        let (key, off) = self.locate(lba);
+        let Some(b) = self.buckets.get(&key) else {
+            return std::ptr::null();
+        };
+        let c = usize::from(off >> self.shift).min(DIR - 1);
+        b.starts.as_ptr().wrapping_add(usize::from(b.dir[c])).cast()
+    }
+
     /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
     fn per_bucket(&self, lba: u64, len: u32, mut f: impl FnMut(u64, u32)) {
         let end = lba + u64::from(len);
@@ -697,6 +710,29 @@ mod tests {
 
     fn flat(m: &ExtentMap) -> Vec<(u64, u64, u32)> {
         m.iter().map(|(s, e)| (s, e.pos, e.len())).collect()
+    }
+
+    #[test]
+    fn prefetch_hints_name_the_lines_a_lookup_reads() {
+        let mut m = ExtentMap::new();
+        for i in 0..600u64 {
+            m.insert(i * 8, data(i * 8, 8));
+        }
+        for lba in [0u64, 8, 1000, 2048, 2056, 4792] {
+            let (key, off) = m.locate(lba);
+            let b = &m.buckets[&key];
+            let i = b.starts.iter().position(|&s| s == off).unwrap();
+            // The entry a lookup at an extent's start ends on is that extent.
+            assert_eq!(m.entry_addr(lba), (&b.exts[i] as *const Extent).cast());
+            // The starts counted to find it begin at or before its own, in its chunk (at
+            // most one 2-byte start per sector of the chunk).
+            let (s, own) = (
+                m.starts_addr(lba) as usize,
+                &b.starts[i] as *const u16 as usize,
+            );
+            assert!(s <= own && own - s < 2 << m.shift, "{lba}");
+        }
+        assert!(m.starts_addr(1 << 30).is_null() && m.entry_addr(1 << 30).is_null());
     }
 
     #[test]
