@@ -1052,9 +1052,7 @@ impl Engine {
         }
         if let (Some(cache), true) = (self.cache.as_deref(), descs.len() > 1) {
             let shift = self.shift[1];
-            for (d, _) in &descs {
-                io::prefetch(cache.index_entry_addr(d.offset << shift));
-            }
+            prefetch_lookups(descs.iter().map(|(d, _)| (cache, d.offset << shift)));
         }
         for i in 0..descs.len() {
             self.prefetch_read(descs.get(i + 1));
@@ -2112,6 +2110,18 @@ fn dax_write(
         bounce.extend_from_slice(unsafe { iov_bytes(v) });
     }
     write(sector, bounce)
+}
+
+/// Starts loading what the index lookups of a batch of requests will read, `(cache, lba)`
+/// each, in two passes whose cache misses overlap across the batch: the buckets'
+/// directories and the starts they point to, then the entries those rank.
+fn prefetch_lookups<'a>(lookups: impl Iterator<Item = (&'a Cache, u64)> + Clone) {
+    for (c, lba) in lookups.clone() {
+        io::prefetch(c.index_starts_addr(lba));
+    }
+    for (c, lba) in lookups {
+        io::prefetch(c.index_entry_addr(lba));
+    }
 }
 
 /// Sends a finished request ([`io::completion_arg`]) back to its submitting thread to be

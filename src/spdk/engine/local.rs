@@ -39,24 +39,16 @@ pub(crate) fn wait(p: Peer) {
 /// collected by this thread's channel `chan`, at the top level of its poller.
 pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan: &Channel) {
     if batch.len() > 1 {
-        // Two passes, so that each pass's misses overlap across the batch: the buckets'
-        // directories and the starts they point to, then the entries the starts rank.
-        let stages: [fn(&crate::engine::Cache, u64) -> *const u8; 2] = [
-            |c, lba| c.index_starts_addr(lba),
-            |c, lba| c.index_entry_addr(lba),
-        ];
-        for stage in stages {
-            for &(io, p) in batch.iter() {
-                // SAFETY: the engine lives while its requests are pending and is not
-                // borrowed (module docs); read only.
-                let e = unsafe { &*p.eng };
-                if let Some(c) = e.cache.as_deref() {
-                    // SAFETY: a pending request; its offset is read by value.
-                    let offset = unsafe { (*io::block(io)).offset_blocks };
-                    io::prefetch(stage(c, offset << e.shift[1]));
-                }
+        let lookups = batch.iter().filter_map(|&(io, p)| {
+            // SAFETY: the engine lives while its requests are pending and is not borrowed
+            // (module docs): read only. A pending request's offset is read by value.
+            unsafe {
+                let e = &*p.eng;
+                let lba = (*io::block(io)).offset_blocks << e.shift[1];
+                e.cache.as_deref().map(|c| (c, lba))
             }
-        }
+        });
+        super::prefetch_lookups(lookups);
     }
     for (io, p) in batch.drain(..) {
         // SAFETY: as in `wait`.
