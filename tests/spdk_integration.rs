@@ -856,6 +856,51 @@ fn bdevperf_verify_over_pcache() {
     stop_app(perf, &rpc, 30);
 }
 
+/// Few `spdk_bdev_io`s for everyone (`bdev_set_options`): submissions to the cache and
+/// backing bdevs, from the submitting threads and the engines, keep meeting -ENOMEM and wait
+/// for a free one (`spdk_bdev_queue_io_wait`). verify over PC0 (a team of engines on two
+/// cores, a cache smaller than the working set, so writeback and GC compete for them too)
+/// must lose nothing and fail nothing, and the app must stop cleanly.
+#[test]
+fn verify_short_of_bdev_ios() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let dir = scratch_dir("nomem");
+    let cfg = dir.join("nomem.json");
+    let config = json!({"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_set_options",
+         "params": {"bdev_io_pool_size": 96, "bdev_io_cache_size": 4}},
+        {"method": "bdev_malloc_create",
+         "params": {"name": "NmCache", "num_blocks": 131072, "block_size": 512}},
+        {"method": "bdev_malloc_create",
+         "params": {"name": "NmBacking", "num_blocks": 65536, "block_size": 4096}},
+        {"method": "bdev_pcache_create",
+         "params": {"name": "PC0", "cache_bdev": "NmCache", "backing_bdev": "NmBacking",
+                    "segment_size_mib": 2, "stripe_size_kib": 256}},
+        {"method": "bdev_wait_for_examine"}]}]});
+    std::fs::write(&cfg, config.to_string()).expect("write config");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "nomem", "PC0", two_cores());
+    let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, 10);
+    assert!(!jobs.is_empty(), "{res}");
+    for job in &jobs {
+        println!("bdevperf verify, 96 bdev_ios: {job}");
+        assert_eq!(job["io_failed"], 0, "failed I/O: {res}");
+        assert!(job["iops"].as_f64() > Some(1000.0), "IOPS too low: {res}");
+    }
+    let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
+    println!("host {}\nrequests {}", s["host"], s["requests"]);
+    assert_wrote_back_cleanly(s);
+    assert!(
+        s["host"]["nomem_waits"].as_u64() > Some(0),
+        "the engines never waited for a bdev_io: {}",
+        s["host"]
+    );
+    stop_app(perf, &rpc, 30);
+}
+
 /// Starts bdevperf `-z` on `cfg` and waits until PC0 exists. Returns the process and an RPC
 /// client for its socket.
 fn start_bdevperf<'a>(spdk: &'a Spdk, so: &Path, cfg: &Path, tag: &str) -> (Proc, Rpc<'a>) {
