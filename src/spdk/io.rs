@@ -49,7 +49,7 @@ pub(crate) struct Channel {
     /// Completions taken off the queues, completed once `links` is no longer borrowed (a
     /// completion callback may submit the next request).
     done: RefCell<Vec<Finished>>,
-    /// This thread's channel to the cache bdev, for requests served at once
+    /// This thread's channel to the cache bdev, for the requests it serves itself
     /// (`engine::local`); made on first use.
     cache_ch: Cell<*mut ffi::spdk_io_channel>,
     /// Requests for engines on this core, served (or handed to their engine) together by
@@ -96,8 +96,8 @@ pub(crate) struct IoCtx {
     /// Engines still to answer, and the worst status so far (submitting thread only).
     left: u32,
     worst: st::Type,
-    /// Served at once on this thread (`engine::local`): its engine and what it started,
-    /// and the entry that waits for a free cache bdev_io.
+    /// Served by the submitting thread itself (`engine::local`): its engine and what it
+    /// started, and the entry that waits for a free cache bdev_io.
     pub(crate) local_direct: Option<engine::local::Local>,
     pub(crate) wait: ffi::spdk_bdev_io_wait_entry,
 }
@@ -315,14 +315,8 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
                 if direct && chan.start_polling() {
                     engine::local::wait(p);
                     chan.local.borrow_mut().push((io, p));
-                    return;
-                }
-                // SAFETY: the request's context, ours until the engine takes it; the
-                // engine's thread and ours are pinned to this core, where we run now
-                // (`Inbox::push`).
-                unsafe {
-                    ptr::addr_of_mut!((*ctx(io)).local).write(true);
-                    (*p.inbox).push(io);
+                } else {
+                    to_inbox(io, p);
                 }
                 return;
             }

@@ -17,7 +17,13 @@
 //!
 //! The engine counts what it has started here as its own (`inflight`, `direct_live`), and
 //! requests held in a batch through its inbox (`Inbox::hold`), so it neither stops nor
-//! completes a reset while one is pending.
+//! completes a reset while one is pending. An engine that never serves directly (a mapped
+//! cache, served inline with one fence per poll; data CRCs, checked by the engine) says so
+//! in its inbox (`Inbox::never_direct`), and its requests skip the batch.
+//!
+//! A cache-bdev I/O refused for want of a `spdk_bdev_io` waits for one on this thread
+//! (`spdk_bdev_queue_io_wait`). Such a wait can fire inside a completion the engine
+//! delivers as this thread, so the retry only resubmits; a failure is ended by a message.
 
 use std::ffi::c_void;
 use std::ptr;
@@ -93,7 +99,7 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     true
 }
 
-/// What a request served at once started (kept in its driver context).
+/// What a request its submitting thread serves started (kept in its driver context).
 #[derive(Clone, Copy)]
 pub(crate) struct Local {
     eng: *mut Engine,
@@ -230,12 +236,12 @@ unsafe extern "C" fn retry(arg: *mut c_void) {
     })
 }
 
-/// Fails a request served at once whose cache-bdev I/O could not be issued.
+/// Fails a request its submitting thread serves whose cache-bdev I/O could not be issued.
 unsafe extern "C" fn fail_msg(arg: *mut c_void) {
     no_unwind("pcache local fail", (), || finish(arg.cast(), false))
 }
 
-/// Completion of the cache-bdev I/O of a request served at once, on its submitting thread.
+/// Completion of the cache-bdev I/O of a request its submitting thread serves, on that thread.
 unsafe extern "C" fn done(child: *mut ffi::spdk_bdev_io, ok: bool, arg: *mut c_void) {
     no_unwind("pcache local done", (), || {
         // SAFETY: the cache bdev_io we submitted; we are done with it.
@@ -244,8 +250,8 @@ unsafe extern "C" fn done(child: *mut ffi::spdk_bdev_io, ok: bool, arg: *mut c_v
     })
 }
 
-/// Ends request `io` served at once, its cache-bdev I/O having succeeded or not. At the top
-/// level of a poller or message of the submitting thread.
+/// Ends request `io`, served by its submitting thread, whose cache-bdev I/O succeeded or
+/// not. At the top level of a poller or message of that thread.
 fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
     // SAFETY: a pending request `serve` started, on its submitting thread; its context
     // names the engine, alive while the request is pending and not borrowed now (its
