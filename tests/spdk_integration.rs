@@ -774,8 +774,7 @@ fn bdevperf_verify_over_pcache() {
     assert_eq!(jobs.len(), 2 * per_bdev, "{res}");
     for job in &jobs {
         println!("bdevperf verify {secs} s: {job}");
-        assert_eq!(job["io_failed"], 0, "failed I/O: {res}");
-        assert!(job["iops"].as_f64() > Some(1000.0), "IOPS too low: {res}");
+        assert_job_clean(job, &res);
     }
     // PC0: 1 shard; PC1: 2 shards, data CRC on, 512-byte backing blocks.
     let stats = rpc.ok(&["bdev_pcache_get_stats"]);
@@ -887,8 +886,7 @@ fn verify_short_of_bdev_ios() {
     assert!(!jobs.is_empty(), "{res}");
     for job in &jobs {
         println!("bdevperf verify, 96 bdev_ios: {job}");
-        assert_eq!(job["io_failed"], 0, "failed I/O: {res}");
-        assert!(job["iops"].as_f64() > Some(1000.0), "IOPS too low: {res}");
+        assert_job_clean(job, &res);
     }
     let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
     println!("host {}\nrequests {}", s["host"], s["requests"]);
@@ -989,6 +987,12 @@ fn perform_tests(
         .args(args)
         .env("PYTHONPATH", py_path.unwrap_or_default());
     c
+}
+
+/// A bdevperf job of result `res` failed no I/O and made progress (over 1000 IOPS).
+fn assert_job_clean(job: &Value, res: &Value) {
+    assert_eq!(job["io_failed"], 0, "failed I/O: {res}");
+    assert!(job["iops"].as_f64() > Some(1000.0), "IOPS too low: {res}");
 }
 
 /// One pcache bdev's `bdev_pcache_get_stats` entry shows writeback and GC at work and no
@@ -1676,11 +1680,7 @@ fn cache_path_rpc_and_verify() {
     let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
     assert_eq!(jobs.len(), 1, "{res}");
     println!("bdevperf verify {secs} s over cache_path: {}", jobs[0]);
-    assert_eq!(jobs[0]["io_failed"], 0, "failed I/O: {res}");
-    assert!(
-        jobs[0]["iops"].as_f64() > Some(1000.0),
-        "IOPS too low: {res}"
-    );
+    assert_job_clean(&jobs[0], &res);
     let s = &rpc.ok(&["bdev_pcache_get_stats"])[0];
     println!(
         "cache_path stats: usage {}\nerrors {}\nhost {}",
@@ -2173,11 +2173,7 @@ fn deferred_create_does_io() {
         "bdevperf verify 3 s over a deferred pcache bdev: {}",
         jobs[0]
     );
-    assert_eq!(jobs[0]["io_failed"], 0, "failed I/O: {res}");
-    assert!(
-        jobs[0]["iops"].as_f64() > Some(1000.0),
-        "IOPS too low: {res}"
-    );
+    assert_job_clean(&jobs[0], &res);
     stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_file(&cfg);
 }
