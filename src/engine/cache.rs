@@ -448,22 +448,12 @@ impl Cache {
             .map(|li| li as usize)
     }
 
-    /// Where the starts the index lookup of a request at `lba` counts lie, or null (see
-    /// [`ExtentMap::starts_addr`](super::index::ExtentMap::starts_addr)).
-    #[inline]
-    pub fn index_starts_addr(&self, lba: u64) -> *const u8 {
-        self.sole_shard(lba, 1).map_or(std::ptr::null(), |li| {
-            self.shards[li].index().starts_addr(lba)
-        })
-    }
-
-    /// Where the index entry a request at `lba` will need lives, or null (see
+    /// The index a request at `lba` is looked up in (None: no local shard serves it), for
+    /// the host's prefetch hints ([`ExtentMap::starts_addr`](super::index::ExtentMap::starts_addr),
     /// [`ExtentMap::entry_addr`](super::index::ExtentMap::entry_addr)).
     #[inline]
-    pub fn index_entry_addr(&self, lba: u64) -> *const u8 {
-        self.sole_shard(lba, 1).map_or(std::ptr::null(), |li| {
-            self.shards[li].index().entry_addr(lba)
-        })
+    pub fn index_of(&self, lba: u64) -> Option<&super::index::ExtentMap> {
+        self.sole_shard(lba, 1).map(|li| self.shards[li].index())
     }
 
     /// Lets every shard batch what it was given and exchanges pool messages until quiet.

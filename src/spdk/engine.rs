@@ -102,6 +102,18 @@ pub(crate) type Done = Box<dyn FnOnce(Result<(), String>)>;
 /// the code below guarantees; the wrapper only lets the pointer travel.
 pub(crate) struct SendPtr<T>(pub *mut T);
 
+/// The engine operation of a bdev_io type, if the engine serves it.
+fn op_of(ty: t::Type) -> Option<Op> {
+    match ty {
+        t::SPDK_BDEV_IO_TYPE_READ => Some(Op::Read),
+        t::SPDK_BDEV_IO_TYPE_WRITE => Some(Op::Write),
+        t::SPDK_BDEV_IO_TYPE_FLUSH => Some(Op::Flush),
+        t::SPDK_BDEV_IO_TYPE_UNMAP => Some(Op::Unmap),
+        t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => Some(Op::WriteZeroes),
+        _ => None,
+    }
+}
+
 fn dev_index(d: Dev) -> usize {
     match d {
         Dev::Cache => 0,
@@ -881,17 +893,10 @@ impl Engine {
             self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
             return;
         }
-        let op = match d.ty {
-            t::SPDK_BDEV_IO_TYPE_READ => Op::Read,
-            t::SPDK_BDEV_IO_TYPE_WRITE => Op::Write,
-            t::SPDK_BDEV_IO_TYPE_FLUSH => Op::Flush,
-            t::SPDK_BDEV_IO_TYPE_UNMAP => Op::Unmap,
-            t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => Op::WriteZeroes,
-            _ => {
-                self.counters.requests_failed += 1;
-                self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
-                return;
-            }
+        let Some(op) = op_of(d.ty) else {
+            self.counters.requests_failed += 1;
+            self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
+            return;
         };
         let shift = self.shift[1];
         let (lba, len) = if op == Op::Flush {
@@ -900,12 +905,7 @@ impl Engine {
             let len = u32::try_from(d.num << shift).unwrap_or(u32::MAX);
             (d.offset << shift, len)
         };
-        if self.idle {
-            self.idle = false;
-            if let Some(c) = self.cache.as_deref_mut() {
-                c.set_idle(false);
-            }
-        }
+        self.wake();
         if op == Op::Read {
             if let Some(ok) = self.read_inline(&d, lba, len) {
                 let status = if ok {
@@ -1367,9 +1367,7 @@ impl Engine {
     /// does not divide it.
     fn set_range(&mut self, d: &mut DevIo, sector: u64, sectors: u64) -> bool {
         let i = dev_index(d.dev);
-        let shift = self.shift[i];
-        let mask = (1u64 << shift) - 1;
-        if (sector | sectors) & mask != 0 {
+        let Some([offset, blocks]) = self.blocks_of(d.dev, sector, sectors) else {
             spdk_log!(
                 ERROR,
                 "{}: {} I/O at sector {sector} (+{sectors}) is not aligned to the block size",
@@ -1377,11 +1375,29 @@ impl Engine {
                 DEV_NAMES[i]
             );
             return false;
-        }
-        d.offset = sector >> shift;
-        d.blocks = sectors >> shift;
+        };
+        d.offset = offset;
+        d.blocks = blocks;
         d.sectors = sectors;
         true
+    }
+
+    /// `sectors` 512-byte sectors at `sector` of `dev` as its blocks (offset, count), if
+    /// they are whole blocks.
+    fn blocks_of(&self, dev: Dev, sector: u64, sectors: u64) -> Option<[u64; 2]> {
+        let shift = self.shift[dev_index(dev)];
+        ((sector | sectors) & ((1u64 << shift) - 1) == 0)
+            .then_some([sector >> shift, sectors >> shift])
+    }
+
+    /// A request arrived: the cache is no longer idle.
+    fn wake(&mut self) {
+        if self.idle {
+            self.idle = false;
+            if let Some(c) = self.cache.as_deref_mut() {
+                c.set_idle(false);
+            }
+        }
     }
 
     fn execute(&mut self, cmd: Command) {
@@ -2117,10 +2133,10 @@ fn dax_write(
 /// directories and the starts they point to, then the entries those rank.
 fn prefetch_lookups<'a>(lookups: impl Iterator<Item = (&'a Cache, u64)> + Clone) {
     for (c, lba) in lookups.clone() {
-        io::prefetch(c.index_starts_addr(lba));
+        io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.starts_addr(lba)));
     }
     for (c, lba) in lookups {
-        io::prefetch(c.index_entry_addr(lba));
+        io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.entry_addr(lba)));
     }
 }
 

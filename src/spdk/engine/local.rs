@@ -29,7 +29,7 @@ use std::ffi::c_void;
 use std::ptr;
 
 use super::{Engine, Peer, State};
-use crate::engine::{Direct, Op};
+use crate::engine::{Dev, Direct, Op};
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use crate::spdk::io::{self, Channel};
 use crate::spdk::log::no_unwind;
@@ -71,10 +71,8 @@ pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan:
 fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     // SAFETY: a live request of this bdev; type read by value.
     let ty = t::Type::from(unsafe { (*io).type_ });
-    let op = match ty {
-        t::SPDK_BDEV_IO_TYPE_READ => Op::Read,
-        t::SPDK_BDEV_IO_TYPE_WRITE => Op::Write,
-        _ => return false,
+    let Some(op @ (Op::Read | Op::Write)) = super::op_of(ty) else {
+        return false;
     };
     let ch = chan.cache_channel();
     if ch.is_null() {
@@ -134,18 +132,15 @@ impl Engine {
             }
             return None;
         };
-        let cshift = self.shift[0];
-        let sectors = u64::from(len);
-        if (direct.sector | sectors) & ((1u64 << cshift) - 1) != 0 {
+        let Some(blocks) = self.blocks_of(Dev::Cache, direct.sector, u64::from(len)) else {
             // Never so: the cache bdev's blocks divide every extent. Undone, and left to
             // the engine, which reports it.
-            let _ = cache.end_direct(direct, Ok(()));
+            if let Some(c) = self.cache.as_deref_mut() {
+                let _ = c.end_direct(direct, Ok(()));
+            }
             return None;
-        }
-        if self.idle {
-            self.idle = false;
-            cache.set_idle(false);
-        }
+        };
+        self.wake();
         let c = &mut self.counters;
         c.requests += 1;
         c.arrived_same_core += 1;
@@ -157,7 +152,7 @@ impl Engine {
         }
         self.inflight += 1;
         self.direct_live += 1;
-        Some((direct, [direct.sector >> cshift, sectors >> cshift]))
+        Some((direct, blocks))
     }
 
     /// The cache-bdev I/O of a request [`serve`] started finished: so did the request.
