@@ -233,14 +233,14 @@ fn an_unknown_format_version_is_refused() {
     let (mut c, b) = host.into_devices();
     for base in [0usize, 4096] {
         let sb = &mut c.bytes_mut()[base..base + 4096];
-        sb[8..12].copy_from_slice(&2u32.to_le_bytes());
+        sb[8..12].copy_from_slice(&3u32.to_le_bytes());
         let crc = crc32c::crc32c(&sb[..4092]);
         sb[4092..].copy_from_slice(&crc.to_le_bytes());
     }
     let err = SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default())
         .err()
         .unwrap();
-    assert!(err.to_string().contains("format version 2"), "{err}");
+    assert!(err.to_string().contains("format version 3"), "{err}");
 }
 
 #[test]

@@ -2,13 +2,14 @@
 //! and a single flipped bit anywhere in its superblocks, control slots or ksets must be
 //! reported by `check`.
 //!
-//! Regenerate (only when the format version changes):
-//! `cargo test --test golden -- --ignored regenerate_golden_image`
+//! `regenerate_golden_image` writes an image in the current format version to
+//! `tests/data/golden-v<version>.img`: `cargo test --test golden -- --ignored
+//! regenerate_golden_image`. This build writes v2; the v1 image checks it still reads v1.
 
 mod common;
 
 use common::*;
-use pcache::engine::format::{ControlSlot, Kset, LogPos, Superblock, SECTOR};
+use pcache::engine::format::{ControlSlot, Kset, LogPos, Superblock, FORMAT_VERSION, SECTOR};
 use pcache::engine::{CacheOptions, FormatOptions, LayoutOptions};
 use pcache::media::host::SyncHost;
 use pcache::media::mem::MemDevice;
@@ -75,7 +76,57 @@ fn regenerate_golden_image() {
     // A read miss fills a clean extent.
     host.read(500, 8).unwrap();
     let (c, _) = host.into_devices();
-    std::fs::write(IMAGE, c.bytes()).unwrap();
+    let path = format!(
+        "{}/tests/data/golden-v{FORMAT_VERSION}.img",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::write(path, c.bytes()).unwrap();
+}
+
+/// A v1 cache opened by this build takes new writes in the current layout (ksets up from
+/// the segment start, after the v1 ksets; data down from its end, 4 KiB-aligned), and the
+/// mixed log replays: everything reads back after a reopen and checks cleanly.
+#[test]
+fn the_golden_v1_image_takes_new_writes_and_replays() {
+    let backing = MemDevice::new(BACKING_SECTORS * 512);
+    let (mut host, _) = SyncHost::open(
+        load(),
+        backing,
+        identity(BACKING_SECTORS),
+        CacheOptions::default(),
+    )
+    .expect("golden image opens");
+    let mut want = expected();
+    let mut put = |host: &mut SyncHost<MemDevice, MemDevice>, lba: u64, len: u32, id: u64| {
+        let d = data_of(id, lba, len);
+        host.write(lba, d.clone()).expect("write");
+        let at = lba as usize * SECTOR;
+        want[at..at + d.len()].copy_from_slice(&d);
+    };
+    put(&mut host, 1500, 3, 10);
+    for i in 0..6u64 {
+        put(&mut host, 1600 + i * 16, 8, 11 + i);
+    }
+    let mut pieces = Vec::new();
+    for i in 0..6u64 {
+        let lba = 1600 + i * 16;
+        let shard = host.cache.superblock().geometry.shard_of(lba) as usize;
+        host.cache.shards()[shard]
+            .index()
+            .lookup(lba, 8, &mut pieces);
+        assert_eq!(pieces[0].extent.expect("cached").pos % 8, 0, "lba {lba}");
+    }
+    for _ in 0..2 {
+        let got = host.read(0, BACKING_SECTORS as u32).unwrap();
+        assert!(got == want, "contents after new writes");
+        let (c, b) = host.into_devices();
+        let mut copy = MemDevice::from_vec(c.bytes().to_vec());
+        let r = offline::check(&mut copy);
+        assert!(r.is_clean(), "{:?}", r.problems);
+        host = SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default())
+            .expect("reopen")
+            .0;
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use pcache::engine::format::{
     BackingIdentity, ControlSlot, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, Superblock,
+    FORMAT_VERSION,
 };
 use pcache::engine::geometry::{Geometry, LayoutOptions};
 use proptest::prelude::*;
@@ -58,6 +59,7 @@ fn sample_kset() -> Kset {
 
 fn sample_superblock() -> Superblock {
     Superblock {
+        version: FORMAT_VERSION,
         geometry: geo(),
         cache_uuid: [1; 16],
         backing: BackingIdentity {

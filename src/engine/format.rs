@@ -1,4 +1,5 @@
-//! On-media format v1: superblock, control slots, segment headers, ksets and keys.
+//! On-media format v2: superblock, control slots, segment headers, ksets and keys (v1
+//! caches are read too: they differ only in where a kset's data lies).
 //!
 //! Every field is little-endian at a fixed offset (see `docs/FORMAT.md`). Decoding never
 //! trusts the media: sizes, counts and positions are checked against the geometry before
@@ -9,7 +10,20 @@ use thiserror::Error;
 
 /// The unit of every on-media position and length.
 pub const SECTOR: usize = 512;
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads. v1 put each kset's data right after it; v2 grows
+/// ksets up from the segment's start and data down from its end, so that 4 KiB blocks of
+/// data stay 4 KiB-aligned without padding after every small kset.
+pub const MIN_FORMAT_VERSION: u32 = 1;
+
+fn check_version(version: u32) -> Result<()> {
+    if (MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+        Ok(())
+    } else {
+        Err(FormatError::UnsupportedVersion { found: version })
+    }
+}
 
 pub const SB_MAGIC: &[u8; 8] = b"PCACHESB";
 pub const CONTROL_MAGIC: &[u8; 8] = b"PCACHECT";
@@ -43,7 +57,7 @@ pub enum FormatError {
         stored: u32,
         computed: u32,
     },
-    #[error("unsupported format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported format version {found} (this build reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})")]
     UnsupportedVersion { found: u32 },
     #[error("{what}: value {value} out of bounds (limit {limit})")]
     OutOfBounds {
@@ -130,6 +144,8 @@ pub struct BackingIdentity {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// The format version it was written in (kept when it is rewritten, e.g. renamed).
+    pub version: u32,
     pub geometry: Geometry,
     pub cache_uuid: [u8; 16],
     pub backing: BackingIdentity,
@@ -141,7 +157,7 @@ impl Superblock {
         let g = &self.geometry;
         let mut b = vec![0u8; SB_BYTES];
         put(&mut b, 0, SB_MAGIC);
-        put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        put(&mut b, 8, &self.version.to_le_bytes());
         let flags = if self.data_crc { SB_FLAG_DATA_CRC } else { 0 };
         put(&mut b, 12, &flags.to_le_bytes());
         put(&mut b, 16, &self.cache_uuid);
@@ -171,9 +187,7 @@ impl Superblock {
         }
         check_crc(W, f.u32(SB_BYTES - 4), crc32c::crc32c(&buf[..SB_BYTES - 4]))?;
         let version = f.u32(8);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion { found: version });
-        }
+        check_version(version)?;
         let geometry = Geometry {
             cache_sectors: f.u64(32),
             segment_sectors: f.u32(40),
@@ -193,6 +207,7 @@ impl Superblock {
             .position(|&c| c == 0)
             .unwrap_or(name_bytes.len());
         Ok(Superblock {
+            version,
             geometry,
             cache_uuid: f.bytes(16),
             data_crc: f.u32(12) & SB_FLAG_DATA_CRC != 0,
@@ -340,9 +355,7 @@ impl ControlSlot {
             crc32c::crc32c_append(seed, &buf[..SECTOR - 4]),
         )?;
         let version = f.u32(8);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion { found: version });
-        }
+        check_version(version)?;
         let slot = ControlSlot {
             shard: f.u32(12),
             seq: f.u64(16),
@@ -539,7 +552,8 @@ pub struct Kset {
     pub pos: LogPos,
     /// Where the next kset of this shard will be written.
     pub next: LogPos,
-    /// Sectors of this kset plus the data that follows it.
+    /// Sectors from this kset to the next one in its segment: the kset itself (v2), or
+    /// the kset plus the data that follows it (v1).
     pub region_sectors: u32,
     pub keys: Vec<Key>,
 }
@@ -610,9 +624,7 @@ impl Kset {
         let stored = f.u32(4);
         check_crc(W, stored, crc32c::crc32c_append(seed, &buf[8..end]))?;
         let version = u32::from(f.u16(22));
-        if version != FORMAT_VERSION {
-            return Err(FormatError::UnsupportedVersion { found: version });
-        }
+        check_version(version)?;
         let pos = LogPos {
             seg: f.u32(28),
             gen: f.u32(32),
@@ -662,13 +674,16 @@ impl Kset {
                 });
             }
             if k.kind == KeyKind::Data {
+                // v1: inside the region, after the kset. v2: anywhere after the kset in its
+                // segment (data grows down from the segment's end, above every kset).
                 let start = u64::from(at.off) + u64::from(kset_len);
+                let limit = if version == 1 { region_end } else { seg_end };
                 let data_end = u64::from(k.data_off) + u64::from(k.len);
-                if u64::from(k.data_off) < start || data_end > region_end || k.gen != at.gen {
+                if u64::from(k.data_off) < start || data_end > limit || k.gen != at.gen {
                     return Err(FormatError::OutOfBounds {
                         what: "key data position",
                         value: data_end,
-                        limit: region_end,
+                        limit,
                     });
                 }
             }

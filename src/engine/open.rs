@@ -57,6 +57,7 @@ pub fn format(
     }
     let geometry = Geometry::new(cache_bytes, backing.sectors, opts.layout)?;
     let sb = Superblock {
+        version: super::format::FORMAT_VERSION,
         geometry,
         cache_uuid: opts.cache_uuid,
         backing,
@@ -163,6 +164,8 @@ struct ShardReplay {
     segments: VecDeque<SegRec>,
     log: VecDeque<Logged>,
     at: LogPos,
+    /// The lowest sector of `at`'s segment holding data above the ksets (format v2).
+    data_low: u32,
     seq: u64,
     prev_crc: u32,
     max_epoch: u64,
@@ -383,6 +386,7 @@ impl Opener {
                 }]),
                 log: VecDeque::new(),
                 at: t.pos,
+                data_low: geo.segment_sectors,
                 seq: t.seq,
                 prev_crc: t.prev_crc,
                 max_epoch: 0,
@@ -429,6 +433,10 @@ impl Opener {
             for k in &kset.keys {
                 apply_key(&mut r.index, k, seg_base, written_back);
                 r.max_epoch = r.max_epoch.max(k.epoch);
+                // v2 data lies above every later kset; v1 data below the next one.
+                if k.kind == super::format::KeyKind::Data && k.data_off >= kset.next.off {
+                    r.data_low = r.data_low.min(k.data_off);
+                }
             }
             if !written_back {
                 let keys = kset
@@ -456,6 +464,7 @@ impl Opener {
             r.prev_crc = crc;
             r.at = kset.next;
             if kset.next.seg != at.seg {
+                r.data_low = geo.segment_sectors;
                 let n = kset.next;
                 r.segments.push_back(SegRec {
                     seg: n.seg,
@@ -538,6 +547,7 @@ impl Opener {
             };
             let log = LogState {
                 head: r.at,
+                data_low: r.data_low,
                 next_seq: r.seq,
                 prev_crc: r.prev_crc,
                 segments: r.segments,

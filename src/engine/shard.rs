@@ -56,8 +56,11 @@ pub struct Outbox {
 /// Recovered log state handed to [`Shard::new`].
 #[derive(Debug, Clone)]
 pub struct LogState {
-    /// Where the next region goes.
+    /// Where the next kset goes.
     pub head: LogPos,
+    /// The lowest sector of the head segment holding data of a kset (the segment's size if
+    /// none): the next batch's data goes below it.
+    pub data_low: u32,
     pub next_seq: u64,
     pub prev_crc: u32,
     /// Segments of the log, oldest first; the last one holds `head`.
@@ -196,6 +199,10 @@ pub struct Shard {
     index: ExtentMap,
     epoch: u64,
     head: LogPos,
+    /// Ksets grow up from the head segment's start to `head`, data down from its end to
+    /// here (format v2), so a batch's data lands on a 4 KiB boundary whatever its kset's
+    /// size.
+    data_low: u32,
     next_seq: u64,
     prev_crc: u32,
     segments: VecDeque<SegRec>,
@@ -248,6 +255,7 @@ impl Shard {
             index,
             epoch,
             head: log.head,
+            data_low: log.data_low,
             next_seq: log.next_seq,
             prev_crc: log.prev_crc,
             segments: log.segments,
@@ -695,25 +703,26 @@ impl Shard {
     }
 
     fn form_batches(&mut self) {
-        let seg_end = self.cfg.geo.segment_sectors - 1;
         self.stalled = false;
         while !self.pending.is_empty() && !self.failed {
             if self.head_header != HeadHeader::Durable {
                 return;
             }
+            // One sector between the ksets and the data stays free for a link kset.
+            let limit = self.data_low.saturating_sub(1);
             let mut n = 0usize;
             let mut data = 0u32;
             for p in self.pending.iter().take(MAX_KSET_KEYS) {
                 let d = p.data_sectors();
-                if self.head.off + kset_sectors(n + 1) + data + d > seg_end {
+                if self.head.off + kset_sectors(n + 1) + data + d > limit {
                     break;
                 }
                 n += 1;
                 data += d;
             }
             if n > 0 {
-                let (n, pad) = self.aligned_batch(n, data, seg_end);
-                self.build_batch(n, pad);
+                let (n, start) = self.place_batch(n, data, limit);
+                self.build_batch(n, start);
                 continue;
             }
             // Nothing fits in this segment: move to a ready one, or wait for space.
@@ -769,43 +778,50 @@ impl Shard {
         };
         self.next_seq += 1;
         self.head = next;
+        self.data_low = self.cfg.geo.segment_sectors;
         self.batches.push_back(batch);
         self.encode_ready();
     }
 
     /// How many of the `n` pending entries that fit (`data` sectors of data) to take, and
-    /// how many sectors to leave between their kset and their data so the data starts on a
-    /// 4 KiB boundary of the cache: a 4 KiB block then lies in one page, which the CPU's
-    /// prefetchers (they stop at page edges) and mapped-memory copies handle best. Padded only
-    /// when that costs at most 1/16 of the batch's data (a lone small write is not), dropping
-    /// trailing entries to the next batch if the padding would not fit in the segment. Keys
-    /// name their data's offset, so replay needs nothing.
-    fn aligned_batch(&self, mut n: usize, mut data: u32, seg_end: u32) -> (usize, u32) {
-        let all = n;
+    /// the sector where their data starts: just below the data already in the segment,
+    /// moved down to a 4 KiB boundary when the batch's data is whole 4 KiB blocks. A 4 KiB
+    /// block then lies in one page, which the CPU's prefetchers (they stop at page edges)
+    /// and mapped-memory copies handle best. Data below a block that is not whole (a
+    /// 512-byte write) is realigned by the next batch of whole blocks, leaving at most 7
+    /// sectors unused. If that gap does not fit, trailing entries wait for the next batch.
+    /// Keys name their data's offset, so replay needs nothing.
+    fn place_batch(&self, mut n: usize, mut data: u32, limit: u32) -> (usize, u32) {
+        let seg_start = self.cfg.geo.segment_start(self.head.seg);
+        let all = (n, self.data_low - data);
         loop {
-            let start = self.cfg.geo.segment_start(self.head.seg)
-                + u64::from(self.head.off + kset_sectors(n));
-            let pad = ((8 - start % 8) % 8) as u32;
-            if pad == 0 || pad * 16 > data {
-                break;
+            let start = self.data_low - data;
+            let pad = if data > 0 && data % 8 == 0 {
+                ((seg_start + u64::from(start)) % 8) as u32
+            } else {
+                0
+            };
+            if pad == 0 {
+                return (n, start);
             }
-            if self.head.off + kset_sectors(n) + pad + data <= seg_end {
-                return (n, pad);
+            if self.head.off + kset_sectors(n) + pad + data <= limit {
+                return (n, start - pad);
             }
             if n == 1 {
-                break;
+                return all;
             }
             n -= 1;
             data -= self.pending.get(n).map_or(0, Pending::data_sectors);
         }
-        (all, 0)
     }
 
-    fn build_batch(&mut self, n: usize, pad: u32) {
+    /// Takes the first `n` pending entries into a batch whose kset goes at the head and
+    /// whose data starts at sector `start` of the head segment.
+    fn build_batch(&mut self, n: usize, start: u32) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let pos = self.head;
-        let mut off = pos.off + kset_sectors(n) + pad;
+        let mut off = start;
         let mut entries = Vec::with_capacity(n);
         let mut data_pending = 0;
         for i in 0..n {
@@ -847,12 +863,13 @@ impl Shard {
                 logged: false,
             });
         }
-        let region = off - pos.off;
+        let region = kset_sectors(n);
         let next = LogPos {
             off: pos.off + region,
             ..pos
         };
         self.head = next;
+        self.data_low = start;
         self.batches.push_back(Batch {
             seq,
             pos,
