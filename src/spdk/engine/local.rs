@@ -3,12 +3,13 @@
 //! `Cache::begin_direct`).
 //!
 //! A submitting thread pinned to an engine's core collects the requests for that engine in
-//! its channel, and its channel poller serves them together ([`serve_batch`]): it starts
-//! loading every request's index entry, then asks the engine where each one's data is and
-//! issues the one cache-bdev I/O on its own channel to the cache bdev, completing the
-//! request from that I/O's callback, on its own thread. That is a passthru vbdev's path
-//! plus an index lookup whose cache misses overlap those of the batch, with no inbox,
-//! engine poll or thread switch. Requests it cannot serve so go to the engine's inbox.
+//! its channel, and its channel poller serves them together ([`serve_batch`]): for each, it
+//! asks the engine where its data is and issues the one cache-bdev I/O on its own channel
+//! to the cache bdev, completing the request from that I/O's callback, on its own thread,
+//! while the index lines of the requests a few places behind it load. That is a passthru
+//! vbdev's path plus an index lookup whose cache misses overlap the requests before it,
+//! with no inbox, engine poll or thread switch. Requests it cannot serve so go to the
+//! engine's inbox.
 //!
 //! The engine is never borrowed while a submitting thread uses it: both threads are pinned
 //! to this core and polled by its reactor one at a time, and the engine's own callbacks
@@ -41,28 +42,56 @@ pub(crate) fn wait(p: Peer) {
     unsafe { (*p.inbox).hold() };
 }
 
+/// How many requests ahead of the one being served the batch loads the lines of the next
+/// lookup's two stages: its bucket's starts, then the entry they lead to. A request served
+/// copies its 4 KiB, which pushes out of L1 what was loaded too early; these measured best
+/// (bdevperf, 1 core QD32, against loading the whole batch's lines up front: +3% reads,
+/// +2.5% writes).
+const STARTS_AHEAD: usize = 5;
+const ENTRY_AHEAD: usize = 2;
+
 /// Serves the requests of `batch` (empty on return), each for an engine on this core,
 /// collected by this thread's channel `chan`, at the top level of its poller.
 pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan: &Channel) {
-    if batch.len() > 1 {
-        let lookups = batch.iter().filter_map(|&(io, p)| {
-            // SAFETY: the engine lives while its requests are pending and is not borrowed
-            // (module docs): read only. A pending request's offset is read by value.
-            unsafe {
-                let e = &*p.eng;
-                let lba = (*io::block(io)).offset_blocks << e.shift[1];
-                e.cache.as_deref().map(|c| (c, lba))
-            }
-        });
-        super::prefetch_lookups(lookups);
+    let n = batch.len();
+    let lookup = |k: usize| {
+        let (io, p) = batch[k];
+        // SAFETY: the engine lives while its requests are pending and is not borrowed
+        // (module docs): read only. A pending request's offset is read by value.
+        unsafe {
+            let e = &*p.eng;
+            let lba = (*io::block(io)).offset_blocks << e.shift[1];
+            e.cache.as_deref().map(|c| (c, lba))
+        }
+    };
+    let starts = |k: usize| {
+        if let Some((c, lba)) = lookup(k) {
+            io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.starts_addr(lba)));
+        }
+    };
+    let entry = |k: usize| {
+        if let Some((c, lba)) = lookup(k) {
+            io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.entry_addr(lba)));
+        }
+    };
+    if n > 1 {
+        (0..STARTS_AHEAD.min(n)).for_each(starts);
+        (0..ENTRY_AHEAD.min(n)).for_each(entry);
     }
-    for (io, p) in batch.drain(..) {
+    for (k, &(io, p)) in batch.iter().enumerate() {
+        if k + STARTS_AHEAD < n {
+            starts(k + STARTS_AHEAD);
+        }
+        if k + ENTRY_AHEAD < n {
+            entry(k + ENTRY_AHEAD);
+        }
         // SAFETY: as in `wait`.
         unsafe { (*p.inbox).release() };
         if !serve(p, io, chan) {
             io::to_inbox(io, p);
         }
     }
+    batch.clear();
 }
 
 /// Serves `io` (a request of a pcache bdev, submitted on this thread through `chan`,
