@@ -4,11 +4,13 @@
 //! batch them, `complete` device commands, `grant` segments from the pool. Everything it
 //! wants done comes out of its [`Outbox`]. It shares nothing with other shards.
 //!
-//! Log layout: the shard appends *regions* to its current segment. A region is a kset
-//! followed by the data its keys name. Data is written first; the kset is written when all
-//! of its data is durable; a request is acknowledged when its kset and every earlier kset
-//! are durable. Each kset names the position of the next one and the CRC of the previous
-//! one, so replay can follow the chain and stops at the first kset that does not fit it.
+//! Log layout (format v2): in its current segment the shard writes ksets one after the
+//! other from the start, and their data down from the end, each batch's just below the
+//! last, so 4 KiB blocks stay 4 KiB-aligned whatever the ksets' sizes. Data is written
+//! first; the kset is written when all of its data is durable; a request is acknowledged
+//! when its kset and every earlier kset are durable. Each kset names the position of the
+//! next one and the CRC of the previous one, so replay can follow the chain and stops at
+//! the first kset that does not fit it.
 
 use std::collections::VecDeque;
 
@@ -138,6 +140,7 @@ struct Batch {
     seq: u64,
     pos: LogPos,
     next: LogPos,
+    /// Sectors from this kset to the next (its own size).
     region: u32,
     entries: Vec<Entry>,
     data_pending: u32,
@@ -673,7 +676,8 @@ impl Shard {
         });
     }
 
-    /// Turns queued log operations into regions and issues their writes.
+    /// Turns queued log operations into batches (a kset and its data) and issues their
+    /// writes.
     pub fn poll(&mut self) {
         if self.head_header == HeadHeader::Needed {
             self.head_header = HeadHeader::InFlight;
