@@ -134,7 +134,7 @@ pub fn inspect(dev: &mut dyn BlockDevice) -> String {
     if let Some(sb) = &report.superblock {
         let g = &sb.geometry;
         let _ = writeln!(out, "superblock:");
-        let _ = writeln!(out, "  format version   1");
+        let _ = writeln!(out, "  format version   {}", sb.version);
         let _ = writeln!(
             out,
             "  cache uuid       {}",

@@ -267,6 +267,19 @@ impl Superblock {
         Ok(b)
     }
 
+    /// A copy of the replica `buf` (which must decode) marked as written in this build's
+    /// format version, its CRC updated; every other byte is kept. Before a build writes
+    /// anything in its own version to an older cache, so an older build refuses the cache
+    /// instead of stopping its log at the first structure it cannot read.
+    pub fn upgrade(buf: &[u8]) -> Result<Vec<u8>> {
+        Self::decode(buf)?;
+        let mut b = buf[..SB_BYTES].to_vec();
+        put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..SB_BYTES - 4]);
+        put(&mut b, SB_BYTES - 4, &crc.to_le_bytes());
+        Ok(b)
+    }
+
     /// Seed for every CRC that binds a structure to this cache instance, so structures left
     /// on the device by an earlier format never validate.
     pub fn crc_seed(&self) -> u32 {

@@ -30,7 +30,7 @@ use super::log::{no_unwind, spdk_log};
 use super::module::{after, block_io, block_io_steps, BlockOp};
 use super::module::{finishing, module};
 use super::stats::Retired;
-use crate::engine::format::{SB_BYTES, SB_NAME_BYTES};
+use crate::engine::format::{FORMAT_VERSION, SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
 use crate::engine::{
     BackingIdentity, Cache, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock,
@@ -997,7 +997,7 @@ fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
     if desc.is_null() || n.base_gone.get() {
         return create_finish(node, info);
     }
-    persist_name(n.name(), desc, Box::new(move || create_finish(node, info)));
+    update_superblock(n.name(), desc, Box::new(move || create_finish(node, info)));
 }
 
 /// Answers everyone waiting for a create.
@@ -1007,21 +1007,24 @@ fn reply_all(waiters: Vec<CreateReply>, r: Result<String, RpcError>) {
     }
 }
 
-/// Stores the bdev name in both superblock replicas of the cache bdev when they do not
-/// hold it yet (a fresh format, an image from before the name field, a reattach under
-/// another name): replica A, then B, each flushed before the next, so a crash leaves at
+/// Brings both superblock replicas of the cache bdev up to date: the bdev name, when they
+/// do not hold it yet (a fresh format, an image from before the name field, a reattach
+/// under another name), and this build's format version, when the cache was written by an
+/// older one (so that build refuses it instead of stopping its log at the first kset it
+/// cannot read). Replica A, then B, each flushed before the next, so a crash leaves at
 /// least one valid replica. Then `then`. Failures are logged and otherwise ignored: the
-/// cache works without its name, only the attach by examine needs it. The engine never
-/// writes the superblock sectors after format, so these writes race with nothing.
-fn persist_name(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce()>) {
-    if name.len() >= SB_NAME_BYTES {
+/// cache works without its name, only the attach by examine needs it. This runs before the
+/// bdev is registered, so before any kset is written, and the engine never writes the
+/// superblock sectors after format, so these writes race with nothing.
+fn update_superblock(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce()>) {
+    let store = name.len() < SB_NAME_BYTES;
+    if !store {
         spdk_log!(
             NOTICE,
             "{name}: the name is longer than {} bytes and is not stored in the cache \
              superblock: examine will not attach this cache by itself",
             SB_NAME_BYTES - 1
         );
-        return then();
     }
     let name = name.to_string();
     block_io(
@@ -1034,34 +1037,54 @@ fn persist_name(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce
                 Err(e) => {
                     spdk_log!(
                         ERROR,
-                        "{name}: cannot read the superblock to store the bdev name: {e}"
+                        "{name}: cannot read the superblock to update it: {e}"
                     );
                     return then();
                 }
             };
             let (a, b) = buf.split_at(SB_BYTES);
-            let named = |r: &[u8]| matches!(Superblock::decode_name(r), Ok(Some(n)) if n == name);
-            if named(a) && named(b) {
+            let named =
+                |r: &[u8]| !store || matches!(Superblock::decode_name(r), Ok(Some(n)) if n == name);
+            let version = |r: &[u8]| Superblock::decode(r).map(|s| s.version).ok();
+            let current = |r: &[u8]| named(r) && version(r) == Some(FORMAT_VERSION);
+            if current(a) && current(b) {
                 return then();
             }
             // The replica the open used: A when valid, else B.
             let src = if Superblock::decode(a).is_ok() { a } else { b };
-            let old = Superblock::decode_name(src).ok().flatten();
-            let bytes = match Superblock::rename(src, Some(&name)) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    spdk_log!(ERROR, "{name}: cannot store the bdev name: {e}");
-                    return then();
-                }
-            };
-            spdk_log!(
-                NOTICE,
-                "{name}: storing the bdev name in the cache superblock ({})",
-                match old {
-                    Some(o) => format!("it held '{o}'"),
-                    None => "it held none".into(),
-                }
-            );
+            let mut bytes = src.to_vec();
+            if store && !named(src) {
+                let old = Superblock::decode_name(src).ok().flatten();
+                spdk_log!(
+                    NOTICE,
+                    "{name}: storing the bdev name in the cache superblock ({})",
+                    match old {
+                        Some(o) => format!("it held '{o}'"),
+                        None => "it held none".into(),
+                    }
+                );
+                bytes = match Superblock::rename(&bytes, Some(&name)) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        spdk_log!(ERROR, "{name}: cannot store the bdev name: {e}");
+                        return then();
+                    }
+                };
+            }
+            if let Some(v) = version(src).filter(|&v| v < FORMAT_VERSION) {
+                spdk_log!(
+                    NOTICE,
+                    "{name}: the cache was written in format v{v}: marking it v{FORMAT_VERSION}, \
+                     which older builds do not open"
+                );
+                bytes = match Superblock::upgrade(&bytes) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        spdk_log!(ERROR, "{name}: cannot update the format version: {e}");
+                        return then();
+                    }
+                };
+            }
             let mut steps = Vec::new();
             for sector in [SB_A_SECTOR, SB_B_SECTOR] {
                 steps.push(BlockOp::Write {
@@ -1075,10 +1098,7 @@ fn persist_name(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce
                 steps,
                 Box::new(move |r| {
                     if let Err(e) = r {
-                        spdk_log!(
-                            ERROR,
-                            "{name}: storing the bdev name in the superblock failed: {e}"
-                        );
+                        spdk_log!(ERROR, "{name}: updating the superblock failed: {e}");
                     }
                     then();
                 }),
