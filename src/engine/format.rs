@@ -173,8 +173,7 @@ impl Superblock {
         let name = self.backing.name.as_bytes();
         let n = name.len().min(BACKING_NAME_BYTES - 1);
         put(&mut b, 96, &name[..n]);
-        let crc = crc32c::crc32c(&b[..SB_BYTES - 4]);
-        put(&mut b, SB_BYTES - 4, &crc.to_le_bytes());
+        seal_superblock(&mut b);
         b
     }
 
@@ -275,8 +274,7 @@ impl Superblock {
         Self::decode(buf)?;
         let mut b = buf[..SB_BYTES].to_vec();
         put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..SB_BYTES - 4]);
-        put(&mut b, SB_BYTES - 4, &crc.to_le_bytes());
+        seal_superblock(&mut b);
         Ok(b)
     }
 
@@ -307,9 +305,14 @@ fn put_name(b: &mut [u8], name: Option<&str>) -> Result<()> {
     let field = &mut b[SB_NAME_OFFSET..SB_NAME_OFFSET + SB_NAME_BYTES];
     field.fill(0);
     field[..name.len()].copy_from_slice(name);
+    seal_superblock(b);
+    Ok(())
+}
+
+/// Writes an encoded superblock's CRC (over everything before it).
+fn seal_superblock(b: &mut [u8]) {
     let crc = crc32c::crc32c(&b[..SB_BYTES - 4]);
     put(b, SB_BYTES - 4, &crc.to_le_bytes());
-    Ok(())
 }
 
 /// A position in a shard's log: segment, its generation, and a sector inside the segment.
