@@ -140,8 +140,6 @@ struct Batch {
     seq: u64,
     pos: LogPos,
     next: LogPos,
-    /// Sectors from this kset to the next (its own size).
-    region: u32,
     entries: Vec<Entry>,
     data_pending: u32,
     state: BatchState,
@@ -772,7 +770,6 @@ impl Shard {
             seq: self.next_seq,
             pos: self.head,
             next,
-            region: 1,
             entries: Vec::new(),
             data_pending: 0,
             state: BatchState::Ready,
@@ -867,9 +864,8 @@ impl Shard {
                 logged: false,
             });
         }
-        let region = kset_sectors(n);
         let next = LogPos {
-            off: pos.off + region,
+            off: pos.off + kset_sectors(n),
             ..pos
         };
         self.head = next;
@@ -878,7 +874,6 @@ impl Shard {
             seq,
             pos,
             next,
-            region,
             entries,
             data_pending,
             state: if data_pending == 0 {
@@ -954,7 +949,9 @@ impl Shard {
                 shard: self.cfg.id,
                 pos: b.pos,
                 next: b.next,
-                region_sectors: b.region,
+                // What its batch reserved at the head for all its entries' keys (format
+                // v2); failed entries and shadowed fills log none, so the kset may be shorter.
+                region_sectors: kset_sectors(b.entries.len()),
                 keys,
             };
             let (bytes, crc) = kset.encode(self.cfg.crc_seed);
