@@ -2133,11 +2133,21 @@ fn dax_write(
 /// directories and the starts they point to, then the entries those rank.
 fn prefetch_lookups<'a>(lookups: impl Iterator<Item = (&'a Cache, u64)> + Clone) {
     for (c, lba) in lookups.clone() {
-        io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.starts_addr(lba)));
+        prefetch_starts(c, lba);
     }
     for (c, lba) in lookups {
-        io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.entry_addr(lba)));
+        prefetch_entry(c, lba);
     }
+}
+
+/// The first stage of a lookup's prefetch: the starts its bucket's directory points to.
+fn prefetch_starts(c: &Cache, lba: u64) {
+    io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.starts_addr(lba)));
+}
+
+/// The second stage, once the starts are loaded: the entry they rank.
+fn prefetch_entry(c: &Cache, lba: u64) {
+    io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.entry_addr(lba)));
 }
 
 /// Sends a finished request ([`io::completion_arg`]) back to its submitting thread to be

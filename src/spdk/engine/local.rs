@@ -66,12 +66,12 @@ pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan:
     };
     let starts = |k: usize| {
         if let Some((c, lba)) = lookup(k) {
-            io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.starts_addr(lba)));
+            super::prefetch_starts(c, lba);
         }
     };
     let entry = |k: usize| {
         if let Some((c, lba)) = lookup(k) {
-            io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.entry_addr(lba)));
+            super::prefetch_entry(c, lba);
         }
     };
     if n > 1 {
