@@ -10,8 +10,9 @@ mod common;
 
 use common::*;
 use pcache::engine::format::{ControlSlot, Kset, LogPos, Superblock, FORMAT_VERSION, SECTOR};
+use pcache::engine::OpenReport;
 use pcache::engine::{CacheOptions, FormatOptions, LayoutOptions};
-use pcache::media::host::SyncHost;
+use pcache::media::host::{HostError, SyncHost};
 use pcache::media::mem::MemDevice;
 use pcache::media::BlockDevice;
 use pcache::offline;
@@ -67,6 +68,16 @@ fn load() -> MemDevice {
     load_version(1)
 }
 
+/// Opens a golden image over a zeroed backing device of the identity it was written for.
+fn open_image(cache: MemDevice) -> Result<(MemHost, OpenReport), HostError> {
+    SyncHost::open(
+        cache,
+        MemDevice::new(BACKING_SECTORS * 512),
+        identity(BACKING_SECTORS),
+        CacheOptions::default(),
+    )
+}
+
 #[test]
 #[ignore]
 fn regenerate_golden_image() {
@@ -98,14 +109,7 @@ fn regenerate_golden_image() {
 /// mixed log replays: everything reads back after a reopen and checks cleanly.
 #[test]
 fn the_golden_v1_image_takes_new_writes_and_replays() {
-    let backing = MemDevice::new(BACKING_SECTORS * 512);
-    let (mut host, _) = SyncHost::open(
-        load(),
-        backing,
-        identity(BACKING_SECTORS),
-        CacheOptions::default(),
-    )
-    .expect("golden image opens");
+    let (mut host, _) = open_image(load()).expect("golden image opens");
     let mut want = expected();
     let mut put = |host: &mut SyncHost<MemDevice, MemDevice>, lba: u64, len: u32, id: u64| {
         let d = data_of(id, lba, len);
@@ -142,13 +146,8 @@ fn the_golden_v1_image_takes_new_writes_and_replays() {
 #[test]
 fn the_golden_images_open_and_read_back_their_contents() {
     for v in VERSIONS {
-        let (mut host, report) = SyncHost::open(
-            load_version(v),
-            MemDevice::new(BACKING_SECTORS * 512),
-            identity(BACKING_SECTORS),
-            CacheOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("golden v{v} image opens: {e}"));
+        let (mut host, report) =
+            open_image(load_version(v)).unwrap_or_else(|e| panic!("golden v{v} image opens: {e}"));
         assert!(report.problems.is_empty(), "v{v}: {:?}", report.problems);
         assert_eq!(host.cache.superblock().version, v);
         let got = host.read(0, BACKING_SECTORS as u32).unwrap();
@@ -197,13 +196,7 @@ fn the_golden_v1_superblock_upgrades_to_the_current_version() {
     let mut copy = MemDevice::from_vec(dev.bytes().to_vec());
     let r = offline::check(&mut copy);
     assert!(r.is_clean(), "{:?}", r.problems);
-    let (mut host, report) = SyncHost::open(
-        dev,
-        MemDevice::new(BACKING_SECTORS * 512),
-        identity(BACKING_SECTORS),
-        CacheOptions::default(),
-    )
-    .expect("upgraded image opens");
+    let (mut host, report) = open_image(dev).expect("upgraded image opens");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert!(host.read(0, BACKING_SECTORS as u32).unwrap() == expected());
 }
@@ -211,13 +204,7 @@ fn the_golden_v1_superblock_upgrades_to_the_current_version() {
 /// In the v2 image every whole 4 KiB block of data starts on a 4 KiB boundary of the cache.
 #[test]
 fn the_golden_v2_image_holds_4k_blocks_aligned() {
-    let (host, _) = SyncHost::open(
-        load_version(2),
-        MemDevice::new(BACKING_SECTORS * 512),
-        identity(BACKING_SECTORS),
-        CacheOptions::default(),
-    )
-    .expect("golden v2 image opens");
+    let (host, _) = open_image(load_version(2)).expect("golden v2 image opens");
     let mut pieces = Vec::new();
     let mut seen = 0;
     for &(lba, len, _) in WRITES.iter().filter(|w| w.1 % 8 == 0) {
