@@ -449,8 +449,8 @@ impl Cache {
     }
 
     /// The index a request at `lba` is looked up in (None: no local shard serves it), for
-    /// the host's prefetch hints ([`ExtentMap::starts_addr`](super::index::ExtentMap::starts_addr),
-    /// [`ExtentMap::entry_addr`](super::index::ExtentMap::entry_addr)).
+    /// the host's prefetches ([`ExtentMap::first_line`](super::index::ExtentMap::first_line),
+    /// [`ExtentMap::second_line`](super::index::ExtentMap::second_line)).
     #[inline]
     pub fn index_of(&self, lba: u64) -> Option<&super::index::ExtentMap> {
         self.sole_shard(lba, 1).map(|li| self.shards[li].index())

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
+mod hints;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum State {
@@ -248,6 +250,8 @@ pub struct ExtentMap {
     shift: u32,
     buckets: Buckets,
     len: usize,
+    /// The one-block extents again, found in one cache line (a 4 KiB lookup's fast path).
+    hints: hints::Hints,
 }
 
 impl Default for ExtentMap {
@@ -273,6 +277,7 @@ impl ExtentMap {
                 .trailing_zeros(),
             buckets: Buckets::default(),
             len: 0,
+            hints: hints::Hints::default(),
         }
     }
 
@@ -309,17 +314,35 @@ impl ExtentMap {
 
     /// The extent starting exactly at `lba`.
     #[inline]
-    pub fn get(&self, lba: u64) -> Option<&Extent> {
+    pub fn get(&self, lba: u64) -> Option<Extent> {
+        match self.hints.get(lba) {
+            Some(e) => {
+                debug_assert_eq!(Some(e), self.find(lba), "stale hint at {lba}");
+                Some(e)
+            }
+            None => self.find(lba),
+        }
+    }
+
+    /// [`ExtentMap::get`] in the buckets alone.
+    fn find(&self, lba: u64) -> Option<Extent> {
         let (key, off) = self.locate(lba);
         let b = self.buckets.get(&key)?;
         let i = b.rank(off, self.shift);
-        (b.starts.get(i) == Some(&off)).then(|| &b.exts[i])
+        (b.starts.get(i) == Some(&off)).then(|| b.exts[i])
     }
 
     /// The one extent covering all of [lba, lba+len), as the slice of it that does (as a
     /// lookup's single piece would be), or None.
     #[inline]
     pub fn covering(&self, lba: u64, len: u32) -> Option<Extent> {
+        if in_one_block(lba, len) {
+            let block = lba & !7;
+            if let Some(e) = self.hints.get(block) {
+                debug_assert_eq!(Some(e), self.find(block), "stale hint at {block}");
+                return Some(e.slice(block, lba, len));
+            }
+        }
         let (key, off) = self.locate(lba);
         if u64::from(off) + u64::from(len) > self.bucket {
             return None;
@@ -334,31 +357,37 @@ impl ExtentMap {
             .then(|| e.slice(s, u64::from(off), len))
     }
 
-    /// Where the index entry a lookup at `lba` ends on lives (null if its bucket is empty),
-    /// found without reading the entry itself. The SPDK shell prefetches these for a whole
-    /// batch of requests before processing it, so the lookups' cache misses overlap instead
-    /// of stalling one request at a time.
+    /// The line a lookup of [lba, lba+len) reads first, for a host to prefetch before the
+    /// lookup (null: none). Inside one 4 KiB block that is the hints' line, known without
+    /// reading anything; else where the lookup's bucket starts are counted, found by
+    /// reading the bucket's directory.
     #[inline]
-    pub fn entry_addr(&self, lba: u64) -> *const u8 {
-        let (key, off) = self.locate(lba);
-        let Some(b) = self.buckets.get(&key) else {
-            return std::ptr::null();
-        };
-        let i = b.rank(off, self.shift).min(b.exts.len().saturating_sub(1));
-        b.exts.as_ptr().wrapping_add(i).cast()
-    }
-
-    /// Where the starts a lookup at `lba` counts begin (null if its bucket is empty): the
-    /// first of two prefetch stages, before [`ExtentMap::entry_addr`], whose count then
-    /// finds those lines loaded. Reads the bucket's directory only.
-    #[inline]
-    pub fn starts_addr(&self, lba: u64) -> *const u8 {
+    pub fn first_line(&self, lba: u64, len: u32) -> *const u8 {
+        if in_one_block(lba, len) {
+            return self.hints.addr(lba);
+        }
         let (key, off) = self.locate(lba);
         let Some(b) = self.buckets.get(&key) else {
             return std::ptr::null();
         };
         let c = usize::from(off >> self.shift).min(DIR - 1);
         b.starts.as_ptr().wrapping_add(usize::from(b.dir[c])).cast()
+    }
+
+    /// The line it reads next, once [`ExtentMap::first_line`] is loaded (null: none): the
+    /// entry the starts rank. A host that prefetches a batch's first lines, then their
+    /// second ones, overlaps the lookups' cache misses instead of stalling on each in turn.
+    #[inline]
+    pub fn second_line(&self, lba: u64, len: u32) -> *const u8 {
+        if in_one_block(lba, len) {
+            return std::ptr::null();
+        }
+        let (key, off) = self.locate(lba);
+        let Some(b) = self.buckets.get(&key) else {
+            return std::ptr::null();
+        };
+        let i = b.rank(off, self.shift).min(b.exts.len().saturating_sub(1));
+        b.exts.as_ptr().wrapping_add(i).cast()
     }
 
     /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
@@ -400,9 +429,11 @@ impl ExtentMap {
             let e_end = s + u64::from(e.len());
             if e_end > lba {
                 b.exts[i - 1] = e.slice(s, s, (lba - s) as u32);
+                self.hints.forget(s, &e);
                 if e_end > end {
                     let tail = e.slice(s, end, (e_end - end) as u32);
                     b.insert(i, (end - base) as u16, tail, shift);
+                    self.hints.note(end, &tail);
                     self.len += b.len() - before;
                     return;
                 }
@@ -417,10 +448,12 @@ impl ExtentMap {
                 break;
             }
             let e = b.exts[i];
+            self.hints.forget(s, &e);
             let e_end = s + u64::from(e.len());
             if e_end > end {
                 b.starts[i] = (end - base) as u16;
                 b.exts[i] = e.slice(s, end, (e_end - end) as u32);
+                self.hints.note(end, &b.exts[i]);
                 moved = true;
                 break;
             }
@@ -456,6 +489,7 @@ impl ExtentMap {
             // Same start and length: nothing else can overlap, so replace in place.
             if b.starts.get(i) == Some(&off) && b.exts[i].len() == ext.len() {
                 b.exts[i] = ext;
+                self.hints.note(lba, &ext);
                 return;
             }
         }
@@ -463,6 +497,7 @@ impl ExtentMap {
         let b = self.buckets.entry(key).or_default();
         let i = b.rank(off, shift);
         b.insert(i, off, ext, shift);
+        self.hints.note(lba, &ext);
         self.len += 1;
     }
 
@@ -615,10 +650,11 @@ impl ExtentMap {
     /// reclaimed). Returns how many dirty extents were found there and kept (none, if the
     /// caller only reclaims written-back segments).
     pub fn drop_segment(&mut self, lo: u64, hi: u64) -> usize {
-        let shift = self.shift;
+        let (shift, size) = (self.shift, self.bucket);
+        let hints = &mut self.hints;
         let mut dirty = 0;
         let mut removed = 0;
-        self.buckets.retain(|_, b| {
+        self.buckets.retain(|&key, b| {
             let mut keep = 0;
             for i in 0..b.len() {
                 let e = b.exts[i];
@@ -627,6 +663,7 @@ impl ExtentMap {
                     dirty += 1;
                 }
                 if inside && e.state() == State::Clean {
+                    hints.forget(key * size + u64::from(b.starts[i]), &e);
                     removed += 1;
                 } else {
                     b.starts[keep] = b.starts[i];
@@ -653,6 +690,7 @@ impl ExtentMap {
         let i = b.rank(off, self.shift);
         if b.starts.get(i) == Some(&off) && b.exts[i] == *ext {
             b.remove_range(i, i + 1, shift);
+            self.hints.forget(lba, ext);
             if b.len() == 0 {
                 self.buckets.remove(&key);
             }
@@ -660,6 +698,15 @@ impl ExtentMap {
             return true;
         }
         false
+    }
+
+    /// Every block the hints hold is that extent in the buckets (for tests).
+    #[cfg(test)]
+    fn hints_consistent(&self) -> bool {
+        self.hints
+            .entries()
+            .iter()
+            .all(|&(lba, e)| self.find(lba) == Some(e))
     }
 
     /// Every bucket's directory matches its starts (for tests).
@@ -693,6 +740,12 @@ impl ExtentMap {
     }
 }
 
+/// Whether [lba, lba+len) lies inside one 4 KiB block: a lookup the hints may answer.
+#[inline]
+fn in_one_block(lba: u64, len: u32) -> bool {
+    (lba & 7) + u64::from(len) <= 8
+}
+
 /// The intersection of [s, s+l) and [lba, lba+len) (assumed to overlap).
 fn clip(s: u64, l: u32, lba: u64, len: u32) -> (u64, u32) {
     let a = s.max(lba);
@@ -716,23 +769,31 @@ mod tests {
     fn prefetch_hints_name_the_lines_a_lookup_reads() {
         let mut m = ExtentMap::new();
         for i in 0..600u64 {
-            m.insert(i * 8, data(i * 8, 8));
+            m.insert(i * 16, data(i * 16, 16));
         }
-        for lba in [0u64, 8, 1000, 2048, 2056, 4792] {
+        for lba in [0u64, 16, 1008, 2048, 2064, 4784] {
             let (key, off) = m.locate(lba);
             let b = &m.buckets[&key];
             let i = b.starts.iter().position(|&s| s == off).unwrap();
             // The entry a lookup at an extent's start ends on is that extent.
-            assert_eq!(m.entry_addr(lba), (&b.exts[i] as *const Extent).cast());
+            assert_eq!(m.second_line(lba, 16), (&b.exts[i] as *const Extent).cast());
             // The starts counted to find it begin at or before its own, in its chunk (at
             // most one 2-byte start per sector of the chunk).
             let (s, own) = (
-                m.starts_addr(lba) as usize,
+                m.first_line(lba, 16) as usize,
                 &b.starts[i] as *const u16 as usize,
             );
             assert!(s <= own && own - s < 2 << m.shift, "{lba}");
         }
-        assert!(m.starts_addr(1 << 30).is_null() && m.entry_addr(1 << 30).is_null());
+        assert!(m.first_line(1 << 30, 16).is_null() && m.second_line(1 << 30, 16).is_null());
+        // Inside one 4 KiB block, a lookup reads the hints' line and nothing after it.
+        m.insert(9600, data(77, 8));
+        for (lba, len) in [(9600, 8), (9601, 3), (9607, 1)] {
+            assert_eq!(m.first_line(lba, len), m.hints.addr(9600));
+            assert!(m.second_line(lba, len).is_null());
+            assert_eq!(m.covering(lba, len).map(|e| e.pos), Some(77 + lba - 9600));
+        }
+        assert!(m.hints.holds_in_line(9600));
     }
 
     #[test]
@@ -846,12 +907,21 @@ mod tests {
         enum Op {
             Insert(u64, u32),
             Punch(u64, u32),
+            /// One 4 KiB block at block number .0, clean or dirty: what the hints hold.
+            Block(u64, bool),
+            /// `drop_segment` over cache positions [.0, .0 + .1) past the first written.
+            Drop(u64, u64),
+            /// `remove_if_same` of the extent starting at block .0, if any.
+            RemoveSame(u64),
         }
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
                 3 => (0u64..4000, 1u32..40).prop_map(|(l, n)| Op::Insert(l, n)),
                 1 => (0u64..4000, 1u32..200).prop_map(|(l, n)| Op::Punch(l, n)),
+                3 => (0u64..500, any::<bool>()).prop_map(|(b, c)| Op::Block(b, c)),
+                1 => (0u64..20_000, 1u64..2000).prop_map(|(a, w)| Op::Drop(a, w)),
+                1 => (0u64..500).prop_map(Op::RemoveSame),
             ]
         }
 
@@ -880,15 +950,48 @@ mod tests {
                                 r.remove(&(l + k));
                             }
                         }
+                        Op::Block(b, clean) => {
+                            let state = if clean { State::Clean } else { State::Dirty };
+                            m.insert(b * 8, Extent::new(pos, 8, state, None, 3));
+                            for k in 0..8 {
+                                r.insert(b * 8 + k, pos + k);
+                            }
+                            pos += 8;
+                        }
+                        Op::Drop(a, w) => {
+                            let (lo, hi) = (1_000_000 + a, 1_000_000 + a + w);
+                            let gone: Vec<(u64, u32)> = m
+                                .iter()
+                                .filter(|(_, e)| {
+                                    e.state() == State::Clean && e.pos >= lo && e.pos < hi
+                                })
+                                .map(|(s, e)| (s, e.len()))
+                                .collect();
+                            m.drop_segment(lo, hi);
+                            for (s, n) in gone {
+                                for k in 0..u64::from(n) {
+                                    r.remove(&(s + k));
+                                }
+                            }
+                        }
+                        Op::RemoveSame(b) => {
+                            if let Some(e) = m.get(b * 8) {
+                                prop_assert!(m.remove_if_same(b * 8, &e));
+                                for k in 0..u64::from(e.len()) {
+                                    r.remove(&(b * 8 + k));
+                                }
+                            }
+                        }
                     }
                     prop_assert!(m.dirs_consistent(), "a bucket directory is stale after {:?}", o);
+                    prop_assert!(m.hints_consistent(), "a hint is stale after {:?}", o);
                 }
                 let mut got = BTreeMap::new();
                 let mut last_end = 0;
                 for (s, e) in m.iter() {
                     prop_assert!(s >= last_end, "extents overlap or are out of order");
                     last_end = s + u64::from(e.len());
-                    prop_assert_eq!(m.get(s), Some(e));
+                    prop_assert_eq!(m.get(s), Some(*e));
                     for k in 0..u64::from(e.len()) {
                         got.insert(s + k, e.pos + k);
                     }
@@ -909,7 +1012,11 @@ mod tests {
                 prop_assert_eq!(at, 3100);
                 // `covering` is a lookup that found exactly one mapped piece.
                 for o in &ops {
-                    let (Op::Insert(l, n) | Op::Punch(l, n)) = *o;
+                    let (l, n) = match *o {
+                        Op::Insert(l, n) | Op::Punch(l, n) => (l, n),
+                        Op::Block(b, _) | Op::RemoveSame(b) => (b * 8, 8),
+                        Op::Drop(..) => continue,
+                    };
                     for (l, n) in [(l, n), (l + 1, n.min(8)), (l.saturating_sub(3), 4)] {
                         m.lookup(l, n, &mut pieces);
                         let want = match pieces.as_slice() {

@@ -1052,7 +1052,10 @@ impl Engine {
         }
         if let (Some(cache), true) = (self.cache.as_deref(), descs.len() > 1) {
             let shift = self.shift[1];
-            prefetch_lookups(descs.iter().map(|(d, _)| (cache, d.offset << shift)));
+            prefetch_lookups(descs.iter().map(|(d, _)| {
+                let len = u32::try_from(d.num << shift).unwrap_or(u32::MAX);
+                (cache, d.offset << shift, len)
+            }));
         }
         for i in 0..descs.len() {
             self.prefetch_read(descs.get(i + 1));
@@ -2128,26 +2131,32 @@ fn dax_write(
     write(sector, bounce)
 }
 
-/// Starts loading what the index lookups of a batch of requests will read, `(cache, lba)`
-/// each, in two passes whose cache misses overlap across the batch: the buckets'
-/// directories and the starts they point to, then the entries those rank.
-fn prefetch_lookups<'a>(lookups: impl Iterator<Item = (&'a Cache, u64)> + Clone) {
-    for (c, lba) in lookups.clone() {
-        prefetch_starts(c, lba);
+/// Starts loading what the index lookups of a batch of requests will read, `(cache, lba,
+/// len)` each, in two passes whose cache misses overlap across the batch: each lookup's
+/// first line, then the second line that the first leads to.
+fn prefetch_lookups<'a>(lookups: impl Iterator<Item = (&'a Cache, u64, u32)> + Clone) {
+    for (c, lba, len) in lookups.clone() {
+        prefetch_first(c, lba, len);
     }
-    for (c, lba) in lookups {
-        prefetch_entry(c, lba);
+    for (c, lba, len) in lookups {
+        prefetch_second(c, lba, len);
     }
 }
 
-/// The first stage of a lookup's prefetch: the starts its bucket's directory points to.
-fn prefetch_starts(c: &Cache, lba: u64) {
-    io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.starts_addr(lba)));
+/// The first stage of a lookup's prefetch ([`ExtentMap::first_line`](crate::engine::index::ExtentMap::first_line)).
+fn prefetch_first(c: &Cache, lba: u64, len: u32) {
+    io::prefetch(
+        c.index_of(lba)
+            .map_or(ptr::null(), |m| m.first_line(lba, len)),
+    );
 }
 
-/// The second stage, once the starts are loaded: the entry they rank.
-fn prefetch_entry(c: &Cache, lba: u64) {
-    io::prefetch(c.index_of(lba).map_or(ptr::null(), |m| m.entry_addr(lba)));
+/// The second, once the first is loaded.
+fn prefetch_second(c: &Cache, lba: u64, len: u32) {
+    io::prefetch(
+        c.index_of(lba)
+            .map_or(ptr::null(), |m| m.second_line(lba, len)),
+    );
 }
 
 /// Sends a finished request ([`io::completion_arg`]) back to its submitting thread to be

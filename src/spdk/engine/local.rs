@@ -43,12 +43,12 @@ pub(crate) fn wait(p: Peer) {
 }
 
 /// How many requests ahead of the one being served the batch loads the lines of the next
-/// lookup's two stages: its bucket's starts, then the entry they lead to. A request served
-/// copies its 4 KiB, which pushes out of L1 what was loaded too early; these measured best
-/// (bdevperf, 1 core QD32, against loading the whole batch's lines up front: +3% reads,
-/// +2.5% writes).
-const STARTS_AHEAD: usize = 5;
-const ENTRY_AHEAD: usize = 2;
+/// lookup's two stages ([`ExtentMap::first_line`](crate::engine::index::ExtentMap::first_line),
+/// then `second_line`). A request served copies its 4 KiB, which pushes out of L1 what was
+/// loaded too early; these measured best (bdevperf, 1 core QD32, against loading the whole
+/// batch's lines up front: +3% reads, +2.5% writes).
+const FIRST_AHEAD: usize = 5;
+const SECOND_AHEAD: usize = 2;
 
 /// Serves the requests of `batch` (empty on return), each for an engine on this core,
 /// collected by this thread's channel `chan`, at the top level of its poller.
@@ -57,33 +57,37 @@ pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan:
     let lookup = |k: usize| {
         let (io, p) = batch[k];
         // SAFETY: the engine lives while its requests are pending and is not borrowed
-        // (module docs): read only. A pending request's offset is read by value.
+        // (module docs): read only. A pending request's block range is read by value.
         unsafe {
             let e = &*p.eng;
-            let lba = (*io::block(io)).offset_blocks << e.shift[1];
-            e.cache.as_deref().map(|c| (c, lba))
+            let b = io::block(io);
+            let shift = e.shift[1];
+            let len = u32::try_from((*b).num_blocks << shift).unwrap_or(u32::MAX);
+            e.cache
+                .as_deref()
+                .map(|c| (c, (*b).offset_blocks << shift, len))
         }
     };
-    let starts = |k: usize| {
-        if let Some((c, lba)) = lookup(k) {
-            super::prefetch_starts(c, lba);
+    let first = |k: usize| {
+        if let Some((c, lba, len)) = lookup(k) {
+            super::prefetch_first(c, lba, len);
         }
     };
-    let entry = |k: usize| {
-        if let Some((c, lba)) = lookup(k) {
-            super::prefetch_entry(c, lba);
+    let second = |k: usize| {
+        if let Some((c, lba, len)) = lookup(k) {
+            super::prefetch_second(c, lba, len);
         }
     };
     if n > 1 {
-        (0..STARTS_AHEAD.min(n)).for_each(starts);
-        (0..ENTRY_AHEAD.min(n)).for_each(entry);
+        (0..FIRST_AHEAD.min(n)).for_each(first);
+        (0..SECOND_AHEAD.min(n)).for_each(second);
     }
     for (k, &(io, p)) in batch.iter().enumerate() {
-        if k + STARTS_AHEAD < n {
-            starts(k + STARTS_AHEAD);
+        if k + FIRST_AHEAD < n {
+            first(k + FIRST_AHEAD);
         }
-        if k + ENTRY_AHEAD < n {
-            entry(k + ENTRY_AHEAD);
+        if k + SECOND_AHEAD < n {
+            second(k + SECOND_AHEAD);
         }
         // SAFETY: as in `wait`.
         unsafe { (*p.inbox).release() };

@@ -1,0 +1,292 @@
+//! A set-associative table of the map's one-block extents (8 sectors starting on a 4 KiB
+//! boundary, dirty or clean): the fast path of a 4 KiB lookup.
+//!
+//! The map finds an extent through a chain of dependent loads (bucket, directory, starts,
+//! entry), each a cache miss once the data copies of other requests have evicted it. A
+//! block's set here is found from its LBA alone, so a lookup is one cache line whose
+//! address is known before anything is read: a host can prefetch it for a request several
+//! requests ahead, with no load to wait for. The table is a cache of the map, never an
+//! authority: every change to a one-block extent updates or forgets its entry, a block
+//! evicted for lack of room is simply looked up in the map, and an entry is never stale.
+
+use super::{Extent, State};
+
+/// Entries per set: a set is one 64-byte cache line of 16-byte entries.
+const WAYS: usize = 4;
+
+/// The table grows (doubling) while more than half its entries are used, up to this many
+/// sets (64 MiB); beyond, blocks compete for entries and the losers use the map.
+const MAX_SETS: usize = 1 << 20;
+
+/// Sets of a new table.
+const MIN_SETS: usize = 16;
+
+/// `tag` bits 0..40: the block number plus one (0: an empty entry).
+const KEY_BITS: u32 = 40;
+const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
+/// `tag` bit 40: the extent has a data CRC (then `aux` is that CRC, else the epoch).
+const CRC_BIT: u64 = 1 << 40;
+/// `tag` bit 41: dirty (else clean).
+const DIRTY_BIT: u64 = 1 << 41;
+/// `tag` bits 42..64: the cache sector's bits above the low 32 (kept in `low`).
+const POS_HI_SHIFT: u32 = 42;
+/// Cache sectors an entry can hold: 2^54 (8 EiB of cache).
+const POS_LIMIT: u64 = 1 << (32 + 64 - POS_HI_SHIFT);
+
+/// One block's extent, packed into 16 bytes.
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    tag: u64,
+    /// Bits 0..32: the cache sector's low 32 bits; 32..64: the extent's `aux` word.
+    low: u64,
+}
+
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Set([Entry; WAYS]);
+
+#[derive(Debug)]
+pub(super) struct Hints {
+    sets: Vec<Set>,
+    /// Entries in use.
+    live: usize,
+    /// The table grows no further ([`MAX_SETS`] but in tests).
+    max_sets: usize,
+}
+
+impl std::fmt::Debug for Set {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Set")
+    }
+}
+
+impl Default for Hints {
+    fn default() -> Self {
+        Hints {
+            sets: vec![Set::default(); MIN_SETS],
+            live: 0,
+            max_sets: MAX_SETS,
+        }
+    }
+}
+
+/// The key of the block starting at `lba`, if it starts on a 4 KiB boundary and fits.
+#[inline]
+fn key_of(lba: u64) -> Option<u64> {
+    let key = (lba >> 3) + 1;
+    (lba & 7 == 0 && key <= KEY_MASK).then_some(key)
+}
+
+/// Whether `e`, starting at `lba`, is an extent the table holds.
+#[inline]
+fn holds(lba: u64, e: &Extent) -> bool {
+    lba & 7 == 0 && e.len() == 8 && e.is_data()
+}
+
+impl Hints {
+    #[inline]
+    fn set_of(&self, key: u64) -> usize {
+        // Multiplicative hashing: the top bits of the product, so neighbouring blocks
+        // spread over the table. `sets.len()` is a power of two, at least 2.
+        let bits = self.sets.len().trailing_zeros();
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
+    }
+
+    /// The extent of the block starting at `lba`, if the table holds it.
+    #[inline]
+    pub fn get(&self, lba: u64) -> Option<Extent> {
+        let key = key_of(lba)?;
+        let set = &self.sets[self.set_of(key)];
+        let e = set.0.iter().find(|e| e.tag & KEY_MASK == key)?;
+        let pos = (e.tag >> POS_HI_SHIFT) << 32 | (e.low & 0xffff_ffff);
+        let state = if e.tag & DIRTY_BIT != 0 {
+            State::Dirty
+        } else {
+            State::Clean
+        };
+        let aux = (e.low >> 32) as u32;
+        let crc = (e.tag & CRC_BIT != 0).then_some(aux);
+        Some(Extent::new(pos, 8, state, crc, aux))
+    }
+
+    /// The cache line a lookup of the block at `lba` reads (for prefetching).
+    #[inline]
+    pub fn addr(&self, lba: u64) -> *const u8 {
+        let set = self.set_of((lba >> 3) + 1);
+        self.sets.as_ptr().wrapping_add(set).cast()
+    }
+
+    /// The map now has `e` starting at `lba`, replacing whatever started there: its entry
+    /// follows (set, or forgotten if the table does not hold such extents).
+    pub fn note(&mut self, lba: u64, e: &Extent) {
+        let Some(key) = key_of(lba) else { return };
+        if !holds(lba, e) || e.pos >= POS_LIMIT {
+            return self.remove(key);
+        }
+        let entry = Entry {
+            tag: key
+                | (e.pos >> 32) << POS_HI_SHIFT
+                | if e.state() == State::Dirty {
+                    DIRTY_BIT
+                } else {
+                    0
+                }
+                | if e.has_crc() { CRC_BIT } else { 0 },
+            low: (e.pos & 0xffff_ffff) | u64::from(e.crc().or(e.epoch()).unwrap_or(0)) << 32,
+        };
+        let s = self.set_of(key);
+        let set = &mut self.sets[s].0;
+        if let Some(slot) = set.iter_mut().find(|x| x.tag & KEY_MASK == key) {
+            *slot = entry;
+            return;
+        }
+        if let Some(slot) = set.iter_mut().find(|x| x.tag == 0) {
+            *slot = entry;
+            self.live += 1;
+            if self.live * 2 > self.sets.len() * WAYS && self.sets.len() < self.max_sets {
+                self.grow();
+            }
+            return;
+        }
+        // A full set: the block displaces one chosen by its own bits, which spreads
+        // evictions over the ways without keeping recency.
+        set[(key >> 20) as usize % WAYS] = entry;
+    }
+
+    /// The map's extent `e` starting at `lba` went or changed: its entry, if it had one,
+    /// goes (until [`Hints::note`] of what replaced it).
+    #[inline]
+    pub fn forget(&mut self, lba: u64, e: &Extent) {
+        if let Some(key) = key_of(lba).filter(|_| holds(lba, e)) {
+            self.remove(key);
+        }
+    }
+
+    fn remove(&mut self, key: u64) {
+        let s = self.set_of(key);
+        if let Some(slot) = self.sets[s].0.iter_mut().find(|x| x.tag & KEY_MASK == key) {
+            *slot = Entry::default();
+            self.live -= 1;
+        }
+    }
+
+    /// Twice the sets, every entry moved to its new set.
+    fn grow(&mut self) {
+        let twice = vec![Set::default(); self.sets.len() * 2];
+        let old = std::mem::replace(&mut self.sets, twice);
+        for e in old.iter().flat_map(|s| s.0.iter()).filter(|e| e.tag != 0) {
+            let s = self.set_of(e.tag & KEY_MASK);
+            // Each new set takes entries of one old set only, so it has room.
+            if let Some(slot) = self.sets[s].0.iter_mut().find(|x| x.tag == 0) {
+                *slot = *e;
+            }
+        }
+    }
+
+    /// Whether the block at `lba` has its entry in the line [`Hints::addr`] names (for
+    /// tests).
+    #[cfg(test)]
+    pub fn holds_in_line(&self, lba: u64) -> bool {
+        let line = self.addr(lba).cast::<Set>();
+        let key = (lba >> 3) + 1;
+        self.sets
+            .iter()
+            .any(|s| std::ptr::eq(s, line) && s.0.iter().any(|e| e.tag & KEY_MASK == key))
+    }
+
+    /// Every entry held, as (LBA, extent) (for tests).
+    #[cfg(test)]
+    pub fn entries(&self) -> Vec<(u64, Extent)> {
+        let mut v = Vec::new();
+        for e in self
+            .sets
+            .iter()
+            .flat_map(|s| s.0.iter())
+            .filter(|e| e.tag != 0)
+        {
+            let lba = ((e.tag & KEY_MASK) - 1) << 3;
+            v.extend(self.get(lba).map(|x| (lba, x)));
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(pos: u64, state: State, epoch: u32) -> Extent {
+        Extent::new(pos, 8, state, None, epoch)
+    }
+
+    #[test]
+    fn holds_one_block_data_extents_only() {
+        let mut h = Hints::default();
+        h.note(8, &block(100, State::Dirty, 5));
+        h.note(16, &block(200, State::Clean, 6));
+        h.note(24, &Extent::new(300, 8, State::Dirty, Some(0xabcd), 0));
+        assert_eq!(h.get(8), Some(block(100, State::Dirty, 5)));
+        assert_eq!(h.get(16), Some(block(200, State::Clean, 6)));
+        assert_eq!(h.get(24).and_then(|e| e.crc()), Some(0xabcd));
+        // Not one aligned block of data: nothing held, and a held block noted so goes.
+        h.note(33, &block(400, State::Dirty, 0));
+        h.note(40, &Extent::new(500, 16, State::Dirty, None, 0));
+        h.note(48, &Extent::new(0, 8, State::Zeroes, None, 0));
+        h.note(8, &Extent::new(7, 8, State::Placeholder, None, 0));
+        assert_eq!(
+            (h.get(32), h.get(40), h.get(48), h.get(8)),
+            (None, None, None, None)
+        );
+        // Forgetting checks the extent the map had, not just the block.
+        h.forget(16, &Extent::new(200, 16, State::Clean, None, 0));
+        assert!(h.get(16).is_some());
+        h.forget(16, &block(200, State::Clean, 6));
+        assert_eq!(h.get(16), None);
+        assert_eq!(h.live, 1);
+    }
+
+    #[test]
+    fn cache_positions_keep_every_bit_and_large_ones_are_not_held() {
+        let mut h = Hints::default();
+        let pos = (1 << 53) + (1 << 32) + 0x1234_5678;
+        h.note(0, &block(pos, State::Dirty, u32::MAX));
+        assert_eq!(h.get(0), Some(block(pos, State::Dirty, u32::MAX)));
+        h.note(0, &block(POS_LIMIT, State::Dirty, 0));
+        assert_eq!(h.get(0), None);
+        // A block number past the key's bits is never held.
+        h.note(KEY_MASK << 3, &block(1, State::Dirty, 0));
+        assert_eq!(h.get(KEY_MASK << 3), None);
+    }
+
+    #[test]
+    fn growing_keeps_every_entry_and_a_full_table_evicts_without_losing_truth() {
+        let mut h = Hints::default();
+        for b in 0..5000u64 {
+            h.note(b * 8, &block(b * 100, State::Dirty, b as u32));
+        }
+        assert!(h.sets.len() * WAYS >= 2 * h.live);
+        for b in 0..5000u64 {
+            assert_eq!(
+                h.get(b * 8),
+                Some(block(b * 100, State::Dirty, b as u32)),
+                "{b}"
+            );
+            assert!(h.holds_in_line(b * 8));
+        }
+        // At its largest the table evicts: what it still holds is still right.
+        let mut small = Hints {
+            max_sets: MIN_SETS,
+            ..Hints::default()
+        };
+        for b in 0..1000u64 {
+            small.note(b * 8, &block(b, State::Clean, 0));
+        }
+        assert_eq!(small.sets.len(), MIN_SETS);
+        let held: Vec<_> = small.entries();
+        assert_eq!(held.len(), MIN_SETS * WAYS);
+        assert_eq!(small.live, held.len());
+        for (lba, e) in held {
+            assert_eq!(e, block(lba / 8, State::Clean, 0));
+        }
+    }
+}
