@@ -408,6 +408,9 @@ impl Cache {
     /// I/O of its own, at [`Direct::sector`], from or into the request's buffer: no
     /// commands, tags or completions to carry. The host reports the I/O's outcome with
     /// [`Cache::end_direct`], whose result is the request's. None: submit it normally.
+    // Inlined into the SPDK shell's direct path: a call returned this through memory and
+    // reading it back stalled on store forwarding.
+    #[inline(always)]
     pub fn begin_direct(&mut self, op: Op, lba: u64, len: u32) -> Option<Direct> {
         let li = self.sole_shard(lba, len)?;
         let (sector, key) = self.shards[li].begin_direct(op, lba, len)?;
@@ -420,6 +423,7 @@ impl Cache {
     }
 
     /// The device I/O of `d` finished with `result`: the request's result.
+    #[inline]
     pub fn end_direct(&mut self, d: Direct, result: Result<(), IoError>) -> ReqResult {
         let op = if d.write { Op::Write } else { Op::Read };
         match self.shards.get_mut(d.shard as usize) {
@@ -430,6 +434,7 @@ impl Cache {
 
     /// The index in `shards` of the local shard serving all of `lba..+len` (inside the
     /// device and one stripe), or None.
+    #[inline(always)]
     fn sole_shard(&self, lba: u64, len: u32) -> Option<usize> {
         let end = lba.checked_add(u64::from(len))?;
         if len == 0 || end > self.sb.geometry.backing_sectors {

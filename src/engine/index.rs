@@ -742,7 +742,7 @@ impl ExtentMap {
 
 /// Whether [lba, lba+len) lies inside one 4 KiB block: a lookup the hints may answer.
 #[inline]
-fn in_one_block(lba: u64, len: u32) -> bool {
+pub fn in_one_block(lba: u64, len: u32) -> bool {
     (lba & 7) + u64::from(len) <= 8
 }
 

@@ -416,6 +416,7 @@ impl Shard {
 
     /// Where a write of `lba..+len` may go in place, if it may: it covers exactly a dirty
     /// extent of the current epoch that writeback is not copying.
+    #[inline(always)]
     fn in_place_target(&self, lba: u64, len: u32) -> Option<u64> {
         if self.cfg.data_crc || self.wb.drain || self.wb.blocks(lba, len) {
             return None;
@@ -430,6 +431,9 @@ impl Shard {
     /// (its segment is pinned against GC until [`Shard::end_direct`]), or a write that
     /// rewrites a dirty extent in place (under the same conditions as a submitted one).
     /// Also returns the key `end_direct` needs. None: submit it normally.
+    // Inlined into the SPDK shell's direct path: a call returned this through memory and
+    // reading it back stalled on store forwarding.
+    #[inline(always)]
     pub fn begin_direct(&mut self, op: Op, lba: u64, len: u32) -> Option<(u64, u64)> {
         if self.failed || self.cfg.data_crc {
             return None;
@@ -457,6 +461,7 @@ impl Shard {
     }
 
     /// The device I/O of a request [`Shard::begin_direct`] started finished.
+    #[inline]
     pub fn end_direct(&mut self, op: Op, key: u64, result: Result<(), IoError>) -> ReqResult {
         match op {
             Op::Read => {
@@ -471,6 +476,7 @@ impl Shard {
     }
 
     /// A read of segment `seg` finished: GC may reclaim it again once none is left.
+    #[inline]
     fn unpin_segment(&mut self, seg: usize) {
         if let Some(n) = self.reads_per_seg.get_mut(seg) {
             *n = n.saturating_sub(1);
@@ -479,6 +485,7 @@ impl Shard {
 
     /// The in-place rewrite at `lba` finished (writeback may copy the range again): the
     /// request's result.
+    #[inline]
     fn in_place_done(&mut self, lba: u64, result: Result<(), IoError>) -> ReqResult {
         if let Some(i) = self.inplace.iter().position(|e| e.0 == lba) {
             self.inplace.swap_remove(i);
@@ -689,6 +696,7 @@ impl Shard {
         self.writeback_poll();
     }
 
+    #[inline]
     fn seg_of(&self, pos: u64) -> u32 {
         let g = &self.cfg.geo;
         super::geometry::div(

@@ -132,6 +132,7 @@ pub(super) struct Writeback {
 
 impl Writeback {
     /// Whether [lba, lba+len) overlaps data being written back.
+    #[inline]
     pub fn blocks(&self, lba: u64, len: u32) -> bool {
         if self.ranges.is_empty() {
             return false;
