@@ -26,6 +26,10 @@ fn index(c: &mut Criterion) {
             black_box(pieces.len())
         })
     });
+    // What a direct request asks: one extent covering the block (the hints' one line).
+    g.bench_function("covering_4k_hit_100k_extents", |b| {
+        b.iter(|| black_box(map.covering(black_box(rng.below(n) * 8), 8)))
+    });
     g.bench_function("insert_overwrite_4k_100k_extents", |b| {
         b.iter(|| {
             let lba = rng.below(n) * 8;
