@@ -743,7 +743,7 @@ impl ExtentMap {
 
 /// Whether [lba, lba+len) lies inside one 4 KiB block: a lookup the hints may answer.
 #[inline]
-pub fn in_one_block(lba: u64, len: u32) -> bool {
+fn in_one_block(lba: u64, len: u32) -> bool {
     (lba & 7) + u64::from(len) <= 8
 }
 

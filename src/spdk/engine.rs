@@ -2153,9 +2153,6 @@ fn prefetch_first(c: &Cache, lba: u64, len: u32) {
 
 /// The second, once the first is loaded (none for a lookup inside one 4 KiB block).
 fn prefetch_second(c: &Cache, lba: u64, len: u32) {
-    if crate::engine::index::in_one_block(lba, len) {
-        return;
-    }
     io::prefetch(
         c.index_of(lba)
             .map_or(ptr::null(), |m| m.second_line(lba, len)),
