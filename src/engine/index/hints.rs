@@ -132,7 +132,7 @@ impl Hints {
                     0
                 }
                 | if e.has_crc() { CRC_BIT } else { 0 },
-            low: (e.pos & 0xffff_ffff) | u64::from(e.crc().or(e.epoch()).unwrap_or(0)) << 32,
+            low: (e.pos & 0xffff_ffff) | u64::from(e.aux) << 32,
         };
         let s = self.set_of(key);
         let set = &mut self.sets[s].0;
