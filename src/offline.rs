@@ -101,6 +101,11 @@ pub fn check(dev: &mut dyn BlockDevice) -> CheckReport {
                 }
                 State::Clean => report.clean_bytes += u64::from(e.len()) * 512,
                 State::Placeholder => {}
+                State::Poisoned => report.problems.push(format!(
+                    "lba {lba}+{}: dirty data lost to a CRC error in writeback (reads fail \
+                     until rewritten)",
+                    e.len()
+                )),
             }
             if !e.has_crc() {
                 continue;

@@ -4,17 +4,44 @@
 //! images and every sector must hold a legal value: the latest acknowledged write, or a
 //! write concurrent with it — never data that was never written there, never a stale one.
 //!
+//! Time is simulated (1 ms per completed device command, and jumps to the cache's next
+//! deadline when only time can move things on). With faults, bursts and long outages of
+//! either device are mixed in as well; no request may wait past the I/O timeout (plus the
+//! longest retry delay) in simulated time.
+//!
 //! `PCACHE_CRASH_SEEDS=N` runs N seeds (default 2,500: ≥ 10,000 crash points).
 
 mod common;
 
 use common::*;
-use pcache::engine::shard::WritebackOptions;
-use pcache::engine::{Cache, CacheOptions, Op, ReqId};
+use pcache::engine::shard::{WritebackOptions, RETRY_MAX_MS};
+use pcache::engine::{Cache, CacheOptions, Dev, Op, ReqId};
 use pcache::media::host::{open_cache, SyncHost};
 use pcache::media::mem::MemDevice;
 use pcache::media::sim::{Rng, Sim};
+use std::cell::Cell;
 use std::collections::HashMap;
+
+thread_local! {
+    /// What the fault modes injected and saw, over the seeds of one test (each test runs
+    /// on its own thread), printed at its end.
+    static INJECTED_OUTAGES: Cell<u64> = const { Cell::new(0) };
+    static TIMED_OUT: Cell<u64> = const { Cell::new(0) };
+    static FAILED_REQUESTS: Cell<u64> = const { Cell::new(0) };
+    static WB_ERRORS: Cell<u64> = const { Cell::new(0) };
+    static CACHE_WRITE_ERRORS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count(c: &'static std::thread::LocalKey<Cell<u64>>, n: u64) {
+    c.with(|v| v.set(v.get() + n));
+}
+
+fn total(c: &'static std::thread::LocalKey<Cell<u64>>) -> u64 {
+    c.with(Cell::get)
+}
+
+/// The I/O timeout in fault modes: short, so outages outlast it within a run.
+const FAULT_IO_TIMEOUT_MS: u64 = 2_000;
 
 const BACKING_SECTORS: u64 = 2048;
 const CACHE_BYTES: u64 = 16 << 20;
@@ -175,6 +202,8 @@ struct Inflight {
     len: u32,
     id: u64,
     submit: u64,
+    /// Simulated time of submission (ms).
+    at_ms: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -208,7 +237,15 @@ impl Mode {
                 ..WritebackOptions::default()
             };
         }
+        if self.faults {
+            o.writeback.io_timeout_ms = FAULT_IO_TIMEOUT_MS;
+        }
         o
+    }
+
+    /// The longest a request may take in simulated time.
+    fn bound_ms(&self) -> u64 {
+        self.options().writeback.io_timeout_ms + 2 * RETRY_MAX_MS + 500
     }
 }
 
@@ -235,9 +272,27 @@ fn phase(
     mode: Mode,
 ) -> (MemDevice, MemDevice) {
     let faults = mode.faults;
+    sim.step_ms = 1;
     if faults {
         let mut frng = Rng::new(seed ^ 0xFA17);
         sim.set_fault(Box::new(move |_, _| frng.chance(2)));
+        // A short burst of failures on either device, and now and then a long outage of
+        // one that outlasts the I/O timeout.
+        for _ in 0..1 + rng.below(2) {
+            let dev = if rng.chance(50) {
+                Dev::Cache
+            } else {
+                Dev::Backing
+            };
+            let from = sim.now + rng.below(300);
+            let len = if rng.chance(25) {
+                FAULT_IO_TIMEOUT_MS + rng.below(3 * FAULT_IO_TIMEOUT_MS)
+            } else {
+                5 + rng.below(200)
+            };
+            sim.add_outage(dev, from, from + len);
+            count(&INJECTED_OUTAGES, 1);
+        }
     }
     let qd = 1 + rng.below(12) as usize;
     let ops = 10 + rng.below(60);
@@ -282,12 +337,28 @@ fn phase(
                     len,
                     id,
                     submit,
+                    at_ms: sim.now,
                 },
             );
         }
         for (rid, res, buf) in sim.take_done() {
             let f = inflight.remove(&rid).expect("known request");
+            let waited = sim.now - f.at_ms;
+            if waited > mode.bound_ms() {
+                for c in sim.parts() {
+                    for sh in c.shards() {
+                        eprintln!("{}", sh.debug_state());
+                    }
+                }
+            }
+            assert!(
+                waited <= mode.bound_ms(),
+                "seed {seed}: a {:?} took {waited} ms of simulated time (bound {})",
+                f.op,
+                mode.bound_ms()
+            );
             if let Err(e) = res {
+                count(&FAILED_REQUESTS, 1);
                 // A failed write may or may not have landed: it stays legal, supersedes nothing.
                 assert!(faults, "seed {seed}: request {:?} failed: {e}", f.op);
                 continue;
@@ -316,21 +387,32 @@ fn phase(
             break;
         }
         if !sim.step() && !inflight.is_empty() && sim.take_done_peek() == 0 {
-            let failed = sim.writeback_failed();
-            for sh in sim.cache.shards() {
-                eprintln!("{}", sh.debug_state());
-            }
-            eprintln!("pool: {:?}", sim.cache.stats().segments_free);
-            // With injected faults writeback may have stopped on a backing error: then
-            // writes wait for space until it is retried, which is the documented behaviour.
-            assert!(
-                faults && failed,
-                "seed {seed}: deadlock: {} requests outstanding, no device I/O in flight",
-                inflight.len()
-            );
-            break;
+            // No device I/O in flight: only time can move things on (a retry after
+            // backoff, a request's timeout). Something must be due, or it is a deadlock.
+            let Some(t) = sim.next_deadline() else {
+                for c in sim.parts() {
+                    for sh in c.shards() {
+                        eprintln!("{}", sh.debug_state());
+                    }
+                }
+                for (rid, f) in &inflight {
+                    eprintln!("outstanding {rid}: {:?} {}+{}", f.op, f.lba, f.len);
+                }
+                panic!(
+                    "seed {seed}: deadlock: {} requests outstanding, no device I/O in flight, \
+                     nothing due",
+                    inflight.len()
+                );
+            };
+            sim.advance_to(t.max(sim.now + 1));
         }
         steps += 1;
+    }
+    for c in sim.parts() {
+        let t = c.stats().total;
+        count(&TIMED_OUT, t.timed_out);
+        count(&WB_ERRORS, t.wb_errors);
+        count(&CACHE_WRITE_ERRORS, t.cache_write_errors);
     }
     hist.crash();
     sim.crash()
@@ -440,6 +522,17 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
         String::new()
     };
     println!("crash points checked{kind}{parts}: {points} ({seeds} seeds x {CRASHES_PER_SEED})");
+    if mode.faults {
+        println!(
+            "  faults injected: 2% of commands, {} bursts/outages; seen: {} writeback I/O \
+             errors, {} cache write errors, {} failed requests ({} timed out)",
+            total(&INJECTED_OUTAGES),
+            total(&WB_ERRORS),
+            total(&CACHE_WRITE_ERRORS),
+            total(&FAILED_REQUESTS),
+            total(&TIMED_OUT),
+        );
+    }
     assert!(points >= seeds * u64::from(CRASHES_PER_SEED));
 }
 

@@ -72,7 +72,13 @@ fn a_failed_data_write_fails_only_its_own_request() {
     assert_eq!(b, 2);
     let done = run_all(&mut sim);
     assert!(done[&a].0.is_ok());
-    assert_eq!(done[&b].0, Err(ReqError::Io));
+    // Retried with backoff for the I/O timeout (simulated time), then given up.
+    assert!(
+        matches!(done[&b].0, Err(ReqError::Io | ReqError::TimedOut)),
+        "{:?}",
+        done[&b].0
+    );
+    assert!(sim.cache.stats().total.cache_write_retries > 5);
     assert!(done[&c].0.is_ok());
     let mut host = reopen_sim(sim);
     assert_eq!(host.read(0, 8).unwrap(), data_of(1, 0, 8));
@@ -121,7 +127,16 @@ fn a_kset_that_cannot_be_written_closes_the_log_but_keeps_acknowledged_data() {
         .submit(Op::Write, 50, 8, Some(data_of(2, 50, 8)))
         .unwrap();
     let done = run_all(&mut sim);
-    assert_eq!(done[&second].0, Err(ReqError::ShardFailed));
+    // Retried for the I/O timeout: the request fails at its deadline, the log closes.
+    assert!(
+        matches!(
+            done[&second].0,
+            Err(ReqError::ShardFailed | ReqError::TimedOut)
+        ),
+        "{:?}",
+        done[&second].0
+    );
+    assert!(sim.cache.stats().log_failed);
     // Reads still work, and later writes fail cleanly instead of hanging.
     let r = sim.submit(Op::Read, 0, 8, None).unwrap();
     let w = sim
@@ -135,6 +150,32 @@ fn a_kset_that_cannot_be_written_closes_the_log_but_keeps_acknowledged_data() {
     assert_eq!(host.read(0, 8).unwrap(), data_of(1, 0, 8));
     host.write(70, data_of(4, 70, 8)).unwrap();
     assert_eq!(host.read(70, 8).unwrap(), data_of(4, 70, 8));
+}
+
+#[test]
+fn a_data_write_that_fails_a_few_times_is_retried_and_lands() {
+    let mut left = 3;
+    let mut sim = sim_with(move |_, cmd| {
+        let hit = left > 0
+            && matches!(
+                cmd,
+                Command::Write {
+                    dev: Dev::Cache,
+                    buf: Buf::Req { req: 1, .. },
+                    ..
+                }
+            );
+        left -= u32::from(hit);
+        hit
+    });
+    let a = sim.submit(Op::Write, 0, 8, Some(data_of(1, 0, 8))).unwrap();
+    let done = run_all(&mut sim);
+    assert_eq!(done[&a].0, Ok(()));
+    let st = sim.cache.stats().total;
+    assert_eq!((st.cache_write_errors, st.cache_write_retries), (3, 3));
+    assert!(sim.now >= 10 + 20, "retried after backoff: {} ms", sim.now);
+    let mut host = reopen_sim(sim);
+    assert_eq!(host.read(0, 8).unwrap(), data_of(1, 0, 8));
 }
 
 #[test]

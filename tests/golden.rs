@@ -295,7 +295,7 @@ fn metadata_ranges(dev: &mut MemDevice) -> Vec<(usize, usize, String)> {
                 format!("control shard {shard} slot {slot}"),
             ));
             let c = ControlSlot::decode(&dev.bytes()[at..at + SECTOR], seed, &g, shard).unwrap();
-            if best.is_none_or(|b: ControlSlot| c.seq > b.seq) {
+            if best.as_ref().is_none_or(|b: &ControlSlot| c.seq > b.seq) {
                 best = Some(c);
             }
         }

@@ -96,6 +96,7 @@ fn valid_structures_round_trip() {
         tail: t,
         dirty_tail: t,
         gc_percent: 70,
+        poison: vec![(16, 8), (4096, 1)],
     };
     assert_eq!(ControlSlot::decode(&c.encode(5), 5, &g, 3).unwrap(), c);
     let h = SegmentHeader {

@@ -96,28 +96,16 @@ fn a_working_set_four_times_the_cache_keeps_every_request_completing() {
 }
 
 #[test]
-fn a_failing_backing_device_stops_writeback_without_losing_data_and_it_resumes() {
-    use pcache::engine::{Command, Dev};
+fn a_failing_backing_device_keeps_data_in_the_cache_and_writeback_resumes_by_itself() {
+    use pcache::engine::Dev;
     use pcache::media::sim::Sim;
-    use std::cell::Cell;
-    use std::rc::Rc;
 
     let backing_sectors = 2048;
     let h = host(1 << 20, backing_sectors, 1, true);
     let (cache, c, b) = h.into_parts();
     let mut sim = Sim::new(cache, c, b, 5);
-    let broken = Rc::new(Cell::new(true));
-    let flag = broken.clone();
-    sim.set_fault(Box::new(move |_, cmd| {
-        flag.get()
-            && matches!(
-                cmd,
-                Command::Copy {
-                    dst: Dev::Backing,
-                    ..
-                }
-            )
-    }));
+    // The backing device fails every I/O for the first 40 s.
+    sim.add_outage(Dev::Backing, 0, 40_000);
     let mut model = vec![0u8; backing_sectors as usize * SECTOR];
     for i in 0..40u64 {
         let lba = (i * 37) % (backing_sectors - 8);
@@ -127,14 +115,32 @@ fn a_failing_backing_device_stops_writeback_without_losing_data_and_it_resumes()
         sim.run();
     }
     sim.cache.set_drain(true);
-    sim.run();
+    // Past the 30 s I/O timeout in simulated time: writeback is then "failing".
+    sim.settle(40_000);
     for (_, r, _) in sim.take_done() {
         r.expect("writes succeed while the backing device fails");
     }
     let st = sim.cache.stats();
+    assert_eq!(
+        st.writeback, "failing",
+        "failing for longer than the I/O timeout? {st:?}"
+    );
+    assert!(st.total.wb_errors > 1, "retried with backoff");
+    assert_eq!(
+        st.total.wb_cache_read_errors + st.total.wb_backing_flush_errors,
+        0
+    );
     assert!(
-        st.wb_failed && st.total.wb_errors > 0,
-        "writeback reports the failure"
+        st.total.wb_backing_write_errors > 0,
+        "the failure is named for what failed"
+    );
+    let log = sim.cache.take_log();
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("writeback failed"))
+            .count(),
+        1,
+        "logged once per burst: {log:?}"
     );
     assert!(!sim.cache.is_clean(), "dirty data stays in the cache");
     let r = sim
@@ -144,17 +150,22 @@ fn a_failing_backing_device_stops_writeback_without_losing_data_and_it_resumes()
     let got = sim.take_done().into_iter().find(|d| d.0 == r).unwrap();
     assert!(
         got.2 == model,
-        "every acknowledged write reads back while writeback is stopped"
+        "every acknowledged write reads back while writeback fails"
     );
-    // The device heals; writeback resumes on request and drains everything.
-    broken.set(false);
-    sim.cache.retry_writeback();
-    sim.run();
+    // The device heals: writeback resumes at its next retry, with no call, and drains.
+    sim.advance_to(40_000);
+    sim.settle(5_000);
     assert!(sim.cache.is_clean());
+    assert_eq!(sim.cache.stats().writeback, "ok");
+    assert!(sim
+        .cache
+        .take_log()
+        .iter()
+        .any(|l| l.contains("writeback resumed")));
     let (_, backing) = sim.crash();
     assert!(
         backing.bytes() == &model[..],
-        "backing holds every write after the retry"
+        "backing holds every write after it healed"
     );
 }
 

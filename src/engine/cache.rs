@@ -13,7 +13,7 @@ use super::format::Superblock;
 use super::geometry::Geometry;
 use super::io::{Command, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
 use super::pool::{Grant, SegmentPool, ToPool};
-use super::shard::{Shard, WritebackOptions};
+use super::shard::{Shard, WritebackOptions, WritebackState};
 use super::stats::ShardStats;
 
 #[derive(Debug, Clone, Default)]
@@ -103,8 +103,27 @@ pub struct CacheStats {
     pub shard_epochs: Vec<u64>,
     /// Oldest epoch each shard has not yet written back and flushed.
     pub shard_frontiers: Vec<u64>,
-    /// Writeback stopped on a backing-device error (see `retry_writeback`).
+    /// Writeback has failed for longer than the I/O timeout (it is still retried).
     pub wb_failed: bool,
+    /// "ok", "retrying" (failing, retried with backoff) or "failing" (for longer than the
+    /// I/O timeout): the worst of the shards'.
+    pub writeback: &'static str,
+    /// Host time (ms) since when writeback has been failing, if it is.
+    pub wb_failing_since_ms: Option<u64>,
+    /// A shard's log is closed: the cache device failed every write for the I/O timeout.
+    /// Writes fail; cached data stays readable and is written back.
+    pub log_failed: bool,
+    /// Ranges (lba, sectors) whose dirty data failed its CRC in writeback: they read as
+    /// errors until rewritten.
+    pub poisoned: Vec<(u64, u32)>,
+}
+
+fn state_rank(s: &str) -> u8 {
+    match s {
+        "failing" => 2,
+        "retrying" => 1,
+        _ => 0,
+    }
 }
 
 impl CacheStats {
@@ -140,6 +159,15 @@ impl CacheStats {
         self.epoch = self.epoch.max(o.epoch);
         self.wb_dirty_bytes += o.wb_dirty_bytes;
         self.wb_failed |= o.wb_failed;
+        if state_rank(o.writeback) > state_rank(self.writeback) {
+            self.writeback = o.writeback;
+        }
+        self.wb_failing_since_ms = match (self.wb_failing_since_ms, o.wb_failing_since_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.log_failed |= o.log_failed;
+        self.poisoned.extend(o.poisoned);
     }
 }
 
@@ -535,10 +563,14 @@ impl Cache {
 
     /// Changes writeback pacing and `gc_percent` (0-90, persisted) at run time.
     pub fn set_writeback_options(&mut self, o: WritebackOptions) -> Result<(), ReqError> {
-        if o.gc_percent > 90 || o.low_pct > o.high_pct || o.max_inflight == 0 || o.group_ksets == 0
+        if o.gc_percent > 90
+            || o.low_pct > o.high_pct
+            || o.max_inflight == 0
+            || o.group_ksets == 0
+            || o.io_timeout_ms == 0
         {
             return Err(ReqError::Invalid(
-                "gc_percent must be 0-90, low <= high watermark, limits above 0",
+                "gc_percent must be 0-90, low <= high watermark, limits and timeout above 0",
             ));
         }
         self.gc_percent = o.gc_percent;
@@ -554,7 +586,27 @@ impl Cache {
             .map_or_else(WritebackOptions::default, |s| s.writeback_options())
     }
 
-    /// Resumes writeback stopped by a backing-device error.
+    /// The host's clock in ms (monotonic, any origin): paces retries of failed I/O and
+    /// bounds how long a request may wait (see [`WritebackOptions::io_timeout_ms`]).
+    pub fn set_now(&mut self, now_ms: u64) {
+        for s in &mut self.shards {
+            s.set_now(now_ms);
+        }
+    }
+
+    /// The earliest time at which a shard has something to do without a device completion
+    /// (retry a failed I/O, fail a request that waited too long). A host whose clock is
+    /// simulated may jump to it when nothing else can happen.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.shards.iter().filter_map(Shard::next_deadline).min()
+    }
+
+    /// Some request or failed cache write is waiting for time to pass.
+    pub fn waits_for_time(&self) -> bool {
+        self.shards.iter().any(Shard::waits_for_time)
+    }
+
+    /// Retries failed writeback (and cache writes) now instead of after their backoff.
     pub fn retry_writeback(&mut self) {
         for s in &mut self.shards {
             s.retry_writeback();
@@ -655,6 +707,28 @@ impl Cache {
             shard_epochs: self.shards.iter().map(Shard::epoch).collect(),
             shard_frontiers: self.shards.iter().map(Shard::frontier).collect(),
             wb_failed: self.shards.iter().any(Shard::writeback_failed),
+            writeback: self
+                .shards
+                .iter()
+                .map(|s| s.writeback_state().describe())
+                .max_by_key(|s| state_rank(s))
+                .unwrap_or("ok"),
+            wb_failing_since_ms: self
+                .shards
+                .iter()
+                .filter_map(|s| match s.writeback_state() {
+                    WritebackState::Ok => None,
+                    WritebackState::Retrying { since } | WritebackState::Failing { since } => {
+                        Some(since)
+                    }
+                })
+                .min(),
+            log_failed: self.shards.iter().any(Shard::log_failed),
+            poisoned: self
+                .shards
+                .iter()
+                .flat_map(|s| s.poisoned().iter().copied())
+                .collect(),
         }
     }
 }

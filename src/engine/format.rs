@@ -332,7 +332,7 @@ pub struct LogTail {
 }
 
 /// One replica of a shard's control record (one sector; slots A and B per shard).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ControlSlot {
     pub shard: u32,
     pub seq: u64,
@@ -341,7 +341,14 @@ pub struct ControlSlot {
     /// Everything before this point is written back (clean).
     pub dirty_tail: LogTail,
     pub gc_percent: u32,
+    /// Ranges (lba, sectors) whose dirty data failed its CRC when writeback read it: the
+    /// dirty tail moved past them without writing them back, so they read as errors until
+    /// rewritten. At most [`MAX_POISON`]. Zero in slots written before this field existed.
+    pub poison: Vec<(u64, u32)>,
 }
+
+/// Poisoned ranges a control slot holds (16 bytes each from byte 88).
+pub const MAX_POISON: usize = (SECTOR - 4 - 88) / 16;
 
 impl ControlSlot {
     pub fn encode(&self, seed: u32) -> Vec<u8> {
@@ -353,6 +360,12 @@ impl ControlSlot {
         encode_tail(&mut b, 24, &self.tail);
         encode_tail(&mut b, 48, &self.dirty_tail);
         put(&mut b, 72, &self.gc_percent.to_le_bytes());
+        let n = self.poison.len().min(MAX_POISON);
+        put(&mut b, 80, &(n as u32).to_le_bytes());
+        for (i, &(lba, len)) in self.poison.iter().take(n).enumerate() {
+            put(&mut b, 88 + i * 16, &lba.to_le_bytes());
+            put(&mut b, 96 + i * 16, &len.to_le_bytes());
+        }
         let crc = crc32c::crc32c_append(seed, &b[..SECTOR - 4]);
         put(&mut b, SECTOR - 4, &crc.to_le_bytes());
         b
@@ -378,7 +391,25 @@ impl ControlSlot {
             tail: decode_tail(&f, 24),
             dirty_tail: decode_tail(&f, 48),
             gc_percent: f.u32(72),
+            poison: Vec::new(),
         };
+        let n = f.u32(80) as usize;
+        bound("control poison count", n as u64, MAX_POISON as u64 + 1)?;
+        let mut slot = slot;
+        for i in 0..n {
+            let (lba, len) = (f.u64(88 + i * 16), f.u32(96 + i * 16));
+            if len == 0
+                || lba
+                    .checked_add(u64::from(len))
+                    .is_none_or(|e| e > geo.backing_sectors)
+            {
+                return Err(FormatError::Mismatch {
+                    what: W,
+                    detail: format!("poisoned range {lba}+{len} outside the backing device"),
+                });
+            }
+            slot.poison.push((lba, len));
+        }
         if slot.shard != shard {
             return Err(FormatError::Mismatch {
                 what: W,

@@ -23,6 +23,9 @@ pub enum State {
     Unmapped,
     /// A read-miss fill in flight; `pos` holds the fill id. Reads treat it as a miss.
     Placeholder,
+    /// Dirty data that failed its CRC when writeback read it: never written back, reads
+    /// fail until a write replaces it (the backing device keeps its older contents).
+    Poisoned,
 }
 
 /// 16 bytes; the map's key (8 bytes) is the start LBA. Length, state and the CRC flag
@@ -85,7 +88,8 @@ impl Extent {
             1 => State::Clean,
             2 => State::Zeroes,
             3 => State::Unmapped,
-            _ => State::Placeholder,
+            4 => State::Placeholder,
+            _ => State::Poisoned,
         }
     }
     pub fn crc(&self) -> Option<u32> {
@@ -632,6 +636,38 @@ impl ExtentMap {
         }
     }
 
+    /// Poisons the parts of [lba, lba+len) that still hold the dirty data at cache sector
+    /// `pos` (whose CRC failed when writeback read it); returns the ranges poisoned.
+    pub fn poison(&mut self, lba: u64, len: u32, pos: u64) -> Vec<(u64, u32)> {
+        let mut pieces = Vec::new();
+        self.lookup(lba, len, &mut pieces);
+        let mut out = Vec::new();
+        for p in pieces {
+            let Some(e) = p.extent else { continue };
+            if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
+                self.insert(p.lba, Extent::new(0, p.len, State::Poisoned, None, 0));
+                out.push((p.lba, p.len));
+            }
+        }
+        out
+    }
+
+    /// Poisons the parts of [lba, lba+len) that hold no dirty key (replay: the range was
+    /// poisoned when the dirty tail moved past it; keys after the dirty tail are newer).
+    /// Returns the ranges poisoned.
+    pub fn poison_unless_dirty(&mut self, lba: u64, len: u32) -> Vec<(u64, u32)> {
+        let mut pieces = Vec::new();
+        self.lookup(lba, len, &mut pieces);
+        let mut out = Vec::new();
+        for p in pieces {
+            if !p.extent.is_some_and(|e| e.is_dirty()) {
+                self.insert(p.lba, Extent::new(0, p.len, State::Poisoned, None, 0));
+                out.push((p.lba, p.len));
+            }
+        }
+        out
+    }
+
     /// Removes the parts of [lba, lba+len) still in `state` from epoch `epoch` (a zeroing
     /// key written back). A newer zeroing key over the same range stays: its own writeback
     /// has not happened yet, and older data may still reach the backing device before it.
@@ -733,7 +769,7 @@ impl ExtentMap {
                 match e.state() {
                     State::Dirty | State::Zeroes | State::Unmapped => dirty += u64::from(e.len()),
                     State::Clean => clean += u64::from(e.len()),
-                    State::Placeholder => {}
+                    State::Placeholder | State::Poisoned => {}
                 }
             }
         }

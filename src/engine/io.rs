@@ -70,6 +70,9 @@ pub enum Command {
     },
     /// Copy `sectors` sectors from one device to another (writeback: cache to backing).
     /// A DAX host copies straight from mapped memory; others bounce through a buffer.
+    /// With `verify`, the host reads the whole range it names (which holds the source),
+    /// checks its CRC32C, and completes with [`IoError::CrcMismatch`] without writing
+    /// anything when it differs. A failed source read completes with [`IoError::Source`].
     Copy {
         tag: Tag,
         src: Dev,
@@ -77,6 +80,7 @@ pub enum Command {
         dst: Dev,
         dst_sector: u64,
         sectors: u64,
+        verify: Option<Verify>,
     },
     /// Fill part of a request buffer with zeros, before the request completes. No tag: the
     /// host does it at once.
@@ -97,12 +101,32 @@ impl Command {
     }
 }
 
+/// A source range whose data CRC a [`Command::Copy`] checks before writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verify {
+    pub sector: u64,
+    pub sectors: u64,
+    pub crc: u32,
+}
+
+impl Verify {
+    /// Byte offset of `sector` (inside the range) from the range's start.
+    pub fn offset_of(&self, sector: u64) -> Option<usize> {
+        let rel = sector.checked_sub(self.sector)?;
+        (rel < self.sectors).then(|| (rel * 512) as usize)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum IoError {
+    /// The device the command names failed (for a copy: writing its destination).
     #[error("device I/O error")]
     Device,
     #[error("data CRC mismatch")]
     CrcMismatch,
+    /// A copy could not read its source.
+    #[error("copy source read error")]
+    Source,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +191,8 @@ pub enum ReqError {
     Invalid(&'static str),
     #[error("cache log is unwritable after repeated metadata write failures")]
     ShardFailed,
+    #[error("request waited past the I/O timeout (cache full and writeback failing?)")]
+    TimedOut,
 }
 
 pub type ReqResult = Result<(), ReqError>;

@@ -16,5 +16,5 @@ pub mod stats;
 pub use cache::{Cache, CacheOptions, CacheStats, Coordination, Direct};
 pub use format::{BackingIdentity, FormatError, Superblock};
 pub use geometry::{Geometry, GeometryError, LayoutOptions};
-pub use io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request};
+pub use io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, Verify};
 pub use open::{format, FormatOptions, OpenError, OpenReport, OpenStep, Opener};

@@ -84,6 +84,7 @@ pub fn format(
                 tail,
                 dirty_tail: tail,
                 gc_percent: opts.gc_percent,
+                poison: Vec::new(),
             };
             writes.push((geometry.control_sector(shard, slot), c.encode(seed)));
         }
@@ -360,7 +361,8 @@ impl Opener {
             return Ok(self.read_header(seg + 1));
         }
         self.report.segment_gens = self.headers.iter().map(|h| h.map(|h| h.gen)).collect();
-        for (shard, &(c, control_slot)) in self.controls.iter().enumerate() {
+        for (shard, (c, control_slot)) in self.controls.iter().enumerate() {
+            let (c, control_slot) = (c.clone(), *control_slot);
             let t = c.tail;
             let ok = self
                 .headers
@@ -447,6 +449,7 @@ impl Opener {
                         lba: k.lba,
                         len: k.len,
                         kind: k.kind,
+                        crc: k.crc,
                         pos: seg_base + u64::from(k.data_off),
                         epoch: k.epoch,
                     })
@@ -545,7 +548,16 @@ impl Opener {
                     ..self.opts.writeback
                 },
             };
+            let mut index = r.index;
+            // A range rewritten after it was poisoned holds a newer dirty key: no longer.
+            let poison = r
+                .control
+                .poison
+                .iter()
+                .flat_map(|&(lba, len)| index.poison_unless_dirty(lba, len))
+                .collect();
             let log = LogState {
+                poison,
                 head: r.at,
                 data_low: r.data_low,
                 next_seq: r.seq,
@@ -558,7 +570,7 @@ impl Opener {
                 control_seq: r.control.seq,
                 control_slot: r.control_slot,
             };
-            shards.push(Shard::new(cfg, log, r.index, epoch));
+            shards.push(Shard::new(cfg, log, index, epoch));
         }
         let gc_percent = self
             .controls

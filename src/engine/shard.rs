@@ -26,14 +26,15 @@ use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
 
+mod retry;
 mod writeback;
+use retry::Backoff;
+pub use retry::{RETRY_MAX_MS, RETRY_MIN_MS};
 use writeback::{first_dirty_epoch, Control, WbIo, Writeback};
-pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions};
+pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions, WritebackState};
 
 /// Segments a shard keeps ready (header durable) beyond the one it writes.
 const RESERVE_SEGMENTS: u32 = 2;
-/// Attempts at writing one kset before the shard gives up its log.
-const KSET_WRITE_ATTEMPTS: u8 = 3;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ShardConfig {
@@ -76,6 +77,10 @@ pub struct LogState {
     /// Sequence and index of the current control slot.
     pub control_seq: u64,
     pub control_slot: u32,
+    /// Poisoned ranges recorded in the control slot (see [`ControlSlot::poison`]).
+    ///
+    /// [`ControlSlot::poison`]: super::format::ControlSlot::poison
+    pub poison: Vec<(u64, u32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +109,8 @@ struct Pending {
     lba: u64,
     len: u32,
     epoch: u64,
+    /// When it was queued (host time, ms): it fails once it waited the I/O timeout.
+    since: u64,
 }
 
 impl Pending {
@@ -122,6 +129,8 @@ enum BatchState {
     /// Data done; waiting for earlier ksets to be encoded (they give us prev_crc).
     Ready,
     KsetInFlight,
+    /// The kset write failed: written again once the cache device's backoff allows.
+    KsetRetry,
     Durable,
 }
 
@@ -133,6 +142,13 @@ struct Entry {
     failed: bool,
     /// Made it into the kset (fills whose placeholder was overwritten do not).
     logged: bool,
+    /// When its data write first failed (it is retried for the I/O timeout).
+    first_fail: Option<u64>,
+    /// Its data write completed (a fill's read was answered then).
+    written: bool,
+    /// Its request was already answered (failed at its deadline while the cache device's
+    /// writes were retried); the key may still be logged, as a failed write may land.
+    answered: bool,
 }
 
 #[derive(Debug)]
@@ -145,7 +161,9 @@ struct Batch {
     state: BatchState,
     kset: Option<Vec<u8>>,
     crc: u32,
-    attempts: u8,
+    attempts: u32,
+    /// When its kset write first failed (retried for the I/O timeout, then the log closes).
+    first_fail: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +193,8 @@ enum TagOwner {
     InPlace {
         req: ReqId,
         lba: u64,
+        len: u32,
+        buf_off: u64,
     },
     Wb(WbIo),
     WbFlush,
@@ -237,6 +257,15 @@ pub struct Shard {
     next_fill: u64,
     failed: bool,
     stalled: bool,
+    /// Host time in ms ([`Shard::set_now`]).
+    now: u64,
+    /// Failures of the cache device's writes (data, ksets, headers, control slots).
+    meta: Backoff,
+    /// Data writes to retry once `meta` allows: (batch seq, entry).
+    retry_data: Vec<(u64, u32)>,
+    /// Ranges poisoned by writeback (their data failed its CRC), persisted in the control
+    /// slot; a write over one trims it.
+    poison: Vec<(u64, u32)>,
     out: Outbox,
     pub stats: ShardStats,
     scratch: Vec<Piece>,
@@ -296,6 +325,10 @@ impl Shard {
             next_fill: 1,
             failed: false,
             stalled: false,
+            now: 0,
+            meta: Backoff::default(),
+            retry_data: Vec::new(),
+            poison: log.poison,
             out: Outbox::default(),
             stats: ShardStats::default(),
             scratch: Vec::new(),
@@ -312,6 +345,54 @@ impl Shard {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The host's clock in ms (any origin, never decreasing): paces retries and bounds
+    /// how long a request may wait.
+    pub fn set_now(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
+    /// The earliest host time at which something waits to happen (a retry, a request's
+    /// timeout), while the shard holds work that waits for time.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let timeout = self.cfg.wb.io_timeout_ms;
+        let pending = self.pending.front().map(|p| p.since + timeout);
+        let batched = self
+            .batches
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .filter(|e| self.meta.since().is_some() && !e.answered && !e.failed)
+            .filter(|e| !matches!(e.p.op, LogOp::Fill { .. }))
+            .map(|e| e.p.since + timeout)
+            .min();
+        let meta = self.meta.due(self.now).filter(|_| {
+            !self.retry_data.is_empty()
+                || self.control.rewrite
+                || self.head_header == HeadHeader::Needed
+                || self
+                    .batches
+                    .iter()
+                    .any(|b| b.state == BatchState::KsetRetry)
+                || (self.ready.len() as u32 + self.preparing + self.wanted) < RESERVE_SEGMENTS
+        });
+        let wb = self.writeback_due();
+        [pending, batched, meta, wb].into_iter().flatten().min()
+    }
+
+    /// The log is closed: the cache device failed every write for the I/O timeout.
+    pub fn log_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Requests or retries wait for time to pass (not only for device completions).
+    pub fn waits_for_time(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.retry_data.is_empty()
+            || self
+                .batches
+                .iter()
+                .any(|b| b.state == BatchState::KsetRetry)
     }
 
     /// Starts a new flush epoch: writes submitted from now on belong to it.
@@ -383,6 +464,7 @@ impl Shard {
             lba: r.lba,
             len: r.len,
             epoch: self.epoch,
+            since: self.now,
         });
     }
 
@@ -396,6 +478,8 @@ impl Shard {
         let tag = self.tag(TagOwner::InPlace {
             req: r.id,
             lba: r.lba,
+            len: r.len,
+            buf_off: r.buf_off,
         });
         // A short list: at most one entry per write in flight.
         self.inplace.push((r.lba, r.len));
@@ -535,6 +619,13 @@ impl Shard {
                         verify_crc: verify,
                     });
                     issued += 1;
+                    continue;
+                }
+                Some(e) if e.state() == State::Poisoned => {
+                    self.stats.poisoned_reads += 1;
+                    if let Some(ctx) = self.reads.get_mut(read) {
+                        ctx.error.get_or_insert(ReqError::Corrupt);
+                    }
                     continue;
                 }
                 Some(e) if e.state() != State::Placeholder => {
@@ -684,16 +775,126 @@ impl Shard {
     /// Turns queued log operations into batches (a kset and its data) and issues their
     /// writes.
     pub fn poll(&mut self) {
-        if self.head_header == HeadHeader::Needed {
+        let meta_ready = self.meta.ready(self.now);
+        if self.head_header == HeadHeader::Needed && meta_ready {
             self.head_header = HeadHeader::InFlight;
             self.write_segment_header(Grant {
                 seg: self.head.seg,
                 gen: self.head.gen,
             });
         }
+        if meta_ready {
+            self.retry_cache_writes();
+        }
+        self.expire_pending();
+        if self.meta.since().is_some() && self.now >= self.cfg.wb.io_timeout_ms {
+            self.expire_batched();
+        }
         self.form_batches();
-        self.ask_for_segments();
+        if meta_ready {
+            self.ask_for_segments();
+        }
         self.writeback_poll();
+    }
+
+    /// Fails the requests that waited for space (or for the log) past the I/O timeout: a
+    /// block device must answer, even when it cannot make progress.
+    fn expire_pending(&mut self) {
+        let timeout = self.cfg.wb.io_timeout_ms;
+        while let Some(p) = self.pending.front().copied() {
+            if self.now < p.since.saturating_add(timeout) {
+                return;
+            }
+            self.pending.pop_front();
+            match p.op {
+                LogOp::Fill { read, fill, .. } => {
+                    self.stats.fill_bypass += 1;
+                    self.index.abort_fill(fill, p.lba, p.len);
+                    self.read_piece_done(read);
+                }
+                LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } => {
+                    if self.stats.timed_out == 0 || self.pending.is_empty() {
+                        self.out.log.push(format!(
+                            "shard {}: a request at lba {}+{} waited {} ms for cache space \
+                             (writeback {}); failing it",
+                            self.cfg.id,
+                            p.lba,
+                            p.len,
+                            self.now - p.since,
+                            self.writeback_state().describe(),
+                        ));
+                    }
+                    self.stats.timed_out += 1;
+                    self.out.completions.push((req, Err(ReqError::TimedOut)));
+                }
+            }
+        }
+    }
+
+    /// While the cache device's writes fail and are retried, fails the requests in
+    /// batches that have waited past the I/O timeout (their keys may still be logged: a
+    /// failed write may land).
+    fn expire_batched(&mut self) {
+        let deadline = self.now.saturating_sub(self.cfg.wb.io_timeout_ms);
+        let mut late = Vec::new();
+        for b in self.batches.iter_mut() {
+            for e in b.entries.iter_mut() {
+                if e.answered || e.failed || e.p.since > deadline {
+                    continue;
+                }
+                if let LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } =
+                    e.p.op
+                {
+                    e.answered = true;
+                    late.push(req);
+                }
+            }
+        }
+        for req in late {
+            self.stats.timed_out += 1;
+            self.out.completions.push((req, Err(ReqError::TimedOut)));
+        }
+    }
+
+    /// Reissues the cache writes that failed, once the backoff allows.
+    fn retry_cache_writes(&mut self) {
+        for (seq, entry) in std::mem::take(&mut self.retry_data) {
+            self.stats.cache_write_retries += 1;
+            self.write_data(seq, entry as usize);
+        }
+        for i in 0..self.batches.len() {
+            if self.batches[i].state == BatchState::KsetRetry {
+                self.batches[i].state = BatchState::KsetInFlight;
+                self.stats.kset_retries += 1;
+                let seq = self.batches[i].seq;
+                self.write_kset(i, seq);
+            }
+        }
+    }
+
+    /// A cache-device write that first failed at `first_fail` failed (again): true while
+    /// it should be retried (its failures have not yet lasted the I/O timeout).
+    fn cache_write_failed(&mut self, first_fail: u64, what: std::fmt::Arguments) -> bool {
+        self.stats.io_errors += 1;
+        self.stats.cache_write_errors += 1;
+        if self.meta.fail(self.now) {
+            self.out.log.push(format!(
+                "shard {}: cache device write failed: {what}; retrying",
+                self.cfg.id
+            ));
+        }
+        self.now.saturating_sub(first_fail) < self.cfg.wb.io_timeout_ms
+    }
+
+    /// A cache-device write succeeded: a failure burst, if any, is over.
+    fn cache_write_ok(&mut self) {
+        if let Some((n, since)) = self.meta.succeed() {
+            self.out.log.push(format!(
+                "shard {}: cache device writes succeed again after {n} failures over {} ms",
+                self.cfg.id,
+                self.now - since
+            ));
+        }
     }
 
     #[inline]
@@ -703,6 +904,37 @@ impl Shard {
             pos.saturating_sub(g.segments_start),
             u64::from(g.segment_sectors),
         ) as u32
+    }
+
+    /// Writes the data of entry `entry` of batch `seq` to its place in the segment.
+    fn write_data(&mut self, seq: u64, entry: usize) {
+        let Some(i) = self.batch_index(seq) else {
+            return;
+        };
+        let b = &self.batches[i];
+        let Some(e) = b.entries.get(entry) else {
+            return;
+        };
+        let (LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. }) = e.p.op else {
+            return;
+        };
+        let sector = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
+        let len = u64::from(e.p.len) * 512;
+        let tag = self.tag(TagOwner::Data {
+            seq,
+            entry: entry as u32,
+        });
+        self.out.commands.push(Command::Write {
+            tag,
+            dev: Dev::Cache,
+            sector,
+            buf: Buf::Req {
+                req,
+                off: buf_off,
+                len,
+            },
+            want_crc: self.cfg.data_crc,
+        });
     }
 
     fn ask_for_segments(&mut self) {
@@ -784,6 +1016,7 @@ impl Shard {
             kset: None,
             crc: 0,
             attempts: 0,
+            first_fail: None,
         };
         self.next_seq += 1;
         self.head = next;
@@ -833,28 +1066,13 @@ impl Shard {
         let mut off = start;
         let mut entries = Vec::with_capacity(n);
         let mut data_pending = 0;
-        for i in 0..n {
+        for _ in 0..n {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
             let data_off = off;
             match p.op {
-                LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. } => {
-                    let tag = self.tag(TagOwner::Data {
-                        seq,
-                        entry: i as u32,
-                    });
-                    self.out.commands.push(Command::Write {
-                        tag,
-                        dev: Dev::Cache,
-                        sector: self.cfg.geo.segment_start(pos.seg) + u64::from(data_off),
-                        buf: Buf::Req {
-                            req,
-                            off: buf_off,
-                            len: u64::from(p.len) * 512,
-                        },
-                        want_crc: self.cfg.data_crc,
-                    });
+                LogOp::Write { .. } | LogOp::Fill { .. } => {
                     data_pending += 1;
                     off += p.len;
                 }
@@ -870,6 +1088,9 @@ impl Shard {
                 crc: None,
                 failed: false,
                 logged: false,
+                first_fail: None,
+                written: false,
+                answered: false,
             });
         }
         let next = LogPos {
@@ -878,6 +1099,12 @@ impl Shard {
         };
         self.head = next;
         self.data_low = start;
+        let data_entries: Vec<usize> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.p.data_sectors() > 0)
+            .map(|(i, _)| i)
+            .collect();
         self.batches.push_back(Batch {
             seq,
             pos,
@@ -892,7 +1119,11 @@ impl Shard {
             kset: None,
             crc: 0,
             attempts: 0,
+            first_fail: None,
         });
+        for i in data_entries {
+            self.write_data(seq, i);
+        }
         self.encode_ready();
     }
 
@@ -901,7 +1132,7 @@ impl Shard {
     fn encode_ready(&mut self) {
         for i in 0..self.batches.len() {
             match self.batches[i].state {
-                BatchState::KsetInFlight | BatchState::Durable => continue,
+                BatchState::KsetInFlight | BatchState::KsetRetry | BatchState::Durable => continue,
                 BatchState::Data => return,
                 BatchState::Ready => {}
             }
@@ -1020,15 +1251,21 @@ impl Shard {
                 self.preparing -= 1;
                 match done.result {
                     Ok(()) if self.head_header == HeadHeader::InFlight && seg == self.head.seg => {
+                        self.cache_write_ok();
                         self.head_header = HeadHeader::Durable;
                     }
-                    Ok(()) => self.ready.push_back(Grant { seg, gen }),
+                    Ok(()) => {
+                        self.cache_write_ok();
+                        self.ready.push_back(Grant { seg, gen });
+                    }
                     Err(_) if self.head_header == HeadHeader::InFlight && seg == self.head.seg => {
-                        self.stats.io_errors += 1;
+                        let now = self.now;
+                        self.cache_write_failed(now, format_args!("header of segment {seg}"));
                         self.head_header = HeadHeader::Needed;
                     }
                     Err(_) => {
-                        self.stats.io_errors += 1;
+                        let now = self.now;
+                        self.cache_write_failed(now, format_args!("header of segment {seg}"));
                         self.out.to_pool.push(ToPool::Release { seg });
                     }
                 }
@@ -1036,10 +1273,33 @@ impl Shard {
             TagOwner::Wb(io) => self.wb_done(io, done.result),
             TagOwner::WbFlush => self.wb_flush_done(done.result),
             TagOwner::Control => self.control_done(done.result),
-            TagOwner::InPlace { req, lba } => {
-                let res = self.in_place_done(lba, done.result);
-                self.out.completions.push((req, res));
-            }
+            TagOwner::InPlace {
+                req,
+                lba,
+                len,
+                buf_off,
+            } => match self.in_place_done(lba, done.result) {
+                Ok(()) => self.out.completions.push((req, Ok(()))),
+                Err(_) => {
+                    // Written again through the log, whose data writes are retried.
+                    self.stats.cache_write_errors += 1;
+                    if self.meta.fail(self.now) {
+                        self.out.log.push(format!(
+                            "shard {}: cache device write failed: in-place rewrite of lba \
+                             {lba}+{len}; retrying through the log",
+                            self.cfg.id
+                        ));
+                    }
+                    let r = ShardRequest {
+                        id: req,
+                        op: Op::Write,
+                        lba,
+                        len,
+                        buf_off,
+                    };
+                    self.queue(r, LogOp::Write { req, buf_off });
+                }
+            },
             TagOwner::Read {
                 read,
                 lba,
@@ -1054,17 +1314,44 @@ impl Shard {
         let Some(i) = self.batch_index(seq) else {
             return;
         };
+        let b = &self.batches[i];
+        let Some(e) = b.entries.get(entry) else {
+            return;
+        };
+        let is_fill = matches!(e.p.op, LogOp::Fill { .. });
+        let at = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
+        let (lba, len) = (e.p.lba, e.p.len);
+        if done.result.is_err() && !is_fill {
+            let first = *self.batches[i].entries[entry]
+                .first_fail
+                .get_or_insert(self.now);
+            // Half the I/O timeout: the batch's other writes wait for this one, and must
+            // still be acknowledged in time when it is given up.
+            self.cache_write_failed(
+                first,
+                format_args!("data of lba {lba}+{len} at cache sector {at}"),
+            );
+            let retry = self.now.saturating_sub(first) < self.cfg.wb.io_timeout_ms / 2;
+            if retry {
+                // The batch keeps waiting for this entry; the same bytes go to the same place.
+                self.retry_data.push((seq, entry as u32));
+                return;
+            }
+        } else if done.result.is_ok() {
+            self.cache_write_ok();
+        }
         let b = &mut self.batches[i];
         let Some(e) = b.entries.get_mut(entry) else {
             return;
         };
         b.data_pending -= 1;
+        e.written = true;
         let mut failed_req = None;
         match done.result {
             Ok(()) => e.crc = done.crc,
             Err(_) => {
                 e.failed = true;
-                failed_req = Some(e.p);
+                failed_req = (!e.answered).then_some(e.p);
             }
         }
         if let LogOp::Fill { read, fill, .. } = e.p.op {
@@ -1081,7 +1368,6 @@ impl Shard {
         }
         if let Some(p) = failed_req {
             // Only the request whose data did not land fails; its key stays out of the kset.
-            self.stats.io_errors += 1;
             if let LogOp::Write { req, .. } = p.op {
                 self.out.completions.push((req, Err(ReqError::Io)));
             }
@@ -1095,19 +1381,20 @@ impl Shard {
         };
         match result {
             Ok(()) => {
+                self.cache_write_ok();
                 self.batches[i].state = BatchState::Durable;
                 self.batches[i].kset = None;
                 self.retire();
             }
-            Err(_) if self.batches[i].attempts < KSET_WRITE_ATTEMPTS => {
-                // Rewrite the same bytes: later ksets already chain to this one's CRC.
-                self.stats.io_errors += 1;
-                self.stats.kset_retries += 1;
-                self.write_kset(i, seq);
-            }
             Err(_) => {
-                self.stats.io_errors += 1;
-                self.fail_log(i);
+                let at = self.seg_sector(self.batches[i].pos);
+                let first = *self.batches[i].first_fail.get_or_insert(self.now);
+                if self.cache_write_failed(first, format_args!("kset {seq} at cache sector {at}")) {
+                    // Rewrite the same bytes later: later ksets already chain to its CRC.
+                    self.batches[i].state = BatchState::KsetRetry;
+                } else {
+                    self.fail_log(i);
+                }
             }
         }
     }
@@ -1115,11 +1402,18 @@ impl Shard {
     /// The kset at batch `i` cannot be written: nothing from it on can be acknowledged.
     fn fail_log(&mut self, i: usize) {
         self.out.log.push(format!(
-            "shard {}: kset write failed {KSET_WRITE_ATTEMPTS} times; log closed, writes fail",
-            self.cfg.id
+            "shard {}: the cache device kept failing the write of a kset for {} ms ({} \
+             attempts at kset {}); the log is closed: writes fail, cached data stays readable \
+             and is written back; reattach once the device is healthy",
+            self.cfg.id,
+            self.cfg.wb.io_timeout_ms,
+            self.batches.get(i).map_or(0, |b| b.attempts),
+            self.batches.get(i).map_or(0, |b| b.seq),
         ));
         self.failed = true;
         let doomed: Vec<Batch> = self.batches.drain(i..).collect();
+        self.retry_data
+            .retain(|&(seq, _)| doomed.iter().all(|b| b.seq != seq));
         for b in doomed {
             for e in b.entries {
                 self.fail_entry(&e);
@@ -1132,6 +1426,9 @@ impl Shard {
                 crc: None,
                 failed: false,
                 logged: false,
+                first_fail: None,
+                written: false,
+                answered: false,
             };
             self.fail_entry(&e);
         }
@@ -1140,12 +1437,18 @@ impl Shard {
     fn fail_entry(&mut self, e: &Entry) {
         match e.p.op {
             LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req }
-                if !e.failed =>
+                if !e.failed && !e.answered =>
             {
                 self.out.completions.push((req, Err(ReqError::ShardFailed)));
             }
             LogOp::Write { .. } | LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
-            LogOp::Fill { fill, .. } => self.index.abort_fill(fill, e.p.lba, e.p.len),
+            LogOp::Fill { fill, read, .. } => {
+                self.index.abort_fill(fill, e.p.lba, e.p.len);
+                if !e.written {
+                    // Its read waited for the fill's data write, which will not be awaited.
+                    self.read_piece_done(read);
+                }
+            }
         }
     }
 
@@ -1171,10 +1474,14 @@ impl Shard {
                 };
                 if e.logged && !e.failed {
                     self.log_dirty_sectors += u64::from(p.len);
+                    if !self.poison.is_empty() {
+                        trim_ranges(&mut self.poison, p.lba, p.len);
+                    }
                     dirty.push(DirtyKey {
                         lba: p.lba,
                         len: p.len,
                         kind,
+                        crc: e.crc,
                         pos: base + u64::from(e.data_off),
                         epoch: p.epoch,
                     });
@@ -1204,7 +1511,9 @@ impl Shard {
                                 epoch,
                             ),
                         );
-                        self.out.completions.push((req, Ok(())));
+                        if !e.answered {
+                            self.out.completions.push((req, Ok(())));
+                        }
                     }
                     LogOp::Zeroes { req } | LogOp::Unmap { req } => {
                         let state = if matches!(p.op, LogOp::Unmap { .. }) {
@@ -1214,7 +1523,9 @@ impl Shard {
                         };
                         self.index
                             .insert(p.lba, Extent::new(0, p.len, state, None, epoch));
-                        self.out.completions.push((req, Ok(())));
+                        if !e.answered {
+                            self.out.completions.push((req, Ok(())));
+                        }
                     }
                     LogOp::Fill { fill, .. } if e.logged => {
                         self.stats.fills += 1;
@@ -1303,6 +1614,7 @@ impl Shard {
                     lba,
                     len,
                     epoch: self.epoch,
+                    since: self.now,
                 });
             }
             (ReadSrc::Backing { fill }, Err(_)) => {
@@ -1323,5 +1635,41 @@ impl Shard {
     /// The current log head, for inspection.
     pub fn head(&self) -> LogPos {
         self.head
+    }
+}
+
+/// Removes [lba, lba+len) from a list of ranges, splitting those it cuts.
+fn trim_ranges(ranges: &mut Vec<(u64, u32)>, lba: u64, len: u32) {
+    let end = lba + u64::from(len);
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(s, l) in ranges.iter() {
+        let e = s + u64::from(l);
+        if e <= lba || s >= end {
+            out.push((s, l));
+            continue;
+        }
+        if s < lba {
+            out.push((s, (lba - s) as u32));
+        }
+        if e > end {
+            out.push((end, (e - end) as u32));
+        }
+    }
+    *ranges = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_ranges;
+
+    #[test]
+    fn trimming_splits_and_drops_ranges() {
+        let mut r = vec![(0, 16), (100, 8), (200, 4)];
+        trim_ranges(&mut r, 4, 4);
+        assert_eq!(r, vec![(0, 4), (8, 8), (100, 8), (200, 4)]);
+        trim_ranges(&mut r, 96, 20);
+        assert_eq!(r, vec![(0, 4), (8, 8), (200, 4)]);
+        trim_ranges(&mut r, 202, 10);
+        assert_eq!(r, vec![(0, 4), (8, 8), (200, 2)]);
     }
 }

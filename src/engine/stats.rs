@@ -29,7 +29,25 @@ pub struct ShardStats {
     /// Sectors named by the dirty keys of completed writeback groups (≥ wb_sectors: the
     /// difference is what overwrite absorption saved).
     pub wb_group_sectors: u64,
+    /// Failed writeback I/Os of every kind (each is retried with backoff).
     pub wb_errors: u64,
+    /// Writeback's reads of the cache device that failed.
+    pub wb_cache_read_errors: u64,
+    /// Writeback's writes (and write-zeroes, unmaps) to the backing device that failed.
+    pub wb_backing_write_errors: u64,
+    pub wb_backing_flush_errors: u64,
+    /// Writeback's reads of dirty data that failed its CRC (read again up to 3 times).
+    pub wb_crc_errors: u64,
+    /// Ranges poisoned: dirty data that failed its CRC on every read, not written back.
+    pub poisoned_extents: u64,
+    /// Read pieces that found a poisoned range (failed with a CRC error).
+    pub poisoned_reads: u64,
+    /// Writes to the cache device (data, ksets, headers, control slots) that failed.
+    pub cache_write_errors: u64,
+    /// Data writes to the cache device reissued after a failure.
+    pub cache_write_retries: u64,
+    /// Requests failed after waiting the I/O timeout for space or for the log.
+    pub timed_out: u64,
     pub backing_flushes: u64,
     pub gc_segments: u64,
     pub control_writes: u64,
@@ -57,6 +75,15 @@ impl ShardStats {
         self.wb_sectors += o.wb_sectors;
         self.wb_group_sectors += o.wb_group_sectors;
         self.wb_errors += o.wb_errors;
+        self.wb_cache_read_errors += o.wb_cache_read_errors;
+        self.wb_backing_write_errors += o.wb_backing_write_errors;
+        self.wb_backing_flush_errors += o.wb_backing_flush_errors;
+        self.wb_crc_errors += o.wb_crc_errors;
+        self.poisoned_extents += o.poisoned_extents;
+        self.poisoned_reads += o.poisoned_reads;
+        self.cache_write_errors += o.cache_write_errors;
+        self.cache_write_retries += o.cache_write_retries;
+        self.timed_out += o.timed_out;
         self.backing_flushes += o.backing_flushes;
         self.gc_segments += o.gc_segments;
         self.control_writes += o.control_writes;

@@ -49,6 +49,8 @@ pub struct SyncHost<C: BlockDevice, B: BlockDevice> {
     done: Vec<(ReqId, ReqResult)>,
     cmds: Vec<Command>,
     completions: Vec<IoDone>,
+    /// Host time in ms: moves only when requests wait for it (see [`SyncHost::run`]).
+    now: u64,
 }
 
 impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
@@ -87,6 +89,7 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
                 done: Vec::new(),
                 cmds: Vec::new(),
                 completions: Vec::new(),
+                now: 0,
             },
             report,
         ))
@@ -120,13 +123,22 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
         )
     }
 
-    /// Runs commands until nothing is outstanding.
+    /// Runs commands until nothing is outstanding. Devices answer at once, so the clock
+    /// only jumps to the cache's next deadline when requests wait for time (a retry after
+    /// a failed device I/O, a request's timeout).
     pub fn run(&mut self) {
         loop {
             self.cache.poll();
             self.cache.drain_commands_into(&mut self.cmds);
             if self.cmds.is_empty() {
-                break;
+                match self.cache.next_deadline() {
+                    Some(t) if self.cache.waits_for_time() => {
+                        self.now = t.max(self.now + 1);
+                        self.cache.set_now(self.now);
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             for cmd in self.cmds.drain(..) {
                 if let Some(d) = execute(

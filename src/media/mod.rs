@@ -155,11 +155,21 @@ pub fn execute(
             dst,
             dst_sector,
             sectors,
+            verify,
         } => {
-            let mut data = vec![0u8; (*sectors * 512) as usize];
-            let res = pick(*src, cache, backing)
-                .read(*src_sector, &mut data)
-                .and_then(|()| pick(*dst, cache, backing).write(*dst_sector, &data));
+            let (from, n) = verify.map_or((*src_sector, *sectors), |v| (v.sector, v.sectors));
+            let mut data = vec![0u8; (n * 512) as usize];
+            let off = verify.map_or(Some(0), |v| v.offset_of(*src_sector));
+            let res = match pick(*src, cache, backing).read(from, &mut data) {
+                Err(_) => Err(IoError::Source),
+                Ok(()) if verify.is_some_and(|v| crc32c::crc32c(&data) != v.crc) => {
+                    Err(IoError::CrcMismatch)
+                }
+                Ok(()) => match off.and_then(|o| data.get(o..o + (*sectors * 512) as usize)) {
+                    Some(part) => pick(*dst, cache, backing).write(*dst_sector, part),
+                    None => Err(IoError::Source),
+                },
+            };
             (*tag, res, None)
         }
         Command::ZeroBuf { buf } => {

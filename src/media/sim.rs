@@ -3,6 +3,11 @@
 //! cache as parts, as the SPDK host's engine threads do, carrying the cross-part traffic
 //! (pool messages, grants, the writeback barrier) between them.
 //!
+//! Time is simulated: the clock (ms, handed to the cache with `Cache::set_now`) moves
+//! by [`Sim::step_ms`] per completed command, by [`Sim::advance`], and, in [`Sim::run`],
+//! jumps to the cache's next deadline when requests wait for time and nothing is in
+//! flight, so retries with backoff and request timeouts run without waiting.
+//!
 //! Durability model. Cache device: a write is durable once it completes (persistent
 //! memory); a write still in flight at a crash is torn: each 512-byte sector is old or new
 //! at random. Backing device: completed writes are volatile until a flush completes; at a
@@ -46,7 +51,9 @@ impl Rng {
     }
 }
 
-/// Decides which issued commands fail: gets the command's issue number and the command.
+/// Decides which issued commands fail (or, for [`Sim::set_corrupt`], read corrupted
+/// data): gets the command's issue number and the command. A failing copy fails at its
+/// source read or its destination write, at random.
 pub type FaultFn = Box<dyn FnMut(u64, &Command) -> bool>;
 
 pub struct Sim {
@@ -67,6 +74,15 @@ pub struct Sim {
     pub rng: Rng,
     issued: u64,
     fault: Option<FaultFn>,
+    corrupt: Option<FaultFn>,
+    /// Every command for the device fails while the clock is in [from, until).
+    outages: Vec<(Dev, u64, u64)>,
+    /// Simulated time in ms.
+    pub now: u64,
+    /// Milliseconds the clock moves per completed command.
+    pub step_ms: u64,
+    /// Commands whose cache reads were corrupted so far.
+    pub corrupted: u64,
     done: Vec<(ReqId, ReqResult)>,
     next_id: ReqId,
     /// Number of device commands completed so far.
@@ -74,8 +90,8 @@ pub struct Sim {
     /// Percentage of reads and writes first offered to [`Cache::begin_direct`], as the
     /// SPDK host offers every one (default 50, so both paths run).
     pub direct_percent: u64,
-    /// Direct requests in flight, by request id.
-    directs: HashMap<ReqId, Direct>,
+    /// Direct requests in flight, by request id, with their range.
+    directs: HashMap<ReqId, (Direct, u64, u32)>,
 }
 
 impl Sim {
@@ -94,6 +110,11 @@ impl Sim {
             rng: Rng::new(seed),
             issued: 0,
             fault: None,
+            corrupt: None,
+            outages: Vec::new(),
+            now: 0,
+            step_ms: 0,
+            corrupted: 0,
             done: Vec::new(),
             next_id: 1,
             completed: 0,
@@ -104,6 +125,57 @@ impl Sim {
 
     pub fn set_fault(&mut self, f: FaultFn) {
         self.fault = Some(f);
+    }
+
+    pub fn clear_fault(&mut self) {
+        self.fault = None;
+    }
+
+    /// Chosen reads of the cache device (request reads and writeback copies) return data
+    /// with one byte flipped, as a bad transfer would; the media stays intact.
+    pub fn set_corrupt(&mut self, f: FaultFn) {
+        self.corrupt = Some(f);
+    }
+
+    /// Fails every command for `dev` (a copy: either side) that completes while the clock
+    /// is in [from, until): an outage of the device.
+    pub fn add_outage(&mut self, dev: Dev, from: u64, until: u64) {
+        self.outages.push((dev, from, until));
+    }
+
+    fn in_outage(&self, cmd: &Command) -> bool {
+        let devs: &[Dev] = match cmd {
+            Command::Write { dev, .. }
+            | Command::Read { dev, .. }
+            | Command::Flush { dev, .. }
+            | Command::WriteZeroes { dev, .. }
+            | Command::Unmap { dev, .. } => std::slice::from_ref(dev),
+            Command::Copy { .. } => &[Dev::Cache, Dev::Backing],
+            Command::ZeroBuf { .. } => &[],
+        };
+        self.outages
+            .iter()
+            .any(|&(d, a, b)| devs.contains(&d) && (a..b).contains(&self.now))
+    }
+
+    /// The earliest time a part has something to do without a device completion.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.parts().filter_map(Cache::next_deadline).min()
+    }
+
+    /// Moves the simulated clock to `t` (if later).
+    pub fn advance_to(&mut self, t: u64) {
+        self.advance(t.saturating_sub(self.now));
+    }
+
+    /// Moves the simulated clock on.
+    pub fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        for i in 0..self.part_count() {
+            let now = self.now;
+            self.part(i).set_now(now);
+        }
+        self.pump();
     }
 
     /// A simulator running `cache` as `parts` parts ([`Cache::split`]: shard i in part
@@ -256,7 +328,7 @@ impl Sim {
         };
         self.issued += 1;
         self.inflight.push((self.issued, part, cmd));
-        self.directs.insert(id, d);
+        self.directs.insert(id, (d, lba, len));
         Ok(id)
     }
 
@@ -370,23 +442,55 @@ impl Sim {
         }
         let i = self.rng.below(self.inflight.len() as u64) as usize;
         let (n, part, cmd) = self.inflight.swap_remove(i);
-        let fail = self.fault.as_mut().is_some_and(|f| f(n, &cmd));
+        let out = self.in_outage(&cmd);
+        let fail = out || self.fault.as_mut().is_some_and(|f| f(n, &cmd));
         let done = if fail {
+            // A copy fails at its source when the cache device is out (or at random).
+            let source = if out {
+                self.outages
+                    .iter()
+                    .any(|&(d, a, b)| d == Dev::Cache && (a..b).contains(&self.now))
+            } else {
+                self.rng.chance(50)
+            };
+            let err = match cmd {
+                Command::Copy { .. } if source => IoError::Source,
+                _ => IoError::Device,
+            };
             cmd.tag().map(|tag| IoDone {
                 tag,
-                result: Err(IoError::Device),
+                result: Err(err),
                 crc: None,
             })
+        } else if self.corrupt.as_mut().is_some_and(|f| f(n, &cmd)) {
+            self.run_corrupted(&cmd)
         } else {
             self.run_one(&cmd)
         };
         self.completed += 1;
+        if self.step_ms > 0 {
+            self.now += self.step_ms;
+            for i in 0..self.part_count() {
+                let now = self.now;
+                self.part(i).set_now(now);
+            }
+        }
         match done {
             Some(d) if d.tag & DIRECT_TAG != 0 => {
                 let id = d.tag & !DIRECT_TAG;
-                if let Some(direct) = self.directs.remove(&id) {
+                if let Some((direct, lba, len)) = self.directs.remove(&id) {
                     let res = self.part(part).end_direct(direct, d.result);
-                    self.done.push((id, res));
+                    let op = Op::Write;
+                    let again = res.is_err() && direct.write;
+                    // A failed direct write goes the normal way, whose cache writes are
+                    // retried (as the SPDK host does).
+                    if again && self.part(part).submit(Request { id, op, lba, len }).is_ok() {
+                        if !self.others.is_empty() {
+                            self.waiting.insert(id, (1, Ok(())));
+                        }
+                    } else {
+                        self.done.push((id, res));
+                    }
                 }
             }
             Some(d) => self.part(part).complete(d),
@@ -452,9 +556,71 @@ impl Sim {
         done
     }
 
-    /// Runs until no command is in flight.
+    /// Runs a cache read with one byte of what it reads flipped (the media itself stays
+    /// intact, as after a bad transfer).
+    fn run_corrupted(&mut self, cmd: &Command) -> Option<IoDone> {
+        let range = match cmd {
+            Command::Read {
+                dev: Dev::Cache,
+                sector,
+                buf,
+                ..
+            } => Some((*sector, buf.len() / 512)),
+            Command::Copy {
+                src: Dev::Cache,
+                src_sector,
+                sectors,
+                verify,
+                ..
+            } => Some(verify.map_or((*src_sector, *sectors), |v| (v.sector, v.sectors))),
+            _ => None,
+        };
+        let Some((sector, sectors)) = range.filter(|r| r.1 > 0) else {
+            return self.run_one(cmd);
+        };
+        let at = sector + self.rng.below(sectors);
+        let byte = self.rng.below(512) as usize;
+        let mut old = vec![0u8; 512];
+        if self.cache_img.read(at, &mut old).is_err() {
+            return self.run_one(cmd);
+        }
+        let mut bad = old.clone();
+        bad[byte] ^= 1 << self.rng.below(8);
+        let _ = self.cache_img.write(at, &bad);
+        let done = self.run_one(cmd);
+        let _ = self.cache_img.write(at, &old);
+        self.corrupted += 1;
+        done
+    }
+
+    /// Runs until no command is in flight and no request waits for time: the clock jumps
+    /// to the next deadline (a retry, a timeout) whenever nothing else can happen.
     pub fn run(&mut self) {
-        while self.step() {}
+        loop {
+            while self.step() {}
+            let waiting = self.parts().any(Cache::waits_for_time);
+            let next = self.parts().filter_map(Cache::next_deadline).min();
+            match next {
+                Some(t) if waiting && t > self.now => self.advance(t - self.now),
+                Some(_) if waiting => self.advance(1),
+                _ => return,
+            }
+        }
+    }
+
+    /// Runs until nothing is in flight and no retry or timeout is pending at all (writeback
+    /// included), moving the clock as [`Sim::run`] does, for at most `limit_ms` of
+    /// simulated time.
+    pub fn settle(&mut self, limit_ms: u64) {
+        let end = self.now + limit_ms;
+        loop {
+            while self.step() {}
+            let next = self.parts().filter_map(Cache::next_deadline).min();
+            match next {
+                Some(t) if t <= end => self.advance(t.saturating_sub(self.now).max(1)),
+                _ => return,
+            }
+        }
     }
 
     /// Completed requests not yet taken.

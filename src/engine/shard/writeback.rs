@@ -14,11 +14,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::retry::Backoff;
 use super::{Shard, TagOwner};
-use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail};
+use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail, MAX_POISON};
 use crate::engine::index::{Extent, ExtentMap, State};
-use crate::engine::io::{Buf, Command, Dev, IoError};
+use crate::engine::io::{Buf, Command, Dev, IoError, Verify};
 use crate::engine::pool::ToPool;
+
+/// Reads of one copy whose data fails its CRC before its range is poisoned (a corrupted
+/// transfer may read right the next time).
+const CRC_READ_ATTEMPTS: u8 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WritebackOptions {
@@ -36,6 +41,37 @@ pub struct WritebackOptions {
     pub low_pct: u32,
     /// GC reclaims segments while the log uses more than this share of the cache.
     pub gc_percent: u32,
+    /// A request that cannot make progress (no cache space, the log unwritable) fails
+    /// after waiting this long; writeback failing this long is reported as failing, and
+    /// the cache device failing every write this long closes the log.
+    pub io_timeout_ms: u64,
+}
+
+/// Default [`WritebackOptions::io_timeout_ms`]: SCSI's and NVMe's usual command timeout.
+pub const DEFAULT_IO_TIMEOUT_MS: u64 = 30_000;
+
+/// How writeback is doing, for stats and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritebackState {
+    Ok,
+    /// Failing since this host time (ms); retried with backoff.
+    Retrying {
+        since: u64,
+    },
+    /// Failing for longer than the I/O timeout, since this host time; still retried.
+    Failing {
+        since: u64,
+    },
+}
+
+impl WritebackState {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            WritebackState::Ok => "ok",
+            WritebackState::Retrying { .. } => "retrying",
+            WritebackState::Failing { .. } => "failing",
+        }
+    }
 }
 
 impl Default for WritebackOptions {
@@ -46,6 +82,7 @@ impl Default for WritebackOptions {
             high_pct: 50,
             low_pct: 40,
             gc_percent: 70,
+            io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
         }
     }
 }
@@ -72,6 +109,8 @@ pub struct DirtyKey {
     /// Absolute cache sector of the data (data keys).
     pub pos: u64,
     pub epoch: u64,
+    /// CRC32C of the key's whole data, when the cache keeps data CRCs.
+    pub crc: Option<u32>,
 }
 
 /// A segment of the log and how its first kset chains.
@@ -88,6 +127,10 @@ pub(super) enum WbIo {
         lba: u64,
         len: u32,
         src: u64,
+        /// The whole key's data and CRC, checked before anything is written back.
+        verify: Option<Verify>,
+        /// Reads that failed the CRC so far.
+        crc_fails: u8,
     },
     Zero {
         lba: u64,
@@ -115,6 +158,8 @@ struct Group {
     phase: Phase,
     new_dirty_tail: LogTail,
     sectors: u64,
+    /// An I/O of the group failed: once the rest is in, it starts over (after backoff).
+    failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -124,8 +169,8 @@ pub(super) struct Writeback {
     /// Ranges queued or in flight: no in-place overwrite may touch them.
     ranges: BTreeMap<u64, u32>,
     group: Option<Group>,
-    /// A backing write or flush failed: stopped until `retry_writeback`.
-    pub failed: bool,
+    /// Failures of writeback I/O: retried with backoff, resumed on the first success.
+    pub backoff: Backoff,
     active: bool,
     pub drain: bool,
 }
@@ -164,8 +209,9 @@ impl Shard {
     pub fn debug_state(&self) -> String {
         format!(
             "shard {}: segs {:?} ready {} preparing {} wanted {} pending {} batches {} log {} \
-             dirty_tail {:?} tail {:?} group {:?} queue {} inflight {} failed {} stalled {} \
-             pressure {} allowed {} frontier {} want_tail {:?} releasing {:?} control_inflight {}",
+             dirty_tail {:?} tail {:?} group {:?} queue {} inflight {} wb {:?} stalled {} \
+             pressure {} allowed {} frontier {} want_tail {:?} releasing {:?} control_inflight {} \
+             reads {} tags {} retry_data {:?} meta {:?} now {} failed {} batch_states {:?}",
             self.cfg.id,
             self.segments
                 .iter()
@@ -182,7 +228,7 @@ impl Shard {
             self.wb.group.as_ref().map(|g| (g.ksets, g.phase)),
             self.wb.queue.len(),
             self.wb.inflight,
-            self.wb.failed,
+            self.wb.backoff,
             self.stalled,
             self.pressure,
             self.allowed_epoch,
@@ -190,6 +236,16 @@ impl Shard {
             self.control.want_tail.map(|t| (t.0.seq, t.1)),
             self.control.releasing,
             self.control.inflight.is_some(),
+            self.reads.len(),
+            self.tags.len(),
+            self.retry_data,
+            self.meta,
+            self.now,
+            self.failed,
+            self.batches
+                .iter()
+                .map(|b| (b.seq, b.state, b.data_pending))
+                .collect::<Vec<_>>(),
         )
     }
 
@@ -246,13 +302,43 @@ impl Shard {
         self.cfg.wb
     }
 
-    /// Resumes writeback after a backing-device error.
+    /// Retries failed writeback at once instead of after its backoff (an operator asked).
     pub fn retry_writeback(&mut self) {
-        self.wb.failed = false;
+        self.wb.backoff.expedite();
+        self.meta.expedite();
     }
 
+    /// Writeback has been failing for longer than the I/O timeout.
     pub fn writeback_failed(&self) -> bool {
-        self.wb.failed
+        matches!(self.writeback_state(), WritebackState::Failing { .. })
+    }
+
+    pub fn writeback_state(&self) -> WritebackState {
+        match self.wb.backoff.since() {
+            None => WritebackState::Ok,
+            Some(since)
+                if self
+                    .wb
+                    .backoff
+                    .outlasted(self.now, self.cfg.wb.io_timeout_ms) =>
+            {
+                WritebackState::Failing { since }
+            }
+            Some(since) => WritebackState::Retrying { since },
+        }
+    }
+
+    /// When failed writeback is next retried, while it waits to be.
+    pub(super) fn writeback_due(&self) -> Option<u64> {
+        self.wb
+            .backoff
+            .due(self.now)
+            .filter(|_| !self.log.is_empty() && self.wb.group.is_none())
+    }
+
+    /// Ranges whose data failed its CRC in writeback (they read as errors until rewritten).
+    pub fn poisoned(&self) -> &[(u64, u32)] {
+        &self.poison
     }
 
     /// Dirty data not yet written back, in sectors.
@@ -270,7 +356,7 @@ impl Shard {
     }
 
     fn writeback_wanted(&mut self) -> bool {
-        if self.wb.failed || self.log.is_empty() {
+        if !self.wb.backoff.ready(self.now) || self.log.is_empty() {
             return false;
         }
         if self.wb.drain || self.stalled || self.pressure || self.idle {
@@ -293,7 +379,8 @@ impl Shard {
         if self.wb.group.is_none() && self.writeback_wanted() {
             self.start_group();
         }
-        while self.wb.inflight < self.cfg.wb.max_inflight && !self.wb.failed {
+        let failed = self.wb.group.as_ref().is_some_and(|g| g.failed);
+        while self.wb.inflight < self.cfg.wb.max_inflight && !failed {
             let Some(io) = self.wb.queue.pop_front() else {
                 break;
             };
@@ -351,6 +438,12 @@ impl Shard {
                         lba: p.lba,
                         len: p.len,
                         src: k.pos + (p.lba - k.lba),
+                        verify: k.crc.map(|crc| Verify {
+                            sector: k.pos,
+                            sectors: u64::from(k.len),
+                            crc,
+                        }),
+                        crc_fails: 0,
                     },
                     KeyKind::Zeroes | KeyKind::Unmap => WbIo::Zero {
                         lba: p.lba,
@@ -398,6 +491,7 @@ impl Shard {
             phase: Phase::Io,
             new_dirty_tail,
             sectors,
+            failed: false,
         });
         self.stats.wb_groups += 1;
     }
@@ -406,13 +500,20 @@ impl Shard {
         self.wb.inflight += 1;
         let tag = self.tag(TagOwner::Wb(io));
         let cmd = match io {
-            WbIo::Copy { lba, len, src } => Command::Copy {
+            WbIo::Copy {
+                lba,
+                len,
+                src,
+                verify,
+                ..
+            } => Command::Copy {
                 tag,
                 src: Dev::Cache,
                 src_sector: src,
                 dst: Dev::Backing,
                 dst_sector: lba,
                 sectors: u64::from(len),
+                verify,
             },
             WbIo::Zero {
                 lba,
@@ -440,14 +541,59 @@ impl Shard {
         let (lba, len) = match io {
             WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
         };
-        self.wb.ranges.remove(&lba);
-        if result.is_err() {
-            self.fail_writeback(format!("backing write at lba {lba}+{len} failed"));
-            return;
+        match (io, result) {
+            (_, Ok(())) => {}
+            (
+                WbIo::Copy {
+                    src,
+                    verify,
+                    crc_fails,
+                    ..
+                },
+                Err(IoError::CrcMismatch),
+            ) => {
+                self.stats.wb_crc_errors += 1;
+                if crc_fails + 1 < CRC_READ_ATTEMPTS {
+                    // Read it again: the range stays reserved for this copy.
+                    self.wb.queue.push_front(WbIo::Copy {
+                        lba,
+                        len,
+                        src,
+                        verify,
+                        crc_fails: crc_fails + 1,
+                    });
+                    return;
+                }
+                self.wb.ranges.remove(&lba);
+                self.poison_copy(lba, len, src);
+                return;
+            }
+            (WbIo::Copy { src, .. }, Err(IoError::Source)) => {
+                self.wb.ranges.remove(&lba);
+                self.stats.wb_cache_read_errors += 1;
+                self.fail_writeback(format!(
+                    "cache read of lba {lba}+{len} (cache sector {src}) failed"
+                ));
+                return;
+            }
+            (WbIo::Zero { unmap, .. }, Err(_)) => {
+                self.wb.ranges.remove(&lba);
+                self.stats.wb_backing_write_errors += 1;
+                let what = if unmap { "unmap" } else { "write-zeroes" };
+                self.fail_writeback(format!("backing {what} of lba {lba}+{len} failed"));
+                return;
+            }
+            (WbIo::Copy { .. }, Err(_)) => {
+                self.wb.ranges.remove(&lba);
+                self.stats.wb_backing_write_errors += 1;
+                self.fail_writeback(format!("backing write of lba {lba}+{len} failed"));
+                return;
+            }
         }
+        self.wb.ranges.remove(&lba);
         self.stats.wb_sectors += u64::from(len);
         match io {
-            WbIo::Copy { lba, len, src } => self.index.mark_clean(lba, len, src),
+            WbIo::Copy { lba, len, src, .. } => self.index.mark_clean(lba, len, src),
             WbIo::Zero {
                 lba,
                 len,
@@ -464,15 +610,47 @@ impl Shard {
         }
     }
 
+    /// A copy's data failed its CRC on every read: what the index still maps to it is
+    /// poisoned (reads fail until rewritten) and nothing is written back, so the backing
+    /// device keeps its older contents. The range is persisted in the control slot with
+    /// the dirty tail that passes it.
+    fn poison_copy(&mut self, lba: u64, len: u32, src: u64) {
+        let ranges = self.index.poison(lba, len, src);
+        let mut list = self.poison.clone();
+        for &(l, n) in &ranges {
+            super::trim_ranges(&mut list, l, n);
+            list.push((l, n));
+        }
+        if list.len() > MAX_POISON {
+            // Cannot be recorded: the dirty tail must not pass it. The group starts over
+            // (and fails here again) until a write replaces the range.
+            self.fail_writeback(format!(
+                "data of lba {lba}+{len} (cache sector {src}) failed its CRC, and the control \
+                 slot holds no more poisoned ranges"
+            ));
+            return;
+        }
+        self.poison = list;
+        self.stats.poisoned_extents += ranges.len() as u64;
+        self.out.log.push(format!(
+            "shard {}: dirty data of lba {lba}+{len} (cache sector {src}) failed its CRC \
+             {CRC_READ_ATTEMPTS} times; not written back (the backing device keeps its older \
+             data); the range reads as an I/O error until it is rewritten",
+            self.cfg.id
+        ));
+    }
+
     fn fail_writeback(&mut self, what: String) {
-        if !self.wb.failed {
+        if self.wb.backoff.fail(self.now) {
             self.out.log.push(format!(
-                "shard {}: writeback stopped: {what}; dirty data stays in the cache",
+                "shard {}: writeback failed: {what}; dirty data stays in the cache, retrying",
                 self.cfg.id
             ));
         }
         self.stats.wb_errors += 1;
-        self.wb.failed = true;
+        if let Some(g) = self.wb.group.as_mut() {
+            g.failed = true;
+        }
     }
 
     /// Moves the current group on: copies done → backing flush → persist the dirty tail.
@@ -483,8 +661,8 @@ impl Shard {
         if g.phase != Phase::Io || self.wb.inflight > 0 {
             return;
         }
-        if self.wb.failed {
-            // Start over from the same dirty tail once retried.
+        if g.failed {
+            // Start over from the same dirty tail once the backoff allows.
             self.wb.queue.clear();
             self.wb.ranges.clear();
             self.wb.group = None;
@@ -513,6 +691,7 @@ impl Shard {
         };
         if result.is_err() {
             self.wb.group = None;
+            self.stats.wb_backing_flush_errors += 1;
             self.fail_writeback("backing flush failed".into());
             return;
         }
@@ -573,7 +752,7 @@ impl Shard {
 
     /// Writes the control slot when the log tail or dirty tail should move.
     fn persist_control(&mut self) {
-        if self.control.inflight.is_some() {
+        if self.control.inflight.is_some() || !self.meta.ready(self.now) {
             return;
         }
         let tail = self.control.want_tail.map_or(self.tail, |t| t.0);
@@ -591,6 +770,7 @@ impl Shard {
             tail,
             dirty_tail: dirty,
             gc_percent: self.cfg.wb.gc_percent,
+            poison: self.poison.clone(),
         };
         let which = 1 - self.control.slot;
         let sector = self.cfg.geo.control_sector(self.cfg.id, which);
@@ -612,10 +792,12 @@ impl Shard {
         };
         if result.is_err() {
             // The other replica still holds the previous state; write this one again.
-            self.stats.io_errors += 1;
+            let (shard, now) = (self.cfg.id, self.now);
+            self.cache_write_failed(now, format_args!("control slot of shard {shard}"));
             self.control.rewrite = true;
             return;
         }
+        self.cache_write_ok();
         self.control.seq += 1;
         self.control.slot = 1 - self.control.slot;
         self.tail = tail;
@@ -654,5 +836,13 @@ impl Shard {
         // Once per group: the ksets of fills it did not reach are scanned again later.
         self.log_front_epoch = first_dirty_epoch(&self.log);
         self.stats.wb_group_sectors += g.sectors;
+        // Only a group that wrote to the backing device proves it healthy.
+        if let Some((n, since)) = g.wrote.then(|| self.wb.backoff.succeed()).flatten() {
+            self.out.log.push(format!(
+                "shard {}: writeback resumed after {n} failures over {} ms",
+                self.cfg.id,
+                self.now.saturating_sub(since)
+            ));
+        }
     }
 }
