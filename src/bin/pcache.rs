@@ -176,7 +176,7 @@ struct CoreLatencyArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_usage(e));
     let res = match cli.cmd {
         Cmd::Bench(a) => bench(&a),
         Cmd::Inspect(a) => image_cmd(&a.image, false),
@@ -190,6 +190,35 @@ fn main() -> ExitCode {
         eprintln!("pcache: {e}");
         ExitCode::from(2)
     })
+}
+
+/// Prints a parse error and exits (0 for --help and --version, else 2). clap leaves the
+/// usage line out of some errors (a bad value): it is added, for the subcommand in use.
+fn exit_usage(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit()
+    }
+    let msg = e.render().to_string();
+    if msg.contains("Usage:") {
+        e.exit()
+    }
+    let mut root = Cli::command();
+    let sub = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|name| root.find_subcommand(&name).map(|c| (name, c.clone())));
+    let usage = match sub {
+        Some((name, c)) => c.bin_name(format!("pcache {name}")).render_usage(),
+        None => root.render_usage(),
+    };
+    let (head, tail) = msg
+        .split_once("\nFor more information")
+        .map_or((msg.as_str(), ""), |(h, _)| {
+            (h, "\nFor more information, try '--help'.\n")
+        });
+    eprint!("{}\n\n{usage}\n{tail}", head.trim_end());
+    std::process::exit(2)
 }
 
 /// A whole number of at least 1 (clap's own range check prints u64::MAX as the bound).
