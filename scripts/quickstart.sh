@@ -124,7 +124,7 @@ if ! "$SPDK_BDEVPERF" -u --disable-cpumask-locks -m "$mask" -r /var/tmp/pcache-q
     tail -30 "$perf_log" >&2
     exit 1
 fi
-grep -E "Job:|Nvme0n1|Total" "$perf_log" | tail -6
+grep -E "Device Information|^Job:|Nvme0n1 +:|^ Total" "$perf_log" | tail -4
 
 # 5. What pcache saw, then a draining delete.
 echo "== bdev_pcache_get_stats -b PC0"
