@@ -204,8 +204,9 @@ fn exit_usage(e: clap::Error) -> ! {
         e.exit()
     }
     let mut root = Cli::command();
-    let sub = std::env::args()
+    let sub = std::env::args_os()
         .skip(1)
+        .filter_map(|a| a.into_string().ok())
         .find(|a| !a.starts_with('-'))
         .and_then(|name| root.find_subcommand(&name).map(|c| (name, c.clone())));
     let usage = match sub {
