@@ -8,7 +8,8 @@
 #   SPDK_BDEVPERF_PY examples/bdev/bdevperf/bdevperf.py of that tree (may be empty)
 #   PCACHE_ROOT     this repository; PCACHE_LIB its target/release/libpcache.so
 #   PYTHONPATH      with $PCACHE_ROOT/rpc added (for `rpc.py --plugin pcache_rpc`)
-#   SPDK_MEM_ARGS   "" when >= 1 GiB of free 2 MiB hugepages is mounted, else "--no-huge -s 1024"
+#   SPDK_MEM_ARGS   "" when >= 1 GiB of free 2 MiB hugepages is mounted, else "--no-huge -s 2048"
+#                   (v26.05's spdk_tgt does not start in 1 GiB without hugepages: its iSCSI pools)
 # Returns non-zero (without exiting the caller's shell) when SPDK is not found.
 
 _pcache_env() {
@@ -78,7 +79,7 @@ _pcache_env() {
         && grep -q ' hugetlbfs ' /proc/mounts; then
         export SPDK_MEM_ARGS=""
     else
-        export SPDK_MEM_ARGS="--no-huge -s 1024"
+        export SPDK_MEM_ARGS="--no-huge -s 2048"
     fi
 }
 _pcache_env

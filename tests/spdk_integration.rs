@@ -5,8 +5,9 @@
 //! SPDK it found) and uses `target/release/libpcache.so`. So a plain `cargo test` covers it;
 //! nothing has to be built beforehand. The first run compiles bindgen (about a minute).
 //!
-//! Skips (prints `SKIPPED: <reason>` and passes) when SPDK is not found (`SPDK_DIR`,
-//! pkg-config `spdk_bdev`, or `/opt/spdk`), when its spdk_tgt / bdevperf / scripts/rpc.py are
+//! Ignored, with the reason, when the build found no SPDK (`SPDK_DIR`, pkg-config
+//! `spdk_bdev`, or `/opt/spdk`: build.rs sets `cfg(pcache_no_spdk)`). Skips (prints
+//! `SKIPPED: <reason>` and passes) when its spdk_tgt / bdevperf / scripts/rpc.py are
 //! missing, when bindgen finds no libclang (`apt-get install libclang-dev`), or when
 //! `PCACHE_SKIP_SPDK_TESTS` is set. Any other build failure with SPDK present fails the test.
 //!
@@ -470,6 +471,10 @@ const BAD_RPC_PY_CALLS: &[(&[&str], &str)] = &[
 ];
 
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn target_rpc_lifecycle() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -757,6 +762,10 @@ fn verify_secs() -> u64 {
 /// bdevperf `-w verify` over a cache much smaller than the working set, so writeback and GC
 /// run all the time; then the engine's stats, read over bdevperf's own RPC socket.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn bdevperf_verify_over_pcache() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -861,6 +870,10 @@ fn bdevperf_verify_over_pcache() {
 /// cores, a cache smaller than the working set, so writeback and GC compete for them too)
 /// must lose nothing and fail nothing, and the app must stop cleanly.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn verify_short_of_bdev_ios() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -1058,6 +1071,10 @@ fn run_jobs(
 }
 
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn hot_remove_under_io() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -1285,6 +1302,10 @@ fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn restart_and_reattach() {
     restart_case(None);
 }
@@ -1292,6 +1313,10 @@ fn restart_and_reattach() {
 /// `restart_and_reattach` with the cache in a file mapped by the engine (`cache_path`, in
 /// tmpfs): the saved config carries the path, the restart reattaches it.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn restart_and_reattach_cache_path() {
     let path = PathBuf::from(format!(
         "/dev/shm/pcache-it-persist-{}.img",
@@ -1521,6 +1546,10 @@ fn restart_case(cache_path: Option<&Path>) {
 /// and the persistence mode; a second bdev on the same path is refused; then bdevperf
 /// `-w verify` runs over a `cache_path` pcache bdev with writeback and GC busy.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn cache_path_rpc_and_verify() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -1781,6 +1810,10 @@ fn saved_creates(cfg: &Value) -> Vec<Value> {
 /// matching the examined bdev adopts it; a reattach under another name stores the new name,
 /// which the next restart uses.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn examine_autoload_after_restart() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -1988,6 +2021,10 @@ fn examine_autoload_after_restart() {
 /// every pending request) with `defer: true`, and `load_config` of that config into a fresh
 /// target works even with the creates moved before the base bdevs.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn deferred_create_and_load_config() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
@@ -2146,6 +2183,10 @@ fn deferred_create_and_load_config() {
 /// exist yet); the bases are then created by RPC, the pcache bdev appears, and
 /// `-w verify` runs over it without a failed I/O.
 #[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
 fn deferred_create_does_io() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };

@@ -1,9 +1,13 @@
-//! `pcache`: benchmark the engine on in-memory devices, and inspect or check cache images.
+//! `pcache`: benchmark the engine on in-memory devices, and format, inspect or check cache
+//! images.
 
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
 
 use pcache::engine::index::{Extent, ExtentMap, State};
 use pcache::engine::{BackingIdentity, CacheOptions, FormatOptions, LayoutOptions, Op};
@@ -16,45 +20,171 @@ use pcache::media::slow::SlowDevice;
 use pcache::media::BlockDevice;
 use pcache::offline;
 
-const USAGE: &str = "\
-usage:
-  pcache bench [--cache-mib N] [--backing-mib N] [--working-set-mib N] [--ops N] [--qd N]
-               [--shards N] [--segment-mib N] [--data-crc] [--engine-only] [--seed N]
-      Runs the engine on in-memory devices: 4 KiB random writes and read hits over a
-      working set that fits, then fills the cache with distinct 4 KiB keys and times replay.
-      --engine-only skips the data copies (measures the engine alone).
-  pcache bench --sustained [--cache-mib N] [--working-set-mib N] [--ops N] [--qd N]
-               [--backing-latency-us N]
-      Working set larger than the cache over a slow backing device (a cost per command):
-      sustained write IOPS and writeback throughput, each as a ratio to the backing device
-      alone in the same run.
-  pcache inspect <image>   Print superblock, shards, segments and dirty/clean usage.
-  pcache check <image>     Verify every CRC and a full replay; exit 1 if anything is corrupt.
-      <image> is a file, a block device, or a devdax device (/dev/daxX.Y, mapped).
-  pcache index-mem [--extents N] [--random]
-      Builds an index of N 4 KiB extents in a fresh process and prints its DRAM per extent.
-  pcache format <image> --backing-mib N [--cache-mib N] [--shards N] [--data-crc]
-      Format a file as a cache for a backing device of N MiB (for trying inspect/check).
-  pcache core-latency [--rounds N]
-      Round trip of a cache line between two spinning threads (on two CPUs when the
-      machine has two idle), in ns: what every cross-core message pays (scripts/bench
-      prints it beside the 2-core figures).";
+/// Persistent-memory write-back cache: engine benchmark and offline cache-image tools.
+///
+/// The SPDK module itself is `libpcache.so` (cargo build --release --features spdk --lib),
+/// preloaded into spdk_tgt or bdevperf; see the README.
+#[derive(Parser)]
+#[command(name = "pcache", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Benchmark the engine on in-memory devices (no SPDK needed).
+    ///
+    /// Default: 4 KiB random writes and read hits over a working set that fits in the cache,
+    /// then the rest of the cache is filled with distinct 4 KiB keys and a full replay is
+    /// timed; last, the index's DRAM per cached extent is measured in a fresh process.
+    ///
+    /// --sustained: a working set larger than the cache over a slow backing device (a cost per
+    /// command plus bandwidth); sustained write IOPS and writeback throughput, each as a ratio
+    /// to the backing device alone in the same run.
+    Bench(BenchArgs),
+    /// Print the superblock, shards, segments and dirty/clean usage of a cache image.
+    Inspect(ImageArgs),
+    /// Verify every metadata and data CRC and a full replay; exit 1 if anything is corrupt.
+    Check(ImageArgs),
+    /// Format a file as a cache (to try inspect and check on).
+    Format(FormatArgs),
+    /// Build an index of N 4 KiB extents in a fresh process and print its DRAM per extent.
+    IndexMem(IndexMemArgs),
+    /// Drive the engine alone through N 4 KiB write (or read) hits, no data moved.
+    ///
+    /// Run under `valgrind --tool=callgrind` at two values of --ops: the difference in
+    /// instructions divided by the difference in --ops is the engine's cost per operation.
+    EngineCost(EngineCostArgs),
+    /// Round trip of a cache line between two spinning threads, in ns.
+    ///
+    /// On two CPUs when the machine has two idle: what every cross-core message pays
+    /// (scripts/bench prints it beside the 2-core figures). Prints the median of 5 runs.
+    CoreLatency(CoreLatencyArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Cache device size in MiB [default: 1024, or 64 with --sustained]
+    #[arg(long, value_name = "N")]
+    cache_mib: Option<u64>,
+    /// Backing device size in MiB
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2048,
+        conflicts_with = "sustained"
+    )]
+    backing_mib: u64,
+    /// Working set in MiB [default: 256 (at most the backing size), or 4x the cache with
+    /// --sustained]
+    #[arg(long, value_name = "N")]
+    working_set_mib: Option<u64>,
+    /// Requests per measured phase [default: 1000000, or 100000 with --sustained]
+    #[arg(long, value_name = "N", value_parser = positive::<u64>)]
+    ops: Option<u64>,
+    /// Requests in flight
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = positive::<u64>)]
+    qd: u64,
+    /// Shards the cache is formatted with
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "sustained",
+          value_parser = positive::<u32>)]
+    shards: u32,
+    /// Segment size in MiB
+    #[arg(long, value_name = "N", default_value_t = 16, conflicts_with = "sustained",
+          value_parser = positive::<u64>)]
+    segment_mib: u64,
+    /// Keep a CRC of every data block
+    #[arg(long, conflicts_with = "sustained")]
+    data_crc: bool,
+    /// Skip the data copies (measures the engine alone; no replay or index phases)
+    #[arg(long, conflicts_with = "sustained")]
+    engine_only: bool,
+    /// Seed of the random offsets
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+    /// Working set larger than the cache, over a slow backing device
+    #[arg(long)]
+    sustained: bool,
+    /// With --sustained: the backing device's fixed cost per command, in microseconds
+    /// [default: 10]
+    #[arg(long, value_name = "N", requires = "sustained")]
+    backing_latency_us: Option<u64>,
+    /// Print the results as one JSON object on stdout (and nothing else there)
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ImageArgs {
+    /// A file, a block device, or a devdax device (/dev/daxX.Y, mapped)
+    image: PathBuf,
+}
+
+#[derive(Args)]
+struct FormatArgs {
+    /// File to create or overwrite
+    image: PathBuf,
+    /// Size of the backing device the cache is for, in MiB
+    #[arg(long, value_name = "N", value_parser = positive::<u64>)]
+    backing_mib: u64,
+    /// Cache size in MiB
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = positive::<u64>)]
+    cache_mib: u64,
+    /// Shards
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive::<u32>)]
+    shards: u32,
+    /// Keep a CRC of every data block
+    #[arg(long)]
+    data_crc: bool,
+}
+
+#[derive(Args)]
+struct IndexMemArgs {
+    /// Extents to insert
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    extents: u64,
+    /// Insert in random LBA order
+    #[arg(long, conflicts_with = "sequential")]
+    random: bool,
+    /// Insert in LBA order (the default)
+    #[arg(long)]
+    sequential: bool,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EngineCostArgs {
+    /// Operations
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    ops: u64,
+    /// Read hits instead of write hits
+    #[arg(long)]
+    reads: bool,
+    /// Distinct 4 KiB blocks written first and then hit
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = positive::<u64>)]
+    blocks: u64,
+}
+
+#[derive(Args)]
+struct CoreLatencyArgs {
+    /// Round trips per run
+    #[arg(long, value_name = "N", default_value_t = 200_000, value_parser = positive::<u64>)]
+    rounds: u64,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let res = match args.first().map(String::as_str) {
-        Some("bench") => bench(&args[1..]),
-        Some("inspect") => image_cmd(&args[1..], false),
-        Some("check") => image_cmd(&args[1..], true),
-        Some("format") => format_cmd(&args[1..]),
-        Some("index-mem") => index_mem(&args[1..]),
-        Some("engine-cost") => engine_cost(&args[1..]),
-        Some("core-latency") => core_latency(&args[1..]),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
-        }
-        _ => Err(format!("unknown or missing command\n{USAGE}")),
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_usage(e));
+    let res = match cli.cmd {
+        Cmd::Bench(a) => bench(&a),
+        Cmd::Inspect(a) => image_cmd(&a.image, false),
+        Cmd::Check(a) => image_cmd(&a.image, true),
+        Cmd::Format(a) => format_cmd(&a),
+        Cmd::IndexMem(a) => index_mem(&a),
+        Cmd::EngineCost(a) => engine_cost(&a),
+        Cmd::CoreLatency(a) => core_latency(&a),
     };
     res.unwrap_or_else(|e| {
         eprintln!("pcache: {e}");
@@ -62,41 +192,71 @@ fn main() -> ExitCode {
     })
 }
 
-/// Flags of the form `--name value` or `--flag`.
-struct Flags<'a>(&'a [String]);
+/// Prints a parse error and exits (0 for --help and --version, else 2). clap leaves the
+/// usage line out of some errors (a bad value): it is added, for the subcommand in use.
+fn exit_usage(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit()
+    }
+    let msg = e.render().to_string();
+    if msg.contains("Usage:") {
+        e.exit()
+    }
+    let mut root = Cli::command();
+    let sub = std::env::args_os()
+        .skip(1)
+        .filter_map(|a| a.into_string().ok())
+        .find(|a| !a.starts_with('-'))
+        .and_then(|name| root.find_subcommand(&name).map(|c| (name, c.clone())));
+    let usage = match sub {
+        Some((name, c)) => c.bin_name(format!("pcache {name}")).render_usage(),
+        None => root.render_usage(),
+    };
+    let (head, tail) = msg
+        .split_once("\nFor more information")
+        .map_or((msg.as_str(), ""), |(h, _)| {
+            (h, "\nFor more information, try '--help'.\n")
+        });
+    eprint!("{}\n\n{usage}\n{tail}", head.trim_end());
+    std::process::exit(2)
+}
 
-impl Flags<'_> {
-    fn num(&self, name: &str, default: u64) -> Result<u64, String> {
-        match self.0.iter().position(|a| a == name) {
-            Some(i) => self
-                .0
-                .get(i + 1)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("{name} needs a number")),
-            None => Ok(default),
-        }
+/// A whole number of at least 1 (clap's own range check prints u64::MAX as the bound).
+fn positive<T: std::str::FromStr + Default + PartialEq>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let v: T = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if v == T::default() {
+        return Err("must be at least 1".into());
     }
-    fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
-    fn check_known(&self, known: &[&str]) -> Result<(), String> {
-        for a in self.0.iter().filter(|a| a.starts_with("--")) {
-            if !known.contains(&a.as_str()) {
-                return Err(format!("unknown option {a}\n{USAGE}"));
-            }
-        }
-        Ok(())
+    Ok(v)
+}
+
+/// A usage error found after parsing (a relation between options): clap's format, exit 2.
+fn usage_error(sub: &str, msg: &str) -> ! {
+    let mut cmd = Cli::command();
+    let cmd = cmd
+        .find_subcommand_mut(sub)
+        .map(|c| c.clone().bin_name(format!("pcache {sub}")));
+    match cmd {
+        Some(mut c) => c
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit(),
+        None => Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit(),
     }
 }
 
-fn image_cmd(args: &[String], check: bool) -> Result<ExitCode, String> {
-    let path = args.first().ok_or("missing image path")?;
-    let p = PathBuf::from(path);
+fn image_cmd(p: &Path, check: bool) -> Result<ExitCode, String> {
+    let path = p.display();
     // A devdax device can only be mapped; files and block devices are read.
-    let mut dev: Box<dyn BlockDevice> = if dax::is_char_device(&p) {
-        Box::new(DaxDevice::open(&p, None, false).map_err(|e| e.to_string())?)
+    let mut dev: Box<dyn BlockDevice> = if dax::is_char_device(p) {
+        Box::new(DaxDevice::open(p, None, false).map_err(|e| format!("cannot map {path}: {e}"))?)
     } else {
-        Box::new(FileDevice::open_read_only(&p).map_err(|e| format!("cannot open {path}: {e}"))?)
+        Box::new(FileDevice::open_read_only(p).map_err(|e| format!("cannot open {path}: {e}"))?)
     };
     let dev = dev.as_mut();
     if check {
@@ -118,32 +278,23 @@ fn image_cmd(args: &[String], check: bool) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn format_cmd(args: &[String]) -> Result<ExitCode, String> {
-    let f = Flags(args);
-    f.check_known(&["--backing-mib", "--cache-mib", "--shards", "--data-crc"])?;
-    let path = args
-        .first()
-        .filter(|a| !a.starts_with("--"))
-        .ok_or("missing image path")?;
-    let backing_mib = f.num("--backing-mib", 0)?;
-    if backing_mib == 0 {
-        return Err("--backing-mib is required".into());
-    }
-    let cache_bytes = f.num("--cache-mib", 64)? << 20;
-    let mut dev = FileDevice::open(&PathBuf::from(path), Some(cache_bytes), false)
+fn format_cmd(a: &FormatArgs) -> Result<ExitCode, String> {
+    let path = a.image.display();
+    let cache_bytes = a.cache_mib << 20;
+    let mut dev = FileDevice::open(&a.image, Some(cache_bytes), false)
         .map_err(|e| format!("cannot create {path}: {e}"))?;
     let backing = BackingIdentity {
-        sectors: (backing_mib << 20) / 512,
+        sectors: (a.backing_mib << 20) / 512,
         block_size: 512,
         uuid: [0; 16],
         name: "backing".into(),
     };
     let fopts = FormatOptions {
         layout: LayoutOptions {
-            shards: f.num("--shards", 1)? as u32,
+            shards: a.shards,
             ..LayoutOptions::default()
         },
-        data_crc: f.has("--data-crc"),
+        data_crc: a.data_crc,
         cache_uuid: new_uuid(),
         ..FormatOptions::default()
     };
@@ -153,7 +304,7 @@ fn format_cmd(args: &[String]) -> Result<ExitCode, String> {
         dev.write(sector, &bytes).map_err(|e| e.to_string())?;
     }
     dev.flush().map_err(|e| e.to_string())?;
-    println!("formatted {path}: {} MiB cache", cache_bytes >> 20);
+    println!("formatted {path}: {} MiB cache", a.cache_mib);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -195,43 +346,151 @@ impl BlockDevice for NullDevice {
     }
 }
 
-struct Progress {
-    tty: bool,
-    label: &'static str,
-    total: u64,
-    last: u64,
+/// A progress bar on stderr for a phase of `total` steps (drawn only when stderr is a
+/// terminal). Callers update it every `PROGRESS_STEP` steps to keep it off the hot path.
+fn progress(label: &'static str, total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{prefix:<10} [{bar:40}] {percent:>3}% {human_pos}/{human_len} ({eta} left)",
+    )
+    .map(|s| s.progress_chars("#>."))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb.set_prefix(label);
+    pb
 }
 
-impl Progress {
-    fn new(label: &'static str, total: u64) -> Self {
-        Progress {
-            tty: std::io::stderr().is_terminal(),
-            label,
-            total: total.max(1),
-            last: u64::MAX,
+const PROGRESS_STEP: u64 = 4096;
+
+/// What `bench --json` prints: one object; the parts a mode does not run are left out.
+#[derive(Serialize, Default)]
+struct BenchReport {
+    /// "io", "engine-only" or "sustained".
+    mode: &'static str,
+    config: BenchConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    randwrite: Option<PhaseStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    randread: Option<PhaseStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sustained: Option<PhaseStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_alone: Option<Throughput>,
+    /// Sustained write IOPS over the backing device's alone (goal >= 0.8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sustained_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writeback: Option<WritebackStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay: Option<ReplayStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index_dram: Option<IndexDram>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<EngineStats>,
+}
+
+#[derive(Serialize, Default)]
+struct BenchConfig {
+    cache_mib: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_mib: Option<u64>,
+    working_set_mib: u64,
+    ops: u64,
+    qd: u64,
+    io_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segment_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_crc: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_latency_us: Option<u64>,
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct PhaseStats {
+    ops: u64,
+    secs: f64,
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+}
+
+#[derive(Serialize)]
+struct Throughput {
+    iops: f64,
+    mib_s: f64,
+}
+
+#[derive(Serialize)]
+struct WritebackStats {
+    drained_mib: u64,
+    secs: f64,
+    mib_s: f64,
+    /// Writeback bandwidth over the backing device's 4 KiB random-write bandwidth.
+    ratio: f64,
+    backing_busy_pct: f64,
+}
+
+#[derive(Serialize)]
+struct ReplayStats {
+    secs: f64,
+    log_mib: u64,
+    extents: u64,
+    extents_per_sec: f64,
+}
+
+#[derive(Serialize)]
+struct IndexDram {
+    sequential_bytes_per_extent: Option<f64>,
+    random_bytes_per_extent: Option<f64>,
+}
+
+#[derive(Serialize, Default)]
+struct EngineStats {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ksets_written: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys_written: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_place_writes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_hit_pct: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gc_segments: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wb_groups: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_flushes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stalls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clean: Option<bool>,
+}
+
+/// The results of a bench run, printed as they come (text) or at the end (`--json`).
+struct Out {
+    json: bool,
+    report: BenchReport,
+}
+
+impl Out {
+    /// A line of the human-readable output (nothing with `--json`).
+    fn line(&self, s: std::fmt::Arguments) {
+        if !self.json {
+            println!("{s}");
         }
     }
-    fn update(&mut self, done: u64) {
-        let pct = done * 100 / self.total;
-        if pct == self.last {
-            return;
+    fn finish(self) -> Result<ExitCode, String> {
+        if self.json {
+            let s = serde_json::to_string_pretty(&self.report).map_err(|e| e.to_string())?;
+            println!("{s}");
         }
-        self.last = pct;
-        let bar: String = (0..40)
-            .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
-            .collect();
-        if self.tty {
-            eprint!("\r{:<10} [{bar}] {pct:3}%", self.label);
-        } else if pct % 25 == 0 {
-            eprintln!("{:<10} [{bar}] {pct:3}%", self.label);
-        }
-        let _ = std::io::stderr().flush();
-    }
-    fn finish(&mut self) {
-        self.update(self.total);
-        if self.tty {
-            eprintln!();
-        }
+        Ok(ExitCode::SUCCESS)
     }
 }
 
@@ -242,7 +501,8 @@ struct PhaseResult {
 }
 
 impl PhaseResult {
-    fn print(&mut self, name: &str, bytes_per_op: u64) {
+    /// Prints the phase's line and returns its figures.
+    fn report(mut self, out: &Out, name: &str, bytes_per_op: u64) -> PhaseStats {
         self.lat_ns.sort_unstable();
         let pick = |q: f64| {
             let i = ((self.lat_ns.len() as f64 - 1.0) * q).round() as usize;
@@ -250,14 +510,20 @@ impl PhaseResult {
         };
         let secs = self.elapsed.as_secs_f64();
         let iops = self.ops as f64 / secs;
-        println!(
-            "{name:<14} {:>12.0} IOPS {:>9.1} MiB/s   latency us: p50 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}",
+        let s = PhaseStats {
+            ops: self.ops,
+            secs,
             iops,
-            iops * bytes_per_op as f64 / (1 << 20) as f64,
-            pick(0.5),
-            pick(0.99),
-            pick(0.999)
-        );
+            mib_s: iops * bytes_per_op as f64 / (1 << 20) as f64,
+            p50_us: pick(0.5),
+            p99_us: pick(0.99),
+            p999_us: pick(0.999),
+        };
+        out.line(format_args!(
+            "{name:<14} {:>12.0} IOPS {:>9.1} MiB/s   latency us: p50 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}",
+            s.iops, s.mib_s, s.p50_us, s.p99_us, s.p999_us
+        ));
+        s
     }
 }
 
@@ -269,11 +535,12 @@ fn run_phase<C: BlockDevice, B: BlockDevice>(
     qd: u64,
     mut next: impl FnMut(u64) -> (Op, u64, Option<Vec<u8>>),
 ) -> Result<PhaseResult, String> {
-    let mut progress = Progress::new(label, ops);
+    let pb = progress(label, ops);
     let mut lat_ns = Vec::with_capacity(ops as usize);
     let mut submitted_at = std::collections::HashMap::new();
     let start = Instant::now();
     let mut issued = 0;
+    let mut shown = 0;
     let mut failures = 0u64;
     while issued < ops || !submitted_at.is_empty() {
         while issued < ops && (submitted_at.len() as u64) < qd {
@@ -294,13 +561,17 @@ fn run_phase<C: BlockDevice, B: BlockDevice>(
             }
         });
         if submitted_at.len() == before && issued >= ops {
+            pb.abandon();
             return Err(format!(
                 "{label}: requests stopped completing (cache full?)"
             ));
         }
-        progress.update(issued);
+        if issued - shown >= PROGRESS_STEP {
+            pb.set_position(issued);
+            shown = issued;
+        }
     }
-    progress.finish();
+    pb.finish_and_clear();
     if failures > 0 {
         return Err(format!("{label}: {failures} requests failed"));
     }
@@ -323,43 +594,48 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn bench(args: &[String]) -> Result<ExitCode, String> {
-    let f = Flags(args);
-    f.check_known(&[
-        "--cache-mib",
-        "--backing-mib",
-        "--working-set-mib",
-        "--ops",
-        "--qd",
-        "--shards",
-        "--segment-mib",
-        "--data-crc",
-        "--engine-only",
-        "--seed",
-        "--sustained",
-        "--backing-latency-us",
-    ])?;
-    if f.has("--sustained") {
-        return bench_sustained(&f);
+fn bench(a: &BenchArgs) -> Result<ExitCode, String> {
+    if a.sustained {
+        return bench_sustained(a);
     }
-    let cache_mib = f.num("--cache-mib", 1024)?;
-    let backing_mib = f.num("--backing-mib", 2048)?;
-    let ws_mib = f.num("--working-set-mib", 256)?.min(backing_mib);
-    let ops = f.num("--ops", 1_000_000)?;
-    let qd = f.num("--qd", 32)?.max(1);
-    let shards = f.num("--shards", 1)? as u32;
-    let seg_mib = f.num("--segment-mib", 16)?;
-    let engine_only = f.has("--engine-only");
-    let data_crc = f.has("--data-crc");
-    let mut rng = Rng::new(f.num("--seed", 1)?);
+    let cache_mib = a.cache_mib.unwrap_or(1024);
+    let backing_mib = a.backing_mib;
+    let ws_mib = a.working_set_mib.unwrap_or(256).min(backing_mib);
+    let ops = a.ops.unwrap_or(1_000_000);
+    let (qd, shards, seg_mib) = (a.qd, a.shards, a.segment_mib);
+    let (engine_only, data_crc) = (a.engine_only, a.data_crc);
+    let mut rng = Rng::new(a.seed);
     if ws_mib * 10 > cache_mib * 8 {
-        return Err("--working-set-mib must fit in 80% of the cache (no writeback yet)".into());
+        usage_error(
+            "bench",
+            "--working-set-mib must fit in 80% of --cache-mib (use --sustained for a larger working set)",
+        );
     }
-    println!(
+    let mut out = Out {
+        json: a.json,
+        report: BenchReport {
+            mode: if engine_only { "engine-only" } else { "io" },
+            config: BenchConfig {
+                cache_mib,
+                backing_mib: Some(backing_mib),
+                working_set_mib: ws_mib,
+                ops,
+                qd,
+                io_bytes: 4096,
+                shards: Some(shards),
+                segment_mib: Some(seg_mib),
+                data_crc: Some(data_crc),
+                backing_latency_us: None,
+                seed: a.seed,
+            },
+            ..BenchReport::default()
+        },
+    };
+    out.line(format_args!(
         "pcache bench: engine on in-memory devices{}; cache {cache_mib} MiB, backing {backing_mib} MiB, \
          working set {ws_mib} MiB, 4 KiB I/O, QD {qd}, {shards} shard(s), {seg_mib} MiB segments, data_crc {data_crc}",
         if engine_only { " (engine only: no data copies)" } else { "" }
-    );
+    ));
     let backing = BackingIdentity {
         sectors: (backing_mib << 20) / 512,
         block_size: 512,
@@ -384,7 +660,8 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         let host = SyncHost::format(c, b, backing.clone(), &fopts, CacheOptions::default())
             .map_err(|e| e.to_string())?;
         // Replay needs the real log: engine-only mode measures the I/O paths only.
-        return bench_io(host, ops, qd, ws_mib, &mut rng, None).map(|_| ExitCode::SUCCESS);
+        bench_io(host, ops, qd, ws_mib, &mut rng, &mut out)?;
+        return out.finish();
     }
     let host = SyncHost::format(
         MemDevice::new(cache_bytes),
@@ -394,10 +671,7 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         CacheOptions::default(),
     )
     .map_err(|e| e.to_string())?;
-    let host = bench_io(host, ops, qd, ws_mib, &mut rng, Some(ws_mib))?;
-    let Some(mut host) = host else {
-        return Ok(ExitCode::SUCCESS);
-    };
+    let mut host = bench_io(host, ops, qd, ws_mib, &mut rng, &mut out)?;
 
     // Fill the rest of the cache with distinct 4 KiB keys, then time a full replay.
     let free_segs = u64::from(host.cache.stats().segments_free);
@@ -416,37 +690,61 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         SyncHost::open(c, b, backing, CacheOptions::default()).map_err(|e| e.to_string())?;
     let replay = t.elapsed();
     let st2 = host.cache.stats();
-    println!(
+    let r = ReplayStats {
+        secs: replay.as_secs_f64(),
+        log_mib: u64::from(st.segments_total - st.segments_free) * seg_mib,
+        extents: st2.extents,
+        extents_per_sec: st2.extents as f64 / replay.as_secs_f64(),
+    };
+    out.line(format_args!(
         "replay         {:.3} s for {} MiB of log: {} extents ({:.0} extents/s)",
-        replay.as_secs_f64(),
-        u64::from(st.segments_total - st.segments_free) * seg_mib,
-        st2.extents,
-        st2.extents as f64 / replay.as_secs_f64()
-    );
+        r.secs, r.log_mib, r.extents, r.extents_per_sec
+    ));
+    out.report.replay = Some(r);
     drop(host);
     // Index DRAM, measured in a fresh process so nothing else moves its RSS.
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut dram = IndexDram {
+        sequential_bytes_per_extent: None,
+        random_bytes_per_extent: None,
+    };
     for order in ["--sequential", "--random"] {
-        let out = std::process::Command::new(&exe)
-            .args(["index-mem", "--extents", &st2.extents.to_string(), order])
+        let res = std::process::Command::new(&exe)
+            .args([
+                "index-mem",
+                "--json",
+                "--extents",
+                &st2.extents.to_string(),
+                order,
+            ])
             .output()
-            .map_err(|e| e.to_string())?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+            .map_err(|e| format!("cannot run {} index-mem: {e}", exe.display()))?;
+        let v: Option<IndexMemResult> = serde_json::from_slice(&res.stdout).ok();
+        let Some(v) = v.filter(|_| res.status.success()) else {
+            eprintln!(
+                "pcache: index-mem {order} failed: {}",
+                String::from_utf8_lossy(&res.stderr).trim()
+            );
+            continue;
+        };
+        out.line(format_args!("{}", v.line()));
+        if order == "--random" {
+            dram.random_bytes_per_extent = Some(v.bytes_per_extent);
+        } else {
+            dram.sequential_bytes_per_extent = Some(v.bytes_per_extent);
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    out.report.index_dram = Some(dram);
+    out.finish()
 }
 
 /// Drives the engine alone through N 4 KiB write hits (in-place overwrites of cached
 /// blocks) or read hits, completing every command at once with no data moved. Run under
 /// `valgrind --tool=callgrind` at two values of N: the difference divided by the
 /// difference in N is the engine's instructions per operation.
-fn engine_cost(args: &[String]) -> Result<ExitCode, String> {
+fn engine_cost(a: &EngineCostArgs) -> Result<ExitCode, String> {
     use pcache::engine::{Cache, IoDone, Request};
-    let f = Flags(args);
-    f.check_known(&["--ops", "--reads", "--blocks"])?;
-    let ops = f.num("--ops", 100_000)?;
-    let blocks = f.num("--blocks", 4096)?;
-    let reads = f.has("--reads");
+    let (ops, blocks, reads) = (a.ops, a.blocks, a.reads);
     let backing = BackingIdentity {
         sectors: 1 << 21,
         block_size: 512,
@@ -508,12 +806,10 @@ fn engine_cost(args: &[String]) -> Result<ExitCode, String> {
 
 /// Ping-pongs a counter between this thread and a second one, both spinning, and prints
 /// the median round trip of 5 runs in ns.
-fn core_latency(args: &[String]) -> Result<ExitCode, String> {
+fn core_latency(a: &CoreLatencyArgs) -> Result<ExitCode, String> {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
-    let f = Flags(args);
-    f.check_known(&["--rounds"])?;
-    let rounds = f.num("--rounds", 200_000)?.max(1);
+    let rounds = a.rounds;
     let mut runs = Vec::new();
     for _ in 0..5 {
         let flag = Arc::new(AtomicU64::new(0));
@@ -541,14 +837,28 @@ fn core_latency(args: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `index-mem --json` prints.
+#[derive(Serialize, serde::Deserialize)]
+struct IndexMemResult {
+    bytes_per_extent: f64,
+    extents: u64,
+    order: String,
+}
+
+impl IndexMemResult {
+    fn line(&self) -> String {
+        format!(
+            "index DRAM     {:.1} bytes per cached extent ({} extents inserted in {} order)",
+            self.bytes_per_extent, self.extents, self.order
+        )
+    }
+}
+
 /// Builds an index of N one-page extents and reports the RSS it took.
-fn index_mem(args: &[String]) -> Result<ExitCode, String> {
-    let f = Flags(args);
-    f.check_known(&["--extents", "--random", "--sequential"])?;
-    let n = f.num("--extents", 1_000_000)?;
-    let random = f.has("--random");
+fn index_mem(a: &IndexMemArgs) -> Result<ExitCode, String> {
+    let n = a.extents;
     let mut lbas: Vec<u64> = (0..n).map(|i| i * 8).collect();
-    if random {
+    if a.random {
         let mut rng = Rng::new(7);
         for i in (1..lbas.len()).rev() {
             let j = rng.below(i as u64 + 1) as usize;
@@ -561,44 +871,71 @@ fn index_mem(args: &[String]) -> Result<ExitCode, String> {
         map.insert(lba, Extent::new(i as u64 * 8, 8, State::Dirty, None, 1));
     }
     let after = rss_bytes();
-    println!(
-        "index DRAM     {:.1} bytes per cached extent ({} extents inserted in {} order)",
-        after.saturating_sub(before) as f64 / n.max(1) as f64,
-        map.len(),
-        if random { "random" } else { "LBA" }
-    );
+    let r = IndexMemResult {
+        bytes_per_extent: after.saturating_sub(before) as f64 / n.max(1) as f64,
+        extents: map.len() as u64,
+        order: if a.random { "random" } else { "LBA" }.into(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+    } else {
+        println!("{}", r.line());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Sustained writes over a working set larger than the cache, against the backing device
 /// alone, on the same slow-device model.
-fn bench_sustained(f: &Flags) -> Result<ExitCode, String> {
-    let cache_mib = f.num("--cache-mib", 64)?;
-    let ws_mib = f.num("--working-set-mib", 4 * cache_mib)?;
-    let ops = f.num("--ops", 100_000)?;
-    let qd = f.num("--qd", 32)?.max(1);
-    let lat = Duration::from_micros(f.num("--backing-latency-us", 10)?);
+fn bench_sustained(a: &BenchArgs) -> Result<ExitCode, String> {
+    let cache_mib = a.cache_mib.unwrap_or(64);
+    let ws_mib = a.working_set_mib.unwrap_or(4 * cache_mib);
+    let ops = a.ops.unwrap_or(100_000);
+    let qd = a.qd;
+    let lat_us = a.backing_latency_us.unwrap_or(10);
+    let lat = Duration::from_micros(lat_us);
     let bw = 2u64 << 30;
-    let mut rng = Rng::new(f.num("--seed", 1)?);
+    let mut rng = Rng::new(a.seed);
     let blocks = (ws_mib << 20) / 4096;
+    if blocks == 0 {
+        usage_error("bench", "--working-set-mib must be at least 1");
+    }
     let backing_sectors = (ws_mib << 20) / 512;
-    println!(
+    let mut out = Out {
+        json: a.json,
+        report: BenchReport {
+            mode: "sustained",
+            config: BenchConfig {
+                cache_mib,
+                backing_mib: None,
+                working_set_mib: ws_mib,
+                ops,
+                qd,
+                io_bytes: 4096,
+                backing_latency_us: Some(lat_us),
+                seed: a.seed,
+                ..BenchConfig::default()
+            },
+            ..BenchReport::default()
+        },
+    };
+    out.line(format_args!(
         "pcache bench --sustained: cache {cache_mib} MiB, working set {ws_mib} MiB, 4 KiB random writes, \
-         QD {qd}; backing device: {} us + 2 GiB/s per command (in-memory, synchronous)",
-        lat.as_micros()
-    );
+         QD {qd}; backing device: {lat_us} us + 2 GiB/s per command (in-memory, synchronous)"
+    ));
     let payload = vec![0x3cu8; 4096];
     // The backing device alone.
     let mut alone = SlowDevice::new(MemDevice::new(ws_mib << 20), lat, bw);
-    let mut progress = Progress::new("backing", ops);
+    let pb = progress("backing", ops);
     let t = Instant::now();
     for i in 0..ops {
         alone
             .write(rng.below(blocks) * 8, &payload)
             .map_err(|e| e.to_string())?;
-        progress.update(i);
+        if i % PROGRESS_STEP == 0 {
+            pb.set_position(i);
+        }
     }
-    progress.finish();
+    pb.finish_and_clear();
     let alone_secs = t.elapsed().as_secs_f64();
     let alone_iops = ops as f64 / alone_secs;
     let alone_bw = alone_iops * 4096.0;
@@ -632,11 +969,12 @@ fn bench_sustained(f: &Flags) -> Result<ExitCode, String> {
     run_phase(&mut host, "warm", warm, qd, |_| {
         (Op::Write, rng.below(blocks) * 8, Some(payload.clone()))
     })?;
-    let mut r = run_phase(&mut host, "sustained", ops, qd, |_| {
+    let r = run_phase(&mut host, "sustained", ops, qd, |_| {
         (Op::Write, rng.below(blocks) * 8, Some(payload.clone()))
     })?;
-    let cached_iops = r.ops as f64 / r.elapsed.as_secs_f64();
-    r.print("sustained 4k", 4096);
+    let s = r.report(&out, "sustained 4k", 4096);
+    let cached_iops = s.iops;
+    out.report.sustained = Some(s);
     let dirty = host.cache.dirty_bytes();
     let busy0 = host.backing_dev.busy;
     let t = Instant::now();
@@ -644,33 +982,50 @@ fn bench_sustained(f: &Flags) -> Result<ExitCode, String> {
     host.run();
     let drain = t.elapsed().as_secs_f64();
     let st = host.cache.stats();
-    println!(
+    out.line(format_args!(
         "backing alone  {alone_iops:>12.0} IOPS {:>9.1} MiB/s",
         alone_bw / (1 << 20) as f64
-    );
-    println!(
-        "ratio          sustained writes {:.2}x the backing device alone (goal >= 0.8)",
-        cached_iops / alone_iops
-    );
+    ));
+    out.report.backing_alone = Some(Throughput {
+        iops: alone_iops,
+        mib_s: alone_bw / (1 << 20) as f64,
+    });
+    let ratio = cached_iops / alone_iops;
+    out.line(format_args!(
+        "ratio          sustained writes {ratio:.2}x the backing device alone (goal >= 0.8)"
+    ));
+    out.report.sustained_ratio = Some(ratio);
     let wb_bw = dirty as f64 / drain;
-    println!(
+    let wb = WritebackStats {
+        drained_mib: dirty >> 20,
+        secs: drain,
+        mib_s: wb_bw / (1 << 20) as f64,
+        ratio: wb_bw / alone_bw,
+        backing_busy_pct: 100.0 * (host.backing_dev.busy - busy0).as_secs_f64() / drain,
+    };
+    out.line(format_args!(
         "writeback      drained {} MiB in {:.3} s = {:.1} MiB/s: {:.2}x the backing device's \
          4 KiB random-write bandwidth (goal >= 0.8); backing busy {:.0}% of the drain",
-        dirty >> 20,
-        drain,
-        wb_bw / (1 << 20) as f64,
-        wb_bw / alone_bw,
-        100.0 * (host.backing_dev.busy - busy0).as_secs_f64() / drain
-    );
-    println!(
-        "engine         {} segments reclaimed, {} writeback groups, {} backing flushes, {} stalls, clean {}",
+        wb.drained_mib, wb.secs, wb.mib_s, wb.ratio, wb.backing_busy_pct
+    ));
+    out.report.writeback = Some(wb);
+    let clean = host.cache.is_clean();
+    out.line(format_args!(
+        "engine         {} segments reclaimed, {} writeback groups, {} backing flushes, {} stalls, clean {clean}",
         st.total.gc_segments,
         st.total.wb_groups,
         st.total.backing_flushes,
         st.total.cache_full_waits,
-        host.cache.is_clean()
-    );
-    Ok(ExitCode::SUCCESS)
+    ));
+    out.report.engine = Some(EngineStats {
+        gc_segments: Some(st.total.gc_segments),
+        wb_groups: Some(st.total.wb_groups),
+        backing_flushes: Some(st.total.backing_flushes),
+        stalls: Some(st.total.cache_full_waits),
+        clean: Some(clean),
+        ..EngineStats::default()
+    });
+    out.finish()
 }
 
 /// Random 4 KiB writes then read hits over the working set. Returns the host for more.
@@ -680,30 +1035,38 @@ fn bench_io<C: BlockDevice, B: BlockDevice>(
     qd: u64,
     ws_mib: u64,
     rng: &mut Rng,
-    keep: Option<u64>,
-) -> Result<Option<SyncHost<C, B>>, String> {
+    out: &mut Out,
+) -> Result<SyncHost<C, B>, String> {
     let blocks = (ws_mib << 20) / 4096;
+    if blocks == 0 {
+        usage_error("bench", "--working-set-mib must be at least 1");
+    }
     let payload = vec![0x5au8; 4096];
     // Warm: write every block of the working set once so writes below are overwrites.
     run_phase(&mut host, "warm", blocks, qd, |i| {
         (Op::Write, i * 8, Some(payload.clone()))
     })?;
-    let mut r = run_phase(&mut host, "randwrite", ops, qd, |_| {
+    let r = run_phase(&mut host, "randwrite", ops, qd, |_| {
         (Op::Write, rng.below(blocks) * 8, Some(payload.clone()))
     })?;
-    r.print("randwrite 4k", 4096);
-    let mut r = run_phase(&mut host, "randread", ops, qd, |_| {
+    out.report.randwrite = Some(r.report(out, "randwrite 4k", 4096));
+    let r = run_phase(&mut host, "randread", ops, qd, |_| {
         (Op::Read, rng.below(blocks) * 8, None)
     })?;
-    r.print("randread 4k", 4096);
+    out.report.randread = Some(r.report(out, "randread 4k", 4096));
     let st = host.cache.stats();
-    println!(
-        "engine         {} ksets for {} keys, {} in-place overwrites, read hit {:.1}%",
-        st.total.ksets_written,
-        st.total.keys_written,
-        st.total.in_place_writes,
-        100.0 * st.total.read_hit_sectors as f64
-            / (st.total.read_hit_sectors + st.total.read_miss_sectors).max(1) as f64
-    );
-    Ok(keep.map(|_| host))
+    let hit = 100.0 * st.total.read_hit_sectors as f64
+        / (st.total.read_hit_sectors + st.total.read_miss_sectors).max(1) as f64;
+    out.line(format_args!(
+        "engine         {} ksets for {} keys, {} in-place overwrites, read hit {hit:.1}%",
+        st.total.ksets_written, st.total.keys_written, st.total.in_place_writes,
+    ));
+    out.report.engine = Some(EngineStats {
+        ksets_written: Some(st.total.ksets_written),
+        keys_written: Some(st.total.keys_written),
+        in_place_writes: Some(st.total.in_place_writes),
+        read_hit_pct: Some(hit),
+        ..EngineStats::default()
+    });
+    Ok(host)
 }
