@@ -12,7 +12,7 @@
 //! `PCACHE_SKIP_SPDK_TESTS` is set. Any other build failure with SPDK present fails the test.
 //!
 //! What it checks, on a private RPC socket per test (hugepages if >= 1 GiB free, else
-//! `--no-huge -s 1024`; core 0 for the targets; the tests are serialized by a lock because
+//! `--no-huge -s 2048`; core 0 for the targets; the tests are serialized by a lock because
 //! spdk_tgt and bdevperf busy-poll and the machine may have 2 cores):
 //! - `target_rpc_lifecycle`: spdk_tgt with the module preloaded; malloc bdevs;
 //!   `bdev_pcache_create` via rpc.py with the `pcache_rpc` plugin; `bdev_get_bdevs` shows it
@@ -201,7 +201,7 @@ fn mem_args() -> Vec<String> {
     {
         vec![]
     } else {
-        vec!["--no-huge".into(), "-s".into(), "1024".into()]
+        vec!["--no-huge".into(), "-s".into(), "2048".into()]
     }
 }
 
