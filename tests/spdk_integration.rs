@@ -2218,3 +2218,164 @@ fn deferred_create_does_io() {
     stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_file(&cfg);
 }
+
+/// Runs bdevperf `-w verify` (QD32, 4 KiB) for `secs` in the background; `during` runs
+/// meanwhile (fault injection by RPC). Returns the jobs once `perform_tests` answered, and
+/// fails the test if it did not within `secs` + 120 s or if any buffer mismatched.
+fn verify_with_faults(
+    spdk: &Spdk,
+    perf_py: &Path,
+    rpc: &Rpc,
+    perf: &Proc,
+    secs: u64,
+    during: impl FnOnce(),
+) -> Vec<Value> {
+    let t = secs.to_string();
+    let args = ["-w", "verify", "-q", "32", "-o", "4096", "-t", t.as_str()];
+    let child = perform_tests(spdk, perf_py, &rpc.sock, secs + 120, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bdevperf.py");
+    during();
+    let out = child.wait_with_output().expect("bdevperf.py");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let log = perf.log();
+    assert!(
+        !log.contains("Buffer mismatch"),
+        "data mismatch under faults:\n{log}"
+    );
+    assert!(
+        out.status.success(),
+        "perform_tests did not return a result: {text}{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    res["results"].as_array().cloned().unwrap_or_default()
+}
+
+/// Issue 18: pcache over `bdev_error` wrappers of its cache and backing bdevs, bdevperf
+/// `-w verify -f` over a cache a quarter of the working set, data CRCs on: (a) 20 failed
+/// backing writes, (b) 20 failed cache reads, (c) 5 failed cache writes, (d) every backing
+/// write failing for 10 s, (e) 50 corrupted cache reads, then resets during writeback.
+/// Each phase: `perform_tests` returns, no buffer mismatch, writes flow again afterwards
+/// (the next phase's verify writes), and the stats name what failed. Finally a flush ends
+/// clean without any operator action in between.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn device_faults_never_hang_pcache() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let dir = scratch_dir("faults");
+    let cfg = dir.join("faults.json");
+    // 32 MiB of cache (2 MiB segments) in front of 128 MiB: verify covers all of it.
+    let config = bdev_config(&[
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "FCache", "num_blocks": 65536, "block_size": 512}}),
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "FBack", "num_blocks": 32768, "block_size": 4096}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "FCache"}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "FBack"}}),
+        json!({"method": "bdev_pcache_create",
+               "params": {"name": "PC0", "cache_bdev": "EE_FCache", "backing_bdev": "EE_FBack",
+                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": true}}),
+    ]);
+    std::fs::write(&cfg, config.to_string()).expect("write config");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "faults", "PC0", &["-m", "0x1", "-f"]);
+    let stats = |rpc: &Rpc| rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0].clone();
+    let inject = |rpc: &Rpc, bdev: &str, io: &str, kind: &str, n: &str| {
+        rpc.ok(&["bdev_error_inject_error", bdev, io, kind, "-n", n]);
+    };
+    let total = |s: &Value, k: &str| s["engine"]["total"][k].as_u64().unwrap_or(0);
+    let mut phases = Vec::new();
+    // (a) 20 failed backing writes (writeback's copies and flushes).
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
+        std::thread::sleep(Duration::from_secs(2));
+        inject(&rpc, "EE_FBack", "write", "failure", "20");
+    });
+    let s = stats(&rpc);
+    phases.push(("20 failed backing writes", jobs, s.clone()));
+    assert!(total(&s, "wb_backing_write_errors") > 0, "{}", s["engine"]["total"]);
+    assert_eq!(total(&s, "wb_cache_read_errors"), 0, "{}", s["engine"]["total"]);
+    // (b) 20 failed cache reads (request reads and writeback's source reads).
+    let before = total(&s, "wb_sectors");
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
+        std::thread::sleep(Duration::from_secs(2));
+        inject(&rpc, "EE_FCache", "read", "failure", "20");
+    });
+    let s = stats(&rpc);
+    assert!(total(&s, "wb_sectors") > before, "writeback resumed by itself");
+    phases.push(("20 failed cache reads", jobs, s));
+    // (c) 5 failed cache writes: retried, the log stays open.
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
+        std::thread::sleep(Duration::from_secs(2));
+        inject(&rpc, "EE_FCache", "write", "failure", "5");
+    });
+    let s = stats(&rpc);
+    assert!(total(&s, "cache_write_errors") > 0, "{}", s["engine"]["total"]);
+    assert_eq!(s["writeback"]["log_failed"], false, "{s}");
+    phases.push(("5 failed cache writes", jobs, s));
+    // (d) every backing write fails for 10 s, then the device recovers.
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 20, || {
+        std::thread::sleep(Duration::from_secs(2));
+        inject(&rpc, "EE_FBack", "write", "failure", "100000000");
+        std::thread::sleep(Duration::from_secs(5));
+        let mid = stats(&rpc);
+        assert_eq!(mid["writeback"]["state"], "retrying", "{}", mid["writeback"]);
+        std::thread::sleep(Duration::from_secs(5));
+        rpc.ok(&["bdev_error_inject_error", "EE_FBack", "clear", "failure"]);
+    });
+    let s = stats(&rpc);
+    phases.push(("every backing write failing for 10 s", jobs, s));
+    // (e) 50 corrupted cache reads: caught by the data CRC, never served or written back.
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
+        std::thread::sleep(Duration::from_secs(2));
+        rpc.ok(&[
+            "bdev_error_inject_error", "EE_FCache", "read", "corrupt_data", "-n", "50", "-o",
+            "100", "-v", "255",
+        ]);
+    });
+    let s = stats(&rpc);
+    assert!(
+        total(&s, "crc_errors") + total(&s, "wb_crc_errors") > 0,
+        "{}",
+        s["engine"]["total"]
+    );
+    phases.push(("50 corrupted cache reads", jobs, s));
+    for (what, jobs, s) in &phases {
+        for job in jobs {
+            println!("{what}: {job}");
+            assert!(job["iops"].as_f64() > Some(100.0), "{what}: writes flow: {job}");
+        }
+        println!("{what}: errors {} writeback {}", s["errors"], s["writeback"]);
+    }
+    // Resets while writeback runs.
+    let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, "reset", 11);
+    for job in &jobs {
+        println!("reset 11 s: {job}");
+        assert_eq!(job["status"], "finished", "{res}");
+    }
+    // No operator step was needed; a flush now ends clean.
+    assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC0"]), json!(true));
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
+        assert_eq!(st["writeback_failed"], false, "{st}");
+        if st["clean"] == true {
+            break;
+        }
+        assert!(Instant::now() < end, "flush did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = stats(&rpc);
+    assert_eq!(s["writeback"]["state"], "ok", "{}", s["writeback"]);
+    println!("final: {}", s["engine"]["total"]);
+    stop_app(perf, &rpc, 30);
+    let _ = std::fs::remove_dir_all(&dir);
+}
