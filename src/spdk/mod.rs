@@ -2,7 +2,7 @@
 //!
 //! `libpcache.so` is LD_PRELOADed into `spdk_tgt` or `bdevperf` (SPDK built with shared
 //! libraries); its constructor registers the bdev module "pcache" and the RPC methods.
-//! Each pcache bdev runs the cache engine on its own SPDK thread ([`engine`]).
+//! Each pcache bdev runs the cache on its own SPDK worker threads ([`worker`]).
 //!
 //! - [`ffi`]: bindgen output and SPDK's inline helpers in Rust.
 //! - [`module`]: the `spdk_bdev_module` and load-time registration.
@@ -11,9 +11,9 @@
 //! - [`config`]: RPC parameters and validated options (pure Rust).
 //! - [`vbdev`]: one pcache bdev: bases, claims, registration, destruct, hot-remove, JSON.
 //! - [`io`]: channels and the request path on the submitting threads.
-//! - [`link`]: queue pairs from a submitting thread to an engine on another core.
-//! - [`engine`]: the engine threads (a team, one per core): each runs its part of the
-//!   `Cache` and executes its device commands; `engine::team` carries what the parts share.
+//! - [`link`]: queue pairs from a submitting thread to a worker on another core.
+//! - [`worker`]: the worker threads (a team, one per core): each runs its part of the
+//!   `Cache` and executes its device commands; `worker::team` carries what the parts share.
 //! - [`msg`]: messages between SPDK threads.
 //! - [`stats`]: lock-free per-channel counters.
 //! - [`json`], [`log`]: glue to SPDK's JSON writer and logger.
@@ -23,7 +23,6 @@
 pub mod ffi;
 
 mod config;
-mod engine;
 mod io;
 mod json;
 mod link;
@@ -33,3 +32,4 @@ mod msg;
 mod rpc;
 mod stats;
 mod vbdev;
+mod worker;

@@ -100,7 +100,7 @@ fn register_pcache_module() {
 
 unsafe extern "C" fn module_init() -> c_int {
     FINISHING.store(false, Ordering::Relaxed);
-    let cores = super::engine::app_cores().len();
+    let cores = super::worker::app_cores().len();
     super::config::DEFAULT_SHARDS
         .store(u32::try_from(cores).unwrap_or(1).max(1), Ordering::Relaxed);
     0

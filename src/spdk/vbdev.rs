@@ -3,13 +3,13 @@
 //!
 //! Threading: create, delete, hot-remove events, destruct and the JSON callbacks all run on
 //! the app thread (the RPC thread, where the bases are opened). The cache itself runs on the
-//! bdev's engine thread (`engine`), reached by message. The I/O path runs on any thread and
+//! bdev's worker thread (`worker`), reached by message. The I/O path runs on any thread and
 //! only reads fields fixed before `spdk_bdev_register` (`lead`, `team`).
 //!
-//! Create is asynchronous: open and claim both bases, start the engine thread, which reads
+//! Create is asynchronous: open and claim both bases, start the worker thread, which reads
 //! the cache bdev's superblock (reattach), formats it when it holds no pcache, or refuses
 //! (another backing bdev's cache, damaged metadata); then register the bdev and answer.
-//! Destruct is asynchronous too: stop the engine (after writing back everything if the
+//! Destruct is asynchronous too: stop the worker (after writing back everything if the
 //! delete asked for it), which releases its channels and exits its thread; then close the
 //! bases here and call `spdk_bdev_destruct_done`.
 
@@ -22,7 +22,6 @@ use serde_json::{json, Value};
 
 use super::config::SetOptions;
 use super::config::{CacheMedia, CreateConfig};
-use super::engine::{self, Engine, OpenInfo, Peer, SendPtr, Setup};
 use super::ffi::{self, spdk_bdev_io_type as t};
 use super::io;
 use super::json::Writer;
@@ -30,6 +29,7 @@ use super::log::{no_unwind, spdk_log};
 use super::module::{after, block_io, block_io_steps, BlockOp};
 use super::module::{finishing, module};
 use super::stats::Retired;
+use super::worker::{self, OpenInfo, Peer, SendPtr, Setup, Worker};
 use crate::engine::format::{FORMAT_VERSION, SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
 use crate::engine::{
@@ -76,7 +76,7 @@ pub(crate) enum Origin {
 /// Where a pcache bdev is in its life (app thread only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NodeState {
-    /// The engine is opening or formatting the cache; not registered yet.
+    /// The worker is opening or formatting the cache; not registered yet.
     Creating,
     /// Registered, serving I/O.
     Running,
@@ -90,7 +90,7 @@ pub(crate) enum Route {
     Many(Vec<Peer>),
 }
 
-/// How requests map to engines: stripe `s` belongs to shard `s % shards`, which engine
+/// How requests map to workers: stripe `s` belongs to shard `s % shards`, which worker
 /// `shard % team size` drives.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Routing {
@@ -111,7 +111,7 @@ pub(crate) struct Pcache {
     /// The cache bdev (name empty, never opened, with `cache_path`).
     pub(crate) cache: Base,
     pub(crate) backing: Base,
-    /// The mapped cache (`cache_path`), until the engine takes it at create.
+    /// The mapped cache (`cache_path`), until the worker takes it at create.
     dax: RefCell<Option<DaxDevice>>,
     /// An exclusive `flock` on the cache path while this bdev lives (no second pcache bdev,
     /// here or in another process, maps the same cache).
@@ -120,12 +120,12 @@ pub(crate) struct Pcache {
     media: Value,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
-    /// The (lead) engine, its thread, core and inbox; set before the engine starts and
-    /// before registration, never changed afterwards. The engine is only dereferenced on
+    /// The (lead) worker, its thread, core and inbox; set before the worker starts and
+    /// before registration, never changed afterwards. The worker is only dereferenced on
     /// its thread.
     lead: Peer,
-    /// The engine threads when there are several (set before registration, then fixed),
-    /// and where requests go: which engine serves each stripe.
+    /// The worker threads when there are several (set before registration, then fixed),
+    /// and where requests go: which worker serves each stripe.
     team: std::cell::OnceCell<(Arc<[Peer]>, Routing)>,
     pub(crate) retired: Arc<Retired>,
     state: Cell<NodeState>,
@@ -154,20 +154,20 @@ impl Pcache {
         &self.config.name
     }
 
-    pub(crate) fn engine_thread(&self) -> *mut ffi::spdk_thread {
+    pub(crate) fn lead_thread(&self) -> *mut ffi::spdk_thread {
         self.lead.thread
     }
 
-    pub(crate) fn engine(&self) -> *mut Engine {
-        self.lead.eng
+    pub(crate) fn lead_worker(&self) -> *mut Worker {
+        self.lead.worker
     }
 
-    /// The engine threads (empty when the lead engine serves everything).
+    /// The worker threads (empty when the lead worker serves everything).
     pub(crate) fn team(&self) -> &[Peer] {
         self.team.get().map_or(&[], |(t, _)| t)
     }
 
-    /// Which engines `io` concerns: its stripes' shards' engines (all of them for a flush
+    /// Which workers `io` concerns: its stripes' shards' workers (all of them for a flush
     /// or a reset), or the lead alone when it has no team.
     pub(crate) fn route(&self, io: *mut ffi::spdk_bdev_io) -> Route {
         let Some((team, r)) = self.team.get() else {
@@ -195,17 +195,17 @@ impl Pcache {
             return Route::Many(team.to_vec());
         }
         let n = team.len() as u64;
-        let engine_of =
+        let worker_of =
             |stripe: u64| Cache::part_of_shard((stripe % u64::from(r.shards)) as u32, team.len());
         let first = (offset << r.shift) / r.stripe;
         let last = (((offset + num) << r.shift) - 1) / r.stripe;
-        let e0 = engine_of(first);
-        if first == last || (first + 1..=last.min(first + n)).all(|s| engine_of(s) == e0) {
+        let e0 = worker_of(first);
+        if first == last || (first + 1..=last.min(first + n)).all(|s| worker_of(s) == e0) {
             return Route::One(team[e0]);
         }
         let mut out: Vec<Peer> = Vec::new();
         for s in first..=last.min(first + u64::from(r.shards) * n) {
-            let p = team[engine_of(s)];
+            let p = team[worker_of(s)];
             if !out.iter().any(|q| q.thread == p.thread) {
                 out.push(p);
             }
@@ -590,12 +590,12 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     b.required_alignment = align;
     b.optimal_io_boundary = boundary;
     b.__bindgen_anon_1.set_split_on_optimal_io_boundary(1);
-    // Keep UNMAP / WRITE_ZEROES within the engine's 32-bit sector counts.
+    // Keep UNMAP / WRITE_ZEROES within the worker's 32-bit sector counts.
     let max_discard = (1u32 << 30) / blocklen;
     b.max_unmap = max_discard;
     b.max_unmap_segments = 1;
     b.max_write_zeroes = max_discard;
-    // A reset reaches the engines at once and completes when their requests in flight
+    // A reset reaches the workers at once and completes when their requests in flight
     // did. A drain timeout would have the bdev layer wait instead until no channel has I/O
     // outstanding, which counts the I/O it aborts during the reset: a submitter that
     // resubmits on abort (bdevperf's `reset` workload) kept it busy the whole 5 s.
@@ -643,7 +643,7 @@ fn random_uuid() -> [u8; 16] {
 }
 
 /// `bdev_pcache_create` (and attach from examine): open and claim both bases, start the
-/// engine thread, which opens (or formats) the cache; `reply` gets the new bdev's name once
+/// worker thread, which opens (or formats) the cache; `reply` gets the new bdev's name once
 /// it is registered.
 pub(crate) fn create(config: CreateConfig, origin: Origin, reply: CreateReply) {
     let node = match new_node(config) {
@@ -659,7 +659,7 @@ pub(crate) fn create(config: CreateConfig, origin: Origin, reply: CreateReply) {
     attach_bases(node, CLAIM_RETRIES);
 }
 
-/// Opens and claims the bases (retrying a busy claim), then starts the engine.
+/// Opens and claims the bases (retrying a busy claim), then starts the worker.
 fn attach_bases(node: *mut Pcache, retries: u32) {
     if finishing() {
         return fail_create(
@@ -668,7 +668,7 @@ fn attach_bases(node: *mut Pcache, retries: u32) {
         );
     }
     match open_bases(node) {
-        Ok(()) => start_engine(node),
+        Ok(()) => start_workers(node),
         Err(OpenFailure::Busy(e)) if retries > 0 => {
             // SAFETY: live node (registry, Creating: only this path frees it), app thread.
             let n = unsafe { &mut *node };
@@ -693,7 +693,7 @@ fn attach_bases(node: *mut Pcache, retries: u32) {
     }
 }
 
-/// A create failed before its engine started: undo and answer.
+/// A create failed before its worker started: undo and answer.
 fn fail_create(node: *mut Pcache, e: RpcError) {
     // SAFETY: live node (registry, Creating: only this path frees it), app thread.
     let n = unsafe { &*node };
@@ -705,9 +705,9 @@ fn fail_create(node: *mut Pcache, e: RpcError) {
     reply_all(waiters, Err(e));
 }
 
-/// The bases are open and claimed: start the engine thread, which opens (or formats) the
+/// The bases are open and claimed: start the worker thread, which opens (or formats) the
 /// cache and then calls `create_opened` here.
-fn start_engine(node: *mut Pcache) {
+fn start_workers(node: *mut Pcache) {
     // SAFETY: live node (registry, Creating), app thread.
     let n = unsafe { &mut *node };
     let (bk, ca) = geometries(n);
@@ -750,15 +750,15 @@ fn start_engine(node: *mut Pcache) {
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
         dax: n.dax.borrow_mut().take(),
-        // One engine thread per core, unless pinned to one core (at most one per shard).
+        // One worker thread per core, unless pinned to one core (at most one per shard).
         workers: if n.config.options.core.is_some() {
             1
         } else {
-            engine::app_cores().len().max(1)
+            worker::app_cores().len().max(1)
         },
     };
     let p = SendPtr(node);
-    match engine::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
+    match worker::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
         Ok(lead) => n.lead = lead,
         Err(e) => fail_create(node, errno(-libc::ENOMEM, e)),
     }
@@ -817,9 +817,9 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
     let slot = std::rc::Rc::new(RefCell::new(Some(reply)));
     let back = slot.clone();
     let name = cfg.name.clone();
-    let sent = engine::set_options(
+    let sent = worker::set_options(
         n.lead.thread,
-        n.lead.eng,
+        n.lead.worker,
         move |cur| so.apply(cur),
         Box::new(move |res| {
             let Some(reply) = back.borrow_mut().take() else {
@@ -885,7 +885,7 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         thread: unsafe { ffi::spdk_get_thread() },
         lead: Peer {
             thread: ptr::null_mut(),
-            eng: ptr::null_mut(),
+            worker: ptr::null_mut(),
             wid: 0,
             core: None,
             inbox: ptr::null(),
@@ -977,14 +977,14 @@ fn map_cache(n: &mut Pcache, path: &str, size_mib: Option<u64>) -> Result<(), Rp
     Ok(())
 }
 
-/// The engine finished opening (app thread): register the bdev, or undo everything.
+/// The worker finished opening (app thread): register the bdev, or undo everything.
 fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
     // SAFETY: the node stays alive while its create is pending (only this path frees it).
     let n = unsafe { &*node };
     let info = match res {
         Ok(info) => info,
         Err(msg) => {
-            // The engine is gone (thread exited, channels released).
+            // The worker is gone (thread exited, channels released).
             registry_remove(node);
             close_bases(n);
             let waiters = n.waiters.take();
@@ -1014,7 +1014,7 @@ fn reply_all(waiters: Vec<CreateReply>, r: Result<String, RpcError>) {
 /// cannot read). Replica A, then B, each flushed before the next, so a crash leaves at
 /// least one valid replica. Then `then`. Failures are logged and otherwise ignored: the
 /// cache works without its name, only the attach by examine needs it. This runs before the
-/// bdev is registered, so before any kset is written, and the engine never writes the
+/// bdev is registered, so before any kset is written, and the worker never writes the
 /// superblock sectors after format, so these writes race with nothing.
 fn update_superblock(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce()>) {
     let store = name.len() < SB_NAME_BYTES;
@@ -1148,7 +1148,7 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
         };
         let _ = n.team.set((info.team.clone(), routing));
     }
-    // Split at the engine's stripes: the superblock's, which win over the create options.
+    // Split at the worker's stripes: the superblock's, which win over the create options.
     {
         // SAFETY: not registered yet, so we are the bdev's only user.
         let b = unsafe { &mut *n.bdev_ptr() };
@@ -1209,14 +1209,14 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
     answer(Ok(n.config.name.clone()));
 }
 
-/// Stops the engine of a node that is not (or no longer) registered and frees it.
+/// Stops the worker of a node that is not (or no longer) registered and frees it.
 fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
     registry_remove(node);
     // SAFETY: live node (not freed before the stop completes).
     let n = unsafe { &*node };
     let p = SendPtr(node);
     let done = Box::new(move |_res: Result<(), String>| {
-        // SAFETY: the node lives until here; the engine no longer uses the bases.
+        // SAFETY: the node lives until here; the worker no longer uses the bases.
         let n = unsafe { &*p.0 };
         close_bases(n);
         if io_device_registered {
@@ -1227,7 +1227,7 @@ fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
             drop(unsafe { Box::from_raw(p.0) });
         }
     });
-    if engine::stop(n.lead.thread, n.lead.eng, false, done).is_err() {
+    if worker::stop(n.lead.thread, n.lead.worker, false, done).is_err() {
         spdk_log!(ERROR, "{}: cannot stop the engine; leaking it", n.name());
     }
 }
@@ -1277,8 +1277,8 @@ unsafe extern "C" fn base_event(
                     Dev::Backing
                 };
                 // From now on every command for it fails at once, so nothing waits for it.
-                if !n.lead.eng.is_null()
-                    && engine::base_removed(n.lead.thread, n.lead.eng, dev).is_err()
+                if !n.lead.worker.is_null()
+                    && worker::base_removed(n.lead.thread, n.lead.worker, dev).is_err()
                 {
                     spdk_log!(
                         ERROR,
@@ -1313,7 +1313,7 @@ unsafe extern "C" fn base_event(
 }
 
 /// `fn_table.destruct`: the bdev is unregistered and has no open descriptors. Asynchronous:
-/// the engine stops (writing back everything first for a draining delete), then the bases
+/// the worker stops (writing back everything first for a draining delete), then the bases
 /// are closed and `spdk_bdev_destruct_done` reports the outcome.
 unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
     no_unwind("destruct", 0, || {
@@ -1325,7 +1325,7 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
         let drain = n.drain_on_destruct.get() && !finishing();
         let p = SendPtr(node);
         let done = Box::new(move |res: Result<(), String>| destruct_finish(p.0, res));
-        if engine::stop(n.lead.thread, n.lead.eng, drain, done).is_err() {
+        if worker::stop(n.lead.thread, n.lead.worker, drain, done).is_err() {
             spdk_log!(
                 ERROR,
                 "{}: cannot stop the engine (out of messages); leaking the bdev",
@@ -1337,7 +1337,7 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
     })
 }
 
-/// The engine stopped (app thread = the thread that opened the bases).
+/// The worker stopped (app thread = the thread that opened the bases).
 fn destruct_finish(node: *mut Pcache, res: Result<(), String>) {
     // SAFETY: the node lives until `free_node`, which only follows the unregister below.
     let n = unsafe { &*node };
@@ -1379,7 +1379,7 @@ unsafe extern "C" fn io_type_supported(
 ) -> bool {
     no_unwind("io_type_supported", false, || {
         let _ = ctx;
-        // The engine handles all of these itself (UNMAP / WRITE_ZEROES are logged as keys
+        // The worker handles all of these itself (UNMAP / WRITE_ZEROES are logged as keys
         // that read as zeros and written back as write-zeroes).
         matches!(
             kind,

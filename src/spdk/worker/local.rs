@@ -1,49 +1,49 @@
-//! Requests served by the submitting thread itself, when the engine of their stripe runs on
+//! Requests served by the submitting thread itself, when the worker of their stripe runs on
 //! the same core and can serve them directly (a read hit or an in-place rewrite:
 //! `Cache::begin_direct`).
 //!
-//! A submitting thread pinned to an engine's core collects the requests for that engine in
+//! A submitting thread pinned to a worker's core collects the requests for that worker in
 //! its channel, and its channel poller serves them together ([`serve_batch`]): for each, it
-//! asks the engine where its data is and issues the one cache-bdev I/O on its own channel
+//! asks the worker where its data is and issues the one cache-bdev I/O on its own channel
 //! to the cache bdev, completing the request from that I/O's callback, on its own thread,
 //! while the index lines of the requests a few places behind it load. That is a passthru
 //! vbdev's path plus an index lookup whose cache misses overlap the requests before it,
-//! with no inbox, engine poll or thread switch. Requests it cannot serve so go to the
-//! engine's inbox.
+//! with no inbox, worker poll or thread switch. Requests it cannot serve so go to the
+//! worker's inbox.
 //!
-//! The engine is never borrowed while a submitting thread uses it: both threads are pinned
-//! to this core and polled by its reactor one at a time, and the engine's own callbacks
-//! never reach the channel poller (a completion the engine delivers as the submitter may
+//! The worker is never borrowed while a submitting thread uses it: both threads are pinned
+//! to this core and polled by its reactor one at a time, and the worker's own callbacks
+//! never reach the channel poller (a completion the worker delivers as the submitter may
 //! submit again, which only queues the request in the channel).
 //!
-//! The engine counts what it has started here as its own (`inflight`, `direct_live`), and
+//! The worker counts what it has started here as its own (`inflight`, `direct_live`), and
 //! requests held in a batch through its inbox (`Inbox::hold`), so it neither stops nor
-//! completes a reset while one is pending. An engine that never serves directly (a mapped
-//! cache, served inline with one fence per poll; data CRCs, checked by the engine) says so
+//! completes a reset while one is pending. A worker that never serves directly (a mapped
+//! cache, served inline with one fence per poll; data CRCs, checked by the worker) says so
 //! in its inbox (`Inbox::never_direct`), and its requests skip the batch.
 //!
 //! A cache-bdev I/O refused for want of a `spdk_bdev_io` waits for one on this thread
-//! (`spdk_bdev_queue_io_wait`). Such a wait can fire inside a completion the engine
+//! (`spdk_bdev_queue_io_wait`). Such a wait can fire inside a completion the worker
 //! delivers as this thread, so the retry only resubmits; a failure is ended by a message.
 
 use std::ffi::c_void;
 use std::ptr;
 
-use super::{Engine, Peer, State};
+use super::{Peer, State, Worker};
 use crate::engine::{Dev, Direct, Op};
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use crate::spdk::io::{self, Channel};
 use crate::spdk::log::no_unwind;
 use crate::spdk::msg;
 
-/// Counts a request for `p`'s engine that a submitting thread on its core now holds.
+/// Counts a request for `p`'s worker that a submitting thread on its core now holds.
 pub(crate) fn wait(p: Peer) {
-    // SAFETY: the inbox lives as long as its engine, which outlives the bdev's requests.
+    // SAFETY: the inbox lives as long as its worker, which outlives the bdev's requests.
     unsafe { (*p.inbox).hold() };
 }
 
 /// How many requests ahead of the one being served the batch loads the lines of the next
-/// lookup's two stages ([`ExtentMap::first_line`](crate::engine::index::ExtentMap::first_line),
+/// lookup's two stages ([`ExtentMap::first_line`](crate::worker::index::ExtentMap::first_line),
 /// then `second_line`). A request served copies its 4 KiB, which pushes out of L1 what was
 /// loaded too early. For the map's chain these measured best (bdevperf, 1 core QD32,
 /// against loading the whole batch's lines up front: +3% reads, +2.5% writes); a 4 KiB
@@ -51,16 +51,16 @@ pub(crate) fn wait(p: Peer) {
 const FIRST_AHEAD: usize = 5;
 const SECOND_AHEAD: usize = 2;
 
-/// Serves the requests of `batch` (empty on return), each for an engine on this core,
+/// Serves the requests of `batch` (empty on return), each for a worker on this core,
 /// collected by this thread's channel `chan`, at the top level of its poller.
 pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan: &Channel) {
     let n = batch.len();
     let lookup = |k: usize| {
         let (io, p) = batch[k];
-        // SAFETY: the engine lives while its requests are pending and is not borrowed
+        // SAFETY: the worker lives while its requests are pending and is not borrowed
         // (module docs): read only. A pending request's block range is read by value.
         unsafe {
-            let e = &*p.eng;
+            let e = &*p.worker;
             let b = io::block(io);
             let shift = e.shift[1];
             let len = u32::try_from((*b).num_blocks << shift).unwrap_or(u32::MAX);
@@ -71,12 +71,12 @@ pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan:
     };
     let first = |k: usize| {
         if let Some((c, lba, len)) = lookup(k) {
-            super::prefetch_first(c, lba, len);
+            super::intake::prefetch_first(c, lba, len);
         }
     };
     let second = |k: usize| {
         if let Some((c, lba, len)) = lookup(k) {
-            super::prefetch_second(c, lba, len);
+            super::intake::prefetch_second(c, lba, len);
         }
     };
     if n > 1 {
@@ -100,10 +100,10 @@ pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan:
 }
 
 /// Serves `io` (a request of a pcache bdev, submitted on this thread through `chan`,
-/// pinned to the core of `p`'s engine, where we run) if its engine can serve it directly.
-/// False: hand it to the engine.
+/// pinned to the core of `p`'s worker, where we run) if its worker can serve it directly.
+/// False: hand it to the worker.
 ///
-/// Inlined whole into the batch, with the engine's part (`begin_local` down to the index):
+/// Inlined whole into the batch, with the worker's part (`begin_local` down to the index):
 /// called, each returned its result through memory, and reading it back stalled on store
 /// forwarding (about 2% of bdevperf's time over a malloc cache).
 #[inline(always)]
@@ -117,14 +117,14 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     if ch.is_null() {
         return false;
     }
-    // SAFETY: the engine lives until after the bdev's last request and is not borrowed
+    // SAFETY: the worker lives until after the bdev's last request and is not borrowed
     // while this thread's poller runs (module docs).
-    let e = unsafe { &mut *p.eng };
+    let e = unsafe { &mut *p.worker };
     let Some((direct, blocks)) = e.begin_local(io, op) else {
         return false;
     };
     let local = Local {
-        eng: p.eng,
+        worker: p.worker,
         direct,
         blocks,
     };
@@ -139,14 +139,14 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
 /// What a request its submitting thread serves started (kept in its driver context).
 #[derive(Clone, Copy)]
 pub(crate) struct Local {
-    eng: *mut Engine,
+    worker: *mut Worker,
     direct: Direct,
     /// Offset and length in cache bdev blocks.
     blocks: [u64; 2],
 }
 
-impl Engine {
-    /// The engine's part of [`serve`]: starts `io` as a direct request and counts it, or
+impl Worker {
+    /// The worker's part of [`serve`]: starts `io` as a direct request and counts it, or
     /// None. Returns what was started and its extent in cache bdev blocks. Inlined into
     /// [`serve`] (see there).
     #[inline(always)]
@@ -168,14 +168,14 @@ impl Engine {
         let cache = self.cache.as_deref_mut()?;
         let Some(direct) = cache.begin_direct(op, offset << shift, len) else {
             if cache.superblock().data_crc {
-                // Every read is checked against its CRC by the engine.
+                // Every read is checked against its CRC by the worker.
                 self.inbox.set_never_direct();
             }
             return None;
         };
         let Some(blocks) = self.blocks_of(Dev::Cache, direct.sector, u64::from(len)) else {
             // Never so: the cache bdev's blocks divide every extent. Undone, and left to
-            // the engine, which reports it.
+            // the worker, which reports it.
             if let Some(c) = self.cache.as_deref_mut() {
                 let _ = c.end_direct(direct, Ok(()));
             }
@@ -262,8 +262,8 @@ unsafe extern "C" fn retry(arg: *mut c_void) {
         if submit(io, ch, l) {
             return;
         }
-        // This wait may fire while the engine is borrowed (a bdev_io freed by a completion
-        // the engine delivers as this thread), so the failure is ended from a message.
+        // This wait may fire while the worker is borrowed (a bdev_io freed by a completion
+        // the worker delivers as this thread), so the failure is ended from a message.
         // SAFETY: a plain message to this (live) thread, the pending request as argument.
         let rc = unsafe { ffi::spdk_thread_send_msg(msg::current(), Some(fail_msg), arg) };
         if rc != 0 {
@@ -290,12 +290,12 @@ unsafe extern "C" fn done(child: *mut ffi::spdk_bdev_io, ok: bool, arg: *mut c_v
 /// not. At the top level of a poller or message of that thread.
 fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
     // SAFETY: a pending request `serve` started, on its submitting thread; its context
-    // names the engine, alive while the request is pending and not borrowed now (its
+    // names the worker, alive while the request is pending and not borrowed now (its
     // reactor runs this thread's callback, at the top level: completions of the cache bdev
     // are delivered by a poller, and failures by `serve` or a message).
     let status = unsafe {
         match (*io::ctx(io)).local_direct.take() {
-            Some(l) => (*l.eng).end_local(l.direct, ok),
+            Some(l) => (*l.worker).end_local(l.direct, ok),
             None => st::SPDK_BDEV_IO_STATUS_FAILED,
         }
     };
