@@ -12,7 +12,7 @@
 //! - the submission queue carries a [`Desc`]: what the worker needs of the request, copied
 //!   by the submitting thread (one cache line, the only one of the request that crosses);
 //! - the completion queue carries the bdev_io back with its outcome in the low bit
-//!   (`io::completion_arg`); the submitting thread's channel poller completes it.
+//!   ([`completion_arg`]); the submitting thread's channel poller completes it.
 //!
 //! The worker never touches such a request's bdev_io. The worker learns of a new pair by
 //! message (`worker::attach_link`), which it gets before any later stop (causality: the
@@ -26,7 +26,7 @@ use std::ptr;
 
 use rtrb::{Consumer, Producer, RingBuffer};
 
-use super::ffi::{self, spdk_bdev_io_type as t};
+use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 
 /// Entries per ring: more than any single channel keeps in flight towards one worker in
 /// practice (bdevperf -q 128, an NVMe-oF queue); a full ring only means the message path.
@@ -90,7 +90,7 @@ impl Desc {
         // read field by field; the iovec array is live and holds `iovcnt` entries when the
         // request carries data (READ/WRITE), and is only read then.
         unsafe {
-            let b = super::io::block(io);
+            let b = ffi::bdev_io_block(io);
             let ty = t::Type::from((*io).type_);
             let (offset, num) = ((*b).offset_blocks, (*b).num_blocks);
             let data = matches!(ty, t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE);
@@ -119,7 +119,7 @@ impl Desc {
     }
 }
 
-/// A finished request on its way back: `io::completion_arg`.
+/// A finished request on its way back: [`completion_arg`].
 #[derive(Clone, Copy)]
 pub(crate) struct Finished(pub *mut c_void);
 
@@ -154,4 +154,23 @@ pub(crate) fn pair() -> (Link, WorkerEnd) {
         Link { sq: sq_p, cq: cq_c },
         WorkerEnd { sq: sq_c, cq: cq_p },
     )
+}
+
+/// A finished request as a message argument: the bdev_io, its low bit set if it failed (a
+/// bdev_io holds pointers, so it is at least 8-aligned; the worker only ever reports success
+/// or failure).
+pub(crate) fn completion_arg(io: *mut ffi::spdk_bdev_io, status: st::Type) -> *mut c_void {
+    let failed = usize::from(status != st::SPDK_BDEV_IO_STATUS_SUCCESS);
+    io.cast::<u8>().wrapping_add(failed).cast()
+}
+
+pub(crate) fn from_completion_arg(arg: *mut c_void) -> (*mut ffi::spdk_bdev_io, st::Type) {
+    let failed = arg as usize & 1;
+    let io = arg.cast::<u8>().wrapping_sub(failed).cast();
+    let status = if failed == 0 {
+        st::SPDK_BDEV_IO_STATUS_SUCCESS
+    } else {
+        st::SPDK_BDEV_IO_STATUS_FAILED
+    };
+    (io, status)
 }

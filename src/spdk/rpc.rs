@@ -29,7 +29,8 @@ use super::json::{params_to_value, Writer};
 use super::log::{no_unwind, spdk_log};
 use super::stats::{Retired, Snapshot};
 use super::vbdev::NodeState;
-use super::{config, module, vbdev, worker};
+use super::{module, vbdev, worker};
+use crate::shell::config;
 
 type Handler = unsafe extern "C" fn(*mut ffi::spdk_jsonrpc_request, *const ffi::spdk_json_val);
 
@@ -382,7 +383,8 @@ fn collect_next(mut c: Box<Collect>) {
             continue;
         }
         // SAFETY: live node (registry, same thread).
-        let (name, retired) = unsafe { ((*node).name().to_string(), (*node).retired.clone()) };
+        let (name, retired) =
+            unsafe { ((*node).name().to_string(), (*node).front.retired.clone()) };
         c.current = Some((name, retired, node));
         c.sum = Snapshot::default();
         c.channels = 0;

@@ -16,27 +16,25 @@
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_int, c_void, CString};
 use std::ptr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::config::SetOptions;
-use super::config::{CacheMedia, CreateConfig};
+use super::base_io::{after, block_io, block_io_steps, BlockOp};
 use super::ffi::{self, spdk_bdev_io_type as t};
-use super::io;
+use super::io::{self, Base, Front};
 use super::json::Writer;
 use super::log::{no_unwind, spdk_log};
-use super::module::{after, block_io, block_io_steps, BlockOp};
-use super::module::{finishing, module};
-use super::stats::Retired;
-use super::worker::{self, OpenInfo, Peer, SendPtr, Setup, Worker};
+use super::registration::{finishing, module};
+use super::worker::{self, OpenInfo, SendPtr, Setup, Worker};
 use crate::engine::format::{FORMAT_VERSION, SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
-use crate::engine::{
-    BackingIdentity, Cache, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock,
-};
+use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
+use crate::shell::config::SetOptions;
+use crate::shell::config::{CacheMedia, CreateConfig};
+use crate::shell::routing::Routing;
 
 /// Namespace for pcache bdev UUIDs (SHA-1 of this and the base bdevs' UUIDs).
 const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
@@ -44,24 +42,10 @@ const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
 /// A failed RPC-level operation: JSON-RPC error code and message.
 pub(crate) type RpcError = (i32, String);
 
-/// One opened and claimed base bdev.
-pub(crate) struct Base {
-    pub(crate) name: CString,
-    /// Open descriptor (null once closed). A `Cell`: destruct clears it through a shared
-    /// reference while channel teardown on other threads may still read other node fields.
-    pub(crate) desc: Cell<*mut ffi::spdk_bdev_desc>,
-    pub(crate) bdev: *mut ffi::spdk_bdev,
-}
-
-impl Base {
-    fn new(name: &str) -> Result<Self, RpcError> {
-        let name = CString::new(name).map_err(|_| invalid("bdev name contains NUL"))?;
-        Ok(Base {
-            name,
-            desc: Cell::new(ptr::null_mut()),
-            bdev: ptr::null_mut(),
-        })
-    }
+/// A base bdev called `name`, not opened yet.
+fn new_base(name: &str) -> Result<Base, RpcError> {
+    let name = CString::new(name).map_err(|_| invalid("bdev name contains NUL"))?;
+    Ok(Base::new(name))
 }
 
 /// How a pcache bdev came to be.
@@ -83,33 +67,19 @@ pub(crate) enum NodeState {
 }
 
 /// The io_device and `bdev.ctxt` of one pcache bdev. Heap-allocated, never moved; freed in
-/// the io_device unregister callback, after the last channel is gone.
-/// Where a request goes (see [`Pcache::route`]).
-pub(crate) enum Route {
-    One(Peer),
-    Many(Vec<Peer>),
-}
-
-/// How requests map to workers: stripe `s` belongs to shard `s % shards`, which worker
-/// `shard % team size` drives.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Routing {
-    /// Stripe size, sectors.
-    stripe: u64,
-    shards: u32,
-    /// log2(bdev block size / 512).
-    shift: u32,
-}
-
+/// the io_device unregister callback, after the last channel is gone. `repr(C)`, its
+/// [`Front`] first: the request path and the workers read that part from `bdev.ctxt`
+/// without knowing this type.
+#[repr(C)]
 pub(crate) struct Pcache {
+    /// What the request path reads: the workers, the cache bdev, retired counters.
+    pub(crate) front: Front,
     bdev: UnsafeCell<ffi::spdk_bdev>,
     name: CString,
     config: CreateConfig,
     /// `bdev_pcache_create` params with the options in effect (from the superblock once the
     /// cache is open), cached for `write_config_json` (bdev-manager lock held).
     config_params: RefCell<Value>,
-    /// The cache bdev (name empty, never opened, with `cache_path`).
-    pub(crate) cache: Base,
     pub(crate) backing: Base,
     /// The mapped cache (`cache_path`), until the worker takes it at create.
     dax: RefCell<Option<DaxDevice>>,
@@ -120,14 +90,6 @@ pub(crate) struct Pcache {
     media: Value,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
-    /// The (lead) worker, its thread, core and inbox; set before the worker starts and
-    /// before registration, never changed afterwards. The worker is only dereferenced on
-    /// its thread.
-    lead: Peer,
-    /// The worker threads when there are several (set before registration, then fixed),
-    /// and where requests go: which worker serves each stripe.
-    team: std::cell::OnceCell<(Arc<[Peer]>, Routing)>,
-    pub(crate) retired: Arc<Retired>,
     state: Cell<NodeState>,
     origin: Cell<Origin>,
     /// Who waits for the create in progress: its requester first, then e.g. an
@@ -145,6 +107,8 @@ pub(crate) struct Pcache {
     info: RefCell<Value>,
 }
 
+const _: () = assert!(std::mem::offset_of!(Pcache, front) == 0);
+
 impl Pcache {
     fn bdev_ptr(&self) -> *mut ffi::spdk_bdev {
         self.bdev.get()
@@ -155,62 +119,11 @@ impl Pcache {
     }
 
     pub(crate) fn lead_thread(&self) -> *mut ffi::spdk_thread {
-        self.lead.thread
+        self.front.workers.lead().thread
     }
 
     pub(crate) fn lead_worker(&self) -> *mut Worker {
-        self.lead.worker
-    }
-
-    /// The worker threads (empty when the lead worker serves everything).
-    pub(crate) fn team(&self) -> &[Peer] {
-        self.team.get().map_or(&[], |(t, _)| t)
-    }
-
-    /// Which workers `io` concerns: its stripes' shards' workers (all of them for a flush
-    /// or a reset), or the lead alone when it has no team.
-    pub(crate) fn route(&self, io: *mut ffi::spdk_bdev_io) -> Route {
-        let Some((team, r)) = self.team.get() else {
-            return Route::One(self.lead);
-        };
-        // SAFETY: a live request of this bdev; `u.bdev` holds its range for the block
-        // types (integer fields read by value).
-        let (ty, offset, num) = unsafe {
-            let b = super::io::block(io);
-            (
-                ffi::spdk_bdev_io_type::Type::from((*io).type_),
-                (*b).offset_blocks,
-                (*b).num_blocks,
-            )
-        };
-        use ffi::spdk_bdev_io_type as t;
-        if !matches!(
-            ty,
-            t::SPDK_BDEV_IO_TYPE_READ
-                | t::SPDK_BDEV_IO_TYPE_WRITE
-                | t::SPDK_BDEV_IO_TYPE_UNMAP
-                | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
-        ) || num == 0
-        {
-            return Route::Many(team.to_vec());
-        }
-        let n = team.len() as u64;
-        let worker_of =
-            |stripe: u64| Cache::part_of_shard((stripe % u64::from(r.shards)) as u32, team.len());
-        let first = (offset << r.shift) / r.stripe;
-        let last = (((offset + num) << r.shift) - 1) / r.stripe;
-        let e0 = worker_of(first);
-        if first == last || (first + 1..=last.min(first + n)).all(|s| worker_of(s) == e0) {
-            return Route::One(team[e0]);
-        }
-        let mut out: Vec<Peer> = Vec::new();
-        for s in first..=last.min(first + u64::from(r.shards) * n) {
-            let p = team[worker_of(s)];
-            if !out.iter().any(|q| q.thread == p.thread) {
-                out.push(p);
-            }
-        }
-        Route::Many(out)
+        self.front.workers.lead().worker
     }
 
     pub(crate) fn state(&self) -> NodeState {
@@ -223,7 +136,8 @@ impl Pcache {
 
     /// Is `bdev` one of this node's (open) base bdevs?
     fn has_base(&self, bdev: *mut ffi::spdk_bdev) -> bool {
-        !bdev.is_null() && (ptr::eq(self.cache.bdev, bdev) || ptr::eq(self.backing.bdev, bdev))
+        !bdev.is_null()
+            && (ptr::eq(self.front.cache.bdev, bdev) || ptr::eq(self.backing.bdev, bdev))
     }
 
     /// `{"cache_bdev"}` or `{"cache_path", "persistent_memory", "persistence"}`.
@@ -448,7 +362,7 @@ fn strerror(rc: c_int) -> String {
 /// Close whatever base descriptors are open (releasing their claims). Caller's thread
 /// must be the opening thread.
 fn close_bases(node: &Pcache) {
-    for base in [&node.cache, &node.backing] {
+    for base in [&node.front.cache, &node.backing] {
         let desc = base.desc.replace(ptr::null_mut());
         if !desc.is_null() {
             // SAFETY: opened on this thread, closed once (cleared above).
@@ -497,7 +411,7 @@ impl BaseGeometry {
 
 /// Check the bases and fill in the bdev our users see. The bases are open.
 fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
-    if ptr::eq(node.backing.bdev, node.cache.bdev) {
+    if ptr::eq(node.backing.bdev, node.front.cache.bdev) {
         return Err(invalid(format!(
             "{} and backing_bdev '{}' are the same bdev",
             node.config.cache_label(),
@@ -625,7 +539,7 @@ fn geometries(node: &Pcache) -> (BaseGeometry, BaseGeometry) {
             numa: bk.numa,
         },
         // SAFETY: the cache bdev is open, so live.
-        None => unsafe { BaseGeometry::read(node.cache.bdev) },
+        None => unsafe { BaseGeometry::read(node.front.cache.bdev) },
     };
     (bk, ca)
 }
@@ -673,7 +587,7 @@ fn attach_bases(node: *mut Pcache, retries: u32) {
             // SAFETY: live node (registry, Creating: only this path frees it), app thread.
             let n = unsafe { &mut *node };
             close_bases(n);
-            n.cache.bdev = ptr::null_mut();
+            n.front.cache.bdev = ptr::null_mut();
             n.backing.bdev = ptr::null_mut();
             if retries == CLAIM_RETRIES {
                 spdk_log!(
@@ -712,8 +626,9 @@ fn start_workers(node: *mut Pcache) {
     let n = unsafe { &mut *node };
     let (bk, ca) = geometries(n);
     let o = &n.config.options;
+    let cache = n.front.cache.bdev;
     // SAFETY: open base bdev (only checked for a cache bdev).
-    if !n.cache.bdev.is_null() && unsafe { ffi::spdk_bdev_has_write_cache(n.cache.bdev) } {
+    if !cache.is_null() && unsafe { ffi::spdk_bdev_has_write_cache(cache) } {
         spdk_log!(
             NOTICE,
             "{}: {} has a volatile write cache: acknowledged writes survive a \
@@ -726,8 +641,8 @@ fn start_workers(node: *mut Pcache) {
         name: n.config.name.clone(),
         core: n.config.options.core,
         app_thread: n.thread,
-        desc: [n.cache.desc.get(), n.backing.desc.get()],
-        bdev: [n.cache.bdev, n.backing.bdev],
+        desc: [n.front.cache.desc.get(), n.backing.desc.get()],
+        bdev: [n.front.cache.bdev, n.backing.bdev],
         identity: BackingIdentity {
             sectors: bk.blockcnt * u64::from(bk.blocklen) / 512,
             block_size: bk.blocklen,
@@ -759,7 +674,7 @@ fn start_workers(node: *mut Pcache) {
     };
     let p = SendPtr(node);
     match worker::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
-        Ok(lead) => n.lead = lead,
+        Ok(lead) => n.front.workers.set_lead(lead),
         Err(e) => fail_create(node, errno(-libc::ENOMEM, e)),
     }
 }
@@ -818,8 +733,8 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
     let back = slot.clone();
     let name = cfg.name.clone();
     let sent = worker::set_options(
-        n.lead.thread,
-        n.lead.worker,
+        n.lead_thread(),
+        n.lead_worker(),
         move |cur| so.apply(cur),
         Box::new(move |res| {
             let Some(reply) = back.borrow_mut().take() else {
@@ -875,23 +790,14 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         bdev: UnsafeCell::new(unsafe { std::mem::zeroed() }),
         name,
         config_params: RefCell::new(config.to_params()),
-        cache: Base::new(config.cache_bdev().unwrap_or_default())?,
-        backing: Base::new(&config.backing_bdev)?,
+        front: Front::new(new_base(config.cache_bdev().unwrap_or_default())?),
+        backing: new_base(&config.backing_bdev)?,
         dax: RefCell::new(None),
         _path_lock: None,
         media: Value::Null,
         config,
         // SAFETY: called on an SPDK thread (the RPC thread).
         thread: unsafe { ffi::spdk_get_thread() },
-        lead: Peer {
-            thread: ptr::null_mut(),
-            worker: ptr::null_mut(),
-            wid: 0,
-            core: None,
-            inbox: ptr::null(),
-        },
-        team: std::cell::OnceCell::new(),
-        retired: Arc::new(Retired::default()),
         state: Cell::new(NodeState::Creating),
         origin: Cell::new(Origin::Rpc),
         waiters: RefCell::new(Vec::new()),
@@ -914,7 +820,7 @@ fn open_bases(node: *mut Pcache) -> Result<(), OpenFailure> {
     match n.config.cache.clone() {
         CacheMedia::Bdev(name) => {
             n.media = json!({"cache_bdev": name});
-            open_and_claim(node, "cache bdev", &mut n.cache)?;
+            open_and_claim(node, "cache bdev", &mut n.front.cache)?;
         }
         CacheMedia::Path { path, size_mib } => {
             if n.dax.borrow().is_none() {
@@ -993,7 +899,7 @@ fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
             return reply_all(waiters, Err(errno(-libc::EINVAL, msg)));
         }
     };
-    let desc = n.cache.desc.get();
+    let desc = n.front.cache.desc.get();
     if desc.is_null() || n.base_gone.get() {
         return create_finish(node, info);
     }
@@ -1146,9 +1052,9 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
             shards: g.shard_count.max(1),
             shift: (blocklen / 512).max(1).trailing_zeros(),
         };
-        let _ = n.team.set((info.team.clone(), routing));
+        n.front.workers.set_team(info.team.clone(), routing);
     }
-    // Split at the worker's stripes: the superblock's, which win over the create options.
+    // Split at the engine's stripes: the superblock's, which win over the create options.
     {
         // SAFETY: not registered yet, so we are the bdev's only user.
         let b = unsafe { &mut *n.bdev_ptr() };
@@ -1227,7 +1133,7 @@ fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
             drop(unsafe { Box::from_raw(p.0) });
         }
     });
-    if worker::stop(n.lead.thread, n.lead.worker, false, done).is_err() {
+    if worker::stop(n.lead_thread(), n.lead_worker(), false, done).is_err() {
         spdk_log!(ERROR, "{}: cannot stop the engine; leaking it", n.name());
     }
 }
@@ -1271,14 +1177,14 @@ unsafe extern "C" fn base_event(
             .into_owned();
         match kind {
             ffi::spdk_bdev_event_type::SPDK_BDEV_EVENT_REMOVE => {
-                let dev = if ptr::eq(bdev, n.cache.bdev) {
+                let dev = if ptr::eq(bdev, n.front.cache.bdev) {
                     Dev::Cache
                 } else {
                     Dev::Backing
                 };
                 // From now on every command for it fails at once, so nothing waits for it.
-                if !n.lead.worker.is_null()
-                    && worker::base_removed(n.lead.thread, n.lead.worker, dev).is_err()
+                if !n.lead_worker().is_null()
+                    && worker::base_removed(n.lead_thread(), n.lead_worker(), dev).is_err()
                 {
                     spdk_log!(
                         ERROR,
@@ -1325,7 +1231,7 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
         let drain = n.drain_on_destruct.get() && !finishing();
         let p = SendPtr(node);
         let done = Box::new(move |res: Result<(), String>| destruct_finish(p.0, res));
-        if worker::stop(n.lead.thread, n.lead.worker, drain, done).is_err() {
+        if worker::stop(n.lead_thread(), n.lead_worker(), drain, done).is_err() {
             spdk_log!(
                 ERROR,
                 "{}: cannot stop the engine (out of messages); leaking the bdev",

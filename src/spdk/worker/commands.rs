@@ -1,5 +1,5 @@
 //! The cache pump: the fast (period-0) poller takes the requests that arrived, then polls
-//! the [`Cache`](crate::worker::Cache), hands it the device completions, completes the
+//! the [`Cache`](crate::engine::Cache), hands it the device completions, completes the
 //! requests it finished and executes the commands it issued, until it has nothing more to say.
 //!
 //! Calls intake, reply, device I/O and the team exchange; nothing above the worker.
@@ -135,7 +135,7 @@ impl Worker {
             }
             // Both read as zeros afterwards: write zeroes (the bdev layer emulates it with
             // writes where the device has no native support). An UNMAP of the backing bdev
-            // need not read back as zeros, which the worker relies on.
+            // need not read back as zeros, which the engine relies on.
             Command::WriteZeroes {
                 tag,
                 dev,

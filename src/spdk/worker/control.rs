@@ -4,13 +4,13 @@
 //!
 //! Called from above (`vbdev`, `rpc`); calls the team and `msg` below.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::stats::render_stats;
 use super::team::{self, Gather};
 use super::{dev_index, Done, Peer, SendPtr, Worker};
 use crate::engine::shard::WritebackOptions;
 use crate::engine::Dev;
+use crate::shell::stats::{flush_status_json, render_stats, FlushPart};
 use crate::spdk::ffi;
 use crate::spdk::log::spdk_log;
 use crate::spdk::msg;
@@ -134,21 +134,10 @@ pub(crate) fn flush_status(
         let (app, name) = (e.app_thread, e.name.clone());
         on_team(
             e,
-            |w| {
-                let failed = w.writeback_failed();
-                match w.cache.as_deref() {
-                    Some(c) => (c.dirty_bytes(), c.is_clean(), w.flushing, failed),
-                    None => (0, false, false, failed),
-                }
-            },
-            || (0, false, false, true),
+            |w| w.flush_part(),
+            || FlushPart::UNREACHABLE,
             move |parts| {
-                let v = json!({
-                    "dirty_bytes": parts.iter().map(|p| p.0).sum::<u64>(),
-                    "clean": parts.iter().all(|p| p.1),
-                    "flushing": parts.iter().any(|p| p.2),
-                    "writeback_failed": parts.iter().any(|p| p.3),
-                });
+                let v = flush_status_json(&parts);
                 if msg::send(app, move || done(v)).is_err() {
                     spdk_log!(ERROR, "{name}: cannot return flush status");
                 }

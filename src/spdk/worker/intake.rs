@@ -12,14 +12,13 @@ use std::ffi::c_void;
 use std::ptr;
 
 use super::devio::{DevIo, Kind, Purpose};
-use super::reply::Reply;
+use super::reply::{ctx, IoCtx, Reply};
+use super::roster::Roster;
 use super::{op_of, team, Peer, State, Worker};
 use crate::engine::{Cache, Dev, Direct, IoError, Op, Request};
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st};
-use crate::spdk::io::{self, IoCtx};
 use crate::spdk::link::{Desc, WorkerEnd};
 use crate::spdk::log::{no_unwind, spdk_log};
-use crate::spdk::msg;
 
 impl Worker {
     // ---- requests ----
@@ -217,17 +216,17 @@ pub(super) fn prefetch_lookups<'a>(lookups: impl Iterator<Item = (&'a Cache, u64
     }
 }
 
-/// The first stage of a lookup's prefetch ([`ExtentMap::first_line`](crate::worker::index::ExtentMap::first_line)).
-pub(super) fn prefetch_first(c: &Cache, lba: u64, len: u32) {
-    io::prefetch(
+/// The first stage of a lookup's prefetch ([`ExtentMap::first_line`](crate::engine::index::ExtentMap::first_line)).
+pub(crate) fn prefetch_first(c: &Cache, lba: u64, len: u32) {
+    prefetch(
         c.index_of(lba)
             .map_or(ptr::null(), |m| m.first_line(lba, len)),
     );
 }
 
 /// The second, once the first is loaded (none for a lookup inside one 4 KiB block).
-pub(super) fn prefetch_second(c: &Cache, lba: u64, len: u32) {
-    io::prefetch(
+pub(crate) fn prefetch_second(c: &Cache, lba: u64, len: u32) {
+    prefetch(
         c.index_of(lba)
             .map_or(ptr::null(), |m| m.second_line(lba, len)),
     );
@@ -237,14 +236,9 @@ pub(super) fn prefetch_second(c: &Cache, lba: u64, len: u32) {
 
 /// The worker of `io`'s bdev that runs on this thread.
 pub(super) fn worker_here(io: *mut ffi::spdk_bdev_io) -> *mut Worker {
-    // SAFETY: a pending request of a pcache bdev; `ctxt` is its live node, whose worker
-    // and team were set before registration and stay valid while requests are pending.
-    let node = unsafe { &*(*(*io).bdev).ctxt.cast::<crate::spdk::vbdev::Pcache>() };
-    let here = msg::current();
-    node.team()
-        .iter()
-        .find(|p| p.thread == here)
-        .map_or_else(|| node.lead_worker(), |p| p.worker)
+    // SAFETY: a pending request of a pcache bdev; its roster was set before registration
+    // and stays valid while requests are pending.
+    unsafe { Roster::of(io) }.here()
 }
 
 /// Gives `p`'s worker the worker's ends of a new queue pair (`link`), by message.
@@ -258,7 +252,7 @@ pub(crate) unsafe extern "C" fn submit_msg(arg: *mut c_void) {
         let io = arg.cast::<ffi::spdk_bdev_io>();
         // SAFETY: on the worker thread at the top level of a message.
         let e = unsafe { &mut *worker_here(io) };
-        io::prefetch_request(io);
+        prefetch_request(io);
         // SAFETY: on the worker thread.
         unsafe { e.inbox.push(io) };
     })
@@ -274,4 +268,31 @@ pub(crate) unsafe extern "C" fn reset_msg(arg: *mut c_void) {
         e.counters.resets += 1;
         e.resets.push(io);
     })
+}
+
+/// Starts loading the lines of `io` a worker on another core reads (its header, block
+/// parameters and driver context), so that a batch of requests arriving by message misses
+/// on them all at once rather than one by one when it is submitted.
+pub(crate) fn prefetch_request(io: *mut ffi::spdk_bdev_io) {
+    // Addresses of fields of a live request: projections only, nothing is read here.
+    let b = ffi::bdev_io_block(io).cast::<u8>();
+    prefetch(io.cast());
+    prefetch(b);
+    prefetch(b.wrapping_add(64));
+    prefetch(ctx(io).cast());
+}
+
+/// Starts loading the cache line at `p` (null: nothing) without waiting for it.
+#[inline]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    if !p.is_null() {
+        // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault,
+        // whatever the address; SSE is part of the x86_64 baseline.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }

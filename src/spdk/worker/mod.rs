@@ -16,7 +16,7 @@
 //!   request or a device completion arrived, so concurrent requests are group-committed; a
 //!   1 ms poller keeps writeback going, detects idleness (10 ms without requests), resolves
 //!   drains and resets, and tears the worker down when it stops;
-//! - opening (reading the superblock and replaying the log with the worker's [`Opener`]) and
+//! - opening (reading the superblock and replaying the log with the engine's [`Opener`]) and
 //!   formatting run here too, with DMA buffers, before the bdev is registered.
 //!
 //! A request buffer a command names ([`Buf::Req`]) belongs to a live request: each request
@@ -38,17 +38,20 @@
 //! - [`open`]: the open/format driver (superblock reads, replay, formatting writes);
 //! - [`intake`]: requests arriving (messages, inbox, queue pairs), the batch's look-ahead,
 //!   and requests served directly from the cache device;
-//! - [`reply`]: request slots and completions back to the submitting threads;
+//! - [`reply`]: request slots, the request's driver context ([`IoCtx`]) and completions
+//!   back to the submitting threads;
 //! - [`commands`]: the fast poller and the cache pump (poll, execute commands);
 //! - [`devio`]: device I/O on the base bdevs ([`dma`]: its DMA buffer pool);
 //! - [`mapped`]: the mapped-cache (DAX) path, inline copies and one fence per batch;
 //! - [`housekeeping`]: the slow poller: idleness, drains, resets, stranded requests;
 //! - [`control`]: messages from the app thread (stats, flush, options, removal, stop);
 //! - [`stats`]: this worker's share of `bdev_pcache_get_stats`;
-//! - [`team`]: what the workers of one bdev share; [`inbox`]: the same-core queue;
-//!   [`local`]: requests served by the submitting thread itself.
+//! - [`team`]: what the workers of one bdev share; [`roster`]: the workers as the request
+//!   path sees them (lead, team, routing); [`inbox`]: the same-core queue; [`local`]: the
+//!   worker's side of requests served by the submitting thread itself (`io::served`).
 //!
-//! Calls go down only: to `link`, `msg`, `ffi`, `log` and `io`'s request context.
+//! Called from above by `io` (requests), `vbdev` and `rpc` (control); calls go down only:
+//! to `link`, `msg`, `stats`, `ffi`, `log`, and the plain Rust of `crate::shell`.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -67,6 +70,7 @@ pub(crate) mod local;
 mod mapped;
 mod open;
 mod reply;
+mod roster;
 mod stats;
 mod team;
 
@@ -74,8 +78,11 @@ pub(crate) use control::{
     base_removed, drain, flush_start, flush_status, set_options, stats, stop,
 };
 use inbox::Inbox;
-pub(crate) use intake::{attach_link, reset_msg, submit_msg};
+pub(crate) use intake::{attach_link, prefetch_first, prefetch_second, reset_msg, submit_msg};
 pub(crate) use lifecycle::{app_cores, spawn};
+pub(crate) use local::Local;
+pub(crate) use reply::{bytes, complete, complete_here, ctx, fanout_done, IoCtx};
+pub(crate) use roster::{Roster, Route};
 pub(crate) use team::Peer;
 use team::TeamState;
 
@@ -85,6 +92,7 @@ use crate::engine::{
 };
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
+use crate::shell::stats::Counters;
 
 use super::ffi::{self, spdk_bdev_io_type as t};
 use super::link::{Desc, WorkerEnd};
@@ -134,7 +142,7 @@ pub(crate) type Done = Box<dyn FnOnce(Result<(), String>)>;
 pub(crate) struct SendPtr<T>(pub *mut T);
 
 /// The worker operation of a bdev_io type, if the worker serves it.
-fn op_of(ty: t::Type) -> Option<Op> {
+pub(crate) fn op_of(ty: t::Type) -> Option<Op> {
     match ty {
         t::SPDK_BDEV_IO_TYPE_READ => Some(Op::Read),
         t::SPDK_BDEV_IO_TYPE_WRITE => Some(Op::Write),
@@ -153,28 +161,6 @@ fn dev_index(d: Dev) -> usize {
 }
 
 const DEV_NAMES: [&str; 2] = ["cache", "backing"];
-
-#[derive(Default, Clone, Copy)]
-struct Counters {
-    requests: u64,
-    requests_failed: u64,
-    dev_reads: u64,
-    dev_writes: u64,
-    dev_copies: u64,
-    dev_flushes: u64,
-    dev_zeroes: u64,
-    dev_errors: u64,
-    nomem_waits: u64,
-    /// How requests arrived: from a thread on this core (inbox), through a queue pair from
-    /// another core, or by message.
-    arrived_same_core: u64,
-    /// Of those, served by the submitting thread itself (`local`).
-    served_by_submitter: u64,
-    arrived_queue_pair: u64,
-    arrived_by_message: u64,
-    crc_mismatches: u64,
-    resets: u64,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

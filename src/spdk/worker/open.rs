@@ -1,4 +1,4 @@
-//! The open/format driver: runs the worker's [`Opener`] (superblock replicas, log replay)
+//! The open/format driver: runs the engine's [`Opener`] (superblock replicas, log replay)
 //! with DMA reads of the cache bdev, formats a cache bdev that holds no pcache, and hands
 //! the open cache to the team ([`Worker::spawn_team`]).
 //!

@@ -10,35 +10,98 @@
 //!   The worker never touches the bdev_io's lines, which stay on the submitting core.
 //! - When a queue is full, or for a thread outside the reactors, by message
 //!   (`worker::submit_msg`, the `spdk_bdev_io` as argument: no allocation); the worker
-//!   answers by message ([`complete_remote_msg`]), only reading the request.
+//!   answers by message (`worker::complete_remote_msg`), only reading the request.
 //! - From a thread pinned to the worker's own core, without a message either way: the
 //!   request waits in the channel for its poller ([`channel_poll`]), which serves a read
 //!   hit or an in-place rewrite itself with one I/O on its own channel to the cache bdev
-//!   (`worker::local`), and puts any other request straight into the worker's inbox; the
-//!   worker completes those as the submitting thread ([`complete_as_submitter`]). Both
+//!   ([`served`]), and puts any other request straight into the worker's inbox; the
+//!   worker completes those as the submitting thread (`worker::complete_as_submitter`). Both
 //!   threads are polled by the same reactor, one at a time, so this is the same sequence
 //!   of events minus the message rings (see `worker::inbox`).
 //!
 //! Nothing in flight lives in the channel buffer, which SPDK frees on its own schedule.
+//!
+//! What this path reads of a bdev is its [`Front`]: the bdev's workers, its cache bdev and
+//! retired counters; the rest of the node (`vbdev::Pcache`) is the control path's. Calls go
+//! down only: to the workers (`worker`: entry messages, the request context, completion),
+//! `link`, `stats`, `msg` and `ffi`.
 
-use std::ffi::{c_int, c_void};
-use std::ptr;
+mod served;
 
 use std::cell::{Cell, RefCell};
+use std::ffi::{c_int, c_void, CString};
+use std::ptr;
+use std::sync::Arc;
 
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
-use super::link::{self, Desc, Finished, Link};
+use super::link::{self, from_completion_arg, Desc, Finished, Link};
 use super::log::{no_unwind, spdk_log};
-use super::stats::IoCounters;
-use super::vbdev::{Pcache, Route};
-use super::worker;
-use super::worker::Peer;
+use super::stats::{IoCounters, Retired};
+use super::worker::{self, bytes, complete, complete_here, ctx, fanout_done, Peer, Roster, Route};
+
+/// One opened and claimed base bdev.
+pub(crate) struct Base {
+    pub(crate) name: CString,
+    /// Open descriptor (null once closed). A `Cell`: destruct clears it through a shared
+    /// reference while channel teardown on other threads may still read other node fields.
+    pub(crate) desc: Cell<*mut ffi::spdk_bdev_desc>,
+    pub(crate) bdev: *mut ffi::spdk_bdev,
+}
+
+impl Base {
+    /// A base bdev called `name`, not opened yet.
+    pub(crate) fn new(name: CString) -> Self {
+        Base {
+            name,
+            desc: Cell::new(ptr::null_mut()),
+            bdev: ptr::null_mut(),
+        }
+    }
+}
+
+/// What the request path reads of a pcache bdev: the first field of its node, so
+/// `bdev.ctxt` and the io_device point at it. Fixed before registration (the cache bdev's
+/// descriptor is closed only after the last channel is gone).
+#[repr(C)]
+pub(crate) struct Front {
+    /// First: workers find it from `bdev.ctxt` ([`Roster::of`]).
+    pub(crate) workers: Roster,
+    /// The cache bdev (name empty, never opened, with `cache_path`).
+    pub(crate) cache: Base,
+    /// Counts of channels that no longer exist.
+    pub(crate) retired: Arc<Retired>,
+}
+
+const _: () = assert!(std::mem::offset_of!(Front, workers) == 0);
+
+impl Front {
+    pub(crate) fn new(cache: Base) -> Self {
+        Front {
+            workers: Roster::new(),
+            cache,
+            retired: Arc::new(Retired::default()),
+        }
+    }
+
+    /// The front of `io`'s bdev.
+    ///
+    /// # Safety
+    /// `io` is a pending request of a pcache bdev (`bdev.ctxt` is its live node, which
+    /// starts with its front: asserted in `vbdev`).
+    unsafe fn of<'a>(io: *mut ffi::spdk_bdev_io) -> &'a Front {
+        // SAFETY: per the contract.
+        unsafe { &*(*(*io).bdev).ctxt.cast::<Front>() }
+    }
+}
 
 /// Per-thread channel context (what `spdk_io_channel_get_ctx` returns for our io_device).
-/// The worker thread owns the base bdevs' channels; this only counts.
+/// The worker thread owns the base bdevs' channels; this only counts. `repr(C)` with the
+/// counters first: completion, in the worker layer below, counts through the channel
+/// without knowing this type (`worker::complete`).
+#[repr(C)]
 pub(crate) struct Channel {
-    node: *const Pcache,
     stats: IoCounters,
+    front: *const Front,
     /// The one core this channel's thread may run on (its cpumask), if it has one.
     core: Option<u32>,
     /// Queue pairs with the team's workers on other cores (index: worker number), each
@@ -57,6 +120,8 @@ pub(crate) struct Channel {
     local: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
 }
 
+const _: () = assert!(std::mem::offset_of!(Channel, stats) == 0);
+
 impl Channel {
     pub(crate) fn stats(&self) -> &IoCounters {
         &self.stats
@@ -68,11 +133,11 @@ impl Channel {
         if !ch.is_null() {
             return ch;
         }
-        // SAFETY: the node outlives its channels; its cache descriptor is closed only at
+        // SAFETY: the node (and its front) outlives its channels; its cache descriptor is closed only at
         // destruct, after every channel of the bdev is gone, and a descriptor may hand out
         // channels on any thread.
         let ch = unsafe {
-            let desc = (*self.node).cache.desc.get();
+            let desc = (*self.front).cache.desc.get();
             if desc.is_null() {
                 return ptr::null_mut();
             }
@@ -83,34 +148,11 @@ impl Channel {
     }
 }
 
-/// Per-request context in `bdev_io->driver_ctx` (size given by the module's `get_ctx_size`).
-/// SPDK neither initializes nor drops it: written at submit, read at completion.
-pub(crate) struct IoCtx {
-    /// Our channel the request was submitted on (for the counters).
-    pub(crate) ch: *mut ffi::spdk_io_channel,
-    /// Sent to several workers, which then answer by [`fanout_done`] (set before sending).
-    pub(crate) fanout: bool,
-    /// Put straight into the inbox of a worker on this thread's core: the worker
-    /// completes it as this thread ([`complete_as_submitter`]).
-    pub(crate) local: bool,
-    /// Workers still to answer, and the worst status so far (submitting thread only).
-    left: u32,
-    worst: st::Type,
-    /// Served by the submitting thread itself (`worker::local`): its worker and what it
-    /// started, and the entry that waits for a free cache bdev_io.
-    pub(crate) local_direct: Option<worker::local::Local>,
-    pub(crate) wait: ffi::spdk_bdev_io_wait_entry,
-}
-
-// driver_ctx sits at offset 1216 of an 8-aligned spdk_bdev_io.
-const _: () = assert!(std::mem::align_of::<IoCtx>() <= 8);
-const _: () = assert!(std::mem::offset_of!(ffi::spdk_bdev_io, driver_ctx) % 8 == 0);
-
 /// io_device channel constructor.
 pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut c_void) -> c_int {
     no_unwind("channel_create", -libc::EINVAL, || {
         let chan = Channel {
-            node: io_device.cast::<Pcache>().cast_const(),
+            front: io_device.cast::<Front>().cast_const(),
             stats: IoCounters::default(),
             core: pinned_core(),
             links: RefCell::new(Vec::new()),
@@ -166,82 +208,8 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
             unsafe { ffi::spdk_put_io_channel(ch) };
         }
         // SAFETY: the node outlives its channels (freed in the io_device unregister callback).
-        unsafe { (*chan.node).retired.fold(&chan.stats.snapshot()) };
+        unsafe { (*chan.front).retired.fold(&chan.stats.snapshot()) };
     })
-}
-
-/// Block parameters (`u.bdev`) of a request, as a raw pointer: only READ/WRITE/UNMAP/
-/// WRITE_ZEROES/FLUSH fill that union member, so read single fields, never the whole struct.
-pub(crate) fn block(io: *mut ffi::spdk_bdev_io) -> *const ffi::spdk_bdev_io_block_params {
-    // SAFETY: projecting to a union member of a live bdev_io forms no reference.
-    unsafe { ptr::addr_of!((*io).u.bdev).cast() }
-}
-
-/// Bytes moved by a READ or WRITE.
-fn bytes(io: *mut ffi::spdk_bdev_io) -> u64 {
-    // SAFETY: live READ/WRITE bdev_io of a live bdev; integer fields read by value.
-    unsafe {
-        (*block(io))
-            .num_blocks
-            .wrapping_mul(u64::from((*(*io).bdev).blocklen))
-    }
-}
-
-pub(crate) fn ctx(io: *mut ffi::spdk_bdev_io) -> *mut IoCtx {
-    // SAFETY: our bdevs' bdev_io carry `size_of::<IoCtx>()` bytes of driver context.
-    unsafe { ffi::bdev_io_driver_ctx::<IoCtx>(io) }
-}
-
-/// Starts loading the lines of `io` a worker on another core reads (its header, block
-/// parameters and driver context), so that a batch of requests arriving by message misses
-/// on them all at once rather than one by one when it is submitted.
-pub(crate) fn prefetch_request(io: *mut ffi::spdk_bdev_io) {
-    // Addresses of fields of a live request: projections only, nothing is read here.
-    let b = block(io).cast::<u8>();
-    prefetch(io.cast());
-    prefetch(b);
-    prefetch(b.wrapping_add(64));
-    prefetch(ctx(io).cast());
-}
-
-/// Starts loading the cache line at `p` (null: nothing) without waiting for it.
-#[inline]
-pub(crate) fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    if !p.is_null() {
-        // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault,
-        // whatever the address; SSE is part of the x86_64 baseline.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// A finished request as a message argument: the bdev_io, its low bit set if it failed (a
-/// bdev_io holds pointers, so it is at least 8-aligned; the worker only ever reports success
-/// or failure).
-pub(crate) fn completion_arg(io: *mut ffi::spdk_bdev_io, status: st::Type) -> *mut c_void {
-    let failed = usize::from(status != st::SPDK_BDEV_IO_STATUS_SUCCESS);
-    io.cast::<u8>().wrapping_add(failed).cast()
-}
-
-pub(crate) fn from_completion_arg(arg: *mut c_void) -> (*mut ffi::spdk_bdev_io, st::Type) {
-    let failed = arg as usize & 1;
-    let io = arg.cast::<u8>().wrapping_sub(failed).cast();
-    let status = if failed == 0 {
-        st::SPDK_BDEV_IO_STATUS_SUCCESS
-    } else {
-        st::SPDK_BDEV_IO_STATUS_FAILED
-    };
-    (io, status)
-}
-
-/// Complete `io` here and now (submitting thread) with `status`.
-fn complete_here(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending request on this thread, completed exactly once.
-    unsafe { ffi::spdk_bdev_io_complete(io, status) };
 }
 
 /// `fn_table.submit_request`.
@@ -293,14 +261,14 @@ enum Entry {
 
 /// Hands `io` to the worker thread of its stripe's shard, or to each worker it concerns.
 fn to_worker(io: *mut ffi::spdk_bdev_io, entry: Entry) {
-    // SAFETY: live bdev_io of our bdev, whose `ctxt` is its node; the worker threads and
-    // the team were set before registration.
-    let node = unsafe { &*(*(*io).bdev).ctxt.cast::<Pcache>() };
+    // SAFETY: live bdev_io of our bdev; the worker threads and the team were set before
+    // registration.
+    let front = unsafe { Front::of(io) };
     let f = match entry {
         Entry::Submit => worker::submit_msg,
         Entry::Reset => worker::reset_msg,
     };
-    let p = match node.route(io) {
+    let p = match front.workers.route(io) {
         Route::One(p) => p,
         Route::Many(v) => return fan_out(io, f, &v),
     };
@@ -400,7 +368,7 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
         let chan = unsafe { &*arg.cast::<Channel>() };
         let mut batch = chan.local.take();
         let mut busy = !batch.is_empty();
-        worker::local::serve_batch(&mut batch, chan);
+        served::serve_batch(&mut batch, chan);
         // Requests submitted meanwhile (by completions) wait for the next poll.
         let mut cur = chan.local.borrow_mut();
         if cur.is_empty() {
@@ -445,25 +413,6 @@ fn fan_out(io: *mut ffi::spdk_bdev_io, f: unsafe extern "C" fn(*mut c_void), tar
     }
 }
 
-/// One worker's answer to a request sent to several (on the submitting thread): the last
-/// completes it, failed if any part failed.
-pub(crate) fn fanout_done(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending fanned-out request on its submitting thread: `left` and `worst`
-    // are only touched here.
-    let (left, worst) = unsafe {
-        let c = ctx(io);
-        if status != st::SPDK_BDEV_IO_STATUS_SUCCESS {
-            (*c).worst = st::SPDK_BDEV_IO_STATUS_FAILED;
-        }
-        (*c).left = (*c).left.saturating_sub(1);
-        ((*c).left, (*c).worst)
-    };
-    if left == 0 {
-        // The request's own thread, completed exactly once (the last answer).
-        complete(io, worst);
-    }
-}
-
 unsafe extern "C" fn read_get_buf_done(
     _ch: *mut ffi::spdk_io_channel,
     io: *mut ffi::spdk_bdev_io,
@@ -479,48 +428,4 @@ unsafe extern "C" fn read_get_buf_done(
         }
         to_worker(io, Entry::Submit);
     })
-}
-
-/// Completes a request that came through the inbox ([`IoCtx::local`]) from its worker's
-/// thread, as the thread that submitted it: both are pinned to this core, so the submitting
-/// thread is not running now, and this is what its `complete_msg` message would do.
-pub(crate) fn complete_as_submitter(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    let me = super::msg::current();
-    // SAFETY: the request's thread lives until it completes; switching SPDK's notion of the
-    // current thread to it (and back) is sound because it shares this OS thread (above), so
-    // its state is not in use; `complete` then runs exactly as it would there.
-    unsafe { ffi::spdk_set_thread(ffi::spdk_bdev_io_get_thread(io)) };
-    no_unwind("complete_as_submitter", (), || complete(io, status));
-    // SAFETY: back to the worker thread we were called on.
-    unsafe { ffi::spdk_set_thread(me) };
-}
-
-/// A worker on another core is done with a request (message back to the submitting
-/// thread; the argument from [`completion_arg`]).
-pub(crate) unsafe extern "C" fn complete_remote_msg(arg: *mut c_void) {
-    no_unwind("complete_remote_msg", (), || {
-        let (io, status) = from_completion_arg(arg);
-        complete(io, status);
-    })
-}
-
-/// Counts `io` on its channel and completes it with `status` (on its submitting thread).
-pub(crate) fn complete(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending request on its submitting thread (this one), handed back by the
-    // workers; its type, size and channel are read by value.
-    let (ch, ty, bytes) = unsafe {
-        let ty = t::Type::from((*io).type_);
-        let bytes = match ty {
-            t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE => bytes(io),
-            _ => 0,
-        };
-        ((*ctx(io)).ch, ty, bytes)
-    };
-    if !ch.is_null() {
-        // SAFETY: our channel on this thread; it outlives the requests submitted on it.
-        let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>(ch) };
-        chan.stats
-            .record(ty, bytes, status == st::SPDK_BDEV_IO_STATUS_SUCCESS);
-    }
-    complete_here(io, status);
 }
