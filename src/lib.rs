@@ -7,6 +7,7 @@
 pub mod engine;
 pub mod media;
 pub mod offline;
+mod shell;
 
 #[cfg(feature = "spdk")]
 pub mod spdk;

@@ -78,3 +78,10 @@ pub unsafe fn bdev_io_from_ctx<T>(ctx: *mut T) -> *mut spdk_bdev_io {
             .cast()
     }
 }
+
+/// Block parameters (`u.bdev`) of a request, as a raw pointer: only READ/WRITE/UNMAP/
+/// WRITE_ZEROES/FLUSH fill that union member, so read single fields, never the whole struct.
+pub(crate) fn bdev_io_block(io: *mut spdk_bdev_io) -> *const spdk_bdev_io_block_params {
+    // SAFETY: projecting to a union member of a live bdev_io forms no reference.
+    unsafe { std::ptr::addr_of!((*io).u.bdev).cast() }
+}

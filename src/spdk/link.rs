@@ -1,23 +1,23 @@
-//! Queue pairs between a submitting thread and an engine thread on another core.
+//! Queue pairs between a submitting thread and a worker thread on another core.
 //!
-//! A request for an engine on another core could travel as an SPDK message with the
-//! `spdk_bdev_io` as argument, but then the engine reads the request's lines of the bdev_io
+//! A request for a worker on another core could travel as an SPDK message with the
+//! `spdk_bdev_io` as argument, but then the worker reads the request's lines of the bdev_io
 //! (header, block parameters, iovec, driver context), and they migrate between the cores
 //! twice per request, on top of the message ring and message object. On hardware where a
 //! cache line between two cores costs 300+ ns (this project's 2-vCPU VM, half the time),
 //! that is most of a request's cost.
 //!
-//! So each submitting thread, on its first request for a given remote engine, makes a pair
+//! So each submitting thread, on its first request for a given remote worker, makes a pair
 //! of single-producer single-consumer rings with it (`rtrb`), like an NVMe queue pair:
-//! - the submission queue carries a [`Desc`]: what the engine needs of the request, copied
+//! - the submission queue carries a [`Desc`]: what the worker needs of the request, copied
 //!   by the submitting thread (one cache line, the only one of the request that crosses);
 //! - the completion queue carries the bdev_io back with its outcome in the low bit
-//!   (`io::completion_arg`); the submitting thread's channel poller completes it.
+//!   ([`completion_arg`]); the submitting thread's channel poller completes it.
 //!
-//! The engine never touches such a request's bdev_io. The engine learns of a new pair by
-//! message (`engine::attach_link`), which it gets before any later stop (causality: the
+//! The worker never touches such a request's bdev_io. The worker learns of a new pair by
+//! message (`worker::attach_link`), which it gets before any later stop (causality: the
 //! pair is made while the bdev is open). The submitting side drops its ends when its channel
-//! is destroyed, after every request on it completed; the engine sees the rings abandoned
+//! is destroyed, after every request on it completed; the worker sees the rings abandoned
 //! and drops its ends. Either side falls back to messages when a ring is full, so a queue
 //! pair is only ever a faster path, never a requirement.
 
@@ -26,13 +26,13 @@ use std::ptr;
 
 use rtrb::{Consumer, Producer, RingBuffer};
 
-use super::ffi::{self, spdk_bdev_io_type as t};
+use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 
-/// Entries per ring: more than any single channel keeps in flight towards one engine in
+/// Entries per ring: more than any single channel keeps in flight towards one worker in
 /// practice (bdevperf -q 128, an NVMe-oF queue); a full ring only means the message path.
 const DEPTH: usize = 1024;
 
-/// What an engine needs of a request.
+/// What a worker needs of a request.
 #[derive(Clone, Copy)]
 pub(crate) struct Desc {
     pub io: *mut ffi::spdk_bdev_io,
@@ -79,7 +79,7 @@ impl Iovs {
 }
 
 // SAFETY: a Desc is a copy of a pending request's parameters; the pointers in it are only
-// dereferenced by the engine the request was sent to, while it is pending.
+// dereferenced by the worker the request was sent to, while it is pending.
 unsafe impl Send for Desc {}
 
 impl Desc {
@@ -90,7 +90,7 @@ impl Desc {
         // read field by field; the iovec array is live and holds `iovcnt` entries when the
         // request carries data (READ/WRITE), and is only read then.
         unsafe {
-            let b = super::io::block(io);
+            let b = ffi::bdev_io_block(io);
             let ty = t::Type::from((*io).type_);
             let (offset, num) = ((*b).offset_blocks, (*b).num_blocks);
             let data = matches!(ty, t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE);
@@ -119,7 +119,7 @@ impl Desc {
     }
 }
 
-/// A finished request on its way back: `io::completion_arg`.
+/// A finished request on its way back: [`completion_arg`].
 #[derive(Clone, Copy)]
 pub(crate) struct Finished(pub *mut c_void);
 
@@ -132,13 +132,13 @@ pub(crate) struct Link {
     pub cq: Consumer<Finished>,
 }
 
-/// The engine's ends.
-pub(crate) struct EngineEnd {
+/// The worker's ends.
+pub(crate) struct WorkerEnd {
     pub sq: Consumer<Desc>,
     pub cq: Producer<Finished>,
 }
 
-impl EngineEnd {
+impl WorkerEnd {
     /// The submitting side is gone (its channel was destroyed, after all its requests
     /// completed) and nothing is left to take.
     pub(crate) fn closed(&self) -> bool {
@@ -147,11 +147,30 @@ impl EngineEnd {
 }
 
 /// A new queue pair.
-pub(crate) fn pair() -> (Link, EngineEnd) {
+pub(crate) fn pair() -> (Link, WorkerEnd) {
     let (sq_p, sq_c) = RingBuffer::new(DEPTH);
     let (cq_p, cq_c) = RingBuffer::new(DEPTH);
     (
         Link { sq: sq_p, cq: cq_c },
-        EngineEnd { sq: sq_c, cq: cq_p },
+        WorkerEnd { sq: sq_c, cq: cq_p },
     )
+}
+
+/// A finished request as a message argument: the bdev_io, its low bit set if it failed (a
+/// bdev_io holds pointers, so it is at least 8-aligned; the worker only ever reports success
+/// or failure).
+pub(crate) fn completion_arg(io: *mut ffi::spdk_bdev_io, status: st::Type) -> *mut c_void {
+    let failed = usize::from(status != st::SPDK_BDEV_IO_STATUS_SUCCESS);
+    io.cast::<u8>().wrapping_add(failed).cast()
+}
+
+pub(crate) fn from_completion_arg(arg: *mut c_void) -> (*mut ffi::spdk_bdev_io, st::Type) {
+    let failed = arg as usize & 1;
+    let io = arg.cast::<u8>().wrapping_sub(failed).cast();
+    let status = if failed == 0 {
+        st::SPDK_BDEV_IO_STATUS_SUCCESS
+    } else {
+        st::SPDK_BDEV_IO_STATUS_FAILED
+    };
+    (io, status)
 }

@@ -22,59 +22,23 @@
 //! [`ExamineDone`] token, which every path owns or hands on (to the probe's completion, to
 //! the create's reply).
 
-use std::cell::UnsafeCell;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 
-use super::config::{CacheMedia, CreateConfig};
+use super::base_io::{block_io, BlockOp};
 use super::json::Writer;
 use super::log::{no_unwind, spdk_log};
+use super::registration::{self, finishing, module};
 use super::vbdev::{self, Origin, RpcError};
-use super::{ffi, io, rpc};
+use super::{ffi, worker};
 use crate::engine::format::{FormatError, SB_BYTES};
 use crate::engine::geometry::SB_B_SECTOR;
 use crate::engine::{BackingIdentity, Superblock};
-
-/// The module struct lives in a static: SPDK links it into its module list and writes its
-/// `internal` fields, so it needs a stable address and interior mutability.
-struct ModuleCell(UnsafeCell<ffi::spdk_bdev_module>);
-
-// SAFETY: after registration only SPDK touches the struct (its `internal` fields, under its
-// own locks); Rust code only ever takes its address.
-unsafe impl Sync for ModuleCell {}
-
-static MODULE: ModuleCell = ModuleCell(UnsafeCell::new(new_module()));
-
-/// Set by `fini_start`: the app is shutting down and the bdev layer unregisters every bdev.
-static FINISHING: AtomicBool = AtomicBool::new(false);
-
-const fn new_module() -> ffi::spdk_bdev_module {
-    // SAFETY: an all-zero spdk_bdev_module is valid: null pointers, `None` callbacks, false
-    // flags, zeroed internals (SPDK initializes them in spdk_bdev_module_list_add).
-    let mut m: ffi::spdk_bdev_module = unsafe { std::mem::zeroed() };
-    m.name = c"pcache".as_ptr();
-    m.module_init = Some(module_init);
-    m.fini_start = Some(fini_start);
-    m.module_fini = Some(module_fini);
-    m.get_ctx_size = Some(get_ctx_size);
-    m.config_json = Some(config_json);
-    m.examine_config = Some(examine_config);
-    m.examine_disk = Some(examine_disk);
-    m
-}
-
-/// Our module, for `bdev.module`, claims and `spdk_bdev_unregister_by_name`.
-pub(crate) fn module() -> *mut ffi::spdk_bdev_module {
-    MODULE.0.get()
-}
-
-pub(crate) fn finishing() -> bool {
-    FINISHING.load(Ordering::Relaxed)
-}
+use crate::shell::config::{CacheMedia, CreateConfig};
 
 /// `spdk_log` at WARN level (the shared `spdk_log!` knows ERROR and NOTICE).
 macro_rules! warn_log {
@@ -88,26 +52,35 @@ macro_rules! warn_log {
     };
 }
 
-// Life before main: keep this to FFI registration calls only (no std I/O, nothing that
-// can panic).
-#[ctor::ctor(unsafe)]
-fn register_pcache_module() {
-    // SAFETY: `module()` points at a static that lives for the whole process; libspdk_bdev
-    // is loaded (it is our DT_NEEDED dependency) and its constructors ran before ours.
-    unsafe { ffi::spdk_bdev_module_list_add(module()) };
-    rpc::register_methods();
+/// Fills in the module's callbacks and registers it with the bdev layer.
+///
+/// # Safety
+/// As [`registration::register`]: once, at load time.
+pub(crate) unsafe fn register() {
+    // SAFETY: per the contract.
+    unsafe {
+        registration::register(|m| {
+            m.module_init = Some(module_init);
+            m.fini_start = Some(fini_start);
+            m.module_fini = Some(module_fini);
+            m.get_ctx_size = Some(get_ctx_size);
+            m.config_json = Some(config_json);
+            m.examine_config = Some(examine_config);
+            m.examine_disk = Some(examine_disk);
+        })
+    };
 }
 
 unsafe extern "C" fn module_init() -> c_int {
-    FINISHING.store(false, Ordering::Relaxed);
-    let cores = super::engine::app_cores().len();
-    super::config::DEFAULT_SHARDS
+    registration::set_finishing(false);
+    let cores = super::worker::app_cores().len();
+    crate::shell::config::DEFAULT_SHARDS
         .store(u32::try_from(cores).unwrap_or(1).max(1), Ordering::Relaxed);
     0
 }
 
 unsafe extern "C" fn fini_start() {
-    FINISHING.store(true, Ordering::Relaxed);
+    registration::set_finishing(true);
 }
 
 unsafe extern "C" fn module_fini() {
@@ -117,7 +90,7 @@ unsafe extern "C" fn module_fini() {
 }
 
 unsafe extern "C" fn get_ctx_size() -> c_int {
-    std::mem::size_of::<io::IoCtx>() as c_int
+    std::mem::size_of::<worker::IoCtx>() as c_int
 }
 
 // ---- requests waiting for base bdevs ----
@@ -722,245 +695,6 @@ fn probed(cache: String, buf: &[u8], done: ExamineDone) {
                 spdk_log!(ERROR, "examine: cannot attach pcache bdev '{name}': {e}");
             }
             drop(done);
-        }),
-    );
-}
-
-// ---- a one-shot timer on the current thread ----
-
-struct Timer {
-    poller: *mut ffi::spdk_poller,
-    f: Option<Box<dyn FnOnce()>>,
-}
-
-unsafe extern "C" fn timer_fire(arg: *mut c_void) -> c_int {
-    no_unwind("timer", 0, || {
-        // SAFETY: `arg` is the Timer leaked by `after`; the poller is unregistered below
-        // before anything else runs, so it fires exactly once.
-        let mut t = unsafe { Box::from_raw(arg.cast::<Timer>()) };
-        // SAFETY: our poller, on the thread that registered it.
-        unsafe { ffi::spdk_poller_unregister(&mut t.poller) };
-        if let Some(f) = t.f.take() {
-            f();
-        }
-        ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
-    })
-}
-
-/// Runs `f` on the calling SPDK thread in `us` microseconds. Err (and `f` dropped) when
-/// the poller cannot be registered.
-pub(crate) fn after(us: u64, f: Box<dyn FnOnce()>) -> Result<(), ()> {
-    let t = Box::into_raw(Box::new(Timer {
-        poller: ptr::null_mut(),
-        f: Some(f),
-    }));
-    // SAFETY: on an SPDK thread; the Timer lives until `timer_fire` takes it back (the
-    // poller cannot fire before this function returns to the reactor).
-    unsafe {
-        let p = ffi::spdk_poller_register_named(
-            Some(timer_fire),
-            t.cast(),
-            us,
-            c"pcache_timer".as_ptr(),
-        );
-        if p.is_null() {
-            drop(Box::from_raw(t));
-            return Err(());
-        }
-        (*t).poller = p;
-    }
-    Ok(())
-}
-
-// ---- block I/O from the app thread (examine, superblock name) ----
-
-/// One command of [`block_io`].
-pub(crate) enum BlockOp {
-    Read {
-        offset_blocks: u64,
-        num_blocks: u64,
-    },
-    /// `data` is a whole number of blocks.
-    Write {
-        offset_blocks: u64,
-        data: Vec<u8>,
-    },
-    /// The whole bdev; skipped (success) when the bdev does not support FLUSH.
-    Flush,
-}
-
-impl BlockOp {
-    /// Both superblock replicas of a cache bdev (512-byte blocks).
-    pub(crate) fn read_superblocks() -> Self {
-        BlockOp::Read {
-            offset_blocks: 0,
-            num_blocks: 2 * SB_B_SECTOR,
-        }
-    }
-}
-
-/// Completion of [`block_io`]: the data read (empty for a write or flush), or why not.
-pub(crate) type BlockDone = Box<dyn FnOnce(Result<Vec<u8>, String>)>;
-
-struct BlockIo {
-    ch: *mut ffi::spdk_io_channel,
-    buf: *mut c_void,
-    len: usize,
-    read: bool,
-    done: BlockDone,
-}
-
-impl BlockIo {
-    /// Frees the DMA buffer and puts the channel (on the thread that got it).
-    fn release(&self) {
-        // SAFETY: allocated / got in `block_io` on this thread, released once (the BlockIo
-        // is consumed right after).
-        unsafe {
-            if !self.buf.is_null() {
-                ffi::spdk_dma_free(self.buf);
-            }
-            ffi::spdk_put_io_channel(self.ch);
-        }
-    }
-}
-
-/// Runs one read, write or flush on the open descriptor `desc` from the calling SPDK thread
-/// (the app thread), with an I/O channel and DMA buffer of its own; `done` runs on this
-/// thread (at once when the command cannot be submitted).
-pub(crate) fn block_io(desc: *mut ffi::spdk_bdev_desc, op: BlockOp, done: BlockDone) {
-    // SAFETY: `desc` is open (caller); plain getters of its live bdev.
-    let (bdev, bs) = unsafe {
-        let b = ffi::spdk_bdev_desc_get_bdev(desc);
-        (b, u64::from(ffi::spdk_bdev_get_block_size(b)))
-    };
-    let (len, read) = match &op {
-        BlockOp::Read { num_blocks, .. } => (num_blocks.saturating_mul(bs), true),
-        BlockOp::Write { data, .. } => (data.len() as u64, false),
-        BlockOp::Flush => (0, false),
-    };
-    if let BlockOp::Flush = op {
-        // SAFETY: live bdev.
-        if !unsafe {
-            ffi::spdk_bdev_io_type_supported(bdev, ffi::spdk_bdev_io_type::SPDK_BDEV_IO_TYPE_FLUSH)
-        } {
-            return done(Ok(Vec::new()));
-        }
-    }
-    let Ok(len) = usize::try_from(len) else {
-        return done(Err("I/O too large".into()));
-    };
-    if bs == 0 || len as u64 % bs != 0 {
-        return done(Err(format!(
-            "{len} bytes is not a whole number of {bs}-byte blocks"
-        )));
-    }
-    // SAFETY: open descriptor, on the thread that will put the channel.
-    let ch = unsafe { ffi::spdk_bdev_get_io_channel(desc) };
-    if ch.is_null() {
-        return done(Err("cannot get an I/O channel".into()));
-    }
-    let mut buf = ptr::null_mut();
-    if len > 0 {
-        // SAFETY: live bdev; plain allocation (freed in `release`).
-        buf = unsafe {
-            let align = ffi::spdk_bdev_get_buf_align(bdev).max(4096);
-            ffi::spdk_dma_zmalloc(len, align, ptr::null_mut())
-        };
-        if buf.is_null() {
-            // SAFETY: got above on this thread.
-            unsafe { ffi::spdk_put_io_channel(ch) };
-            return done(Err(format!("cannot allocate a {len}-byte DMA buffer")));
-        }
-    }
-    if let BlockOp::Write { data, .. } = &op {
-        // SAFETY: `buf` holds `len` = `data.len()` bytes and does not overlap `data`.
-        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), buf.cast::<u8>(), len) };
-    }
-    let ctx = Box::into_raw(Box::new(BlockIo {
-        ch,
-        buf,
-        len,
-        read,
-        done,
-    }));
-    let n = len as u64 / bs;
-    // SAFETY: open descriptor and its channel on this thread; `buf` holds the blocks and
-    // lives until the completion, which takes `ctx` back (exactly once).
-    let rc = unsafe {
-        match op {
-            BlockOp::Read { offset_blocks, .. } => ffi::spdk_bdev_read_blocks(
-                desc,
-                ch,
-                buf,
-                offset_blocks,
-                n,
-                Some(block_io_done),
-                ctx.cast(),
-            ),
-            BlockOp::Write { offset_blocks, .. } => ffi::spdk_bdev_write_blocks(
-                desc,
-                ch,
-                buf,
-                offset_blocks,
-                n,
-                Some(block_io_done),
-                ctx.cast(),
-            ),
-            BlockOp::Flush => ffi::spdk_bdev_flush_blocks(
-                desc,
-                ch,
-                0,
-                ffi::spdk_bdev_get_num_blocks(bdev),
-                Some(block_io_done),
-                ctx.cast(),
-            ),
-        }
-    };
-    if rc != 0 {
-        // SAFETY: not submitted: the completion never runs, `ctx` is still ours.
-        let b = unsafe { Box::from_raw(ctx) };
-        b.release();
-        (b.done)(Err(format!("cannot submit the I/O (rc {rc})")));
-    }
-}
-
-unsafe extern "C" fn block_io_done(io: *mut ffi::spdk_bdev_io, success: bool, arg: *mut c_void) {
-    no_unwind("block_io_done", (), || {
-        // SAFETY: the bdev_io of our submission, freed once; `arg` is the BlockIo leaked by
-        // `block_io`, delivered exactly once, on the submitting thread.
-        let b = unsafe {
-            ffi::spdk_bdev_free_io(io);
-            Box::from_raw(arg.cast::<BlockIo>())
-        };
-        let res = if !success {
-            Err("the I/O failed".to_string())
-        } else if b.read {
-            // SAFETY: `buf` holds `len` bytes the read filled.
-            Ok(unsafe { std::slice::from_raw_parts(b.buf.cast::<u8>(), b.len) }.to_vec())
-        } else {
-            Ok(Vec::new())
-        };
-        b.release();
-        (b.done)(res);
-    })
-}
-
-/// [`block_io`] over `steps` in order, stopping at the first failure.
-pub(crate) fn block_io_steps(
-    desc: *mut ffi::spdk_bdev_desc,
-    steps: Vec<BlockOp>,
-    done: Box<dyn FnOnce(Result<(), String>)>,
-) {
-    let mut steps = std::collections::VecDeque::from(steps);
-    let Some(op) = steps.pop_front() else {
-        return done(Ok(()));
-    };
-    block_io(
-        desc,
-        op,
-        Box::new(move |r| match r {
-            Ok(_) => block_io_steps(desc, steps.into(), done),
-            Err(e) => done(Err(e)),
         }),
     );
 }

@@ -1,6 +1,6 @@
 //! JSON-RPC methods: `bdev_pcache_create`, `bdev_pcache_delete`, `bdev_pcache_get_stats`,
 //! `bdev_pcache_flush_start`, `bdev_pcache_flush_status`, `bdev_pcache_set_options`. All but
-//! flush_start answer asynchronously (after messages to the bdev's engine thread).
+//! flush_start answer asynchronously (after messages to the bdev's worker thread).
 //!
 //! Registered `SPDK_RPC_RUNTIME` only. A `--json` config (spdk_tgt, bdevperf) still runs
 //! them: SPDK's loader (`lib/init/json_config.c`) makes two passes over the config, first
@@ -29,7 +29,8 @@ use super::json::{params_to_value, Writer};
 use super::log::{no_unwind, spdk_log};
 use super::stats::{Retired, Snapshot};
 use super::vbdev::NodeState;
-use super::{config, engine, module, vbdev};
+use super::{module, vbdev, worker};
+use crate::shell::config;
 
 type Handler = unsafe extern "C" fn(*mut ffi::spdk_jsonrpc_request, *const ffi::spdk_json_val);
 
@@ -215,9 +216,9 @@ unsafe extern "C" fn rpc_delete(
         // Write back everything while the bdev still serves I/O (a backing failure leaves
         // it usable), then unregister; destruct drains again what arrived meanwhile.
         let name = d.name.clone();
-        let sent = engine::drain(
-            n.engine_thread(),
-            n.engine(),
+        let sent = worker::drain(
+            n.lead_thread(),
+            n.lead_worker(),
             Box::new(move |res| {
                 if !vbdev::is_live(node) {
                     return req.error(
@@ -274,7 +275,7 @@ unsafe extern "C" fn rpc_flush_start(
         };
         // SAFETY: live node.
         let n = unsafe { &*node };
-        match engine::flush_start(n.engine_thread(), n.engine()) {
+        match worker::flush_start(n.lead_thread(), n.lead_worker()) {
             Ok(()) => req.reply(&Value::Bool(true)),
             Err(()) => req.error(
                 -libc::ENOMEM,
@@ -303,9 +304,9 @@ unsafe extern "C" fn rpc_set_options(
         // SAFETY: live node.
         let n = unsafe { &*node };
         let name = so.name.clone();
-        let sent = engine::set_options(
-            n.engine_thread(),
-            n.engine(),
+        let sent = worker::set_options(
+            n.lead_thread(),
+            n.lead_worker(),
             move |cur| so.apply(cur),
             Box::new(move |res| match res {
                 Err(e) => req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}")),
@@ -345,9 +346,9 @@ unsafe extern "C" fn rpc_flush_status(
         };
         // SAFETY: live node.
         let n = unsafe { &*node };
-        let sent = engine::flush_status(
-            n.engine_thread(),
-            n.engine(),
+        let sent = worker::flush_status(
+            n.lead_thread(),
+            n.lead_worker(),
             Box::new(move |mut v| {
                 v["name"] = Value::String(name);
                 req.reply(&v)
@@ -382,7 +383,8 @@ fn collect_next(mut c: Box<Collect>) {
             continue;
         }
         // SAFETY: live node (registry, same thread).
-        let (name, retired) = unsafe { ((*node).name().to_string(), (*node).retired.clone()) };
+        let (name, retired) =
+            unsafe { ((*node).name().to_string(), (*node).front.retired.clone()) };
         c.current = Some((name, retired, node));
         c.sum = Snapshot::default();
         c.channels = 0;
@@ -438,22 +440,22 @@ unsafe extern "C" fn collect_done(i: *mut ffi::spdk_io_channel_iter, _status: c_
             "internal error collecting stats",
         ),
         Ok(None) => collect_next(c),
-        Ok(Some((v, node))) => collect_engine(c, v, node),
+        Ok(Some((v, node))) => collect_workers(c, v, node),
     }
 }
 
-/// Adds the engine's statistics (by message to its thread) to `v`, then goes on.
-fn collect_engine(mut c: Box<Collect>, v: Value, node: *mut vbdev::Pcache) {
+/// Adds the worker's statistics (by message to its thread) to `v`, then goes on.
+fn collect_workers(mut c: Box<Collect>, v: Value, node: *mut vbdev::Pcache) {
     // SAFETY: the walk over the node's channels just ended on this thread.
     if !vbdev::is_live(node) || unsafe { (*node).state() } != NodeState::Running {
         c.out.push(v);
         return collect_next(c);
     }
     // SAFETY: live node.
-    let (thread, eng, media) = unsafe {
+    let (thread, worker, media) = unsafe {
         (
-            (*node).engine_thread(),
-            (*node).engine(),
+            (*node).lead_thread(),
+            (*node).lead_worker(),
             (*node).media().clone(),
         )
     };
@@ -464,9 +466,9 @@ fn collect_engine(mut c: Box<Collect>, v: Value, node: *mut vbdev::Pcache) {
     // The closure is dropped unrun if the message cannot be sent: keep the walk reachable.
     let slot = std::rc::Rc::new(std::cell::RefCell::new(Some((c, v))));
     let back = slot.clone();
-    let sent = engine::stats(
+    let sent = worker::stats(
         thread,
-        eng,
+        worker,
         Box::new(move |e: Value| {
             if let Some((mut c, mut v)) = back.borrow_mut().take() {
                 if let (Some(o), Value::Object(e)) = (v.as_object_mut(), e) {

@@ -3,40 +3,38 @@
 //!
 //! Threading: create, delete, hot-remove events, destruct and the JSON callbacks all run on
 //! the app thread (the RPC thread, where the bases are opened). The cache itself runs on the
-//! bdev's engine thread (`engine`), reached by message. The I/O path runs on any thread and
+//! bdev's worker thread (`worker`), reached by message. The I/O path runs on any thread and
 //! only reads fields fixed before `spdk_bdev_register` (`lead`, `team`).
 //!
-//! Create is asynchronous: open and claim both bases, start the engine thread, which reads
+//! Create is asynchronous: open and claim both bases, start the worker thread, which reads
 //! the cache bdev's superblock (reattach), formats it when it holds no pcache, or refuses
 //! (another backing bdev's cache, damaged metadata); then register the bdev and answer.
-//! Destruct is asynchronous too: stop the engine (after writing back everything if the
+//! Destruct is asynchronous too: stop the worker (after writing back everything if the
 //! delete asked for it), which releases its channels and exits its thread; then close the
 //! bases here and call `spdk_bdev_destruct_done`.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_int, c_void, CString};
 use std::ptr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::config::SetOptions;
-use super::config::{CacheMedia, CreateConfig};
-use super::engine::{self, Engine, OpenInfo, Peer, SendPtr, Setup};
+use super::base_io::{after, block_io, block_io_steps, BlockOp};
 use super::ffi::{self, spdk_bdev_io_type as t};
-use super::io;
+use super::io::{self, Base, Front};
 use super::json::Writer;
 use super::log::{no_unwind, spdk_log};
-use super::module::{after, block_io, block_io_steps, BlockOp};
-use super::module::{finishing, module};
-use super::stats::Retired;
+use super::registration::{finishing, module};
+use super::worker::{self, OpenInfo, SendPtr, Setup, Worker};
 use crate::engine::format::{FORMAT_VERSION, SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
-use crate::engine::{
-    BackingIdentity, Cache, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock,
-};
+use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
+use crate::shell::config::SetOptions;
+use crate::shell::config::{CacheMedia, CreateConfig};
+use crate::shell::routing::Routing;
 
 /// Namespace for pcache bdev UUIDs (SHA-1 of this and the base bdevs' UUIDs).
 const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
@@ -44,24 +42,10 @@ const UUID_NAMESPACE: &std::ffi::CStr = c"5f0c2a4e-8f57-4c8f-9b1e-6d3a2b7c9e10";
 /// A failed RPC-level operation: JSON-RPC error code and message.
 pub(crate) type RpcError = (i32, String);
 
-/// One opened and claimed base bdev.
-pub(crate) struct Base {
-    pub(crate) name: CString,
-    /// Open descriptor (null once closed). A `Cell`: destruct clears it through a shared
-    /// reference while channel teardown on other threads may still read other node fields.
-    pub(crate) desc: Cell<*mut ffi::spdk_bdev_desc>,
-    pub(crate) bdev: *mut ffi::spdk_bdev,
-}
-
-impl Base {
-    fn new(name: &str) -> Result<Self, RpcError> {
-        let name = CString::new(name).map_err(|_| invalid("bdev name contains NUL"))?;
-        Ok(Base {
-            name,
-            desc: Cell::new(ptr::null_mut()),
-            bdev: ptr::null_mut(),
-        })
-    }
+/// A base bdev called `name`, not opened yet.
+fn new_base(name: &str) -> Result<Base, RpcError> {
+    let name = CString::new(name).map_err(|_| invalid("bdev name contains NUL"))?;
+    Ok(Base::new(name))
 }
 
 /// How a pcache bdev came to be.
@@ -76,42 +60,28 @@ pub(crate) enum Origin {
 /// Where a pcache bdev is in its life (app thread only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NodeState {
-    /// The engine is opening or formatting the cache; not registered yet.
+    /// The worker is opening or formatting the cache; not registered yet.
     Creating,
     /// Registered, serving I/O.
     Running,
 }
 
 /// The io_device and `bdev.ctxt` of one pcache bdev. Heap-allocated, never moved; freed in
-/// the io_device unregister callback, after the last channel is gone.
-/// Where a request goes (see [`Pcache::route`]).
-pub(crate) enum Route {
-    One(Peer),
-    Many(Vec<Peer>),
-}
-
-/// How requests map to engines: stripe `s` belongs to shard `s % shards`, which engine
-/// `shard % team size` drives.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Routing {
-    /// Stripe size, sectors.
-    stripe: u64,
-    shards: u32,
-    /// log2(bdev block size / 512).
-    shift: u32,
-}
-
+/// the io_device unregister callback, after the last channel is gone. `repr(C)`, its
+/// [`Front`] first: the request path and the workers read that part from `bdev.ctxt`
+/// without knowing this type.
+#[repr(C)]
 pub(crate) struct Pcache {
+    /// What the request path reads: the workers, the cache bdev, retired counters.
+    pub(crate) front: Front,
     bdev: UnsafeCell<ffi::spdk_bdev>,
     name: CString,
     config: CreateConfig,
     /// `bdev_pcache_create` params with the options in effect (from the superblock once the
     /// cache is open), cached for `write_config_json` (bdev-manager lock held).
     config_params: RefCell<Value>,
-    /// The cache bdev (name empty, never opened, with `cache_path`).
-    pub(crate) cache: Base,
     pub(crate) backing: Base,
-    /// The mapped cache (`cache_path`), until the engine takes it at create.
+    /// The mapped cache (`cache_path`), until the worker takes it at create.
     dax: RefCell<Option<DaxDevice>>,
     /// An exclusive `flock` on the cache path while this bdev lives (no second pcache bdev,
     /// here or in another process, maps the same cache).
@@ -120,14 +90,6 @@ pub(crate) struct Pcache {
     media: Value,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
-    /// The (lead) engine, its thread, core and inbox; set before the engine starts and
-    /// before registration, never changed afterwards. The engine is only dereferenced on
-    /// its thread.
-    lead: Peer,
-    /// The engine threads when there are several (set before registration, then fixed),
-    /// and where requests go: which engine serves each stripe.
-    team: std::cell::OnceCell<(Arc<[Peer]>, Routing)>,
-    pub(crate) retired: Arc<Retired>,
     state: Cell<NodeState>,
     origin: Cell<Origin>,
     /// Who waits for the create in progress: its requester first, then e.g. an
@@ -145,6 +107,8 @@ pub(crate) struct Pcache {
     info: RefCell<Value>,
 }
 
+const _: () = assert!(std::mem::offset_of!(Pcache, front) == 0);
+
 impl Pcache {
     fn bdev_ptr(&self) -> *mut ffi::spdk_bdev {
         self.bdev.get()
@@ -154,63 +118,12 @@ impl Pcache {
         &self.config.name
     }
 
-    pub(crate) fn engine_thread(&self) -> *mut ffi::spdk_thread {
-        self.lead.thread
+    pub(crate) fn lead_thread(&self) -> *mut ffi::spdk_thread {
+        self.front.workers.lead().thread
     }
 
-    pub(crate) fn engine(&self) -> *mut Engine {
-        self.lead.eng
-    }
-
-    /// The engine threads (empty when the lead engine serves everything).
-    pub(crate) fn team(&self) -> &[Peer] {
-        self.team.get().map_or(&[], |(t, _)| t)
-    }
-
-    /// Which engines `io` concerns: its stripes' shards' engines (all of them for a flush
-    /// or a reset), or the lead alone when it has no team.
-    pub(crate) fn route(&self, io: *mut ffi::spdk_bdev_io) -> Route {
-        let Some((team, r)) = self.team.get() else {
-            return Route::One(self.lead);
-        };
-        // SAFETY: a live request of this bdev; `u.bdev` holds its range for the block
-        // types (integer fields read by value).
-        let (ty, offset, num) = unsafe {
-            let b = super::io::block(io);
-            (
-                ffi::spdk_bdev_io_type::Type::from((*io).type_),
-                (*b).offset_blocks,
-                (*b).num_blocks,
-            )
-        };
-        use ffi::spdk_bdev_io_type as t;
-        if !matches!(
-            ty,
-            t::SPDK_BDEV_IO_TYPE_READ
-                | t::SPDK_BDEV_IO_TYPE_WRITE
-                | t::SPDK_BDEV_IO_TYPE_UNMAP
-                | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES
-        ) || num == 0
-        {
-            return Route::Many(team.to_vec());
-        }
-        let n = team.len() as u64;
-        let engine_of =
-            |stripe: u64| Cache::part_of_shard((stripe % u64::from(r.shards)) as u32, team.len());
-        let first = (offset << r.shift) / r.stripe;
-        let last = (((offset + num) << r.shift) - 1) / r.stripe;
-        let e0 = engine_of(first);
-        if first == last || (first + 1..=last.min(first + n)).all(|s| engine_of(s) == e0) {
-            return Route::One(team[e0]);
-        }
-        let mut out: Vec<Peer> = Vec::new();
-        for s in first..=last.min(first + u64::from(r.shards) * n) {
-            let p = team[engine_of(s)];
-            if !out.iter().any(|q| q.thread == p.thread) {
-                out.push(p);
-            }
-        }
-        Route::Many(out)
+    pub(crate) fn lead_worker(&self) -> *mut Worker {
+        self.front.workers.lead().worker
     }
 
     pub(crate) fn state(&self) -> NodeState {
@@ -223,7 +136,8 @@ impl Pcache {
 
     /// Is `bdev` one of this node's (open) base bdevs?
     fn has_base(&self, bdev: *mut ffi::spdk_bdev) -> bool {
-        !bdev.is_null() && (ptr::eq(self.cache.bdev, bdev) || ptr::eq(self.backing.bdev, bdev))
+        !bdev.is_null()
+            && (ptr::eq(self.front.cache.bdev, bdev) || ptr::eq(self.backing.bdev, bdev))
     }
 
     /// `{"cache_bdev"}` or `{"cache_path", "persistent_memory", "persistence"}`.
@@ -448,7 +362,7 @@ fn strerror(rc: c_int) -> String {
 /// Close whatever base descriptors are open (releasing their claims). Caller's thread
 /// must be the opening thread.
 fn close_bases(node: &Pcache) {
-    for base in [&node.cache, &node.backing] {
+    for base in [&node.front.cache, &node.backing] {
         let desc = base.desc.replace(ptr::null_mut());
         if !desc.is_null() {
             // SAFETY: opened on this thread, closed once (cleared above).
@@ -497,7 +411,7 @@ impl BaseGeometry {
 
 /// Check the bases and fill in the bdev our users see. The bases are open.
 fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
-    if ptr::eq(node.backing.bdev, node.cache.bdev) {
+    if ptr::eq(node.backing.bdev, node.front.cache.bdev) {
         return Err(invalid(format!(
             "{} and backing_bdev '{}' are the same bdev",
             node.config.cache_label(),
@@ -590,12 +504,12 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     b.required_alignment = align;
     b.optimal_io_boundary = boundary;
     b.__bindgen_anon_1.set_split_on_optimal_io_boundary(1);
-    // Keep UNMAP / WRITE_ZEROES within the engine's 32-bit sector counts.
+    // Keep UNMAP / WRITE_ZEROES within the worker's 32-bit sector counts.
     let max_discard = (1u32 << 30) / blocklen;
     b.max_unmap = max_discard;
     b.max_unmap_segments = 1;
     b.max_write_zeroes = max_discard;
-    // A reset reaches the engines at once and completes when their requests in flight
+    // A reset reaches the workers at once and completes when their requests in flight
     // did. A drain timeout would have the bdev layer wait instead until no channel has I/O
     // outstanding, which counts the I/O it aborts during the reset: a submitter that
     // resubmits on abort (bdevperf's `reset` workload) kept it busy the whole 5 s.
@@ -625,7 +539,7 @@ fn geometries(node: &Pcache) -> (BaseGeometry, BaseGeometry) {
             numa: bk.numa,
         },
         // SAFETY: the cache bdev is open, so live.
-        None => unsafe { BaseGeometry::read(node.cache.bdev) },
+        None => unsafe { BaseGeometry::read(node.front.cache.bdev) },
     };
     (bk, ca)
 }
@@ -643,7 +557,7 @@ fn random_uuid() -> [u8; 16] {
 }
 
 /// `bdev_pcache_create` (and attach from examine): open and claim both bases, start the
-/// engine thread, which opens (or formats) the cache; `reply` gets the new bdev's name once
+/// worker thread, which opens (or formats) the cache; `reply` gets the new bdev's name once
 /// it is registered.
 pub(crate) fn create(config: CreateConfig, origin: Origin, reply: CreateReply) {
     let node = match new_node(config) {
@@ -659,7 +573,7 @@ pub(crate) fn create(config: CreateConfig, origin: Origin, reply: CreateReply) {
     attach_bases(node, CLAIM_RETRIES);
 }
 
-/// Opens and claims the bases (retrying a busy claim), then starts the engine.
+/// Opens and claims the bases (retrying a busy claim), then starts the worker.
 fn attach_bases(node: *mut Pcache, retries: u32) {
     if finishing() {
         return fail_create(
@@ -668,12 +582,12 @@ fn attach_bases(node: *mut Pcache, retries: u32) {
         );
     }
     match open_bases(node) {
-        Ok(()) => start_engine(node),
+        Ok(()) => start_workers(node),
         Err(OpenFailure::Busy(e)) if retries > 0 => {
             // SAFETY: live node (registry, Creating: only this path frees it), app thread.
             let n = unsafe { &mut *node };
             close_bases(n);
-            n.cache.bdev = ptr::null_mut();
+            n.front.cache.bdev = ptr::null_mut();
             n.backing.bdev = ptr::null_mut();
             if retries == CLAIM_RETRIES {
                 spdk_log!(
@@ -693,7 +607,7 @@ fn attach_bases(node: *mut Pcache, retries: u32) {
     }
 }
 
-/// A create failed before its engine started: undo and answer.
+/// A create failed before its worker started: undo and answer.
 fn fail_create(node: *mut Pcache, e: RpcError) {
     // SAFETY: live node (registry, Creating: only this path frees it), app thread.
     let n = unsafe { &*node };
@@ -705,15 +619,16 @@ fn fail_create(node: *mut Pcache, e: RpcError) {
     reply_all(waiters, Err(e));
 }
 
-/// The bases are open and claimed: start the engine thread, which opens (or formats) the
+/// The bases are open and claimed: start the worker thread, which opens (or formats) the
 /// cache and then calls `create_opened` here.
-fn start_engine(node: *mut Pcache) {
+fn start_workers(node: *mut Pcache) {
     // SAFETY: live node (registry, Creating), app thread.
     let n = unsafe { &mut *node };
     let (bk, ca) = geometries(n);
     let o = &n.config.options;
+    let cache = n.front.cache.bdev;
     // SAFETY: open base bdev (only checked for a cache bdev).
-    if !n.cache.bdev.is_null() && unsafe { ffi::spdk_bdev_has_write_cache(n.cache.bdev) } {
+    if !cache.is_null() && unsafe { ffi::spdk_bdev_has_write_cache(cache) } {
         spdk_log!(
             NOTICE,
             "{}: {} has a volatile write cache: acknowledged writes survive a \
@@ -726,8 +641,8 @@ fn start_engine(node: *mut Pcache) {
         name: n.config.name.clone(),
         core: n.config.options.core,
         app_thread: n.thread,
-        desc: [n.cache.desc.get(), n.backing.desc.get()],
-        bdev: [n.cache.bdev, n.backing.bdev],
+        desc: [n.front.cache.desc.get(), n.backing.desc.get()],
+        bdev: [n.front.cache.bdev, n.backing.bdev],
         identity: BackingIdentity {
             sectors: bk.blockcnt * u64::from(bk.blocklen) / 512,
             block_size: bk.blocklen,
@@ -750,16 +665,16 @@ fn start_engine(node: *mut Pcache) {
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
         dax: n.dax.borrow_mut().take(),
-        // One engine thread per core, unless pinned to one core (at most one per shard).
+        // One worker thread per core, unless pinned to one core (at most one per shard).
         workers: if n.config.options.core.is_some() {
             1
         } else {
-            engine::app_cores().len().max(1)
+            worker::app_cores().len().max(1)
         },
     };
     let p = SendPtr(node);
-    match engine::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
-        Ok(lead) => n.lead = lead,
+    match worker::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {
+        Ok(lead) => n.front.workers.set_lead(lead),
         Err(e) => fail_create(node, errno(-libc::ENOMEM, e)),
     }
 }
@@ -817,9 +732,9 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
     let slot = std::rc::Rc::new(RefCell::new(Some(reply)));
     let back = slot.clone();
     let name = cfg.name.clone();
-    let sent = engine::set_options(
-        n.lead.thread,
-        n.lead.eng,
+    let sent = worker::set_options(
+        n.lead_thread(),
+        n.lead_worker(),
         move |cur| so.apply(cur),
         Box::new(move |res| {
             let Some(reply) = back.borrow_mut().take() else {
@@ -875,23 +790,14 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         bdev: UnsafeCell::new(unsafe { std::mem::zeroed() }),
         name,
         config_params: RefCell::new(config.to_params()),
-        cache: Base::new(config.cache_bdev().unwrap_or_default())?,
-        backing: Base::new(&config.backing_bdev)?,
+        front: Front::new(new_base(config.cache_bdev().unwrap_or_default())?),
+        backing: new_base(&config.backing_bdev)?,
         dax: RefCell::new(None),
         _path_lock: None,
         media: Value::Null,
         config,
         // SAFETY: called on an SPDK thread (the RPC thread).
         thread: unsafe { ffi::spdk_get_thread() },
-        lead: Peer {
-            thread: ptr::null_mut(),
-            eng: ptr::null_mut(),
-            wid: 0,
-            core: None,
-            inbox: ptr::null(),
-        },
-        team: std::cell::OnceCell::new(),
-        retired: Arc::new(Retired::default()),
         state: Cell::new(NodeState::Creating),
         origin: Cell::new(Origin::Rpc),
         waiters: RefCell::new(Vec::new()),
@@ -914,7 +820,7 @@ fn open_bases(node: *mut Pcache) -> Result<(), OpenFailure> {
     match n.config.cache.clone() {
         CacheMedia::Bdev(name) => {
             n.media = json!({"cache_bdev": name});
-            open_and_claim(node, "cache bdev", &mut n.cache)?;
+            open_and_claim(node, "cache bdev", &mut n.front.cache)?;
         }
         CacheMedia::Path { path, size_mib } => {
             if n.dax.borrow().is_none() {
@@ -977,14 +883,14 @@ fn map_cache(n: &mut Pcache, path: &str, size_mib: Option<u64>) -> Result<(), Rp
     Ok(())
 }
 
-/// The engine finished opening (app thread): register the bdev, or undo everything.
+/// The worker finished opening (app thread): register the bdev, or undo everything.
 fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
     // SAFETY: the node stays alive while its create is pending (only this path frees it).
     let n = unsafe { &*node };
     let info = match res {
         Ok(info) => info,
         Err(msg) => {
-            // The engine is gone (thread exited, channels released).
+            // The worker is gone (thread exited, channels released).
             registry_remove(node);
             close_bases(n);
             let waiters = n.waiters.take();
@@ -993,7 +899,7 @@ fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
             return reply_all(waiters, Err(errno(-libc::EINVAL, msg)));
         }
     };
-    let desc = n.cache.desc.get();
+    let desc = n.front.cache.desc.get();
     if desc.is_null() || n.base_gone.get() {
         return create_finish(node, info);
     }
@@ -1014,7 +920,7 @@ fn reply_all(waiters: Vec<CreateReply>, r: Result<String, RpcError>) {
 /// cannot read). Replica A, then B, each flushed before the next, so a crash leaves at
 /// least one valid replica. Then `then`. Failures are logged and otherwise ignored: the
 /// cache works without its name, only the attach by examine needs it. This runs before the
-/// bdev is registered, so before any kset is written, and the engine never writes the
+/// bdev is registered, so before any kset is written, and the worker never writes the
 /// superblock sectors after format, so these writes race with nothing.
 fn update_superblock(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce()>) {
     let store = name.len() < SB_NAME_BYTES;
@@ -1146,7 +1052,7 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
             shards: g.shard_count.max(1),
             shift: (blocklen / 512).max(1).trailing_zeros(),
         };
-        let _ = n.team.set((info.team.clone(), routing));
+        n.front.workers.set_team(info.team.clone(), routing);
     }
     // Split at the engine's stripes: the superblock's, which win over the create options.
     {
@@ -1209,14 +1115,14 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
     answer(Ok(n.config.name.clone()));
 }
 
-/// Stops the engine of a node that is not (or no longer) registered and frees it.
+/// Stops the worker of a node that is not (or no longer) registered and frees it.
 fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
     registry_remove(node);
     // SAFETY: live node (not freed before the stop completes).
     let n = unsafe { &*node };
     let p = SendPtr(node);
     let done = Box::new(move |_res: Result<(), String>| {
-        // SAFETY: the node lives until here; the engine no longer uses the bases.
+        // SAFETY: the node lives until here; the worker no longer uses the bases.
         let n = unsafe { &*p.0 };
         close_bases(n);
         if io_device_registered {
@@ -1227,7 +1133,7 @@ fn stop_and_free(node: *mut Pcache, io_device_registered: bool) {
             drop(unsafe { Box::from_raw(p.0) });
         }
     });
-    if engine::stop(n.lead.thread, n.lead.eng, false, done).is_err() {
+    if worker::stop(n.lead_thread(), n.lead_worker(), false, done).is_err() {
         spdk_log!(ERROR, "{}: cannot stop the engine; leaking it", n.name());
     }
 }
@@ -1271,14 +1177,14 @@ unsafe extern "C" fn base_event(
             .into_owned();
         match kind {
             ffi::spdk_bdev_event_type::SPDK_BDEV_EVENT_REMOVE => {
-                let dev = if ptr::eq(bdev, n.cache.bdev) {
+                let dev = if ptr::eq(bdev, n.front.cache.bdev) {
                     Dev::Cache
                 } else {
                     Dev::Backing
                 };
                 // From now on every command for it fails at once, so nothing waits for it.
-                if !n.lead.eng.is_null()
-                    && engine::base_removed(n.lead.thread, n.lead.eng, dev).is_err()
+                if !n.lead_worker().is_null()
+                    && worker::base_removed(n.lead_thread(), n.lead_worker(), dev).is_err()
                 {
                     spdk_log!(
                         ERROR,
@@ -1313,7 +1219,7 @@ unsafe extern "C" fn base_event(
 }
 
 /// `fn_table.destruct`: the bdev is unregistered and has no open descriptors. Asynchronous:
-/// the engine stops (writing back everything first for a draining delete), then the bases
+/// the worker stops (writing back everything first for a draining delete), then the bases
 /// are closed and `spdk_bdev_destruct_done` reports the outcome.
 unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
     no_unwind("destruct", 0, || {
@@ -1325,7 +1231,7 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
         let drain = n.drain_on_destruct.get() && !finishing();
         let p = SendPtr(node);
         let done = Box::new(move |res: Result<(), String>| destruct_finish(p.0, res));
-        if engine::stop(n.lead.thread, n.lead.eng, drain, done).is_err() {
+        if worker::stop(n.lead_thread(), n.lead_worker(), drain, done).is_err() {
             spdk_log!(
                 ERROR,
                 "{}: cannot stop the engine (out of messages); leaking the bdev",
@@ -1337,7 +1243,7 @@ unsafe extern "C" fn destruct(ctx: *mut c_void) -> c_int {
     })
 }
 
-/// The engine stopped (app thread = the thread that opened the bases).
+/// The worker stopped (app thread = the thread that opened the bases).
 fn destruct_finish(node: *mut Pcache, res: Result<(), String>) {
     // SAFETY: the node lives until `free_node`, which only follows the unregister below.
     let n = unsafe { &*node };
@@ -1379,7 +1285,7 @@ unsafe extern "C" fn io_type_supported(
 ) -> bool {
     no_unwind("io_type_supported", false, || {
         let _ = ctx;
-        // The engine handles all of these itself (UNMAP / WRITE_ZEROES are logged as keys
+        // The worker handles all of these itself (UNMAP / WRITE_ZEROES are logged as keys
         // that read as zeros and written back as write-zeroes).
         matches!(
             kind,

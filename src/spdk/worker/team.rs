@@ -1,87 +1,89 @@
-//! A pcache bdev's team of engine threads, one per core by default.
+//! A pcache bdev's team of worker threads, one per core by default.
 //!
-//! The lead engine (index 0) opens the cache, then [`Cache::split`]s it: engine `k` drives
+//! The lead worker (index 0) opens the cache, then [`Cache::split`]s it: worker `k` drives
 //! the shards whose id is `k` modulo the team size, on its own SPDK thread with its own base
-//! bdev channels (and its own mapping of a `cache_path`). A request goes to the engine of
-//! its stripe's shard (`io::to_engine`); one spanning engines (a flush, a reset, a range
+//! bdev channels (and its own mapping of a `cache_path`). A request goes to the worker of
+//! its stripe's shard (`io::to_worker`); one spanning workers (a flush, a reset, a range
 //! over several stripes) goes to each, and the submitting thread completes it when all
 //! answered. What the parts cannot decide alone travels by message, never per request:
 //! - segment requests and releases go to the lead, which holds the pool, and grants come
-//!   back to the shard's engine ([`Engine::exchange`]);
-//! - each engine reports its writeback frontier to the lead when it changes; the lead
-//!   sends every engine the [`Coordination`] (the epoch all may write back, whether space
-//!   is short) when it changes ([`Engine::recoordinate`]).
+//!   back to the shard's worker ([`Worker::exchange`]);
+//! - each worker reports its writeback frontier to the lead when it changes; the lead
+//!   sends every worker the [`Coordination`] (the epoch all may write back, whether space
+//!   is short) when it changes ([`Worker::recoordinate`]).
 //!
-//! Stopping is two-phase so no engine is freed while another may still message it: every
-//! engine quiesces (drained or not, no device I/O in flight) and tells the lead, which then
+//! Stopping is two-phase so no worker is freed while another may still message it: every
+//! worker quiesces (drained or not, no device I/O in flight) and tells the lead, which then
 //! tells them to exit, waits until all did, and exits last.
 
 use std::sync::{Arc, Mutex};
 
-use super::{msg, spdk_log, Engine, OpenInfo, State};
+use super::{OpenInfo, State, Worker};
 use crate::engine::pool::{Grant, ToPool};
 use crate::engine::{Cache, Coordination};
 use crate::spdk::ffi;
+use crate::spdk::log::spdk_log;
+use crate::spdk::msg;
 
-/// One engine of a team: its thread and the engine, which is only dereferenced there; the
+/// One worker of a team: its thread and the worker, which is only dereferenced there; the
 /// core the thread is pinned to, and its inbox, which threads pinned to that core fill
 /// directly (see [`Inbox`](super::inbox::Inbox)).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Peer {
     pub thread: *mut ffi::spdk_thread,
-    pub eng: *mut Engine,
+    pub worker: *mut Worker,
     /// Place in the team (0: the lead).
     pub wid: u32,
     pub core: Option<u32>,
     pub inbox: *const super::inbox::Inbox,
 }
 
-// SAFETY: a Peer is an address: the engine is only dereferenced by messages running on its
+// SAFETY: a Peer is an address: the worker is only dereferenced by messages running on its
 // own thread (`send`), the inbox only on its core (`Inbox::push`), never where it was copied.
 unsafe impl Send for Peer {}
 // SAFETY: as above; sharing the address shares nothing else.
 unsafe impl Sync for Peer {}
 
-/// Runs `f` on `p`'s engine, on its thread.
-pub(super) fn send(p: Peer, f: impl FnOnce(&mut Engine) + 'static) -> Result<(), ()> {
+/// Runs `f` on `p`'s worker, on its thread.
+pub(super) fn send(p: Peer, f: impl FnOnce(&mut Worker) + 'static) -> Result<(), ()> {
     msg::send(p.thread, move || {
-        // SAFETY: engines of a team live until the lead's final exit message, after which
+        // SAFETY: workers of a team live until the lead's final exit message, after which
         // nobody sends to them (two-phase stop, module docs); this runs on `p`'s thread at
         // the top level of a message.
-        let e = unsafe { &mut *p.eng };
+        let e = unsafe { &mut *p.worker };
         e.submit_incoming();
         f(e);
     })
 }
 
-/// Team state of one engine.
+/// Team state of one worker.
 #[derive(Default)]
 pub(super) struct TeamState {
-    /// Every engine (index = engine number); empty while the engine runs alone.
+    /// Every worker (index = worker number); empty while the worker runs alone.
     pub peers: Arc<[Peer]>,
-    /// Worker: the frontier last reported to the lead.
+    /// Follower: the frontier last reported to the lead.
     reported: Option<u64>,
-    /// Lead: the last frontier of each engine.
+    /// Lead: the last frontier of each worker.
     frontiers: Vec<u64>,
     /// Lead: the coordination last sent.
     sent: Option<Coordination>,
-    /// Lead: workers started (ok or not), and the first start error.
+    /// Lead: followers started (ok or not), and the first start error.
     started: usize,
     start_error: Option<String>,
     info: Option<OpenInfo>,
-    /// Lead: workers quiesced / exited; whether the exit was sent.
+    /// Lead: followers quiesced / exited; whether the exit was sent.
     quiesced: usize,
     exited: usize,
     exit_sent: bool,
-    /// Worker: quiesced and told the lead.
+    /// Follower: quiesced and told the lead.
     pub parked: bool,
-    /// The first error an engine reported while stopping.
+    /// The first error a worker reported while stopping.
     pub stop_error: Option<String>,
     pool_msgs: Vec<ToPool>,
     grants: Vec<(u32, Grant)>,
 }
 
-/// Results of one round trip to every engine, collected wherever the last one lands.
+/// Results of one round trip to every worker, collected wherever the last one lands.
 pub(super) struct Gather<T> {
     left: usize,
     items: Vec<T>,
@@ -115,12 +117,12 @@ impl<T: 'static> Gather<T> {
     }
 }
 
-impl Engine {
-    /// This engine as a peer (on its thread).
+impl Worker {
+    /// This worker as a peer (on its thread).
     pub(super) fn peer(&self) -> Peer {
         Peer {
             thread: msg::current(),
-            eng: self as *const Engine as *mut Engine,
+            worker: self as *const Worker as *mut Worker,
             wid: self.wid as u32,
             core: self.core,
             inbox: std::rc::Rc::as_ptr(&self.inbox),
@@ -131,7 +133,7 @@ impl Engine {
         self.team.peers.len().max(1)
     }
 
-    pub(super) fn is_worker(&self) -> bool {
+    pub(super) fn is_follower(&self) -> bool {
         self.wid > 0
     }
 
@@ -139,8 +141,8 @@ impl Engine {
         self.team.peers.first().copied()
     }
 
-    /// Lead, after the open: split the cache over `want` engines and start the others.
-    /// Reports the open (with the team) once every worker runs.
+    /// Lead, after the open: split the cache over `want` workers and start the others.
+    /// Reports the open (with the team) once every follower runs.
     pub(super) fn spawn_team(&mut self, cache: Box<Cache>, info: OpenInfo) {
         let want = self
             .want_workers
@@ -152,7 +154,7 @@ impl Engine {
         }
         let mut parts = (*cache).split(want).into_iter();
         self.cache = parts.next().map(Box::new);
-        let cores = super::team_cores(self.core, want);
+        let cores = super::lifecycle::team_cores(self.core, want);
         spdk_log!(
             NOTICE,
             "{}: {want} engine threads, on cores {:?}",
@@ -163,7 +165,7 @@ impl Engine {
                 .collect::<Vec<_>>()
         );
         let mut peers = vec![self.peer()];
-        let mut workers = Vec::new();
+        let mut followers = Vec::new();
         for (k, part) in parts.enumerate() {
             let k = k + 1;
             let made = self
@@ -173,66 +175,66 @@ impl Engine {
                 .transpose()
                 .map_err(|e| format!("cannot map the cache again for engine {k}: {e}"))
                 .and_then(|dax| {
-                    super::create_thread(&format!("{}_{k}", self.name), cores[k])
+                    super::lifecycle::create_thread(&format!("{}_{k}", self.name), cores[k])
                         .map(|(thread, core)| (thread, core, dax))
                 });
             let (thread, core, dax) = match made {
                 Ok(x) => x,
                 Err(e) => return self.team_failed_to_start(&peers, e),
             };
-            let mut w = self.worker(k, part, dax);
+            let mut w = self.follower(k, part, dax);
             w.core = core;
             let inbox = std::rc::Rc::as_ptr(&w.inbox);
-            let eng = Box::into_raw(Box::new(w));
+            let worker = Box::into_raw(Box::new(w));
             peers.push(Peer {
                 thread,
-                eng,
+                worker,
                 wid: k as u32,
                 core,
                 inbox,
             });
-            workers.push(k);
+            followers.push(k);
         }
         let peers: Arc<[Peer]> = peers.into();
         self.team.peers = peers.clone();
         self.team.frontiers = vec![0; want];
         self.team.info = Some(info);
-        for k in workers {
+        for k in followers {
             let p = peers[k];
             // SAFETY: just created, not yet running: nobody else touches it.
-            unsafe { (*p.eng).team.peers = peers.clone() };
+            unsafe { (*p.worker).team.peers = peers.clone() };
             let lead = peers[0];
             let sent = msg::send(p.thread, move || {
-                // SAFETY: the worker's first message, on its thread.
-                let e = unsafe { &mut *p.eng };
-                let res = e.start_worker(p.eng);
+                // SAFETY: the follower's first message, on its thread.
+                let e = unsafe { &mut *p.worker };
+                let res = e.start_follower(p.worker);
                 if let Err(err) = &res {
                     // Nothing runs there: park at once (the lead stops the team).
                     spdk_log!(ERROR, "{}: engine {k}: {err}", e.name);
                     e.state = State::Quiescing;
                     e.park();
                 }
-                let _ = send(lead, move |l| l.worker_started(res));
+                let _ = send(lead, move |l| l.follower_started(res));
             });
             if sent.is_err() {
-                self.worker_started(Err(format!("cannot start engine {k}")));
+                self.follower_started(Err(format!("cannot start engine {k}")));
             }
         }
     }
 
     fn team_failed_to_start(&mut self, made: &[Peer], err: String) {
-        // None of the engines made so far has started (they start after every one is
+        // None of the workers made so far has started (they start after every one is
         // made), so dropping them is safe; their idle threads end with the app.
         for p in made.iter().skip(1) {
             // SAFETY: created by `spawn_team`, never started, known to nobody else.
-            drop(unsafe { Box::from_raw(p.eng) });
+            drop(unsafe { Box::from_raw(p.worker) });
         }
         self.cache = None;
         self.fail_open(err);
     }
 
-    /// Lead: a worker started (or could not).
-    fn worker_started(&mut self, res: Result<(), String>) {
+    /// Lead: a follower started (or could not).
+    fn follower_started(&mut self, res: Result<(), String>) {
         self.team.started += 1;
         if let Err(e) = res {
             self.team.start_error.get_or_insert(e);
@@ -249,13 +251,13 @@ impl Engine {
             Some(e) => {
                 self.team.info = None;
                 self.fail_open(e);
-                self.stop_workers(false);
+                self.stop_followers(false);
             }
         }
     }
 
-    /// Every worker stops (after a drain when `drain`); each reports when quiesced.
-    pub(super) fn stop_workers(&mut self, drain: bool) {
+    /// Every follower stops (after a drain when `drain`); each reports when quiesced.
+    pub(super) fn stop_followers(&mut self, drain: bool) {
         for p in self.team.peers.iter().skip(1).copied() {
             let sent = send(p, move |w| {
                 if !w.team.parked {
@@ -268,7 +270,7 @@ impl Engine {
         }
     }
 
-    /// Worker, quiesced: tell the lead once and wait for its exit message.
+    /// Follower, quiesced: tell the lead once and wait for its exit message.
     pub(super) fn park(&mut self) {
         if self.team.parked {
             return;
@@ -289,14 +291,14 @@ impl Engine {
         }
     }
 
-    /// Lead, quiesced: once every worker is, make them exit; true when all exited (the
+    /// Lead, quiesced: once every follower is, make them exit; true when all exited (the
     /// lead may then exit itself).
     pub(super) fn team_done(&mut self) -> bool {
-        let workers = self.team_size() - 1;
-        if workers == 0 {
+        let followers = self.team_size() - 1;
+        if followers == 0 {
             return true;
         }
-        if self.team.quiesced < workers {
+        if self.team.quiesced < followers {
             return false;
         }
         if !self.team.exit_sent {
@@ -304,9 +306,9 @@ impl Engine {
             for p in self.team.peers.iter().skip(1).copied() {
                 let lead = self.team.peers[0];
                 let sent = msg::send(p.thread, move || {
-                    // SAFETY: a parked worker: no device I/O in flight, nothing else
+                    // SAFETY: a parked follower: no device I/O in flight, nothing else
                     // running there; the lead outlives it (waits for `exited`).
-                    unsafe { Engine::teardown(p.eng) };
+                    unsafe { Worker::teardown(p.worker) };
                     let _ = send(lead, |l| l.team.exited += 1);
                 });
                 if sent.is_err() {
@@ -315,10 +317,10 @@ impl Engine {
                 }
             }
         }
-        self.team.exited >= workers
+        self.team.exited >= followers
     }
 
-    /// After each pump: carry pool messages to the lead and grants to their engines.
+    /// After each pump: carry pool messages to the lead and grants to their workers.
     pub(super) fn exchange(&mut self) {
         if self.team_size() == 1 {
             return;
@@ -362,12 +364,12 @@ impl Engine {
         }
     }
 
-    /// Worker (housekeeping): report a changed frontier to the lead. Lead: recoordinate.
+    /// Follower (housekeeping): report a changed frontier to the lead. Lead: recoordinate.
     pub(super) fn report_frontier(&mut self) {
         if self.team_size() == 1 {
             return;
         }
-        if !self.is_worker() {
+        if !self.is_follower() {
             return self.recoordinate();
         }
         let Some(f) = self.cache.as_deref().map(Cache::frontier) else {
@@ -388,10 +390,10 @@ impl Engine {
         }
     }
 
-    /// Lead: the epoch every engine may write back and whether space is short, sent to all
+    /// Lead: the epoch every worker may write back and whether space is short, sent to all
     /// when it changes. Stale frontiers only hold writeback back (they never decrease).
     pub(super) fn recoordinate(&mut self) {
-        if self.team_size() == 1 || self.is_worker() {
+        if self.team_size() == 1 || self.is_follower() {
             return;
         }
         let Some(cache) = self.cache.as_deref_mut() else {

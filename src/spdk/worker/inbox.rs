@@ -1,16 +1,16 @@
-//! The requests waiting for an engine's next poll.
+//! The requests waiting for a worker's next poll.
 //!
-//! Two kinds of producer fill an inbox, both on the engine's own reactor (OS thread):
-//! - `submit_msg`, a message on the engine thread (requests from other cores);
-//! - a submitting thread pinned to the engine's core, directly (`io::to_engine`): SPDK
+//! Two kinds of producer fill an inbox, both on the worker's own reactor (OS thread):
+//! - `submit_msg`, a message on the worker thread (requests from other cores);
+//! - a submitting thread pinned to the worker's core, directly (`io::to_worker`): SPDK
 //!   threads pinned to one core are all polled by that core's reactor, one at a time, so
-//!   such a push runs between the engine's callbacks or nested inside one (a completion the
-//!   engine delivers on the submitting thread's behalf may submit the next request), never
+//!   such a push runs between the worker's callbacks or nested inside one (a completion the
+//!   worker delivers on the submitting thread's behalf may submit the next request), never
 //!   concurrently with them.
 //!
 //! Hence an `UnsafeCell`, not a lock: nothing ever holds a reference into the vector across
 //! a call that could push (`push` and `take` borrow it for their own duration only), and the
-//! inbox is shared (`Rc`), never behind the engine's `&mut`.
+//! inbox is shared (`Rc`), never behind the worker's `&mut`.
 
 use std::cell::{Cell, UnsafeCell};
 
@@ -19,20 +19,20 @@ use crate::spdk::ffi;
 #[derive(Default)]
 pub(crate) struct Inbox {
     queue: UnsafeCell<Vec<*mut ffi::spdk_bdev_io>>,
-    /// Requests for this engine waiting in the batch of a submitting thread on its core
+    /// Requests for this worker waiting in the batch of a submitting thread on its core
     /// (`local`), which a reset must wait for like those in flight.
     held: Cell<u32>,
-    /// The engine never serves a request directly (a mapped cache, which it serves inline
+    /// The worker never serves a request directly (a mapped cache, which it serves inline
     /// itself, or data CRCs): submitting threads send everything here at once.
     never_direct: Cell<bool>,
 }
 
 impl Inbox {
-    /// Queues `io` for the engine's next poll.
+    /// Queues `io` for the worker's next poll.
     ///
     /// # Safety
-    /// Called on the engine's reactor: on the engine thread, or on a thread pinned to the
-    /// engine's core (see the module docs).
+    /// Called on the worker's reactor: on the worker thread, or on a thread pinned to the
+    /// worker's core (see the module docs).
     pub(crate) unsafe fn push(&self, io: *mut ffi::spdk_bdev_io) {
         // SAFETY: per the contract no other access runs concurrently, and no reference into
         // the vector outlives `push` or `take`, so this one is unique while it lives.
@@ -41,11 +41,11 @@ impl Inbox {
 
     /// Moves the queued requests to `out` (empty on entry), leaving its old buffer here.
     pub(super) fn take(&self, out: &mut Vec<*mut ffi::spdk_bdev_io>) {
-        // SAFETY: called by the engine on its thread; unique for the duration as in `push`.
+        // SAFETY: called by the worker on its thread; unique for the duration as in `push`.
         unsafe { std::ptr::swap(self.queue.get(), out) }
     }
 
-    /// A submitting thread on this core holds one more request for the engine.
+    /// A submitting thread on this core holds one more request for the worker.
     pub(super) fn hold(&self) {
         self.held.set(self.held.get() + 1);
     }

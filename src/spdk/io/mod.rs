@@ -1,48 +1,111 @@
 //! The I/O path on the submitting threads: per-thread channels, `submit_request`, and the
-//! completion message coming back from the engine thread.
+//! completion message coming back from the worker thread.
 //!
-//! Every request goes to the engine thread of its stripe's shard. READ first gets a data
+//! Every request goes to the worker thread of its stripe's shard. READ first gets a data
 //! buffer from the bdev layer (`spdk_bdev_io_get_buf`) when the caller sent none.
-//! - From a thread on another core, through a queue pair with that engine ([`link`]): a
-//!   descriptor of the request goes on its submission queue, and the engine puts the
+//! - From a thread on another core, through a queue pair with that worker ([`link`]): a
+//!   descriptor of the request goes on its submission queue, and the worker puts the
 //!   bdev_io back on its completion queue, outcome in the low bit, which the channel's
 //!   poller ([`channel_poll`]) completes, on the thread that submitted it, as SPDK requires.
-//!   The engine never touches the bdev_io's lines, which stay on the submitting core.
+//!   The worker never touches the bdev_io's lines, which stay on the submitting core.
 //! - When a queue is full, or for a thread outside the reactors, by message
-//!   (`engine::submit_msg`, the `spdk_bdev_io` as argument: no allocation); the engine
-//!   answers by message ([`complete_remote_msg`]), only reading the request.
-//! - From a thread pinned to the engine's own core, without a message either way: the
+//!   (`worker::submit_msg`, the `spdk_bdev_io` as argument: no allocation); the worker
+//!   answers by message (`worker::complete_remote_msg`), only reading the request.
+//! - From a thread pinned to the worker's own core, without a message either way: the
 //!   request waits in the channel for its poller ([`channel_poll`]), which serves a read
 //!   hit or an in-place rewrite itself with one I/O on its own channel to the cache bdev
-//!   (`engine::local`), and puts any other request straight into the engine's inbox; the
-//!   engine completes those as the submitting thread ([`complete_as_submitter`]). Both
+//!   ([`served`]), and puts any other request straight into the worker's inbox; the
+//!   worker completes those as the submitting thread (`worker::complete_as_submitter`). Both
 //!   threads are polled by the same reactor, one at a time, so this is the same sequence
-//!   of events minus the message rings (see `engine::inbox`).
+//!   of events minus the message rings (see `worker::inbox`).
 //!
 //! Nothing in flight lives in the channel buffer, which SPDK frees on its own schedule.
+//!
+//! What this path reads of a bdev is its [`Front`]: the bdev's workers, its cache bdev and
+//! retired counters; the rest of the node (`vbdev::Pcache`) is the control path's. Calls go
+//! down only: to the workers (`worker`: entry messages, the request context, completion),
+//! `link`, `stats`, `msg` and `ffi`.
 
-use std::ffi::{c_int, c_void};
-use std::ptr;
+mod served;
 
 use std::cell::{Cell, RefCell};
+use std::ffi::{c_int, c_void, CString};
+use std::ptr;
+use std::sync::Arc;
 
-use super::engine;
-use super::engine::Peer;
 use super::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
-use super::link::{self, Desc, Finished, Link};
+use super::link::{self, from_completion_arg, Desc, Finished, Link};
 use super::log::{no_unwind, spdk_log};
-use super::stats::IoCounters;
-use super::vbdev::{Pcache, Route};
+use super::stats::{IoCounters, Retired};
+use super::worker::{self, bytes, complete, complete_here, ctx, fanout_done, Peer, Roster, Route};
+
+/// One opened and claimed base bdev.
+pub(crate) struct Base {
+    pub(crate) name: CString,
+    /// Open descriptor (null once closed). A `Cell`: destruct clears it through a shared
+    /// reference while channel teardown on other threads may still read other node fields.
+    pub(crate) desc: Cell<*mut ffi::spdk_bdev_desc>,
+    pub(crate) bdev: *mut ffi::spdk_bdev,
+}
+
+impl Base {
+    /// A base bdev called `name`, not opened yet.
+    pub(crate) fn new(name: CString) -> Self {
+        Base {
+            name,
+            desc: Cell::new(ptr::null_mut()),
+            bdev: ptr::null_mut(),
+        }
+    }
+}
+
+/// What the request path reads of a pcache bdev: the first field of its node, so
+/// `bdev.ctxt` and the io_device point at it. Fixed before registration (the cache bdev's
+/// descriptor is closed only after the last channel is gone).
+#[repr(C)]
+pub(crate) struct Front {
+    /// First: workers find it from `bdev.ctxt` ([`Roster::of`]).
+    pub(crate) workers: Roster,
+    /// The cache bdev (name empty, never opened, with `cache_path`).
+    pub(crate) cache: Base,
+    /// Counts of channels that no longer exist.
+    pub(crate) retired: Arc<Retired>,
+}
+
+const _: () = assert!(std::mem::offset_of!(Front, workers) == 0);
+
+impl Front {
+    pub(crate) fn new(cache: Base) -> Self {
+        Front {
+            workers: Roster::new(),
+            cache,
+            retired: Arc::new(Retired::default()),
+        }
+    }
+
+    /// The front of `io`'s bdev.
+    ///
+    /// # Safety
+    /// `io` is a pending request of a pcache bdev (`bdev.ctxt` is its live node, which
+    /// starts with its front: asserted in `vbdev`).
+    unsafe fn of<'a>(io: *mut ffi::spdk_bdev_io) -> &'a Front {
+        // SAFETY: per the contract.
+        unsafe { &*(*(*io).bdev).ctxt.cast::<Front>() }
+    }
+}
 
 /// Per-thread channel context (what `spdk_io_channel_get_ctx` returns for our io_device).
-/// The engine thread owns the base bdevs' channels; this only counts.
+/// The worker thread owns the base bdevs' channels; this only counts. `repr(C)` with the
+/// counters first: completion, in the worker layer below, counts through the channel
+/// without knowing this type (`worker::complete`).
+#[repr(C)]
 pub(crate) struct Channel {
-    node: *const Pcache,
     stats: IoCounters,
+    front: *const Front,
     /// The one core this channel's thread may run on (its cpumask), if it has one.
     core: Option<u32>,
-    /// Queue pairs with the team's engines on other cores (index: engine number), each
-    /// made on the first request for that engine.
+    /// Queue pairs with the team's workers on other cores (index: worker number), each
+    /// made on the first request for that worker.
     links: RefCell<Vec<Option<Link>>>,
     /// Takes completions off `links` (registered with the first queue pair).
     poller: Cell<*mut ffi::spdk_poller>,
@@ -50,12 +113,14 @@ pub(crate) struct Channel {
     /// completion callback may submit the next request).
     done: RefCell<Vec<Finished>>,
     /// This thread's channel to the cache bdev, for the requests it serves itself
-    /// (`engine::local`); made on first use.
+    /// (`worker::local`); made on first use.
     cache_ch: Cell<*mut ffi::spdk_io_channel>,
-    /// Requests for engines on this core, served (or handed to their engine) together by
-    /// the channel's next poll, so that their index lookups overlap (`engine::local`).
+    /// Requests for workers on this core, served (or handed to their worker) together by
+    /// the channel's next poll, so that their index lookups overlap (`worker::local`).
     local: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
 }
+
+const _: () = assert!(std::mem::offset_of!(Channel, stats) == 0);
 
 impl Channel {
     pub(crate) fn stats(&self) -> &IoCounters {
@@ -68,11 +133,11 @@ impl Channel {
         if !ch.is_null() {
             return ch;
         }
-        // SAFETY: the node outlives its channels; its cache descriptor is closed only at
+        // SAFETY: the node (and its front) outlives its channels; its cache descriptor is closed only at
         // destruct, after every channel of the bdev is gone, and a descriptor may hand out
         // channels on any thread.
         let ch = unsafe {
-            let desc = (*self.node).cache.desc.get();
+            let desc = (*self.front).cache.desc.get();
             if desc.is_null() {
                 return ptr::null_mut();
             }
@@ -83,34 +148,11 @@ impl Channel {
     }
 }
 
-/// Per-request context in `bdev_io->driver_ctx` (size given by the module's `get_ctx_size`).
-/// SPDK neither initializes nor drops it: written at submit, read at completion.
-pub(crate) struct IoCtx {
-    /// Our channel the request was submitted on (for the counters).
-    pub(crate) ch: *mut ffi::spdk_io_channel,
-    /// Sent to several engines, which then answer by [`fanout_done`] (set before sending).
-    pub(crate) fanout: bool,
-    /// Put straight into the inbox of an engine on this thread's core: the engine
-    /// completes it as this thread ([`complete_as_submitter`]).
-    pub(crate) local: bool,
-    /// Engines still to answer, and the worst status so far (submitting thread only).
-    left: u32,
-    worst: st::Type,
-    /// Served by the submitting thread itself (`engine::local`): its engine and what it
-    /// started, and the entry that waits for a free cache bdev_io.
-    pub(crate) local_direct: Option<engine::local::Local>,
-    pub(crate) wait: ffi::spdk_bdev_io_wait_entry,
-}
-
-// driver_ctx sits at offset 1216 of an 8-aligned spdk_bdev_io.
-const _: () = assert!(std::mem::align_of::<IoCtx>() <= 8);
-const _: () = assert!(std::mem::offset_of!(ffi::spdk_bdev_io, driver_ctx) % 8 == 0);
-
 /// io_device channel constructor.
 pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut c_void) -> c_int {
     no_unwind("channel_create", -libc::EINVAL, || {
         let chan = Channel {
-            node: io_device.cast::<Pcache>().cast_const(),
+            front: io_device.cast::<Front>().cast_const(),
             stats: IoCounters::default(),
             core: pinned_core(),
             links: RefCell::new(Vec::new()),
@@ -158,7 +200,7 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
             unsafe { ffi::spdk_poller_unregister(&mut poller) };
         }
         // Every request on the channel completed, so the queues are empty: dropping our
-        // ends tells the engines (`EngineEnd::closed`).
+        // ends tells the workers (`WorkerEnd::closed`).
         drop(chan.links.take());
         let ch = chan.cache_ch.get();
         if !ch.is_null() {
@@ -166,82 +208,8 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
             unsafe { ffi::spdk_put_io_channel(ch) };
         }
         // SAFETY: the node outlives its channels (freed in the io_device unregister callback).
-        unsafe { (*chan.node).retired.fold(&chan.stats.snapshot()) };
+        unsafe { (*chan.front).retired.fold(&chan.stats.snapshot()) };
     })
-}
-
-/// Block parameters (`u.bdev`) of a request, as a raw pointer: only READ/WRITE/UNMAP/
-/// WRITE_ZEROES/FLUSH fill that union member, so read single fields, never the whole struct.
-pub(crate) fn block(io: *mut ffi::spdk_bdev_io) -> *const ffi::spdk_bdev_io_block_params {
-    // SAFETY: projecting to a union member of a live bdev_io forms no reference.
-    unsafe { ptr::addr_of!((*io).u.bdev).cast() }
-}
-
-/// Bytes moved by a READ or WRITE.
-fn bytes(io: *mut ffi::spdk_bdev_io) -> u64 {
-    // SAFETY: live READ/WRITE bdev_io of a live bdev; integer fields read by value.
-    unsafe {
-        (*block(io))
-            .num_blocks
-            .wrapping_mul(u64::from((*(*io).bdev).blocklen))
-    }
-}
-
-pub(crate) fn ctx(io: *mut ffi::spdk_bdev_io) -> *mut IoCtx {
-    // SAFETY: our bdevs' bdev_io carry `size_of::<IoCtx>()` bytes of driver context.
-    unsafe { ffi::bdev_io_driver_ctx::<IoCtx>(io) }
-}
-
-/// Starts loading the lines of `io` an engine on another core reads (its header, block
-/// parameters and driver context), so that a batch of requests arriving by message misses
-/// on them all at once rather than one by one when it is submitted.
-pub(crate) fn prefetch_request(io: *mut ffi::spdk_bdev_io) {
-    // Addresses of fields of a live request: projections only, nothing is read here.
-    let b = block(io).cast::<u8>();
-    prefetch(io.cast());
-    prefetch(b);
-    prefetch(b.wrapping_add(64));
-    prefetch(ctx(io).cast());
-}
-
-/// Starts loading the cache line at `p` (null: nothing) without waiting for it.
-#[inline]
-pub(crate) fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    if !p.is_null() {
-        // SAFETY: a prefetch is a hint: it reads nothing architecturally and cannot fault,
-        // whatever the address; SSE is part of the x86_64 baseline.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// A finished request as a message argument: the bdev_io, its low bit set if it failed (a
-/// bdev_io holds pointers, so it is at least 8-aligned; the engine only ever reports success
-/// or failure).
-pub(crate) fn completion_arg(io: *mut ffi::spdk_bdev_io, status: st::Type) -> *mut c_void {
-    let failed = usize::from(status != st::SPDK_BDEV_IO_STATUS_SUCCESS);
-    io.cast::<u8>().wrapping_add(failed).cast()
-}
-
-pub(crate) fn from_completion_arg(arg: *mut c_void) -> (*mut ffi::spdk_bdev_io, st::Type) {
-    let failed = arg as usize & 1;
-    let io = arg.cast::<u8>().wrapping_sub(failed).cast();
-    let status = if failed == 0 {
-        st::SPDK_BDEV_IO_STATUS_SUCCESS
-    } else {
-        st::SPDK_BDEV_IO_STATUS_FAILED
-    };
-    (io, status)
-}
-
-/// Complete `io` here and now (submitting thread) with `status`.
-fn complete_here(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending request on this thread, completed exactly once.
-    unsafe { ffi::spdk_bdev_io_complete(io, status) };
 }
 
 /// `fn_table.submit_request`.
@@ -268,11 +236,11 @@ pub(crate) unsafe extern "C" fn submit_request(
                 // SAFETY: pending READ; the callback runs (maybe synchronously) on this thread.
                 unsafe { ffi::spdk_bdev_io_get_buf(io, Some(read_get_buf_done), len) };
             }
-            t::SPDK_BDEV_IO_TYPE_RESET => to_engine(io, Entry::Reset),
+            t::SPDK_BDEV_IO_TYPE_RESET => to_worker(io, Entry::Reset),
             t::SPDK_BDEV_IO_TYPE_WRITE
             | t::SPDK_BDEV_IO_TYPE_FLUSH
             | t::SPDK_BDEV_IO_TYPE_UNMAP
-            | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => to_engine(io, Entry::Submit),
+            | t::SPDK_BDEV_IO_TYPE_WRITE_ZEROES => to_worker(io, Entry::Submit),
             other => {
                 spdk_log!(ERROR, "unsupported I/O type {other}");
                 complete_here(io, st::SPDK_BDEV_IO_STATUS_FAILED);
@@ -281,26 +249,26 @@ pub(crate) unsafe extern "C" fn submit_request(
     })
 }
 
-/// How a request enters an engine.
+/// How a request enters a worker.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Entry {
     /// Through its queue pair with this thread, its inbox, or a message (READ, WRITE,
     /// FLUSH, UNMAP, WRITE_ZEROES).
     Submit,
-    /// By message always: a RESET waits on the engine's requests in flight.
+    /// By message always: a RESET waits on the worker's requests in flight.
     Reset,
 }
 
-/// Hands `io` to the engine thread of its stripe's shard, or to each engine it concerns.
-fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
-    // SAFETY: live bdev_io of our bdev, whose `ctxt` is its node; the engine threads and
-    // the team were set before registration.
-    let node = unsafe { &*(*(*io).bdev).ctxt.cast::<Pcache>() };
+/// Hands `io` to the worker thread of its stripe's shard, or to each worker it concerns.
+fn to_worker(io: *mut ffi::spdk_bdev_io, entry: Entry) {
+    // SAFETY: live bdev_io of our bdev; the worker threads and the team were set before
+    // registration.
+    let front = unsafe { Front::of(io) };
     let f = match entry {
-        Entry::Submit => engine::submit_msg,
-        Entry::Reset => engine::reset_msg,
+        Entry::Submit => worker::submit_msg,
+        Entry::Reset => worker::reset_msg,
     };
-    let p = match node.route(io) {
+    let p = match front.workers.route(io) {
         Route::One(p) => p,
         Route::Many(v) => return fan_out(io, f, &v),
     };
@@ -310,10 +278,10 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         match p.core.filter(|&c| chan.core == Some(c)) {
             // SAFETY: plain query of the current reactor.
             Some(core) if unsafe { ffi::spdk_env_get_current_core() } == core => {
-                // SAFETY: the engine's inbox lives as long as it does (beyond this request).
+                // SAFETY: the worker's inbox lives as long as it does (beyond this request).
                 let direct = unsafe { !(*p.inbox).never_direct() };
                 if direct && chan.start_polling() {
-                    engine::local::wait(p);
+                    worker::local::wait(p);
                     chan.local.borrow_mut().push((io, p));
                 } else {
                     to_inbox(io, p);
@@ -325,7 +293,7 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
             None => {}
         }
     }
-    // SAFETY: the engine threads live until the bdev is destructed, after all I/O.
+    // SAFETY: the worker threads live until the bdev is destructed, after all I/O.
     let rc = unsafe { ffi::spdk_thread_send_msg(p.thread, Some(f), io.cast()) };
     if rc != 0 {
         // Out of message buffers: the bdev layer retries NOMEM requests later.
@@ -333,7 +301,7 @@ fn to_engine(io: *mut ffi::spdk_bdev_io, entry: Entry) {
     }
 }
 
-/// Queues `io` to `p`'s engine, not on this channel's core, through the channel's queue
+/// Queues `io` to `p`'s worker, not on this channel's core, through the channel's queue
 /// pair with it (made now if this is the first request for it). False: use a message
 /// instead (a ring is full, or no pair could be made).
 fn via_link(chan: &Channel, io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
@@ -344,7 +312,7 @@ fn via_link(chan: &Channel, io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
             return false;
         }
         let (mine, theirs) = link::pair();
-        if engine::attach_link(p, theirs).is_err() {
+        if worker::attach_link(p, theirs).is_err() {
             return false;
         }
         if links.len() <= k {
@@ -359,7 +327,7 @@ fn via_link(chan: &Channel, io: *mut ffi::spdk_bdev_io, p: Peer) -> bool {
 }
 
 impl Channel {
-    /// Registers the poller that completes what the engines put on the queues.
+    /// Registers the poller that completes what the workers put on the queues.
     fn start_polling(&self) -> bool {
         if !self.poller.get().is_null() {
             return true;
@@ -380,10 +348,10 @@ impl Channel {
     }
 }
 
-/// Hands `io`, for the engine `p` on this core, to that engine's inbox: the engine
+/// Hands `io`, for the worker `p` on this core, to that worker's inbox: the worker
 /// completes it as this thread ([`complete_as_submitter`]).
 pub(crate) fn to_inbox(io: *mut ffi::spdk_bdev_io, p: Peer) {
-    // SAFETY: the request's context, ours until the engine takes it; the engine's thread
+    // SAFETY: the request's context, ours until the worker takes it; the worker's thread
     // and ours are pinned to this core, where we run now (`Inbox::push`).
     unsafe {
         ptr::addr_of_mut!((*ctx(io)).local).write(true);
@@ -391,8 +359,8 @@ pub(crate) fn to_inbox(io: *mut ffi::spdk_bdev_io, p: Peer) {
     }
 }
 
-/// The channel poller: serves the requests for engines on this core that arrived since the
-/// last poll, and completes the requests the engines on other cores finished.
+/// The channel poller: serves the requests for workers on this core that arrived since the
+/// last poll, and completes the requests the workers on other cores finished.
 unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
     no_unwind("pcache channel poller", 0, || {
         // SAFETY: the channel registered this poller with itself as argument and
@@ -400,7 +368,7 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
         let chan = unsafe { &*arg.cast::<Channel>() };
         let mut batch = chan.local.take();
         let mut busy = !batch.is_empty();
-        engine::local::serve_batch(&mut batch, chan);
+        served::serve_batch(&mut batch, chan);
         // Requests submitted meanwhile (by completions) wait for the next poll.
         let mut cur = chan.local.borrow_mut();
         if cur.is_empty() {
@@ -429,7 +397,7 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
 
 /// Sends `io` to each of `targets`; [`fanout_done`] collects their answers.
 fn fan_out(io: *mut ffi::spdk_bdev_io, f: unsafe extern "C" fn(*mut c_void), targets: &[Peer]) {
-    // SAFETY: this request's context, written before any engine sees the request.
+    // SAFETY: this request's context, written before any worker sees the request.
     unsafe {
         let c = ctx(io);
         ptr::addr_of_mut!((*c).fanout).write(true);
@@ -442,25 +410,6 @@ fn fan_out(io: *mut ffi::spdk_bdev_io, f: unsafe extern "C" fn(*mut c_void), tar
         if rc != 0 {
             fanout_done(io, st::SPDK_BDEV_IO_STATUS_FAILED);
         }
-    }
-}
-
-/// One engine's answer to a request sent to several (on the submitting thread): the last
-/// completes it, failed if any part failed.
-pub(crate) fn fanout_done(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending fanned-out request on its submitting thread: `left` and `worst`
-    // are only touched here.
-    let (left, worst) = unsafe {
-        let c = ctx(io);
-        if status != st::SPDK_BDEV_IO_STATUS_SUCCESS {
-            (*c).worst = st::SPDK_BDEV_IO_STATUS_FAILED;
-        }
-        (*c).left = (*c).left.saturating_sub(1);
-        ((*c).left, (*c).worst)
-    };
-    if left == 0 {
-        // The request's own thread, completed exactly once (the last answer).
-        complete(io, worst);
     }
 }
 
@@ -477,50 +426,6 @@ unsafe extern "C" fn read_get_buf_done(
             complete_here(io, st::SPDK_BDEV_IO_STATUS_FAILED);
             return;
         }
-        to_engine(io, Entry::Submit);
+        to_worker(io, Entry::Submit);
     })
-}
-
-/// Completes a request that came through the inbox ([`IoCtx::local`]) from its engine's
-/// thread, as the thread that submitted it: both are pinned to this core, so the submitting
-/// thread is not running now, and this is what its `complete_msg` message would do.
-pub(crate) fn complete_as_submitter(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    let me = super::msg::current();
-    // SAFETY: the request's thread lives until it completes; switching SPDK's notion of the
-    // current thread to it (and back) is sound because it shares this OS thread (above), so
-    // its state is not in use; `complete` then runs exactly as it would there.
-    unsafe { ffi::spdk_set_thread(ffi::spdk_bdev_io_get_thread(io)) };
-    no_unwind("complete_as_submitter", (), || complete(io, status));
-    // SAFETY: back to the engine thread we were called on.
-    unsafe { ffi::spdk_set_thread(me) };
-}
-
-/// An engine on another core is done with a request (message back to the submitting
-/// thread; the argument from [`completion_arg`]).
-pub(crate) unsafe extern "C" fn complete_remote_msg(arg: *mut c_void) {
-    no_unwind("complete_remote_msg", (), || {
-        let (io, status) = from_completion_arg(arg);
-        complete(io, status);
-    })
-}
-
-/// Counts `io` on its channel and completes it with `status` (on its submitting thread).
-pub(crate) fn complete(io: *mut ffi::spdk_bdev_io, status: st::Type) {
-    // SAFETY: a pending request on its submitting thread (this one), handed back by the
-    // engines; its type, size and channel are read by value.
-    let (ch, ty, bytes) = unsafe {
-        let ty = t::Type::from((*io).type_);
-        let bytes = match ty {
-            t::SPDK_BDEV_IO_TYPE_READ | t::SPDK_BDEV_IO_TYPE_WRITE => bytes(io),
-            _ => 0,
-        };
-        ((*ctx(io)).ch, ty, bytes)
-    };
-    if !ch.is_null() {
-        // SAFETY: our channel on this thread; it outlives the requests submitted on it.
-        let chan = unsafe { &*ffi::io_channel_get_ctx::<Channel>(ch) };
-        chan.stats
-            .record(ty, bytes, status == st::SPDK_BDEV_IO_STATUS_SUCCESS);
-    }
-    complete_here(io, status);
 }

@@ -1,0 +1,207 @@
+//! Requests served by the submitting thread itself, when the worker of their stripe runs on
+//! the same core and can serve them directly (a read hit or an in-place rewrite:
+//! `Cache::begin_direct`).
+//!
+//! A submitting thread pinned to a worker's core collects the requests for that worker in
+//! its channel, and its channel poller serves them together ([`serve_batch`]): for each, it
+//! asks the worker where its data is (`Worker::begin_local`) and issues the one cache-bdev
+//! I/O on its own channel to the cache bdev, completing the request from that I/O's
+//! callback, on its own thread, while the index lines of the requests a few places behind it
+//! load. That is a passthru vbdev's path plus an index lookup whose cache misses overlap the
+//! requests before it, with no inbox, worker poll or thread switch. Requests it cannot serve
+//! so go to the worker's inbox.
+//!
+//! The worker is never borrowed while a submitting thread uses it: both threads are pinned
+//! to this core and polled by its reactor one at a time, and the worker's own callbacks
+//! never reach the channel poller (a completion the worker delivers as the submitter may
+//! submit again, which only queues the request in the channel). The worker's side of this
+//! (what it counts, when it refuses) is in `worker::local`.
+//!
+//! A cache-bdev I/O refused for want of a `spdk_bdev_io` waits for one on this thread
+//! (`spdk_bdev_queue_io_wait`). Such a wait can fire inside a completion the worker
+//! delivers as this thread, so the retry only resubmits; a failure is ended by a message.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use super::{to_inbox, Channel, Front};
+use crate::engine::Op;
+use crate::shell::lookahead;
+use crate::spdk::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
+use crate::spdk::log::no_unwind;
+use crate::spdk::msg;
+use crate::spdk::worker::{self, complete, ctx, Local, Peer};
+
+/// Serves the requests of `batch` (empty on return), each for a worker on this core,
+/// collected by this thread's channel `chan`, at the top level of its poller. The index
+/// lines of the requests behind the one being served load meanwhile, at the distances
+/// [`lookahead`] sets.
+pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan: &Channel) {
+    let n = batch.len();
+    let lookup = |k: usize| {
+        let (io, p) = batch[k];
+        // SAFETY: the worker lives while its requests are pending and is not borrowed
+        // (module docs): read only.
+        unsafe { (*p.worker).lookup_of(io) }
+    };
+    let first = |k: usize| {
+        if let Some((c, lba, len)) = lookup(k) {
+            worker::prefetch_first(c, lba, len);
+        }
+    };
+    let second = |k: usize| {
+        if let Some((c, lba, len)) = lookup(k) {
+            worker::prefetch_second(c, lba, len);
+        }
+    };
+    let (warm_first, warm_second) = lookahead::warm_up(n);
+    warm_first.for_each(first);
+    warm_second.for_each(second);
+    for (k, &(io, p)) in batch.iter().enumerate() {
+        let (f, s) = lookahead::while_serving(k, n);
+        if let Some(j) = f {
+            first(j);
+        }
+        if let Some(j) = s {
+            second(j);
+        }
+        worker::local::release(p);
+        if !serve(p, io, chan) {
+            to_inbox(io, p);
+        }
+    }
+    batch.clear();
+}
+
+/// Serves `io` (a request of a pcache bdev, submitted on this thread through `chan`,
+/// pinned to the core of `p`'s worker, where we run) if its worker can serve it directly.
+/// False: hand it to the worker.
+///
+/// Inlined whole into the batch, with the worker's part (`begin_local` down to the index):
+/// called, each returned its result through memory, and reading it back stalled on store
+/// forwarding (about 2% of bdevperf's time over a malloc cache).
+#[inline(always)]
+fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
+    // SAFETY: a live request of this bdev; type read by value.
+    let ty = t::Type::from(unsafe { (*io).type_ });
+    let Some(op @ (Op::Read | Op::Write)) = worker::op_of(ty) else {
+        return false;
+    };
+    let ch = chan.cache_channel();
+    if ch.is_null() {
+        return false;
+    }
+    // SAFETY: the worker lives until after the bdev's last request and is not borrowed
+    // while this thread's poller runs (module docs).
+    let e = unsafe { &mut *p.worker };
+    let Some((direct, blocks)) = e.begin_local(io, op) else {
+        return false;
+    };
+    let local = Local {
+        worker: p.worker,
+        direct,
+        blocks,
+    };
+    // SAFETY: this request's driver context, ours while it is pending.
+    unsafe { ptr::addr_of_mut!((*ctx(io)).local_direct).write(Some(local)) };
+    if !submit(io, ch, local) {
+        finish(io, false);
+    }
+    true
+}
+
+/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`, or
+/// queues it until a cache bdev_io is free. False: neither could be done.
+fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) -> bool {
+    // SAFETY: a pending request of a live node, whose cache descriptor stays open while it
+    // is pending; its iovecs are live until it completes, which is after this I/O does.
+    let rc = unsafe {
+        let front = Front::of(io);
+        let desc = front.cache.desc.get();
+        let b = ffi::bdev_io_block(io);
+        let (iovs, iovcnt) = ((*b).iovs, (*b).iovcnt);
+        let cb = Some(done as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void));
+        let [offset, num] = l.blocks;
+        if l.direct.write {
+            ffi::spdk_bdev_writev_blocks(desc, ch, iovs, iovcnt, offset, num, cb, io.cast())
+        } else {
+            ffi::spdk_bdev_readv_blocks(desc, ch, iovs, iovcnt, offset, num, cb, io.cast())
+        }
+    };
+    if rc == 0 {
+        return true;
+    }
+    if rc == -libc::ENOMEM {
+        // SAFETY: the request's context holds the wait entry; it stays put (the bdev_io
+        // does not move) until `retry` runs. The cache bdev is live (descriptor open).
+        let queued = unsafe {
+            let w = ptr::addr_of_mut!((*ctx(io)).wait);
+            ptr::write_bytes(w, 0, 1);
+            let front = Front::of(io);
+            (*w).bdev = front.cache.bdev;
+            (*w).cb_fn = Some(retry);
+            (*w).cb_arg = io.cast();
+            ffi::spdk_bdev_queue_io_wait(front.cache.bdev, ch, w) == 0
+        };
+        if queued {
+            return true;
+        }
+    }
+    false
+}
+
+/// A cache bdev_io is free again: resubmits the request that waited for one.
+unsafe extern "C" fn retry(arg: *mut c_void) {
+    no_unwind("pcache local retry", (), || {
+        let io = arg.cast::<ffi::spdk_bdev_io>();
+        // SAFETY: the pending request that queued this wait on its own thread (this one):
+        // its context holds what `serve` started, and names its live channel.
+        let (local, ch) = unsafe {
+            let chan = &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch);
+            ((*ctx(io)).local_direct, chan.cache_channel())
+        };
+        let Some(l) = local else {
+            return complete(io, st::SPDK_BDEV_IO_STATUS_FAILED);
+        };
+        if submit(io, ch, l) {
+            return;
+        }
+        // This wait may fire while the worker is borrowed (a bdev_io freed by a completion
+        // the worker delivers as this thread), so the failure is ended from a message.
+        // SAFETY: a plain message to this (live) thread, the pending request as argument.
+        let rc = unsafe { ffi::spdk_thread_send_msg(msg::current(), Some(fail_msg), arg) };
+        if rc != 0 {
+            finish(io, false);
+        }
+    })
+}
+
+/// Fails a request its submitting thread serves whose cache-bdev I/O could not be issued.
+unsafe extern "C" fn fail_msg(arg: *mut c_void) {
+    no_unwind("pcache local fail", (), || finish(arg.cast(), false))
+}
+
+/// Completion of the cache-bdev I/O of a request its submitting thread serves, on that thread.
+unsafe extern "C" fn done(child: *mut ffi::spdk_bdev_io, ok: bool, arg: *mut c_void) {
+    no_unwind("pcache local done", (), || {
+        // SAFETY: the cache bdev_io we submitted; we are done with it.
+        unsafe { ffi::spdk_bdev_free_io(child) };
+        finish(arg.cast(), ok);
+    })
+}
+
+/// Ends request `io`, served by its submitting thread, whose cache-bdev I/O succeeded or
+/// not. At the top level of a poller or message of that thread.
+fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
+    // SAFETY: a pending request `serve` started, on its submitting thread; its context
+    // names the worker, alive while the request is pending and not borrowed now (its
+    // reactor runs this thread's callback, at the top level: completions of the cache bdev
+    // are delivered by a poller, and failures by `serve` or a message).
+    let status = unsafe {
+        match (*ctx(io)).local_direct.take() {
+            Some(l) => (*l.worker).end_local(l.direct, ok),
+            None => st::SPDK_BDEV_IO_STATUS_FAILED,
+        }
+    };
+    complete(io, status);
+}

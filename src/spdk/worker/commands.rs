@@ -1,0 +1,216 @@
+//! The cache pump: the fast (period-0) poller takes the requests that arrived, then polls
+//! the [`Cache`](crate::engine::Cache), hands it the device completions, completes the
+//! requests it finished and executes the commands it issued, until it has nothing more to say.
+//!
+//! Calls intake, reply, device I/O and the team exchange; nothing above the worker.
+
+use std::ffi::{c_int, c_void};
+use std::ptr;
+
+use super::devio::{iov_crc, sub_iovs, Kind, Purpose};
+use super::{dev_index, State, Worker};
+use crate::engine::{Buf, Command, IoDone};
+use crate::spdk::ffi;
+use crate::spdk::log::{no_unwind, spdk_log};
+
+impl Worker {
+    // ---- the cache pump ----
+
+    /// Runs the cache until it has nothing more to say: poll, execute commands, hand back
+    /// immediate results, complete requests. Returns whether anything happened.
+    pub(super) fn pump(&mut self) -> bool {
+        let mut did = false;
+        for _ in 0..64 {
+            let Some(cache) = self.cache.as_deref_mut() else {
+                break;
+            };
+            if !self.dones.is_empty() {
+                did = true;
+                for d in self.dones.drain(..) {
+                    cache.complete(d);
+                }
+            }
+            cache.poll();
+            cache.drain_commands_into(&mut self.cmds);
+            cache.drain_completions_into(&mut self.comps);
+            let log = cache.take_log();
+            for l in log {
+                spdk_log!(NOTICE, "{}: {l}", self.name);
+            }
+            if self.cmds.is_empty() && self.comps.is_empty() {
+                break;
+            }
+            did = true;
+            let mut comps = std::mem::take(&mut self.comps);
+            for (id, res) in comps.drain(..) {
+                self.request_done(id, res);
+            }
+            self.comps = comps;
+            let mut cmds = std::mem::take(&mut self.cmds);
+            for c in cmds.drain(..) {
+                self.execute(c);
+            }
+            self.cmds = cmds;
+            if self.dones.is_empty() {
+                break;
+            }
+        }
+        self.exchange();
+        did
+    }
+
+    pub(super) fn execute(&mut self, cmd: Command) {
+        match cmd {
+            Command::ZeroBuf { buf } => {
+                if let Buf::Req { req, off, len } = buf {
+                    let mut scratch = Vec::new();
+                    if let Some(idx) = self.reqs.index(req) {
+                        let iovs = self.reqs.slots[idx as usize].iovs();
+                        if !iovs.is_empty() && sub_iovs(iovs, off, len, &mut scratch) {
+                            for v in &scratch {
+                                // SAFETY: a sub-range of the pending request's buffer.
+                                unsafe { ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                            }
+                        }
+                    }
+                }
+            }
+            Command::Write {
+                tag,
+                dev,
+                sector,
+                buf,
+                want_crc,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Write, dev);
+                let ok = match buf {
+                    Buf::Req { req, off, len } => {
+                        let ok = self.attach_req(&mut d, req, off, len);
+                        if ok && want_crc {
+                            d.crc = Some(iov_crc(&d.iovs));
+                        }
+                        ok
+                    }
+                    Buf::Owned(v) => self.attach_vec(&mut d, v),
+                };
+                let sectors = d.sectors;
+                if !ok || !self.set_range(&mut d, sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_writes += 1;
+                self.issue(d);
+            }
+            Command::Read {
+                tag,
+                dev,
+                sector,
+                buf,
+                verify_crc,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Read, dev);
+                let ok = match &buf {
+                    Buf::Req { req, off, len } => self.attach_req(&mut d, *req, *off, *len),
+                    Buf::Owned(_) => false,
+                };
+                d.verify = verify_crc;
+                let sectors = d.sectors;
+                if !ok || !self.set_range(&mut d, sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_reads += 1;
+                self.issue(d);
+            }
+            Command::Flush { tag, dev } => {
+                let i = dev_index(dev);
+                if !self.flush_ok[i] && !self.removed[i] {
+                    // No volatile cache to flush: completed writes are durable.
+                    self.dones.push(IoDone::ok(tag));
+                    return;
+                }
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Flush, dev);
+                d.offset = 0;
+                d.blocks = self.blocks[i];
+                self.counters.dev_flushes += 1;
+                self.issue(d);
+            }
+            // Both read as zeros afterwards: write zeroes (the bdev layer emulates it with
+            // writes where the device has no native support). An UNMAP of the backing bdev
+            // need not read back as zeros, which the engine relies on.
+            Command::WriteZeroes {
+                tag,
+                dev,
+                sector,
+                sectors,
+            }
+            | Command::Unmap {
+                tag,
+                dev,
+                sector,
+                sectors,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::Zeroes, dev);
+                if !self.set_range(&mut d, sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_zeroes += 1;
+                self.issue(d);
+            }
+            Command::Copy {
+                tag,
+                src,
+                src_sector,
+                dst,
+                dst_sector,
+                sectors,
+            } => {
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyRead, src);
+                let len = usize::try_from(sectors.saturating_mul(512)).unwrap_or(usize::MAX);
+                let Some(buf) = self.dma.get(len) else {
+                    spdk_log!(
+                        ERROR,
+                        "{}: out of DMA memory for a {len}-byte copy",
+                        self.name
+                    );
+                    return self.fail_now(d);
+                };
+                d.iovs.push(ffi::iovec {
+                    iov_base: buf.ptr.cast(),
+                    iov_len: len,
+                });
+                d.dma = Some(buf);
+                d.copy_dst = (dst, dst_sector);
+                if !self.set_range(&mut d, src_sector, sectors) {
+                    return self.fail_now(d);
+                }
+                self.counters.dev_copies += 1;
+                self.issue(d);
+            }
+        }
+    }
+}
+
+pub(super) unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
+    no_unwind("pcache engine poller", 0, || {
+        // SAFETY: the worker registered this poller with itself as argument and unregisters
+        // it before being freed; pollers run at the top level of the worker thread.
+        let e = unsafe { &mut *arg.cast::<Worker>() };
+        // Requests served directly leave nothing to pump but were work all the same.
+        let took = e.submit_incoming();
+        if matches!(e.state, State::Running | State::Draining) {
+            e.finish_resets();
+        }
+        if !e.kick && e.dones.is_empty() {
+            return if took {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+            } else {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+            };
+        }
+        e.kick = false;
+        if matches!(e.state, State::Running | State::Draining) && (e.pump() || took) {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+        } else {
+            ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+        }
+    })
+}

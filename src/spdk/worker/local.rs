@@ -1,0 +1,122 @@
+//! The worker's side of the requests its submitting threads serve themselves
+//! (`io::served`): a request for a worker on the submitting thread's core is counted while
+//! it waits in that thread's batch ([`wait`]), started as a direct request of the cache
+//! ([`Worker::begin_local`]) and ended when its cache-bdev I/O completes
+//! ([`Worker::end_local`]).
+//!
+//! The worker counts what it has started here as its own (`inflight`, `direct_live`), and
+//! requests held in a batch through its inbox (`Inbox::hold`), so it neither stops nor
+//! completes a reset while one is pending. A worker that never serves directly (a mapped
+//! cache, served inline with one fence per poll; data CRCs, checked by the worker) says so
+//! in its inbox (`Inbox::never_direct`), and its requests skip the batch.
+//!
+//! These run on the submitting thread, with the worker not borrowed (`io::served` says
+//! why); they call nothing above the worker.
+
+use super::{Peer, State, Worker};
+use crate::engine::{Cache, Dev, Direct, Op};
+use crate::spdk::ffi::{self, spdk_bdev_io_status as st};
+
+/// Counts a request for `p`'s worker that a submitting thread on its core now holds.
+pub(crate) fn wait(p: Peer) {
+    // SAFETY: the inbox lives as long as its worker, which outlives the bdev's requests.
+    unsafe { (*p.inbox).hold() };
+}
+
+/// One request [`wait`] counted was served or handed over. Inlined: it was part of the
+/// batch (`io::served::serve_batch`).
+#[inline(always)]
+pub(crate) fn release(p: Peer) {
+    // SAFETY: as in `wait`.
+    unsafe { (*p.inbox).release() };
+}
+
+/// What a request its submitting thread serves started (kept in its driver context).
+#[derive(Clone, Copy)]
+pub(crate) struct Local {
+    pub(crate) worker: *mut Worker,
+    pub(crate) direct: Direct,
+    /// Offset and length in cache bdev blocks.
+    pub(crate) blocks: [u64; 2],
+}
+
+impl Worker {
+    /// Where `io`'s index lookup reads: the cache and the request's range (lba, bytes in
+    /// sectors' units as the cache takes them). Read only, by a submitting thread on this
+    /// worker's core (`io::served`). Inlined: it was part of the batch there.
+    #[inline(always)]
+    pub(crate) fn lookup_of(&self, io: *mut ffi::spdk_bdev_io) -> Option<(&Cache, u64, u32)> {
+        // SAFETY: a pending request's block range, read by value.
+        let b = ffi::bdev_io_block(io);
+        let shift = self.shift[1];
+        // SAFETY: as above.
+        let len = u32::try_from(unsafe { (*b).num_blocks } << shift).unwrap_or(u32::MAX);
+        self.cache
+            .as_deref()
+            // SAFETY: as above.
+            .map(|c| (c, unsafe { (*b).offset_blocks } << shift, len))
+    }
+
+    /// The worker's part of [`serve`]: starts `io` as a direct request and counts it, or
+    /// None. Returns what was started and its extent in cache bdev blocks. Inlined into
+    /// [`serve`] (see there).
+    #[inline(always)]
+    pub(crate) fn begin_local(
+        &mut self,
+        io: *mut ffi::spdk_bdev_io,
+        op: Op,
+    ) -> Option<(Direct, [u64; 2])> {
+        if self.removed[0] || !matches!(self.state, State::Running | State::Draining) {
+            return None;
+        }
+        if self.dax.is_some() {
+            // Never sent here (`Inbox::never_direct`).
+            return None;
+        }
+        // SAFETY: a live READ/WRITE request; its block parameters are read by value.
+        let (offset, num) = unsafe {
+            let b = ffi::bdev_io_block(io);
+            ((*b).offset_blocks, (*b).num_blocks)
+        };
+        let shift = self.shift[1];
+        let len = u32::try_from(num << shift).ok()?;
+        let cache = self.cache.as_deref_mut()?;
+        let Some(direct) = cache.begin_direct(op, offset << shift, len) else {
+            if cache.superblock().data_crc {
+                // Every read is checked against its CRC by the worker.
+                self.inbox.set_never_direct();
+            }
+            return None;
+        };
+        let Some(blocks) = self.blocks_of(Dev::Cache, direct.sector, u64::from(len)) else {
+            // Never so: the cache bdev's blocks divide every extent. Undone, and left to
+            // the worker, which reports it.
+            if let Some(c) = self.cache.as_deref_mut() {
+                let _ = c.end_direct(direct, Ok(()));
+            }
+            return None;
+        };
+        self.wake();
+        let c = &mut self.counters;
+        c.requests += 1;
+        c.arrived_same_core += 1;
+        c.served_by_submitter += 1;
+        if direct.write {
+            c.dev_writes += 1;
+        } else {
+            c.dev_reads += 1;
+        }
+        self.inflight += 1;
+        self.direct_live += 1;
+        Some((direct, blocks))
+    }
+
+    /// The cache-bdev I/O of a request [`serve`] started finished: so did the request.
+    pub(crate) fn end_local(&mut self, direct: Direct, ok: bool) -> st::Type {
+        self.inflight -= 1;
+        if !ok {
+            self.counters.dev_errors += 1;
+        }
+        self.end_direct(direct, ok)
+    }
+}

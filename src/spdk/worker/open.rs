@@ -1,0 +1,181 @@
+//! The open/format driver: runs the engine's [`Opener`] (superblock replicas, log replay)
+//! with DMA reads of the cache bdev, formats a cache bdev that holds no pcache, and hands
+//! the open cache to the team ([`Worker::spawn_team`]).
+//!
+//! Runs on the lead worker before the bdev is registered; calls device I/O
+//! ([`devio`](super::devio)) and nothing above the worker.
+
+use std::sync::Arc;
+
+use super::devio::{Kind, Purpose};
+use super::{OpenInfo, State, Worker};
+use crate::engine::{format, Dev, FormatError, IoError, OpenError, OpenStep, Opener};
+use crate::spdk::ffi;
+use crate::spdk::log::spdk_log;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FormatPhase {
+    Idle,
+    Writes { left: u32, failed: bool },
+    Flush,
+}
+
+impl Worker {
+    pub(super) fn open_begin(&mut self) {
+        let opener = Opener::new(self.identity.clone(), self.copts.clone());
+        let step = opener.start();
+        self.opener = Some(opener);
+        self.open_handle(step);
+    }
+
+    pub(super) fn fail_open(&mut self, msg: String) {
+        self.open_error = Some(msg);
+        self.opener = None;
+        self.state = State::Quiescing;
+    }
+
+    pub(super) fn open_handle(&mut self, step: OpenStep) {
+        match step {
+            OpenStep::Read { sector, sectors } => {
+                let len = sectors.saturating_mul(512);
+                let Some(buf) = usize::try_from(len).ok().and_then(|l| self.dma.get(l)) else {
+                    return self.fail_open(format!(
+                        "cannot allocate a {len}-byte DMA buffer to read the cache bdev"
+                    ));
+                };
+                let mut d = self.new_dio(Purpose::Open, 0, Kind::Read, Dev::Cache);
+                d.iovs.push(ffi::iovec {
+                    iov_base: buf.ptr.cast(),
+                    iov_len: len as usize,
+                });
+                d.dma = Some(buf);
+                if !self.set_range(&mut d, sector, sectors) {
+                    self.recycle(d);
+                    return self.fail_open("open read out of range".into());
+                }
+                self.issue(d);
+            }
+            OpenStep::Done(cache) => {
+                self.opener = None;
+                let sb = cache.superblock().clone();
+                let have = self.cache_bytes / 512;
+                if sb.geometry.cache_sectors > have {
+                    return self.fail_open(format!(
+                        "the cache bdev holds a pcache of {} bytes but has only {} bytes",
+                        sb.geometry.cache_sectors * 512,
+                        self.cache_bytes
+                    ));
+                }
+                let info = OpenInfo {
+                    gc_percent: cache.stats().gc_percent,
+                    dirty_bytes: cache.dirty_bytes(),
+                    sb,
+                    formatted: self.formatted,
+                    problems: std::mem::take(&mut self.open_problems),
+                    team: Arc::from(Vec::new()),
+                };
+                self.spawn_team(cache, info);
+            }
+            OpenStep::Failed(OpenError::NoSuperblock {
+                a: FormatError::BadMagic { .. },
+                b: FormatError::BadMagic { .. },
+            }) if !self.formatted => self.format_begin(),
+            OpenStep::Failed(e) => {
+                let hint = match &e {
+                    OpenError::BackingMismatch { .. } => {
+                        " (refusing to touch it: delete it from its own backing bdev, or wipe the cache bdev)"
+                    }
+                    OpenError::NoSuperblock { .. } => {
+                        " (a damaged pcache superblock: refusing to format over it; wipe the cache bdev to start afresh)"
+                    }
+                    _ => "",
+                };
+                self.fail_open(format!("cannot open the cache: {e}{hint}"));
+            }
+        }
+    }
+
+    pub(super) fn open_read_done(&mut self, data: Result<Vec<u8>, IoError>) {
+        let Some(opener) = self.opener.as_mut() else {
+            return;
+        };
+        let step = opener.step(data);
+        if let OpenStep::Done(_) = step {
+            // Keep the report for `OpenInfo` (the opener is dropped once done).
+            self.open_problems = opener.report().problems.clone();
+            for p in &self.open_problems {
+                spdk_log!(NOTICE, "{}: open: {p}", self.name);
+            }
+        }
+        self.open_handle(step);
+    }
+
+    pub(super) fn format_begin(&mut self) {
+        self.opener = None;
+        let (_, writes) = match format(self.cache_bytes, self.identity.clone(), &self.fopts) {
+            Ok(w) => w,
+            Err(e) => return self.fail_open(format!("cannot format the cache bdev: {e}")),
+        };
+        spdk_log!(
+            NOTICE,
+            "{}: cache bdev holds no pcache: formatting ({} bytes)",
+            self.name,
+            self.cache_bytes
+        );
+        self.formatted = true;
+        self.format_phase = FormatPhase::Writes {
+            left: writes.len() as u32,
+            failed: false,
+        };
+        for (sector, bytes) in writes {
+            let mut d = self.new_dio(Purpose::Format, 0, Kind::Write, Dev::Cache);
+            let ok = self.attach_vec(&mut d, bytes);
+            let sectors = d.sectors;
+            if !ok || !self.set_range(&mut d, sector, sectors) {
+                self.recycle(d);
+                self.format_io_done(false);
+                continue;
+            }
+            self.issue(d);
+        }
+    }
+
+    pub(super) fn format_io_done(&mut self, ok: bool) {
+        match self.format_phase {
+            FormatPhase::Writes { left, failed } => {
+                let failed = failed || !ok;
+                if left > 1 {
+                    self.format_phase = FormatPhase::Writes {
+                        left: left - 1,
+                        failed,
+                    };
+                    return;
+                }
+                if failed {
+                    self.format_phase = FormatPhase::Idle;
+                    return self
+                        .fail_open("a write to the cache bdev failed while formatting".into());
+                }
+                if self.flush_ok[0] {
+                    self.format_phase = FormatPhase::Flush;
+                    let mut d = self.new_dio(Purpose::Format, 0, Kind::Flush, Dev::Cache);
+                    d.offset = 0;
+                    d.blocks = self.blocks[0];
+                    self.issue(d);
+                } else {
+                    self.format_phase = FormatPhase::Idle;
+                    self.open_begin();
+                }
+            }
+            FormatPhase::Flush => {
+                self.format_phase = FormatPhase::Idle;
+                if ok {
+                    self.open_begin();
+                } else {
+                    self.fail_open("flushing the cache bdev after formatting failed".into());
+                }
+            }
+            FormatPhase::Idle => {}
+        }
+    }
+}
