@@ -25,7 +25,8 @@ def bdev_pcache_create(args):
     if args.cache_path is not None:
         params['cache_path'] = args.cache_path
     for key in ('cache_size_mib', 'gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards',
-                'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct', 'core'):
+                'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct', 'io_timeout_ms',
+                'core'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -45,7 +46,8 @@ def bdev_pcache_delete(args):
 
 def bdev_pcache_set_options(args):
     params = {'name': args.name}
-    for key in ('gc_percent', 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct'):
+    for key in ('gc_percent', 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct',
+                'io_timeout_ms'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -64,6 +66,10 @@ def _writeback_args(p):
     p.add_argument('--wb-low-pct', dest='wb_low_pct', type=int,
                    help='stop writing back below this percent (at most --wb-high-pct, default 40; '
                         'an idle, full or draining cache writes back everything)')
+    p.add_argument('--io-timeout-ms', dest='io_timeout_ms', type=int,
+                   help='a request that cannot make progress (cache full while writeback fails, '
+                        'cache writes failing) fails with an I/O error after waiting this long; '
+                        'failing writeback is retried meanwhile (100-3600000, default 30000)')
 
 
 def bdev_pcache_flush_start(args):

@@ -35,6 +35,7 @@ struct CreateParams {
     wb_group_ksets: Option<u32>,
     wb_high_pct: Option<u32>,
     wb_low_pct: Option<u32>,
+    io_timeout_ms: Option<u64>,
     core: Option<u32>,
     defer: Option<bool>,
 }
@@ -51,7 +52,12 @@ pub(crate) struct Writeback {
     pub high_pct: u32,
     /// ...and stops below this one (unless space is short, the cache is idle or draining).
     pub low_pct: u32,
+    /// A request that cannot make progress fails after waiting this long (ms).
+    pub io_timeout_ms: u64,
 }
+
+/// Bounds of `io_timeout_ms`: 100 ms .. 1 hour.
+const IO_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 
 impl Default for Writeback {
     fn default() -> Self {
@@ -61,6 +67,7 @@ impl Default for Writeback {
             group_ksets: w.group_ksets as u32,
             high_pct: w.high_pct,
             low_pct: w.low_pct,
+            io_timeout_ms: w.io_timeout_ms,
         }
     }
 }
@@ -85,6 +92,14 @@ impl Writeback {
                 self.high_pct, self.low_pct
             ));
         }
+        if !IO_TIMEOUT_MS.contains(&self.io_timeout_ms) {
+            return Err(format!(
+                "io_timeout_ms must be between {} and {} (got {})",
+                IO_TIMEOUT_MS.start(),
+                IO_TIMEOUT_MS.end(),
+                self.io_timeout_ms
+            ));
+        }
         Ok(())
     }
 
@@ -96,6 +111,7 @@ impl Writeback {
             high_pct: self.high_pct,
             low_pct: self.low_pct,
             gc_percent,
+            io_timeout_ms: self.io_timeout_ms,
         }
     }
 }
@@ -279,6 +295,7 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
             group_ksets: p.wb_group_ksets.unwrap_or(d.wb.group_ksets),
             high_pct: p.wb_high_pct.unwrap_or(d.wb.high_pct),
             low_pct: p.wb_low_pct.unwrap_or(d.wb.low_pct),
+            io_timeout_ms: p.io_timeout_ms.unwrap_or(d.wb.io_timeout_ms),
         },
         core: p.core,
     };
@@ -359,6 +376,7 @@ impl CreateConfig {
             "wb_group_ksets": o.wb.group_ksets,
             "wb_high_pct": o.wb.high_pct,
             "wb_low_pct": o.wb.low_pct,
+            "io_timeout_ms": o.wb.io_timeout_ms,
         });
         match &self.cache {
             CacheMedia::Bdev(b) => v["cache_bdev"] = json!(b),
@@ -385,6 +403,7 @@ struct SetOptionsParams {
     wb_group_ksets: Option<u32>,
     wb_high_pct: Option<u32>,
     wb_low_pct: Option<u32>,
+    io_timeout_ms: Option<u64>,
 }
 
 /// `bdev_pcache_set_options`: the options to change (the others keep their values).
@@ -396,6 +415,7 @@ pub(crate) struct SetOptions {
     pub group_ksets: Option<u32>,
     pub high_pct: Option<u32>,
     pub low_pct: Option<u32>,
+    pub io_timeout_ms: Option<u64>,
 }
 
 impl SetOptions {
@@ -406,6 +426,7 @@ impl SetOptions {
             group_ksets: self.group_ksets.unwrap_or(cur.group_ksets as u32),
             high_pct: self.high_pct.unwrap_or(cur.high_pct),
             low_pct: self.low_pct.unwrap_or(cur.low_pct),
+            io_timeout_ms: self.io_timeout_ms.unwrap_or(cur.io_timeout_ms),
         };
         wb.check()?;
         let gc = self.gc_percent.unwrap_or(cur.gc_percent);
@@ -432,14 +453,16 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         group_ksets: p.wb_group_ksets,
         high_pct: p.wb_high_pct,
         low_pct: p.wb_low_pct,
+        io_timeout_ms: p.io_timeout_ms,
     };
     if o.gc_percent.is_none()
         && o.max_inflight.is_none()
         && o.group_ksets.is_none()
         && o.high_pct.is_none()
         && o.low_pct.is_none()
+        && o.io_timeout_ms.is_none()
     {
-        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct)".into());
+        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct, io_timeout_ms)".into());
     }
     // Range checks that do not depend on the current values.
     o.apply(WritebackOptions {
@@ -448,6 +471,7 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         high_pct: o.high_pct.unwrap_or(100),
         low_pct: o.low_pct.unwrap_or(0),
         gc_percent: o.gc_percent.unwrap_or(1),
+        io_timeout_ms: o.io_timeout_ms.unwrap_or(*IO_TIMEOUT_MS.start()),
     })?;
     Ok(o)
 }

@@ -317,6 +317,7 @@ unsafe extern "C" fn rpc_set_options(
                         "wb_group_ksets": o.group_ksets,
                         "wb_high_pct": o.high_pct,
                         "wb_low_pct": o.low_pct,
+                        "io_timeout_ms": o.io_timeout_ms,
                     });
                     if vbdev::is_live(node) {
                         // SAFETY: live (checked, same thread).

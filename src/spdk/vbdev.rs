@@ -726,6 +726,7 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
         group_ksets: Some(wb.group_ksets),
         high_pct: Some(wb.high_pct),
         low_pct: Some(wb.low_pct),
+        io_timeout_ms: Some(wb.io_timeout_ms),
     };
     let core = cfg.options.core;
     // The closure is dropped unrun if the message cannot be sent: keep the reply reachable.
@@ -749,6 +750,7 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
                             "wb_group_ksets": o.group_ksets,
                             "wb_high_pct": o.high_pct,
                             "wb_low_pct": o.low_pct,
+                            "io_timeout_ms": o.io_timeout_ms,
                         });
                         if let Some(c) = core {
                             v["core"] = json!(c);

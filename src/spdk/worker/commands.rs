@@ -162,9 +162,22 @@ impl Worker {
                 dst,
                 dst_sector,
                 sectors,
+                verify,
             } => {
                 let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyRead, src);
-                let len = usize::try_from(sectors.saturating_mul(512)).unwrap_or(usize::MAX);
+                // With a CRC to check, the whole extent is read and only the part written.
+                let (read_at, read_sectors) = match verify {
+                    Some(v) => match v.offset_of(src_sector) {
+                        Some(skip) if src_sector + sectors <= v.sector + v.sectors => {
+                            d.verify = Some(v.crc);
+                            d.copy_part = Some((skip, sectors));
+                            (v.sector, v.sectors)
+                        }
+                        _ => return self.fail_now(d),
+                    },
+                    None => (src_sector, sectors),
+                };
+                let len = usize::try_from(read_sectors.saturating_mul(512)).unwrap_or(usize::MAX);
                 let Some(buf) = self.dma.get(len) else {
                     spdk_log!(
                         ERROR,
@@ -179,7 +192,7 @@ impl Worker {
                 });
                 d.dma = Some(buf);
                 d.copy_dst = (dst, dst_sector);
-                if !self.set_range(&mut d, src_sector, sectors) {
+                if !self.set_range(&mut d, read_at, read_sectors) {
                     return self.fail_now(d);
                 }
                 self.counters.dev_copies += 1;

@@ -61,6 +61,9 @@ pub(super) struct DevIo {
     /// Worker-owned bytes written straight from here (mapped cache only).
     pub(super) owned: Vec<u8>,
     pub(super) copy_dst: (Dev, u64),
+    /// A verified copy reads a whole extent: the part it writes, as (byte offset into the
+    /// read, sectors).
+    pub(super) copy_part: Option<(usize, u64)>,
     /// For `Purpose::Direct`: the request it serves and how to answer it.
     pub(super) direct: Option<(Direct, *mut ffi::spdk_bdev_io, Reply)>,
     pub(super) wait: ffi::spdk_bdev_io_wait_entry,
@@ -92,6 +95,7 @@ impl Worker {
                 dma: None,
                 owned: Vec::new(),
                 copy_dst: (dev, 0),
+                copy_part: None,
                 direct: None,
                 // SAFETY: all-zero is a valid, unlinked wait entry.
                 wait: unsafe { std::mem::zeroed() },
@@ -108,6 +112,7 @@ impl Worker {
         d.req = None;
         d.verify = None;
         d.crc = None;
+        d.copy_part = None;
         d.direct = None;
         d
     }
@@ -297,17 +302,39 @@ impl Worker {
         match d.purpose {
             Purpose::Cmd => {
                 let mut ok = ok;
-                if d.kind == Kind::CopyRead && ok {
-                    let (dev, sector) = d.copy_dst;
-                    d.kind = Kind::CopyWrite;
-                    d.dev = dev;
-                    let sectors = d.sectors;
-                    if self.set_range(&mut d, sector, sectors) {
-                        return self.issue(d);
-                    }
-                    ok = false;
+                // A copy's source read failed, or its data failed the extent's CRC: nothing
+                // is written.
+                let mut early = None;
+                if d.kind == Kind::CopyRead && !ok {
+                    early = Some(IoError::Source);
                 }
-                let mut result = if ok { Ok(()) } else { Err(IoError::Device) };
+                if d.kind == Kind::CopyRead && ok {
+                    if d.verify.is_some_and(|want| iov_crc(&d.iovs) != want) {
+                        self.counters.crc_mismatches += 1;
+                        early = Some(IoError::CrcMismatch);
+                    } else {
+                        let (dev, sector) = d.copy_dst;
+                        d.kind = Kind::CopyWrite;
+                        d.dev = dev;
+                        let mut sectors = d.sectors;
+                        if let (Some((skip, n)), Some(iov)) = (d.copy_part, d.iovs.first_mut()) {
+                            // SAFETY: `skip + n * 512` lies inside the DMA buffer the read
+                            // filled (checked when the copy was issued).
+                            iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(skip).cast() };
+                            iov.iov_len = (n * 512) as usize;
+                            sectors = n;
+                        }
+                        if self.set_range(&mut d, sector, sectors) {
+                            return self.issue(d);
+                        }
+                        ok = false;
+                    }
+                }
+                let mut result = match early {
+                    Some(e) => Err(e),
+                    None if ok => Ok(()),
+                    None => Err(IoError::Device),
+                };
                 if ok && d.kind == Kind::Read {
                     if let Some(want) = d.verify {
                         if iov_crc(&d.iovs) != want {
