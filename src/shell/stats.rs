@@ -21,7 +21,7 @@ pub(crate) struct Counters {
     /// How requests arrived: from a thread on this core (inbox), through a queue pair from
     /// another core, or by message.
     pub(crate) arrived_same_core: u64,
-    /// Of those, served by the submitting thread itself (`local`).
+    /// Of those, served by the submitting thread itself (`io::served`).
     pub(crate) served_by_submitter: u64,
     pub(crate) arrived_queue_pair: u64,
     pub(crate) arrived_by_message: u64,

@@ -4,7 +4,7 @@
 //! Threading: create, delete, hot-remove events, destruct and the JSON callbacks all run on
 //! the app thread (the RPC thread, where the bases are opened). The cache itself runs on the
 //! bdev's worker thread (`worker`), reached by message. The I/O path runs on any thread and
-//! only reads fields fixed before `spdk_bdev_register` (`lead`, `team`).
+//! only reads the node's `io::Front`, fixed before `spdk_bdev_register` (the workers' roster).
 //!
 //! Create is asynchronous: open and claim both bases, start the worker thread, which reads
 //! the cache bdev's superblock (reattach), formats it when it holds no pcache, or refuses

@@ -11,6 +11,8 @@
 //! Hence an `UnsafeCell`, not a lock: nothing ever holds a reference into the vector across
 //! a call that could push (`push` and `take` borrow it for their own duration only), and the
 //! inbox is shared (`Rc`), never behind the worker's `&mut`.
+//!
+//! Holds raw request pointers only; calls nothing but `ffi` types.
 
 use std::cell::{Cell, UnsafeCell};
 

@@ -41,15 +41,14 @@ pub(crate) struct Local {
 }
 
 impl Worker {
-    /// Where `io`'s index lookup reads: the cache and the request's range (lba, bytes in
-    /// sectors' units as the cache takes them). Read only, by a submitting thread on this
+    /// What `io`'s index lookup reads: the cache, and the request's first sector and length
+    /// in sectors (as `Cache` takes them). Read only, by a submitting thread on this
     /// worker's core (`io::served`). Inlined: it was part of the batch there.
     #[inline(always)]
     pub(crate) fn lookup_of(&self, io: *mut ffi::spdk_bdev_io) -> Option<(&Cache, u64, u32)> {
-        // SAFETY: a pending request's block range, read by value.
         let b = ffi::bdev_io_block(io);
         let shift = self.shift[1];
-        // SAFETY: as above.
+        // SAFETY: a pending request's block range, read by value.
         let len = u32::try_from(unsafe { (*b).num_blocks } << shift).unwrap_or(u32::MAX);
         self.cache
             .as_deref()

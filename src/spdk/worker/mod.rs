@@ -248,7 +248,7 @@ pub(crate) struct Worker {
     links: Vec<Option<WorkerEnd>>,
     /// Scratch for `submit_incoming`.
     descs: Vec<(Desc, Reply)>,
-    /// Completions whose message could not be sent yet ([`io::completion_arg`]s).
+    /// Completions whose message could not be sent yet (`link::completion_arg`s).
     unsent: Vec<*mut c_void>,
     /// Slow polls since a base bdev was removed with requests still pending.
     removed_polls: u32,

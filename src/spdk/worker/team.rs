@@ -15,6 +15,9 @@
 //! Stopping is two-phase so no worker is freed while another may still message it: every
 //! worker quiesces (drained or not, no device I/O in flight) and tells the lead, which then
 //! tells them to exit, waits until all did, and exits last.
+//!
+//! Calls the worker's lifecycle (threads, start, teardown) and `msg`; nothing above the
+//! worker.
 
 use std::sync::{Arc, Mutex};
 
