@@ -2301,8 +2301,17 @@ fn device_faults_never_hang_pcache() {
     });
     let s = stats(&rpc);
     phases.push(("20 failed backing writes", jobs, s.clone()));
-    assert!(total(&s, "wb_backing_write_errors") > 0, "{}", s["engine"]["total"]);
-    assert_eq!(total(&s, "wb_cache_read_errors"), 0, "{}", s["engine"]["total"]);
+    assert!(
+        total(&s, "wb_backing_write_errors") > 0,
+        "{}",
+        s["engine"]["total"]
+    );
+    assert_eq!(
+        total(&s, "wb_cache_read_errors"),
+        0,
+        "{}",
+        s["engine"]["total"]
+    );
     // (b) 20 failed cache reads (request reads and writeback's source reads).
     let before = total(&s, "wb_sectors");
     let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
@@ -2310,7 +2319,10 @@ fn device_faults_never_hang_pcache() {
         inject(&rpc, "EE_FCache", "read", "failure", "20");
     });
     let s = stats(&rpc);
-    assert!(total(&s, "wb_sectors") > before, "writeback resumed by itself");
+    assert!(
+        total(&s, "wb_sectors") > before,
+        "writeback resumed by itself"
+    );
     phases.push(("20 failed cache reads", jobs, s));
     // (c) 5 failed cache writes: retried, the log stays open.
     let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
@@ -2318,7 +2330,11 @@ fn device_faults_never_hang_pcache() {
         inject(&rpc, "EE_FCache", "write", "failure", "5");
     });
     let s = stats(&rpc);
-    assert!(total(&s, "cache_write_errors") > 0, "{}", s["engine"]["total"]);
+    assert!(
+        total(&s, "cache_write_errors") > 0,
+        "{}",
+        s["engine"]["total"]
+    );
     assert_eq!(s["writeback"]["log_failed"], false, "{s}");
     phases.push(("5 failed cache writes", jobs, s));
     // (d) every backing write fails for 10 s, then the device recovers.
@@ -2327,7 +2343,11 @@ fn device_faults_never_hang_pcache() {
         inject(&rpc, "EE_FBack", "write", "failure", "100000000");
         std::thread::sleep(Duration::from_secs(5));
         let mid = stats(&rpc);
-        assert_eq!(mid["writeback"]["state"], "retrying", "{}", mid["writeback"]);
+        assert_eq!(
+            mid["writeback"]["state"], "retrying",
+            "{}",
+            mid["writeback"]
+        );
         std::thread::sleep(Duration::from_secs(5));
         rpc.ok(&["bdev_error_inject_error", "EE_FBack", "clear", "failure"]);
     });
@@ -2337,8 +2357,16 @@ fn device_faults_never_hang_pcache() {
     let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
         std::thread::sleep(Duration::from_secs(2));
         rpc.ok(&[
-            "bdev_error_inject_error", "EE_FCache", "read", "corrupt_data", "-n", "50", "-o",
-            "100", "-v", "255",
+            "bdev_error_inject_error",
+            "EE_FCache",
+            "read",
+            "corrupt_data",
+            "-n",
+            "50",
+            "-o",
+            "100",
+            "-v",
+            "255",
         ]);
     });
     let s = stats(&rpc);
@@ -2351,9 +2379,15 @@ fn device_faults_never_hang_pcache() {
     for (what, jobs, s) in &phases {
         for job in jobs {
             println!("{what}: {job}");
-            assert!(job["iops"].as_f64() > Some(100.0), "{what}: writes flow: {job}");
+            assert!(
+                job["iops"].as_f64() > Some(100.0),
+                "{what}: writes flow: {job}"
+            );
         }
-        println!("{what}: errors {} writeback {}", s["errors"], s["writeback"]);
+        println!(
+            "{what}: errors {} writeback {}",
+            s["errors"], s["writeback"]
+        );
     }
     // Resets while writeback runs.
     let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, "reset", 11);

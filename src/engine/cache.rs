@@ -108,8 +108,10 @@ pub struct CacheStats {
     /// "ok", "retrying" (failing, retried with backoff) or "failing" (for longer than the
     /// I/O timeout): the worst of the shards'.
     pub writeback: &'static str,
-    /// Host time (ms) since when writeback has been failing, if it is.
+    /// Host time (ms) since when writeback has been failing, if it is...
     pub wb_failing_since_ms: Option<u64>,
+    /// ...and for how long (ms).
+    pub wb_failing_for_ms: Option<u64>,
     /// A shard's log is closed: the cache device failed every write for the I/O timeout.
     /// Writes fail; cached data stays readable and is written back.
     pub log_failed: bool,
@@ -166,6 +168,7 @@ impl CacheStats {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.wb_failing_for_ms = self.wb_failing_for_ms.max(o.wb_failing_for_ms);
         self.log_failed |= o.log_failed;
         self.poisoned.extend(o.poisoned);
     }
@@ -723,6 +726,16 @@ impl Cache {
                     }
                 })
                 .min(),
+            wb_failing_for_ms: self
+                .shards
+                .iter()
+                .filter_map(|s| match s.writeback_state() {
+                    WritebackState::Ok => None,
+                    WritebackState::Retrying { since } | WritebackState::Failing { since } => {
+                        Some(s.now().saturating_sub(since))
+                    }
+                })
+                .max(),
             log_failed: self.shards.iter().any(Shard::log_failed),
             poisoned: self
                 .shards

@@ -353,6 +353,11 @@ impl Shard {
         self.now = self.now.max(now);
     }
 
+    /// The host time last given.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
     /// The earliest host time at which something waits to happen (a retry, a request's
     /// timeout), while the shard holds work that waits for time.
     pub fn next_deadline(&self) -> Option<u64> {

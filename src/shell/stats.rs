@@ -27,6 +27,8 @@ pub(crate) struct Counters {
     pub(crate) arrived_by_message: u64,
     pub(crate) crc_mismatches: u64,
     pub(crate) resets: u64,
+    /// Direct (in-place) writes whose cache I/O failed, written again through the log.
+    pub(crate) direct_writes_retried: u64,
 }
 
 /// A worker's state beside its counters, as it reports it.
@@ -60,6 +62,7 @@ impl Counters {
             "requests_by_message": c.arrived_by_message,
             "crc_mismatches": c.crc_mismatches,
             "resets": c.resets,
+            "direct_writes_retried": c.direct_writes_retried,
             "idle": s.idle,
             "draining": s.draining,
         })
@@ -150,13 +153,25 @@ pub(crate) fn render_stats(parts: Vec<StatsPart>) -> Value {
             "io_errors": t.io_errors,
             "crc_errors": t.crc_errors,
             "wb_errors": t.wb_errors,
+            "wb_cache_read_errors": t.wb_cache_read_errors,
+            "wb_backing_write_errors": t.wb_backing_write_errors,
+            "wb_backing_flush_errors": t.wb_backing_flush_errors,
+            "wb_crc_errors": t.wb_crc_errors,
+            "cache_write_errors": t.cache_write_errors,
+            "cache_write_retries": t.cache_write_retries,
             "kset_retries": t.kset_retries,
+            "timed_out": t.timed_out,
+            "poisoned_reads": t.poisoned_reads,
             "requests_failed": host["requests_failed"].clone(),
             "device_errors": host["device_errors"].clone(),
         },
         "writeback": {
             "dirty_bytes": s.wb_dirty_bytes,
             "failed": s.wb_failed,
+            "state": s.writeback,
+            "failing_for_ms": s.wb_failing_for_ms,
+            "log_failed": s.log_failed,
+            "poisoned": s.poisoned,
             "epoch": s.epoch,
             "gc_percent": s.gc_percent,
         },
@@ -219,6 +234,11 @@ mod tests {
             shard_epochs: vec![],
             shard_frontiers: vec![],
             wb_failed: false,
+            writeback: "ok",
+            wb_failing_since_ms: None,
+            wb_failing_for_ms: None,
+            log_failed: false,
+            poisoned: vec![],
         }
     }
 

@@ -226,6 +226,7 @@ pub(crate) unsafe extern "C" fn submit_request(
             ptr::addr_of_mut!((*ctx(io)).ch).write(ch);
             ptr::addr_of_mut!((*ctx(io)).fanout).write(false);
             ptr::addr_of_mut!((*ctx(io)).local).write(false);
+            ptr::addr_of_mut!((*ctx(io)).no_direct).write(false);
         }
         // SAFETY: a live bdev_io handed to us.
         let ty = t::Type::from(unsafe { (*io).type_ });

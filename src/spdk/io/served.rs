@@ -199,6 +199,12 @@ fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
     // are delivered by a poller, and failures by `serve` or a message).
     let status = unsafe {
         match (*ctx(io)).local_direct.take() {
+            // A failed rewrite in place goes to the worker's inbox, to be written again
+            // through the log (whose data writes are retried); the worker completes it.
+            Some(l) if !ok && l.direct.write => {
+                (*l.worker).retry_local_write(l.direct, io);
+                return;
+            }
             Some(l) => (*l.worker).end_local(l.direct, ok),
             None => st::SPDK_BDEV_IO_STATUS_FAILED,
         }

@@ -13,6 +13,13 @@ use crate::spdk::ffi::{self, spdk_bdev_io_status as st};
 use crate::spdk::log::{no_unwind, spdk_log};
 use crate::spdk::msg;
 
+/// Milliseconds since an arbitrary start (SPDK's tick counter).
+fn now_ms() -> u64 {
+    // SAFETY: plain reads of the environment's tick counter and its rate.
+    let (ticks, hz) = unsafe { (ffi::spdk_get_ticks(), ffi::spdk_get_ticks_hz()) };
+    (u128::from(ticks) * 1000 / u128::from(hz.max(1))) as u64
+}
+
 /// Slow polls (1 ms each) without a request before the cache counts as idle.
 pub(super) const IDLE_POLLS: u32 = 10;
 pub(super) const SLOW_POLL_US: u64 = 1000;
@@ -30,6 +37,10 @@ impl Worker {
 
     pub(super) fn housekeeping(&mut self) -> bool {
         let mut busy = false;
+        // The engine's clock: paces retries of failed device I/O and bounds request waits.
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.set_now(now_ms());
+        }
         self.report_frontier();
         if !self.unsent.is_empty() {
             let mut keep = Vec::new();
@@ -70,7 +81,7 @@ impl Worker {
                 let res = if clean {
                     Ok(())
                 } else {
-                    Err("writeback to the backing bdev failed (device error): dirty data stays in the cache".to_string())
+                    Err("writeback has failed for longer than io_timeout_ms (a device error, see the log): dirty data stays in the cache and writeback keeps retrying".to_string())
                 };
                 if self.flushing {
                     self.flushing = false;

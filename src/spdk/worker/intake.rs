@@ -66,7 +66,9 @@ impl Worker {
                 return;
             }
         }
-        if matches!(op, Op::Read | Op::Write) {
+        // SAFETY: a pending request of ours: its context is initialized.
+        let no_direct = unsafe { (*ctx(io)).no_direct };
+        if matches!(op, Op::Read | Op::Write) && !no_direct {
             let direct = self
                 .cache
                 .as_deref_mut()
@@ -123,6 +125,18 @@ impl Worker {
             return self.recycle(dio);
         };
         self.recycle(dio);
+        if !ok && direct.write {
+            // Written again through the log, whose cache writes are retried.
+            self.direct_live -= 1;
+            if let Some(c) = self.cache.as_deref_mut() {
+                let _ = c.end_direct(direct, Err(IoError::Device));
+            }
+            self.counters.direct_writes_retried += 1;
+            // SAFETY: a pending request of ours.
+            unsafe { ptr::addr_of_mut!((*ctx(io)).no_direct).write(true) };
+            self.counters.requests -= 1;
+            return self.submit(Desc::of(io), reply);
+        }
         let status = self.end_direct(direct, ok);
         self.finish_io(io, status, reply);
     }

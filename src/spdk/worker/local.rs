@@ -13,8 +13,11 @@
 //! These run on the submitting thread, with the worker not borrowed (`io::served` says
 //! why); they call nothing above the worker.
 
+use std::ptr;
+
+use super::reply::ctx;
 use super::{Peer, State, Worker};
-use crate::engine::{Cache, Dev, Direct, Op};
+use crate::engine::{Cache, Dev, Direct, IoError, Op};
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st};
 
 /// Counts a request for `p`'s worker that a submitting thread on its core now holds.
@@ -108,6 +111,27 @@ impl Worker {
         self.inflight += 1;
         self.direct_live += 1;
         Some((direct, blocks))
+    }
+
+    /// The in-place write of request `io` [`serve`] started failed: the cache forgets it,
+    /// and the request goes to this worker's inbox to be written through the log.
+    pub(crate) fn retry_local_write(&mut self, direct: Direct, io: *mut ffi::spdk_bdev_io) {
+        self.inflight -= 1;
+        self.counters.dev_errors += 1;
+        self.direct_live -= 1;
+        if let Some(c) = self.cache.as_deref_mut() {
+            let _ = c.end_direct(direct, Err(IoError::Device));
+        }
+        self.counters.direct_writes_retried += 1;
+        // SAFETY: a pending request of this worker's bdev, on the worker's core (the
+        // submitting thread is pinned to it); it is answered as that thread (`local`).
+        unsafe {
+            let c = ctx(io);
+            ptr::addr_of_mut!((*c).no_direct).write(true);
+            ptr::addr_of_mut!((*c).local).write(true);
+            self.inbox.push(io);
+        }
+        self.kick = true;
     }
 
     /// The cache-bdev I/O of a request [`serve`] started finished: so did the request.

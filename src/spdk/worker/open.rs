@@ -83,10 +83,10 @@ impl Worker {
             OpenStep::Failed(e) => {
                 let hint = match &e {
                     OpenError::BackingMismatch { .. } => {
-                        " (refusing to touch it: delete it from its own backing bdev, or wipe the cache bdev)"
+                        " (refusing to touch it: it may hold dirty data of that device; attach it with its own backing bdev; wiping the cache bdev would lose any writes not yet written back)"
                     }
                     OpenError::NoSuperblock { .. } => {
-                        " (a damaged pcache superblock: refusing to format over it; wipe the cache bdev to start afresh)"
+                        " (a damaged pcache superblock: refusing to format over it; check it offline with `pcache check`; wiping the cache bdev to start afresh loses any writes not yet written back)"
                     }
                     _ => "",
                 };

@@ -208,6 +208,9 @@ pub(crate) struct IoCtx {
     /// Put straight into the inbox of a worker on this thread's core: the worker
     /// completes it as this thread ([`complete_as_submitter`]).
     pub(crate) local: bool,
+    /// Its direct write failed: the worker submits it to the cache, whose path retries
+    /// cache writes, instead of serving it directly again.
+    pub(crate) no_direct: bool,
     /// Workers still to answer, and the worst status so far (submitting thread only).
     pub(crate) left: u32,
     pub(crate) worst: st::Type,
