@@ -323,6 +323,7 @@ mod tests {
                 "device_reads",
                 "device_write_zeroes",
                 "device_writes",
+                "direct_writes_retried",
                 "draining",
                 "idle",
                 "nomem_waits",
