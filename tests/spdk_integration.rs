@@ -464,6 +464,7 @@ const BAD_RPC_PY_CALLS: &[(&[&str], &str)] = &[
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--core", "5"], "not one of the app's cores"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--wb-high-pct", "5", "--wb-low-pct", "9"], "wb_low_pct"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--gc-percent", "95"], "gc_percent"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--io-timeout-ms", "5"], "io_timeout_ms"),
     (&["bdev_pcache_delete", "NoSuchPcache"], "no pcache bdev"),
     (&["bdev_pcache_get_stats", "-b", "NoSuchPcache"], "no pcache bdev"),
     (&["bdev_pcache_flush_start", "NoSuchPcache"], "no pcache bdev"),
@@ -648,7 +649,10 @@ fn target_rpc_lifecycle() {
         "50",
         "--wb-max-inflight",
         "16",
+        "--io-timeout-ms",
+        "5000",
     ]);
+    assert_eq!(set["io_timeout_ms"], 5000, "{set}");
     assert_eq!(
         (
             &set["gc_percent"],
@@ -687,7 +691,8 @@ fn target_rpc_lifecycle() {
     assert!(creates.contains(&json!({
         "name": "PC1", "cache_bdev": "Cache1", "backing_bdev": "Back1", "data_crc": false, "gc_percent": 70,
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 64,
-        "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "defer": true
+        "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "io_timeout_ms": 30000,
+        "defer": true
     })), "{creates:?}");
     assert!(
         creates.iter().any(|p| p["name"] == "PC0"
@@ -695,7 +700,8 @@ fn target_rpc_lifecycle() {
             && p["stripe_size_kib"] == 64
             && p["gc_percent"] == 60
             && p["wb_high_pct"] == 50
-            && p["wb_max_inflight"] == 16),
+            && p["wb_max_inflight"] == 16
+            && p["io_timeout_ms"] == 5000),
         "{creates:?}"
     );
 
