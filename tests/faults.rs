@@ -228,6 +228,37 @@ fn a_failed_cache_read_fails_the_read_and_nothing_else() {
 }
 
 #[test]
+fn a_failed_cache_read_of_clean_data_is_served_from_the_backing_device() {
+    // Request 1 writes 100, writeback makes it clean; request 2 reads it, and its cache
+    // read fails.
+    let mut sim = sim_with(|_, cmd| {
+        matches!(
+            cmd,
+            Command::Read {
+                dev: Dev::Cache,
+                buf: Buf::Req { req: 2, .. },
+                ..
+            }
+        )
+    });
+    sim.direct_percent = 0;
+    let w = sim
+        .submit(Op::Write, 100, 8, Some(data_of(1, 100, 8)))
+        .unwrap();
+    assert!(run_all(&mut sim)[&w].0.is_ok());
+    sim.cache.set_drain(true);
+    sim.run();
+    sim.settle(1_000);
+    assert!(sim.cache.is_clean());
+    let r = sim.submit(Op::Read, 100, 8, None).unwrap();
+    assert_eq!(r, 2);
+    let done = run_all(&mut sim);
+    assert_eq!(done[&r].0, Ok(()));
+    assert_eq!(done[&r].1, data_of(1, 100, 8));
+    assert_eq!(sim.cache.stats().total.cache_read_fallbacks, 1);
+}
+
+#[test]
 fn corrupt_cached_data_is_an_error_when_dirty_and_refetched_when_clean() {
     let mut host = new_host(8 << 20, BACKING_SECTORS, &small_format(1, true));
     host.write(0, data_of(1, 0, 8)).unwrap();

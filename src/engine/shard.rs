@@ -1592,6 +1592,20 @@ impl Shard {
                     self.read_fail(read, ReqError::Corrupt);
                 }
             }
+            (ReadSrc::Cache { ext }, Err(_)) if ext.state() == State::Clean => {
+                // Clean data is also on the backing device: read it there instead.
+                self.stats.io_errors += 1;
+                self.stats.cache_read_fallbacks += 1;
+                let req = self.reads.get(read).map(|c| c.req).unwrap_or_default();
+                self.issue_backing_read(
+                    read,
+                    lba,
+                    len,
+                    buf_off,
+                    ReadSrc::Backing { fill: None },
+                    req,
+                );
+            }
             (ReadSrc::Cache { .. }, Err(_)) => {
                 self.stats.io_errors += 1;
                 self.read_fail(read, ReqError::Io);

@@ -48,6 +48,8 @@ pub struct ShardStats {
     pub cache_write_retries: u64,
     /// Requests failed after waiting the I/O timeout for space or for the log.
     pub timed_out: u64,
+    /// Reads of clean cached data whose cache read failed, served from the backing device.
+    pub cache_read_fallbacks: u64,
     pub backing_flushes: u64,
     pub gc_segments: u64,
     pub control_writes: u64,
@@ -84,6 +86,7 @@ impl ShardStats {
         self.cache_write_errors += o.cache_write_errors;
         self.cache_write_retries += o.cache_write_retries;
         self.timed_out += o.timed_out;
+        self.cache_read_fallbacks += o.cache_read_fallbacks;
         self.backing_flushes += o.backing_flushes;
         self.gc_segments += o.gc_segments;
         self.control_writes += o.control_writes;

@@ -480,10 +480,11 @@ impl Sim {
                 let id = d.tag & !DIRECT_TAG;
                 if let Some((direct, lba, len)) = self.directs.remove(&id) {
                     let res = self.part(part).end_direct(direct, d.result);
-                    let op = Op::Write;
-                    let again = res.is_err() && direct.write;
-                    // A failed direct write goes the normal way, whose cache writes are
-                    // retried (as the SPDK host does).
+                    let op = if direct.write { Op::Write } else { Op::Read };
+                    let again = res.is_err();
+                    // A failed direct request goes the normal way, whose cache writes are
+                    // retried and whose reads of clean data fall back to the backing
+                    // device (as the SPDK host does).
                     if again && self.part(part).submit(Request { id, op, lba, len }).is_ok() {
                         if !self.others.is_empty() {
                             self.waiting.insert(id, (1, Ok(())));

@@ -27,8 +27,9 @@ pub(crate) struct Counters {
     pub(crate) arrived_by_message: u64,
     pub(crate) crc_mismatches: u64,
     pub(crate) resets: u64,
-    /// Direct (in-place) writes whose cache I/O failed, written again through the log.
-    pub(crate) direct_writes_retried: u64,
+    /// Direct requests (read hits, in-place writes) whose cache I/O failed, served again
+    /// the normal way.
+    pub(crate) direct_retried: u64,
 }
 
 /// A worker's state beside its counters, as it reports it.
@@ -62,7 +63,7 @@ impl Counters {
             "requests_by_message": c.arrived_by_message,
             "crc_mismatches": c.crc_mismatches,
             "resets": c.resets,
-            "direct_writes_retried": c.direct_writes_retried,
+            "direct_requests_retried": c.direct_retried,
             "idle": s.idle,
             "draining": s.draining,
         })
@@ -161,6 +162,7 @@ pub(crate) fn render_stats(parts: Vec<StatsPart>) -> Value {
             "cache_write_retries": t.cache_write_retries,
             "kset_retries": t.kset_retries,
             "timed_out": t.timed_out,
+            "cache_read_fallbacks": t.cache_read_fallbacks,
             "poisoned_reads": t.poisoned_reads,
             "requests_failed": host["requests_failed"].clone(),
             "device_errors": host["device_errors"].clone(),
@@ -323,7 +325,7 @@ mod tests {
                 "device_reads",
                 "device_write_zeroes",
                 "device_writes",
-                "direct_writes_retried",
+                "direct_requests_retried",
                 "draining",
                 "idle",
                 "nomem_waits",

@@ -199,10 +199,11 @@ fn finish(io: *mut ffi::spdk_bdev_io, ok: bool) {
     // are delivered by a poller, and failures by `serve` or a message).
     let status = unsafe {
         match (*ctx(io)).local_direct.take() {
-            // A failed rewrite in place goes to the worker's inbox, to be written again
-            // through the log (whose data writes are retried); the worker completes it.
-            Some(l) if !ok && l.direct.write => {
-                (*l.worker).retry_local_write(l.direct, io);
+            // A failed read hit or rewrite in place goes to the worker's inbox, to be served
+            // the normal way (cache writes retried through the log, clean data read from
+            // the backing device); the worker completes it.
+            Some(l) if !ok => {
+                (*l.worker).retry_local(l.direct, io);
                 return;
             }
             Some(l) => (*l.worker).end_local(l.direct, ok),

@@ -125,13 +125,14 @@ impl Worker {
             return self.recycle(dio);
         };
         self.recycle(dio);
-        if !ok && direct.write {
-            // Written again through the log, whose cache writes are retried.
+        if !ok {
+            // Served again the normal way: a write through the log, whose cache writes are
+            // retried; a read of clean data from the backing device if the cache fails.
             self.direct_live -= 1;
             if let Some(c) = self.cache.as_deref_mut() {
                 let _ = c.end_direct(direct, Err(IoError::Device));
             }
-            self.counters.direct_writes_retried += 1;
+            self.counters.direct_retried += 1;
             // SAFETY: a pending request of ours.
             unsafe { ptr::addr_of_mut!((*ctx(io)).no_direct).write(true) };
             self.counters.requests -= 1;

@@ -113,16 +113,16 @@ impl Worker {
         Some((direct, blocks))
     }
 
-    /// The in-place write of request `io` [`serve`] started failed: the cache forgets it,
-    /// and the request goes to this worker's inbox to be written through the log.
-    pub(crate) fn retry_local_write(&mut self, direct: Direct, io: *mut ffi::spdk_bdev_io) {
+    /// The cache I/O of request `io` [`serve`] started failed: the cache forgets it, and
+    /// the request goes to this worker's inbox to be served the normal way.
+    pub(crate) fn retry_local(&mut self, direct: Direct, io: *mut ffi::spdk_bdev_io) {
         self.inflight -= 1;
         self.counters.dev_errors += 1;
         self.direct_live -= 1;
         if let Some(c) = self.cache.as_deref_mut() {
             let _ = c.end_direct(direct, Err(IoError::Device));
         }
-        self.counters.direct_writes_retried += 1;
+        self.counters.direct_retried += 1;
         // SAFETY: a pending request of this worker's bdev, on the worker's core (the
         // submitting thread is pinned to it); it is answered as that thread (`local`).
         unsafe {
