@@ -94,7 +94,7 @@ pub(crate) fn mismatch_message(m: &Mismatch) -> String {
     format!(
         "{} holds a pcache of backing bdev {}, but backing bdev {} has {what_differs}. It may \
          be the same device under a new identity (aio and malloc bdevs get a random UUID at \
-         every start unless created with one, -u), or another device of the same size. {}. \
+         every start unless created with one, -u), or another backing device of the same size. {}. \
          Refusing to attach it; nothing was written to either bdev. Safe ways forward: (a) \
          {way_a}; (b) only after checking that '{}' is the very device this cache was written \
          for: `bdev_pcache_create {} --backing-uuid-mismatch accept` (JSON-RPC: \
@@ -105,7 +105,7 @@ pub(crate) fn mismatch_message(m: &Mismatch) -> String {
         capitalize(m.cache_label),
         describe_backing(r),
         describe_backing(f),
-        describe_dirty(m.dirty_bytes),
+        capitalize(&describe_dirty(m.dirty_bytes)),
         f.name,
         m.create_args,
     )

@@ -35,7 +35,7 @@ use super::log::{no_unwind, spdk_log};
 use super::registration::{self, finishing, module};
 use super::vbdev::{self, Origin, RpcError};
 use super::{ffi, worker};
-use crate::engine::format::{FormatError, SB_BYTES};
+use crate::engine::format::{uuid_string, FormatError, SB_BYTES};
 use crate::engine::geometry::SB_B_SECTOR;
 use crate::engine::{compare_backing, BackingIdentity, BackingMatch, Superblock};
 use crate::shell::config::{CacheMedia, CreateConfig};
@@ -171,10 +171,6 @@ fn is_ours(b: *mut ffi::spdk_bdev) -> bool {
     ptr::eq(unsafe { (*b).module }, module())
 }
 
-fn hex(u: &[u8; 16]) -> String {
-    u.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What the open would see of `b` as a backing bdev.
 fn identity_of(b: *mut ffi::spdk_bdev) -> BackingIdentity {
     BackingIdentity {
@@ -294,7 +290,7 @@ impl Pending {
             Wait::Backing(id) => vec![format!(
                 "{} (uuid {}, {} bytes)",
                 id.name,
-                hex(&id.uuid),
+                uuid_string(&id.uuid),
                 id.sectors * 512
             )],
         }
@@ -712,7 +708,7 @@ fn probed(cache: String, buf: &[u8], done: ExamineDone) {
             "examine: bdev '{cache}' holds pcache '{name}'; waiting for its backing bdev '{}' \
              (uuid {}, {} bytes)",
             sb.backing.name,
-            hex(&sb.backing.uuid),
+            uuid_string(&sb.backing.uuid),
             sb.backing.sectors * 512
         );
         pending().push(Pending {
