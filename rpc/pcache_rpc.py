@@ -34,6 +34,8 @@ def bdev_pcache_create(args):
         params['data_crc'] = args.data_crc
     if args.defer:
         params['defer'] = True
+    if args.backing_uuid_mismatch is not None:
+        params['backing_uuid_mismatch'] = args.backing_uuid_mismatch
     _print(args.client.call('bdev_pcache_create', params))
 
 
@@ -124,6 +126,17 @@ def spdk_rpc_plugin_initialize(subparsers):
                         'the bdev is created when the missing bdev(s) appear (returns true; '
                         'bdev_pcache_get_stats lists it as "waiting for ...", bdev_pcache_delete '
                         'drops it); save_config writes every pcache bdev this way')
+    p.add_argument('--backing-uuid-mismatch', dest='backing_uuid_mismatch',
+                   choices=['refuse', 'accept'],
+                   help='the backing bdev has the size the cache records but another UUID (an '
+                        'aio or malloc bdev re-created without -u gets a new random one): '
+                        '"refuse" (default) attaches nothing and says what the cache holds and '
+                        'how to re-create the bdev with the recorded UUID; "accept" attaches it '
+                        'with the cached data and records its new UUID in the cache. Accept '
+                        'ONLY the very device the cache was written for: another device would '
+                        'be served from this cache and get these writes written back over its '
+                        'data. Not echoed by save_config (once recorded, a plain create '
+                        'matches); a different size is always refused')
     _writeback_args(p)
     p.set_defaults(func=bdev_pcache_create)
 

@@ -327,3 +327,131 @@ fn the_cache_survives_losing_one_superblock_replica() {
     assert_eq!(host.read(0, 8).unwrap(), data_of(1, 0, 8));
     let _ = MemDevice::new(0);
 }
+
+/// A backing device of the recorded size under another UUID (an aio bdev re-created
+/// without its UUID after a restart) is refused by default, with what the cache holds; the
+/// opener reads only. Accepted, it opens with the data and the new identity is recorded in
+/// both superblock replicas: a plain open with it then works, and the old identity is the
+/// refused one.
+#[test]
+fn a_backing_device_under_a_new_uuid_is_refused_then_accepted_and_recorded() {
+    use pcache::engine::format::{uuid_string, Superblock, SB_BYTES};
+    use pcache::engine::{OpenError, UuidMismatch};
+    use pcache::media::host::HostError;
+    let mut host = new_host(8 << 20, BACKING_SECTORS, &small_format(2, false));
+    for i in 0..4u64 {
+        host.write(i * 64, data_of(i + 1, i * 64, 16)).unwrap();
+    }
+    let dirty = host.cache.dirty_bytes();
+    assert_eq!(dirty, 4 * 16 * 512);
+    let (c, b) = host.into_devices();
+    let old = identity(BACKING_SECTORS);
+    let mut new = old.clone();
+    new.uuid = [9; 16];
+    new.block_size = 4096;
+
+    // Refused: the error names both identities and the dirty bytes; nothing is written.
+    let mut probe = c.clone();
+    let (res, _) =
+        pcache::media::host::open_cache(&mut probe, new.clone(), CacheOptions::default());
+    assert!(res.is_err());
+    assert!(probe.bytes() == c.bytes(), "a refused open writes nothing");
+    let err = SyncHost::open(c.clone(), b.clone(), new.clone(), CacheOptions::default())
+        .err()
+        .unwrap();
+    match &err {
+        HostError::Open(OpenError::BackingIdentity {
+            recorded,
+            found,
+            dirty_bytes,
+        }) => {
+            assert_eq!(**recorded, old);
+            assert_eq!(**found, new);
+            assert_eq!(*dirty_bytes, Some(dirty));
+        }
+        e => panic!("want BackingIdentity, got {e}"),
+    }
+    let msg = err.to_string();
+    for want in [
+        "another backing device, or to this one under a new identity",
+        &uuid_string(&old.uuid),
+        &uuid_string(&new.uuid),
+        &format!("holds {dirty} bytes of acknowledged writes not yet written back"),
+    ] {
+        assert!(msg.contains(want), "missing {want:?}: {msg}");
+    }
+    assert!(!msg.to_lowercase().contains("wipe"), "{msg}");
+
+    // Accepted: opens with the data and records the new identity in both replicas.
+    let accept = CacheOptions {
+        backing_uuid_mismatch: UuidMismatch::Accept,
+        ..CacheOptions::default()
+    };
+    let (mut host, report) = SyncHost::open(c, b, new.clone(), accept).unwrap();
+    assert_eq!(report.backing_rebound.as_ref(), Some(&old));
+    assert_eq!(host.cache.superblock().backing, new);
+    assert_eq!(host.cache.dirty_bytes(), dirty);
+    for i in 0..4u64 {
+        assert_eq!(host.read(i * 64, 16).unwrap(), data_of(i + 1, i * 64, 16));
+    }
+    host.write(1000, data_of(9, 1000, 8)).unwrap();
+    let (mut c, b) = host.into_devices();
+    for base in [0usize, 8 * 512] {
+        let sb = Superblock::decode(&c.bytes_mut()[base..base + SB_BYTES]).unwrap();
+        assert_eq!(sb.backing, new, "replica at byte {base}");
+    }
+
+    // Reopened plainly with the new identity: everything is there.
+    let (mut host, report) =
+        SyncHost::open(c, b, new.clone(), CacheOptions::default()).expect("recorded");
+    assert!(report.backing_rebound.is_none());
+    for i in 0..4u64 {
+        assert_eq!(host.read(i * 64, 16).unwrap(), data_of(i + 1, i * 64, 16));
+    }
+    assert_eq!(host.read(1000, 8).unwrap(), data_of(9, 1000, 8));
+    // The old identity is now the other one.
+    let (c, b) = host.into_devices();
+    let err = SyncHost::open(c.clone(), b.clone(), old.clone(), CacheOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, HostError::Open(OpenError::BackingIdentity { .. })),
+        "{err}"
+    );
+    // A different size is refused even when accepting.
+    let mut bigger = new.clone();
+    bigger.sectors *= 2;
+    let accept = CacheOptions {
+        backing_uuid_mismatch: UuidMismatch::Accept,
+        ..CacheOptions::default()
+    };
+    let err = SyncHost::open(c, b, bigger, accept).err().unwrap();
+    assert!(
+        matches!(err, HostError::Open(OpenError::BackingMismatch { .. })),
+        "{err}"
+    );
+}
+
+/// The rule: size first, then the UUID the superblock records (a device without one does
+/// not match it), else the name.
+#[test]
+fn backing_identity_rule() {
+    use pcache::engine::{compare_backing, BackingMatch};
+    let rec = identity(BACKING_SECTORS);
+    let mut f = rec.clone();
+    assert_eq!(compare_backing(&rec, &f), BackingMatch::Same);
+    f.name = "renamed".into();
+    assert_eq!(compare_backing(&rec, &f), BackingMatch::Same, "same UUID");
+    f.uuid = [0; 16];
+    assert_eq!(compare_backing(&rec, &f), BackingMatch::Identity, "no UUID");
+    f.uuid = [1; 16];
+    assert_eq!(compare_backing(&rec, &f), BackingMatch::Identity);
+    f.sectors += 8;
+    assert_eq!(compare_backing(&rec, &f), BackingMatch::Size);
+    let mut no_uuid = rec.clone();
+    no_uuid.uuid = [0; 16];
+    let mut f = rec.clone();
+    assert_eq!(compare_backing(&no_uuid, &f), BackingMatch::Same, "by name");
+    f.name = "other".into();
+    assert_eq!(compare_backing(&no_uuid, &f), BackingMatch::Identity);
+}

@@ -11,8 +11,8 @@
 //! missing, when bindgen finds no libclang (`apt-get install libclang-dev`), or when
 //! `PCACHE_SKIP_SPDK_TESTS` is set. Any other build failure with SPDK present fails the test.
 //!
-//! What it checks, on a private RPC socket per test (hugepages if >= 1 GiB free, else
-//! `--no-huge -s 2048`; core 0 for the targets; the tests are serialized by a lock because
+//! What it checks, on a private RPC socket per test (hugepages if >= 1 GiB free, else, or
+//! with `PCACHE_SPDK_NO_HUGE` set, `--no-huge -s 2048`; core 0 for the targets; the tests are serialized by a lock because
 //! spdk_tgt and bdevperf busy-poll and the machine may have 2 cores):
 //! - `target_rpc_lifecycle`: spdk_tgt with the module preloaded; malloc bdevs;
 //!   `bdev_pcache_create` via rpc.py with the `pcache_rpc` plugin; `bdev_get_bdevs` shows it
@@ -54,6 +54,12 @@
 //!   requests included) and `load_config` of it, creates first, works in a fresh target.
 //! - `deferred_create_does_io`: bdevperf loads a config with only a deferred create, the
 //!   bases come by RPC, and `-w verify` runs over the pcache bdev.
+//! - `backing_uuid_changed_after_restart`: after a SIGKILL with dirty data, the backing
+//!   bdev comes back without its UUID: examine explains once and attaches nothing; the
+//!   create is refused with the dirty bytes, the recorded UUID and the call that re-creates
+//!   the bdev with it (never "wipe"); another file of the same size is refused;
+//!   `--backing-uuid-mismatch accept` attaches with the data intact, is not echoed by
+//!   `save_config`, and records the identity (a plain create then matches).
 //!
 //! Every process is killed on every exit path (a Drop guard).
 
@@ -185,6 +191,11 @@ fn build_module(spdk: &Spdk) -> Result<PathBuf, String> {
 }
 
 fn mem_args() -> Vec<String> {
+    // Another SPDK app on the machine may take hugepages between this check and the
+    // start-up: `PCACHE_SPDK_NO_HUGE` keeps the tests off them.
+    if std::env::var_os("PCACHE_SPDK_NO_HUGE").is_some() {
+        return vec!["--no-huge".into(), "-s".into(), "2048".into()];
+    }
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |k: &str| {
         meminfo
@@ -2418,4 +2429,249 @@ fn device_faults_never_hang_pcache() {
     println!("final: {}", s["engine"]["total"]);
     stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 15: a backing bdev re-created after a crash the usual way, without its UUID. A
+/// pcache over aio files (the backing behind a delay bdev whose 30 s writes keep the data
+/// dirty) takes a pattern over NVMe/TCP and is SIGKILLed. The restart's config re-creates
+/// the bases without `uuid` for the backing: examine explains once and attaches nothing;
+/// `bdev_pcache_create` is refused with what the cache holds, the recorded UUID and the
+/// call that re-creates the bdev with it, and never advises wiping; another file of the
+/// same size is refused too (accepting it would write this cache's data over it); with
+/// `--backing-uuid-mismatch accept` the cache attaches with its dirty data, the pattern
+/// reads back, `save_config` does not echo the option, and a plain create then matches.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn backing_uuid_changed_after_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(dd) = spdk.dd.clone() else {
+        println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
+        return;
+    };
+    let dir = scratch_dir("uuid");
+    let (cache_img, back_img, other_img) = (
+        dir.join("cache.img"),
+        dir.join("backing.img"),
+        dir.join("other.img"),
+    );
+    for p in [&cache_img, &back_img, &other_img] {
+        std::fs::File::create(p)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("image file");
+    }
+    let (cache_s, back_s, other_s) = (
+        cache_img.display().to_string(),
+        back_img.display().to_string(),
+        other_img.display().to_string(),
+    );
+    const CACHE_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0201";
+    const BACK_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0202";
+    const SLOW_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0203";
+    let data = pattern(4 << 20, 0x5eed_0015);
+    let pattern_file = dir.join("pattern.bin");
+    std::fs::write(&pattern_file, &data).expect("pattern file");
+    let port = free_port().to_string();
+    let initiator = initiator_config(&dir, &port);
+
+    // ---- phase 1: write through NVMe/TCP (writeback cannot land), then SIGKILL ----
+    let (mut tgt, rpc) = start_target(&spdk, &so, "uuid1");
+    rpc.ok(&[
+        "bdev_aio_create",
+        &cache_s,
+        "Cache0",
+        "512",
+        "-u",
+        CACHE_UUID,
+    ]);
+    rpc.ok(&["bdev_aio_create", &back_s, "Back0", "4096", "-u", BACK_UUID]);
+    rpc.ok(&[
+        "bdev_delay_create",
+        "-b",
+        "Back0",
+        "-d",
+        "Slow0",
+        "-r",
+        "0",
+        "-t",
+        "0",
+        "-w",
+        "30000000",
+        "-n",
+        "30000000",
+        "-u",
+        SLOW_UUID,
+    ]);
+    let create = [
+        "bdev_pcache_create",
+        "-b",
+        "PC0",
+        "-c",
+        "Cache0",
+        "-d",
+        "Slow0",
+        "--segment-size-mib",
+        "2",
+        "--stripe-size-kib",
+        "256",
+    ];
+    assert_eq!(rpc.ok(&create), json!("PC0"));
+    nvmf_export(&rpc, "PC0", &port);
+    dd_write(
+        &spdk,
+        &dd,
+        &initiator,
+        &pattern_file,
+        &dir.join("dd-write.log"),
+    );
+    let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
+    assert!(
+        st["dirty_bytes"].as_u64() >= Some(data.len() as u64),
+        "the pattern should be dirty in the cache: {st}"
+    );
+    tgt.child.kill().expect("SIGKILL spdk_tgt");
+    let _ = tgt.child.wait();
+    drop(tgt);
+
+    // ---- phase 2: the bases re-created without the backing's UUIDs ----
+    let cfg = bdev_config(&[
+        json!({"method": "bdev_aio_create", "params": {
+            "filename": cache_s, "name": "Cache0", "block_size": 512, "uuid": CACHE_UUID}}),
+        json!({"method": "bdev_aio_create", "params": {
+            "filename": back_s, "name": "Back0", "block_size": 4096}}),
+        json!({"method": "bdev_delay_create", "params": {
+            "base_bdev_name": "Back0", "name": "Slow0", "avg_read_latency": 0,
+            "p99_read_latency": 0, "avg_write_latency": 0, "p99_write_latency": 0}}),
+    ]);
+    let (tgt, rpc) = start_target_json(&spdk, &so, "uuid2", &dir, &cfg);
+    // Examine explained it once and attached nothing.
+    let log = tgt.log();
+    assert_eq!(
+        log.matches(
+            "examine: pcache 'PC0': Cache bdev 'Cache0' holds a pcache of backing bdev 'Slow0'"
+        )
+        .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("Examine does not attach it"), "{log}");
+    assert!(!rpc.py(&["bdev_get_bdevs", "-b", "PC0"]).status.success());
+    let unclaimed = |rpc: &Rpc, what: &str| {
+        for b in ["Cache0", "Slow0"] {
+            assert!(!rpc.claimed(b), "{what}: {b} must stay unclaimed");
+        }
+    };
+    unclaimed(&rpc, "after examine");
+
+    // A plain create is refused, and says what the cache holds and the safe ways forward.
+    let o = rpc.py(&[
+        "bdev_pcache_create",
+        "-b",
+        "PC0",
+        "-c",
+        "Cache0",
+        "-d",
+        "Slow0",
+    ]);
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "{msg}");
+    println!("refusal: {msg}");
+    for want in [
+        "holds a pcache of backing bdev 'Slow0'",
+        &format!("uuid {SLOW_UUID}"),
+        "has another UUID",
+        "bytes of acknowledged writes not yet written back",
+        &format!(
+            "`bdev_delay_create -b <its base bdev> -d Slow0 -r 0 -t 0 -w 0 -n 0 -u {SLOW_UUID}`"
+        ),
+        "`bdev_pcache_create -b PC0 -c Cache0 -d Slow0 --backing-uuid-mismatch accept`",
+        "Never accept another device",
+    ] {
+        assert!(msg.contains(want), "missing {want:?} in: {msg}");
+    }
+    assert!(!msg.to_lowercase().contains("wipe"), "{msg}");
+    unclaimed(&rpc, "after the refusal");
+
+    // Another file of the same size: refused the same way (accepting it would write the
+    // cache's data over it; the message says so).
+    rpc.ok(&["bdev_aio_create", &other_s, "Other0", "4096"]);
+    let other = [
+        "bdev_pcache_create",
+        "-b",
+        "PC9",
+        "-c",
+        "Cache0",
+        "-d",
+        "Other0",
+    ];
+    rpc.err(&other, "has another UUID and another name");
+    rpc.err(&other, "write these writes back over its data");
+    assert!(!rpc.claimed("Other0"));
+
+    // Accepted after checking it is the same device: attached with the dirty data.
+    let accept = [
+        "bdev_pcache_create",
+        "-b",
+        "PC0",
+        "-c",
+        "Cache0",
+        "-d",
+        "Slow0",
+        "--backing-uuid-mismatch",
+        "accept",
+    ];
+    assert_eq!(rpc.ok(&accept), json!("PC0"));
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
+    assert_eq!(info["cache"]["formatted"], false, "{info}");
+    assert!(
+        info["cache"]["dirty_bytes_at_open"].as_u64() >= Some(data.len() as u64),
+        "{info}"
+    );
+    nvmf_export(&rpc, "PC0", &port);
+    let back = dd_read(
+        &spdk,
+        &dd,
+        &initiator,
+        &dir.join("readback.bin"),
+        data.len(),
+        &dir.join("dd-read.log"),
+    );
+    assert!(back == data, "data read back after accepting differs");
+    // save_config does not accept again at the next start.
+    let creates = saved_creates(&rpc.ok(&["save_config"]));
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    assert!(
+        creates[0].get("backing_uuid_mismatch").is_none(),
+        "{creates:?}"
+    );
+    // The new identity is recorded: a plain create now matches.
+    rpc.ok(&["nvmf_delete_subsystem", NQN]);
+    assert_eq!(
+        rpc.ok(&["bdev_pcache_delete", "PC0", "--no-drain"]),
+        json!(true)
+    );
+    assert_eq!(
+        rpc.ok(&[
+            "bdev_pcache_create",
+            "-b",
+            "PC0",
+            "-c",
+            "Cache0",
+            "-d",
+            "Slow0"
+        ]),
+        json!("PC0")
+    );
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
+    assert_eq!(info["cache"]["formatted"], false, "{info}");
+    let log = tgt.log();
+    assert!(log.contains("PC0: recording backing bdev 'Slow0'"), "{log}");
+    finish_target(tgt, &rpc, "uuid", &dir);
 }

@@ -22,6 +22,9 @@ pub struct CacheOptions {
     pub no_read_fill: bool,
     /// Writeback pacing (its `gc_percent` is overridden by the value persisted at format).
     pub writeback: WritebackOptions,
+    /// Opening: a backing device of the recorded size but another UUID is refused, or
+    /// accepted and recorded (see [`UuidMismatch`](super::open::UuidMismatch)).
+    pub backing_uuid_mismatch: super::open::UuidMismatch,
 }
 
 /// A request served directly by the host (see [`Cache::begin_direct`]).

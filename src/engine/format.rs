@@ -142,6 +142,19 @@ pub struct BackingIdentity {
     pub name: String,
 }
 
+/// A UUID in its usual text form (`8-4-4-4-12` lower-case hex digits, bytes in order, as
+/// SPDK prints and parses them).
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
     /// The format version it was written in (kept when it is rewritten, e.g. renamed).
@@ -274,6 +287,34 @@ impl Superblock {
         Self::decode(buf)?;
         let mut b = buf[..SB_BYTES].to_vec();
         put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        seal_superblock(&mut b);
+        Ok(b)
+    }
+
+    /// A copy of the replica `buf` (which must decode) whose backing identity (block size,
+    /// UUID, name) is `backing`'s, its CRC updated; every other byte is kept, the size
+    /// included: only a device of the recorded size may be recorded (the caller checks).
+    /// For `backing_uuid_mismatch: accept`, after the operator asserted the device is the
+    /// one this cache was formatted for.
+    pub fn rebind(buf: &[u8], backing: &BackingIdentity) -> Result<Vec<u8>> {
+        let sb = Self::decode(buf)?;
+        if sb.backing.sectors != backing.sectors {
+            return Err(FormatError::Mismatch {
+                what: "backing identity",
+                detail: format!(
+                    "the superblock records {} sectors, the new identity {}",
+                    sb.backing.sectors, backing.sectors
+                ),
+            });
+        }
+        let mut b = buf[..SB_BYTES].to_vec();
+        put(&mut b, 72, &backing.block_size.to_le_bytes());
+        put(&mut b, 80, &backing.uuid);
+        let field = &mut b[96..96 + BACKING_NAME_BYTES];
+        field.fill(0);
+        let name = backing.name.as_bytes();
+        let n = name.len().min(BACKING_NAME_BYTES - 1);
+        field[..n].copy_from_slice(&name[..n]);
         seal_superblock(&mut b);
         Ok(b)
     }

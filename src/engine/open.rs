@@ -106,6 +106,23 @@ pub enum OpenError {
     UnsupportedVersion { found: u32 },
     #[error("cache belongs to another backing device: superblock names {expected}, found {found}")]
     BackingMismatch { expected: String, found: String },
+    /// The backing device found has the recorded size but not the recorded UUID (or the
+    /// recorded name, when the cache recorded no UUID): the same device under a new
+    /// identity, or another device. Refused unless [`UuidMismatch::Accept`]. The opener
+    /// replays the log (reading only) to count the dirty data first.
+    #[error(
+        "cache belongs to another backing device, or to this one under a new identity: the \
+         superblock records {}, found {}; {}",
+        describe_backing(recorded),
+        describe_backing(found),
+        describe_dirty(*dirty_bytes)
+    )]
+    BackingIdentity {
+        recorded: Box<BackingIdentity>,
+        found: Box<BackingIdentity>,
+        /// Dirty bytes the log holds (None: the replay could not count them).
+        dirty_bytes: Option<u64>,
+    },
     #[error("shard {shard}: no valid control slot (A: {a}; B: {b})")]
     ControlLost {
         shard: u32,
@@ -118,6 +135,78 @@ pub enum OpenError {
     Io { what: &'static str, err: IoError },
 }
 
+/// What to do when the backing device has the recorded size but another UUID (or none):
+/// `bdev_pcache_create`'s `backing_uuid_mismatch`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UuidMismatch {
+    /// Refuse the open ([`OpenError::BackingIdentity`]); nothing is written.
+    #[default]
+    Refuse,
+    /// The operator asserts it is the same device: open, and record its identity (the
+    /// host rewrites both superblock replicas, see [`OpenReport::backing_rebound`]).
+    Accept,
+}
+
+/// How the backing device found compares with the one a superblock records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingMatch {
+    /// Same size, and same UUID (or, when the superblock records none, same name).
+    Same,
+    /// Same size, another identity: the same device renamed or re-created with a new
+    /// UUID, or another device of that size. Nothing on the device tells which.
+    Identity,
+    /// Another size: certainly another device (or a resized one, which the cache's
+    /// geometry no longer fits).
+    Size,
+}
+
+/// The open's rule: the size must match; then the UUID when the superblock records one
+/// (a device without a UUID does not match it), else the name.
+pub fn compare_backing(recorded: &BackingIdentity, found: &BackingIdentity) -> BackingMatch {
+    if recorded.sectors != found.sectors {
+        BackingMatch::Size
+    } else if recorded.uuid != [0; 16] {
+        if recorded.uuid == found.uuid {
+            BackingMatch::Same
+        } else {
+            BackingMatch::Identity
+        }
+    } else if recorded.name == found.name {
+        BackingMatch::Same
+    } else {
+        BackingMatch::Identity
+    }
+}
+
+/// `'name' (N sectors, uuid U)` for messages.
+pub fn describe_backing(b: &BackingIdentity) -> String {
+    format!(
+        "'{}' ({} sectors, {}-byte blocks, uuid {})",
+        b.name,
+        b.sectors,
+        b.block_size,
+        if b.uuid == [0; 16] {
+            "none".to_string()
+        } else {
+            super::format::uuid_string(&b.uuid)
+        }
+    )
+}
+
+/// What the cache holds that the backing device does not, for refusals.
+pub fn describe_dirty(dirty_bytes: Option<u64>) -> String {
+    match dirty_bytes {
+        Some(0) => "the cache holds no dirty data (every write is on the backing device)".into(),
+        Some(n) => format!(
+            "the cache holds {n} bytes of acknowledged writes not yet written back to the \
+             backing device"
+        ),
+        None => "the cache may hold acknowledged writes not yet written back to the backing \
+                 device"
+            .into(),
+    }
+}
+
 /// What replay found, for `pcache inspect` and `pcache check`.
 #[derive(Debug, Clone, Default)]
 pub struct OpenReport {
@@ -125,6 +214,11 @@ pub struct OpenReport {
     pub problems: Vec<String>,
     pub shards: Vec<ShardReport>,
     pub segment_gens: Vec<Option<u32>>,
+    /// Set when the open accepted a backing device of another identity
+    /// ([`UuidMismatch::Accept`]): the identity the superblock recorded. The open cache's
+    /// superblock holds the new one; the host must write it to both replicas (e.g.
+    /// `media::host::record_backing`) before the cache takes writes.
+    pub backing_rebound: Option<BackingIdentity>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -185,6 +279,9 @@ pub struct Opener {
     shards: Vec<ShardReplay>,
     cur: usize,
     report: OpenReport,
+    /// A refused identity ([`UuidMismatch::Refuse`]): the replay goes on, reading only,
+    /// to count the dirty data the refusal reports.
+    refused: Option<(BackingIdentity, BackingIdentity)>,
 }
 
 impl Opener {
@@ -200,6 +297,7 @@ impl Opener {
             shards: Vec::new(),
             cur: 0,
             report: OpenReport::default(),
+            refused: None,
         }
     }
 
@@ -217,13 +315,35 @@ impl Opener {
 
     /// Feeds the data of the last requested read.
     pub fn step(&mut self, data: Result<Vec<u8>, IoError>) -> OpenStep {
-        match self.advance(data) {
+        let step = match self.advance(data) {
             Ok(s) => s,
             Err(e) => {
                 self.phase = Phase::Finished;
                 OpenStep::Failed(e)
             }
-        }
+        };
+        let Some((recorded, found)) = self.refused.take() else {
+            return step;
+        };
+        // The backing identity was refused: the replay only counted the dirty data.
+        let dirty_bytes = match step {
+            OpenStep::Read { .. } => {
+                self.refused = Some((recorded, found));
+                return step;
+            }
+            OpenStep::Done(cache) => Some(cache.dirty_bytes()),
+            OpenStep::Failed(e) => {
+                self.report
+                    .problems
+                    .push(format!("replay to count the dirty data failed: {e}"));
+                None
+            }
+        };
+        OpenStep::Failed(OpenError::BackingIdentity {
+            recorded: Box::new(recorded),
+            found: Box::new(found),
+            dirty_bytes,
+        })
     }
 
     fn advance(&mut self, data: Result<Vec<u8>, IoError>) -> Result<OpenStep, OpenError> {
@@ -297,7 +417,35 @@ impl Opener {
                 return Err(OpenError::NoSuperblock { a, b });
             }
         };
-        check_backing(&sb.backing, &self.backing)?;
+        let mut sb = sb;
+        match compare_backing(&sb.backing, &self.backing) {
+            BackingMatch::Same => {}
+            BackingMatch::Size => {
+                return Err(OpenError::BackingMismatch {
+                    expected: describe_backing(&sb.backing),
+                    found: describe_backing(&self.backing),
+                })
+            }
+            BackingMatch::Identity => match self.opts.backing_uuid_mismatch {
+                UuidMismatch::Refuse => {
+                    self.refused = Some((sb.backing.clone(), self.backing.clone()));
+                }
+                UuidMismatch::Accept => {
+                    self.report.problems.push(format!(
+                        "backing device {} accepted in place of the recorded {} \
+                         (backing_uuid_mismatch: accept); its identity is recorded",
+                        describe_backing(&self.backing),
+                        describe_backing(&sb.backing)
+                    ));
+                    let now = BackingIdentity {
+                        sectors: sb.backing.sectors,
+                        ..self.backing.clone()
+                    };
+                    let old = std::mem::replace(&mut sb.backing, now);
+                    self.report.backing_rebound = Some(old);
+                }
+            },
+        }
         let shards = sb.geometry.shard_count;
         self.sb = Some(sb);
         self.phase = Phase::Control;
@@ -636,31 +784,4 @@ fn end_of_log_problem(tail: &[u8], at: LogPos, seq: u64, shard: u32) -> Option<S
             at.seg, at.off
         )
     })
-}
-
-fn check_backing(sb: &BackingIdentity, now: &BackingIdentity) -> Result<(), OpenError> {
-    let describe = |b: &BackingIdentity| {
-        format!(
-            "'{}' ({} sectors, uuid {})",
-            b.name,
-            b.sectors,
-            b.uuid
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect::<String>()
-        )
-    };
-    let uuid_set = |b: &BackingIdentity| b.uuid != [0; 16];
-    let same_id = if uuid_set(sb) && uuid_set(now) {
-        sb.uuid == now.uuid
-    } else {
-        sb.name == now.name
-    };
-    if sb.sectors != now.sectors || !same_id {
-        return Err(OpenError::BackingMismatch {
-            expected: describe(sb),
-            found: describe(now),
-        });
-    }
-    Ok(())
 }

@@ -4,9 +4,11 @@
 use thiserror::Error;
 
 use super::{execute, BlockDevice, Buffers};
+use crate::engine::format::SB_BYTES;
+use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
 use crate::engine::{
     format, BackingIdentity, Cache, CacheOptions, Command, FormatOptions, GeometryError, IoDone,
-    Op, OpenError, OpenReport, OpenStep, Opener, ReqError, ReqId, ReqResult,
+    Op, OpenError, OpenReport, OpenStep, Opener, ReqError, ReqId, ReqResult, Superblock,
 };
 
 #[derive(Debug, Error)]
@@ -17,6 +19,40 @@ pub enum HostError {
     Open(#[from] OpenError),
     #[error("device write failed while formatting")]
     FormatIo,
+    #[error("cannot record the backing device's identity: {0}")]
+    Record(#[from] RecordError),
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("{what} of the superblock failed: {err}")]
+    Io {
+        what: &'static str,
+        err: crate::engine::IoError,
+    },
+    #[error("no valid superblock replica to rewrite: {0}")]
+    Format(#[from] crate::engine::FormatError),
+}
+
+/// Records `backing` as the cache's backing device in both superblock replicas (after an
+/// open with `backing_uuid_mismatch: accept`): the valid replica (A, else B) rewritten with
+/// the new identity ([`Superblock::rebind`]), written to A, flushed, then to B, flushed, so
+/// a crash leaves at least one valid replica (the old identity or the new one).
+pub fn record_backing(
+    dev: &mut dyn BlockDevice,
+    backing: &BackingIdentity,
+) -> Result<(), RecordError> {
+    let io = |what| move |err| RecordError::Io { what, err };
+    let mut buf = vec![0u8; 2 * SB_BYTES];
+    dev.read(SB_A_SECTOR, &mut buf).map_err(io("read"))?;
+    let (a, b) = buf.split_at(SB_BYTES);
+    let src = if Superblock::decode(a).is_ok() { a } else { b };
+    let bytes = Superblock::rebind(src, backing)?;
+    for sector in [SB_A_SECTOR, SB_B_SECTOR] {
+        dev.write(sector, &bytes).map_err(io("write"))?;
+        dev.flush().map_err(io("flush"))?;
+    }
+    Ok(())
 }
 
 /// Drives an [`Opener`] to completion against a synchronous cache device.
@@ -79,9 +115,13 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
         opts: CacheOptions,
     ) -> Result<(Self, OpenReport), HostError> {
         let (cache, report) = open_cache(&mut cache_dev, backing, opts);
+        let cache = cache?;
+        if report.backing_rebound.is_some() {
+            record_backing(&mut cache_dev, &cache.superblock().backing)?;
+        }
         Ok((
             SyncHost {
-                cache: cache?,
+                cache,
                 cache_dev,
                 backing_dev,
                 bufs: Buffers::new(),

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::engine::shard::WritebackOptions;
+use crate::engine::UuidMismatch;
 
 /// Maximum shard count (same as the engine's `MAX_SHARDS`).
 pub(crate) const MAX_SHARDS: u32 = 256;
@@ -38,6 +39,7 @@ struct CreateParams {
     io_timeout_ms: Option<u64>,
     core: Option<u32>,
     defer: Option<bool>,
+    backing_uuid_mismatch: Option<String>,
 }
 
 /// Writeback pacing: given at create, changed at run time with `bdev_pcache_set_options`,
@@ -182,6 +184,11 @@ pub(crate) struct CreateConfig {
     pub options: Options,
     /// A missing base bdev is not an error: the request waits for it (`defer`).
     pub defer: bool,
+    /// A backing bdev of the recorded size but another UUID: refused (default), or
+    /// accepted and its identity recorded in the cache. Never echoed by `save_config`: once
+    /// recorded, a plain attach matches, and an echoed "accept" would accept any device of
+    /// that size at every later start.
+    pub backing_uuid_mismatch: UuidMismatch,
 }
 
 impl CreateConfig {
@@ -191,6 +198,16 @@ impl CreateConfig {
             CacheMedia::Bdev(b) => format!("cache bdev '{b}'"),
             CacheMedia::Path { path, .. } => format!("cache path '{path}'"),
         }
+    }
+
+    /// rpc.py arguments of the `bdev_pcache_create` that attaches this cache to this
+    /// backing bdev (for messages): `-b NAME -c CACHE -d BACKING` or `-p PATH`.
+    pub(crate) fn create_args(&self) -> String {
+        let cache = match &self.cache {
+            CacheMedia::Bdev(b) => format!("-c {b}"),
+            CacheMedia::Path { path, .. } => format!("-p {path}"),
+        };
+        format!("-b {} {cache} -d {}", self.name, self.backing_bdev)
     }
 
     /// The cache bdev's name (None for a mapped path).
@@ -283,6 +300,15 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
     if p.name == p.backing_bdev {
         return Err(format!("name '{}' is the name of a base bdev", p.name));
     }
+    let backing_uuid_mismatch = match p.backing_uuid_mismatch.as_deref() {
+        None | Some("refuse") => UuidMismatch::Refuse,
+        Some("accept") => UuidMismatch::Accept,
+        Some(v) => {
+            return Err(format!(
+                "backing_uuid_mismatch must be \"refuse\" (the default) or \"accept\" (got \"{v}\")"
+            ))
+        }
+    };
     let d = Options::default();
     let o = Options {
         data_crc: p.data_crc.unwrap_or(d.data_crc),
@@ -331,6 +357,7 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         backing_bdev: p.backing_bdev,
         options: o,
         defer: p.defer.unwrap_or(false),
+        backing_uuid_mismatch,
     })
 }
 
@@ -357,6 +384,7 @@ impl CreateConfig {
                 ..Options::default()
             },
             defer: false,
+            backing_uuid_mismatch: UuidMismatch::Refuse,
         }
     }
 
@@ -585,6 +613,40 @@ mod tests {
         p = base();
         p["defer"] = json!("yes");
         assert!(parse_create(p).unwrap_err().contains("invalid type"));
+    }
+
+    #[test]
+    fn backing_uuid_mismatch_is_parsed_and_never_echoed() {
+        assert_eq!(
+            parse_create(base()).unwrap().backing_uuid_mismatch,
+            UuidMismatch::Refuse
+        );
+        let mut p = base();
+        p["backing_uuid_mismatch"] = json!("refuse");
+        assert_eq!(
+            parse_create(p).unwrap().backing_uuid_mismatch,
+            UuidMismatch::Refuse
+        );
+        let mut p = base();
+        p["backing_uuid_mismatch"] = json!("accept");
+        let c = parse_create(p).unwrap();
+        assert_eq!(c.backing_uuid_mismatch, UuidMismatch::Accept);
+        // Once accepted the identity is recorded: a saved config must not accept again.
+        let saved = c.to_params();
+        assert!(saved.get("backing_uuid_mismatch").is_none(), "{saved}");
+        assert_eq!(
+            parse_create(saved).unwrap().backing_uuid_mismatch,
+            UuidMismatch::Refuse
+        );
+        let mut p = base();
+        p["backing_uuid_mismatch"] = json!("yes");
+        assert!(parse_create(p)
+            .unwrap_err()
+            .contains("\"refuse\" (the default) or \"accept\""));
+        assert_eq!(
+            parse_create(base()).unwrap().create_args(),
+            "-b PC0 -c M0 -d M1"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 #![cfg_attr(not(feature = "spdk"), allow(dead_code))]
 
 pub(crate) mod config;
+pub(crate) mod identity;
 pub(crate) mod lookahead;
 pub(crate) mod routing;
 pub(crate) mod stats;

@@ -35,10 +35,11 @@ use super::log::{no_unwind, spdk_log};
 use super::registration::{self, finishing, module};
 use super::vbdev::{self, Origin, RpcError};
 use super::{ffi, worker};
-use crate::engine::format::{FormatError, SB_BYTES};
+use crate::engine::format::{uuid_string, FormatError, SB_BYTES};
 use crate::engine::geometry::SB_B_SECTOR;
-use crate::engine::{BackingIdentity, Superblock};
+use crate::engine::{compare_backing, BackingIdentity, BackingMatch, Superblock};
 use crate::shell::config::{CacheMedia, CreateConfig};
+use crate::shell::identity::{mismatch_message, Mismatch};
 
 /// `spdk_log` at WARN level (the shared `spdk_log!` knows ERROR and NOTICE).
 macro_rules! warn_log {
@@ -170,22 +171,63 @@ fn is_ours(b: *mut ffi::spdk_bdev) -> bool {
     ptr::eq(unsafe { (*b).module }, module())
 }
 
-fn hex(u: &[u8; 16]) -> String {
-    u.iter().map(|b| format!("{b:02x}")).collect()
+/// What the open would see of `b` as a backing bdev.
+fn identity_of(b: *mut ffi::spdk_bdev) -> BackingIdentity {
+    BackingIdentity {
+        sectors: bdev_sectors(b),
+        // SAFETY: `b` is a live bdev; plain getter.
+        block_size: unsafe { ffi::spdk_bdev_get_block_size(b) },
+        uuid: bdev_uuid(b),
+        name: bdev_name(b),
+    }
 }
 
-/// Is `b` the backing bdev `id` describes, by the open's own rule (size, then UUID when
-/// both have one, else name)? Returns the backing bdev name the create must use.
+/// Is `b` the backing bdev `id` describes, by the open's own rule
+/// (`engine::compare_backing`: size, then UUID when the superblock records one, else
+/// name)? Returns the backing bdev name the create must use.
 fn backing_match(id: &BackingIdentity, b: *mut ffi::spdk_bdev) -> Option<String> {
-    if is_ours(b) || bdev_sectors(b) != id.sectors {
+    if is_ours(b) {
         return None;
     }
-    let uuid = bdev_uuid(b);
-    if id.uuid != [0; 16] && uuid != [0; 16] {
-        (uuid == id.uuid).then(|| bdev_name(b))
-    } else {
-        (bdev_name(b) == id.name).then(|| id.name.clone())
+    let found = identity_of(b);
+    (compare_backing(id, &found) == BackingMatch::Same).then_some(found.name)
+}
+
+/// Examine found the cache `cfg` describes (backing bdev as the superblock names it) and
+/// `b` is a bdev of the recorded size under the recorded name, but another UUID: logs why
+/// examine does not attach it and what the operator can do (`shell::identity`). Examine
+/// never attaches such a bdev and claims nothing, so a create with
+/// `backing_uuid_mismatch: accept` (or the bdev re-created with its UUID) attaches it.
+fn explain_mismatch(cfg: &CreateConfig, id: &BackingIdentity, b: *mut ffi::spdk_bdev) {
+    if b.is_null() || is_ours(b) {
+        return;
     }
+    let found = identity_of(b);
+    if compare_backing(id, &found) != BackingMatch::Identity {
+        return;
+    }
+    // SAFETY: live bdev; its module's name is a static string.
+    let module = unsafe {
+        let m = ffi::spdk_bdev_get_module_name(b);
+        (!m.is_null()).then(|| CStr::from_ptr(m).to_string_lossy().into_owned())
+    };
+    let cfg = CreateConfig {
+        backing_bdev: found.name.clone(),
+        ..cfg.clone()
+    };
+    let msg = mismatch_message(&Mismatch {
+        create_args: &cfg.create_args(),
+        cache_label: &cfg.cache_label(),
+        recorded: id,
+        found: &found,
+        found_module: module.as_deref(),
+        dirty_bytes: None,
+    });
+    warn_log!(
+        "examine: pcache '{}': {msg} Examine does not attach it: it waits for a backing bdev \
+         with the recorded identity, and leaves both bdevs unclaimed.",
+        cfg.name
+    );
 }
 
 /// Is bdev `name` claimed (by any module)? Such a bdev cannot be opened for writing.
@@ -248,7 +290,7 @@ impl Pending {
             Wait::Backing(id) => vec![format!(
                 "{} (uuid {}, {} bytes)",
                 id.name,
-                hex(&id.uuid),
+                uuid_string(&id.uuid),
                 id.sectors * 512
             )],
         }
@@ -464,6 +506,7 @@ fn attach_ready(bdev: *mut ffi::spdk_bdev) {
         );
     }
     let mut backing_for: Vec<(String, String)> = Vec::new();
+    let mut mismatched: Vec<(CreateConfig, BackingIdentity)> = Vec::new();
     let ready = take_pending(|p| match &p.wait {
         Wait::Deferred => p.bases().iter().all(|b| !bdev_by_name(b).is_null()),
         Wait::Backing(id) => match backing_match(id, bdev) {
@@ -471,9 +514,17 @@ fn attach_ready(bdev: *mut ffi::spdk_bdev) {
                 backing_for.push((p.config.name.clone(), name));
                 true
             }
-            None => false,
+            None => {
+                if bdev_name(bdev) == id.name {
+                    mismatched.push((p.config.clone(), id.clone()));
+                }
+                false
+            }
         },
     });
+    for (cfg, id) in &mismatched {
+        explain_mismatch(cfg, id, bdev);
+    }
     for mut p in ready {
         let origin = match p.wait {
             Wait::Deferred => Origin::Rpc,
@@ -651,12 +702,13 @@ fn probed(cache: String, buf: &[u8], done: ExamineDone) {
         return;
     }
     let Some(backing) = find_backing(&sb.backing) else {
+        explain_mismatch(&cfg, &sb.backing, bdev_by_name(&sb.backing.name));
         spdk_log!(
             NOTICE,
             "examine: bdev '{cache}' holds pcache '{name}'; waiting for its backing bdev '{}' \
              (uuid {}, {} bytes)",
             sb.backing.name,
-            hex(&sb.backing.uuid),
+            uuid_string(&sb.backing.uuid),
             sb.backing.sectors * 512
         );
         pending().push(Pending {

@@ -14,7 +14,7 @@
 //! bases here and call `spdk_bdev_destruct_done`.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::ffi::{c_int, c_void, CString};
+use std::ffi::{c_int, c_void, CStr, CString};
 use std::ptr;
 use std::sync::Mutex;
 
@@ -26,9 +26,10 @@ use super::io::{self, Base, Front};
 use super::json::Writer;
 use super::log::{no_unwind, spdk_log};
 use super::registration::{finishing, module};
-use super::worker::{self, OpenInfo, SendPtr, Setup, Worker};
+use super::worker::{self, Describe, OpenInfo, SendPtr, Setup, Worker};
 use crate::engine::format::{FORMAT_VERSION, SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
+use crate::engine::open::describe_backing;
 use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
@@ -649,6 +650,15 @@ fn start_workers(node: *mut Pcache) {
             uuid: uuid_bytes(&bk.uuid),
             name: n.config.backing_bdev.clone(),
         },
+        describe: Describe {
+            create_args: n.config.create_args(),
+            cache_label: n.config.cache_label(),
+            // SAFETY: the backing bdev is open, so live; its module's name is a static string.
+            backing_module: unsafe {
+                let m = ffi::spdk_bdev_get_module_name(n.backing.bdev);
+                (!m.is_null()).then(|| CStr::from_ptr(m).to_string_lossy().into_owned())
+            },
+        },
         format: FormatOptions {
             layout: LayoutOptions {
                 segment_bytes: u64::from(o.segment_size_mib) << 20,
@@ -661,6 +671,7 @@ fn start_workers(node: *mut Pcache) {
         },
         cache_options: CacheOptions {
             writeback: o.wb.engine(o.gc_percent),
+            backing_uuid_mismatch: n.config.backing_uuid_mismatch,
             ..CacheOptions::default()
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
@@ -905,7 +916,13 @@ fn create_opened(node: *mut Pcache, res: Result<OpenInfo, String>) {
     if desc.is_null() || n.base_gone.get() {
         return create_finish(node, info);
     }
-    update_superblock(n.name(), desc, Box::new(move || create_finish(node, info)));
+    let record = info.rebound.as_ref().map(|_| info.sb.backing.clone());
+    update_superblock(
+        n.name(),
+        desc,
+        record,
+        Box::new(move || create_finish(node, info)),
+    );
 }
 
 /// Answers everyone waiting for a create.
@@ -924,7 +941,17 @@ fn reply_all(waiters: Vec<CreateReply>, r: Result<String, RpcError>) {
 /// cache works without its name, only the attach by examine needs it. This runs before the
 /// bdev is registered, so before any kset is written, and the worker never writes the
 /// superblock sectors after format, so these writes race with nothing.
-fn update_superblock(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn FnOnce()>) {
+///
+/// `record`: the backing identity to record (an open that accepted a backing bdev of the
+/// recorded size but another UUID, `backing_uuid_mismatch: accept`), in the same writes.
+/// If they fail, the superblock keeps (in at least one replica) the old identity, and the
+/// next attach refuses the bdev again: nothing is lost.
+fn update_superblock(
+    name: &str,
+    desc: *mut ffi::spdk_bdev_desc,
+    record: Option<BackingIdentity>,
+    then: Box<dyn FnOnce()>,
+) {
     let store = name.len() < SB_NAME_BYTES;
     if !store {
         spdk_log!(
@@ -954,7 +981,12 @@ fn update_superblock(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn F
             let named =
                 |r: &[u8]| !store || matches!(Superblock::decode_name(r), Ok(Some(n)) if n == name);
             let version = |r: &[u8]| Superblock::decode(r).map(|s| s.version).ok();
-            let current = |r: &[u8]| named(r) && version(r) == Some(FORMAT_VERSION);
+            let recorded = |r: &[u8]| {
+                record
+                    .as_ref()
+                    .is_none_or(|id| Superblock::decode(r).is_ok_and(|s| s.backing == *id))
+            };
+            let current = |r: &[u8]| named(r) && version(r) == Some(FORMAT_VERSION) && recorded(r);
             if current(a) && current(b) {
                 return then();
             }
@@ -975,6 +1007,24 @@ fn update_superblock(name: &str, desc: *mut ffi::spdk_bdev_desc, then: Box<dyn F
                     Ok(bytes) => bytes,
                     Err(e) => {
                         spdk_log!(ERROR, "{name}: cannot store the bdev name: {e}");
+                        return then();
+                    }
+                };
+            }
+            if let Some(id) = record.as_ref().filter(|_| !recorded(src)) {
+                spdk_log!(
+                    NOTICE,
+                    "{name}: recording backing bdev {} in the cache superblock \
+                     (backing_uuid_mismatch: accept; it recorded {})",
+                    describe_backing(id),
+                    Superblock::decode(src)
+                        .map(|s| describe_backing(&s.backing))
+                        .unwrap_or_default()
+                );
+                bytes = match Superblock::rebind(&bytes, id) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        spdk_log!(ERROR, "{name}: cannot record the backing bdev: {e}");
                         return then();
                     }
                 };

@@ -174,6 +174,7 @@ impl Worker {
             desc: self.desc,
             bdev: self.bdev,
             identity: self.identity.clone(),
+            describe: self.describe.clone(),
             format: self.fopts.clone(),
             cache_options: self.copts.clone(),
             cache_bytes: self.cache_bytes,

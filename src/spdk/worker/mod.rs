@@ -111,6 +111,8 @@ pub(crate) struct Setup {
     pub desc: [*mut ffi::spdk_bdev_desc; 2],
     pub bdev: [*mut ffi::spdk_bdev; 2],
     pub identity: BackingIdentity,
+    /// For the message of an open that refuses the backing bdev (`shell::identity`).
+    pub describe: Describe,
     pub format: FormatOptions,
     pub cache_options: CacheOptions,
     /// Size of the cache bdev.
@@ -122,6 +124,17 @@ pub(crate) struct Setup {
     pub workers: usize,
 }
 
+/// What the worker needs to explain a refused backing bdev (`shell::identity::Mismatch`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Describe {
+    /// rpc.py arguments of the create (`CreateConfig::create_args`).
+    pub create_args: String,
+    /// `CreateConfig::cache_label`.
+    pub cache_label: String,
+    /// The SPDK module of the backing bdev ("aio", "malloc", "nvme", ...).
+    pub backing_module: Option<String>,
+}
+
 /// The outcome of a successful open.
 pub(crate) struct OpenInfo {
     pub sb: Superblock,
@@ -130,6 +143,11 @@ pub(crate) struct OpenInfo {
     pub gc_percent: u32,
     /// Dirty data found in the log (not yet on the backing bdev).
     pub dirty_bytes: u64,
+    /// The open accepted a backing bdev of another identity (`backing_uuid_mismatch:
+    /// accept`): the identity the superblock recorded. The new one (`sb.backing`) is
+    /// written to the superblock before the bdev is registered (a mapped cache's by the
+    /// worker, a cache bdev's by `vbdev::update_superblock`).
+    pub rebound: Option<BackingIdentity>,
     /// The worker threads, lead first (empty: the lead alone serves every request).
     pub team: Arc<[Peer]>,
 }
@@ -190,6 +208,7 @@ pub(crate) struct Worker {
     flush_ok: [bool; 2],
     removed: [bool; 2],
     identity: BackingIdentity,
+    describe: Describe,
     fopts: FormatOptions,
     copts: CacheOptions,
     cache_bytes: u64,
@@ -212,6 +231,8 @@ pub(crate) struct Worker {
     open_done: Option<OpenDone>,
     open_error: Option<String>,
     open_problems: Vec<String>,
+    /// The recorded identity an accepting open replaced (`OpenInfo::rebound`).
+    open_rebound: Option<BackingIdentity>,
     stop_done: Option<Done>,
 
     reqs: Reqs,
@@ -293,6 +314,7 @@ impl Worker {
             flush_ok: [cflush, flush(s.bdev[1])],
             removed: [false; 2],
             identity: s.identity,
+            describe: s.describe,
             fopts: s.format,
             copts: s.cache_options,
             cache_bytes: s.cache_bytes,
@@ -309,6 +331,7 @@ impl Worker {
             open_done: None,
             open_error: None,
             open_problems: Vec::new(),
+            open_rebound: None,
             stop_done: None,
             reqs: Reqs::default(),
             direct_live: 0,

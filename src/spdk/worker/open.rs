@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use super::devio::{Kind, Purpose};
 use super::{OpenInfo, State, Worker};
+use crate::engine::open::describe_backing;
 use crate::engine::{format, Dev, FormatError, IoError, OpenError, OpenStep, Opener};
+use crate::media::host::record_backing;
+use crate::shell::identity::{mismatch_message, Mismatch};
 use crate::spdk::ffi;
 use crate::spdk::log::spdk_log;
 
@@ -66,9 +69,30 @@ impl Worker {
                         self.cache_bytes
                     ));
                 }
+                let rebound = self.open_rebound.take();
+                if rebound.is_some() {
+                    if let Some(dax) = self.dax.as_mut() {
+                        // A mapped cache: its superblock is written here, synchronously,
+                        // before the bdev exists (a cache bdev's by the app thread).
+                        if let Err(e) = record_backing(dax, &sb.backing) {
+                            return self.fail_open(format!(
+                                "the backing bdev was accepted but {e}; not attaching it (the \
+                                 replicas are written one after the other, so at least one is \
+                                 valid: the create can be retried)"
+                            ));
+                        }
+                        spdk_log!(
+                            NOTICE,
+                            "{}: recorded backing bdev {} in the cache superblock",
+                            self.name,
+                            describe_backing(&sb.backing)
+                        );
+                    }
+                }
                 let info = OpenInfo {
                     gc_percent: cache.stats().gc_percent,
                     dirty_bytes: cache.dirty_bytes(),
+                    rebound,
                     sb,
                     formatted: self.formatted,
                     problems: std::mem::take(&mut self.open_problems),
@@ -80,10 +104,26 @@ impl Worker {
                 a: FormatError::BadMagic { .. },
                 b: FormatError::BadMagic { .. },
             }) if !self.formatted => self.format_begin(),
+            OpenStep::Failed(OpenError::BackingIdentity {
+                recorded,
+                found,
+                dirty_bytes,
+            }) => {
+                let d = &self.describe;
+                let msg = mismatch_message(&Mismatch {
+                    create_args: &d.create_args,
+                    cache_label: &d.cache_label,
+                    recorded: &recorded,
+                    found: &found,
+                    found_module: d.backing_module.as_deref(),
+                    dirty_bytes,
+                });
+                self.fail_open(format!("cannot open the cache: {msg}"));
+            }
             OpenStep::Failed(e) => {
                 let hint = match &e {
                     OpenError::BackingMismatch { .. } => {
-                        " (refusing to touch it: it may hold dirty data of that device; attach it with its own backing bdev; wiping the cache bdev would lose any writes not yet written back)"
+                        " (the sizes differ, so this is another device, or a resized one the cache no longer fits: refused, with no option to accept it; nothing was written. The cache may hold writes of its own backing device not yet written back: attach it with that device; wiping or reformatting the cache bdev would lose those writes)"
                     }
                     OpenError::NoSuperblock { .. } => {
                         " (a damaged pcache superblock: refusing to format over it; check it offline with `pcache check`; wiping the cache bdev to start afresh loses any writes not yet written back)"
@@ -103,6 +143,7 @@ impl Worker {
         if let OpenStep::Done(_) = step {
             // Keep the report for `OpenInfo` (the opener is dropped once done).
             self.open_problems = opener.report().problems.clone();
+            self.open_rebound = opener.report().backing_rebound.clone();
             for p in &self.open_problems {
                 spdk_log!(NOTICE, "{}: open: {p}", self.name);
             }
