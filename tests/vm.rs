@@ -581,8 +581,8 @@ fn fio_verify_over_pcache() {
         "set -e\nfio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio \
          --iodepth=8 --rw=randwrite --bsrange=4k-128k --size=160M --time_based \
          --runtime={secs} --verify=crc32c --verify_backlog=32 --verify_fatal=1 \
-         --verify_dump=1 --output-format=terse --terse-version=3 > /tmp/fio.out\n\
-         cat /tmp/fio.out\necho FIO-OK\n"
+         --verify_dump=1 > /tmp/fio.out || {{ cat /tmp/fio.out; exit 1; }}\n\
+         grep -E 'err=|IOPS=|READ:|WRITE:' /tmp/fio.out\necho FIO-OK\n"
     );
     let console = t.boot("vhost.0", &script, &["--fio"], secs + 200);
     assert!(console.contains("FIO-OK"), "{console}");
