@@ -727,6 +727,14 @@ impl Shard {
         });
     }
 
+    /// Reads a piece of clean cached data from the backing device instead (its cache copy
+    /// failed its CRC or its read).
+    fn reread_from_backing(&mut self, read: u32, lba: u64, len: u32, buf_off: u64) {
+        let req = self.reads.get(read).map(|c| c.req).unwrap_or_default();
+        let src = ReadSrc::Backing { fill: None };
+        self.issue_backing_read(read, lba, len, buf_off, src, req);
+    }
+
     fn maybe_finish_read(&mut self, read: u32) {
         if self.reads.get(read).is_some_and(|c| c.pending == 0) {
             if let Some(ctx) = self.reads.remove(read) {
@@ -1574,15 +1582,7 @@ impl Shard {
                          dropped it, reading the backing device",
                         self.cfg.id
                     ));
-                    let req = self.reads.get(read).map(|c| c.req).unwrap_or_default();
-                    self.issue_backing_read(
-                        read,
-                        lba,
-                        len,
-                        buf_off,
-                        ReadSrc::Backing { fill: None },
-                        req,
-                    );
+                    self.reread_from_backing(read, lba, len, buf_off);
                 } else {
                     self.out.log.push(format!(
                         "shard {}: data CRC mismatch on dirty extent at lba {lba}+{len}; \
@@ -1596,15 +1596,7 @@ impl Shard {
                 // Clean data is also on the backing device: read it there instead.
                 self.stats.io_errors += 1;
                 self.stats.cache_read_fallbacks += 1;
-                let req = self.reads.get(read).map(|c| c.req).unwrap_or_default();
-                self.issue_backing_read(
-                    read,
-                    lba,
-                    len,
-                    buf_off,
-                    ReadSrc::Backing { fill: None },
-                    req,
-                );
+                self.reread_from_backing(read, lba, len, buf_off);
             }
             (ReadSrc::Cache { .. }, Err(_)) => {
                 self.stats.io_errors += 1;
