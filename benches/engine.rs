@@ -53,6 +53,7 @@ fn kset(c: &mut Criterion) {
             segment_bytes: 16 << 20,
             stripe_bytes: 1 << 20,
             shards: 1,
+            ..LayoutOptions::default()
         },
     )
     .unwrap();
@@ -108,6 +109,7 @@ fn replay(c: &mut Criterion) {
             segment_bytes: 4 << 20,
             stripe_bytes: 1 << 20,
             shards: 1,
+            ..LayoutOptions::default()
         },
         ..FormatOptions::default()
     };

@@ -1,10 +1,11 @@
-//! The committed images of each format version (v1, v2) must keep opening and reading back
-//! their known contents, and a single flipped bit anywhere in their superblocks, control
-//! slots or ksets must be reported by `check`.
+//! The committed images of each format version (v1, v2, v3 with 512-byte and with 4 KiB
+//! cache blocks) must keep opening and reading back their known contents, and a single
+//! flipped bit anywhere in their superblocks, control slots or ksets must be reported by
+//! `check`.
 //!
-//! `regenerate_golden_image` writes an image in the current format version to
-//! `tests/data/golden-v<version>.img`: `cargo test --test golden -- --ignored
-//! regenerate_golden_image`. This build writes v2; the v1 image checks it still reads v1.
+//! `regenerate_golden_image` writes the images of the current format version (`IMAGES`):
+//! `cargo test --test golden -- --ignored regenerate_golden_image`. This build writes v3;
+//! the v1 and v2 images check it still reads them.
 
 mod common;
 
@@ -17,17 +18,79 @@ use pcache::media::mem::MemDevice;
 use pcache::media::BlockDevice;
 use pcache::offline;
 
-/// The committed images, by format version: the same writes, formatted and written by the
-/// build of each version.
-const VERSIONS: [u32; 2] = [1, 2];
+/// A committed image: the same kind of contents, formatted and written by the build of its
+/// format version, on a cache device of its block size.
+struct Golden {
+    file: &'static str,
+    version: u32,
+    block_bytes: u32,
+    /// (lba, sectors, writer id); later entries win.
+    writes: &'static [(u64, u32, u64)],
+    unmapped: (u64, u32),
+    /// A read miss that fills a clean extent.
+    filled: (u64, u32),
+}
+
+/// 512-byte cache blocks: writes of any sector count.
+const WRITES_512: &[(u64, u32, u64)] = &[
+    (0, 8, 1),
+    (64, 16, 2),
+    (4, 2, 3),
+    (200, 40, 4),
+    (1000, 8, 5),
+];
+/// 4 KiB cache blocks: whole blocks only (what a pcache bdev of 4 KiB blocks sends).
+const WRITES_4K: &[(u64, u32, u64)] = &[
+    (0, 16, 1),
+    (64, 16, 2),
+    (8, 8, 3),
+    (200, 40, 4),
+    (1000, 16, 5),
+];
+
+const IMAGES: [Golden; 4] = [
+    Golden {
+        file: "golden-v1.img",
+        version: 1,
+        block_bytes: 512,
+        writes: WRITES_512,
+        unmapped: (1004, 2),
+        filled: (500, 8),
+    },
+    Golden {
+        file: "golden-v2.img",
+        version: 2,
+        block_bytes: 512,
+        writes: WRITES_512,
+        unmapped: (1004, 2),
+        filled: (500, 8),
+    },
+    Golden {
+        file: "golden-v3.img",
+        version: 3,
+        block_bytes: 512,
+        writes: WRITES_512,
+        unmapped: (1004, 2),
+        filled: (500, 8),
+    },
+    Golden {
+        file: "golden-v3-4k.img",
+        version: 3,
+        block_bytes: 4096,
+        writes: WRITES_4K,
+        unmapped: (1008, 8),
+        filled: (504, 8),
+    },
+];
 const BACKING_SECTORS: u64 = 2048;
 
-fn golden_format() -> FormatOptions {
+fn golden_format(block_bytes: u32) -> FormatOptions {
     FormatOptions {
         layout: LayoutOptions {
             segment_bytes: 64 << 10,
             stripe_bytes: 16 << 10,
             shards: 2,
+            block_bytes,
         },
         data_crc: true,
         cache_uuid: *b"pcache-golden-v1",
@@ -35,37 +98,36 @@ fn golden_format() -> FormatOptions {
     }
 }
 
-/// The known contents: (lba, sectors, writer id); later entries win.
-const WRITES: &[(u64, u32, u64)] = &[
-    (0, 8, 1),
-    (64, 16, 2),
-    (4, 2, 3),
-    (200, 40, 4),
-    (1000, 8, 5),
-];
-const UNMAPPED: (u64, u32) = (1004, 2);
-
-fn expected() -> Vec<u8> {
-    let mut img = vec![0u8; BACKING_SECTORS as usize * SECTOR];
-    for &(lba, len, id) in WRITES {
-        let at = lba as usize * SECTOR;
-        img[at..at + len as usize * SECTOR].copy_from_slice(&data_of(id, lba, len));
+impl Golden {
+    fn expected(&self) -> Vec<u8> {
+        let mut img = vec![0u8; BACKING_SECTORS as usize * SECTOR];
+        for &(lba, len, id) in self.writes {
+            let at = lba as usize * SECTOR;
+            img[at..at + len as usize * SECTOR].copy_from_slice(&data_of(id, lba, len));
+        }
+        let at = self.unmapped.0 as usize * SECTOR;
+        img[at..at + self.unmapped.1 as usize * SECTOR].fill(0);
+        img
     }
-    let at = UNMAPPED.0 as usize * SECTOR;
-    img[at..at + UNMAPPED.1 as usize * SECTOR].fill(0);
-    img
+
+    fn load(&self) -> MemDevice {
+        let path = format!("{}/tests/data/{}", env!("CARGO_MANIFEST_DIR"), self.file);
+        MemDevice::from_vec(
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{path} is committed: {e}")),
+        )
+    }
 }
 
-fn load_version(version: u32) -> MemDevice {
-    let path = format!(
-        "{}/tests/data/golden-v{version}.img",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    MemDevice::from_vec(std::fs::read(&path).unwrap_or_else(|e| panic!("{path} is committed: {e}")))
+fn v1() -> &'static Golden {
+    &IMAGES[0]
+}
+
+fn expected() -> Vec<u8> {
+    v1().expected()
 }
 
 fn load() -> MemDevice {
-    load_version(1)
+    v1().load()
 }
 
 /// Opens a golden image over a zeroed backing device of the identity it was written for.
@@ -78,30 +140,29 @@ fn open_image(cache: MemDevice) -> Result<(MemHost, OpenReport), HostError> {
     )
 }
 
+/// Writes the images of the current format version (one per block size).
 #[test]
 #[ignore]
 fn regenerate_golden_image() {
-    let mut host = SyncHost::format(
-        MemDevice::new(512 << 10),
-        MemDevice::new(BACKING_SECTORS * 512),
-        identity(BACKING_SECTORS),
-        &golden_format(),
-        CacheOptions::default(),
-    )
-    .unwrap();
-    for &(lba, len, id) in WRITES {
-        host.write(lba, data_of(id, lba, len)).unwrap();
+    for g in IMAGES.iter().filter(|g| g.version == FORMAT_VERSION) {
+        let mut host = SyncHost::format(
+            MemDevice::new(512 << 10),
+            MemDevice::new(BACKING_SECTORS * 512),
+            identity(BACKING_SECTORS),
+            &golden_format(g.block_bytes),
+            CacheOptions::default(),
+        )
+        .unwrap();
+        for &(lba, len, id) in g.writes {
+            host.write(lba, data_of(id, lba, len)).unwrap();
+        }
+        host.flush().unwrap();
+        host.unmap(g.unmapped.0, g.unmapped.1).unwrap();
+        host.read(g.filled.0, g.filled.1).unwrap();
+        let (c, _) = host.into_devices();
+        let path = format!("{}/tests/data/{}", env!("CARGO_MANIFEST_DIR"), g.file);
+        std::fs::write(path, c.bytes()).unwrap();
     }
-    host.flush().unwrap();
-    host.unmap(UNMAPPED.0, UNMAPPED.1).unwrap();
-    // A read miss fills a clean extent.
-    host.read(500, 8).unwrap();
-    let (c, _) = host.into_devices();
-    let path = format!(
-        "{}/tests/data/golden-v{FORMAT_VERSION}.img",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::write(path, c.bytes()).unwrap();
 }
 
 /// A v1 cache opened by this build takes new writes in the current layout (ksets up from
@@ -145,28 +206,58 @@ fn the_golden_v1_image_takes_new_writes_and_replays() {
 
 #[test]
 fn the_golden_images_open_and_read_back_their_contents() {
-    for v in VERSIONS {
-        let (mut host, report) =
-            open_image(load_version(v)).unwrap_or_else(|e| panic!("golden v{v} image opens: {e}"));
-        assert!(report.problems.is_empty(), "v{v}: {:?}", report.problems);
-        assert_eq!(host.cache.superblock().version, v);
+    for g in &IMAGES {
+        let f = g.file;
+        let (mut host, report) = open_image(g.load()).unwrap_or_else(|e| panic!("{f} opens: {e}"));
+        assert!(report.problems.is_empty(), "{f}: {:?}", report.problems);
+        let sb = host.cache.superblock();
+        assert_eq!(sb.version, g.version, "{f}");
+        assert_eq!(sb.geometry.block_bytes(), g.block_bytes as usize, "{f}");
         let got = host.read(0, BACKING_SECTORS as u32).unwrap();
-        assert!(got == expected(), "golden v{v} image contents changed");
-        let mut dev = load_version(v);
+        assert!(got == g.expected(), "{f}: contents changed");
+        let mut dev = g.load();
         let r = offline::check(&mut dev);
-        assert!(r.is_clean(), "v{v}: {:?}", r.problems);
+        assert!(r.is_clean(), "{f}: {:?}", r.problems);
         // Dirty data only in v1: the engine that wrote v2 writes back while the segment pool
         // is over `gc_percent` used, which a 512 KiB cache of 64 KiB segments always is (the
         // v1 engine did not yet).
         assert!(
-            r.crc_checked > 0 && r.clean_bytes > 0 && (v > 1 || r.dirty_bytes > 0),
-            "v{v}: {} CRCs, {} clean, {} dirty",
+            r.crc_checked > 0 && r.clean_bytes > 0 && (g.version > 1 || r.dirty_bytes > 0),
+            "{f}: {} CRCs, {} clean, {} dirty",
             r.crc_checked,
             r.clean_bytes,
             r.dirty_bytes
         );
         assert_eq!(r.bdev_name, None, "written without a bdev name");
     }
+}
+
+/// A cache of 4 KiB blocks refuses requests that are not whole blocks (its host exports
+/// 4 KiB blocks), and its metadata lies in whole blocks: control slots one block apart,
+/// ksets starting after the segment header's block.
+#[test]
+fn the_golden_4k_image_takes_whole_blocks_only() {
+    let g = &IMAGES[3];
+    let (mut host, _) = open_image(g.load()).expect("opens");
+    let geo = host.cache.superblock().geometry;
+    assert_eq!(geo.block_sectors, 8);
+    assert_eq!(geo.control_sector(1, 1) - geo.control_sector(0, 0), 3 * 8);
+    assert!(host.write(3, data_of(9, 3, 8)).is_err(), "unaligned start");
+    assert!(host.write(8, data_of(9, 8, 4)).is_err(), "partial block");
+    assert!(host.read(4, 8).is_err(), "unaligned read");
+    host.write(1600, data_of(9, 1600, 24))
+        .expect("whole blocks");
+    // (The image's clean data was written back to a backing device that is not kept: GC
+    // may drop it now, so only what this test writes is compared.)
+    assert!(host.read(1600, 24).unwrap() == data_of(9, 1600, 24));
+    let (c, b) = host.into_devices();
+    let (mut host, report) =
+        SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default()).expect("reopen");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    for s in &report.shards {
+        assert_eq!(s.head.off % 8, 0, "{:?}", s.head);
+    }
+    assert!(host.read(1600, 24).unwrap() == data_of(9, 1600, 24));
 }
 
 /// Marking the v1 image's superblock with the current version (what the SPDK module does
@@ -178,8 +269,11 @@ fn the_golden_v1_superblock_upgrades_to_the_current_version() {
     let a = dev.bytes()[..4096].to_vec();
     let up = Superblock::upgrade(&a).expect("upgrade");
     let changed: Vec<usize> = (0..4096).filter(|&i| up[i] != a[i]).collect();
+    // The version, the block size (512: v1 and v2 left it zero) and the CRC.
     assert!(
-        changed.iter().all(|&i| (8..12).contains(&i) || i >= 4092),
+        changed
+            .iter()
+            .all(|&i| (8..12).contains(&i) || (76..80).contains(&i) || i >= 4092),
         "{changed:?}"
     );
     let sb = Superblock::decode(&up).expect("decodes");
@@ -201,24 +295,27 @@ fn the_golden_v1_superblock_upgrades_to_the_current_version() {
     assert!(host.read(0, BACKING_SECTORS as u32).unwrap() == expected());
 }
 
-/// In the v2 image every whole 4 KiB block of data starts on a 4 KiB boundary of the cache.
+/// In the v2 and v3 images every whole 4 KiB block of data starts on a 4 KiB boundary of
+/// the cache.
 #[test]
-fn the_golden_v2_image_holds_4k_blocks_aligned() {
-    let (host, _) = open_image(load_version(2)).expect("golden v2 image opens");
-    let mut pieces = Vec::new();
-    let mut seen = 0;
-    for &(lba, len, _) in WRITES.iter().filter(|w| w.1 % 8 == 0) {
-        let shard = host.cache.superblock().geometry.shard_of(lba) as usize;
-        host.cache.shards()[shard]
-            .index()
-            .lookup(lba, len, &mut pieces);
-        for p in pieces.iter().filter(|p| p.whole && p.len % 8 == 0) {
-            let e = p.extent.expect("cached");
-            assert_eq!(e.pos % 8, 0, "write at {lba}: {e:?}");
-            seen += 1;
+fn the_golden_v2_and_v3_images_hold_4k_blocks_aligned() {
+    for g in IMAGES.iter().filter(|g| g.version >= 2) {
+        let (host, _) = open_image(g.load()).expect("golden image opens");
+        let mut pieces = Vec::new();
+        let mut seen = 0;
+        for &(lba, len, _) in g.writes.iter().filter(|w| w.1 % 8 == 0) {
+            let shard = host.cache.superblock().geometry.shard_of(lba) as usize;
+            host.cache.shards()[shard]
+                .index()
+                .lookup(lba, len, &mut pieces);
+            for p in pieces.iter().filter(|p| p.whole && p.len % 8 == 0) {
+                let e = p.extent.expect("cached");
+                assert_eq!(e.pos % 8, 0, "{}: write at {lba}: {e:?}", g.file);
+                seen += 1;
+            }
         }
+        assert!(seen > 0, "{}", g.file);
     }
-    assert!(seen > 0);
 }
 
 /// The superblock's bdev name (bytes 160..224, zero in images from before the field):
@@ -318,8 +415,9 @@ fn metadata_ranges(dev: &mut MemDevice) -> Vec<(usize, usize, String)> {
 
 #[test]
 fn check_reports_every_single_bit_flip_in_metadata() {
-    for v in VERSIONS {
-        check_reports_every_bit_flip(load_version(v));
+    for g in &IMAGES {
+        println!("{}:", g.file);
+        check_reports_every_bit_flip(g.load());
     }
 }
 

@@ -16,6 +16,7 @@ fn geo() -> Geometry {
             segment_bytes: 1 << 20,
             stripe_bytes: 64 << 10,
             shards: 4,
+            ..LayoutOptions::default()
         },
     )
     .unwrap()

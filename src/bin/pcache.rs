@@ -647,6 +647,7 @@ fn bench(a: &BenchArgs) -> Result<ExitCode, String> {
             segment_bytes: seg_mib << 20,
             stripe_bytes: 1 << 20,
             shards,
+            ..LayoutOptions::default()
         },
         data_crc,
         cache_uuid: new_uuid(),
@@ -756,6 +757,7 @@ fn engine_cost(a: &EngineCostArgs) -> Result<ExitCode, String> {
             segment_bytes: 4 << 20,
             stripe_bytes: 1 << 20,
             shards: 1,
+            ..LayoutOptions::default()
         },
         ..FormatOptions::default()
     };
@@ -952,6 +954,7 @@ fn bench_sustained(a: &BenchArgs) -> Result<ExitCode, String> {
             segment_bytes: 4 << 20,
             stripe_bytes: 1 << 20,
             shards: 1,
+            ..LayoutOptions::default()
         },
         cache_uuid: new_uuid(),
         ..FormatOptions::default()

@@ -360,6 +360,14 @@ impl Cache {
                     limit,
                 });
             }
+            // The cache stores whole blocks of its device: hosts export that block size
+            // (or a larger one), so a request never needs a read-modify-write.
+            let g = &self.sb.geometry;
+            if !g.block_aligned(r.lba) || !g.block_aligned(r.len.into()) {
+                return Err(ReqError::Invalid(
+                    "request not aligned to the cache block size",
+                ));
+            }
         }
         if r.op == Op::Flush {
             // Every acknowledged write is already durable: a flush only closes the epoch.
@@ -447,6 +455,10 @@ impl Cache {
     #[inline(always)]
     pub fn begin_direct(&mut self, op: Op, lba: u64, len: u32) -> Option<Direct> {
         let li = self.sole_shard(lba, len)?;
+        let g = &self.sb.geometry;
+        if g.block_sectors > 1 && !(g.block_aligned(lba) && g.block_aligned(len.into())) {
+            return None; // refused by `submit`
+        }
         let (sector, key) = self.shards[li].begin_direct(op, lba, len)?;
         Some(Direct {
             sector,

@@ -1,5 +1,7 @@
-//! On-media format v2: superblock, control slots, segment headers, ksets and keys (v1
-//! caches are read too: they differ only in where a kset's data lies).
+//! On-media format v3: superblock, control slots, segment headers, ksets and keys. v3
+//! records the cache device's block size and writes every structure in whole blocks of
+//! it; v1 and v2 caches (512-byte blocks) are read too, v1 differing in where a kset's
+//! data lies.
 //!
 //! Every field is little-endian at a fixed offset (see `docs/FORMAT.md`). Decoding never
 //! trusts the media: sizes, counts and positions are checked against the geometry before
@@ -11,10 +13,11 @@ use thiserror::Error;
 /// The unit of every on-media position and length.
 pub const SECTOR: usize = 512;
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version this build reads. v1 put each kset's data right after it; v2 grows
 /// ksets up from the segment's start and data down from its end, so that 4 KiB blocks of
-/// data stay 4 KiB-aligned without padding after every small kset.
+/// data stay 4 KiB-aligned without padding after every small kset; v3 adds the cache
+/// block size (v1 and v2 caches have 512-byte blocks, which v3 writes the same way).
 pub const MIN_FORMAT_VERSION: u32 = 1;
 
 fn check_version(version: u32) -> Result<()> {
@@ -32,6 +35,8 @@ pub const KSET_MAGIC: u32 = u32::from_le_bytes(*b"KSET");
 
 /// Superblock replica size in bytes; replicas live at sectors 0 and 8.
 pub const SB_BYTES: usize = 4096;
+/// Byte of a superblock replica holding the cache block size (u32, bytes; zero before v3).
+pub const SB_BLOCK_OFFSET: usize = 76;
 pub const KSET_HEADER_BYTES: usize = 64;
 pub const KEY_BYTES: usize = 40;
 /// Upper bound on keys in one kset (a 12.5 KiB kset); bigger batches use several ksets.
@@ -182,6 +187,11 @@ impl Superblock {
         put(&mut b, 60, &g.shard_count.to_le_bytes());
         put(&mut b, 64, &g.backing_sectors.to_le_bytes());
         put(&mut b, 72, &self.backing.block_size.to_le_bytes());
+        // Zero in v1 and v2 (reserved then): their caches have 512-byte blocks.
+        if self.version >= 3 {
+            let block = g.block_sectors * 512;
+            put(&mut b, SB_BLOCK_OFFSET, &block.to_le_bytes());
+        }
         put(&mut b, 80, &self.backing.uuid);
         let name = self.backing.name.as_bytes();
         let n = name.len().min(BACKING_NAME_BYTES - 1);
@@ -200,6 +210,11 @@ impl Superblock {
         check_crc(W, f.u32(SB_BYTES - 4), crc32c::crc32c(&buf[..SB_BYTES - 4]))?;
         let version = f.u32(8);
         check_version(version)?;
+        // v1 and v2 left the field zero: their caches have 512-byte blocks.
+        let block_bytes = match f.u32(SB_BLOCK_OFFSET) {
+            0 if version < 3 => 512,
+            b => b,
+        };
         let geometry = Geometry {
             cache_sectors: f.u64(32),
             segment_sectors: f.u32(40),
@@ -208,6 +223,11 @@ impl Superblock {
             stripe_sectors: f.u32(56),
             shard_count: f.u32(60),
             backing_sectors: f.u64(64),
+            block_sectors: if block_bytes % 512 == 0 {
+                block_bytes / 512
+            } else {
+                0 // refused by validate() below
+            },
         };
         geometry.validate().map_err(|e| FormatError::Mismatch {
             what: W,
@@ -284,9 +304,11 @@ impl Superblock {
     /// anything in its own version to an older cache, so an older build refuses the cache
     /// instead of stopping its log at the first structure it cannot read.
     pub fn upgrade(buf: &[u8]) -> Result<Vec<u8>> {
-        Self::decode(buf)?;
+        let sb = Self::decode(buf)?;
         let mut b = buf[..SB_BYTES].to_vec();
         put(&mut b, 8, &FORMAT_VERSION.to_le_bytes());
+        let block = sb.geometry.block_sectors * 512;
+        put(&mut b, SB_BLOCK_OFFSET, &block.to_le_bytes());
         seal_superblock(&mut b);
         Ok(b)
     }
@@ -484,13 +506,25 @@ fn decode_tail(f: &Le, off: usize) -> LogTail {
     }
 }
 
+/// A kset position: inside a segment, after its header, on a cache block.
 fn check_pos(what: &'static str, p: &LogPos, geo: &Geometry) -> Result<()> {
     bound(what, p.seg.into(), geo.segment_count.into())?;
-    if p.off == 0 {
+    let first = geo.first_kset_off();
+    if p.off < first {
         return Err(FormatError::OutOfBounds {
             what,
-            value: 0,
-            limit: 1,
+            value: p.off.into(),
+            limit: first.into(),
+        });
+    }
+    if !geo.block_aligned(p.off.into()) {
+        return Err(FormatError::Mismatch {
+            what,
+            detail: format!(
+                "sector {} is not on a {}-byte cache block",
+                p.off,
+                geo.block_bytes()
+            ),
         });
     }
     bound(what, p.off.into(), geo.segment_sectors.into())
@@ -772,6 +806,19 @@ impl Kset {
                         what: "key data position",
                         value: data_end,
                         limit,
+                    });
+                }
+                // v3 on a block larger than a sector: data is whole blocks (never written
+                // or read in part, see `Geometry::block_sectors`).
+                if !geo.block_aligned(k.data_off.into()) || !geo.block_aligned(k.len.into()) {
+                    return Err(FormatError::Mismatch {
+                        what: "key data position",
+                        detail: format!(
+                            "data at sector {} for {} sectors is not whole {}-byte cache blocks",
+                            k.data_off,
+                            k.len,
+                            geo.block_bytes()
+                        ),
                     });
                 }
             }

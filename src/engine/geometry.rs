@@ -5,9 +5,13 @@ use thiserror::Error;
 /// Sectors 0..8: superblock replica A; 8..16: replica B.
 pub const SB_A_SECTOR: u64 = 0;
 pub const SB_B_SECTOR: u64 = 8;
-/// Control slots start here: two one-sector replicas per shard.
+/// Control slots start here: two replicas per shard, one cache block each.
 pub const CONTROL_SECTOR: u64 = 16;
 pub const MAX_SHARDS: u32 = 256;
+/// Largest cache block size supported: a 4 KiB block (4Kn NVMe, most PMR/CXL devices).
+/// Every on-media position is then a multiple of it (the superblock replicas, the control
+/// area and segments are 4 KiB-aligned in every geometry).
+pub const MAX_BLOCK_BYTES: u32 = 4096;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum GeometryError {
@@ -23,6 +27,10 @@ pub enum GeometryError {
     GcPercent(u32),
     #[error("backing device is empty")]
     EmptyBacking,
+    #[error(
+        "cache block size must be a power of two from 512 to {MAX_BLOCK_BYTES} bytes (got {0})"
+    )]
+    BlockSize(u32),
     #[error("layout inconsistent: {0}")]
     Inconsistent(&'static str),
 }
@@ -37,6 +45,10 @@ pub struct Geometry {
     pub stripe_sectors: u32,
     pub shard_count: u32,
     pub backing_sectors: u64,
+    /// The cache device's block size in sectors (1 for 512-byte blocks, 8 for 4 KiB):
+    /// the unit of every cache write, so that no write is torn inside a block it does not
+    /// own (format v3; v1 and v2 caches have 512-byte blocks).
+    pub block_sectors: u32,
 }
 
 /// User-facing layout choices; everything else is derived.
@@ -45,6 +57,8 @@ pub struct LayoutOptions {
     pub segment_bytes: u64,
     pub stripe_bytes: u64,
     pub shards: u32,
+    /// The cache device's block size (not a choice: the device's).
+    pub block_bytes: u32,
 }
 
 impl Default for LayoutOptions {
@@ -53,7 +67,16 @@ impl Default for LayoutOptions {
             segment_bytes: 16 << 20,
             stripe_bytes: 1 << 20,
             shards: 1,
+            block_bytes: 512,
         }
+    }
+}
+
+fn block_sectors_of(bytes: u32) -> Result<u32, GeometryError> {
+    if bytes.is_power_of_two() && (512..=MAX_BLOCK_BYTES).contains(&bytes) {
+        Ok(bytes / 512)
+    } else {
+        Err(GeometryError::BlockSize(bytes))
     }
 }
 
@@ -74,10 +97,13 @@ impl Geometry {
         if opts.shards == 0 || opts.shards > MAX_SHARDS {
             return Err(GeometryError::Shards(opts.shards));
         }
+        let block_sectors = block_sectors_of(opts.block_bytes)?;
         let cache_sectors = cache_bytes / 512;
         let segment_sectors = (seg / 512) as u32;
         // Control slots, then segments aligned to 4 KiB.
-        let segments_start = (CONTROL_SECTOR + 2 * u64::from(opts.shards)).next_multiple_of(8);
+        let segments_start = (CONTROL_SECTOR
+            + 2 * u64::from(opts.shards) * u64::from(block_sectors))
+        .next_multiple_of(8);
         let segments = cache_sectors.saturating_sub(segments_start) / u64::from(segment_sectors);
         let need = 2 * u64::from(opts.shards);
         if segments < need {
@@ -95,6 +121,7 @@ impl Geometry {
             stripe_sectors: (stripe / 512) as u32,
             shard_count: opts.shards,
             backing_sectors,
+            block_sectors,
         };
         g.validate()?;
         Ok(g)
@@ -116,9 +143,19 @@ impl Geometry {
         if self.backing_sectors == 0 {
             return Err(GeometryError::EmptyBacking);
         }
-        if self.segments_start < CONTROL_SECTOR + 2 * u64::from(self.shard_count) {
+        let block = self.block_sectors;
+        if block_sectors_of(block.saturating_mul(512)).is_err() {
+            return Err(GeometryError::BlockSize(block.saturating_mul(512)));
+        }
+        if self.segments_start < CONTROL_SECTOR + 2 * u64::from(self.shard_count) * u64::from(block)
+        {
             return Err(GeometryError::Inconsistent(
                 "segments overlap the control area",
+            ));
+        }
+        if self.segments_start % u64::from(block) != 0 {
+            return Err(GeometryError::Inconsistent(
+                "segments do not start on a cache block",
             ));
         }
         let end = u64::from(self.segment_count)
@@ -144,7 +181,39 @@ impl Geometry {
     }
 
     pub fn control_sector(&self, shard: u32, slot: u32) -> u64 {
-        CONTROL_SECTOR + 2 * u64::from(shard) + u64::from(slot)
+        CONTROL_SECTOR + (2 * u64::from(shard) + u64::from(slot)) * u64::from(self.block_sectors)
+    }
+
+    /// Sectors of the control area: both slots of every shard.
+    pub fn control_sectors(&self) -> u64 {
+        2 * u64::from(self.shard_count) * u64::from(self.block_sectors)
+    }
+
+    pub fn block_bytes(&self) -> usize {
+        self.block_sectors as usize * 512
+    }
+
+    /// Where a segment's first kset goes: right after its header, which fills one block.
+    pub fn first_kset_off(&self) -> u32 {
+        self.block_sectors
+    }
+
+    /// Sectors a kset of `keys` keys occupies on this cache: whole blocks.
+    pub fn kset_sectors(&self, keys: usize) -> u32 {
+        super::format::kset_sectors(keys).next_multiple_of(self.block_sectors)
+    }
+
+    /// Whether `sector` (of the cache device, or of a segment) starts a cache block.
+    #[inline]
+    pub fn block_aligned(&self, sector: u64) -> bool {
+        sector % u64::from(self.block_sectors.max(1)) == 0
+    }
+
+    /// `bytes` padded with zeros to whole cache blocks: a metadata record (control slot,
+    /// segment header, kset) always owns the blocks it is written in.
+    pub fn whole_blocks(&self, mut bytes: Vec<u8>) -> Vec<u8> {
+        bytes.resize(bytes.len().next_multiple_of(self.block_bytes()), 0);
+        bytes
     }
 
     #[inline]

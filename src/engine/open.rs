@@ -70,7 +70,7 @@ pub fn format(
         let first = LogPos {
             seg: shard,
             gen: shard + 1,
-            off: 1,
+            off: geometry.first_kset_off(),
         };
         let tail = LogTail {
             pos: first,
@@ -86,14 +86,20 @@ pub fn format(
                 gc_percent: opts.gc_percent,
                 poison: Vec::new(),
             };
-            writes.push((geometry.control_sector(shard, slot), c.encode(seed)));
+            writes.push((
+                geometry.control_sector(shard, slot),
+                geometry.whole_blocks(c.encode(seed)),
+            ));
         }
         let hdr = SegmentHeader {
             seg: shard,
             gen: shard + 1,
             shard,
         };
-        writes.push((geometry.segment_start(shard), hdr.encode(seed)));
+        writes.push((
+            geometry.segment_start(shard),
+            geometry.whole_blocks(hdr.encode(seed)),
+        ));
     }
     Ok((sb, writes))
 }
@@ -376,6 +382,7 @@ impl Opener {
             stripe_sectors: 0,
             shard_count: 0,
             backing_sectors: 0,
+            block_sectors: 1,
         })
     }
 
@@ -446,12 +453,12 @@ impl Opener {
                 }
             },
         }
-        let shards = sb.geometry.shard_count;
+        let geo_control_sectors = sb.geometry.control_sectors();
         self.sb = Some(sb);
         self.phase = Phase::Control;
         Ok(OpenStep::Read {
             sector: CONTROL_SECTOR,
-            sectors: 2 * u64::from(shards),
+            sectors: geo_control_sectors,
         })
     }
 
@@ -460,7 +467,7 @@ impl Opener {
         let seed = self.seed();
         for shard in 0..geo.shard_count {
             let slot = |i: u32| {
-                let at = (2 * shard + i) as usize * SECTOR;
+                let at = (2 * shard + i) as usize * geo.block_bytes();
                 ControlSlot::decode(buf.get(at..at + SECTOR).unwrap_or(&[]), seed, &geo, shard)
             };
             let c = match (slot(0), slot(1)) {
@@ -496,7 +503,7 @@ impl Opener {
     fn read_header(&self, seg: u32) -> OpenStep {
         OpenStep::Read {
             sector: self.geo().segment_start(seg),
-            sectors: 1,
+            sectors: self.geo().block_sectors.into(),
         }
     }
 

@@ -14,9 +14,7 @@
 
 use std::collections::VecDeque;
 
-use super::format::{
-    kset_sectors, Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET_KEYS,
-};
+use super::format::{Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET_KEYS};
 use super::geometry::Geometry;
 use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{
@@ -780,7 +778,7 @@ impl Shard {
             tag,
             dev: Dev::Cache,
             sector: self.cfg.geo.segment_start(g.seg),
-            buf: Buf::Owned(hdr),
+            buf: Buf::Owned(self.cfg.geo.whole_blocks(hdr)),
             want_crc: false,
         });
     }
@@ -963,13 +961,13 @@ impl Shard {
             if self.head_header != HeadHeader::Durable {
                 return;
             }
-            // One sector between the ksets and the data stays free for a link kset.
-            let limit = self.data_low.saturating_sub(1);
+            // One block between the ksets and the data stays free for a link kset.
+            let limit = self.data_low.saturating_sub(self.cfg.geo.block_sectors);
             let mut n = 0usize;
             let mut data = 0u32;
             for p in self.pending.iter().take(MAX_KSET_KEYS) {
                 let d = p.data_sectors();
-                if self.head.off + kset_sectors(n + 1) + data + d > limit {
+                if self.head.off + self.cfg.geo.kset_sectors(n + 1) + data + d > limit {
                     break;
                 }
                 n += 1;
@@ -1008,7 +1006,7 @@ impl Shard {
         let next = LogPos {
             seg: g.seg,
             gen: g.gen,
-            off: 1,
+            off: self.cfg.geo.first_kset_off(),
         };
         self.segments.push_back(SegRec {
             seg: g.seg,
@@ -1059,7 +1057,7 @@ impl Shard {
             if pad == 0 {
                 return (n, start);
             }
-            if self.head.off + kset_sectors(n) + pad + data <= limit {
+            if self.head.off + self.cfg.geo.kset_sectors(n) + pad + data <= limit {
                 return (n, start - pad);
             }
             if n == 1 {
@@ -1107,7 +1105,7 @@ impl Shard {
             });
         }
         let next = LogPos {
-            off: pos.off + kset_sectors(n),
+            off: pos.off + self.cfg.geo.kset_sectors(n),
             ..pos
         };
         self.head = next;
@@ -1203,10 +1201,11 @@ impl Shard {
                 next: b.next,
                 // What its batch reserved at the head for all its entries' keys (format
                 // v2); failed entries and shadowed fills log none, so the kset may be shorter.
-                region_sectors: kset_sectors(b.entries.len()),
+                region_sectors: self.cfg.geo.kset_sectors(b.entries.len()),
                 keys,
             };
             let (bytes, crc) = kset.encode(self.cfg.crc_seed);
+            let bytes = self.cfg.geo.whole_blocks(bytes);
             self.prev_crc = crc;
             b.kset = Some(bytes);
             b.crc = crc;

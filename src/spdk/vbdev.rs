@@ -664,6 +664,7 @@ fn start_workers(node: *mut Pcache) {
                 segment_bytes: u64::from(o.segment_size_mib) << 20,
                 stripe_bytes: o.stripe_bytes(),
                 shards: o.shards,
+                ..LayoutOptions::default()
             },
             data_crc: o.data_crc,
             cache_uuid: random_uuid(),

@@ -26,6 +26,7 @@ pub fn small_format(shards: u32, data_crc: bool) -> FormatOptions {
             segment_bytes: 64 << 10,
             stripe_bytes: 16 << 10,
             shards,
+            ..LayoutOptions::default()
         },
         data_crc,
         cache_uuid: [0xc4; 16],

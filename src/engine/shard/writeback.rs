@@ -780,7 +780,7 @@ impl Shard {
             tag,
             dev: Dev::Cache,
             sector,
-            buf: Buf::Owned(slot.encode(self.cfg.crc_seed)),
+            buf: Buf::Owned(self.cfg.geo.whole_blocks(slot.encode(self.cfg.crc_seed))),
             want_crc: false,
         });
         self.stats.control_writes += 1;
