@@ -1,6 +1,6 @@
 //! Crash tests: a seeded simulator runs concurrent writes, reads, flushes and discards,
 //! completes device commands in random order, and crashes at random instants (in-flight
-//! cache writes torn per sector). After each crash the cache is reopened from the device
+//! cache writes torn per cache block: 512 bytes or 4 KiB). After each crash the cache is reopened from the device
 //! images and every sector must hold a legal value: the latest acknowledged write, or a
 //! write concurrent with it — never data that was never written there, never a stale one.
 //!
@@ -216,6 +216,9 @@ struct Mode {
     /// Run the shards as this many parts (the SPDK host's engine threads), the segment
     /// pool and the writeback barrier travelling between them by message.
     parts: usize,
+    /// The cache device's block size in sectors (1 or 8): its writes tear per block, and
+    /// requests are whole blocks (what a pcache bdev over it exports).
+    block: u32,
 }
 
 impl Mode {
@@ -254,7 +257,11 @@ fn images(seed: u64, mode: Mode) -> (Cache, MemDevice, MemDevice) {
         MemDevice::new(mode.cache_bytes()),
         MemDevice::new(BACKING_SECTORS * 512),
         identity(BACKING_SECTORS),
-        &small_format(mode.parts as u32 + (seed % 3) as u32, seed % 4 == 0),
+        &small_format_blocks(
+            mode.parts as u32 + (seed % 3) as u32,
+            seed % 4 == 0,
+            mode.block * 512,
+        ),
         mode.options(),
     )
     .expect("format");
@@ -306,6 +313,7 @@ fn phase(
             let max = if rng.chance(70) { 8 } else { 64 };
             let len = 1 + rng.below(max) as u32;
             let lba = rng.below(BACKING_SECTORS - u64::from(len));
+            let (lba, len) = align_range(lba, len, mode.block, BACKING_SECTORS);
             let (op, zero) = match rng.below(100) {
                 0..=59 => (Op::Write, false),
                 60..=79 => (Op::Read, false),
@@ -495,7 +503,23 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// [`run_seeds`] on a cache of 512-byte blocks, then on one of 4 KiB blocks with half as
+/// many seeds (the same engine paths; what differs is the layout and the tearing unit).
+fn run_both_geometries(default_seeds: u64, mode: Mode) {
+    run_seeds(default_seeds, Mode { block: 1, ..mode });
+    run_seeds(default_seeds.div_ceil(2), Mode { block: 8, ..mode });
+}
+
 fn run_seeds(default_seeds: u64, mode: Mode) {
+    for c in [
+        &INJECTED_OUTAGES,
+        &TIMED_OUT,
+        &FAILED_REQUESTS,
+        &WB_ERRORS,
+        &CACHE_WRITE_ERRORS,
+    ] {
+        c.with(|v| v.set(0));
+    }
     let seeds = env("PCACHE_CRASH_SEEDS", default_seeds);
     let base = env("PCACHE_CRASH_BASE_SEED", 1);
     let mut points = 0u64;
@@ -521,7 +545,11 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
     } else {
         String::new()
     };
-    println!("crash points checked{kind}{parts}: {points} ({seeds} seeds x {CRASHES_PER_SEED})");
+    println!(
+        "crash points checked{kind}{parts}, {}-byte cache blocks: {points} ({seeds} seeds x \
+         {CRASHES_PER_SEED})",
+        mode.block * 512
+    );
     if mode.faults {
         println!(
             "  faults injected: 2% of commands, {} bursts/outages; seen: {} writeback I/O \
@@ -538,24 +566,26 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
 
 #[test]
 fn every_acknowledged_write_survives_crashes_at_random_points() {
-    run_seeds(
+    run_both_geometries(
         2500,
         Mode {
             faults: false,
             writeback: false,
             parts: 1,
+            block: 1,
         },
     );
 }
 
 #[test]
 fn acknowledged_writes_survive_crashes_with_random_io_errors() {
-    run_seeds(
+    run_both_geometries(
         500,
         Mode {
             faults: true,
             writeback: false,
             parts: 1,
+            block: 1,
         },
     );
 }
@@ -564,24 +594,26 @@ fn acknowledged_writes_survive_crashes_with_random_io_errors() {
 /// while writeback, GC and cache-full waits run all the time.
 #[test]
 fn crashes_during_writeback_and_gc_lose_nothing_and_keep_the_backing_ordered() {
-    run_seeds(
+    run_both_geometries(
         1000,
         Mode {
             faults: false,
             writeback: true,
             parts: 1,
+            block: 1,
         },
     );
 }
 
 #[test]
 fn crashes_during_writeback_with_random_io_errors() {
-    run_seeds(
+    run_both_geometries(
         300,
         Mode {
             faults: true,
             writeback: true,
             parts: 1,
+            block: 1,
         },
     );
 }
@@ -591,20 +623,22 @@ fn crashes_during_writeback_with_random_io_errors() {
 /// every part has written back and flushed the one before.
 #[test]
 fn crashes_with_shards_split_over_engine_threads_keep_the_backing_ordered() {
-    run_seeds(
+    run_both_geometries(
         600,
         Mode {
             faults: false,
             writeback: true,
             parts: 2,
+            block: 1,
         },
     );
-    run_seeds(
+    run_both_geometries(
         200,
         Mode {
             faults: true,
             writeback: true,
             parts: 3,
+            block: 1,
         },
     );
 }

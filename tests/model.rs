@@ -64,11 +64,45 @@ impl Model {
     }
 }
 
+/// `steps` with every range made whole cache blocks of `block` sectors.
+fn aligned(steps: Vec<Step>, block: u32) -> Vec<Step> {
+    let al = |lba, len| align_range(lba, len, block, BACKING_SECTORS);
+    steps
+        .into_iter()
+        .map(|s| match s {
+            Step::Write { lba, len } => {
+                let (lba, len) = al(lba, len);
+                Step::Write { lba, len }
+            }
+            Step::Read { lba, len } => {
+                let (lba, len) = al(lba, len);
+                Step::Read { lba, len }
+            }
+            Step::Unmap { lba, len } => {
+                let (lba, len) = al(lba, len);
+                Step::Unmap { lba, len }
+            }
+            Step::Zeroes { lba, len } => {
+                let (lba, len) = al(lba, len);
+                Step::Zeroes { lba, len }
+            }
+            Step::Batch(r) => Step::Batch(r.into_iter().map(|(l, n)| al(l, n)).collect()),
+            s => s,
+        })
+        .collect()
+}
+
 fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
+    run_blocks(steps, shards, data_crc, 512);
+}
+
+/// The model run on a cache device of `block_bytes`-byte blocks (requests whole blocks).
+fn run_blocks(steps: Vec<Step>, shards: u32, data_crc: bool, block_bytes: u32) {
+    let steps = aligned(steps, block_bytes / 512);
     let mut host = new_host(
         CACHE_BYTES,
         BACKING_SECTORS,
-        &small_format(shards, data_crc),
+        &small_format_blocks(shards, data_crc, block_bytes),
     );
     let mut model = Model(vec![0; BACKING_SECTORS as usize * SECTOR]);
     let mut id = 0u64;
@@ -137,6 +171,10 @@ fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
                 host.cache.stats().total
             );
         }
+        assert_eq!(
+            host.partial_block_commands, 0,
+            "cache I/O of partial blocks"
+        );
         host = reopen(host);
     }
 }
@@ -152,6 +190,16 @@ proptest! {
     #[test]
     fn reads_match_a_plain_block_device_four_shards_with_data_crc(steps in proptest::collection::vec(step(), 1..120)) {
         run(steps, 4, true);
+    }
+
+    #[test]
+    fn reads_match_a_plain_block_device_4k_cache_blocks(steps in proptest::collection::vec(step(), 1..120)) {
+        run_blocks(steps, 1, false, 4096);
+    }
+
+    #[test]
+    fn reads_match_a_plain_block_device_4k_cache_blocks_four_shards_with_data_crc(steps in proptest::collection::vec(step(), 1..120)) {
+        run_blocks(steps, 4, true, 4096);
     }
 }
 

@@ -25,6 +25,9 @@ pub struct CacheOptions {
     /// Opening: a backing device of the recorded size but another UUID is refused, or
     /// accepted and recorded (see [`UuidMismatch`](super::open::UuidMismatch)).
     pub backing_uuid_mismatch: super::open::UuidMismatch,
+    /// Opening: the block size of the device the cache is on now (0: 512). A cache
+    /// recorded with smaller blocks is refused: its metadata writes are partial blocks.
+    pub device_block_bytes: u32,
 }
 
 /// A request served directly by the host (see [`Cache::begin_direct`]).
@@ -434,6 +437,10 @@ impl Cache {
         copy: &mut dyn FnMut(u64, u64, u64) -> bool,
     ) -> Option<bool> {
         let li = self.sole_shard(lba, len)?;
+        let g = &self.sb.geometry;
+        if g.block_sectors > 1 && !(g.block_aligned(lba) && g.block_aligned(len.into())) {
+            return None; // refused by `submit`
+        }
         self.shards[li].read_inline(lba, len, copy)
     }
 

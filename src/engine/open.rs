@@ -129,6 +129,13 @@ pub enum OpenError {
         /// Dirty bytes the log holds (None: the replay could not count them).
         dirty_bytes: Option<u64>,
     },
+    #[error(
+        "the cache was formatted for a device of {recorded}-byte blocks, but this device has \
+         {device}-byte blocks: its metadata updates would be partial blocks (refused; \
+         nothing was written). Attach it from a device of {recorded}-byte blocks (the same \
+         data, e.g. the file it was copied from)"
+    )]
+    BlockSize { recorded: u32, device: u32 },
     #[error("shard {shard}: no valid control slot (A: {a}; B: {b})")]
     ControlLost {
         shard: u32,
@@ -424,6 +431,11 @@ impl Opener {
                 return Err(OpenError::NoSuperblock { a, b });
             }
         };
+        let recorded = sb.geometry.block_sectors * 512;
+        let device = self.opts.device_block_bytes.max(512);
+        if recorded < device {
+            return Err(OpenError::BlockSize { recorded, device });
+        }
         let mut sb = sb;
         match compare_backing(&sb.backing, &self.backing) {
             BackingMatch::Same => {}

@@ -86,6 +86,53 @@ fn pick<'a>(
     }
 }
 
+/// Whether every cache-device range `cmd` touches is whole blocks of `block_sectors`
+/// sectors (a bdev of that block size takes nothing else).
+pub fn whole_cache_blocks(cmd: &Command, block_sectors: u32) -> bool {
+    let block = u64::from(block_sectors.max(1));
+    let whole = |sector: u64, sectors: u64| sector % block == 0 && sectors % block == 0;
+    match cmd {
+        Command::Write {
+            dev: Dev::Cache,
+            sector,
+            buf,
+            ..
+        }
+        | Command::Read {
+            dev: Dev::Cache,
+            sector,
+            buf,
+            ..
+        } => buf.len() % 512 == 0 && whole(*sector, buf.len() / 512),
+        Command::WriteZeroes {
+            dev: Dev::Cache,
+            sector,
+            sectors,
+            ..
+        }
+        | Command::Unmap {
+            dev: Dev::Cache,
+            sector,
+            sectors,
+            ..
+        } => whole(*sector, *sectors),
+        Command::Copy {
+            src,
+            src_sector,
+            dst,
+            dst_sector,
+            sectors,
+            verify,
+            ..
+        } => {
+            let (from, n) = verify.map_or((*src_sector, *sectors), |v| (v.sector, v.sectors));
+            (*src != Dev::Cache || whole(from, n))
+                && (*dst != Dev::Cache || whole(*dst_sector, *sectors))
+        }
+        _ => true,
+    }
+}
+
 /// Runs one command against a pair of synchronous devices. Commands without a tag
 /// (`ZeroBuf`) return `None`.
 pub fn execute(

@@ -440,41 +440,12 @@ impl Sim {
     /// bdev refuses anything else): a command that is not is an engine bug, and the
     /// simulator stops on it rather than let it pass as it would on a 512-byte device.
     fn check_blocks(&self, cmd: &Command) {
-        let block = u64::from(self.cache.geometry().block_sectors);
-        let cache_range = match cmd {
-            Command::Write {
-                dev: Dev::Cache,
-                sector,
-                buf,
-                ..
-            }
-            | Command::Read {
-                dev: Dev::Cache,
-                sector,
-                buf,
-                ..
-            } => Some((*sector, buf.len() / 512)),
-            Command::Copy {
-                src: Dev::Cache,
-                src_sector,
-                sectors,
-                ..
-            } => Some((*src_sector, *sectors)),
-            Command::Copy {
-                dst: Dev::Cache,
-                dst_sector,
-                sectors,
-                ..
-            } => Some((*dst_sector, *sectors)),
-            _ => None,
-        };
-        if let Some((sector, sectors)) = cache_range {
-            assert!(
-                sector % block == 0 && sectors % block == 0,
-                "the engine issued {cmd:?}: not whole {}-byte cache blocks",
-                block * 512
-            );
-        }
+        let block = self.cache.geometry().block_sectors;
+        assert!(
+            super::whole_cache_blocks(cmd, block),
+            "the engine issued {cmd:?}: not whole {}-byte cache blocks",
+            block * 512
+        );
     }
 
     /// Completes one in-flight command chosen at random. Returns false when none is left.

@@ -60,15 +60,15 @@ pub(crate) fn after(us: u64, f: Box<dyn FnOnce()>) -> Result<(), ()> {
 
 // ---- block I/O from the app thread (examine, superblock name) ----
 
-/// One command of [`block_io`].
+/// One command of [`block_io`], in bytes: whole blocks of the bdev, whatever its block
+/// size (a cache bdev may have 512-byte or 4 KiB blocks).
 pub(crate) enum BlockOp {
     Read {
-        offset_blocks: u64,
-        num_blocks: u64,
+        offset: u64,
+        len: u64,
     },
-    /// `data` is a whole number of blocks.
     Write {
-        offset_blocks: u64,
+        offset: u64,
         data: Vec<u8>,
     },
     /// The whole bdev; skipped (success) when the bdev does not support FLUSH.
@@ -76,11 +76,11 @@ pub(crate) enum BlockOp {
 }
 
 impl BlockOp {
-    /// Both superblock replicas of a cache bdev (512-byte blocks).
+    /// Both superblock replicas of a cache bdev (4 KiB each, at bytes 0 and 4096).
     pub(crate) fn read_superblocks() -> Self {
         BlockOp::Read {
-            offset_blocks: 0,
-            num_blocks: 2 * SB_B_SECTOR,
+            offset: 0,
+            len: 2 * SB_B_SECTOR * 512,
         }
     }
 }
@@ -119,10 +119,10 @@ pub(crate) fn block_io(desc: *mut ffi::spdk_bdev_desc, op: BlockOp, done: BlockD
         let b = ffi::spdk_bdev_desc_get_bdev(desc);
         (b, u64::from(ffi::spdk_bdev_get_block_size(b)))
     };
-    let (len, read) = match &op {
-        BlockOp::Read { num_blocks, .. } => (num_blocks.saturating_mul(bs), true),
-        BlockOp::Write { data, .. } => (data.len() as u64, false),
-        BlockOp::Flush => (0, false),
+    let (offset, len, read) = match &op {
+        BlockOp::Read { offset, len } => (*offset, *len, true),
+        BlockOp::Write { offset, data } => (*offset, data.len() as u64, false),
+        BlockOp::Flush => (0, 0, false),
     };
     if let BlockOp::Flush = op {
         // SAFETY: live bdev.
@@ -135,11 +135,12 @@ pub(crate) fn block_io(desc: *mut ffi::spdk_bdev_desc, op: BlockOp, done: BlockD
     let Ok(len) = usize::try_from(len) else {
         return done(Err("I/O too large".into()));
     };
-    if bs == 0 || len as u64 % bs != 0 {
+    if bs == 0 || len as u64 % bs != 0 || offset % bs != 0 {
         return done(Err(format!(
-            "{len} bytes is not a whole number of {bs}-byte blocks"
+            "{len} bytes at byte {offset} are not whole {bs}-byte blocks"
         )));
     }
+    let offset_blocks = offset / bs;
     // SAFETY: open descriptor, on the thread that will put the channel.
     let ch = unsafe { ffi::spdk_bdev_get_io_channel(desc) };
     if ch.is_null() {
@@ -174,7 +175,7 @@ pub(crate) fn block_io(desc: *mut ffi::spdk_bdev_desc, op: BlockOp, done: BlockD
     // lives until the completion, which takes `ctx` back (exactly once).
     let rc = unsafe {
         match op {
-            BlockOp::Read { offset_blocks, .. } => ffi::spdk_bdev_read_blocks(
+            BlockOp::Read { .. } => ffi::spdk_bdev_read_blocks(
                 desc,
                 ch,
                 buf,
@@ -183,7 +184,7 @@ pub(crate) fn block_io(desc: *mut ffi::spdk_bdev_desc, op: BlockOp, done: BlockD
                 Some(block_io_done),
                 ctx.cast(),
             ),
-            BlockOp::Write { offset_blocks, .. } => ffi::spdk_bdev_write_blocks(
+            BlockOp::Write { .. } => ffi::spdk_bdev_write_blocks(
                 desc,
                 ch,
                 buf,

@@ -11,8 +11,8 @@
 //!   ([`Pending`]) whose last base just appeared is attached now: the create opens and
 //!   claims both bases before any other module's `examine_disk` looks at them.
 //! - `examine_disk` (asynchronous): a base of a pcache bdev being created waits for the
-//!   create, so `bdev_wait_for_examine` covers it. Any other bdev with 512-byte blocks is
-//!   probed: both superblock replicas are read (sectors 0..16); a pcache superblock that
+//!   create, so `bdev_wait_for_examine` covers it. Any other bdev with 512-byte to 4 KiB
+//!   blocks is probed: both superblock replicas are read (bytes 0..8192); a pcache superblock that
 //!   carries a bdev name and whose backing bdev is present (same UUID, else same name when
 //!   either has none, and same size: the open's own rule) is reattached through the same
 //!   create as `bdev_pcache_create`; without its backing bdev it waits for it (a
@@ -577,7 +577,12 @@ fn examine_disk_body(bdev: *mut ffi::spdk_bdev, done: ExamineDone) {
             ffi::spdk_bdev_get_num_blocks(bdev),
         )
     };
-    if bs != 512 || blocks < 2 * SB_B_SECTOR {
+    // Cache bdevs have 512-byte to 4 KiB blocks; the superblocks fill the first 8 KiB.
+    let max_block = crate::engine::geometry::MAX_BLOCK_BYTES;
+    if !bs.is_power_of_two()
+        || !(512..=max_block).contains(&bs)
+        || blocks.saturating_mul(u64::from(bs)) < 2 * SB_B_SECTOR * 512
+    {
         return;
     }
     // The request that waits for this cache bdev decides what it holds.

@@ -426,10 +426,11 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
             node.config.backing_bdev
         )));
     }
-    if ca.blocklen != 512 {
+    let max_block = crate::engine::geometry::MAX_BLOCK_BYTES;
+    if !ca.blocklen.is_power_of_two() || !(512..=max_block).contains(&ca.blocklen) {
         return Err(invalid(format!(
-            "{} has {}-byte blocks: pcache needs a cache bdev with 512-byte blocks \
-             (its on-media format updates single 512-byte sectors, e.g. the A/B control slots)",
+            "{} has {}-byte blocks: pcache supports cache bdevs of 512 to {max_block}-byte \
+             blocks (powers of two)",
             node.config.cache_label(),
             ca.blocklen
         )));
@@ -464,8 +465,6 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
             node.config.cache_label(), o.shards, o.segment_size_mib
         )));
     }
-    let boundary =
-        u32::try_from(stripe / u64::from(bk.blocklen)).map_err(|_| invalid("stripe too large"))?;
 
     let mut ns: ffi::spdk_uuid = uuid_zero();
     let mut uuid: ffi::spdk_uuid = uuid_zero();
@@ -487,10 +486,13 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
         return Err(errno(rc, "cannot derive the bdev UUID".into()));
     }
 
-    let (blocklen, blockcnt, phys, align, numa) = (
-        bk.blocklen,
-        bk.blockcnt,
-        bk.phys_blocklen,
+    // A cache of 4 KiB blocks stores whole 4 KiB blocks: the bdev exports the larger block
+    // size (as bcache and dm-writecache do), so no request needs a read-modify-write. A
+    // reattached cache may record a larger block than its device has: `create_finish`
+    // sets the block size from the superblock.
+    let blocklen = bk.blocklen.max(ca.blocklen);
+    let (phys, align, numa) = (
+        bk.phys_blocklen.max(blocklen),
         bk.required_alignment.max(ca.required_alignment),
         bk.numa,
     );
@@ -499,17 +501,10 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     b.name = node.name.as_ptr().cast_mut();
     b.product_name = c"pcache".as_ptr().cast_mut();
     b.write_cache = 1;
-    b.blocklen = blocklen;
     b.phys_blocklen = phys;
-    b.blockcnt = blockcnt;
     b.required_alignment = align;
-    b.optimal_io_boundary = boundary;
+    set_block_size(b, blocklen, bk.blockcnt * u64::from(bk.blocklen), stripe)?;
     b.__bindgen_anon_1.set_split_on_optimal_io_boundary(1);
-    // Keep UNMAP / WRITE_ZEROES within the worker's 32-bit sector counts.
-    let max_discard = (1u32 << 30) / blocklen;
-    b.max_unmap = max_discard;
-    b.max_unmap_segments = 1;
-    b.max_write_zeroes = max_discard;
     // A reset reaches the workers at once and completes when their requests in flight
     // did. A drain timeout would have the bdev layer wait instead until no channel has I/O
     // outstanding, which counts the I/O it aborts during the reset: a submitter that
@@ -520,6 +515,35 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
     b.ctxt = (node as *mut Pcache).cast();
     b.fn_table = &FN_TABLE;
     b.module = module();
+    Ok(())
+}
+
+/// Sets the exported block size and what follows from it: the block count (a backing
+/// device whose size is not a whole number of blocks loses its tail: the last partial
+/// block is not exported), the split boundary (one stripe) and the discard limits.
+fn set_block_size(
+    b: &mut ffi::spdk_bdev,
+    blocklen: u32,
+    backing_bytes: u64,
+    stripe: u64,
+) -> Result<(), RpcError> {
+    let boundary = u32::try_from(stripe / u64::from(blocklen))
+        .ok()
+        .filter(|&n| n > 0 && stripe % u64::from(blocklen) == 0)
+        .ok_or_else(|| {
+            invalid(format!(
+                "the stripe ({stripe} bytes) is not a whole number of {blocklen}-byte blocks"
+            ))
+        })?;
+    b.blocklen = blocklen;
+    b.phys_blocklen = b.phys_blocklen.max(blocklen);
+    b.blockcnt = backing_bytes / u64::from(blocklen);
+    b.optimal_io_boundary = boundary;
+    // Keep UNMAP / WRITE_ZEROES within the worker's 32-bit sector counts.
+    let max_discard = (1u32 << 30) / blocklen;
+    b.max_unmap = max_discard;
+    b.max_unmap_segments = 1;
+    b.max_write_zeroes = max_discard;
     Ok(())
 }
 
@@ -664,7 +688,7 @@ fn start_workers(node: *mut Pcache) {
                 segment_bytes: u64::from(o.segment_size_mib) << 20,
                 stripe_bytes: o.stripe_bytes(),
                 shards: o.shards,
-                ..LayoutOptions::default()
+                block_bytes: ca.blocklen,
             },
             data_crc: o.data_crc,
             cache_uuid: random_uuid(),
@@ -673,6 +697,7 @@ fn start_workers(node: *mut Pcache) {
         cache_options: CacheOptions {
             writeback: o.wb.engine(o.gc_percent),
             backing_uuid_mismatch: n.config.backing_uuid_mismatch,
+            device_block_bytes: ca.blocklen,
             ..CacheOptions::default()
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
@@ -1047,7 +1072,7 @@ fn update_superblock(
             let mut steps = Vec::new();
             for sector in [SB_A_SECTOR, SB_B_SECTOR] {
                 steps.push(BlockOp::Write {
-                    offset_blocks: sector,
+                    offset: sector * 512,
                     data: bytes.clone(),
                 });
                 steps.push(BlockOp::Flush);
@@ -1097,6 +1122,19 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
             );
         }
     }
+    // Blocks of the backing bdev and of the cache (the superblock's, which may be larger
+    // than its device's), split at the engine's stripes: the superblock's, which win over
+    // the create options.
+    {
+        // SAFETY: not registered yet, so we are the bdev's only user.
+        let b = unsafe { &mut *n.bdev_ptr() };
+        let blocklen = b.blocklen.max(g.block_sectors * 512);
+        let stripe = u64::from(g.stripe_sectors) * 512;
+        if let Err(e) = set_block_size(b, blocklen, g.backing_sectors * 512, stripe) {
+            stop_and_free(node, false);
+            return answer(Err(e));
+        }
+    }
     if info.team.len() > 1 {
         // SAFETY: not registered yet: nothing reads the routing concurrently.
         let blocklen = unsafe { (*n.bdev_ptr()).blocklen };
@@ -1106,18 +1144,6 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
             shift: (blocklen / 512).max(1).trailing_zeros(),
         };
         n.front.workers.set_team(info.team.clone(), routing);
-    }
-    // Split at the engine's stripes: the superblock's, which win over the create options.
-    {
-        // SAFETY: not registered yet, so we are the bdev's only user.
-        let b = unsafe { &mut *n.bdev_ptr() };
-        if let Some(v) = (u64::from(g.stripe_sectors) * 512)
-            .checked_div(u64::from(b.blocklen))
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|&v| v > 0)
-        {
-            b.optimal_io_boundary = v;
-        }
     }
     *n.info.borrow_mut() = json!({
         "formatted": info.formatted,

@@ -21,12 +21,17 @@ pub fn identity(backing_sectors: u64) -> BackingIdentity {
 
 /// Small geometry so tests exercise segment switches and a full cache.
 pub fn small_format(shards: u32, data_crc: bool) -> FormatOptions {
+    small_format_blocks(shards, data_crc, 512)
+}
+
+/// [`small_format`] for a cache device of `block_bytes`-byte blocks.
+pub fn small_format_blocks(shards: u32, data_crc: bool, block_bytes: u32) -> FormatOptions {
     FormatOptions {
         layout: LayoutOptions {
             segment_bytes: 64 << 10,
             stripe_bytes: 16 << 10,
             shards,
-            ..LayoutOptions::default()
+            block_bytes,
         },
         data_crc,
         cache_uuid: [0xc4; 16],
@@ -53,6 +58,17 @@ pub fn reopen(host: MemHost) -> MemHost {
     SyncHost::open(c, b, backing, CacheOptions::default())
         .expect("reopen")
         .0
+}
+
+/// `lba..+len` widened to whole blocks of `block` sectors, inside `0..limit` (a pcache bdev
+/// over a cache of 4 KiB blocks exports 4 KiB blocks: its requests are whole blocks).
+pub fn align_range(lba: u64, len: u32, block: u32, limit: u64) -> (u64, u32) {
+    let b = u64::from(block);
+    let start = lba / b * b;
+    let end = (lba + u64::from(len))
+        .next_multiple_of(b)
+        .min(limit / b * b);
+    (start, (end.max(start + b) - start) as u32)
 }
 
 /// One sector written by write `id` at `lba`: the id and lba, then a pattern derived from

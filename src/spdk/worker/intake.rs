@@ -45,7 +45,7 @@ impl Worker {
             self.finish_io(io, st::SPDK_BDEV_IO_STATUS_FAILED, reply);
             return;
         };
-        let shift = self.shift[1];
+        let shift = self.front_shift;
         let (lba, len) = if op == Op::Flush {
             (0, 0)
         } else {
@@ -182,7 +182,7 @@ impl Worker {
             }
         }
         if let (Some(cache), true) = (self.cache.as_deref(), descs.len() > 1) {
-            let shift = self.shift[1];
+            let shift = self.front_shift;
             prefetch_lookups(descs.iter().map(|(d, _)| {
                 let len = u32::try_from(d.num << shift).unwrap_or(u32::MAX);
                 (cache, d.offset << shift, len)

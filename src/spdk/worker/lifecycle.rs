@@ -182,6 +182,7 @@ impl Worker {
             workers: 1,
         });
         e.wid = k;
+        e.front_shift = super::front_shift_of(e.shift[1], &part);
         e.cache = Some(Box::new(part));
         e
     }

@@ -50,7 +50,7 @@ impl Worker {
     #[inline(always)]
     pub(crate) fn lookup_of(&self, io: *mut ffi::spdk_bdev_io) -> Option<(&Cache, u64, u32)> {
         let b = ffi::bdev_io_block(io);
-        let shift = self.shift[1];
+        let shift = self.front_shift;
         // SAFETY: a pending request's block range, read by value.
         let len = u32::try_from(unsafe { (*b).num_blocks } << shift).unwrap_or(u32::MAX);
         self.cache
@@ -80,7 +80,7 @@ impl Worker {
             let b = ffi::bdev_io_block(io);
             ((*b).offset_blocks, (*b).num_blocks)
         };
-        let shift = self.shift[1];
+        let shift = self.front_shift;
         let len = u32::try_from(num << shift).ok()?;
         let cache = self.cache.as_deref_mut()?;
         let Some(direct) = cache.begin_direct(op, offset << shift, len) else {

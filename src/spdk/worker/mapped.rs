@@ -85,7 +85,7 @@ impl Worker {
             (next, self.cache.as_deref(), self.dax.as_ref())
         {
             if next.0.ty == t::SPDK_BDEV_IO_TYPE_READ {
-                let shift = self.shift[1];
+                let shift = self.front_shift;
                 let (lba, len) = (next.0.offset << shift, next.0.num << shift);
                 if let Some(sector) = u32::try_from(len)
                     .ok()

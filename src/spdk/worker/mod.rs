@@ -204,6 +204,9 @@ pub(crate) struct Worker {
     ch: [*mut ffi::spdk_io_channel; 2],
     /// log2(block size / 512) per device.
     shift: [u32; 2],
+    /// log2(block size / 512) of the pcache bdev: the larger of the backing bdev's and the
+    /// cache's block size (set with the cache, see [`Worker::front_shift_of`]).
+    front_shift: u32,
     blocks: [u64; 2],
     flush_ok: [bool; 2],
     removed: [bool; 2],
@@ -282,6 +285,12 @@ fn shift_of(bdev: *mut ffi::spdk_bdev) -> u32 {
     (bl / 512).max(1).trailing_zeros()
 }
 
+/// log2(block size / 512) of a pcache bdev over a backing bdev of `backing_shift` and
+/// `cache`: requests must be whole blocks of both (see `fill_bdev`).
+pub(crate) fn front_shift_of(backing_shift: u32, cache: &Cache) -> u32 {
+    backing_shift.max(cache.geometry().block_sectors.trailing_zeros())
+}
+
 impl Worker {
     fn new(s: Setup) -> Self {
         // A mapped cache is served inline by the worker, with one fence per batch.
@@ -310,6 +319,7 @@ impl Worker {
             bdev: s.bdev,
             ch: [ptr::null_mut(); 2],
             shift: [cshift, shift_of(s.bdev[1])],
+            front_shift: shift_of(s.bdev[1]),
             blocks: [cblocks, blocks(s.bdev[1])],
             flush_ok: [cflush, flush(s.bdev[1])],
             removed: [false; 2],

@@ -151,6 +151,7 @@ impl Worker {
             .want_workers
             .min(cache.geometry().shard_count as usize)
             .max(1);
+        self.front_shift = super::front_shift_of(self.shift[1], &cache);
         if want == 1 {
             self.cache = Some(cache);
             return self.open_succeeded(info);
