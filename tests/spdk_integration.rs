@@ -471,7 +471,7 @@ const BAD_RPC_PY_CALLS: &[(&[&str], &str)] = &[
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--stripe-size-kib", "6"], "stripe_size_kib"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--shards", "300"], "shards"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--shards", "2", "--segment-size-mib", "32"], "too small"),
-    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache4k", "-d", "Back1"], "512-byte blocks"),
+    (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache8k", "-d", "Back1"], "512 to 4096-byte blocks"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--core", "5"], "not one of the app's cores"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--wb-high-pct", "5", "--wb-low-pct", "9"], "wb_low_pct"),
     (&["bdev_pcache_create", "-b", "PCx", "-c", "Cache1", "-d", "Back1", "--gc-percent", "95"], "gc_percent"),
@@ -492,13 +492,13 @@ fn target_rpc_lifecycle() {
     let Some((spdk, so)) = setup() else { return };
     let (mut tgt, rpc) = start_target(&spdk, &so, "rpc");
 
-    // Cache bdevs need 512-byte blocks; backing bdevs may use 4096.
+    // Cache bdevs have 512-byte to 4 KiB blocks (not 8 KiB); backing bdevs 512 or 4096.
     for (name, mib, bs) in [
         ("Cache0", "128", "512"),
         ("Back0", "64", "4096"),
         ("Cache1", "64", "512"),
         ("Back1", "32", "4096"),
-        ("Cache4k", "64", "4096"),
+        ("Cache8k", "64", "8192"),
     ] {
         rpc.ok(&["bdev_malloc_create", "-b", name, mib, bs]);
     }
@@ -929,6 +929,76 @@ fn verify_short_of_bdev_ios() {
     stop_app(perf, &rpc, 30);
 }
 
+/// Cache bdevs of 4 KiB blocks, alone and mixed with 512-byte backing blocks both ways:
+/// PC0 caches a 512-byte backing bdev on a 4 KiB cache, PC1 a 4 KiB backing bdev on a
+/// 512-byte cache, PC2 4 KiB on 4 KiB (data CRC on). Each exports 4 KiB blocks (the larger
+/// of its two) and passes bdevperf verify with a cache smaller than the working set, so
+/// writeback and GC run under it; a 512-byte request to a pcache bdev of 4 KiB blocks
+/// cannot be expressed (the bdev layer counts in blocks), and the cache's metadata lands in
+/// whole blocks or the cache bdev would fail its I/O (counted as errors).
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn verify_over_4k_cache_bdevs_and_mixed_block_sizes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let dir = scratch_dir("4k");
+    let cfg = dir.join("4k.json");
+    // 16 MiB caches of 2 MiB segments under 64 MiB working sets.
+    let malloc = |name: &str, mib: u64, bs: u64| {
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": name, "num_blocks": (mib << 20) / bs, "block_size": bs}})
+    };
+    let pcache = |name: &str, cache: &str, backing: &str, crc: bool| {
+        json!({"method": "bdev_pcache_create",
+               "params": {"name": name, "cache_bdev": cache, "backing_bdev": backing,
+                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": crc}})
+    };
+    let config = json!({"subsystems": [{"subsystem": "bdev", "config": [
+        malloc("C4k0", 16, 4096), malloc("B512", 64, 512),
+        malloc("C512", 16, 512), malloc("B4k1", 64, 4096),
+        malloc("C4k2", 16, 4096), malloc("B4k2", 64, 4096),
+        pcache("PC0", "C4k0", "B512", false),
+        pcache("PC1", "C512", "B4k1", false),
+        pcache("PC2", "C4k2", "B4k2", true),
+        {"method": "bdev_wait_for_examine"}]}]});
+    std::fs::write(&cfg, config.to_string()).expect("write config");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "4k", "PC2", two_cores());
+    for (pc, cache_bs) in [("PC0", 4096), ("PC1", 512), ("PC2", 4096)] {
+        let b = &rpc.ok(&["bdev_get_bdevs", "-b", pc])[0];
+        assert_eq!(b["block_size"], 4096, "{pc}: {b}");
+        let sb = &b["driver_specific"]["pcache"];
+        println!("{pc}: cache blocks {cache_bs}: {sb}");
+    }
+    let secs = verify_secs();
+    let (res, jobs) = verify_jobs(&spdk, &perf_py, &rpc.sock, &perf, secs);
+    assert!(jobs.len() >= 3, "{res}");
+    for job in &jobs {
+        println!("bdevperf verify {secs} s: {job}");
+        assert_job_clean(job, &res);
+    }
+    for pc in ["PC0", "PC1", "PC2"] {
+        let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", pc])[0];
+        println!(
+            "{pc}: usage {}
+engine totals {}",
+            s["usage"], s["engine"]["total"]
+        );
+        assert_eq!(s["failed_ops"], 0, "{s}");
+        assert_wrote_back_cleanly(s);
+    }
+    // Drained to the backing bdev: the cache of 4 KiB blocks empties cleanly.
+    assert_eq!(rpc.ok(&["bdev_pcache_delete", "PC0"]), json!(true));
+    rpc.err(&["bdev_get_bdevs", "-b", "PC0"], "");
+    stop_app(perf, &rpc, 30);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Starts bdevperf `-z` on `cfg` and waits until PC0 exists. Returns the process and an RPC
 /// client for its socket.
 fn start_bdevperf<'a>(spdk: &'a Spdk, so: &Path, cfg: &Path, tag: &str) -> (Proc, Rpc<'a>) {
@@ -1324,7 +1394,19 @@ fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
     ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
 )]
 fn restart_and_reattach() {
-    restart_case(None);
+    restart_case(None, 512);
+}
+
+/// `restart_and_reattach` with a cache bdev of 4 KiB blocks (an aio file of 4096-byte
+/// blocks, as 4Kn NVMe namespaces have): the pcache bdev has 4 KiB blocks, the dirty data
+/// survives SIGKILL, replay and writeback.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn restart_and_reattach_4k_cache_blocks() {
+    restart_case(None, 4096);
 }
 
 /// `restart_and_reattach` with the cache in a file mapped by the engine (`cache_path`, in
@@ -1340,23 +1422,25 @@ fn restart_and_reattach_cache_path() {
         std::process::id()
     ));
     let _ = std::fs::remove_file(&path);
-    restart_case(Some(&path));
+    restart_case(Some(&path), 512);
     let _ = std::fs::remove_file(&path);
 }
 
-/// The cache: aio bdev `Cache0` (None) or the mapped file `cache_path`.
-fn restart_case(cache_path: Option<&Path>) {
+/// The cache: aio bdev `Cache0` of `cache_block`-byte blocks (None) or the mapped file
+/// `cache_path`.
+fn restart_case(cache_path: Option<&Path>, cache_block: u32) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((spdk, so)) = setup() else { return };
     let Some(dd) = spdk.dd.clone() else {
         println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
         return;
     };
-    let tag = if cache_path.is_some() {
-        "persistp"
-    } else {
-        "persist"
+    let tag = match (cache_path.is_some(), cache_block) {
+        (true, _) => "persistp",
+        (false, 512) => "persist",
+        (false, _) => "persist4k",
     };
+    let cache_block_s = cache_block.to_string();
     let dir = scratch_dir(tag);
     let cache_img = dir.join("cache.img");
     let back_img = dir.join("backing.img");
@@ -1390,7 +1474,7 @@ fn restart_case(cache_path: Option<&Path>) {
             "bdev_aio_create",
             &cache_s,
             "Cache0",
-            "512",
+            &cache_block_s,
             "-u",
             "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0001",
         ]);
@@ -1425,6 +1509,11 @@ fn restart_case(cache_path: Option<&Path>) {
     create.extend(&cache_args);
     create.extend(["--segment-size-mib", "2", "--stripe-size-kib", "256"]);
     rpc.ok(&create);
+    // The larger of the two block sizes (the backing bdev's is 4096).
+    assert_eq!(
+        rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["block_size"],
+        4096
+    );
     nvmf_export(&rpc, "PC0", &port);
     dd_write(
         &spdk,
