@@ -157,6 +157,7 @@ pub fn inspect(dev: &mut dyn BlockDevice) -> String {
                 .map_or("(none)".to_string(), |n| format!("'{n}'"))
         );
         let _ = writeln!(out, "  cache size       {} bytes", g.cache_sectors * 512);
+        let _ = writeln!(out, "  cache blocks     {} bytes", g.block_bytes());
         let _ = writeln!(
             out,
             "  backing          '{}' {} bytes, block size {}",

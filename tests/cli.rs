@@ -174,7 +174,8 @@ fn format_inspect_check_on_a_temp_file() {
     let out = pcache(&["inspect", p]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = text(&out.stdout);
-    assert!(s.contains("format version   2"), "{s}");
+    assert!(s.contains("format version   3"), "{s}");
+    assert!(s.contains("cache blocks     512 bytes"), "{s}");
 
     let out = pcache(&["check", p]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
@@ -194,4 +195,29 @@ fn format_inspect_check_on_a_temp_file() {
     let out = pcache(&["check", "/nonexistent/pcache.img"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("cannot open"));
+}
+
+/// `format --block-size 4096`: a cache for a device of 4 KiB blocks (inspect shows it,
+/// check finds it clean); a block size that is no power of two from 512 to 4096 is refused.
+#[test]
+fn format_for_4k_blocks() {
+    let img = temp_image("f4k");
+    let p = img.to_str().expect("utf-8 temp path");
+    let _ = std::fs::remove_file(&img);
+    let out = pcache(&["format", p, "--backing-mib", "64", "--block-size", "4096"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&pcache(&["inspect", p]).stdout);
+    assert!(s.contains("cache blocks     4096 bytes"), "{s}");
+    let out = pcache(&["check", p]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    for bad in ["3000", "8192", "256"] {
+        let out = pcache(&["format", p, "--backing-mib", "64", "--block-size", bad]);
+        assert!(!out.status.success(), "--block-size {bad} accepted");
+        assert!(
+            text(&out.stderr).contains("block size"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_file(&img);
 }

@@ -22,6 +22,51 @@ fn geo() -> Geometry {
     .unwrap()
 }
 
+/// [`geo`] on a device of 4 KiB blocks.
+fn geo_4k() -> Geometry {
+    Geometry::new(
+        64 << 20,
+        1 << 20,
+        LayoutOptions {
+            segment_bytes: 1 << 20,
+            stripe_bytes: 64 << 10,
+            shards: 4,
+            block_bytes: 4096,
+        },
+    )
+    .unwrap()
+}
+
+/// A kset of whole 4 KiB blocks: after the segment header's block, data on blocks.
+fn sample_kset_4k() -> Kset {
+    let at = LogPos {
+        seg: 3,
+        gen: 9,
+        off: 8,
+    };
+    let keys = (0..4)
+        .map(|i| Key {
+            lba: 64 * i,
+            len: 16,
+            kind: KeyKind::Data,
+            data_off: 16 + 16 * i as u32,
+            gen: 9,
+            epoch: 7,
+            clean: false,
+            crc: None,
+        })
+        .collect();
+    Kset {
+        seq: 42,
+        prev_crc: 0x1234,
+        shard: 2,
+        pos: at,
+        next: LogPos { off: 16, ..at },
+        region_sectors: 8,
+        keys,
+    }
+}
+
 fn sample_kset() -> Kset {
     let at = LogPos {
         seg: 3,
@@ -154,6 +199,33 @@ proptest! {
                 }
             }
             prop_assert!(d.next.seg < g.segment_count && d.next.off < g.segment_sectors);
+        }
+    }
+
+    /// The same on a cache of 4 KiB blocks: what decodes puts data and the next kset on
+    /// whole blocks (a partial block could not be read or written on such a device).
+    #[test]
+    fn corrupted_4k_ksets_with_fixed_crc_stay_on_whole_blocks(
+        flips in proptest::collection::vec((0usize..224, any::<u8>()), 1..8)
+    ) {
+        let g = geo_4k();
+        let k = sample_kset_4k();
+        let (mut bytes, _) = k.encode(0);
+        prop_assert!(Kset::decode(&bytes, 0, &g, k.pos, 2).is_ok());
+        let used = 64 + 40 * k.keys.len();
+        for (at, x) in flips {
+            if at >= 8 && at < used {
+                bytes[at] ^= x;
+            }
+        }
+        let crc = crc32c::crc32c_append(0, &bytes[8..used]);
+        bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        if let Ok((d, _)) = Kset::decode(&bytes, 0, &g, k.pos, 2) {
+            for key in d.keys.iter().filter(|k| k.kind == KeyKind::Data) {
+                prop_assert!(key.data_off % 8 == 0 && key.len % 8 == 0, "{key:?}");
+                prop_assert!(key.data_off + key.len <= g.segment_sectors);
+            }
+            prop_assert!(d.next.off % 8 == 0 && d.next.off >= 8, "{:?}", d.next);
         }
     }
 

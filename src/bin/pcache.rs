@@ -137,6 +137,10 @@ struct FormatArgs {
     /// Keep a CRC of every data block
     #[arg(long)]
     data_crc: bool,
+    /// Block size of the device the cache will be on (512 to 4096, a power of two):
+    /// metadata is written in whole blocks, and requests must be whole blocks
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    block_size: u32,
 }
 
 #[derive(Args)]
@@ -292,6 +296,7 @@ fn format_cmd(a: &FormatArgs) -> Result<ExitCode, String> {
     let fopts = FormatOptions {
         layout: LayoutOptions {
             shards: a.shards,
+            block_bytes: a.block_size,
             ..LayoutOptions::default()
         },
         data_crc: a.data_crc,
