@@ -1174,9 +1174,10 @@ fn hot_remove_under_io() {
     // `-f`: jobs go on after failed I/O (PC1's requests fail once its cache is gone).
     let args: Vec<&str> = two_cores().iter().copied().chain(["-f"]).collect();
     let (mut perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "hotrm", "PC0", &args);
-    // PC2: a 16 MiB backing under a 64 MiB cache, so random writes soon rewrite dirty
-    // blocks in place, served directly; it loses its cache bdev with those in flight.
-    rpc.ok(&["bdev_malloc_create", "-b", "PcCache2", "64", "512"]);
+    // PC2: a 16 MiB backing under a 64 MiB cache (of 4 KiB blocks), so random writes soon
+    // rewrite dirty blocks in place, served directly; it loses its cache bdev with those in
+    // flight.
+    rpc.ok(&["bdev_malloc_create", "-b", "PcCache2", "64", "4096"]);
     rpc.ok(&["bdev_malloc_create", "-b", "PcBacking2", "16", "4096"]);
     rpc.ok(&[
         "bdev_pcache_create",
@@ -1940,8 +1941,9 @@ fn examine_autoload_after_restart() {
     );
     const CACHE_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0101";
     const BACK_UUID: &str = "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0102";
+    // A cache bdev of 4 KiB blocks: examine probes those too (the restart tests use 512).
     let cache_bdev = json!({"method": "bdev_aio_create", "params": {
-        "filename": cache_s, "name": "Cache0", "block_size": 512, "uuid": CACHE_UUID}});
+        "filename": cache_s, "name": "Cache0", "block_size": 4096, "uuid": CACHE_UUID}});
     let back_bdev = json!({"method": "bdev_aio_create", "params": {
         "filename": back_s, "name": "Back0", "block_size": 4096, "uuid": BACK_UUID}});
     let data = pattern(4 << 20, 0xa070_10ad);
@@ -1990,7 +1992,7 @@ fn examine_autoload_after_restart() {
         "bdev_aio_create",
         &cache_s,
         "Cache0",
-        "512",
+        "4096",
         "-u",
         CACHE_UUID,
     ]);
