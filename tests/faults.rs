@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pcache::engine::format::KSET_MAGIC;
+use pcache::engine::format::{FORMAT_VERSION, KSET_MAGIC};
 use pcache::engine::{Buf, CacheOptions, Command, Dev, Op, ReqError, ReqId};
 use pcache::media::host::SyncHost;
 use pcache::media::mem::MemDevice;
@@ -305,14 +305,16 @@ fn an_unknown_format_version_is_refused() {
     let (mut c, b) = host.into_devices();
     for base in [0usize, 4096] {
         let sb = &mut c.bytes_mut()[base..base + 4096];
-        sb[8..12].copy_from_slice(&3u32.to_le_bytes());
+        sb[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let crc = crc32c::crc32c(&sb[..4092]);
         sb[4092..].copy_from_slice(&crc.to_le_bytes());
     }
     let err = SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default())
         .err()
         .unwrap();
-    assert!(err.to_string().contains("format version 3"), "{err}");
+    let want = format!("format version {}", FORMAT_VERSION + 1);
+    assert!(err.to_string().contains(&want), "{err}");
+    assert!(err.to_string().contains("reads versions 1 to"), "{err}");
 }
 
 #[test]

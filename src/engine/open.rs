@@ -13,7 +13,7 @@ use thiserror::Error;
 use super::cache::{Cache, CacheOptions};
 use super::format::{
     BackingIdentity, ControlSlot, FormatError, Kset, LogPos, LogTail, SegmentHeader, Superblock,
-    KSET_MAGIC, SECTOR,
+    FORMAT_VERSION, KSET_MAGIC, MIN_FORMAT_VERSION, SECTOR,
 };
 use super::geometry::{Geometry, GeometryError, LayoutOptions, CONTROL_SECTOR, SB_B_SECTOR};
 use super::index::{Extent, ExtentMap, State};
@@ -108,7 +108,10 @@ pub fn format(
 pub enum OpenError {
     #[error("no valid superblock (replica A: {a}; replica B: {b})")]
     NoSuperblock { a: FormatError, b: FormatError },
-    #[error("cache was formatted with format version {found}; this build reads version 1")]
+    #[error(
+        "cache was formatted with format version {found}; this build reads versions \
+         {MIN_FORMAT_VERSION} to {FORMAT_VERSION} (a newer pcache wrote it: open it with that)"
+    )]
     UnsupportedVersion { found: u32 },
     #[error("cache belongs to another backing device: superblock names {expected}, found {found}")]
     BackingMismatch { expected: String, found: String },
