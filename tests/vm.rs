@@ -7,9 +7,12 @@
 //! socket (TCG unless KVM works), runs a guest script and powers off; its console is
 //! printed.
 //! - `ext4_survives_kill_and_drain`: the guest makes ext4, writes 48 files of random sizes
-//!   (about 140 MiB, over twice the cache) and a SHA-256 manifest, syncs, powers off;
-//!   spdk_tgt is SIGKILLed and restarted from its saved config (pcache reattaches); a second
-//!   guest finds `e2fsck -fn` clean and every checksum right; after a draining
+//!   (about 140 MiB, over twice the cache) and a SHA-256 manifest, syncs, powers off; with
+//!   writeback then held back (the backing bdev is behind a delay bdev whose writes now take
+//!   30 s), a second boot adds 8 files and rewrites the manifest, so that spdk_tgt is
+//!   SIGKILLed with acknowledged writes in the cache only; it restarts from its saved config
+//!   (pcache reattaches and replays them); a third guest finds `e2fsck -fn` clean and every
+//!   checksum right; after a draining
 //!   `bdev_pcache_delete`, a third guest on the backing bdev alone finds the same.
 //! - `fstrim_reaches_pcache`: `fstrim` in the guest raises `requests.discards`.
 //! - `fio_verify_over_pcache`: fio `--verify=crc32c`, random 4k-128k writes with verifying
@@ -376,6 +379,12 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// aio bdevs with fixed UUIDs (restarts reattach), PC0 over them, vhost.0 on PC0.
 fn create_pc0(t: &Target) {
+    create_pc0_over(t, false);
+}
+
+/// [`create_pc0`]; with `slow`, the backing bdev is behind `VmSlow0`, a delay bdev of no
+/// latency whose writes a test can hold back (`hold_writeback`).
+fn create_pc0_over(t: &Target, slow: bool) {
     let cache = t.dir.join("cache.img").display().to_string();
     let back = t.dir.join("backing.img").display().to_string();
     t.ok(&[
@@ -394,6 +403,25 @@ fn create_pc0(t: &Target) {
         "-u",
         "5c0e7a1d-3b7e-4f0a-9d55-7a6d0c1a0002",
     ]);
+    if slow {
+        t.ok(&[
+            "bdev_delay_create",
+            "-b",
+            "VmBacking0",
+            "-d",
+            "VmSlow0",
+            "-r",
+            "0",
+            "-t",
+            "0",
+            "-w",
+            "0",
+            "-n",
+            "0",
+            "-u",
+            "5c0e7a1d-3b7e-4f0a-9d55-7a6d0c1a0003",
+        ]);
+    }
     t.ok(&[
         "bdev_pcache_create",
         "-b",
@@ -401,13 +429,21 @@ fn create_pc0(t: &Target) {
         "-c",
         "VmCache0",
         "-d",
-        "VmBacking0",
+        if slow { "VmSlow0" } else { "VmBacking0" },
         "--segment-size-mib",
         "2",
         "--stripe-size-kib",
         "256",
     ]);
     t.ok(&["vhost_create_blk_controller", "vhost.0", "PC0"]);
+}
+
+/// Writes to `VmSlow0` take 30 s from now on: what pcache writes back stays in flight, and
+/// what the guest writes next stays dirty in the cache only.
+fn hold_writeback(t: &Target) {
+    for kind in ["p99_write", "avg_write"] {
+        t.ok(&["bdev_delay_update_latency", "VmSlow0", kind, "30000000"]);
+    }
 }
 
 fn shard_sum(stats: &Value, key: &str) -> u64 {
@@ -454,11 +490,30 @@ umount /mnt
 echo WRITE-OK
 "#;
 
+/// Eight more files, and the manifest of all 56, once writeback is held: the cache alone
+/// holds them when spdk_tgt is killed.
+const ADD_TO_TREE: &str = r#"set -e
+mount -t ext4 /dev/vda /mnt
+mkdir -p /mnt/tree/late
+i=0
+while [ $i -lt 8 ]; do
+    head -c $(( (RANDOM % 256 + 1) * 1024 + RANDOM % 1000 )) /dev/urandom > /mnt/tree/late/g$i
+    i=$((i + 1))
+done
+cd /mnt
+find tree -type f | sort | xargs sha256sum > MANIFEST
+echo "manifest: $(wc -l < MANIFEST) files"
+cd /
+sync
+umount /mnt
+echo ADD-OK
+"#;
+
 const VERIFY_TREE: &str = r#"set -e
 e2fsck -fn /dev/vda
 mount -t ext4 -o ro /dev/vda /mnt
 cd /mnt
-[ "$(wc -l < MANIFEST)" = 48 ]
+[ "$(wc -l < MANIFEST)" = 56 ]
 sha256sum -c MANIFEST > /tmp/sums
 grep -c ': OK$' /tmp/sums
 cd /
@@ -478,7 +533,7 @@ fn ext4_survives_kill_and_drain() {
 
     // ---- 1: ext4 and a tree of files over twice the cache, then SIGKILL ----
     let t = Target::start(&spdk, &so, &dir, None);
-    create_pc0(&t);
+    create_pc0_over(&t, true);
     let console = t.boot("vhost.0", WRITE_TREE, &[], 300);
     assert!(console.contains("WRITE-OK"), "{console}");
     let s = t.stats();
@@ -493,10 +548,32 @@ fn ext4_survives_kill_and_drain() {
         "writeback and GC should have run: {s}"
     );
     assert_eq!(shard_sum(&s, "io_errors"), 0, "{s}");
+    // Then writeback is held back, and the guest adds files: at the kill, the cache holds
+    // acknowledged writes the backing file does not.
+    hold_writeback(&t);
+    let console = t.boot("vhost.0", ADD_TO_TREE, &[], 300);
+    assert!(console.contains("ADD-OK"), "{console}");
+    let s = t.stats();
+    let dirty = s["engine"]["dirty_bytes"].as_u64().unwrap_or(0);
+    println!("at the kill: dirty bytes {dirty}");
+    assert!(
+        dirty > 0,
+        "nothing dirty at the kill: the test would prove little: {s}"
+    );
     let saved = t.ok(&["save_config"]);
     t.kill();
 
     // ---- 2: restart from the saved config; pcache reattaches; the tree is intact ----
+    let mut saved = saved;
+    for sub in saved["subsystems"].as_array_mut().into_iter().flatten() {
+        for m in sub["config"].as_array_mut().into_iter().flatten() {
+            if m["method"] == "bdev_delay_create" {
+                for k in ["avg_write_latency", "p99_write_latency"] {
+                    m["params"][k] = serde_json::json!(0);
+                }
+            }
+        }
+    }
     let cfg = dir.join("saved.json");
     std::fs::write(&cfg, saved.to_string()).expect("saved config");
     let t = Target::start(&spdk, &so, &dir, Some(&cfg));
@@ -505,12 +582,18 @@ fn ext4_survives_kill_and_drain() {
         b[0]["driver_specific"]["pcache"]["cache"]["formatted"], false,
         "reattached, not reformatted: {b}"
     );
+    let info = &b[0]["driver_specific"]["pcache"]["cache"];
+    assert!(
+        info["dirty_bytes_at_open"].as_u64() >= Some(dirty),
+        "the replay found the dirty data: {info}"
+    );
     let console = t.boot("vhost.0", VERIFY_TREE, &[], 300);
     assert!(console.contains("VERIFY-OK"), "{console}");
 
     // ---- 3: drain into the backing bdev, export it alone, check again ----
     t.ok(&["vhost_delete_controller", "vhost.0"]);
     t.ok(&["bdev_pcache_delete", "PC0"]);
+    t.ok(&["bdev_delay_delete", "VmSlow0"]);
     t.ok(&["vhost_create_blk_controller", "vhost.1", "VmBacking0"]);
     let console = t.boot("vhost.1", VERIFY_TREE, &[], 300);
     assert!(console.contains("VERIFY-OK"), "{console}");
