@@ -60,6 +60,14 @@
 //!   the bdev with it (never "wipe"); another file of the same size is refused;
 //!   `--backing-uuid-mismatch accept` attaches with the data intact, is not echoed by
 //!   `save_config`, and records the identity (a plain create then matches).
+//! - `nvme_backing_verify_kill_restart`: a second spdk_tgt exports an aio bdev (behind a
+//!   delay bdev) over NVMe/TCP; the pcache target's backing bdev is `Nvme0n1` from
+//!   `bdev_nvme_attach_controller`. With bdev_nvme's default `enable_flush: false` the create
+//!   warns that FLUSH is not honoured (naming `bdev_nvme_set_options --enable-flush`) and the
+//!   JSON shows it; bdevperf `-w verify` over NVMe/TCP through PC0 (16 MiB cache, 64 MiB
+//!   backing: writeback and GC over NVMe/TCP); a pattern written while writeback cannot land,
+//!   SIGKILL; restart from the saved config with `enable_flush: true`: honoured, reattached,
+//!   the pattern reads back, and writeback puts it in the other target's file.
 //!
 //! Every process is killed on every exit path (a Drop guard).
 
