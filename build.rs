@@ -231,7 +231,9 @@ mod spdk {
             .allowlist_function(
                 "spdk_(get_thread|set_thread|thread_send_msg|thread_get_name|get_ticks|get_ticks_hz)",
             )
-            .allowlist_function("spdk_thread_(create|exit|is_running|get_cpumask)")
+            .allowlist_function(
+                "spdk_thread_(create|exit|is_running|get_cpumask|register_post_poller_handler)",
+            )
             .allowlist_function("spdk_poller_(register_named|unregister)")
             .allowlist_function("spdk_dma_(zmalloc|free)")
             .allowlist_function("spdk_env_get_(first_core|next_core|core_count|current_core)")
