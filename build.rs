@@ -231,7 +231,9 @@ mod spdk {
             .allowlist_function(
                 "spdk_(get_thread|set_thread|thread_send_msg|thread_get_name|get_ticks|get_ticks_hz)",
             )
-            .allowlist_function("spdk_thread_(create|exit|is_running|get_cpumask)")
+            .allowlist_function(
+                "spdk_thread_(create|exit|is_running|get_cpumask|register_post_poller_handler)",
+            )
             .allowlist_function("spdk_poller_(register_named|unregister)")
             .allowlist_function("spdk_dma_(zmalloc|free)")
             .allowlist_function("spdk_env_get_(first_core|next_core|core_count|current_core)")
@@ -252,6 +254,10 @@ mod spdk {
             .allowlist_type("spdk_bdev_fn_table")
             .allowlist_type("spdk_bdev_io_wait_entry")
             .allowlist_type("spdk_thread_poller_rc")
+            // Only the options struct of the NVMe bdev module (`enable_flush`, read through
+            // `dlsym` in vbdev.rs); none of its functions are linked.
+            .allowlist_type("spdk_bdev_nvme_opts")
+            .blocklist_function("spdk_bdev_nvme_.*")
             // The packed spdk_bdev_ext_io_opts holds these NVMe unions; bindgen aligns them to 4
             // and Rust rejects the packed struct (E0588). Redefined by hand in ffi.rs.
             .blocklist_type("spdk_bdev_nvme_cdw1[23]")

@@ -60,6 +60,14 @@
 //!   the bdev with it (never "wipe"); another file of the same size is refused;
 //!   `--backing-uuid-mismatch accept` attaches with the data intact, is not echoed by
 //!   `save_config`, and records the identity (a plain create then matches).
+//! - `nvme_backing_verify_kill_restart`: a second spdk_tgt exports an aio bdev (behind a
+//!   delay bdev) over NVMe/TCP; the pcache target's backing bdev is `Nvme0n1` from
+//!   `bdev_nvme_attach_controller`. With bdev_nvme's default `enable_flush: false` the create
+//!   warns that FLUSH is not honoured (naming `bdev_nvme_set_options --enable-flush`) and the
+//!   JSON shows it; bdevperf `-w verify` over NVMe/TCP through PC0 (16 MiB cache, 64 MiB
+//!   backing: writeback and GC over NVMe/TCP); a pattern written while writeback cannot land,
+//!   SIGKILL; restart from the saved config with `enable_flush: true`: honoured, reattached,
+//!   the pattern reads back, and writeback puts it in the other target's file.
 //!
 //! Every process is killed on every exit path (a Drop guard).
 
@@ -1343,18 +1351,23 @@ const NQN: &str = "nqn.2016-06.io.spdk:pcache-it";
 /// Exports `bdev` over NVMe/TCP on 127.0.0.1:`port` as [`NQN`], for `spdk_dd` in another
 /// process to write and read it.
 fn nvmf_export(rpc: &Rpc, bdev: &str, port: &str) {
+    nvmf_export_as(rpc, NQN, bdev, port);
+}
+
+/// [`nvmf_export`] under subsystem `nqn`.
+fn nvmf_export_as(rpc: &Rpc, nqn: &str, bdev: &str, port: &str) {
     rpc.ok(&["nvmf_create_transport", "-t", "TCP"]);
     rpc.ok(&[
         "nvmf_create_subsystem",
-        NQN,
+        nqn,
         "-a",
         "-s",
         "SPDK00000000000001",
     ]);
-    rpc.ok(&["nvmf_subsystem_add_ns", NQN, bdev]);
+    rpc.ok(&["nvmf_subsystem_add_ns", nqn, bdev]);
     rpc.ok(&[
         "nvmf_subsystem_add_listener",
-        NQN,
+        nqn,
         "-t",
         "tcp",
         "-a",
@@ -2765,4 +2778,291 @@ fn backing_uuid_changed_after_restart() {
     let log = tgt.log();
     assert!(log.contains("PC0: recording backing bdev 'Slow0'"), "{log}");
     finish_target(tgt, &rpc, "uuid", &dir);
+}
+
+/// The NVMe-oF subsystem the backing target exports its bdev on (see
+/// [`nvme_backing_verify_kill_restart`]).
+const BACKING_NQN: &str = "nqn.2016-06.io.spdk:pcache-it-backing";
+
+/// `bdev_pcache_get_stats` / `bdev_get_bdevs` fields for a backing bdev whose FLUSH does or
+/// does not reach its volatile write cache.
+fn assert_backing_flush(v: &Value, honoured: bool) {
+    assert_eq!(v["backing_write_cache"], true, "{v}");
+    assert_eq!(v["backing_flush_honoured"], honoured, "{v}");
+    if honoured {
+        assert_eq!(v["backing_flush"], "honoured", "{v}");
+        assert!(v.get("backing_flush_warning").is_none(), "{v}");
+    } else {
+        assert_eq!(
+            v["backing_flush"], "ignored (bdev_nvme enable_flush is false)",
+            "{v}"
+        );
+        assert!(
+            v["backing_flush_warning"]
+                .as_str()
+                .is_some_and(|w| w.contains("bdev_nvme_set_options --enable-flush")),
+            "{v}"
+        );
+    }
+}
+
+/// NVMe as the backing device: a second spdk_tgt (the "storage" target, core 1) exports an
+/// aio bdev behind a delay bdev over NVMe/TCP on 127.0.0.1; the pcache target (core 0)
+/// attaches it with `bdev_nvme_attach_controller` and puts PC0 (a 16 MiB cache) in front of
+/// its namespace, exported over NVMe/TCP in turn.
+///
+/// 1. With bdev_nvme's default `enable_flush: false`, the namespace (NVMe-oF always
+///    advertises a volatile write cache) completes FLUSH without sending it: the create
+///    logs a warning naming the fix, and bdev_get_bdevs / get_stats show it.
+/// 2. bdevperf (an NVMe/TCP initiator) runs `-w verify` over the whole 64 MiB through PC0:
+///    writeback and GC run over NVMe/TCP, nothing fails.
+/// 3. The storage target's write latency goes to 5 s (writeback cannot land), spdk_dd writes
+///    a 4 MiB pattern through PC0, and the pcache target is SIGKILLed.
+/// 4. It restarts from its saved config with `bdev_nvme_set_options enable_flush: true`
+///    (the fix): FLUSH is honoured, the cache is reattached with the dirty pattern,
+///    spdk_dd reads it back identical; a flush writes it back, the draining delete leaves it
+///    in the storage target's file.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn nvme_backing_verify_kill_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let Some(dd) = spdk.dd.clone() else {
+        println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
+        return;
+    };
+    let dir = scratch_dir("nvmeback");
+    let back_img = dir.join("backing.img");
+    let cache_img = dir.join("cache.img");
+    for (p, mib) in [(&back_img, 64u64), (&cache_img, 16)] {
+        std::fs::File::create(p)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("image file");
+    }
+    let (back_s, cache_s) = (
+        back_img.display().to_string(),
+        cache_img.display().to_string(),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let (core_p, core_s) = if cores > 1 {
+        ("0x1", "0x2")
+    } else {
+        ("0x1", "0x1")
+    };
+    let mask = |m: &str| vec!["-m".to_string(), m.to_string()];
+
+    // ---- the storage target: aio file -> delay bdev (0 latency for now) -> NVMe/TCP ----
+    let (storage, srpc) = start_target_with(&spdk, &so, "nvmestore", &mask(core_s));
+    srpc.ok(&[
+        "bdev_aio_create",
+        &back_s,
+        "Back0",
+        "4096",
+        "-u",
+        "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0a02",
+    ]);
+    srpc.ok(&[
+        "bdev_delay_create",
+        "-b",
+        "Back0",
+        "-d",
+        "Slow0",
+        "-r",
+        "0",
+        "-t",
+        "0",
+        "-w",
+        "0",
+        "-n",
+        "0",
+        "-u",
+        "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0a03",
+    ]);
+    let sport = free_port().to_string();
+    nvmf_export_as(&srpc, BACKING_NQN, "Slow0", &sport);
+
+    // ---- the pcache target: Nvme0n1 (over TCP) as backing, an aio file as cache ----
+    let (mut tgt, rpc) = start_target_with(&spdk, &so, "nvmepc", &mask(core_p));
+    rpc.ok(&[
+        "bdev_nvme_attach_controller",
+        "-b",
+        "Nvme0",
+        "-t",
+        "tcp",
+        "-f",
+        "ipv4",
+        "-a",
+        "127.0.0.1",
+        "-s",
+        &sport,
+        "-n",
+        BACKING_NQN,
+    ]);
+    let nvme = &rpc.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"])[0];
+    assert_eq!(
+        nvme["product_name"], "NVMe disk",
+        "the backing bdev is SPDK's NVMe bdev: {nvme}"
+    );
+    rpc.ok(&[
+        "bdev_aio_create",
+        &cache_s,
+        "Cache0",
+        "512",
+        "-u",
+        "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0a01",
+    ]);
+    rpc.ok(&[
+        "bdev_pcache_create",
+        "-b",
+        "PC0",
+        "-c",
+        "Cache0",
+        "-d",
+        "Nvme0n1",
+        "--segment-size-mib",
+        "2",
+        "--stripe-size-kib",
+        "256",
+    ]);
+    // 1. enable_flush is false (bdev_nvme's default): FLUSH never reaches the namespace.
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
+    assert_backing_flush(info, false);
+    assert_backing_flush(&rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0], false);
+    assert!(
+        tgt.log().contains("bdev_nvme_set_options --enable-flush"),
+        "no warning at create:\n{}",
+        tgt.log()
+    );
+    let pport = free_port().to_string();
+    nvmf_export(&rpc, "PC0", &pport);
+    let initiator = initiator_config(&dir, &pport);
+
+    // 2. bdevperf verify over NVMe/TCP through PC0, writeback and GC over NVMe/TCP.
+    let (perf, prpc) = start_bdevperf_with(
+        &spdk,
+        &so,
+        &initiator,
+        "nvmeperf",
+        "Nvme0n1",
+        &["-m", core_s],
+    );
+    let secs = verify_secs();
+    let (res, jobs) = verify_jobs(&spdk, &perf_py, &prpc.sock, &perf, secs);
+    assert!(!jobs.is_empty(), "{res}");
+    for job in &jobs {
+        println!("bdevperf verify {secs} s over NVMe/TCP through PC0: {job}");
+        assert_job_clean(job, &res);
+    }
+    stop_app(perf, &prpc, 30);
+    let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
+    println!(
+        "PC0 after verify: usage {}\nwriteback {}\nengine totals {}",
+        s["usage"], s["writeback"], s["engine"]["total"]
+    );
+    assert_eq!(s["failed_ops"], 0, "{s}");
+    assert_wrote_back_cleanly(s);
+
+    wait_clean(&rpc, "PC0");
+
+    // 3. Writeback cannot land for 5 s; a pattern goes into the (clean) cache; SIGKILL.
+    for k in ["avg_write", "p99_write"] {
+        srpc.ok(&["bdev_delay_update_latency", "Slow0", k, "5000000"]);
+    }
+    let data = pattern(4 << 20, 0x0a1e_5eed);
+    let pattern_file = dir.join("pattern.bin");
+    std::fs::write(&pattern_file, &data).expect("pattern file");
+    dd_write(
+        &spdk,
+        &dd,
+        &initiator,
+        &pattern_file,
+        &dir.join("dd-write.log"),
+    );
+    let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
+    println!("before the kill: {st}");
+    assert!(
+        st["dirty_bytes"].as_u64() >= Some(data.len() as u64),
+        "the pattern should be dirty in the cache: {st}"
+    );
+    let saved = rpc.ok(&["save_config"]);
+    tgt.child.kill().expect("SIGKILL spdk_tgt");
+    let _ = tgt.child.wait();
+    drop(tgt);
+    for k in ["avg_write", "p99_write"] {
+        srpc.ok(&["bdev_delay_update_latency", "Slow0", k, "0"]);
+    }
+
+    // 4. Restart with the fix: enable_flush true before the attach.
+    let mut cfg = saved.clone();
+    let mut set_options = 0;
+    for sub in cfg["subsystems"].as_array_mut().into_iter().flatten() {
+        for m in sub["config"].as_array_mut().into_iter().flatten() {
+            if m["method"] == "bdev_nvme_set_options" {
+                set_options += 1;
+                assert_eq!(m["params"]["enable_flush"], false, "{m}");
+                m["params"]["enable_flush"] = json!(true);
+            }
+        }
+    }
+    assert_eq!(set_options, 1, "save_config: {saved}");
+    let cfg_path = dir.join("saved.json");
+    std::fs::write(&cfg_path, cfg.to_string()).expect("saved config");
+    let mut args = mask(core_p);
+    args.extend(["--json".into(), cfg_path.display().to_string()]);
+    let (tgt, rpc) = start_target_with(&spdk, &so, "nvmepc2", &args);
+    let b = wait_bdev(&rpc, "PC0", 30);
+    let info = &b["driver_specific"]["pcache"];
+    assert_eq!(info["cache"]["formatted"], false, "reattached: {info}");
+    assert!(
+        info["cache"]["dirty_bytes_at_open"].as_u64() >= Some(data.len() as u64),
+        "the log replay found the dirty pattern: {info}"
+    );
+    assert_backing_flush(info, true);
+    assert!(
+        !tgt.log().contains("--enable-flush"),
+        "a warning although enable_flush is set:\n{}",
+        tgt.log()
+    );
+    let back = dd_read(
+        &spdk,
+        &dd,
+        &initiator,
+        &dir.join("readback.bin"),
+        data.len(),
+        &dir.join("dd-read.log"),
+    );
+    assert!(
+        back == data,
+        "data read back after the crash differs from what was written"
+    );
+    wait_clean(&rpc, "PC0");
+    assert_eq!(rpc.ok(&["bdev_pcache_delete", "PC0"]), json!(true));
+    assert!(
+        read_prefix(&back_img, data.len()) == data,
+        "after writeback the storage target's file holds the pattern"
+    );
+    println!("pcache target log (restart):\n{}", stop_target(tgt, &rpc));
+    println!("storage target log:\n{}", stop_target(storage, &srpc));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `bdev_pcache_flush_start`, then waits up to 60 s for `name` to be clean.
+fn wait_clean(rpc: &Rpc, name: &str) {
+    rpc.ok(&["bdev_pcache_flush_start", name]);
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = rpc.ok(&["bdev_pcache_flush_status", name]);
+        if st["clean"] == true {
+            break;
+        }
+        assert_eq!(st["writeback_failed"], false, "{st}");
+        assert!(Instant::now() < end, "writeback did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -5,7 +5,9 @@ use std::ffi::CString;
 
 use super::ffi;
 
-pub(crate) use ffi::spdk_log_level::{SPDK_LOG_ERROR as ERROR, SPDK_LOG_NOTICE as NOTICE};
+pub(crate) use ffi::spdk_log_level::{
+    SPDK_LOG_ERROR as ERROR, SPDK_LOG_NOTICE as NOTICE, SPDK_LOG_WARN as WARN,
+};
 
 /// Log `msg` at `level`. Never panics (interior NULs are dropped).
 pub(crate) fn log(

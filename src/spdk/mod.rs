@@ -28,6 +28,7 @@
 //!            msg        closures as SPDK thread messages
 //!            stats      per-channel I/O counters
 //!            base_io    one-off base bdev I/O and timers on the app thread
+//!            backing    does the backing bdev's FLUSH reach its write cache
 //!            registration  the spdk_bdev_module struct, the shutdown flag
 //!            json, log  SPDK's JSON writer and logger
 //!            ffi        bindgen output and SPDK's inline helpers
@@ -38,10 +39,10 @@
 //! ```text
 //! rpc          -> module, vbdev, io, worker, stats, json, log, ffi
 //! module       -> vbdev, worker, base_io, registration, json, log, ffi
-//! vbdev        -> io, worker, base_io, registration, json, log, ffi
+//! vbdev        -> io, worker, backing, base_io, registration, json, log, ffi
 //! io           -> worker, link, stats, msg, log, ffi
 //! worker       -> link, stats, msg, log, ffi
-//! link, stats, registration, json -> ffi;  msg, log, base_io -> log, ffi
+//! link, stats, registration, json, backing -> ffi;  msg, log, base_io -> log, ffi
 //! ```
 //!
 //! Three inversions keep it one-way:
@@ -59,6 +60,7 @@
 
 pub mod ffi;
 
+mod backing;
 mod base_io;
 mod io;
 mod json;

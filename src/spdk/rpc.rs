@@ -453,16 +453,19 @@ fn collect_workers(mut c: Box<Collect>, v: Value, node: *mut vbdev::Pcache) {
         return collect_next(c);
     }
     // SAFETY: live node.
-    let (thread, worker, media) = unsafe {
+    let (thread, worker, media, flush) = unsafe {
         (
             (*node).lead_thread(),
             (*node).lead_worker(),
             (*node).media().clone(),
+            (*node).backing_flush().clone(),
         )
     };
     let mut v = v;
-    if let (Some(o), Value::Object(m)) = (v.as_object_mut(), media) {
-        o.extend(m);
+    for extra in [media, flush] {
+        if let (Some(o), Value::Object(m)) = (v.as_object_mut(), extra) {
+            o.extend(m);
+        }
     }
     // The closure is dropped unrun if the message cannot be sent: keep the walk reachable.
     let slot = std::rc::Rc::new(std::cell::RefCell::new(Some((c, v))));

@@ -33,6 +33,7 @@ use crate::engine::open::describe_backing;
 use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
+use crate::shell::backing::BackingFlush;
 use crate::shell::config::SetOptions;
 use crate::shell::config::{CacheMedia, CreateConfig};
 use crate::shell::routing::Routing;
@@ -89,6 +90,8 @@ pub(crate) struct Pcache {
     _path_lock: Option<std::fs::File>,
     /// What holds the cache, for `bdev_get_bdevs` and `bdev_pcache_get_stats`.
     media: Value,
+    /// Whether the backing bdev's FLUSH is honoured (`shell::backing`), for the same two.
+    backing_flush: Value,
     /// Thread that opened the bases: their descriptors must be closed there.
     thread: *mut ffi::spdk_thread,
     state: Cell<NodeState>,
@@ -144,6 +147,11 @@ impl Pcache {
     /// `{"cache_bdev"}` or `{"cache_path", "persistent_memory", "persistence"}`.
     pub(crate) fn media(&self) -> &Value {
         &self.media
+    }
+
+    /// `{"backing_write_cache", "backing_flush", "backing_flush_honoured"[, "backing_flush_warning"]}`.
+    pub(crate) fn backing_flush(&self) -> &Value {
+        &self.backing_flush
     }
 
     /// Records options changed at run time, so `save_config` echoes them.
@@ -649,6 +657,7 @@ fn fail_create(node: *mut Pcache, e: RpcError) {
 fn start_workers(node: *mut Pcache) {
     // SAFETY: live node (registry, Creating), app thread.
     let n = unsafe { &mut *node };
+    check_backing_flush(n);
     let (bk, ca) = geometries(n);
     let o = &n.config.options;
     let cache = n.front.cache.bdev;
@@ -714,6 +723,17 @@ fn start_workers(node: *mut Pcache) {
         Ok(lead) => n.front.workers.set_lead(lead),
         Err(e) => fail_create(node, errno(-libc::ENOMEM, e)),
     }
+}
+
+/// Finds out whether FLUSH of the (open) backing bdev reaches its volatile write cache,
+/// records it for the JSON and warns, naming the fix, when it does not.
+fn check_backing_flush(n: &mut Pcache) {
+    let facts = super::backing::facts(n.backing.bdev);
+    let flush = BackingFlush::classify(facts);
+    if let Some(w) = flush.warning(&n.config.backing_bdev) {
+        spdk_log!(WARN, "{}: {w}", n.config.name);
+    }
+    n.backing_flush = flush.to_json(facts, &n.config.backing_bdev);
 }
 
 /// Does the create request `cfg` describe `node`, a bdev examine attached and no create
@@ -834,6 +854,7 @@ fn new_node(config: CreateConfig) -> Result<*mut Pcache, RpcError> {
         dax: RefCell::new(None),
         _path_lock: None,
         media: Value::Null,
+        backing_flush: Value::Null,
         config,
         // SAFETY: called on an SPDK thread (the RPC thread).
         thread: unsafe { ffi::spdk_get_thread() },
@@ -1416,8 +1437,10 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
             "options": options,
             "cache": *n.info.borrow(),
         });
-        if let (Some(o), Some(m)) = (info.as_object_mut(), n.media.as_object()) {
-            o.extend(m.clone());
+        for extra in [&n.media, &n.backing_flush] {
+            if let (Some(o), Some(m)) = (info.as_object_mut(), extra.as_object()) {
+                o.extend(m.clone());
+            }
         }
         w.named("pcache", &info);
         0

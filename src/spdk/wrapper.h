@@ -12,3 +12,6 @@
 #include <spdk/uuid.h>
 #include <spdk/env.h>
 #include <spdk/cpuset.h>
+/* For struct spdk_bdev_nvme_opts only (enable_flush); the function is looked up at run
+ * time, so libpcache.so does not depend on the NVMe bdev module. */
+#include <spdk/module/bdev/nvme.h>

@@ -12,8 +12,9 @@
 //!   (`worker::submit_msg`, the `spdk_bdev_io` as argument: no allocation); the worker
 //!   answers by message (`worker::complete_remote_msg`), only reading the request.
 //! - From a thread pinned to the worker's own core, without a message either way: the
-//!   request waits in the channel for its poller ([`channel_poll`]), which serves a read
-//!   hit or an in-place rewrite itself with one I/O on its own channel to the cache bdev
+//!   request waits in the channel until the poller that submitted it returns (a SPDK
+//!   post-poller handler, [`Channel::serve_after_poller`]; else the channel's poller,
+//!   [`channel_poll`]), which serves a read hit or an in-place rewrite itself with one I/O on its own channel to the cache bdev
 //!   ([`served`]), and puts any other request straight into the worker's inbox; the
 //!   worker completes those as the submitting thread (`worker::complete_as_submitter`). Both
 //!   threads are polled by the same reactor, one at a time, so this is the same sequence
@@ -115,9 +116,13 @@ pub(crate) struct Channel {
     /// This thread's channel to the cache bdev, for the requests it serves itself
     /// (`worker::local`); made on first use.
     cache_ch: Cell<*mut ffi::spdk_io_channel>,
-    /// Requests for workers on this core, served (or handed to their worker) together by
-    /// the channel's next poll, so that their index lookups overlap (`worker::local`).
+    /// Requests for workers on this core, served (or handed to their worker) together
+    /// right after the poller that submitted them ([`serve_after_poller`]), else by the
+    /// channel's next poll, so that their index lookups overlap (`worker::local`).
     local: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
+    /// A post-poller handler ([`serve_after_poller`]) is registered for `local` and has not
+    /// run yet.
+    after_poller: Cell<bool>,
 }
 
 const _: () = assert!(std::mem::offset_of!(Channel, stats) == 0);
@@ -160,6 +165,7 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
             done: RefCell::new(Vec::new()),
             cache_ch: Cell::new(ptr::null_mut()),
             local: RefCell::new(Vec::new()),
+            after_poller: Cell::new(false),
         };
         // SAFETY: SPDK allocated `size_of::<Channel>()` bytes for us at `buf` (we registered
         // that size), suitably aligned (the context follows a 96-byte, 8-aligned header).
@@ -284,6 +290,7 @@ fn to_worker(io: *mut ffi::spdk_bdev_io, entry: Entry) {
                 if direct && chan.start_polling() {
                     worker::local::wait(p);
                     chan.local.borrow_mut().push((io, p));
+                    chan.serve_after_poller();
                 } else {
                     to_inbox(io, p);
                 }
@@ -349,6 +356,62 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// Serves the requests collected in `local` once the poller (or message) running now
+    /// has returned: a submitter usually sends a burst from one poller (a vhost session
+    /// taking its ring, bdevperf's completions), and they are then served together, in the
+    /// same reactor iteration. The channel's own poller would take them only in the next
+    /// one: SPDK runs a thread's active pollers newest first, and this channel's poller is
+    /// younger than the submitter's, so every request waited a whole reactor iteration (the
+    /// other threads of the core included), which a vhost target, waiting on its initiator
+    /// between requests, pays in full. The channel poller still serves whatever is left
+    /// (e.g. if SPDK had no free handler slot: it logs that and registers nothing).
+    fn serve_after_poller(&self) {
+        if self.after_poller.replace(true) {
+            return;
+        }
+        // SAFETY: registers on the current thread (this channel's: the request was just
+        // submitted on it). The channel outlives the call: it holds the requests in `local`
+        // until then, and SPDK frees a channel only after its last request completed and a
+        // later message of this thread; the handler runs before the next messages.
+        unsafe {
+            ffi::spdk_thread_register_post_poller_handler(
+                Some(serve_after_poller),
+                (self as *const Channel).cast_mut().cast(),
+            )
+        };
+    }
+}
+
+/// The post-poller handler [`Channel::serve_after_poller`] registers: serves the channel's
+/// collected requests, at the top level of its thread (between two pollers).
+unsafe extern "C" fn serve_after_poller(arg: *mut c_void) {
+    no_unwind("pcache serve after poller", (), || {
+        // SAFETY: the channel that registered this handler on this thread, alive (see
+        // `Channel::serve_after_poller`).
+        let chan = unsafe { &*arg.cast::<Channel>() };
+        chan.after_poller.set(false);
+        serve_local(chan);
+    })
+}
+
+/// Serves the requests collected in `chan.local`; true if there were any.
+fn serve_local(chan: &Channel) -> bool {
+    let mut batch = chan.local.take();
+    if batch.is_empty() {
+        chan.local.replace(batch);
+        return false;
+    }
+    served::serve_batch(&mut batch, chan);
+    // Requests submitted meanwhile (by completions) wait for the next poll or handler; the
+    // buffer goes back when none came.
+    let mut cur = chan.local.borrow_mut();
+    if cur.is_empty() {
+        std::mem::swap(&mut *cur, &mut batch);
+    }
+    true
+}
+
 /// Hands `io`, for the worker `p` on this core, to that worker's inbox: the worker
 /// completes it as this thread ([`complete_as_submitter`]).
 pub(crate) fn to_inbox(io: *mut ffi::spdk_bdev_io, p: Peer) {
@@ -367,15 +430,14 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
         // SAFETY: the channel registered this poller with itself as argument and
         // unregisters it before it is freed; pollers run on the channel's thread.
         let chan = unsafe { &*arg.cast::<Channel>() };
-        let mut batch = chan.local.take();
-        let mut busy = !batch.is_empty();
-        served::serve_batch(&mut batch, chan);
-        // Requests submitted meanwhile (by completions) wait for the next poll.
-        let mut cur = chan.local.borrow_mut();
-        if cur.is_empty() {
-            std::mem::swap(&mut *cur, &mut batch);
+        let mut busy = serve_local(chan);
+        if chan.links.borrow().is_empty() {
+            return if busy {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+            } else {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+            };
         }
-        drop(cur);
         let mut done = chan.done.take();
         for l in chan.links.borrow_mut().iter_mut().flatten() {
             while let Ok(d) = l.cq.pop() {

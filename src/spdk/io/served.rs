@@ -3,7 +3,8 @@
 //! `Cache::begin_direct`).
 //!
 //! A submitting thread pinned to a worker's core collects the requests for that worker in
-//! its channel, and its channel poller serves them together ([`serve_batch`]): for each, it
+//! its channel, served together ([`serve_batch`]) once the submitter's poller returns (or by
+//! the channel's poller): for each, it
 //! asks the worker where its data is (`Worker::begin_local`) and issues the one cache-bdev
 //! I/O on its own channel to the cache bdev, completing the request from that I/O's
 //! callback, on its own thread, while the index lines of the requests a few places behind it
@@ -33,7 +34,8 @@ use crate::spdk::msg;
 use crate::spdk::worker::{self, complete, ctx, Local, Peer};
 
 /// Serves the requests of `batch` (empty on return), each for a worker on this core,
-/// collected by this thread's channel `chan`, at the top level of its poller. The index
+/// collected by this thread's channel `chan`, at the top level of its thread (a post-poller
+/// handler or the channel's poller). The index
 /// lines of the requests behind the one being served load meanwhile, at the distances
 /// [`lookahead`] sets.
 pub(crate) fn serve_batch(batch: &mut Vec<(*mut ffi::spdk_bdev_io, Peer)>, chan: &Channel) {
