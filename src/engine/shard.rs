@@ -22,12 +22,15 @@ use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{
     Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag,
 };
+use super::mode::{CacheMode, SeqCutoff};
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
 
+mod modes;
 mod retry;
 mod writeback;
+use modes::{BackingFlush, Fwd, Streams};
 use retry::Backoff;
 pub use retry::{RETRY_MAX_MS, RETRY_MIN_MS};
 use writeback::{first_dirty_epoch, Control, WbIo, Writeback};
@@ -45,6 +48,10 @@ pub struct ShardConfig {
     /// Insert read-miss data into the cache.
     pub read_fill: bool,
     pub wb: WritebackOptions,
+    /// What writes do (persisted in the control slot).
+    pub mode: CacheMode,
+    /// The sequential cut-off (persisted in the control slot).
+    pub seq_cutoff: SeqCutoff,
 }
 
 /// Everything a shard wants from the outside world since the last drain.
@@ -101,6 +108,19 @@ enum LogOp {
         req: ReqId,
         buf_off: u64,
     },
+    /// A clean unmap key that drops what the log may still hold for a range whose new data
+    /// went to the backing device (write `fwd` in flight there).
+    Invalidate {
+        req: ReqId,
+        fwd: u32,
+    },
+}
+
+impl LogOp {
+    /// Logs no dirty data (read-miss fills, invalidations).
+    fn is_clean(&self) -> bool {
+        matches!(self, LogOp::Fill { .. } | LogOp::Invalidate { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,13 +131,17 @@ struct Pending {
     epoch: u64,
     /// When it was queued (host time, ms): it fails once it waited the I/O timeout.
     since: u64,
+    /// Write-through: once logged, written to the backing device too.
+    through: bool,
+    /// The request asked for forced unit access.
+    fua: bool,
 }
 
 impl Pending {
     fn data_sectors(&self) -> u32 {
         match self.op {
             LogOp::Write { .. } | LogOp::Fill { .. } => self.len,
-            LogOp::Zeroes { .. } | LogOp::Unmap { .. } => 0,
+            LogOp::Zeroes { .. } | LogOp::Unmap { .. } | LogOp::Invalidate { .. } => 0,
         }
     }
 }
@@ -199,6 +223,12 @@ enum TagOwner {
     Wb(WbIo),
     WbFlush,
     Control,
+    /// The backing write of a write sent around the cache or written through.
+    Fwd {
+        id: u32,
+    },
+    /// A backing flush for FLUSH requests and for writes that must be durable.
+    BackingFlush,
     Read {
         read: u32,
         lba: u64,
@@ -266,6 +296,21 @@ pub struct Shard {
     /// Ranges poisoned by writeback (their data failed its CRC), persisted in the control
     /// slot; a write over one trims it.
     poison: Vec<(u64, u32)>,
+    /// Writes sent to the backing device (around the cache, or through it).
+    fwd: Slab<Fwd>,
+    /// Ranges of those backing writes in flight: writeback copies nothing there and read
+    /// misses fill nothing there until they land.
+    fwd_ranges: Vec<(u64, u32)>,
+    /// Write-through writes logged and waiting to be written to the backing device (or
+    /// copied there by writeback).
+    through_wait: Vec<u32>,
+    /// Backing flushes asked by FLUSH requests and durable forwarded writes.
+    bflush: BackingFlush,
+    /// Recent sequential streams (the sequential cut-off).
+    streams: Streams,
+    /// A clean extent left the index while the log may still replay its key (its data
+    /// failed its CRC): every write sent around the cache logs an invalidation.
+    ghosts: bool,
     out: Outbox,
     pub stats: ShardStats,
     scratch: Vec<Piece>,
@@ -329,6 +374,12 @@ impl Shard {
             meta: Backoff::default(),
             retry_data: Vec::new(),
             poison: log.poison,
+            fwd: Slab::new(),
+            fwd_ranges: Vec::new(),
+            through_wait: Vec::new(),
+            bflush: BackingFlush::default(),
+            streams: Streams::default(),
+            ghosts: false,
             out: Outbox::default(),
             stats: ShardStats::default(),
             scratch: Vec::new(),
@@ -382,7 +433,11 @@ impl Shard {
                 || (self.ready.len() as u32 + self.preparing + self.wanted) < RESERVE_SEGMENTS
         });
         let wb = self.writeback_due();
-        [pending, batched, meta, wb].into_iter().flatten().min()
+        let through = self.through_deadline();
+        [pending, batched, meta, wb, through]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The log is closed: the cache device failed every write for the I/O timeout.
@@ -393,6 +448,7 @@ impl Shard {
     /// Requests or retries wait for time to pass (not only for device completions).
     pub fn waits_for_time(&self) -> bool {
         !self.pending.is_empty()
+            || !self.through_wait.is_empty()
             || !self.retry_data.is_empty()
             || self
                 .batches
@@ -411,7 +467,10 @@ impl Shard {
 
     /// Requests still owed a completion, and whether the shard has work in flight.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.batches.is_empty() && self.tags.is_empty()
+        self.pending.is_empty()
+            && self.batches.is_empty()
+            && self.tags.is_empty()
+            && self.fwd.is_empty()
     }
 
     fn tag(&mut self, owner: TagOwner) -> Tag {
@@ -435,13 +494,7 @@ impl Shard {
                         .completions
                         .push((r.id, Err(ReqError::ShardFailed)));
                 } else if !self.try_in_place(&r) {
-                    self.queue(
-                        r,
-                        LogOp::Write {
-                            req: r.id,
-                            buf_off: r.buf_off,
-                        },
-                    );
+                    self.route_write(r);
                 }
             }
             Op::WriteZeroes | Op::Unmap => {
@@ -459,7 +512,11 @@ impl Shard {
                     self.queue(r, op);
                 }
             }
-            Op::Flush => self.out.completions.push((r.id, Ok(()))),
+            Op::Flush => {
+                if self.flush_request(r.id) {
+                    self.out.completions.push((r.id, Ok(())));
+                }
+            }
         }
     }
 
@@ -470,6 +527,8 @@ impl Shard {
             len: r.len,
             epoch: self.epoch,
             since: self.now,
+            through: false,
+            fua: false,
         });
     }
 
@@ -529,7 +588,11 @@ impl Shard {
         }
         match op {
             Op::Read => {
-                let e = self.index.covering(lba, len).filter(|e| e.is_data())?;
+                let pt = self.cfg.mode == CacheMode::PassThrough;
+                let e = self
+                    .index
+                    .covering(lba, len)
+                    .filter(|e| e.is_data() && !(pt && e.state() == State::Clean))?;
                 let seg = self.seg_of(e.pos);
                 *self.reads_per_seg.get_mut(seg as usize)? += 1;
                 self.stats.reads += 1;
@@ -593,6 +656,12 @@ impl Shard {
         });
         let mut pieces = std::mem::take(&mut self.scratch);
         self.index.lookup(r.lba, r.len, &mut pieces);
+        // Pass-through serves only dirty data from the cache, and fills nothing; the
+        // sequential cut-off fills nothing either.
+        let serve_clean = self.cfg.mode != CacheMode::PassThrough;
+        let seq = self.seq_bypass(r.lba, r.len, false);
+        let fill = self.cfg.read_fill && !self.failed && serve_clean && !seq;
+        let mut unfilled = 0u64;
         let mut issued = 0;
         for p in &pieces {
             let buf_off = r.buf_off + (p.lba - r.lba) * 512;
@@ -602,7 +671,7 @@ impl Shard {
                 len: u64::from(p.len) * 512,
             };
             let src = match p.extent {
-                Some(e) if e.is_data() => {
+                Some(e) if e.is_data() && (serve_clean || e.state() == State::Dirty) => {
                     self.stats.read_hit_sectors += u64::from(p.len);
                     let verify = e.crc().filter(|_| p.whole);
                     let seg = self.seg_of(e.pos) as usize;
@@ -626,6 +695,8 @@ impl Shard {
                     issued += 1;
                     continue;
                 }
+                // Pass-through: clean data is read where it also is.
+                Some(e) if e.state() == State::Clean => ReadSrc::Backing { fill: None },
                 Some(e) if e.state() == State::Poisoned => {
                     self.stats.poisoned_reads += 1;
                     if let Some(ctx) = self.reads.get_mut(read) {
@@ -640,20 +711,29 @@ impl Shard {
                 }
                 // A fill of the same range is already in flight: just read the backing.
                 Some(_) => ReadSrc::Backing { fill: None },
-                None if self.cfg.read_fill && !self.failed => {
+                // No fill under a write in flight to the backing device: it could read the
+                // older data.
+                None if fill && !self.fwd_overlaps(p.lba, p.len) => {
                     let id = self.next_fill;
                     self.next_fill += 1;
                     self.index
                         .insert(p.lba, Extent::new(id, p.len, State::Placeholder, None, 0));
                     ReadSrc::Backing { fill: Some(id) }
                 }
-                None => ReadSrc::Backing { fill: None },
+                None => {
+                    unfilled += u64::from(p.len);
+                    ReadSrc::Backing { fill: None }
+                }
             };
             self.stats.read_miss_sectors += u64::from(p.len);
             self.issue_backing_read(read, p.lba, p.len, buf_off, src, r.id);
             issued += 1;
         }
         self.scratch = pieces;
+        if seq && unfilled > 0 {
+            self.stats.seq_bypass_requests += 1;
+            self.stats.seq_bypass_sectors += unfilled;
+        }
         if let Some(ctx) = self.reads.get_mut(read) {
             ctx.pending = issued;
         }
@@ -680,9 +760,13 @@ impl Shard {
         }
         let mut pieces = std::mem::take(&mut self.scratch);
         self.index.lookup(lba, len, &mut pieces);
+        let pt = self.cfg.mode == CacheMode::PassThrough;
         let res = pieces
             .iter()
-            .all(|p| p.extent.is_some_and(|e| e.is_data()))
+            .all(|p| {
+                p.extent
+                    .is_some_and(|e| e.is_data() && !(pt && e.state() == State::Clean))
+            })
             .then(|| {
                 pieces.iter().all(|p| {
                     p.extent
@@ -808,6 +892,7 @@ impl Shard {
             self.ask_for_segments();
         }
         self.writeback_poll();
+        self.poll_through();
     }
 
     /// Fails the requests that waited for space (or for the log) past the I/O timeout: a
@@ -840,6 +925,10 @@ impl Shard {
                     self.stats.timed_out += 1;
                     self.out.completions.push((req, Err(ReqError::TimedOut)));
                 }
+                LogOp::Invalidate { fwd, .. } => {
+                    self.stats.timed_out += 1;
+                    self.fwd_inval_failed(fwd, ReqError::TimedOut);
+                }
             }
         }
     }
@@ -855,17 +944,26 @@ impl Shard {
                 if e.answered || e.failed || e.p.since > deadline {
                     continue;
                 }
-                if let LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } =
-                    e.p.op
-                {
-                    e.answered = true;
-                    late.push(req);
+                match e.p.op {
+                    LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } => {
+                        e.answered = true;
+                        late.push((req, None));
+                    }
+                    LogOp::Invalidate { req, fwd } => {
+                        e.answered = true;
+                        late.push((req, Some(fwd)));
+                    }
+                    LogOp::Fill { .. } => {}
                 }
             }
         }
-        for req in late {
+        for (req, fwd) in late {
             self.stats.timed_out += 1;
-            self.out.completions.push((req, Err(ReqError::TimedOut)));
+            match fwd {
+                // Its entry may still be logged: the forwarded write waits for that.
+                Some(fwd) => self.fwd_answer(fwd, Err(ReqError::TimedOut)),
+                None => self.out.completions.push((req, Err(ReqError::TimedOut))),
+            }
         }
     }
 
@@ -999,6 +1097,7 @@ impl Shard {
                 self.stats.cache_full_waits += 1;
             }
             self.stalled = true;
+            self.full_cache_around();
             return;
         }
     }
@@ -1089,7 +1188,7 @@ impl Shard {
                     data_pending += 1;
                     off += p.len;
                 }
-                LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
+                LogOp::Zeroes { .. } | LogOp::Unmap { .. } | LogOp::Invalidate { .. } => {}
             }
             if !matches!(p.op, LogOp::Fill { .. }) {
                 // Logged after any fill still in flight there, so that fill must not commit.
@@ -1181,7 +1280,7 @@ impl Shard {
                         KeyKind::Data
                     }
                     LogOp::Zeroes { .. } => KeyKind::Zeroes,
-                    LogOp::Unmap { .. } => KeyKind::Unmap,
+                    LogOp::Unmap { .. } | LogOp::Invalidate { .. } => KeyKind::Unmap,
                 };
                 e.logged = true;
                 keys.push(Key {
@@ -1191,7 +1290,7 @@ impl Shard {
                     data_off: if kind == KeyKind::Data { e.data_off } else { 0 },
                     gen: b.pos.gen,
                     epoch: p.epoch,
-                    clean: matches!(p.op, LogOp::Fill { .. }),
+                    clean: p.op.is_clean(),
                     crc: e.crc,
                 });
             }
@@ -1285,6 +1384,8 @@ impl Shard {
             }
             TagOwner::Wb(io) => self.wb_done(io, done.result),
             TagOwner::WbFlush => self.wb_flush_done(done.result),
+            TagOwner::Fwd { id } => self.fwd_done(id, done.result),
+            TagOwner::BackingFlush => self.backing_flush_done(done.result),
             TagOwner::Control => self.control_done(done.result),
             TagOwner::InPlace {
                 req,
@@ -1455,6 +1556,7 @@ impl Shard {
                 self.out.completions.push((req, Err(ReqError::ShardFailed)));
             }
             LogOp::Write { .. } | LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
+            LogOp::Invalidate { fwd, .. } => self.fwd_inval_failed(fwd, ReqError::ShardFailed),
             LogOp::Fill { fill, read, .. } => {
                 self.index.abort_fill(fill, e.p.lba, e.p.len);
                 if !e.written {
@@ -1483,7 +1585,7 @@ impl Shard {
                     LogOp::Write { .. } => KeyKind::Data,
                     LogOp::Zeroes { .. } => KeyKind::Zeroes,
                     LogOp::Unmap { .. } => KeyKind::Unmap,
-                    LogOp::Fill { .. } => continue,
+                    LogOp::Fill { .. } | LogOp::Invalidate { .. } => continue,
                 };
                 if e.logged && !e.failed {
                     self.log_dirty_sectors += u64::from(p.len);
@@ -1497,6 +1599,7 @@ impl Shard {
                         crc: e.crc,
                         pos: base + u64::from(e.data_off),
                         epoch: p.epoch,
+                        through: false,
                     });
                 }
             }
@@ -1513,21 +1616,22 @@ impl Shard {
                 let p = e.p;
                 let epoch = p.epoch as u32;
                 match p.op {
-                    LogOp::Write { req, .. } if !e.failed => {
+                    LogOp::Write { req, buf_off } if !e.failed => {
+                        let pos = base + u64::from(e.data_off);
+                        // Write-through: to the backing device too, if nothing older can
+                        // overtake it there; answered once it landed.
+                        let through = p.through
+                            && !e.answered
+                            && self.start_through(req, p.lba, p.len, buf_off, pos, b.seq, p);
                         self.index.insert(
                             p.lba,
-                            Extent::new(
-                                base + u64::from(e.data_off),
-                                p.len,
-                                State::Dirty,
-                                e.crc,
-                                epoch,
-                            ),
+                            Extent::new(pos, p.len, State::Dirty, e.crc, epoch),
                         );
-                        if !e.answered {
+                        if !e.answered && !through {
                             self.out.completions.push((req, Ok(())));
                         }
                     }
+                    LogOp::Invalidate { fwd, .. } => self.fwd_inval_done(fwd),
                     LogOp::Zeroes { req } | LogOp::Unmap { req } => {
                         let state = if matches!(p.op, LogOp::Unmap { .. }) {
                             State::Unmapped
@@ -1576,7 +1680,9 @@ impl Shard {
                 self.stats.crc_errors += 1;
                 if ext.state() == State::Clean {
                     // Clean data is also on the backing device: drop the key, read there.
-                    self.index.remove_if_same(lba, &ext);
+                    // The log still holds its key: writes sent around the cache from now
+                    // on log an invalidation.
+                    self.ghosts |= self.index.remove_if_same(lba, &ext);
                     self.out.log.push(format!(
                         "shard {}: data CRC mismatch on clean extent at lba {lba}+{len}; \
                          dropped it, reading the backing device",
@@ -1626,6 +1732,8 @@ impl Shard {
                     len,
                     epoch: self.epoch,
                     since: self.now,
+                    through: false,
+                    fua: false,
                 });
             }
             (ReadSrc::Backing { fill }, Err(_)) => {
