@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use pcache::engine::{CacheMode, Op, SeqCutoff, SeqPolicy};
 use pcache::media::BlockDevice;
 use proptest::prelude::*;
 
@@ -32,6 +33,21 @@ enum Step {
     /// Several non-overlapping writes submitted together (one group-committed batch).
     Batch(Vec<(u64, u32)>),
     Reopen,
+    /// Switches the cache mode (index into `CacheMode::ALL`).
+    Mode(usize),
+    /// Sets the sequential cut-off: policy (index into `SeqPolicy::ALL`), threshold in
+    /// 4 KiB units.
+    Cutoff(usize, u64),
+    /// `n` consecutive writes of `len` sectors from `lba` (a sequential stream).
+    Stream {
+        lba: u64,
+        len: u32,
+        n: u32,
+    },
+    WriteFua {
+        lba: u64,
+        len: u32,
+    },
 }
 
 fn range() -> impl Strategy<Value = (u64, u32)> {
@@ -50,6 +66,20 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// The steps above plus mode switches, sequential streams, FUA writes and cut-off changes.
+fn mode_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        12 => step(),
+        2 => (0..CacheMode::ALL.len()).prop_map(Step::Mode),
+        1 => (0..SeqPolicy::ALL.len(), 1u64..4).prop_map(|(p, u)| Step::Cutoff(p, u)),
+        2 => (1u32..=16, 2u32..10).prop_flat_map(|(len, n)| {
+            (0..BACKING_SECTORS - u64::from(len * n), Just(len), Just(n))
+                .prop_map(|(lba, len, n)| Step::Stream { lba, len, n })
+        }),
+        1 => range().prop_map(|(lba, len)| Step::WriteFua { lba, len }),
+    ]
+}
+
 /// The reference: a plain block device.
 struct Model(Vec<u8>);
 
@@ -65,11 +95,19 @@ impl Model {
 }
 
 fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
+    run_in(steps, shards, data_crc, CacheMode::WriteBack);
+}
+
+fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode) {
     let mut host = new_host(
         CACHE_BYTES,
         BACKING_SECTORS,
         &small_format(shards, data_crc),
     );
+    host.cache.set_mode(first);
+    host.run();
+    let mut mode = first;
+    let mut cutoff = SeqCutoff::default();
     let mut model = Model(vec![0; BACKING_SECTORS as usize * SECTOR]);
     let mut id = 0u64;
     for s in steps {
@@ -115,7 +153,44 @@ fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
                     r.expect("batched write");
                 }
             }
-            Step::Reopen => host = reopen(host),
+            Step::Reopen => {
+                host = reopen(host);
+                assert_eq!(host.cache.mode(), mode, "the mode persists");
+                assert_eq!(host.cache.seq_cutoff(), cutoff, "the cut-off persists");
+            }
+            Step::Mode(i) => {
+                mode = CacheMode::ALL[i];
+                host.cache.set_mode(mode);
+                host.run(); // persisted with the next control-slot write
+            }
+            Step::Cutoff(p, units) => {
+                cutoff = SeqCutoff {
+                    policy: SeqPolicy::ALL[p],
+                    bytes: units * 4096,
+                };
+                host.cache.set_seq_cutoff(cutoff).expect("cut-off");
+                host.run();
+            }
+            Step::Stream { lba, len, n } => {
+                for i in 0..u64::from(n) {
+                    let at = lba + i * u64::from(len);
+                    id += 1;
+                    let d = data_of(id, at, len);
+                    host.write(at, d.clone()).expect("stream write");
+                    model.write(at, &d);
+                }
+            }
+            Step::WriteFua { lba, len } => {
+                id += 1;
+                let d = data_of(id, lba, len);
+                host.submit(Op::WriteFua, lba, len, Some(d.clone()))
+                    .expect("submit");
+                host.run();
+                for (_, r, _) in host.take_done() {
+                    r.expect("FUA write");
+                }
+                model.write(lba, &d);
+            }
         }
     }
     // Everything reads back, before and after a final reopen.
@@ -139,6 +214,22 @@ fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
         }
         host = reopen(host);
     }
+    // Written back, the backing device holds the model's image.
+    host.cache.set_drain(true);
+    host.run();
+    assert!(host.cache.is_clean(), "drained");
+    let (_, backing) = host.into_devices();
+    let b = backing.bytes();
+    if let Some(i) = (0..BACKING_SECTORS as usize)
+        .find(|&i| b[i * SECTOR..(i + 1) * SECTOR] != model.0[i * SECTOR..(i + 1) * SECTOR])
+    {
+        let lba = i as u64;
+        panic!(
+            "backing device differs from the model at lba {lba} after writeback: got {:?}, want {:?}",
+            decode_sector(&b[i * SECTOR..(i + 1) * SECTOR], lba),
+            decode_sector(&model.0[i * SECTOR..(i + 1) * SECTOR], lba),
+        );
+    }
 }
 
 proptest! {
@@ -152,6 +243,25 @@ proptest! {
     #[test]
     fn reads_match_a_plain_block_device_four_shards_with_data_crc(steps in proptest::collection::vec(step(), 1..120)) {
         run(steps, 4, true);
+    }
+
+    /// Every mode, switched at random under the same mix (plus sequential streams, FUA
+    /// writes and cut-off changes): reads match, the mode persists across reopens, and the
+    /// backing device holds the model's image once written back.
+    #[test]
+    fn reads_match_in_every_mode_with_live_switches(
+        first in 0..CacheMode::ALL.len(),
+        steps in proptest::collection::vec(mode_step(), 1..160),
+    ) {
+        run_in(steps, 1, false, CacheMode::ALL[first]);
+    }
+
+    #[test]
+    fn reads_match_in_every_mode_with_live_switches_three_shards_with_data_crc(
+        first in 0..CacheMode::ALL.len(),
+        steps in proptest::collection::vec(mode_step(), 1..160),
+    ) {
+        run_in(steps, 3, true, CacheMode::ALL[first]);
     }
 }
 

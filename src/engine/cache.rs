@@ -198,7 +198,7 @@ impl Cache {
         opts: CacheOptions,
     ) -> Self {
         let local = (0..shards.len() as u32).map(Some).collect();
-        Cache {
+        let mut c = Cache {
             sb,
             shards,
             local,
@@ -214,7 +214,11 @@ impl Cache {
             completions: Vec::new(),
             scratch: Vec::new(),
             log: Vec::new(),
-        }
+        };
+        // The writeback barrier is known from the start (writes may go to the backing
+        // device before the first poll).
+        c.coordinate();
+        c
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -382,6 +386,10 @@ impl Cache {
                 if !s.flush_request(r.id) {
                     waiting += 1;
                 }
+            }
+            if self.coordination.is_none() {
+                // The barrier moves with the epoch (a split cache's host decides it).
+                self.coordinate();
             }
             match waiting {
                 0 => self.completions.push((r.id, Ok(()))),

@@ -891,8 +891,9 @@ impl Shard {
         if meta_ready {
             self.ask_for_segments();
         }
-        self.writeback_poll();
+        // Before writeback, which would copy what waits to be written through.
         self.poll_through();
+        self.writeback_poll();
     }
 
     /// Fails the requests that waited for space (or for the log) past the I/O timeout: a
