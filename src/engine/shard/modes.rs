@@ -405,6 +405,12 @@ impl Shard {
                 .get(lba)
                 .filter(|e| e.pos == t.pos && e.len() == len);
             match ours.map(|e| e.state()) {
+                // Write-through was left: it completes as in the mode it is now in (its
+                // data is logged), rather than wait for writeback that may not run.
+                Some(State::Dirty) if self.cfg.mode != CacheMode::WriteThrough => {
+                    self.fwd_wait_done(id);
+                    continue;
+                }
                 Some(State::Dirty) => {}
                 Some(State::Clean) => {
                     // Writeback copied it.

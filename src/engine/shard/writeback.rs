@@ -367,7 +367,9 @@ impl Shard {
         if self.wb.drain || self.stalled || self.pressure || self.idle {
             return true;
         }
-        if self.cfg.mode != crate::engine::mode::CacheMode::WriteBack {
+        if self.cfg.mode != crate::engine::mode::CacheMode::WriteBack
+            || !self.through_wait.is_empty()
+        {
             // Outside write-back, dirty data is written back as soon as it is logged.
             return true;
         }
