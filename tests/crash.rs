@@ -594,7 +594,11 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
     } else {
         String::new()
     };
-    let modes = if mode.modes { ", every cache mode with live switches" } else { "" };
+    let modes = if mode.modes {
+        ", every cache mode with live switches"
+    } else {
+        ""
+    };
     println!(
         "crash points checked{kind}{parts}{modes}: {points} ({seeds} seeds x {CRASHES_PER_SEED})"
     );

@@ -71,7 +71,8 @@ fn write_around_over_dirty_data_is_logged() {
     h.submit(Op::Write, 100, 16, Some(data_of(1, 100, 16)))
         .unwrap();
     h.cache.set_mode(CacheMode::WriteAround);
-    h.submit(Op::Write, 104, 4, Some(data_of(2, 104, 4))).unwrap();
+    h.submit(Op::Write, 104, 4, Some(data_of(2, 104, 4)))
+        .unwrap();
     h.run();
     for (_, r, _) in h.take_done() {
         r.unwrap();
@@ -113,7 +114,11 @@ fn write_through_completes_on_the_backing_device_and_caches_clean() {
     h.flush().unwrap();
     assert_eq!(h.cache.stats().total.request_flushes, 2);
     h.flush().unwrap();
-    assert_eq!(h.cache.stats().total.request_flushes, 2, "nothing new to flush");
+    assert_eq!(
+        h.cache.stats().total.request_flushes,
+        2,
+        "nothing new to flush"
+    );
 }
 
 /// Pass-through: dirty data stays readable from the cache until written back; clean
@@ -209,13 +214,16 @@ fn a_full_cache_sends_writes_around() {
     assert!(t.cache_full_waits > 0, "{t:?}");
     assert!(t.full_around_requests > 0, "{t:?}");
     assert_eq!(t.timed_out, 0);
-    let id = sim.submit(Op::Read, 0, BACKING_SECTORS as u32, None).unwrap();
+    let id = sim
+        .submit(Op::Read, 0, BACKING_SECTORS as u32, None)
+        .unwrap();
     sim.run();
     let done = sim.take_done();
     let got = &done.iter().find(|d| d.0 == id).unwrap().2;
     assert!(*got == model);
     sim.clear_fault();
     let (c, b) = sim.crash();
-    let (mut h, _) = SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default()).unwrap();
+    let (mut h, _) =
+        SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default()).unwrap();
     assert!(h.read(0, BACKING_SECTORS as u32).unwrap() == model);
 }

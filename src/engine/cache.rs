@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use super::format::Superblock;
 use super::geometry::Geometry;
-use super::mode::{CacheMode, SeqCutoff};
 use super::io::{Command, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
+use super::mode::{CacheMode, SeqCutoff};
 use super::pool::{Grant, SegmentPool, ToPool};
 use super::shard::{Shard, WritebackOptions, WritebackState};
 use super::stats::ShardStats;
@@ -632,13 +632,16 @@ impl Cache {
     }
 
     pub fn mode(&self) -> CacheMode {
-        self.shards.first().map_or_else(CacheMode::default, Shard::mode)
+        self.shards
+            .first()
+            .map_or_else(CacheMode::default, Shard::mode)
     }
 
     /// Changes the sequential cut-off at run time (persisted).
     pub fn set_seq_cutoff(&mut self, c: SeqCutoff) -> Result<(), ReqError> {
-        c.check()
-            .map_err(|_| ReqError::Invalid("seq_cutoff_bytes must be a multiple of 4096, 4 KiB to 256 MiB"))?;
+        c.check().map_err(|_| {
+            ReqError::Invalid("seq_cutoff_bytes must be a multiple of 4096, 4 KiB to 256 MiB")
+        })?;
         for s in &mut self.shards {
             s.set_seq_cutoff(c);
         }

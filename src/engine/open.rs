@@ -680,11 +680,7 @@ impl Opener {
         let epoch = epoch + 1;
         let mut shards = Vec::with_capacity(self.shards.len());
         let first = self.shards.first().map(|r| &r.control);
-        let mode = self
-            .opts
-            .mode
-            .or(first.map(|c| c.mode))
-            .unwrap_or_default();
+        let mode = self.opts.mode.or(first.map(|c| c.mode)).unwrap_or_default();
         let seq_cutoff = self
             .opts
             .seq_cutoff

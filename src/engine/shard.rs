@@ -1624,10 +1624,8 @@ impl Shard {
                         let through = p.through
                             && !e.answered
                             && self.start_through(req, p.lba, p.len, buf_off, pos, b.seq, p);
-                        self.index.insert(
-                            p.lba,
-                            Extent::new(pos, p.len, State::Dirty, e.crc, epoch),
-                        );
+                        self.index
+                            .insert(p.lba, Extent::new(pos, p.len, State::Dirty, e.crc, epoch));
                         if !e.answered && !through {
                             self.out.completions.push((req, Ok(())));
                         }

@@ -178,12 +178,11 @@ impl Shard {
                 && (s.next == lba || (s.next % stripe == 0 && s.next + skip == lba))
         });
         let i = hit.unwrap_or_else(|| {
-            let (i, _) = st
-                .s
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, s)| s.used)
-                .unwrap_or((0, &st.s[0]));
+            let (i, _) =
+                st.s.iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.used)
+                    .unwrap_or((0, &st.s[0]));
             st.s[i] = Stream {
                 next: lba,
                 sectors: 0,
@@ -197,8 +196,7 @@ impl Shard {
         s.sectors += u64::from(len);
         s.next = lba + u64::from(len);
         s.used = st.clock;
-        before * 512 >= c.bytes
-            && (c.policy == SeqPolicy::Always || self.pressure || self.stalled)
+        before * 512 >= c.bytes && (c.policy == SeqPolicy::Always || self.pressure || self.stalled)
     }
 
     /// A write that is not an in-place rewrite: logged, written through, or sent around
@@ -275,7 +273,15 @@ impl Shard {
     }
 
     /// Sends a write to the backing device, dropping the cached copies it overlaps.
-    fn start_around(&mut self, req: ReqId, lba: u64, len: u32, buf_off: u64, inval: bool, fua: bool) {
+    fn start_around(
+        &mut self,
+        req: ReqId,
+        lba: u64,
+        len: u32,
+        buf_off: u64,
+        inval: bool,
+        fua: bool,
+    ) {
         self.index.punch(lba, len);
         let id = self.fwd.insert(Fwd {
             req,
@@ -360,9 +366,10 @@ impl Shard {
         // Rule 1 against what is older: the index before this key enters it.
         let mut pieces = std::mem::take(&mut self.scratch);
         self.index.lookup(lba, len, &mut pieces);
-        let older_dirty = pieces
-            .iter()
-            .any(|p| p.extent.is_some_and(|e| e.is_dirty() || e.state() == State::Poisoned));
+        let older_dirty = pieces.iter().any(|p| {
+            p.extent
+                .is_some_and(|e| e.is_dirty() || e.state() == State::Poisoned)
+        });
         self.scratch = pieces;
         let id = self.fwd.insert(Fwd {
             req,
@@ -532,7 +539,9 @@ impl Shard {
     /// A write sent around the cache could not be written (or made durable) there: it is
     /// written through the log instead, after its invalidation.
     fn fwd_fall_back(&mut self, id: u32) {
-        let Some(f) = self.fwd.get_mut(id) else { return };
+        let Some(f) = self.fwd.get_mut(id) else {
+            return;
+        };
         if !f.answered {
             f.answered = true;
             let (req, lba, len, buf_off) = (f.req, f.lba, f.len, f.buf_off);
@@ -555,7 +564,9 @@ impl Shard {
     }
 
     fn fwd_wait_done(&mut self, id: u32) {
-        let Some(f) = self.fwd.get_mut(id) else { return };
+        let Some(f) = self.fwd.get_mut(id) else {
+            return;
+        };
         f.waits = f.waits.saturating_sub(1);
         if f.waits > 0 {
             return;
