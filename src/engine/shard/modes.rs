@@ -87,7 +87,6 @@ struct Through {
     pos: u64,
     epoch: u64,
     may_write: bool,
-    issued: bool,
 }
 
 /// Who waits for a backing flush.
@@ -381,7 +380,6 @@ impl Shard {
                 pos,
                 epoch: p.epoch,
                 may_write: !older_dirty,
-                issued: false,
             }),
             durable: p.fua,
             waits: 1,
@@ -443,12 +441,6 @@ impl Shard {
             if !may {
                 self.through_wait.push(id);
                 continue;
-            }
-            if let Some(Fwd {
-                through: Some(t), ..
-            }) = self.fwd.get_mut(id)
-            {
-                t.issued = true;
             }
             self.stats.through_writes += 1;
             self.stats.through_sectors += u64::from(len);
