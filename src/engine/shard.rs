@@ -304,6 +304,9 @@ pub struct Shard {
     /// Write-through writes logged and waiting to be written to the backing device (or
     /// copied there by writeback).
     through_wait: Vec<u32>,
+    /// Forwarded writes whose backing write or flush failed, retried after `fwd_backoff`.
+    fwd_retry: Vec<u32>,
+    fwd_backoff: Backoff,
     /// Backing flushes asked by FLUSH requests and durable forwarded writes.
     bflush: BackingFlush,
     /// Recent sequential streams (the sequential cut-off).
@@ -377,6 +380,8 @@ impl Shard {
             fwd: Slab::new(),
             fwd_ranges: Vec::new(),
             through_wait: Vec::new(),
+            fwd_retry: Vec::new(),
+            fwd_backoff: Backoff::default(),
             bflush: BackingFlush::default(),
             streams: Streams::default(),
             ghosts: false,
@@ -434,7 +439,8 @@ impl Shard {
         });
         let wb = self.writeback_due();
         let through = self.through_deadline();
-        [pending, batched, meta, wb, through]
+        let fwd = self.fwd_retry_due();
+        [pending, batched, meta, wb, through, fwd]
             .into_iter()
             .flatten()
             .min()
@@ -449,6 +455,7 @@ impl Shard {
     pub fn waits_for_time(&self) -> bool {
         !self.pending.is_empty()
             || !self.through_wait.is_empty()
+            || !self.fwd_retry.is_empty()
             || !self.retry_data.is_empty()
             || self
                 .batches
@@ -566,7 +573,12 @@ impl Shard {
     /// extent of the current epoch that writeback is not copying.
     #[inline(always)]
     fn in_place_target(&self, lba: u64, len: u32) -> Option<u64> {
-        if self.cfg.data_crc || self.wb.drain || self.wb.blocks(lba, len) {
+        // Write-through: a rewrite completes only once the backing device has it.
+        if self.cfg.data_crc
+            || self.wb.drain
+            || self.cfg.mode == CacheMode::WriteThrough
+            || self.wb.blocks(lba, len)
+        {
             return None;
         }
         let e = self.index.get(lba)?;
@@ -891,6 +903,7 @@ impl Shard {
         if meta_ready {
             self.ask_for_segments();
         }
+        self.retry_fwd();
         // Before writeback, which would copy what waits to be written through.
         self.poll_through();
         self.writeback_poll();

@@ -76,9 +76,9 @@ pub struct ShardStats {
     pub full_around_sectors: u64,
     /// Invalidation keys logged for writes sent around the cache.
     pub invalidations: u64,
-    /// Writes sent around the cache whose backing write (or flush) failed, written through
-    /// the log instead.
-    pub fwd_fallbacks: u64,
+    /// Backing writes of writes sent around the cache written again after they (or their
+    /// flush) failed.
+    pub fwd_retries: u64,
     /// Failed backing writes and flushes of requests (around, through, FLUSH).
     pub fwd_errors: u64,
     /// Backing flushes issued for FLUSH requests and durable writes sent to the backing device.
@@ -130,7 +130,7 @@ impl ShardStats {
         self.full_around_requests += o.full_around_requests;
         self.full_around_sectors += o.full_around_sectors;
         self.invalidations += o.invalidations;
-        self.fwd_fallbacks += o.fwd_fallbacks;
+        self.fwd_retries += o.fwd_retries;
         self.fwd_errors += o.fwd_errors;
         self.request_flushes += o.request_flushes;
     }

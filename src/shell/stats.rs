@@ -192,7 +192,7 @@ pub(crate) fn render_stats(parts: Vec<StatsPart>) -> Value {
             "cache_full_around_requests": t.full_around_requests,
             "cache_full_around_bytes": t.full_around_sectors * 512,
             "invalidations": t.invalidations,
-            "written_through_log_instead": t.fwd_fallbacks,
+            "backing_write_retries": t.fwd_retries,
             "backing_flushes_for_requests": t.request_flushes,
         },
         "engine": s,

@@ -19,7 +19,11 @@
 //! segment reclaimed whose tail move is not yet durable, a copy dropped after a CRC
 //! mismatch) it logs a clean unmap key (an *invalidation*) so replay cannot bring the old
 //! copy back; the write completes once both the backing write and the invalidation are
-//! done. A backing write that fails is written through the log instead.
+//! done. A backing write (or its flush) that fails is retried with backoff, its range kept
+//! reserved, until it succeeds or the I/O timeout passes (then the request fails: a failed
+//! write may or may not have landed). It is not written through the log instead: that
+//! would make it dirty data of its flush epoch after writes of later epochs may have
+//! reached the backing device.
 
 use std::collections::BTreeMap;
 
@@ -311,6 +315,8 @@ impl Shard {
     }
 
     fn issue_fwd(&mut self, id: u32, req: ReqId, lba: u64, len: u32, buf_off: u64) {
+        // Kept until it landed or was given up: writeback copies nothing there (a newer
+        // write's copy could land first) and read misses fill nothing there.
         self.fwd_ranges.push((lba, len));
         let tag = self.tag(TagOwner::Fwd { id });
         self.out.commands.push(Command::Write {
@@ -329,6 +335,38 @@ impl Shard {
     /// A cache full: queued writes that may go around the cache (and need no
     /// invalidation, which would need log space too) go to the backing device instead of
     /// waiting for space.
+    /// Reissues the forwarded writes whose backing write or flush failed, once the
+    /// backoff allows.
+    pub(super) fn retry_fwd(&mut self) {
+        if self.fwd_retry.is_empty() || !self.fwd_backoff.ready(self.now) {
+            return;
+        }
+        for id in std::mem::take(&mut self.fwd_retry) {
+            let Some(f) = self.fwd.get(id) else { continue };
+            let (req, lba, len, buf_off) = (f.req, f.lba, f.len, f.buf_off);
+            self.stats.fwd_retries += 1;
+            let tag = self.tag(TagOwner::Fwd { id });
+            self.out.commands.push(Command::Write {
+                tag,
+                dev: Dev::Backing,
+                sector: lba,
+                buf: Buf::Req {
+                    req,
+                    off: buf_off,
+                    len: u64::from(len) * 512,
+                },
+                want_crc: false,
+            });
+        }
+    }
+
+    /// When failed forwarded writes are retried next.
+    pub(super) fn fwd_retry_due(&self) -> Option<u64> {
+        self.fwd_backoff
+            .due(self.now)
+            .filter(|_| !self.fwd_retry.is_empty())
+    }
+
     pub(super) fn full_cache_around(&mut self) {
         let mut i = 0;
         while i < self.pending.len().min(256) {
@@ -469,8 +507,18 @@ impl Shard {
     pub(super) fn fwd_done(&mut self, id: u32, result: Result<(), IoError>) {
         let Some(f) = self.fwd.get(id) else { return };
         let (lba, len, through) = (f.lba, f.len, f.through);
-        if let Some(i) = self.fwd_ranges.iter().position(|&r| r == (lba, len)) {
-            self.fwd_ranges.swap_remove(i);
+        if result.is_ok() || through.is_some() {
+            self.release_fwd_range(lba, len);
+        }
+        if result.is_ok() {
+            if let Some((n, since)) = self.fwd_backoff.succeed() {
+                self.out.log.push(format!(
+                    "shard {}: backing writes of requests succeed again after {n} failures \
+                     over {} ms",
+                    self.cfg.id,
+                    self.now.saturating_sub(since)
+                ));
+            }
         }
         match (result, through) {
             (Ok(()), Some(t)) => {
@@ -494,8 +542,14 @@ impl Shard {
             (Err(_), None) => {
                 self.stats.io_errors += 1;
                 self.stats.fwd_errors += 1;
-                self.fwd_fall_back(id);
+                self.fwd_failed(id, "write");
             }
+        }
+    }
+
+    fn release_fwd_range(&mut self, lba: u64, len: u32) {
+        if let Some(i) = self.fwd_ranges.iter().position(|&r| r == (lba, len)) {
+            self.fwd_ranges.swap_remove(i);
         }
     }
 
@@ -529,30 +583,28 @@ impl Shard {
     }
 
     /// A write sent around the cache could not be written (or made durable) there: it is
-    /// written through the log instead, after its invalidation.
-    fn fwd_fall_back(&mut self, id: u32) {
-        let Some(f) = self.fwd.get_mut(id) else {
+    /// written again after a backoff, until the I/O timeout; then its request fails.
+    fn fwd_failed(&mut self, id: u32, what: &str) {
+        let Some(f) = self.fwd.get(id) else { return };
+        let (lba, len) = (f.lba, f.len);
+        if self.now.saturating_sub(f.since) >= self.cfg.wb.io_timeout_ms || f.answered {
+            self.release_fwd_range(lba, len);
+            self.out.log.push(format!(
+                "shard {}: backing {what} of a request at lba {lba}+{len} kept failing for \
+                 the I/O timeout; failing the request",
+                self.cfg.id
+            ));
+            self.fwd_answer(id, Err(ReqError::Io));
+            self.fwd_wait_done(id);
             return;
-        };
-        if !f.answered {
-            f.answered = true;
-            let (req, lba, len, buf_off) = (f.req, f.lba, f.len, f.buf_off);
-            self.stats.fwd_fallbacks += 1;
-            if self.failed {
-                self.out.completions.push((req, Err(ReqError::Io)));
-            } else {
-                self.pending.push_back(Pending {
-                    op: LogOp::Write { req, buf_off },
-                    lba,
-                    len,
-                    epoch: self.epoch,
-                    since: self.now,
-                    through: false,
-                    fua: false,
-                });
-            }
         }
-        self.fwd_wait_done(id);
+        if self.fwd_backoff.fail(self.now) {
+            self.out.log.push(format!(
+                "shard {}: backing {what} of a request at lba {lba}+{len} failed; retrying",
+                self.cfg.id
+            ));
+        }
+        self.fwd_retry.push(id);
     }
 
     fn fwd_wait_done(&mut self, id: u32) {
@@ -642,7 +694,11 @@ impl Shard {
                         // Durable in the cache anyway.
                         self.fwd_wait_done(id);
                     } else {
-                        self.fwd_fall_back(id);
+                        // Written (and flushed) again: its range is reserved again meanwhile.
+                        if let Some(f) = self.fwd.get(id) {
+                            self.fwd_ranges.push((f.lba, f.len));
+                        }
+                        self.fwd_failed(id, "flush");
                     }
                 }
             }
