@@ -26,7 +26,7 @@ def bdev_pcache_create(args):
         params['cache_path'] = args.cache_path
     for key in ('cache_size_mib', 'gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards',
                 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct', 'io_timeout_ms',
-                'core'):
+                'core', 'mode', 'seq_cutoff_bytes', 'seq_cutoff_policy'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -49,7 +49,7 @@ def bdev_pcache_delete(args):
 def bdev_pcache_set_options(args):
     params = {'name': args.name}
     for key in ('gc_percent', 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct',
-                'io_timeout_ms'):
+                'io_timeout_ms', 'mode', 'seq_cutoff_bytes', 'seq_cutoff_policy'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -72,6 +72,20 @@ def _writeback_args(p):
                    help='a request that cannot make progress (cache full while writeback fails, '
                         'cache writes failing) fails with an I/O error after waiting this long; '
                         'failing writeback is retried meanwhile (100-3600000, default 30000)')
+    p.add_argument('--mode', dest='mode',
+                   choices=['write_back', 'write_through', 'write_around', 'pass_through'],
+                   help='what writes do: write_back (default) logs them in the cache; '
+                        'write_through also writes them to the backing bdev before completing; '
+                        'write_around sends them to the backing bdev and drops cached copies; '
+                        'pass_through caches nothing new. Stored on the cache; a live switch '
+                        'keeps serving dirty data and writes it back in the background')
+    p.add_argument('--seq-cutoff-bytes', dest='seq_cutoff_bytes', type=int,
+                   help='a sequential stream past this many bytes (per shard) bypasses the '
+                        'cache (multiple of 4096, 4096-268431360, default 1048576)')
+    p.add_argument('--seq-cutoff-policy', dest='seq_cutoff_policy',
+                   choices=['full', 'always', 'never'],
+                   help='when the sequential cut-off applies: full (while cache space is short, '
+                        'default), always, never')
 
 
 def bdev_pcache_flush_start(args):
@@ -141,8 +155,9 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.set_defaults(func=bdev_pcache_create)
 
     p = subparsers.add_parser('bdev_pcache_set_options',
-                              help='Change writeback pacing and gc_percent of a running pcache bdev '
-                                   '(gc_percent is stored on the cache bdev; all are echoed by save_config)')
+                              help='Change writeback pacing, gc_percent, the mode and the sequential '
+                                   'cut-off of a running pcache bdev (gc_percent, mode and cut-off '
+                                   'are stored on the cache bdev; all are echoed by save_config)')
     p.add_argument('name', help='pcache bdev name')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
                    help='reclaim written-back segments while the log uses more than this percent (1-90)')

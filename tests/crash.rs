@@ -15,7 +15,7 @@ mod common;
 
 use common::*;
 use pcache::engine::shard::{WritebackOptions, RETRY_MAX_MS};
-use pcache::engine::{Cache, CacheOptions, Dev, Op, ReqId};
+use pcache::engine::{Cache, CacheMode, CacheOptions, Dev, Op, ReqId, SeqCutoff, SeqPolicy};
 use pcache::media::host::{open_cache, SyncHost};
 use pcache::media::mem::MemDevice;
 use pcache::media::sim::{Rng, Sim};
@@ -30,6 +30,12 @@ thread_local! {
     static FAILED_REQUESTS: Cell<u64> = const { Cell::new(0) };
     static WB_ERRORS: Cell<u64> = const { Cell::new(0) };
     static CACHE_WRITE_ERRORS: Cell<u64> = const { Cell::new(0) };
+    static MODE_SWITCHES: Cell<u64> = const { Cell::new(0) };
+    static AROUND: Cell<u64> = const { Cell::new(0) };
+    static THROUGH: Cell<u64> = const { Cell::new(0) };
+    static BYPASSED: Cell<u64> = const { Cell::new(0) };
+    static FULL_AROUND: Cell<u64> = const { Cell::new(0) };
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 fn count(c: &'static std::thread::LocalKey<Cell<u64>>, n: u64) {
@@ -57,6 +63,9 @@ struct Entry {
     acked: bool,
     /// Flush epoch the write was submitted in (flushes and crashes start a new one).
     epoch: u64,
+    /// Durable: written with FUA, or a flush submitted after its acknowledgement
+    /// completed. Only the runs whose modes send writes to the backing device need it.
+    durable: bool,
 }
 
 /// Per-sector write history, pruned of writes that can never be seen again.
@@ -75,6 +84,7 @@ impl History {
             ack: Some(0),
             acked: true,
             epoch: 0,
+            durable: true,
         };
         History {
             sectors: vec![vec![init]; BACKING_SECTORS as usize],
@@ -98,13 +108,14 @@ impl History {
                 ack: None,
                 acked: false,
                 epoch: self.epoch,
+                durable: false,
             });
         }
         t
     }
 
     /// `prune`: no read is in flight, so values overwritten for good can be forgotten.
-    fn ack(&mut self, id: u64, lba: u64, len: u32, prune: bool) {
+    fn ack(&mut self, id: u64, lba: u64, len: u32, prune: bool, durable: bool) {
         let t = self.tick();
         for s in lba..lba + u64::from(len) {
             let h = &mut self.sectors[s as usize];
@@ -112,6 +123,7 @@ impl History {
             for e in h.iter_mut().filter(|e| e.id == id) {
                 e.ack = Some(t);
                 e.acked = true;
+                e.durable |= durable;
                 submit = e.submit;
             }
             // Anything acknowledged before this write was submitted is overwritten for good.
@@ -121,14 +133,31 @@ impl History {
         }
     }
 
+    /// A flush submitted at `submit` completed: every write acknowledged before is durable.
+    fn flushed(&mut self, submit: u64) {
+        for h in &mut self.sectors {
+            for e in h.iter_mut() {
+                if e.acked && e.ack.is_some_and(|a| a < submit) {
+                    e.durable = true;
+                }
+            }
+        }
+    }
+
     /// After a crash, writes still in flight either landed or not (they stay legal but
-    /// supersede nothing); writes after recovery supersede them.
-    fn crash(&mut self) {
+    /// supersede nothing); writes after recovery supersede them. `block_semantics`: so do
+    /// acknowledged writes that were not yet durable (as on a disk with a volatile write
+    /// cache: what went to the backing device without FUA is durable once a flush
+    /// completes).
+    fn crash(&mut self, block_semantics: bool) {
         self.epoch += 1;
         let t = self.tick();
         for h in &mut self.sectors {
             for e in h.iter_mut() {
                 e.ack.get_or_insert(t);
+                if block_semantics && !e.durable {
+                    e.acked = false;
+                }
             }
         }
     }
@@ -219,6 +248,10 @@ struct Mode {
     /// The cache device's block size in sectors (1 or 8): its writes tear per block, and
     /// requests are whole blocks (what a pcache bdev over it exports).
     block: u32,
+    /// Start in a random cache mode and switch modes at random points under I/O, with a
+    /// sequential cut-off and FUA writes; acknowledged writes are checked with block
+    /// semantics (durable once flushed, or written with FUA).
+    modes: bool,
 }
 
 impl Mode {
@@ -301,20 +334,53 @@ fn phase(
             count(&INJECTED_OUTAGES, 1);
         }
     }
+    if mode.modes {
+        let m = CacheMode::ALL[rng.below(4) as usize];
+        let cutoff = SeqCutoff {
+            policy: SeqPolicy::ALL[rng.below(3) as usize],
+            bytes: 4096 * (1 + rng.below(8)),
+        };
+        for c in sim.parts_mut() {
+            c.set_mode(m);
+            c.set_seq_cutoff(cutoff).expect("cut-off");
+        }
+    }
     let qd = 1 + rng.below(12) as usize;
     let ops = 10 + rng.below(60);
     let crash_after = rng.below(ops * 6);
     let mut inflight: HashMap<ReqId, Inflight> = HashMap::new();
+    let mut stream: Option<u64> = None;
     let mut submitted = 0;
     let mut steps = 0;
     loop {
+        if mode.modes && rng.chance(3) {
+            let m = CacheMode::ALL[rng.below(4) as usize];
+            for c in sim.parts_mut() {
+                c.set_mode(m);
+            }
+            count(&MODE_SWITCHES, 1);
+        }
         while inflight.len() < qd && submitted < ops {
             submitted += 1;
             let max = if rng.chance(70) { 8 } else { 64 };
             let len = 1 + rng.below(max) as u32;
-            let lba = rng.below(BACKING_SECTORS - u64::from(len));
-            let (lba, len) = align_range(lba, len, mode.block, BACKING_SECTORS);
+            let len = len.next_multiple_of(mode.block);
+            let lba = match stream.as_mut() {
+                // Part of a sequential stream now and then (the cut-off).
+                Some(next) if mode.modes && rng.chance(40) && *next + 64 < BACKING_SECTORS => {
+                    let at = *next;
+                    *next += u64::from(len);
+                    at
+                }
+                _ => {
+                    let b = u64::from(mode.block);
+                    let at = rng.below(BACKING_SECTORS - u64::from(len)) / b * b;
+                    stream = Some(at + u64::from(len));
+                    at
+                }
+            };
             let (op, zero) = match rng.below(100) {
+                0..=4 if mode.modes => (Op::WriteFua, false),
                 0..=59 => (Op::Write, false),
                 60..=79 => (Op::Read, false),
                 80..=86 => (Op::Flush, false),
@@ -324,7 +390,7 @@ fn phase(
             *next_id += 1;
             let id = *next_id;
             let (data, len) = match op {
-                Op::Write => (Some(data_of(id, lba, len)), len),
+                Op::Write | Op::WriteFua => (Some(data_of(id, lba, len)), len),
                 Op::Flush => (None, 0),
                 _ => (None, len),
             };
@@ -384,10 +450,10 @@ fn phase(
                         );
                     }
                 }
-                Op::Flush => {}
+                Op::Flush => hist.flushed(f.submit),
                 _ => {
                     // Pruning would forget values the backing device may legally still hold.
-                    hist.ack(f.id, f.lba, f.len, false)
+                    hist.ack(f.id, f.lba, f.len, false, f.op == Op::WriteFua)
                 }
             }
         }
@@ -422,7 +488,15 @@ fn phase(
         count(&WB_ERRORS, t.wb_errors);
         count(&CACHE_WRITE_ERRORS, t.cache_write_errors);
     }
-    hist.crash();
+    for c in sim.parts() {
+        let t = c.stats().total;
+        count(&AROUND, t.around_writes);
+        count(&THROUGH, t.through_writes);
+        count(&BYPASSED, t.seq_bypass_requests);
+        count(&FULL_AROUND, t.full_around_requests);
+        count(&INVALIDATIONS, t.invalidations);
+    }
+    hist.crash(mode.modes);
     sim.crash()
 }
 
@@ -517,6 +591,12 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
         &FAILED_REQUESTS,
         &WB_ERRORS,
         &CACHE_WRITE_ERRORS,
+        &MODE_SWITCHES,
+        &AROUND,
+        &THROUGH,
+        &BYPASSED,
+        &FULL_AROUND,
+        &INVALIDATIONS,
     ] {
         c.with(|v| v.set(0));
     }
@@ -545,11 +625,28 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
     } else {
         String::new()
     };
+    let modes = if mode.modes {
+        ", every cache mode with live switches"
+    } else {
+        ""
+    };
     println!(
-        "crash points checked{kind}{parts}, {}-byte cache blocks: {points} ({seeds} seeds x \
-         {CRASHES_PER_SEED})",
+        "crash points checked{kind}{parts}{modes}, {}-byte cache blocks: {points} ({seeds} \
+         seeds x {CRASHES_PER_SEED})",
         mode.block * 512
     );
+    if mode.modes {
+        println!(
+            "  {} mode switches; {} writes around the cache ({} of sequential streams, {} \
+             around a full cache), {} written through, {} invalidations logged",
+            total(&MODE_SWITCHES),
+            total(&AROUND),
+            total(&BYPASSED),
+            total(&FULL_AROUND),
+            total(&THROUGH),
+            total(&INVALIDATIONS),
+        );
+    }
     if mode.faults {
         println!(
             "  faults injected: 2% of commands, {} bursts/outages; seen: {} writeback I/O \
@@ -573,6 +670,7 @@ fn every_acknowledged_write_survives_crashes_at_random_points() {
             writeback: false,
             parts: 1,
             block: 1,
+            modes: false,
         },
     );
 }
@@ -586,6 +684,7 @@ fn acknowledged_writes_survive_crashes_with_random_io_errors() {
             writeback: false,
             parts: 1,
             block: 1,
+            modes: false,
         },
     );
 }
@@ -601,6 +700,7 @@ fn crashes_during_writeback_and_gc_lose_nothing_and_keep_the_backing_ordered() {
             writeback: true,
             parts: 1,
             block: 1,
+            modes: false,
         },
     );
 }
@@ -614,6 +714,7 @@ fn crashes_during_writeback_with_random_io_errors() {
             writeback: true,
             parts: 1,
             block: 1,
+            modes: false,
         },
     );
 }
@@ -630,6 +731,7 @@ fn crashes_with_shards_split_over_engine_threads_keep_the_backing_ordered() {
             writeback: true,
             parts: 2,
             block: 1,
+            modes: false,
         },
     );
     run_both_geometries(
@@ -639,6 +741,32 @@ fn crashes_with_shards_split_over_engine_threads_keep_the_backing_ordered() {
             writeback: true,
             parts: 3,
             block: 1,
+            modes: false,
         },
     );
+}
+
+/// Every cache mode, switched at random under I/O with sequential streams, FUA writes and
+/// random cut-off settings: no acknowledged-and-flushed (or FUA) write is lost or
+/// reordered, no stale cached copy comes back after a crash, and the backing device stays
+/// at a flush boundary.
+#[test]
+fn crashes_in_every_mode_with_live_switches() {
+    for (seeds, faults, writeback, parts) in [
+        (800, false, false, 1),
+        (600, false, true, 1),
+        (300, true, true, 1),
+        (300, false, true, 2),
+    ] {
+        run_both_geometries(
+            seeds,
+            Mode {
+                faults,
+                writeback,
+                parts,
+                block: 1,
+                modes: true,
+            },
+        );
+    }
 }

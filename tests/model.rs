@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use pcache::engine::{CacheMode, Op, SeqCutoff, SeqPolicy};
 use pcache::media::BlockDevice;
 use proptest::prelude::*;
 
@@ -32,6 +33,21 @@ enum Step {
     /// Several non-overlapping writes submitted together (one group-committed batch).
     Batch(Vec<(u64, u32)>),
     Reopen,
+    /// Switches the cache mode (index into `CacheMode::ALL`).
+    Mode(usize),
+    /// Sets the sequential cut-off: policy (index into `SeqPolicy::ALL`), threshold in
+    /// 4 KiB units.
+    Cutoff(usize, u64),
+    /// `n` consecutive writes of `len` sectors from `lba` (a sequential stream).
+    Stream {
+        lba: u64,
+        len: u32,
+        n: u32,
+    },
+    WriteFua {
+        lba: u64,
+        len: u32,
+    },
 }
 
 fn range() -> impl Strategy<Value = (u64, u32)> {
@@ -47,6 +63,20 @@ fn step() -> impl Strategy<Value = Step> {
         1 => range().prop_map(|(lba, len)| Step::Zeroes { lba, len }),
         2 => proptest::collection::vec(range(), 1..12).prop_map(Step::Batch),
         1 => Just(Step::Reopen),
+    ]
+}
+
+/// The steps above plus mode switches, sequential streams, FUA writes and cut-off changes.
+fn mode_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        12 => step(),
+        2 => (0..CacheMode::ALL.len()).prop_map(Step::Mode),
+        1 => (0..SeqPolicy::ALL.len(), 1u64..4).prop_map(|(p, u)| Step::Cutoff(p, u)),
+        2 => (1u32..=16, 2u32..10).prop_flat_map(|(len, n)| {
+            (0..BACKING_SECTORS - u64::from(len * n), Just(len), Just(n))
+                .prop_map(|(lba, len, n)| Step::Stream { lba, len, n })
+        }),
+        1 => range().prop_map(|(lba, len)| Step::WriteFua { lba, len }),
     ]
 }
 
@@ -87,23 +117,42 @@ fn aligned(steps: Vec<Step>, block: u32) -> Vec<Step> {
                 Step::Zeroes { lba, len }
             }
             Step::Batch(r) => Step::Batch(r.into_iter().map(|(l, n)| al(l, n)).collect()),
+            Step::WriteFua { lba, len } => {
+                let (lba, len) = al(lba, len);
+                Step::WriteFua { lba, len }
+            }
+            Step::Stream { lba, len, n } => {
+                // Still sequential: whole blocks, back to back, inside the device.
+                let len = len.next_multiple_of(block);
+                let end = BACKING_SECTORS.saturating_sub(u64::from(len) * u64::from(n));
+                let lba = (lba.min(end) / u64::from(block)) * u64::from(block);
+                Step::Stream { lba, len, n }
+            }
             s => s,
         })
         .collect()
 }
 
 fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
-    run_blocks(steps, shards, data_crc, 512);
+    run_in(steps, shards, data_crc, CacheMode::WriteBack, 512);
 }
 
 /// The model run on a cache device of `block_bytes`-byte blocks (requests whole blocks).
 fn run_blocks(steps: Vec<Step>, shards: u32, data_crc: bool, block_bytes: u32) {
+    run_in(steps, shards, data_crc, CacheMode::WriteBack, block_bytes);
+}
+
+fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode, block_bytes: u32) {
     let steps = aligned(steps, block_bytes / 512);
     let mut host = new_host(
         CACHE_BYTES,
         BACKING_SECTORS,
         &small_format_blocks(shards, data_crc, block_bytes),
     );
+    host.cache.set_mode(first);
+    host.run();
+    let mut mode = first;
+    let mut cutoff = SeqCutoff::default();
     let mut model = Model(vec![0; BACKING_SECTORS as usize * SECTOR]);
     let mut id = 0u64;
     for s in steps {
@@ -149,7 +198,44 @@ fn run_blocks(steps: Vec<Step>, shards: u32, data_crc: bool, block_bytes: u32) {
                     r.expect("batched write");
                 }
             }
-            Step::Reopen => host = reopen(host),
+            Step::Reopen => {
+                host = reopen(host);
+                assert_eq!(host.cache.mode(), mode, "the mode persists");
+                assert_eq!(host.cache.seq_cutoff(), cutoff, "the cut-off persists");
+            }
+            Step::Mode(i) => {
+                mode = CacheMode::ALL[i];
+                host.cache.set_mode(mode);
+                host.run(); // persisted with the next control-slot write
+            }
+            Step::Cutoff(p, units) => {
+                cutoff = SeqCutoff {
+                    policy: SeqPolicy::ALL[p],
+                    bytes: units * 4096,
+                };
+                host.cache.set_seq_cutoff(cutoff).expect("cut-off");
+                host.run();
+            }
+            Step::Stream { lba, len, n } => {
+                for i in 0..u64::from(n) {
+                    let at = lba + i * u64::from(len);
+                    id += 1;
+                    let d = data_of(id, at, len);
+                    host.write(at, d.clone()).expect("stream write");
+                    model.write(at, &d);
+                }
+            }
+            Step::WriteFua { lba, len } => {
+                id += 1;
+                let d = data_of(id, lba, len);
+                host.submit(Op::WriteFua, lba, len, Some(d.clone()))
+                    .expect("submit");
+                host.run();
+                for (_, r, _) in host.take_done() {
+                    r.expect("FUA write");
+                }
+                model.write(lba, &d);
+            }
         }
     }
     // Everything reads back, before and after a final reopen.
@@ -177,6 +263,22 @@ fn run_blocks(steps: Vec<Step>, shards: u32, data_crc: bool, block_bytes: u32) {
         );
         host = reopen(host);
     }
+    // Written back, the backing device holds the model's image.
+    host.cache.set_drain(true);
+    host.run();
+    assert!(host.cache.is_clean(), "drained");
+    let (_, backing) = host.into_devices();
+    let b = backing.bytes();
+    if let Some(i) = (0..BACKING_SECTORS as usize)
+        .find(|&i| b[i * SECTOR..(i + 1) * SECTOR] != model.0[i * SECTOR..(i + 1) * SECTOR])
+    {
+        let lba = i as u64;
+        panic!(
+            "backing device differs from the model at lba {lba} after writeback: got {:?}, want {:?}",
+            decode_sector(&b[i * SECTOR..(i + 1) * SECTOR], lba),
+            decode_sector(&model.0[i * SECTOR..(i + 1) * SECTOR], lba),
+        );
+    }
 }
 
 proptest! {
@@ -200,6 +302,34 @@ proptest! {
     #[test]
     fn reads_match_a_plain_block_device_4k_cache_blocks_four_shards_with_data_crc(steps in proptest::collection::vec(step(), 1..120)) {
         run_blocks(steps, 4, true, 4096);
+    }
+
+    /// Every mode, switched at random under the same mix (plus sequential streams, FUA
+    /// writes and cut-off changes): reads match, the mode persists across reopens, and the
+    /// backing device holds the model's image once written back.
+    #[test]
+    fn reads_match_in_every_mode_with_live_switches(
+        first in 0..CacheMode::ALL.len(),
+        steps in proptest::collection::vec(mode_step(), 1..160),
+    ) {
+        run_in(steps, 1, false, CacheMode::ALL[first], 512);
+    }
+
+    #[test]
+    fn reads_match_in_every_mode_with_live_switches_three_shards_with_data_crc(
+        first in 0..CacheMode::ALL.len(),
+        steps in proptest::collection::vec(mode_step(), 1..160),
+    ) {
+        run_in(steps, 3, true, CacheMode::ALL[first], 512);
+    }
+
+    /// The same on a cache of 4 KiB blocks (requests of whole blocks).
+    #[test]
+    fn reads_match_in_every_mode_with_live_switches_4k_cache_blocks(
+        first in 0..CacheMode::ALL.len(),
+        steps in proptest::collection::vec(mode_step(), 1..160),
+    ) {
+        run_in(steps, 2, false, CacheMode::ALL[first], 4096);
     }
 }
 

@@ -142,6 +142,11 @@ fn valid_structures_round_trip() {
         tail: t,
         dirty_tail: t,
         gc_percent: 70,
+        mode: pcache::engine::CacheMode::PassThrough,
+        seq_cutoff: pcache::engine::SeqCutoff {
+            policy: pcache::engine::SeqPolicy::Always,
+            bytes: 64 << 10,
+        },
         poison: vec![(16, 8), (4096, 1)],
     };
     assert_eq!(ControlSlot::decode(&c.encode(5), 5, &g, 3).unwrap(), c);

@@ -3066,3 +3066,150 @@ fn wait_clean(rpc: &Rpc, name: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Cache modes switched live under bdevperf `-w verify` (two cores, a cache smaller than
+/// the working set; for a few seconds a sequential cut-off at 64 KiB that applies always,
+/// which sends most of verify's sequential writes around the cache): every switch keeps
+/// every acknowledged write, verify fails nothing, each path is taken, and `save_config`
+/// echoes the mode and cut-off in effect (stored on the cache bdev).
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn mode_switches_under_verify() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let dir = scratch_dir("modes");
+    let cfg = dir.join("modes.json");
+    let config = json!({"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_malloc_create",
+         "params": {"name": "MdCache", "num_blocks": 131072, "block_size": 512}},
+        {"method": "bdev_malloc_create",
+         "params": {"name": "MdBacking", "num_blocks": 65536, "block_size": 4096}},
+        {"method": "bdev_pcache_create",
+         "params": {"name": "PC0", "cache_bdev": "MdCache", "backing_bdev": "MdBacking",
+                    "segment_size_mib": 2, "stripe_size_kib": 256, "mode": "write_through",
+                    "seq_cutoff_policy": "never", "seq_cutoff_bytes": 65536}},
+        {"method": "bdev_wait_for_examine"}]}]});
+    std::fs::write(&cfg, config.to_string()).expect("write config");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "modes", "PC0", two_cores());
+    let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
+    assert_eq!(s["mode"]["mode"], "write_through", "{}", s["mode"]);
+    let secs = 12u64;
+    let t = secs.to_string();
+    let job = perform_tests(
+        &spdk,
+        &perf_py,
+        &rpc.sock,
+        secs + 120,
+        &["-w", "verify", "-q", "32", "-o", "4096", "-t", t.as_str()],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("run bdevperf.py");
+    // Through every mode and back, a switch a second, under I/O.
+    let modes = [
+        "write_around",
+        "pass_through",
+        "write_back",
+        "write_through",
+        "pass_through",
+        "write_around",
+        "write_back",
+        "write_through",
+        "write_around",
+    ];
+    std::thread::sleep(Duration::from_millis(1500));
+    for (i, m) in modes.into_iter().enumerate() {
+        let r = rpc.ok(&["bdev_pcache_set_options", "PC0", "--mode", m]);
+        assert_eq!(r["mode"], m, "{r}");
+        let policy = match i {
+            3 => Some("always"),
+            6 => Some("never"),
+            _ => None,
+        };
+        if let Some(p) = policy {
+            let r = rpc.ok(&["bdev_pcache_set_options", "PC0", "--seq-cutoff-policy", p]);
+            assert_eq!(r["seq_cutoff_policy"], p, "{r}");
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let out = job.wait_with_output().expect("bdevperf.py");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "perform_tests failed: {text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        perf.log()
+    );
+    let res: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let jobs = res["results"].as_array().cloned().unwrap_or_default();
+    assert!(!jobs.is_empty(), "{res}");
+    for job in &jobs {
+        println!("bdevperf verify {secs} s with mode switches: {job}");
+        assert_job_clean(job, &res);
+    }
+    let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
+    println!(
+        "mode {}\nrequests {}\nerrors {}",
+        s["mode"], s["requests"], s["errors"]
+    );
+    let m = &s["mode"];
+    assert_eq!(m["mode"], "write_around", "{m}");
+    for k in [
+        "write_around_requests",
+        "write_through_requests",
+        "seq_cutoff_bypassed_requests",
+    ] {
+        assert!(m[k].as_u64() > Some(0), "{k}: {m}");
+    }
+    for k in [
+        "io_errors",
+        "crc_errors",
+        "wb_errors",
+        "device_errors",
+        "requests_failed",
+        "backing_write_errors",
+    ] {
+        assert_eq!(s["errors"][k], 0, "{k}: {s}");
+    }
+    // save_config echoes the mode and cut-off in effect.
+    rpc.ok(&[
+        "bdev_pcache_set_options",
+        "PC0",
+        "--mode",
+        "pass_through",
+        "--seq-cutoff-bytes",
+        "131072",
+    ]);
+    let saved = saved_creates(&rpc.ok(&["save_config"]));
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(saved[0]["mode"], "pass_through", "{}", saved[0]);
+    assert_eq!(saved[0]["seq_cutoff_bytes"], 131072, "{}", saved[0]);
+    assert_eq!(saved[0]["seq_cutoff_policy"], "never", "{}", saved[0]);
+    rpc.err(
+        &[
+            "bdev_pcache_set_options",
+            "PC0",
+            "--seq-cutoff-bytes",
+            "1000",
+        ],
+        "multiple of 4096",
+    );
+    // Leaving write-back for pass-through writes everything back by itself.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
+        if st["dirty_bytes"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "not written back: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop_app(perf, &rpc, 30);
+}

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::format::Superblock;
 use super::geometry::Geometry;
 use super::io::{Command, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
+use super::mode::{CacheMode, SeqCutoff};
 use super::pool::{Grant, SegmentPool, ToPool};
 use super::shard::{Shard, WritebackOptions, WritebackState};
 use super::stats::ShardStats;
@@ -28,6 +29,11 @@ pub struct CacheOptions {
     /// Opening: the block size of the device the cache is on now (0: 512). A cache
     /// recorded with smaller blocks is refused: its metadata writes are partial blocks.
     pub device_block_bytes: u32,
+    /// Opening: the cache mode to run in (persisted if it changes); None keeps the one
+    /// persisted in the control slots (write-back for a new cache).
+    pub mode: Option<CacheMode>,
+    /// Opening: the sequential cut-off (as `mode`).
+    pub seq_cutoff: Option<SeqCutoff>,
 }
 
 /// A request served directly by the host (see [`Cache::begin_direct`]).
@@ -103,6 +109,11 @@ pub struct CacheStats {
     pub segments_free: u32,
     pub epoch: u64,
     pub gc_percent: u32,
+    /// The cache mode ("write_back", ...).
+    pub mode: &'static str,
+    /// The sequential cut-off's policy and threshold.
+    pub seq_cutoff_policy: &'static str,
+    pub seq_cutoff_bytes: u64,
     /// Dirty bytes still to write back.
     pub wb_dirty_bytes: u64,
     /// Current flush epoch of each shard.
@@ -190,7 +201,7 @@ impl Cache {
         opts: CacheOptions,
     ) -> Self {
         let local = (0..shards.len() as u32).map(Some).collect();
-        Cache {
+        let mut c = Cache {
             sb,
             shards,
             local,
@@ -206,7 +217,11 @@ impl Cache {
             completions: Vec::new(),
             scratch: Vec::new(),
             log: Vec::new(),
-        }
+        };
+        // The writeback barrier is known from the start (writes may go to the backing
+        // device before the first poll).
+        c.coordinate();
+        c
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -373,12 +388,33 @@ impl Cache {
             }
         }
         if r.op == Op::Flush {
-            // Every acknowledged write is already durable: a flush only closes the epoch.
+            // Every acknowledged write the cache holds is already durable: a flush closes
+            // the epoch, and flushes the backing device where writes went there directly.
             self.epoch += 1;
+            let mut waiting = 0;
             for s in &mut self.shards {
                 s.set_epoch(self.epoch);
+                if !s.flush_request(r.id) {
+                    waiting += 1;
+                }
             }
-            self.completions.push((r.id, Ok(())));
+            if self.coordination.is_none() {
+                // The barrier moves with the epoch (a split cache's host decides it).
+                self.coordinate();
+            }
+            match waiting {
+                0 => self.completions.push((r.id, Ok(()))),
+                1 => {}
+                n => {
+                    self.parents.insert(
+                        r.id,
+                        Parent {
+                            left: n,
+                            result: Ok(()),
+                        },
+                    );
+                }
+            }
             return Ok(());
         }
         let g = self.sb.geometry;
@@ -605,6 +641,38 @@ impl Cache {
         Ok(())
     }
 
+    /// Switches the cache mode at run time (persisted). Leaving write-back, dirty data
+    /// stays readable and is written back in the background ([`Cache::dirty_bytes`]);
+    /// nothing acknowledged is reordered or lost (see `shard::modes`).
+    pub fn set_mode(&mut self, mode: CacheMode) {
+        for s in &mut self.shards {
+            s.set_mode(mode);
+        }
+    }
+
+    pub fn mode(&self) -> CacheMode {
+        self.shards
+            .first()
+            .map_or_else(CacheMode::default, Shard::mode)
+    }
+
+    /// Changes the sequential cut-off at run time (persisted).
+    pub fn set_seq_cutoff(&mut self, c: SeqCutoff) -> Result<(), ReqError> {
+        c.check().map_err(|_| {
+            ReqError::Invalid("seq_cutoff_bytes must be a multiple of 4096, 4 KiB to 256 MiB")
+        })?;
+        for s in &mut self.shards {
+            s.set_seq_cutoff(c);
+        }
+        Ok(())
+    }
+
+    pub fn seq_cutoff(&self) -> SeqCutoff {
+        self.shards
+            .first()
+            .map_or_else(SeqCutoff::default, Shard::seq_cutoff)
+    }
+
     pub fn writeback_options(&self) -> WritebackOptions {
         self.shards
             .first()
@@ -728,6 +796,9 @@ impl Cache {
             segments_free: self.pool.as_ref().map_or(0, SegmentPool::free_count),
             epoch: self.epoch,
             gc_percent: self.gc_percent,
+            mode: self.mode().as_str(),
+            seq_cutoff_policy: self.seq_cutoff().policy.as_str(),
+            seq_cutoff_bytes: self.seq_cutoff().bytes,
             wb_dirty_bytes: self.dirty_bytes(),
             shard_epochs: self.shards.iter().map(Shard::epoch).collect(),
             shard_frontiers: self.shards.iter().map(Shard::frontier).collect(),

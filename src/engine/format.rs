@@ -8,6 +8,7 @@
 //! use, and a bad magic, CRC or bound is a [`FormatError`], never a panic.
 
 use super::geometry::Geometry;
+use super::mode::{CacheMode, SeqCutoff, SeqPolicy};
 use thiserror::Error;
 
 /// The unit of every on-media position and length.
@@ -404,6 +405,11 @@ pub struct ControlSlot {
     /// Everything before this point is written back (clean).
     pub dirty_tail: LogTail,
     pub gc_percent: u32,
+    /// The cache mode (byte 76; 0, write-back, in slots written before modes existed).
+    pub mode: CacheMode,
+    /// The sequential cut-off: policy at byte 77, threshold at 78 (u16, 4 KiB units, 0 for
+    /// the default 1 MiB).
+    pub seq_cutoff: SeqCutoff,
     /// Ranges (lba, sectors) whose dirty data failed its CRC when writeback read it: the
     /// dirty tail moved past them without writing them back, so they read as errors until
     /// rewritten. At most [`MAX_POISON`]. Zero in slots written before this field existed.
@@ -423,6 +429,9 @@ impl ControlSlot {
         encode_tail(&mut b, 24, &self.tail);
         encode_tail(&mut b, 48, &self.dirty_tail);
         put(&mut b, 72, &self.gc_percent.to_le_bytes());
+        b[76] = self.mode.code();
+        b[77] = self.seq_cutoff.policy.code();
+        put(&mut b, 78, &self.seq_cutoff.units().to_le_bytes());
         let n = self.poison.len().min(MAX_POISON);
         put(&mut b, 80, &(n as u32).to_le_bytes());
         for (i, &(lba, len)) in self.poison.iter().take(n).enumerate() {
@@ -454,6 +463,19 @@ impl ControlSlot {
             tail: decode_tail(&f, 24),
             dirty_tail: decode_tail(&f, 48),
             gc_percent: f.u32(72),
+            mode: CacheMode::from_code(buf[76]).ok_or(FormatError::OutOfBounds {
+                what: "control mode",
+                value: u64::from(buf[76]),
+                limit: CacheMode::ALL.len() as u64,
+            })?,
+            seq_cutoff: SeqCutoff::from_units(
+                SeqPolicy::from_code(buf[77]).ok_or(FormatError::OutOfBounds {
+                    what: "control seq_cutoff policy",
+                    value: u64::from(buf[77]),
+                    limit: SeqPolicy::ALL.len() as u64,
+                })?,
+                u16::from_le_bytes([buf[78], buf[79]]),
+            ),
             poison: Vec::new(),
         };
         let n = f.u32(80) as usize;

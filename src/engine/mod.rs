@@ -7,6 +7,7 @@ pub mod format;
 pub mod geometry;
 pub mod index;
 pub mod io;
+pub mod mode;
 pub mod open;
 pub mod pool;
 pub mod shard;
@@ -17,6 +18,7 @@ pub use cache::{Cache, CacheOptions, CacheStats, Coordination, Direct};
 pub use format::{BackingIdentity, FormatError, Superblock};
 pub use geometry::{Geometry, GeometryError, LayoutOptions};
 pub use io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, Verify};
+pub use mode::{CacheMode, SeqCutoff, SeqPolicy};
 pub use open::{
     compare_backing, format, BackingMatch, FormatOptions, OpenError, OpenReport, OpenStep, Opener,
     UuidMismatch,

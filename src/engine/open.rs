@@ -18,6 +18,7 @@ use super::format::{
 use super::geometry::{Geometry, GeometryError, LayoutOptions, CONTROL_SECTOR, SB_B_SECTOR};
 use super::index::{Extent, ExtentMap, State};
 use super::io::IoError;
+use super::mode::{CacheMode, SeqCutoff};
 use super::pool::SegmentPool;
 use super::shard::{DirtyKey, LogState, Logged, SegRec, Shard, ShardConfig, WritebackOptions};
 
@@ -84,6 +85,8 @@ pub fn format(
                 tail,
                 dirty_tail: tail,
                 gc_percent: opts.gc_percent,
+                mode: CacheMode::default(),
+                seq_cutoff: SeqCutoff::default(),
                 poison: Vec::new(),
             };
             writes.push((
@@ -622,6 +625,7 @@ impl Opener {
                         crc: k.crc,
                         pos: seg_base + u64::from(k.data_off),
                         epoch: k.epoch,
+                        through: false,
                     })
                     .collect();
                 r.log.push_back(Logged {
@@ -697,6 +701,13 @@ impl Opener {
         // New writes start a new epoch: nothing after a restart joins an old one.
         let epoch = epoch + 1;
         let mut shards = Vec::with_capacity(self.shards.len());
+        let first = self.shards.first().map(|r| &r.control);
+        let mode = self.opts.mode.or(first.map(|c| c.mode)).unwrap_or_default();
+        let seq_cutoff = self
+            .opts
+            .seq_cutoff
+            .or(first.map(|c| c.seq_cutoff))
+            .unwrap_or_default();
         for (i, r) in self.shards.drain(..).enumerate() {
             self.report.shards.push(ShardReport {
                 control_seq: r.control.seq,
@@ -717,6 +728,8 @@ impl Opener {
                     gc_percent: r.control.gc_percent,
                     ..self.opts.writeback
                 },
+                mode: r.control.mode,
+                seq_cutoff: r.control.seq_cutoff,
             };
             let mut index = r.index;
             // A range rewritten after it was poisoned holds a newer dirty key: no longer.
@@ -740,7 +753,12 @@ impl Opener {
                 control_seq: r.control.seq,
                 control_slot: r.control_slot,
             };
-            shards.push(Shard::new(cfg, log, index, epoch));
+            let mut shard = Shard::new(cfg, log, index, epoch);
+            // Every shard takes shard 0's mode (they differ only after a crash during a
+            // switch), or the one the host asks for; a change is persisted.
+            shard.set_mode(mode);
+            shard.set_seq_cutoff(seq_cutoff);
+            shards.push(shard);
         }
         let gc_percent = self
             .controls

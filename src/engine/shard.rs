@@ -20,12 +20,15 @@ use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{
     Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag,
 };
+use super::mode::{CacheMode, SeqCutoff};
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
 
+mod modes;
 mod retry;
 mod writeback;
+use modes::{BackingFlush, Fwd, Streams};
 use retry::Backoff;
 pub use retry::{RETRY_MAX_MS, RETRY_MIN_MS};
 use writeback::{first_dirty_epoch, Control, WbIo, Writeback};
@@ -43,6 +46,10 @@ pub struct ShardConfig {
     /// Insert read-miss data into the cache.
     pub read_fill: bool,
     pub wb: WritebackOptions,
+    /// What writes do (persisted in the control slot).
+    pub mode: CacheMode,
+    /// The sequential cut-off (persisted in the control slot).
+    pub seq_cutoff: SeqCutoff,
 }
 
 /// Everything a shard wants from the outside world since the last drain.
@@ -99,6 +106,19 @@ enum LogOp {
         req: ReqId,
         buf_off: u64,
     },
+    /// A clean unmap key that drops what the log may still hold for a range whose new data
+    /// went to the backing device (write `fwd` in flight there).
+    Invalidate {
+        req: ReqId,
+        fwd: u32,
+    },
+}
+
+impl LogOp {
+    /// Logs no dirty data (read-miss fills, invalidations).
+    fn is_clean(&self) -> bool {
+        matches!(self, LogOp::Fill { .. } | LogOp::Invalidate { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,13 +129,17 @@ struct Pending {
     epoch: u64,
     /// When it was queued (host time, ms): it fails once it waited the I/O timeout.
     since: u64,
+    /// Write-through: once logged, written to the backing device too.
+    through: bool,
+    /// The request asked for forced unit access.
+    fua: bool,
 }
 
 impl Pending {
     fn data_sectors(&self) -> u32 {
         match self.op {
             LogOp::Write { .. } | LogOp::Fill { .. } => self.len,
-            LogOp::Zeroes { .. } | LogOp::Unmap { .. } => 0,
+            LogOp::Zeroes { .. } | LogOp::Unmap { .. } | LogOp::Invalidate { .. } => 0,
         }
     }
 }
@@ -197,6 +221,12 @@ enum TagOwner {
     Wb(WbIo),
     WbFlush,
     Control,
+    /// The backing write of a write sent around the cache or written through.
+    Fwd {
+        id: u32,
+    },
+    /// A backing flush for FLUSH requests and for writes that must be durable.
+    BackingFlush,
     Read {
         read: u32,
         lba: u64,
@@ -264,6 +294,24 @@ pub struct Shard {
     /// Ranges poisoned by writeback (their data failed its CRC), persisted in the control
     /// slot; a write over one trims it.
     poison: Vec<(u64, u32)>,
+    /// Writes sent to the backing device (around the cache, or through it).
+    fwd: Slab<Fwd>,
+    /// Ranges of those backing writes in flight: writeback copies nothing there and read
+    /// misses fill nothing there until they land.
+    fwd_ranges: Vec<(u64, u32)>,
+    /// Write-through writes logged and waiting to be written to the backing device (or
+    /// copied there by writeback).
+    through_wait: Vec<u32>,
+    /// Forwarded writes whose backing write or flush failed, retried after `fwd_backoff`.
+    fwd_retry: Vec<u32>,
+    fwd_backoff: Backoff,
+    /// Backing flushes asked by FLUSH requests and durable forwarded writes.
+    bflush: BackingFlush,
+    /// Recent sequential streams (the sequential cut-off).
+    streams: Streams,
+    /// A clean extent left the index while the log may still replay its key (its data
+    /// failed its CRC): every write sent around the cache logs an invalidation.
+    ghosts: bool,
     out: Outbox,
     pub stats: ShardStats,
     scratch: Vec<Piece>,
@@ -327,6 +375,14 @@ impl Shard {
             meta: Backoff::default(),
             retry_data: Vec::new(),
             poison: log.poison,
+            fwd: Slab::new(),
+            fwd_ranges: Vec::new(),
+            through_wait: Vec::new(),
+            fwd_retry: Vec::new(),
+            fwd_backoff: Backoff::default(),
+            bflush: BackingFlush::default(),
+            streams: Streams::default(),
+            ghosts: false,
             out: Outbox::default(),
             stats: ShardStats::default(),
             scratch: Vec::new(),
@@ -380,7 +436,12 @@ impl Shard {
                 || (self.ready.len() as u32 + self.preparing + self.wanted) < RESERVE_SEGMENTS
         });
         let wb = self.writeback_due();
-        [pending, batched, meta, wb].into_iter().flatten().min()
+        let through = self.through_deadline();
+        let fwd = self.fwd_retry_due();
+        [pending, batched, meta, wb, through, fwd]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The log is closed: the cache device failed every write for the I/O timeout.
@@ -391,6 +452,8 @@ impl Shard {
     /// Requests or retries wait for time to pass (not only for device completions).
     pub fn waits_for_time(&self) -> bool {
         !self.pending.is_empty()
+            || !self.through_wait.is_empty()
+            || !self.fwd_retry.is_empty()
             || !self.retry_data.is_empty()
             || self
                 .batches
@@ -409,7 +472,10 @@ impl Shard {
 
     /// Requests still owed a completion, and whether the shard has work in flight.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty() && self.batches.is_empty() && self.tags.is_empty()
+        self.pending.is_empty()
+            && self.batches.is_empty()
+            && self.tags.is_empty()
+            && self.fwd.is_empty()
     }
 
     fn tag(&mut self, owner: TagOwner) -> Tag {
@@ -433,13 +499,7 @@ impl Shard {
                         .completions
                         .push((r.id, Err(ReqError::ShardFailed)));
                 } else if !self.try_in_place(&r) {
-                    self.queue(
-                        r,
-                        LogOp::Write {
-                            req: r.id,
-                            buf_off: r.buf_off,
-                        },
-                    );
+                    self.route_write(r);
                 }
             }
             Op::WriteZeroes | Op::Unmap => {
@@ -457,7 +517,11 @@ impl Shard {
                     self.queue(r, op);
                 }
             }
-            Op::Flush => self.out.completions.push((r.id, Ok(()))),
+            Op::Flush => {
+                if self.flush_request(r.id) {
+                    self.out.completions.push((r.id, Ok(())));
+                }
+            }
         }
     }
 
@@ -468,6 +532,8 @@ impl Shard {
             len: r.len,
             epoch: self.epoch,
             since: self.now,
+            through: false,
+            fua: false,
         });
     }
 
@@ -505,7 +571,12 @@ impl Shard {
     /// extent of the current epoch that writeback is not copying.
     #[inline(always)]
     fn in_place_target(&self, lba: u64, len: u32) -> Option<u64> {
-        if self.cfg.data_crc || self.wb.drain || self.wb.blocks(lba, len) {
+        // Write-through: a rewrite completes only once the backing device has it.
+        if self.cfg.data_crc
+            || self.wb.drain
+            || self.cfg.mode == CacheMode::WriteThrough
+            || self.wb.blocks(lba, len)
+        {
             return None;
         }
         let e = self.index.get(lba)?;
@@ -527,7 +598,11 @@ impl Shard {
         }
         match op {
             Op::Read => {
-                let e = self.index.covering(lba, len).filter(|e| e.is_data())?;
+                let pt = self.cfg.mode == CacheMode::PassThrough;
+                let e = self
+                    .index
+                    .covering(lba, len)
+                    .filter(|e| e.is_data() && !(pt && e.state() == State::Clean))?;
                 let seg = self.seg_of(e.pos);
                 *self.reads_per_seg.get_mut(seg as usize)? += 1;
                 self.stats.reads += 1;
@@ -591,6 +666,12 @@ impl Shard {
         });
         let mut pieces = std::mem::take(&mut self.scratch);
         self.index.lookup(r.lba, r.len, &mut pieces);
+        // Pass-through serves only dirty data from the cache, and fills nothing; the
+        // sequential cut-off fills nothing either.
+        let serve_clean = self.cfg.mode != CacheMode::PassThrough;
+        let seq = self.seq_bypass(r.lba, r.len, false);
+        let fill = self.cfg.read_fill && !self.failed && serve_clean && !seq;
+        let mut unfilled = 0u64;
         let mut issued = 0;
         for p in &pieces {
             let buf_off = r.buf_off + (p.lba - r.lba) * 512;
@@ -600,7 +681,7 @@ impl Shard {
                 len: u64::from(p.len) * 512,
             };
             let src = match p.extent {
-                Some(e) if e.is_data() => {
+                Some(e) if e.is_data() && (serve_clean || e.state() == State::Dirty) => {
                     self.stats.read_hit_sectors += u64::from(p.len);
                     let verify = e.crc().filter(|_| p.whole);
                     let seg = self.seg_of(e.pos) as usize;
@@ -624,6 +705,8 @@ impl Shard {
                     issued += 1;
                     continue;
                 }
+                // Pass-through: clean data is read where it also is.
+                Some(e) if e.state() == State::Clean => ReadSrc::Backing { fill: None },
                 Some(e) if e.state() == State::Poisoned => {
                     self.stats.poisoned_reads += 1;
                     if let Some(ctx) = self.reads.get_mut(read) {
@@ -638,20 +721,29 @@ impl Shard {
                 }
                 // A fill of the same range is already in flight: just read the backing.
                 Some(_) => ReadSrc::Backing { fill: None },
-                None if self.cfg.read_fill && !self.failed => {
+                // No fill under a write in flight to the backing device: it could read the
+                // older data.
+                None if fill && !self.fwd_overlaps(p.lba, p.len) => {
                     let id = self.next_fill;
                     self.next_fill += 1;
                     self.index
                         .insert(p.lba, Extent::new(id, p.len, State::Placeholder, None, 0));
                     ReadSrc::Backing { fill: Some(id) }
                 }
-                None => ReadSrc::Backing { fill: None },
+                None => {
+                    unfilled += u64::from(p.len);
+                    ReadSrc::Backing { fill: None }
+                }
             };
             self.stats.read_miss_sectors += u64::from(p.len);
             self.issue_backing_read(read, p.lba, p.len, buf_off, src, r.id);
             issued += 1;
         }
         self.scratch = pieces;
+        if seq && unfilled > 0 {
+            self.stats.seq_bypass_requests += 1;
+            self.stats.seq_bypass_sectors += unfilled;
+        }
         if let Some(ctx) = self.reads.get_mut(read) {
             ctx.pending = issued;
         }
@@ -678,9 +770,13 @@ impl Shard {
         }
         let mut pieces = std::mem::take(&mut self.scratch);
         self.index.lookup(lba, len, &mut pieces);
+        let pt = self.cfg.mode == CacheMode::PassThrough;
         let res = pieces
             .iter()
-            .all(|p| p.extent.is_some_and(|e| e.is_data()))
+            .all(|p| {
+                p.extent
+                    .is_some_and(|e| e.is_data() && !(pt && e.state() == State::Clean))
+            })
             .then(|| {
                 pieces.iter().all(|p| {
                     p.extent
@@ -805,6 +901,9 @@ impl Shard {
         if meta_ready {
             self.ask_for_segments();
         }
+        self.retry_fwd();
+        // Before writeback, which would copy what waits to be written through.
+        self.poll_through();
         self.writeback_poll();
     }
 
@@ -838,6 +937,10 @@ impl Shard {
                     self.stats.timed_out += 1;
                     self.out.completions.push((req, Err(ReqError::TimedOut)));
                 }
+                LogOp::Invalidate { fwd, .. } => {
+                    self.stats.timed_out += 1;
+                    self.fwd_inval_failed(fwd, ReqError::TimedOut);
+                }
             }
         }
     }
@@ -853,17 +956,26 @@ impl Shard {
                 if e.answered || e.failed || e.p.since > deadline {
                     continue;
                 }
-                if let LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } =
-                    e.p.op
-                {
-                    e.answered = true;
-                    late.push(req);
+                match e.p.op {
+                    LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } => {
+                        e.answered = true;
+                        late.push((req, None));
+                    }
+                    LogOp::Invalidate { req, fwd } => {
+                        e.answered = true;
+                        late.push((req, Some(fwd)));
+                    }
+                    LogOp::Fill { .. } => {}
                 }
             }
         }
-        for req in late {
+        for (req, fwd) in late {
             self.stats.timed_out += 1;
-            self.out.completions.push((req, Err(ReqError::TimedOut)));
+            match fwd {
+                // Its entry may still be logged: the forwarded write waits for that.
+                Some(fwd) => self.fwd_answer(fwd, Err(ReqError::TimedOut)),
+                None => self.out.completions.push((req, Err(ReqError::TimedOut))),
+            }
         }
     }
 
@@ -997,6 +1109,7 @@ impl Shard {
                 self.stats.cache_full_waits += 1;
             }
             self.stalled = true;
+            self.full_cache_around();
             return;
         }
     }
@@ -1087,7 +1200,7 @@ impl Shard {
                     data_pending += 1;
                     off += p.len;
                 }
-                LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
+                LogOp::Zeroes { .. } | LogOp::Unmap { .. } | LogOp::Invalidate { .. } => {}
             }
             if !matches!(p.op, LogOp::Fill { .. }) {
                 // Logged after any fill still in flight there, so that fill must not commit.
@@ -1179,7 +1292,7 @@ impl Shard {
                         KeyKind::Data
                     }
                     LogOp::Zeroes { .. } => KeyKind::Zeroes,
-                    LogOp::Unmap { .. } => KeyKind::Unmap,
+                    LogOp::Unmap { .. } | LogOp::Invalidate { .. } => KeyKind::Unmap,
                 };
                 e.logged = true;
                 keys.push(Key {
@@ -1189,7 +1302,7 @@ impl Shard {
                     data_off: if kind == KeyKind::Data { e.data_off } else { 0 },
                     gen: b.pos.gen,
                     epoch: p.epoch,
-                    clean: matches!(p.op, LogOp::Fill { .. }),
+                    clean: p.op.is_clean(),
                     crc: e.crc,
                 });
             }
@@ -1284,6 +1397,8 @@ impl Shard {
             }
             TagOwner::Wb(io) => self.wb_done(io, done.result),
             TagOwner::WbFlush => self.wb_flush_done(done.result),
+            TagOwner::Fwd { id } => self.fwd_done(id, done.result),
+            TagOwner::BackingFlush => self.backing_flush_done(done.result),
             TagOwner::Control => self.control_done(done.result),
             TagOwner::InPlace {
                 req,
@@ -1454,6 +1569,7 @@ impl Shard {
                 self.out.completions.push((req, Err(ReqError::ShardFailed)));
             }
             LogOp::Write { .. } | LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
+            LogOp::Invalidate { fwd, .. } => self.fwd_inval_failed(fwd, ReqError::ShardFailed),
             LogOp::Fill { fill, read, .. } => {
                 self.index.abort_fill(fill, e.p.lba, e.p.len);
                 if !e.written {
@@ -1482,7 +1598,7 @@ impl Shard {
                     LogOp::Write { .. } => KeyKind::Data,
                     LogOp::Zeroes { .. } => KeyKind::Zeroes,
                     LogOp::Unmap { .. } => KeyKind::Unmap,
-                    LogOp::Fill { .. } => continue,
+                    LogOp::Fill { .. } | LogOp::Invalidate { .. } => continue,
                 };
                 if e.logged && !e.failed {
                     self.log_dirty_sectors += u64::from(p.len);
@@ -1496,6 +1612,7 @@ impl Shard {
                         crc: e.crc,
                         pos: base + u64::from(e.data_off),
                         epoch: p.epoch,
+                        through: false,
                     });
                 }
             }
@@ -1512,21 +1629,20 @@ impl Shard {
                 let p = e.p;
                 let epoch = p.epoch as u32;
                 match p.op {
-                    LogOp::Write { req, .. } if !e.failed => {
-                        self.index.insert(
-                            p.lba,
-                            Extent::new(
-                                base + u64::from(e.data_off),
-                                p.len,
-                                State::Dirty,
-                                e.crc,
-                                epoch,
-                            ),
-                        );
-                        if !e.answered {
+                    LogOp::Write { req, buf_off } if !e.failed => {
+                        let pos = base + u64::from(e.data_off);
+                        // Write-through: to the backing device too, if nothing older can
+                        // overtake it there; answered once it landed.
+                        let through = p.through
+                            && !e.answered
+                            && self.start_through(req, p.lba, p.len, buf_off, pos, b.seq, p);
+                        self.index
+                            .insert(p.lba, Extent::new(pos, p.len, State::Dirty, e.crc, epoch));
+                        if !e.answered && !through {
                             self.out.completions.push((req, Ok(())));
                         }
                     }
+                    LogOp::Invalidate { fwd, .. } => self.fwd_inval_done(fwd),
                     LogOp::Zeroes { req } | LogOp::Unmap { req } => {
                         let state = if matches!(p.op, LogOp::Unmap { .. }) {
                             State::Unmapped
@@ -1575,7 +1691,9 @@ impl Shard {
                 self.stats.crc_errors += 1;
                 if ext.state() == State::Clean {
                     // Clean data is also on the backing device: drop the key, read there.
-                    self.index.remove_if_same(lba, &ext);
+                    // The log still holds its key: writes sent around the cache from now
+                    // on log an invalidation.
+                    self.ghosts |= self.index.remove_if_same(lba, &ext);
                     self.out.log.push(format!(
                         "shard {}: data CRC mismatch on clean extent at lba {lba}+{len}; \
                          dropped it, reading the backing device",
@@ -1625,6 +1743,8 @@ impl Shard {
                     len,
                     epoch: self.epoch,
                     since: self.now,
+                    through: false,
+                    fua: false,
                 });
             }
             (ReadSrc::Backing { fill }, Err(_)) => {

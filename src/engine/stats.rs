@@ -53,6 +53,36 @@ pub struct ShardStats {
     pub backing_flushes: u64,
     pub gc_segments: u64,
     pub control_writes: u64,
+    /// Writes sent to the backing device around the cache (write-around, pass-through,
+    /// the sequential cut-off, a full cache).
+    pub around_writes: u64,
+    /// Their sectors.
+    pub around_sectors: u64,
+    /// Write-through writes written to the backing device from the request.
+    pub through_writes: u64,
+    /// Their sectors.
+    pub through_sectors: u64,
+    /// Writes that would have gone to the backing device but were logged instead
+    /// (dirty data, a writeback in flight or an older flush epoch not yet written back overlapped).
+    pub around_logged: u64,
+    /// Requests of sequential streams past the cut-off: writes sent around the cache,
+    /// reads whose misses were not filled.
+    pub seq_bypass_requests: u64,
+    /// Their sectors (reads: the sectors not filled).
+    pub seq_bypass_sectors: u64,
+    /// Writes that found the cache full and went to the backing device instead of waiting.
+    pub full_around_requests: u64,
+    /// Their sectors.
+    pub full_around_sectors: u64,
+    /// Invalidation keys logged for writes sent around the cache.
+    pub invalidations: u64,
+    /// Backing writes of writes sent around the cache written again after they (or their
+    /// flush) failed.
+    pub fwd_retries: u64,
+    /// Failed backing writes and flushes of requests (around, through, FLUSH).
+    pub fwd_errors: u64,
+    /// Backing flushes issued for FLUSH requests and durable writes sent to the backing device.
+    pub request_flushes: u64,
 }
 
 impl ShardStats {
@@ -90,5 +120,18 @@ impl ShardStats {
         self.backing_flushes += o.backing_flushes;
         self.gc_segments += o.gc_segments;
         self.control_writes += o.control_writes;
+        self.around_writes += o.around_writes;
+        self.around_sectors += o.around_sectors;
+        self.through_writes += o.through_writes;
+        self.through_sectors += o.through_sectors;
+        self.around_logged += o.around_logged;
+        self.seq_bypass_requests += o.seq_bypass_requests;
+        self.seq_bypass_sectors += o.seq_bypass_sectors;
+        self.full_around_requests += o.full_around_requests;
+        self.full_around_sectors += o.full_around_sectors;
+        self.invalidations += o.invalidations;
+        self.fwd_retries += o.fwd_retries;
+        self.fwd_errors += o.fwd_errors;
+        self.request_flushes += o.request_flushes;
     }
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::engine::shard::WritebackOptions;
-use crate::engine::UuidMismatch;
+use crate::engine::{CacheMode, SeqCutoff, SeqPolicy, UuidMismatch};
 
 /// Maximum shard count (same as the engine's `MAX_SHARDS`).
 pub(crate) const MAX_SHARDS: u32 = 256;
@@ -40,6 +40,59 @@ struct CreateParams {
     core: Option<u32>,
     defer: Option<bool>,
     backing_uuid_mismatch: Option<String>,
+    mode: Option<String>,
+    seq_cutoff_bytes: Option<u64>,
+    seq_cutoff_policy: Option<String>,
+}
+
+/// The options a running cache changes live (`bdev_pcache_set_options`): writeback
+/// pacing, gc_percent, the mode and the sequential cut-off. The last three are persisted
+/// in the cache's control slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Live {
+    pub wb: WritebackOptions,
+    pub mode: CacheMode,
+    pub seq_cutoff: SeqCutoff,
+}
+
+impl Live {
+    /// The options as `bdev_pcache_set_options` answers them and `save_config` echoes them.
+    pub(crate) fn to_json(self) -> Value {
+        let o = &self.wb;
+        json!({
+            "gc_percent": o.gc_percent,
+            "wb_max_inflight": o.max_inflight,
+            "wb_group_ksets": o.group_ksets,
+            "wb_high_pct": o.high_pct,
+            "wb_low_pct": o.low_pct,
+            "io_timeout_ms": o.io_timeout_ms,
+            "mode": self.mode.as_str(),
+            "seq_cutoff_bytes": self.seq_cutoff.bytes,
+            "seq_cutoff_policy": self.seq_cutoff.policy.as_str(),
+        })
+    }
+}
+
+fn parse_mode(v: Option<&str>) -> Result<Option<CacheMode>, String> {
+    v.map(|m| m.parse::<CacheMode>().map_err(|e| e.to_string()))
+        .transpose()
+}
+
+fn parse_policy(v: Option<&str>) -> Result<Option<SeqPolicy>, String> {
+    v.map(|m| m.parse::<SeqPolicy>().map_err(|e| e.to_string()))
+        .transpose()
+}
+
+fn check_seq_bytes(v: Option<u64>) -> Result<(), String> {
+    match v {
+        Some(bytes) => SeqCutoff {
+            bytes,
+            ..SeqCutoff::default()
+        }
+        .check()
+        .map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// Writeback pacing: given at create, changed at run time with `bdev_pcache_set_options`,
@@ -135,6 +188,12 @@ pub(crate) struct Options {
     /// Runs a single engine thread, on this core (default: one engine thread per core of
     /// the app, at most one per shard).
     pub core: Option<u32>,
+    /// The cache mode; None keeps the cache's (persisted; write-back for a new cache).
+    pub mode: Option<CacheMode>,
+    /// The sequential cut-off's threshold and policy; None keeps the cache's (persisted;
+    /// 1 MiB and "full" for a new cache).
+    pub seq_cutoff_bytes: Option<u64>,
+    pub seq_cutoff_policy: Option<SeqPolicy>,
 }
 
 /// Shards of a new cache when the create names none: one per core of the app (set when
@@ -154,6 +213,9 @@ impl Default for Options {
                 .clamp(f.layout.shards, MAX_SHARDS),
             wb: Writeback::default(),
             core: None,
+            mode: None,
+            seq_cutoff_bytes: None,
+            seq_cutoff_policy: None,
         }
     }
 }
@@ -161,6 +223,14 @@ impl Default for Options {
 impl Options {
     pub(crate) fn stripe_bytes(&self) -> u64 {
         u64::from(self.stripe_size_kib) * 1024
+    }
+
+    /// The sequential cut-off the create asks for, from the cache's current one.
+    pub(crate) fn seq_cutoff(&self, cur: SeqCutoff) -> SeqCutoff {
+        SeqCutoff {
+            policy: self.seq_cutoff_policy.unwrap_or(cur.policy),
+            bytes: self.seq_cutoff_bytes.unwrap_or(cur.bytes),
+        }
     }
 }
 
@@ -324,7 +394,11 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
             io_timeout_ms: p.io_timeout_ms.unwrap_or(d.wb.io_timeout_ms),
         },
         core: p.core,
+        mode: parse_mode(p.mode.as_deref())?,
+        seq_cutoff_bytes: p.seq_cutoff_bytes,
+        seq_cutoff_policy: parse_policy(p.seq_cutoff_policy.as_deref())?,
     };
+    check_seq_bytes(o.seq_cutoff_bytes)?;
     o.wb.check()?;
     if !(1..=90).contains(&o.gc_percent) {
         return Err(format!(
@@ -418,6 +492,15 @@ impl CreateConfig {
         if let Some(c) = o.core {
             v["core"] = json!(c);
         }
+        if let Some(m) = o.mode {
+            v["mode"] = json!(m.as_str());
+        }
+        if let Some(b) = o.seq_cutoff_bytes {
+            v["seq_cutoff_bytes"] = json!(b);
+        }
+        if let Some(p) = o.seq_cutoff_policy {
+            v["seq_cutoff_policy"] = json!(p.as_str());
+        }
         v
     }
 }
@@ -432,6 +515,9 @@ struct SetOptionsParams {
     wb_high_pct: Option<u32>,
     wb_low_pct: Option<u32>,
     io_timeout_ms: Option<u64>,
+    mode: Option<String>,
+    seq_cutoff_bytes: Option<u64>,
+    seq_cutoff_policy: Option<String>,
 }
 
 /// `bdev_pcache_set_options`: the options to change (the others keep their values).
@@ -444,10 +530,28 @@ pub(crate) struct SetOptions {
     pub high_pct: Option<u32>,
     pub low_pct: Option<u32>,
     pub io_timeout_ms: Option<u64>,
+    pub mode: Option<CacheMode>,
+    pub seq_cutoff_bytes: Option<u64>,
+    pub seq_cutoff_policy: Option<SeqPolicy>,
 }
 
 impl SetOptions {
     /// `cur` with the requested changes, validated.
+    pub(crate) fn apply_live(&self, cur: Live) -> Result<Live, String> {
+        let wb = self.apply(cur.wb)?;
+        let seq_cutoff = SeqCutoff {
+            policy: self.seq_cutoff_policy.unwrap_or(cur.seq_cutoff.policy),
+            bytes: self.seq_cutoff_bytes.unwrap_or(cur.seq_cutoff.bytes),
+        };
+        seq_cutoff.check().map_err(|e| e.to_string())?;
+        Ok(Live {
+            wb,
+            mode: self.mode.unwrap_or(cur.mode),
+            seq_cutoff,
+        })
+    }
+
+    /// `cur` with the requested writeback changes, validated.
     pub(crate) fn apply(&self, cur: WritebackOptions) -> Result<WritebackOptions, String> {
         let wb = Writeback {
             max_inflight: self.max_inflight.unwrap_or(cur.max_inflight),
@@ -482,6 +586,9 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         high_pct: p.wb_high_pct,
         low_pct: p.wb_low_pct,
         io_timeout_ms: p.io_timeout_ms,
+        mode: parse_mode(p.mode.as_deref())?,
+        seq_cutoff_bytes: p.seq_cutoff_bytes,
+        seq_cutoff_policy: parse_policy(p.seq_cutoff_policy.as_deref())?,
     };
     if o.gc_percent.is_none()
         && o.max_inflight.is_none()
@@ -489,9 +596,13 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         && o.high_pct.is_none()
         && o.low_pct.is_none()
         && o.io_timeout_ms.is_none()
+        && o.mode.is_none()
+        && o.seq_cutoff_bytes.is_none()
+        && o.seq_cutoff_policy.is_none()
     {
-        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct, io_timeout_ms)".into());
+        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct, io_timeout_ms, mode, seq_cutoff_bytes, seq_cutoff_policy)".into());
     }
+    check_seq_bytes(o.seq_cutoff_bytes)?;
     // Range checks that do not depend on the current values.
     o.apply(WritebackOptions {
         max_inflight: o.max_inflight.unwrap_or(1),
@@ -597,6 +708,28 @@ mod tests {
         );
         assert_eq!(c.to_params()["cache_path"], "/dev/shm/pc");
         assert_eq!(parse_create(c.to_params()).unwrap(), c);
+    }
+
+    #[test]
+    fn mode_and_cut_off_are_parsed_and_echoed() {
+        let c = parse_create(base()).unwrap();
+        assert_eq!(c.options.mode, None, "the cache's own");
+        assert!(c.to_params().get("mode").is_none());
+        let mut p = base();
+        p["mode"] = json!("write_around");
+        p["seq_cutoff_bytes"] = json!(2 << 20);
+        p["seq_cutoff_policy"] = json!("never");
+        let c = parse_create(p).unwrap();
+        assert_eq!(c.options.mode, Some(CacheMode::WriteAround));
+        assert_eq!(c.to_params()["mode"], "write_around");
+        assert_eq!(c.to_params()["seq_cutoff_policy"], "never");
+        assert_eq!(parse_create(c.to_params()).unwrap(), c);
+        let mut p = base();
+        p["mode"] = json!("fast");
+        assert!(parse_create(p).unwrap_err().contains("unknown mode"));
+        let mut p = base();
+        p["seq_cutoff_bytes"] = json!(0);
+        assert!(parse_create(p).unwrap_err().contains("seq_cutoff_bytes"));
     }
 
     #[test]
@@ -757,6 +890,35 @@ mod tests {
             .unwrap_err()
             .contains("no option"));
         assert!(parse_set_options(json!({"name": "PC0", "gc_percent": 95})).is_err());
+        let live = Live {
+            wb: WritebackOptions::default(),
+            mode: CacheMode::WriteBack,
+            seq_cutoff: SeqCutoff::default(),
+        };
+        let so = parse_set_options(json!({"name": "PC0", "mode": "write_through", "seq_cutoff_policy": "always", "seq_cutoff_bytes": 65536})).unwrap();
+        let l = so.apply_live(live).unwrap();
+        assert_eq!(l.mode, CacheMode::WriteThrough);
+        assert_eq!(
+            l.seq_cutoff,
+            SeqCutoff {
+                policy: SeqPolicy::Always,
+                bytes: 65536
+            }
+        );
+        assert_eq!(l.to_json()["mode"], "write_through");
+        assert!(
+            parse_set_options(json!({"name": "PC0", "mode": "writeback"}))
+                .unwrap_err()
+                .contains("write_back, write_through")
+        );
+        assert!(
+            parse_set_options(json!({"name": "PC0", "seq_cutoff_bytes": 1000}))
+                .unwrap_err()
+                .contains("multiple of 4096")
+        );
+        assert!(
+            parse_set_options(json!({"name": "PC0", "seq_cutoff_policy": "sometimes"})).is_err()
+        );
         let low = parse_set_options(json!({"name": "PC0", "wb_low_pct": 95})).unwrap();
         assert!(
             low.apply(WritebackOptions::default()).is_err(),

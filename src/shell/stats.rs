@@ -164,6 +164,7 @@ pub(crate) fn render_stats(parts: Vec<StatsPart>) -> Value {
             "timed_out": t.timed_out,
             "cache_read_fallbacks": t.cache_read_fallbacks,
             "poisoned_reads": t.poisoned_reads,
+            "backing_write_errors": t.fwd_errors,
             "requests_failed": host["requests_failed"].clone(),
             "device_errors": host["device_errors"].clone(),
         },
@@ -176,6 +177,23 @@ pub(crate) fn render_stats(parts: Vec<StatsPart>) -> Value {
             "poisoned": s.poisoned,
             "epoch": s.epoch,
             "gc_percent": s.gc_percent,
+        },
+        "mode": {
+            "mode": s.mode,
+            "seq_cutoff_policy": s.seq_cutoff_policy,
+            "seq_cutoff_bytes": s.seq_cutoff_bytes,
+            "write_around_requests": t.around_writes,
+            "write_around_bytes": t.around_sectors * 512,
+            "write_through_requests": t.through_writes,
+            "write_through_bytes": t.through_sectors * 512,
+            "logged_instead": t.around_logged,
+            "seq_cutoff_bypassed_requests": t.seq_bypass_requests,
+            "seq_cutoff_bypassed_bytes": t.seq_bypass_sectors * 512,
+            "cache_full_around_requests": t.full_around_requests,
+            "cache_full_around_bytes": t.full_around_sectors * 512,
+            "invalidations": t.invalidations,
+            "backing_write_retries": t.fwd_retries,
+            "backing_flushes_for_requests": t.request_flushes,
         },
         "engine": s,
         "host": host,
@@ -232,6 +250,9 @@ mod tests {
             segments_free,
             epoch: 1,
             gc_percent: 80,
+            mode: "write_back",
+            seq_cutoff_policy: "full",
+            seq_cutoff_bytes: 1 << 20,
             wb_dirty_bytes: dirty,
             shard_epochs: vec![],
             shard_frontiers: vec![],
@@ -301,6 +322,8 @@ mod tests {
         assert_eq!(v["usage"]["dirty"]["bytes"], 2u64 << 20);
         assert_eq!(v["usage"]["dirty"]["percent"], 25.0);
         assert_eq!(v["writeback"]["gc_percent"], 80);
+        assert_eq!(v["mode"]["mode"], "write_back");
+        assert_eq!(v["mode"]["seq_cutoff_bytes"], 1 << 20);
         assert!(v["engine"].is_object());
     }
 

@@ -307,18 +307,11 @@ unsafe extern "C" fn rpc_set_options(
         let sent = worker::set_options(
             n.lead_thread(),
             n.lead_worker(),
-            move |cur| so.apply(cur),
+            move |cur| so.apply_live(cur),
             Box::new(move |res| match res {
                 Err(e) => req.error(ffi::SPDK_JSONRPC_ERROR_INVALID_PARAMS, &format!("{m}: {e}")),
                 Ok(o) => {
-                    let v = serde_json::json!({
-                        "gc_percent": o.gc_percent,
-                        "wb_max_inflight": o.max_inflight,
-                        "wb_group_ksets": o.group_ksets,
-                        "wb_high_pct": o.high_pct,
-                        "wb_low_pct": o.low_pct,
-                        "io_timeout_ms": o.io_timeout_ms,
-                    });
+                    let v = o.to_json();
                     if vbdev::is_live(node) {
                         // SAFETY: live (checked, same thread).
                         unsafe { (*node).update_params(&v) };

@@ -30,7 +30,9 @@ use super::worker::{self, Describe, OpenInfo, SendPtr, Setup, Worker};
 use crate::engine::format::{FORMAT_VERSION, SB_BYTES, SB_NAME_BYTES};
 use crate::engine::geometry::{SB_A_SECTOR, SB_B_SECTOR};
 use crate::engine::open::describe_backing;
-use crate::engine::{BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, Superblock};
+use crate::engine::{
+    BackingIdentity, CacheOptions, Dev, FormatOptions, LayoutOptions, SeqCutoff, Superblock,
+};
 use crate::media::dax::DaxDevice;
 use crate::media::BlockDevice;
 use crate::shell::backing::BackingFlush;
@@ -707,6 +709,9 @@ fn start_workers(node: *mut Pcache) {
             writeback: o.wb.engine(o.gc_percent),
             backing_uuid_mismatch: n.config.backing_uuid_mismatch,
             device_block_bytes: ca.blocklen,
+            mode: o.mode,
+            seq_cutoff: (o.seq_cutoff_bytes.is_some() || o.seq_cutoff_policy.is_some())
+                .then(|| o.seq_cutoff(SeqCutoff::default())),
             ..CacheOptions::default()
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
@@ -784,6 +789,9 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
         high_pct: Some(wb.high_pct),
         low_pct: Some(wb.low_pct),
         io_timeout_ms: Some(wb.io_timeout_ms),
+        mode: cfg.options.mode,
+        seq_cutoff_bytes: cfg.options.seq_cutoff_bytes,
+        seq_cutoff_policy: cfg.options.seq_cutoff_policy,
     };
     let core = cfg.options.core;
     // The closure is dropped unrun if the message cannot be sent: keep the reply reachable.
@@ -793,7 +801,7 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
     let sent = worker::set_options(
         n.lead_thread(),
         n.lead_worker(),
-        move |cur| so.apply(cur),
+        move |cur| so.apply_live(cur),
         Box::new(move |res| {
             let Some(reply) = back.borrow_mut().take() else {
                 return;
@@ -802,13 +810,7 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
                 Err(e) => reply(Err(invalid(e))),
                 Ok(o) => {
                     if is_live(node) {
-                        let mut v = json!({
-                            "wb_max_inflight": o.max_inflight,
-                            "wb_group_ksets": o.group_ksets,
-                            "wb_high_pct": o.high_pct,
-                            "wb_low_pct": o.low_pct,
-                            "io_timeout_ms": o.io_timeout_ms,
-                        });
+                        let mut v = o.to_json();
                         if let Some(c) = core {
                             v["core"] = json!(c);
                         }
@@ -1131,6 +1133,9 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
         let mut p = n.config_params.borrow_mut();
         p["data_crc"] = json!(info.sb.data_crc);
         p["gc_percent"] = json!(info.gc_percent);
+        p["mode"] = json!(info.mode.as_str());
+        p["seq_cutoff_bytes"] = json!(info.seq_cutoff.bytes);
+        p["seq_cutoff_policy"] = json!(info.seq_cutoff.policy.as_str());
         p["stripe_size_kib"] = json!(g.stripe_sectors / 2);
         p["segment_size_mib"] = json!(g.segment_sectors / 2048);
         p["shards"] = json!(g.shard_count);

@@ -111,6 +111,8 @@ pub struct DirtyKey {
     pub epoch: u64,
     /// CRC32C of the key's whole data, when the cache keeps data CRCs.
     pub crc: Option<u32>,
+    /// Written through: the backing device already has it (writeback only flushes).
+    pub through: bool,
 }
 
 /// A segment of the log and how its first kset chains.
@@ -168,6 +170,10 @@ pub(super) struct Writeback {
     inflight: u32,
     /// Ranges queued or in flight: no in-place overwrite may touch them.
     ranges: BTreeMap<u64, u32>,
+    /// Every range the current group writes (kept when it fails, until it is redone and
+    /// done): a group that starts over writes them again, so no write may go to the
+    /// backing device there meanwhile.
+    pub group_ranges: super::modes::RangeSet,
     group: Option<Group>,
     /// Failures of writeback I/O: retried with backoff, resumed on the first success.
     pub backoff: Backoff,
@@ -257,15 +263,14 @@ impl Shard {
         if let Some(epoch) = self.log_front_epoch {
             return epoch;
         }
-        let is_fill = |op: &super::LogOp| matches!(op, super::LogOp::Fill { .. });
         for b in &self.batches {
-            if let Some(e) = b.entries.iter().find(|e| !is_fill(&e.p.op)) {
+            if let Some(e) = b.entries.iter().find(|e| !e.p.op.is_clean()) {
                 return e.p.epoch;
             }
         }
         self.pending
             .iter()
-            .find(|p| !is_fill(&p.op))
+            .find(|p| !p.op.is_clean())
             .map_or(self.epoch, |p| p.epoch)
     }
 
@@ -362,6 +367,12 @@ impl Shard {
         if self.wb.drain || self.stalled || self.pressure || self.idle {
             return true;
         }
+        if self.cfg.mode != crate::engine::mode::CacheMode::WriteBack
+            || !self.through_wait.is_empty()
+        {
+            // Outside write-back, dirty data is written back as soon as it is logged.
+            return true;
+        }
         // Compare dirty * 100 against pct * share without dividing on every poll.
         let g = &self.cfg.geo;
         let share = u64::from(g.segment_count) * u64::from(g.segment_sectors);
@@ -431,6 +442,12 @@ impl Shard {
         let mut ios = Vec::new();
         for k in group_keys.iter().rev() {
             sectors += u64::from(k.len);
+            if k.through {
+                // Already on the backing device (the group's flush makes it durable); it
+                // still covers what earlier keys of the group wrote.
+                coverage.insert(k.lba, Extent::new(0, k.len, State::Clean, None, 0));
+                continue;
+            }
             coverage.lookup(k.lba, k.len, &mut pieces);
             for p in pieces.iter().filter(|p| p.extent.is_none()) {
                 ios.push(match k.kind {
@@ -462,10 +479,12 @@ impl Shard {
             let end = lba + u64::from(len);
             self.inplace
                 .iter()
+                .chain(self.fwd_ranges.iter())
                 .any(|&(s, l)| s < end && s + u64::from(l) > lba)
         });
         if landing {
-            // An in-place overwrite is landing in this range: start once it has.
+            // An in-place overwrite, or a write to the backing device, is landing in this
+            // range: start once it has.
             return;
         }
         // Issue in log order.
@@ -474,6 +493,7 @@ impl Shard {
                 WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
             };
             self.wb.ranges.insert(lba, len);
+            self.wb.group_ranges.insert(lba, len);
             self.wb.queue.push_back(io);
         }
         let new_dirty_tail = match n.checked_sub(1).map(|i| &self.log[i]) {
@@ -770,6 +790,8 @@ impl Shard {
             tail,
             dirty_tail: dirty,
             gc_percent: self.cfg.wb.gc_percent,
+            mode: self.cfg.mode,
+            seq_cutoff: self.cfg.seq_cutoff,
             poison: self.poison.clone(),
         };
         let which = 1 - self.control.slot;
@@ -822,6 +844,7 @@ impl Shard {
         let Some(g) = self.wb.group.take() else {
             return;
         };
+        self.wb.group_ranges.clear();
         for _ in 0..g.ksets {
             if let Some(k) = self.log.pop_front() {
                 let s: u64 = k.keys.iter().map(|d| u64::from(d.len)).sum();

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::team::{self, Gather};
 use super::{dev_index, Done, Peer, SendPtr, Worker};
-use crate::engine::shard::WritebackOptions;
-use crate::engine::Dev;
+use crate::engine::{Cache, Dev, ReqError};
+use crate::shell::config::Live;
 use crate::shell::stats::{flush_status_json, render_stats, FlushPart};
 use crate::spdk::ffi;
 use crate::spdk::log::spdk_log;
@@ -146,21 +146,21 @@ pub(crate) fn flush_status(
     })
 }
 
-/// Changes writeback pacing / gc_percent: `f` maps the current options to the new ones (or
-/// an error); `done` runs on the app thread with the options in effect. The lead decides;
-/// the other workers take the same options.
+/// Changes writeback pacing, gc_percent, the mode and the sequential cut-off: `f` maps the
+/// current options to the new ones (or an error); `done` runs on the app thread with the
+/// options in effect. The lead decides; the other workers take the same options.
 pub(crate) fn set_options(
     thread: *mut ffi::spdk_thread,
     worker: *mut Worker,
-    f: impl FnOnce(WritebackOptions) -> Result<WritebackOptions, String> + 'static,
-    done: Box<dyn FnOnce(Result<WritebackOptions, String>)>,
+    f: impl FnOnce(Live) -> Result<Live, String> + 'static,
+    done: Box<dyn FnOnce(Result<Live, String>)>,
 ) -> Result<(), ()> {
     with_worker(thread, worker, move |e| {
         let r = match e.cache.as_deref_mut() {
             None => Err("the cache is not running".to_string()),
-            Some(c) => f(c.writeback_options()).and_then(|o| {
-                c.set_writeback_options(o)
-                    .map(|()| c.writeback_options())
+            Some(c) => f(live_options(c)).and_then(|o| {
+                apply_live(c, o)
+                    .map(|()| live_options(c))
                     .map_err(|err| err.to_string())
             }),
         };
@@ -170,7 +170,7 @@ pub(crate) fn set_options(
                 let _ = team::send(p, move |w| {
                     if let Some(c) = w.cache.as_deref_mut() {
                         // Validated by the lead.
-                        let _ = c.set_writeback_options(o);
+                        let _ = apply_live(c, o);
                     }
                     w.kick = true;
                 });
@@ -180,6 +180,22 @@ pub(crate) fn set_options(
             spdk_log!(ERROR, "{}: cannot answer set_options", e.name);
         }
     })
+}
+
+/// A cache's options that `set_options` changes.
+pub(crate) fn live_options(c: &Cache) -> Live {
+    Live {
+        wb: c.writeback_options(),
+        mode: c.mode(),
+        seq_cutoff: c.seq_cutoff(),
+    }
+}
+
+fn apply_live(c: &mut Cache, o: Live) -> Result<(), ReqError> {
+    c.set_writeback_options(o.wb)?;
+    c.set_seq_cutoff(o.seq_cutoff)?;
+    c.set_mode(o.mode);
+    Ok(())
 }
 
 /// A base bdev is being removed: fail every command for it from now on.

@@ -141,6 +141,9 @@ pub(crate) struct OpenInfo {
     pub formatted: bool,
     pub problems: Vec<String>,
     pub gc_percent: u32,
+    /// The cache mode and sequential cut-off in effect (persisted, or the create's).
+    pub mode: crate::engine::CacheMode,
+    pub seq_cutoff: crate::engine::SeqCutoff,
     /// Dirty data found in the log (not yet on the backing bdev).
     pub dirty_bytes: u64,
     /// The open accepted a backing bdev of another identity (`backing_uuid_mismatch:

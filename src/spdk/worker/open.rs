@@ -91,6 +91,8 @@ impl Worker {
                 }
                 let info = OpenInfo {
                     gc_percent: cache.stats().gc_percent,
+                    mode: cache.mode(),
+                    seq_cutoff: cache.seq_cutoff(),
                     dirty_bytes: cache.dirty_bytes(),
                     rebound,
                     sb,
