@@ -239,7 +239,10 @@ impl Shard {
     /// the module doc; `queued`: how many queued entries are older than it). Some(true)
     /// when it must log an invalidation.
     fn around_check(&mut self, lba: u64, len: u32, queued: usize) -> Option<bool> {
-        if self.failed || self.allowed_epoch < self.epoch || self.wb.group_ranges.overlaps(lba, len)
+        if self.failed
+            || self.allowed_epoch < self.epoch
+            || self.wb.group_ranges.overlaps(lba, len)
+            || self.wb.replay_dirty_overlaps(lba, len)
         {
             return None;
         }
@@ -579,6 +582,12 @@ impl Shard {
             .find(|d| d.lba == lba && d.len == len && d.pos == pos)
         {
             d.through = true;
+            // Until the dirty tail passes it, replay would copy it again.
+            self.wb
+                .replay_dirty
+                .entry(seq)
+                .or_default()
+                .push((lba, len));
         }
     }
 
