@@ -371,6 +371,10 @@ impl Shard {
     }
 
     pub(super) fn full_cache_around(&mut self) {
+        if self.fwd_backoff.since().is_some() {
+            // Backing writes of requests are failing: they wait (and time out) as before.
+            return;
+        }
         let mut i = 0;
         while i < self.pending.len().min(256) {
             let p = self.pending[i];
@@ -592,7 +596,8 @@ impl Shard {
     }
 
     /// A write sent around the cache could not be written (or made durable) there: it is
-    /// written again after a backoff, until the I/O timeout; then its request fails.
+    /// written again after a backoff, until the I/O timeout; then its request fails
+    /// (`TimedOut`).
     fn fwd_failed(&mut self, id: u32, what: &str) {
         let Some(f) = self.fwd.get(id) else { return };
         let (lba, len) = (f.lba, f.len);
@@ -603,7 +608,8 @@ impl Shard {
                  the I/O timeout; failing the request",
                 self.cfg.id
             ));
-            self.fwd_answer(id, Err(ReqError::Io));
+            self.stats.timed_out += 1;
+            self.fwd_answer(id, Err(ReqError::TimedOut));
             self.fwd_wait_done(id);
             return;
         }
