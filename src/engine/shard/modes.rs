@@ -239,7 +239,10 @@ impl Shard {
     /// the module doc; `queued`: how many queued entries are older than it). Some(true)
     /// when it must log an invalidation.
     fn around_check(&mut self, lba: u64, len: u32, queued: usize) -> Option<bool> {
-        if self.failed || self.allowed_epoch < self.epoch || self.wb.group_ranges.overlaps(lba, len)
+        if self.failed
+            || self.allowed_epoch < self.epoch
+            || self.wb.group_ranges.overlaps(lba, len)
+            || self.wb.replay_dirty_overlaps(lba, len)
         {
             return None;
         }
@@ -368,6 +371,10 @@ impl Shard {
     }
 
     pub(super) fn full_cache_around(&mut self) {
+        if self.fwd_backoff.since().is_some() {
+            // Backing writes of requests are failing: they wait (and time out) as before.
+            return;
+        }
         let mut i = 0;
         while i < self.pending.len().min(256) {
             let p = self.pending[i];
@@ -579,11 +586,18 @@ impl Shard {
             .find(|d| d.lba == lba && d.len == len && d.pos == pos)
         {
             d.through = true;
+            // Until the dirty tail passes it, replay would copy it again.
+            self.wb
+                .replay_dirty
+                .entry(seq)
+                .or_default()
+                .push((lba, len));
         }
     }
 
     /// A write sent around the cache could not be written (or made durable) there: it is
-    /// written again after a backoff, until the I/O timeout; then its request fails.
+    /// written again after a backoff, until the I/O timeout; then its request fails
+    /// (`TimedOut`).
     fn fwd_failed(&mut self, id: u32, what: &str) {
         let Some(f) = self.fwd.get(id) else { return };
         let (lba, len) = (f.lba, f.len);
@@ -594,7 +608,8 @@ impl Shard {
                  the I/O timeout; failing the request",
                 self.cfg.id
             ));
-            self.fwd_answer(id, Err(ReqError::Io));
+            self.stats.timed_out += 1;
+            self.fwd_answer(id, Err(ReqError::TimedOut));
             self.fwd_wait_done(id);
             return;
         }

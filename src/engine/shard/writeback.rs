@@ -174,6 +174,12 @@ pub(super) struct Writeback {
     /// done): a group that starts over writes them again, so no write may go to the
     /// backing device there meanwhile.
     pub group_ranges: super::modes::RangeSet,
+    /// Keys written to the backing device that replay would still find dirty (after the
+    /// durable dirty tail): the leading keys of a kset a group wrote back (the dirty tail
+    /// cannot point inside a kset), and written-through keys; by kset sequence, dropped once
+    /// the dirty tail passes them. Nothing may be sent around the cache there meanwhile:
+    /// after a crash, writeback would copy them again over it.
+    pub replay_dirty: BTreeMap<u64, Vec<(u64, u32)>>,
     group: Option<Group>,
     /// Failures of writeback I/O: retried with backoff, resumed on the first success.
     pub backoff: Backoff,
@@ -182,6 +188,14 @@ pub(super) struct Writeback {
 }
 
 impl Writeback {
+    pub fn replay_dirty_overlaps(&self, lba: u64, len: u32) -> bool {
+        let end = lba + u64::from(len);
+        self.replay_dirty
+            .values()
+            .flatten()
+            .any(|&(s, l)| s < end && s + u64::from(l) > lba)
+    }
+
     /// Whether [lba, lba+len) overlaps data being written back.
     #[inline]
     pub fn blocks(&self, lba: u64, len: u32) -> bool {
@@ -851,9 +865,18 @@ impl Shard {
                 self.log_dirty_sectors -= s;
             }
         }
+        // The dirty tail moved past these ksets for good.
+        let tail = self.dirty_tail.seq;
+        self.wb.replay_dirty = self.wb.replay_dirty.split_off(&tail);
         if let Some(k) = self.log.front_mut() {
+            let seq = k.seq;
             for d in k.keys.drain(..g.partial) {
                 self.log_dirty_sectors -= u64::from(d.len);
+                self.wb
+                    .replay_dirty
+                    .entry(seq)
+                    .or_default()
+                    .push((d.lba, d.len));
             }
         }
         // Once per group: the ksets of fills it did not reach are scanned again later.
