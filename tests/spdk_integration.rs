@@ -61,13 +61,14 @@
 //!   `--backing-uuid-mismatch accept` attaches with the data intact, is not echoed by
 //!   `save_config`, and records the identity (a plain create then matches).
 //! - `nvme_backing_verify_kill_restart`: a second spdk_tgt exports an aio bdev (behind a
-//!   delay bdev) over NVMe/TCP; the pcache target's backing bdev is `Nvme0n1` from
+//!   delay bdev) over NVMe/TCP; pcache's backing bdev is `Nvme0n1` from
 //!   `bdev_nvme_attach_controller`. With bdev_nvme's default `enable_flush: false` the create
 //!   warns that FLUSH is not honoured (naming `bdev_nvme_set_options --enable-flush`) and the
-//!   JSON shows it; bdevperf `-w verify` over NVMe/TCP through PC0 (16 MiB cache, 64 MiB
-//!   backing: writeback and GC over NVMe/TCP); a pattern written while writeback cannot land,
-//!   SIGKILL; restart from the saved config with `enable_flush: true`: honoured, reattached,
-//!   the pattern reads back, and writeback puts it in the other target's file.
+//!   JSON shows it; bdevperf `-w verify` through PC0 (16 MiB cache, 64 MiB backing:
+//!   writeback and GC over NVMe/TCP); a pcache spdk_tgt reattaches it by examine, a pattern
+//!   written over NVMe/TCP while writeback cannot land, SIGKILL; restart from the saved
+//!   config with `enable_flush: true`: honoured, reattached, the pattern reads back, and
+//!   writeback puts it in the other target's file.
 //!
 //! Every process is killed on every exit path (a Drop guard).
 
@@ -2807,17 +2808,19 @@ fn assert_backing_flush(v: &Value, honoured: bool) {
 }
 
 /// NVMe as the backing device: a second spdk_tgt (the "storage" target, core 1) exports an
-/// aio bdev behind a delay bdev over NVMe/TCP on 127.0.0.1; the pcache target (core 0)
-/// attaches it with `bdev_nvme_attach_controller` and puts PC0 (a 16 MiB cache) in front of
-/// its namespace, exported over NVMe/TCP in turn.
+/// aio bdev behind a delay bdev over NVMe/TCP on 127.0.0.1; pcache's backing bdev is its
+/// namespace, `Nvme0n1` from `bdev_nvme_attach_controller`, with a 16 MiB aio cache.
 ///
-/// 1. With bdev_nvme's default `enable_flush: false`, the namespace (NVMe-oF always
-///    advertises a volatile write cache) completes FLUSH without sending it: the create
-///    logs a warning naming the fix, and bdev_get_bdevs / get_stats show it.
-/// 2. bdevperf (an NVMe/TCP initiator) runs `-w verify` over the whole 64 MiB through PC0:
-///    writeback and GC run over NVMe/TCP, nothing fails.
-/// 3. The storage target's write latency goes to 5 s (writeback cannot land), spdk_dd writes
-///    a 4 MiB pattern through PC0, and the pcache target is SIGKILLed.
+/// 1. bdevperf (core 0) hosts PC0 first. With bdev_nvme's default `enable_flush: false`,
+///    the namespace (NVMe-oF always advertises a volatile write cache) completes FLUSH
+///    without sending it: the create logs a warning naming the fix, and bdev_get_bdevs /
+///    get_stats show it.
+/// 2. `-w verify` over the whole 64 MiB through PC0: writeback and GC run over NVMe/TCP,
+///    nothing fails.
+/// 3. A pcache spdk_tgt (core 0) whose config only attaches the two bases gets PC0 back by
+///    examine and exports it over NVMe/TCP. The storage target's write latency goes to 30 s
+///    (writeback cannot land), spdk_dd writes a 4 MiB pattern through PC0, and the pcache
+///    target is SIGKILLed.
 /// 4. It restarts from its saved config with `bdev_nvme_set_options enable_flush: true`
 ///    (the fix): FLUSH is honoured, the cache is reattached with the dirty pattern,
 ///    spdk_dd reads it back identical; a flush writes it back, the draining delete leaves it
@@ -2887,92 +2890,76 @@ fn nvme_backing_verify_kill_restart() {
     let sport = free_port().to_string();
     nvmf_export_as(&srpc, BACKING_NQN, "Slow0", &sport);
 
-    // ---- the pcache target: Nvme0n1 (over TCP) as backing, an aio file as cache ----
-    let (mut tgt, rpc) = start_target_with(&spdk, &so, "nvmepc", &mask(core_p));
-    rpc.ok(&[
-        "bdev_nvme_attach_controller",
-        "-b",
-        "Nvme0",
-        "-t",
-        "tcp",
-        "-f",
-        "ipv4",
-        "-a",
-        "127.0.0.1",
-        "-s",
-        &sport,
-        "-n",
-        BACKING_NQN,
-    ]);
-    let nvme = &rpc.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"])[0];
+    // ---- 1 and 2: bdevperf hosts pcache: Nvme0n1 (over TCP) as backing, an aio file as
+    // cache. (Not bdevperf over NVMe/TCP to a pcache target: three busy-polling apps on two
+    // cores slowed verify tenfold.)
+    let attach = json!({"method": "bdev_nvme_attach_controller", "params": {
+        "name": "Nvme0", "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+        "trsvcid": sport, "subnqn": BACKING_NQN}});
+    let aio_cache = json!({"method": "bdev_aio_create", "params": {
+        "name": "Cache0", "filename": cache_s, "block_size": 512,
+        "uuid": "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0a01"}});
+    let create = json!({"method": "bdev_pcache_create", "params": {
+        "name": "PC0", "cache_bdev": "Cache0", "backing_bdev": "Nvme0n1",
+        "segment_size_mib": 2, "stripe_size_kib": 256}});
+    let perf_cfg = dir.join("bdevperf.json");
+    std::fs::write(
+        &perf_cfg,
+        bdev_config(&[attach.clone(), aio_cache.clone(), create]).to_string(),
+    )
+    .expect("bdevperf config");
+    let (perf, prpc) =
+        start_bdevperf_with(&spdk, &so, &perf_cfg, "nvmeperf", "PC0", &["-m", core_p]);
+    let nvme = &prpc.ok(&["bdev_get_bdevs", "-b", "Nvme0n1"])[0];
     assert_eq!(
         nvme["product_name"], "NVMe disk",
         "the backing bdev is SPDK's NVMe bdev: {nvme}"
     );
-    rpc.ok(&[
-        "bdev_aio_create",
-        &cache_s,
-        "Cache0",
-        "512",
-        "-u",
-        "6b1f4c1e-0d2a-4c55-9a57-3e2f1c0a0a01",
-    ]);
-    rpc.ok(&[
-        "bdev_pcache_create",
-        "-b",
-        "PC0",
-        "-c",
-        "Cache0",
-        "-d",
-        "Nvme0n1",
-        "--segment-size-mib",
-        "2",
-        "--stripe-size-kib",
-        "256",
-    ]);
     // 1. enable_flush is false (bdev_nvme's default): FLUSH never reaches the namespace.
-    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
+    let info = &prpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
     assert_backing_flush(info, false);
-    assert_backing_flush(&rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0], false);
+    assert_backing_flush(&prpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0], false);
     assert!(
-        tgt.log().contains("bdev_nvme_set_options --enable-flush"),
+        perf.log().contains("bdev_nvme_set_options --enable-flush"),
         "no warning at create:\n{}",
-        tgt.log()
+        perf.log()
     );
-    let pport = free_port().to_string();
-    nvmf_export(&rpc, "PC0", &pport);
-    let initiator = initiator_config(&dir, &pport);
-
-    // 2. bdevperf verify over NVMe/TCP through PC0, writeback and GC over NVMe/TCP.
-    let (perf, prpc) = start_bdevperf_with(
-        &spdk,
-        &so,
-        &initiator,
-        "nvmeperf",
-        "Nvme0n1",
-        &["-m", core_s],
-    );
+    // 2. verify through PC0, writeback and GC over NVMe/TCP.
     let secs = verify_secs();
     let (res, jobs) = verify_jobs(&spdk, &perf_py, &prpc.sock, &perf, secs);
-    assert!(!jobs.is_empty(), "{res}");
+    assert_eq!(jobs.len(), 1, "{res}");
     for job in &jobs {
-        println!("bdevperf verify {secs} s over NVMe/TCP through PC0: {job}");
+        println!("bdevperf verify {secs} s through PC0 over NVMe/TCP: {job}");
         assert_job_clean(job, &res);
     }
-    stop_app(perf, &prpc, 30);
-    let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
+    let s = &prpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0];
     println!(
         "PC0 after verify: usage {}\nwriteback {}\nengine totals {}",
         s["usage"], s["writeback"], s["engine"]["total"]
     );
     assert_eq!(s["failed_ops"], 0, "{s}");
     assert_wrote_back_cleanly(s);
+    stop_app(perf, &prpc, 60);
 
+    // ---- the pcache target, on the same two bases: examine reattaches PC0 ----
+    let bases = dir.join("bases.json");
+    std::fs::write(&bases, bdev_config(&[attach, aio_cache]).to_string()).expect("config");
+    let mut args = mask(core_p);
+    args.extend(["--json".into(), bases.display().to_string()]);
+    let (mut tgt, rpc) = start_target_with(&spdk, &so, "nvmepc", &args);
+    let info = &wait_bdev(&rpc, "PC0", 30)["driver_specific"]["pcache"];
+    assert_eq!(info["cache"]["formatted"], false, "reattached: {info}");
+    assert_backing_flush(info, false);
+    let pport = free_port().to_string();
+    nvmf_export(&rpc, "PC0", &pport);
+    let initiator = initiator_config(&dir, &pport);
     wait_clean(&rpc, "PC0");
 
-    // 3. Writeback cannot land for 5 s; a pattern goes into the (clean) cache; SIGKILL.
+    // 3. Writeback cannot land for 30 s (an idle cache writes back at once, and spdk_dd
+    // may pause for longer than that on a loaded machine); a pattern goes into the (clean)
+    // cache; SIGKILL. The writes still waiting in the storage target carry the pattern too.
     for k in ["avg_write", "p99_write"] {
-        srpc.ok(&["bdev_delay_update_latency", "Slow0", k, "5000000"]);
+        srpc.ok(&["bdev_delay_update_latency", "Slow0", k, "30000000"]);
     }
     let data = pattern(4 << 20, 0x0a1e_5eed);
     let pattern_file = dir.join("pattern.bin");

@@ -170,6 +170,9 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
         // SAFETY: SPDK allocated `size_of::<Channel>()` bytes for us at `buf` (we registered
         // that size), suitably aligned (the context follows a 96-byte, 8-aligned header).
         unsafe { ptr::write(buf.cast::<Channel>(), chan) };
+        // SAFETY: just written; SPDK keeps the context at `buf` until `channel_destroy`.
+        let chan = unsafe { &*buf.cast::<Channel>() };
+        chan.prepare_serving();
         0
     })
 }
@@ -357,6 +360,28 @@ impl Channel {
 }
 
 impl Channel {
+    /// On a thread pinned to the core of one of the bdev's workers, which serves that
+    /// worker's hits itself: takes its channel to the cache bdev and registers its poller
+    /// now, while the submitter sets up, rather than at the first request. SPDK runs a
+    /// thread's pollers newest first, so pollers registered after the submitter's own (a
+    /// vhost session registers its request poller right after taking this channel) run
+    /// before it: a cache-bdev completion (malloc's, accel's poller) then waited a whole
+    /// reactor iteration, where a passthru's base channel, taken with its own, completes
+    /// in the same one.
+    fn prepare_serving(&self) {
+        let Some(core) = self.core else { return };
+        // SAFETY: the node outlives its channels; its roster was fixed before registration.
+        let Some(p) = (unsafe { (*self.front).workers.on_core(core) }) else {
+            return;
+        };
+        // SAFETY: the worker's inbox lives as long as the worker, beyond the bdev's channels.
+        if unsafe { (*p.inbox).never_direct() } {
+            return;
+        }
+        self.cache_channel();
+        self.start_polling();
+    }
+
     /// Serves the requests collected in `local` once the poller (or message) running now
     /// has returned: a submitter usually sends a burst from one poller (a vhost session
     /// taking its ring, bdevperf's completions), and they are then served together, in the

@@ -77,6 +77,17 @@ impl Roster {
     }
 
     /// The worker of this bdev that runs on the current thread (the lead if none does).
+    /// The worker on `core`, if this bdev has one there.
+    pub(crate) fn on_core(&self, core: u32) -> Option<Peer> {
+        let team = self.team();
+        let all = if team.is_empty() {
+            std::slice::from_ref(&self.lead)
+        } else {
+            team
+        };
+        all.iter().copied().find(|p| p.core == Some(core))
+    }
+
     pub(crate) fn here(&self) -> *mut Worker {
         let here = msg::current();
         self.team()
