@@ -166,40 +166,53 @@ impl Shard {
     /// cut-off threshold and the policy applies now.
     pub(super) fn seq_bypass(&mut self, lba: u64, len: u32, write: bool) -> bool {
         let c = self.cfg.seq_cutoff;
-        if c.policy == SeqPolicy::Never {
+        // `full` follows streams only while space is short (nothing to decide otherwise,
+        // and reads and writes stay free of the cost).
+        let applies = match c.policy {
+            SeqPolicy::Never => false,
+            SeqPolicy::Always => true,
+            SeqPolicy::Full => self.pressure || self.stalled,
+        };
+        if !applies {
             return false;
         }
         let g = &self.cfg.geo;
         let stripe = u64::from(g.stripe_sectors).max(1);
-        // The shard's next stripe of a stream lies past the other shards' stripes.
+        // The shard's next stripe of a stream lies past the other shards' stripes: a
+        // request at a stripe's start may continue a stream that ended `skip` before it.
         let skip = stripe * u64::from(g.shard_count.saturating_sub(1));
+        let from_skip = (lba % stripe == 0).then(|| lba.checked_sub(skip)).flatten();
         let st = &mut self.streams;
         st.clock += 1;
-        let hit = st.s.iter().position(|s| {
-            s.used > 0
-                && s.write == write
-                && (s.next == lba || (s.next % stripe == 0 && s.next + skip == lba))
-        });
-        let i = hit.unwrap_or_else(|| {
-            let (i, _) =
-                st.s.iter()
-                    .enumerate()
-                    .min_by_key(|(_, s)| s.used)
-                    .unwrap_or((0, &st.s[0]));
-            st.s[i] = Stream {
-                next: lba,
-                sectors: 0,
-                write,
-                used: 0,
-            };
-            i
-        });
+        let mut lru = 0;
+        let mut hit = None;
+        for (i, s) in st.s.iter().enumerate() {
+            if s.used > 0 && s.write == write && (s.next == lba || Some(s.next) == from_skip) {
+                hit = Some(i);
+                break;
+            }
+            if s.used < st.s[lru].used {
+                lru = i;
+            }
+        }
+        let i = match hit {
+            Some(i) => i,
+            None => {
+                st.s[lru] = Stream {
+                    next: lba,
+                    sectors: 0,
+                    write,
+                    used: 0,
+                };
+                lru
+            }
+        };
         let s = &mut st.s[i];
         let before = s.sectors;
         s.sectors += u64::from(len);
         s.next = lba + u64::from(len);
         s.used = st.clock;
-        before * 512 >= c.bytes && (c.policy == SeqPolicy::Always || self.pressure || self.stalled)
+        before * 512 >= c.bytes
     }
 
     /// A write that is not an in-place rewrite: logged, written through, or sent around
