@@ -228,7 +228,8 @@ impl Shard {
                         self.stats.seq_bypass_requests += 1;
                         self.stats.seq_bypass_sectors += u64::from(r.len);
                     }
-                    self.start_around(r.id, r.lba, r.len, r.buf_off, inval, fua);
+                    let now = self.now;
+                    self.start_around(r.id, r.lba, r.len, r.buf_off, inval, fua, now);
                     return;
                 }
                 None => self.stats.around_logged += 1,
@@ -291,7 +292,9 @@ impl Shard {
         Some(inval)
     }
 
-    /// Sends a write to the backing device, dropping the cached copies it overlaps.
+    /// Sends a write to the backing device, dropping the cached copies it overlaps
+    /// (`since`: when its request arrived; it fails once it waited the I/O timeout).
+    #[allow(clippy::too_many_arguments)]
     fn start_around(
         &mut self,
         req: ReqId,
@@ -300,6 +303,7 @@ impl Shard {
         buf_off: u64,
         inval: bool,
         fua: bool,
+        since: u64,
     ) {
         self.index.punch(lba, len);
         let id = self.fwd.insert(Fwd {
@@ -311,7 +315,7 @@ impl Shard {
             durable: fua || self.cfg.mode.around_is_durable(),
             waits: 1 + u8::from(inval),
             answered: false,
-            since: self.now,
+            since,
         });
         self.stats.around_writes += 1;
         self.stats.around_sectors += u64::from(len);
@@ -348,9 +352,6 @@ impl Shard {
         });
     }
 
-    /// A cache full: queued writes that may go around the cache (and need no
-    /// invalidation, which would need log space too) go to the backing device instead of
-    /// waiting for space.
     /// Reissues the forwarded writes whose backing write or flush failed, once the
     /// backoff allows.
     pub(super) fn retry_fwd(&mut self) {
@@ -383,6 +384,9 @@ impl Shard {
             .filter(|_| !self.fwd_retry.is_empty())
     }
 
+    /// A cache full: queued writes that may go around the cache (and need no
+    /// invalidation, which would need log space too) go to the backing device instead of
+    /// waiting for space.
     pub(super) fn full_cache_around(&mut self) {
         if self.fwd_backoff.since().is_some() {
             // Backing writes of requests are failing: they wait (and time out) as before.
@@ -399,7 +403,7 @@ impl Shard {
                 self.pending.remove(i);
                 self.stats.full_around_requests += 1;
                 self.stats.full_around_sectors += u64::from(p.len);
-                self.start_around(req, p.lba, p.len, buf_off, false, p.fua);
+                self.start_around(req, p.lba, p.len, buf_off, false, p.fua, p.since);
             } else {
                 i += 1;
             }
