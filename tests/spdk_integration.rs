@@ -712,6 +712,7 @@ fn target_rpc_lifecycle() {
         "name": "PC1", "cache_bdev": "Cache1", "backing_bdev": "Back1", "data_crc": false, "gc_percent": 70,
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 64,
         "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "io_timeout_ms": 30000,
+        "mode": "write_back", "seq_cutoff_bytes": 1048576, "seq_cutoff_policy": "full",
         "defer": true
     })), "{creates:?}");
     assert!(

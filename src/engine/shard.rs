@@ -901,9 +901,13 @@ impl Shard {
         if meta_ready {
             self.ask_for_segments();
         }
-        self.retry_fwd();
-        // Before writeback, which would copy what waits to be written through.
-        self.poll_through();
+        if !self.fwd_retry.is_empty() {
+            self.retry_fwd();
+        }
+        if !self.through_wait.is_empty() {
+            // Before writeback, which would copy what waits to be written through.
+            self.poll_through();
+        }
         self.writeback_poll();
     }
 

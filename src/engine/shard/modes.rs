@@ -166,40 +166,53 @@ impl Shard {
     /// cut-off threshold and the policy applies now.
     pub(super) fn seq_bypass(&mut self, lba: u64, len: u32, write: bool) -> bool {
         let c = self.cfg.seq_cutoff;
-        if c.policy == SeqPolicy::Never {
+        // `full` follows streams only while space is short (nothing to decide otherwise,
+        // and reads and writes stay free of the cost).
+        let applies = match c.policy {
+            SeqPolicy::Never => false,
+            SeqPolicy::Always => true,
+            SeqPolicy::Full => self.pressure || self.stalled,
+        };
+        if !applies {
             return false;
         }
         let g = &self.cfg.geo;
         let stripe = u64::from(g.stripe_sectors).max(1);
-        // The shard's next stripe of a stream lies past the other shards' stripes.
+        // The shard's next stripe of a stream lies past the other shards' stripes: a
+        // request at a stripe's start may continue a stream that ended `skip` before it.
         let skip = stripe * u64::from(g.shard_count.saturating_sub(1));
+        let from_skip = (lba % stripe == 0).then(|| lba.checked_sub(skip)).flatten();
         let st = &mut self.streams;
         st.clock += 1;
-        let hit = st.s.iter().position(|s| {
-            s.used > 0
-                && s.write == write
-                && (s.next == lba || (s.next % stripe == 0 && s.next + skip == lba))
-        });
-        let i = hit.unwrap_or_else(|| {
-            let (i, _) =
-                st.s.iter()
-                    .enumerate()
-                    .min_by_key(|(_, s)| s.used)
-                    .unwrap_or((0, &st.s[0]));
-            st.s[i] = Stream {
-                next: lba,
-                sectors: 0,
-                write,
-                used: 0,
-            };
-            i
-        });
+        let mut lru = 0;
+        let mut hit = None;
+        for (i, s) in st.s.iter().enumerate() {
+            if s.used > 0 && s.write == write && (s.next == lba || Some(s.next) == from_skip) {
+                hit = Some(i);
+                break;
+            }
+            if s.used < st.s[lru].used {
+                lru = i;
+            }
+        }
+        let i = match hit {
+            Some(i) => i,
+            None => {
+                st.s[lru] = Stream {
+                    next: lba,
+                    sectors: 0,
+                    write,
+                    used: 0,
+                };
+                lru
+            }
+        };
         let s = &mut st.s[i];
         let before = s.sectors;
         s.sectors += u64::from(len);
         s.next = lba + u64::from(len);
         s.used = st.clock;
-        before * 512 >= c.bytes && (c.policy == SeqPolicy::Always || self.pressure || self.stalled)
+        before * 512 >= c.bytes
     }
 
     /// A write that is not an in-place rewrite: logged, written through, or sent around
@@ -215,7 +228,8 @@ impl Shard {
                         self.stats.seq_bypass_requests += 1;
                         self.stats.seq_bypass_sectors += u64::from(r.len);
                     }
-                    self.start_around(r.id, r.lba, r.len, r.buf_off, inval, fua);
+                    let now = self.now;
+                    self.start_around(r.id, r.lba, r.len, r.buf_off, inval, fua, now);
                     return;
                 }
                 None => self.stats.around_logged += 1,
@@ -278,7 +292,9 @@ impl Shard {
         Some(inval)
     }
 
-    /// Sends a write to the backing device, dropping the cached copies it overlaps.
+    /// Sends a write to the backing device, dropping the cached copies it overlaps
+    /// (`since`: when its request arrived; it fails once it waited the I/O timeout).
+    #[allow(clippy::too_many_arguments)]
     fn start_around(
         &mut self,
         req: ReqId,
@@ -287,6 +303,7 @@ impl Shard {
         buf_off: u64,
         inval: bool,
         fua: bool,
+        since: u64,
     ) {
         self.index.punch(lba, len);
         let id = self.fwd.insert(Fwd {
@@ -298,7 +315,7 @@ impl Shard {
             durable: fua || self.cfg.mode.around_is_durable(),
             waits: 1 + u8::from(inval),
             answered: false,
-            since: self.now,
+            since,
         });
         self.stats.around_writes += 1;
         self.stats.around_sectors += u64::from(len);
@@ -335,9 +352,6 @@ impl Shard {
         });
     }
 
-    /// A cache full: queued writes that may go around the cache (and need no
-    /// invalidation, which would need log space too) go to the backing device instead of
-    /// waiting for space.
     /// Reissues the forwarded writes whose backing write or flush failed, once the
     /// backoff allows.
     pub(super) fn retry_fwd(&mut self) {
@@ -370,6 +384,9 @@ impl Shard {
             .filter(|_| !self.fwd_retry.is_empty())
     }
 
+    /// A cache full: queued writes that may go around the cache (and need no
+    /// invalidation, which would need log space too) go to the backing device instead of
+    /// waiting for space.
     pub(super) fn full_cache_around(&mut self) {
         if self.fwd_backoff.since().is_some() {
             // Backing writes of requests are failing: they wait (and time out) as before.
@@ -386,7 +403,7 @@ impl Shard {
                 self.pending.remove(i);
                 self.stats.full_around_requests += 1;
                 self.stats.full_around_sectors += u64::from(p.len);
-                self.start_around(req, p.lba, p.len, buf_off, false, p.fua);
+                self.start_around(req, p.lba, p.len, buf_off, false, p.fua, p.since);
             } else {
                 i += 1;
             }
