@@ -18,12 +18,13 @@ use super::format::{Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET
 use super::geometry::Geometry;
 use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{
-    Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag,
+    Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag, Verify,
 };
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
 
+mod admission;
 mod retry;
 mod writeback;
 use retry::Backoff;
@@ -33,6 +34,10 @@ pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions, WritebackState};
 
 /// Segments a shard keeps ready (header durable) beyond the one it writes.
 const RESERVE_SEGMENTS: u32 = 2;
+
+/// How long GC's moves (second chances) wait at the head of the queue for a segment on its
+/// way before their extents are dropped instead (ms).
+const MOVE_WAIT_MS: u64 = 50;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ShardConfig {
@@ -99,6 +104,24 @@ enum LogOp {
         req: ReqId,
         buf_off: u64,
     },
+    /// GC's second chance: a clean extent read since it was logged, copied from cache
+    /// sector `src` (in the segment being reclaimed, pinned until the copy is done) to the
+    /// log head and logged as a clean key, like a fill whose data comes from the cache.
+    Move {
+        fill: u64,
+        src: u64,
+        /// The extent's data CRC (with data CRCs, only whole extents move): the copy checks
+        /// it, and the key carries it.
+        crc: Option<u32>,
+    },
+}
+
+impl LogOp {
+    /// A clean key (a read-miss fill or a GC move): never dirty, committed only where its
+    /// placeholder survived.
+    fn is_clean(&self) -> bool {
+        matches!(self, LogOp::Fill { .. } | LogOp::Move { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,7 +137,7 @@ struct Pending {
 impl Pending {
     fn data_sectors(&self) -> u32 {
         match self.op {
-            LogOp::Write { .. } | LogOp::Fill { .. } => self.len,
+            LogOp::Write { .. } | LogOp::Fill { .. } | LogOp::Move { .. } => self.len,
             LogOp::Zeroes { .. } | LogOp::Unmap { .. } => 0,
         }
     }
@@ -253,6 +276,8 @@ pub struct Shard {
     tags: Slab<TagOwner>,
     reads: Slab<ReadCtx>,
     next_fill: u64,
+    /// Which read misses fill the cache while it evicts (admission on a second miss).
+    admission: admission::Admission,
     failed: bool,
     stalled: bool,
     /// Host time in ms ([`Shard::set_now`]).
@@ -321,6 +346,7 @@ impl Shard {
             tags: Slab::new(),
             reads: Slab::new(),
             next_fill: 1,
+            admission: admission::Admission::new(&cfg.geo),
             failed: false,
             stalled: false,
             now: 0,
@@ -366,7 +392,7 @@ impl Shard {
             .iter()
             .flat_map(|b| b.entries.iter())
             .filter(|e| self.meta.since().is_some() && !e.answered && !e.failed)
-            .filter(|e| !matches!(e.p.op, LogOp::Fill { .. }))
+            .filter(|e| !e.p.op.is_clean())
             .map(|e| e.p.since + timeout)
             .min();
         let meta = self.meta.due(self.now).filter(|_| {
@@ -527,7 +553,10 @@ impl Shard {
         }
         match op {
             Op::Read => {
-                let e = self.index.covering(lba, len).filter(|e| e.is_data())?;
+                let e = self
+                    .index
+                    .covering_touch(lba, len)
+                    .filter(|e| e.is_data())?;
                 let seg = self.seg_of(e.pos);
                 *self.reads_per_seg.get_mut(seg as usize)? += 1;
                 self.stats.reads += 1;
@@ -591,6 +620,10 @@ impl Shard {
         });
         let mut pieces = std::mem::take(&mut self.scratch);
         self.index.lookup(r.lba, r.len, &mut pieces);
+        if pieces.iter().any(|p| p.extent.is_some_and(|e| e.is_data())) {
+            // Hits: their extents were read (GC gives them a second chance).
+            self.index.touch(r.lba, r.len);
+        }
         let mut issued = 0;
         for p in &pieces {
             let buf_off = r.buf_off + (p.lba - r.lba) * 512;
@@ -638,6 +671,13 @@ impl Shard {
                 }
                 // A fill of the same range is already in flight: just read the backing.
                 Some(_) => ReadSrc::Backing { fill: None },
+                None if self.cfg.read_fill
+                    && !self.failed
+                    && !self.admission.admit(p.lba, p.len) =>
+                {
+                    self.stats.fill_declined += 1;
+                    ReadSrc::Backing { fill: None }
+                }
                 None if self.cfg.read_fill && !self.failed => {
                     let id = self.next_fill;
                     self.next_fill += 1;
@@ -689,6 +729,7 @@ impl Shard {
             });
         self.scratch = pieces;
         if res.is_some() {
+            self.index.touch(lba, len);
             self.stats.reads += 1;
             self.stats.read_hit_sectors += u64::from(len);
             self.stats.inline_reads += 1;
@@ -723,6 +764,14 @@ impl Shard {
             },
             verify_crc: None,
         });
+    }
+
+    /// GC's move of a clean extent will not happen (no space at the head, timed out): the
+    /// extent is dropped (its placeholder goes) and its source segment unpinned.
+    fn abort_move(&mut self, fill: u64, lba: u64, len: u32, src: u64) {
+        self.stats.readmit_dropped += 1;
+        self.index.abort_fill(fill, lba, len);
+        self.unpin_segment(self.seg_of(src) as usize);
     }
 
     /// Reads a piece of clean cached data from the backing device instead (its cache copy
@@ -823,6 +872,7 @@ impl Shard {
                     self.index.abort_fill(fill, p.lba, p.len);
                     self.read_piece_done(read);
                 }
+                LogOp::Move { fill, src, .. } => self.abort_move(fill, p.lba, p.len, src),
                 LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } => {
                     if self.stats.timed_out == 0 || self.pending.is_empty() {
                         self.out.log.push(format!(
@@ -926,11 +976,32 @@ impl Shard {
         let Some(e) = b.entries.get(entry) else {
             return;
         };
-        let (LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. }) = e.p.op else {
+        let sector = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
+        let (op, len) = (e.p.op, e.p.len);
+        if let LogOp::Move { src, crc, .. } = op {
+            let tag = self.tag(TagOwner::Data {
+                seq,
+                entry: entry as u32,
+            });
+            self.out.commands.push(Command::Copy {
+                tag,
+                src: Dev::Cache,
+                src_sector: src,
+                dst: Dev::Cache,
+                dst_sector: sector,
+                sectors: u64::from(len),
+                verify: crc.map(|crc| Verify {
+                    sector: src,
+                    sectors: u64::from(len),
+                    crc,
+                }),
+            });
+            return;
+        }
+        let (LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. }) = op else {
             return;
         };
-        let sector = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
-        let len = u64::from(e.p.len) * 512;
+        let len = u64::from(len) * 512;
         let tag = self.tag(TagOwner::Data {
             seq,
             entry: entry as u32,
@@ -990,6 +1061,19 @@ impl Shard {
                     self.stats.fill_bypass += 1;
                     self.index.abort_fill(fill, front.lba, front.len);
                     self.read_piece_done(read);
+                    continue;
+                }
+                if let LogOp::Move { fill, src, .. } = front.op {
+                    // GC's moves wait briefly for a segment already on its way, unless a
+                    // write waits behind them; else the extent is dropped: a move pins the
+                    // segment it copies from, which the pool may need back.
+                    let coming = self.preparing + self.wanted > 0;
+                    let writes = self.pending.iter().any(|p| !p.op.is_clean());
+                    if coming && !writes && self.now < front.since + MOVE_WAIT_MS {
+                        return;
+                    }
+                    self.pending.pop_front();
+                    self.abort_move(fill, front.lba, front.len, src);
                     continue;
                 }
             }
@@ -1083,13 +1167,13 @@ impl Shard {
             };
             let data_off = off;
             match p.op {
-                LogOp::Write { .. } | LogOp::Fill { .. } => {
+                LogOp::Write { .. } | LogOp::Fill { .. } | LogOp::Move { .. } => {
                     data_pending += 1;
                     off += p.len;
                 }
                 LogOp::Zeroes { .. } | LogOp::Unmap { .. } => {}
             }
-            if !matches!(p.op, LogOp::Fill { .. }) {
+            if !p.op.is_clean() {
                 // Logged after any fill still in flight there, so that fill must not commit.
                 self.index.punch_placeholders(p.lba, p.len);
             }
@@ -1154,7 +1238,7 @@ impl Shard {
                 .iter()
                 .take(i)
                 .flat_map(|b| b.entries.iter())
-                .filter(|e| !e.failed && !matches!(e.p.op, LogOp::Fill { .. }))
+                .filter(|e| !e.failed && !e.p.op.is_clean())
                 .map(|e| (e.p.lba, e.p.len))
                 .collect();
             let b = &mut self.batches[i];
@@ -1166,7 +1250,7 @@ impl Shard {
                 let p = e.p;
                 let kind = match p.op {
                     LogOp::Write { .. } => KeyKind::Data,
-                    LogOp::Fill { fill, .. } => {
+                    LogOp::Fill { fill, .. } | LogOp::Move { fill, .. } => {
                         let intact =
                             self.index.placeholder_pieces(fill, p.lba, p.len) == [(p.lba, p.len)];
                         let end = p.lba + u64::from(p.len);
@@ -1189,7 +1273,7 @@ impl Shard {
                     data_off: if kind == KeyKind::Data { e.data_off } else { 0 },
                     gen: b.pos.gen,
                     epoch: p.epoch,
-                    clean: matches!(p.op, LogOp::Fill { .. }),
+                    clean: p.op.is_clean(),
                     crc: e.crc,
                 });
             }
@@ -1330,7 +1414,7 @@ impl Shard {
         let Some(e) = b.entries.get(entry) else {
             return;
         };
-        let is_fill = matches!(e.p.op, LogOp::Fill { .. });
+        let is_fill = e.p.op.is_clean();
         let at = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
         let (lba, len) = (e.p.lba, e.p.len);
         if done.result.is_err() && !is_fill {
@@ -1360,20 +1444,32 @@ impl Shard {
         e.written = true;
         let mut failed_req = None;
         match done.result {
-            Ok(()) => e.crc = done.crc,
+            // A move's copy reports no CRC: its key carries the extent's own.
+            Ok(()) => match e.p.op {
+                LogOp::Move { crc, .. } => e.crc = crc,
+                _ => e.crc = done.crc,
+            },
             Err(_) => {
                 e.failed = true;
                 failed_req = (!e.answered).then_some(e.p);
             }
         }
-        if let LogOp::Fill { read, fill, .. } = e.p.op {
+        let p = e.p;
+        if let LogOp::Fill { read, fill, .. } = p.op {
             // The read's data is in its buffer; it no longer needs to wait for the fill.
-            let p = e.p;
             if failed_req.is_some() {
                 self.index.abort_fill(fill, p.lba, p.len);
                 failed_req = None;
             }
             self.read_piece_done(read);
+        }
+        if let LogOp::Move { fill, src, .. } = p.op {
+            // Copied (or not): the source segment may go once nothing else reads it.
+            if failed_req.take().is_some() {
+                self.stats.readmit_dropped += 1;
+                self.index.abort_fill(fill, p.lba, p.len);
+            }
+            self.unpin_segment(self.seg_of(src) as usize);
         }
         if self.batches[i].data_pending == 0 && self.batches[i].state == BatchState::Data {
             self.batches[i].state = BatchState::Ready;
@@ -1461,6 +1557,12 @@ impl Shard {
                     self.read_piece_done(read);
                 }
             }
+            LogOp::Move { fill, src, .. } => {
+                self.index.abort_fill(fill, e.p.lba, e.p.len);
+                if !e.written {
+                    self.unpin_segment(self.seg_of(src) as usize);
+                }
+            }
         }
     }
 
@@ -1482,7 +1584,7 @@ impl Shard {
                     LogOp::Write { .. } => KeyKind::Data,
                     LogOp::Zeroes { .. } => KeyKind::Zeroes,
                     LogOp::Unmap { .. } => KeyKind::Unmap,
-                    LogOp::Fill { .. } => continue,
+                    LogOp::Fill { .. } | LogOp::Move { .. } => continue,
                 };
                 if e.logged && !e.failed {
                     self.log_dirty_sectors += u64::from(p.len);
@@ -1539,8 +1641,13 @@ impl Shard {
                             self.out.completions.push((req, Ok(())));
                         }
                     }
-                    LogOp::Fill { fill, .. } if e.logged => {
-                        self.stats.fills += 1;
+                    LogOp::Fill { fill, .. } | LogOp::Move { fill, .. } if e.logged => {
+                        if matches!(p.op, LogOp::Move { .. }) {
+                            self.stats.readmits += 1;
+                            self.stats.readmit_sectors += u64::from(p.len);
+                        } else {
+                            self.stats.fills += 1;
+                        }
                         self.index.commit_fill(
                             fill,
                             p.lba,
@@ -1550,7 +1657,9 @@ impl Shard {
                             e.crc,
                         );
                     }
-                    LogOp::Fill { fill, .. } => self.index.abort_fill(fill, p.lba, p.len),
+                    LogOp::Fill { fill, .. } | LogOp::Move { fill, .. } => {
+                        self.index.abort_fill(fill, p.lba, p.len)
+                    }
                     LogOp::Write { .. } => {}
                 }
             }
