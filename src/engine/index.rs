@@ -794,10 +794,11 @@ impl ExtentMap {
     }
 
     /// [`ExtentMap::drop_segment`] with a second chance: a clean extent that was read since
-    /// it was logged (its access bit) is kept, while `rescue` has room for it, as a
-    /// placeholder of a new fill id whose data the caller copies to the log head (`moves`);
-    /// the fill commits it as a new clean extent, access bit cleared, unless something
-    /// newer lands on the placeholder first. The others are dropped.
+    /// it was logged (its access bit) is kept, while `rescue` has room for it, with its bit
+    /// cleared, and listed in `moves`: the caller copies its data to the log head and
+    /// commits the copy with [`ExtentMap::commit_move`] (or drops it with
+    /// [`ExtentMap::drop_clean_at`]). Until then it stays readable where it is. The others
+    /// are dropped.
     pub fn reclaim_segment(
         &mut self,
         lo: u64,
@@ -823,18 +824,16 @@ impl ExtentMap {
                     && Self::accessed_at(hints, lba, &e)
                     && rescue.take(&e)
                 {
-                    hints.forget(lba, &e);
-                    let id = rescue.next_id;
-                    rescue.next_id += 1;
+                    let kept = e.with_accessed(false);
+                    hints.note(lba, &kept);
                     moves.push(Move {
                         lba,
                         len: e.len(),
                         src: e.pos,
                         crc: e.crc(),
-                        id,
                     });
                     b.starts[keep] = b.starts[i];
-                    b.exts[keep] = Extent::new(id, e.len(), State::Placeholder, None, 0);
+                    b.exts[keep] = kept;
                     keep += 1;
                 } else if inside && e.state() == State::Clean {
                     hints.forget(lba, &e);
@@ -872,6 +871,37 @@ impl ExtentMap {
             return true;
         }
         false
+    }
+
+    /// Whether [lba, lba+len) is still exactly the clean extent at cache sector `src` (a
+    /// move of it may be logged: nothing newer landed there).
+    pub fn holds_clean(&self, lba: u64, len: u32, src: u64) -> bool {
+        self.get(lba)
+            .is_some_and(|e| e.state() == State::Clean && e.len() == len && e.pos == src)
+    }
+
+    /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: the
+    /// extent now lives at `pos` (with `crc`), if it is still the one at `src`. Its access
+    /// bit (reads while it moved) comes along.
+    pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
+        let Some(e) = self.find(lba) else { return };
+        if e.state() == State::Clean && e.len() == len && e.pos == src {
+            let read = Self::accessed_at(&self.hints, lba, &e);
+            self.insert(
+                lba,
+                Extent::new(pos, len, State::Clean, crc, 0).with_accessed(read),
+            );
+        }
+    }
+
+    /// Drops the clean extent [lba, lba+len) at `src` if it is still there (its move was
+    /// given up and its segment is going).
+    pub fn drop_clean_at(&mut self, lba: u64, len: u32, src: u64) {
+        if let Some(e) = self.get(lba) {
+            if e.state() == State::Clean && e.len() == len && e.pos == src {
+                self.remove_if_same(lba, &e);
+            }
+        }
     }
 
     /// Every block the hints hold is that extent in the buckets (for tests).
@@ -922,8 +952,6 @@ pub struct Rescue {
     /// Keep only extents with a data CRC (a cache with data CRCs logs the moved copy with
     /// the extent's own CRC, which covers the whole extent only).
     pub need_crc: bool,
-    /// The fill id of the next placeholder.
-    pub next_id: u64,
 }
 
 impl Rescue {
@@ -932,7 +960,6 @@ impl Rescue {
         Rescue {
             budget: 0,
             need_crc: false,
-            next_id: 0,
         }
     }
 
@@ -946,15 +973,14 @@ impl Rescue {
     }
 }
 
-/// A clean extent GC keeps: its data moves from cache sector `src` to the log head, as
-/// fill `id` of [lba, lba+len).
+/// A clean extent GC keeps: its data, [lba, lba+len) at cache sector `src`, moves to the
+/// log head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Move {
     pub lba: u64,
     pub len: u32,
     pub src: u64,
     pub crc: Option<u32>,
-    pub id: u64,
 }
 
 /// Whether [lba, lba+len) lies inside one 4 KiB block: a lookup the hints may answer.
@@ -1011,6 +1037,88 @@ mod tests {
             assert_eq!(m.covering(lba, len).map(|e| e.pos), Some(77 + lba - 9600));
         }
         assert!(m.hints.holds_in_line(9600));
+    }
+
+    #[test]
+    fn the_access_bit_costs_no_dram_and_is_not_part_of_equality() {
+        // The map's entry (plus a 2-byte start) and the hints' entry keep their sizes.
+        assert_eq!(std::mem::size_of::<Extent>(), 16);
+        let e = Extent::new(100, 8, State::Clean, None, 3);
+        let hot = e.with_accessed(true);
+        assert!(hot.accessed() && !e.accessed());
+        assert_eq!(e, hot);
+        assert_eq!(hot.len(), 8);
+        assert_eq!(hot.state(), State::Clean);
+        assert_eq!(hot.epoch(), Some(3));
+        // A slice keeps it.
+        assert!(hot.slice(0, 2, 4).accessed());
+    }
+
+    #[test]
+    fn read_hits_set_the_access_bit_where_the_lookup_found_the_extent() {
+        let mut m = ExtentMap::new();
+        m.insert(0, Extent::new(1000, 8, State::Clean, None, 0)); // one block: in the hints
+        m.insert(16, Extent::new(2000, 16, State::Clean, None, 0)); // two: the map only
+        assert!(!m.get(0).unwrap().accessed());
+        m.covering_touch(0, 8).unwrap();
+        assert!(m.get(0).unwrap().accessed(), "set in the hint");
+        assert!(
+            !m.find(0).unwrap().accessed(),
+            "the map's copy is not touched"
+        );
+        m.covering_touch(20, 4).unwrap();
+        assert!(m.get(16).unwrap().accessed());
+        m.insert(40, Extent::new(3000, 8, State::Clean, None, 0));
+        m.touch(36, 8);
+        assert!(m.find(40).unwrap().accessed());
+        // GC keeps the read extents (as placeholders to fill from their old place) and
+        // drops the rest; writeback turning dirty data clean keeps the bit.
+        m.insert(64, Extent::new(4000, 8, State::Dirty, None, 0));
+        m.covering_touch(64, 8).unwrap();
+        m.mark_clean(64, 8, 4000);
+        assert!(m.get(64).unwrap().accessed() && m.get(64).unwrap().state() == State::Clean);
+        m.insert(80, Extent::new(1100, 8, State::Clean, None, 0)); // not read
+        let mut rescue = Rescue {
+            budget: 24,
+            need_crc: false,
+        };
+        let mut moves = Vec::new();
+        assert_eq!(m.reclaim_segment(1000, 1200, &mut rescue, &mut moves), 0);
+        moves.sort_by_key(|m| m.lba);
+        assert_eq!(
+            moves
+                .iter()
+                .map(|m| (m.lba, m.len, m.src))
+                .collect::<Vec<_>>(),
+            vec![(0, 8, 1000)]
+        );
+        // Kept readable where it is, with the bit cleared: one chance a pass.
+        assert_eq!(m.get(0), Some(Extent::new(1000, 8, State::Clean, None, 0)));
+        assert!(!m.get(0).unwrap().accessed());
+        assert!(m.holds_clean(0, 8, 1000) && !m.holds_clean(0, 8, 1001));
+        assert!(m.get(80).is_none(), "not read: dropped");
+        // Read while it moved: the bit comes along to the new place.
+        m.covering_touch(0, 8).unwrap();
+        m.commit_move(0, 8, 1000, 5000, None);
+        assert_eq!(m.get(0), Some(Extent::new(5000, 8, State::Clean, None, 0)));
+        assert!(m.get(0).unwrap().accessed());
+        // A move of an extent replaced meanwhile commits nothing; a dropped move removes
+        // the extent only if it is still the one it was moving.
+        m.commit_move(0, 8, 1000, 6000, None);
+        assert_eq!(m.get(0).unwrap().pos, 5000);
+        m.drop_clean_at(0, 8, 1000);
+        assert!(m.get(0).is_some());
+        m.drop_clean_at(0, 8, 5000);
+        assert!(m.get(0).is_none());
+        // A budget too small for an extent drops it; with data CRCs only whole extents move.
+        m.covering_touch(16, 16).unwrap();
+        let mut small = Rescue {
+            budget: 8,
+            need_crc: false,
+        };
+        m.reclaim_segment(2000, 2100, &mut small, &mut moves);
+        assert!(m.get(16).is_none());
+        assert!(m.hints_consistent() && m.dirs_consistent());
     }
 
     #[test]

@@ -105,10 +105,11 @@ enum LogOp {
         buf_off: u64,
     },
     /// GC's second chance: a clean extent read since it was logged, copied from cache
-    /// sector `src` (in the segment being reclaimed, pinned until the copy is done) to the
-    /// log head and logged as a clean key, like a fill whose data comes from the cache.
+    /// sector `src` (in the segment being reclaimed, pinned until the move commits or is
+    /// dropped, so the extent stays readable there meanwhile) to the log head and logged as
+    /// a clean key, like a fill whose data comes from the cache. It commits only where the
+    /// index still maps the range to that same extent.
     Move {
-        fill: u64,
         src: u64,
         /// The extent's data CRC (with data CRCs, only whole extents move): the copy checks
         /// it, and the key carries it.
@@ -766,11 +767,12 @@ impl Shard {
         });
     }
 
-    /// GC's move of a clean extent will not happen (no space at the head, timed out): the
-    /// extent is dropped (its placeholder goes) and its source segment unpinned.
-    fn abort_move(&mut self, fill: u64, lba: u64, len: u32, src: u64) {
+    /// GC's move of a clean extent will not happen (no space at the head, the copy
+    /// failed, the log closed): the extent leaves the index if it is still there, in the
+    /// reclaimed segment, and that segment is unpinned.
+    fn abort_move(&mut self, lba: u64, len: u32, src: u64) {
         self.stats.readmit_dropped += 1;
-        self.index.abort_fill(fill, lba, len);
+        self.index.drop_clean_at(lba, len, src);
         self.unpin_segment(self.seg_of(src) as usize);
     }
 
@@ -872,7 +874,7 @@ impl Shard {
                     self.index.abort_fill(fill, p.lba, p.len);
                     self.read_piece_done(read);
                 }
-                LogOp::Move { fill, src, .. } => self.abort_move(fill, p.lba, p.len, src),
+                LogOp::Move { src, .. } => self.abort_move(p.lba, p.len, src),
                 LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } => {
                     if self.stats.timed_out == 0 || self.pending.is_empty() {
                         self.out.log.push(format!(
@@ -1063,7 +1065,7 @@ impl Shard {
                     self.read_piece_done(read);
                     continue;
                 }
-                if let LogOp::Move { fill, src, .. } = front.op {
+                if let LogOp::Move { src, .. } = front.op {
                     // GC's moves wait briefly for a segment already on its way, unless a
                     // write waits behind them; else the extent is dropped: a move pins the
                     // segment it copies from, which the pool may need back.
@@ -1073,7 +1075,7 @@ impl Shard {
                         return;
                     }
                     self.pending.pop_front();
-                    self.abort_move(fill, front.lba, front.len, src);
+                    self.abort_move(front.lba, front.len, src);
                     continue;
                 }
             }
@@ -1233,7 +1235,7 @@ impl Shard {
             }
             // Ranges written by earlier batches not yet applied to the index: a fill that
             // overlaps one would be replayed after it and shadow it with stale data.
-            let earlier: Vec<(u64, u32)> = self
+            let mut earlier: Vec<(u64, u32)> = self
                 .batches
                 .iter()
                 .take(i)
@@ -1243,16 +1245,34 @@ impl Shard {
                 .collect();
             let b = &mut self.batches[i];
             let mut keys = Vec::with_capacity(b.entries.len());
+            let mut seen = 0;
             for e in b.entries.iter_mut() {
                 if e.failed {
                     continue;
                 }
                 let p = e.p;
+                if matches!(p.op, LogOp::Move { .. }) {
+                    // A move has no placeholder for a write to punch: a write ahead of it
+                    // in this very batch (logged before it in the kset) shadows it too.
+                    earlier.extend(
+                        keys[seen..]
+                            .iter()
+                            .filter(|k: &&Key| !k.clean)
+                            .map(|k| (k.lba, k.len)),
+                    );
+                    seen = keys.len();
+                }
                 let kind = match p.op {
                     LogOp::Write { .. } => KeyKind::Data,
-                    LogOp::Fill { fill, .. } | LogOp::Move { fill, .. } => {
-                        let intact =
-                            self.index.placeholder_pieces(fill, p.lba, p.len) == [(p.lba, p.len)];
+                    LogOp::Fill { .. } | LogOp::Move { .. } => {
+                        let intact = match p.op {
+                            LogOp::Fill { fill, .. } => {
+                                self.index.placeholder_pieces(fill, p.lba, p.len)
+                                    == [(p.lba, p.len)]
+                            }
+                            LogOp::Move { src, .. } => self.index.holds_clean(p.lba, p.len, src),
+                            _ => false,
+                        };
                         let end = p.lba + u64::from(p.len);
                         let shadowed = earlier
                             .iter()
@@ -1463,13 +1483,9 @@ impl Shard {
             }
             self.read_piece_done(read);
         }
-        if let LogOp::Move { fill, src, .. } = p.op {
-            // Copied (or not): the source segment may go once nothing else reads it.
-            if failed_req.take().is_some() {
-                self.stats.readmit_dropped += 1;
-                self.index.abort_fill(fill, p.lba, p.len);
-            }
-            self.unpin_segment(self.seg_of(src) as usize);
+        if let LogOp::Move { .. } = p.op {
+            // A failed copy logs no key; `retire` drops the extent and unpins its segment.
+            failed_req = None;
         }
         if self.batches[i].data_pending == 0 && self.batches[i].state == BatchState::Data {
             self.batches[i].state = BatchState::Ready;
@@ -1557,12 +1573,7 @@ impl Shard {
                     self.read_piece_done(read);
                 }
             }
-            LogOp::Move { fill, src, .. } => {
-                self.index.abort_fill(fill, e.p.lba, e.p.len);
-                if !e.written {
-                    self.unpin_segment(self.seg_of(src) as usize);
-                }
-            }
+            LogOp::Move { src, .. } => self.abort_move(e.p.lba, e.p.len, src),
         }
     }
 
@@ -1641,13 +1652,16 @@ impl Shard {
                             self.out.completions.push((req, Ok(())));
                         }
                     }
-                    LogOp::Fill { fill, .. } | LogOp::Move { fill, .. } if e.logged => {
-                        if matches!(p.op, LogOp::Move { .. }) {
-                            self.stats.readmits += 1;
-                            self.stats.readmit_sectors += u64::from(p.len);
-                        } else {
-                            self.stats.fills += 1;
-                        }
+                    LogOp::Move { src, .. } if e.logged => {
+                        self.stats.readmits += 1;
+                        self.stats.readmit_sectors += u64::from(p.len);
+                        let at = base + u64::from(e.data_off);
+                        self.index.commit_move(p.lba, p.len, src, at, e.crc);
+                        self.unpin_segment(self.seg_of(src) as usize);
+                    }
+                    LogOp::Move { src, .. } => self.abort_move(p.lba, p.len, src),
+                    LogOp::Fill { fill, .. } if e.logged => {
+                        self.stats.fills += 1;
                         self.index.commit_fill(
                             fill,
                             p.lba,
@@ -1657,9 +1671,7 @@ impl Shard {
                             e.crc,
                         );
                     }
-                    LogOp::Fill { fill, .. } | LogOp::Move { fill, .. } => {
-                        self.index.abort_fill(fill, p.lba, p.len)
-                    }
+                    LogOp::Fill { fill, .. } => self.index.abort_fill(fill, p.lba, p.len),
                     LogOp::Write { .. } => {}
                 }
             }

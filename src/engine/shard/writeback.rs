@@ -760,7 +760,6 @@ impl Shard {
         let mut rescue = Rescue {
             budget,
             need_crc: self.cfg.data_crc,
-            next_id: self.next_fill,
         };
         let mut moves = Vec::new();
         let before = self.index.len();
@@ -770,19 +769,18 @@ impl Shard {
             &mut rescue,
             &mut moves,
         );
-        self.next_fill = rescue.next_id;
         if self.index.len() < before {
             // Clean data left the cache: from now on a fill evicts something.
             self.admission.set_evicting(true);
         }
         for m in moves {
             if let Some(n) = self.reads_per_seg.get_mut(seg as usize) {
-                // The copy reads the segment: it is not released before the copy is done.
+                // The extent stays readable in the segment until the move commits: it is
+                // not released before.
                 *n += 1;
             }
             self.pending.push_back(super::Pending {
                 op: super::LogOp::Move {
-                    fill: m.id,
                     src: m.src,
                     crc: m.crc,
                 },
