@@ -3056,10 +3056,11 @@ fn wait_clean(rpc: &Rpc, name: &str) {
 }
 
 /// Cache modes switched live under bdevperf `-w verify` (two cores, a cache smaller than
-/// the working set; for a few seconds a sequential cut-off at 64 KiB that applies always,
-/// which sends most of verify's sequential writes around the cache): every switch keeps
-/// every acknowledged write, verify fails nothing, each path is taken, and `save_config`
-/// echoes the mode and cut-off in effect (stored on the cache bdev).
+/// the working set; for a few seconds a sequential cut-off at 64 KiB that applies always):
+/// every switch keeps every acknowledged write, verify fails nothing, each path is taken;
+/// then sequential writes past the cut-off bypass the cache, FLUSH requests reach the
+/// backing bdev, and `save_config` echoes the mode and cut-off in effect (stored on the
+/// cache bdev).
 #[test]
 #[cfg_attr(
     pcache_no_spdk,
@@ -3149,11 +3150,7 @@ fn mode_switches_under_verify() {
     );
     let m = &s["mode"];
     assert_eq!(m["mode"], "write_around", "{m}");
-    for k in [
-        "write_around_requests",
-        "write_through_requests",
-        "seq_cutoff_bypassed_requests",
-    ] {
+    for k in ["write_around_requests", "write_through_requests"] {
         assert!(m[k].as_u64() > Some(0), "{k}: {m}");
     }
     for k in [
@@ -3166,6 +3163,41 @@ fn mode_switches_under_verify() {
     ] {
         assert_eq!(s["errors"][k], 0, "{k}: {s}");
     }
+    // FLUSH requests after writes that went around the cache flush the backing bdev
+    // (completing asynchronously through the engine) and fail nothing.
+    // Sequential writes past the cut-off (policy always) bypass the cache.
+    let flushes = m["backing_flushes_for_requests"].as_u64().unwrap_or(0);
+    rpc.ok(&[
+        "bdev_pcache_set_options",
+        "PC0",
+        "--seq-cutoff-policy",
+        "always",
+    ]);
+    let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, "write", 2);
+    for job in &jobs {
+        assert_job_clean(job, &res);
+    }
+    let m = rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["mode"].clone();
+    assert!(
+        m["seq_cutoff_bypassed_requests"].as_u64() > Some(0),
+        "no sequential write bypassed the cache: {m}"
+    );
+    rpc.ok(&[
+        "bdev_pcache_set_options",
+        "PC0",
+        "--seq-cutoff-policy",
+        "never",
+    ]);
+    let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, "flush", 2);
+    for job in &jobs {
+        println!("bdevperf flush 2 s after write-around writes: {job}");
+        assert_eq!(job["io_failed"], 0, "{res}");
+    }
+    let m = rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["mode"].clone();
+    assert!(
+        m["backing_flushes_for_requests"].as_u64() > Some(flushes),
+        "no FLUSH reached the backing bdev: {m}"
+    );
     // save_config echoes the mode and cut-off in effect.
     rpc.ok(&[
         "bdev_pcache_set_options",
