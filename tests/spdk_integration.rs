@@ -2965,6 +2965,10 @@ fn nvme_backing_verify_kill_restart() {
     let data = pattern(4 << 20, 0x0a1e_5eed);
     let pattern_file = dir.join("pattern.bin");
     std::fs::write(&pattern_file, &data).expect("pattern file");
+    // spdk_dd writes sequentially into a cache full of (clean) data: the default cut-off
+    // (policy `full`) would send the stream around the cache, to the held-back backing
+    // device. This test wants it all in the cache.
+    rpc.ok(&["bdev_pcache_set_options", "PC0", "--seq-cutoff-policy", "never"]);
     dd_write(
         &spdk,
         &dd,
