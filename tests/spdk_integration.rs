@@ -2968,7 +2968,12 @@ fn nvme_backing_verify_kill_restart() {
     // spdk_dd writes sequentially into a cache full of (clean) data: the default cut-off
     // (policy `full`) would send the stream around the cache, to the held-back backing
     // device. This test wants it all in the cache.
-    rpc.ok(&["bdev_pcache_set_options", "PC0", "--seq-cutoff-policy", "never"]);
+    rpc.ok(&[
+        "bdev_pcache_set_options",
+        "PC0",
+        "--seq-cutoff-policy",
+        "never",
+    ]);
     dd_write(
         &spdk,
         &dd,
