@@ -2407,7 +2407,10 @@ fn device_faults_never_hang_pcache() {
         json!({"method": "bdev_error_create", "params": {"base_name": "FBack"}}),
         json!({"method": "bdev_pcache_create",
                "params": {"name": "PC0", "cache_bdev": "EE_FCache", "backing_bdev": "EE_FBack",
-                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": true}}),
+                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": true,
+                          // verify writes sequentially into a full cache: the default
+                          // cut-off would send them around, past the cache faults below.
+                          "seq_cutoff_policy": "never"}}),
     ]);
     std::fs::write(&cfg, config.to_string()).expect("write config");
     let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "faults", "PC0", &["-m", "0x1", "-f"]);
