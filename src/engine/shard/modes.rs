@@ -283,8 +283,7 @@ impl Shard {
             .chain(self.pending.iter().take(queued));
         for p in queued {
             if p.lba < end && lba < p.lba + u64::from(p.len) {
-                // A fill or GC move in flight is a clean copy: dropped like the cached ones.
-                if !p.op.takes_placeholder() {
+                if !matches!(p.op, LogOp::Fill { .. }) {
                     return None;
                 }
                 inval = true;
