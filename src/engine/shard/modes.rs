@@ -338,6 +338,11 @@ impl Shard {
         // Kept until it landed or was given up: writeback copies nothing there (a newer
         // write's copy could land first) and read misses fill nothing there.
         self.fwd_ranges.push((lba, len));
+        self.write_fwd(id, req, lba, len, buf_off);
+    }
+
+    /// The backing write of forwarded write `id`, from its request's buffer.
+    fn write_fwd(&mut self, id: u32, req: ReqId, lba: u64, len: u32, buf_off: u64) {
         let tag = self.tag(TagOwner::Fwd { id });
         self.out.commands.push(Command::Write {
             tag,
@@ -362,18 +367,7 @@ impl Shard {
             let Some(f) = self.fwd.get(id) else { continue };
             let (req, lba, len, buf_off) = (f.req, f.lba, f.len, f.buf_off);
             self.stats.fwd_retries += 1;
-            let tag = self.tag(TagOwner::Fwd { id });
-            self.out.commands.push(Command::Write {
-                tag,
-                dev: Dev::Backing,
-                sector: lba,
-                buf: Buf::Req {
-                    req,
-                    off: buf_off,
-                    len: u64::from(len) * 512,
-                },
-                want_crc: false,
-            });
+            self.write_fwd(id, req, lba, len, buf_off);
         }
     }
 
