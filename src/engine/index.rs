@@ -28,15 +28,19 @@ pub enum State {
     Poisoned,
 }
 
-/// 16 bytes; the map's key (8 bytes) is the start LBA. Length, state and the CRC flag
-/// share one word, and the CRC shares another with the epoch (in-place overwrite, the only
-/// user of the epoch, is off when data CRCs are on), keeping the map near 20 bytes of DRAM
-/// per extent (the hints add 32-64 bytes per one-block extent).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// 16 bytes; the map's key (8 bytes) is the start LBA. Length, state, the CRC flag and the
+/// access bit share one word, and the CRC shares another with the epoch (in-place
+/// overwrite, the only user of the epoch, is off when data CRCs are on), keeping the map
+/// near 20 bytes of DRAM per extent (the hints add 32-64 bytes per one-block extent).
+///
+/// The access bit (GC's second chance) is a hint, not part of what the extent is:
+/// equality ignores it.
+#[derive(Clone, Copy)]
 pub struct Extent {
     /// Cache-device sector of the first data sector (fill id for placeholders).
     pub pos: u64,
-    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC.
+    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC; 29: read since it was
+    /// logged (or since GC last gave it a second chance).
     len_flags: u32,
     /// The data CRC32C of the whole extent if it has one, else the low 32 bits of the
     /// flush epoch that wrote it.
@@ -45,6 +49,17 @@ pub struct Extent {
 
 const LEN_MASK: u32 = (1 << 24) - 1;
 const CRC_FLAG: u32 = 1 << 28;
+const ACCESS_FLAG: u32 = 1 << 29;
+
+impl PartialEq for Extent {
+    fn eq(&self, o: &Self) -> bool {
+        self.pos == o.pos
+            && (self.len_flags & !ACCESS_FLAG) == (o.len_flags & !ACCESS_FLAG)
+            && self.aux == o.aux
+    }
+}
+
+impl Eq for Extent {}
 /// Longest extent: 8 GiB, far above any stripe.
 pub const MAX_EXTENT_SECTORS: u32 = LEN_MASK;
 
@@ -56,6 +71,7 @@ impl std::fmt::Debug for Extent {
             .field("state", &self.state())
             .field("crc", &self.crc())
             .field("epoch", &self.epoch())
+            .field("accessed", &self.accessed())
             .finish()
     }
 }
@@ -105,6 +121,19 @@ impl Extent {
     pub fn is_data(&self) -> bool {
         matches!(self.state(), State::Dirty | State::Clean)
     }
+    /// Read since it was logged, or since GC last re-appended it (its second chance).
+    pub fn accessed(&self) -> bool {
+        self.len_flags & ACCESS_FLAG != 0
+    }
+    /// The same extent with its access bit set or cleared.
+    pub fn with_accessed(mut self, on: bool) -> Self {
+        if on {
+            self.len_flags |= ACCESS_FLAG;
+        } else {
+            self.len_flags &= !ACCESS_FLAG;
+        }
+        self
+    }
     pub fn is_dirty(&self) -> bool {
         matches!(self.state(), State::Dirty | State::Zeroes | State::Unmapped)
     }
@@ -120,7 +149,7 @@ impl Extent {
             State::Dirty | State::Clean => self.pos + (at - start),
             _ => self.pos,
         };
-        Extent::new(pos, len, state, None, self.epoch().unwrap_or(0))
+        Extent::new(pos, len, state, None, self.epoch().unwrap_or(0)).with_accessed(self.accessed())
     }
 }
 
@@ -360,6 +389,75 @@ impl ExtentMap {
         let (s, e) = (u64::from(b.starts[i]), &b.exts[i]);
         (s + u64::from(e.len()) >= u64::from(off) + u64::from(len))
             .then(|| e.slice(s, u64::from(off), len))
+    }
+
+    /// [`ExtentMap::covering`] for a read hit: also sets the access bit of the data extent
+    /// found, where the lookup found it (the hints' line, or the bucket's entry), so the
+    /// hit costs one store to a line already loaded.
+    #[inline]
+    pub fn covering_touch(&mut self, lba: u64, len: u32) -> Option<Extent> {
+        if in_one_block(lba, len) {
+            let block = lba & !7;
+            if let Some(e) = self.hints.get(block) {
+                debug_assert_eq!(Some(e), self.find(block), "stale hint at {block}");
+                if !e.accessed() {
+                    self.hints.touch(block);
+                }
+                return Some(e.slice(block, lba, len));
+            }
+        }
+        let (key, off) = self.locate(lba);
+        if u64::from(off) + u64::from(len) > self.bucket {
+            return None;
+        }
+        let shift = self.shift;
+        let b = self.buckets.get_mut(&key)?;
+        let mut i = b.rank(off, shift);
+        if b.starts.get(i) != Some(&off) {
+            i = i.checked_sub(1)?;
+        }
+        let s = u64::from(b.starts[i]);
+        let e = &mut b.exts[i];
+        if s + u64::from(e.len()) < u64::from(off) + u64::from(len) {
+            return None;
+        }
+        if e.is_data() && !e.accessed() {
+            *e = e.with_accessed(true);
+        }
+        Some(e.slice(s, u64::from(off), len))
+    }
+
+    /// Sets the access bit of every data extent overlapping [lba, lba+len) (a read that
+    /// hit them through a lookup), in the map's entries.
+    pub fn touch(&mut self, lba: u64, len: u32) {
+        let mut parts = Vec::new();
+        self.per_bucket(lba, len, |a, l| parts.push((a, l)));
+        let shift = self.shift;
+        for (a, l) in parts {
+            let (key, off) = self.locate(a);
+            let Some(b) = self.buckets.get_mut(&key) else {
+                continue;
+            };
+            let end = u32::from(off) + l;
+            let mut i = b.rank(off, shift);
+            if i > 0 && u32::from(b.starts[i - 1]) + b.exts[i - 1].len() > u32::from(off) {
+                i -= 1;
+            }
+            while i < b.len() && u32::from(b.starts[i]) < end {
+                let e = &mut b.exts[i];
+                if e.is_data() && !e.accessed() {
+                    *e = e.with_accessed(true);
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// Whether extent `e` of the map, starting at `lba`, was read: its access bit in the
+    /// map or in the hints (a hit the hints answered sets it there only).
+    #[inline]
+    fn accessed_at(hints: &hints::Hints, lba: u64, e: &Extent) -> bool {
+        e.accessed() || (lba & 7 == 0 && e.len() == 8 && e.is_data() && hints.accessed(lba))
     }
 
     /// The line a lookup of [lba, lba+len) reads first, for a host to prefetch before the
@@ -631,7 +729,11 @@ impl ExtentMap {
             let Some(e) = p.extent else { continue };
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
-                self.insert(p.lba, Extent::new(e.pos, p.len, State::Clean, crc, 0));
+                let read = Self::accessed_at(&self.hints, p.lba, &e);
+                self.insert(
+                    p.lba,
+                    Extent::new(e.pos, p.len, State::Clean, crc, 0).with_accessed(read),
+                );
             }
         }
     }
@@ -687,6 +789,23 @@ impl ExtentMap {
     /// reclaimed). Returns how many dirty extents were found there and kept (none, if the
     /// caller only reclaims written-back segments).
     pub fn drop_segment(&mut self, lo: u64, hi: u64) -> usize {
+        let mut none = Vec::new();
+        self.reclaim_segment(lo, hi, &mut Rescue::none(), &mut none)
+    }
+
+    /// [`ExtentMap::drop_segment`] with a second chance: a clean extent that was read since
+    /// it was logged (its access bit) is kept, while `rescue` has room for it, with its bit
+    /// cleared, and listed in `moves`: the caller copies its data to the log head and
+    /// commits the copy with [`ExtentMap::commit_move`] (or drops it with
+    /// [`ExtentMap::drop_clean_at`]). Until then it stays readable where it is. The others
+    /// are dropped.
+    pub fn reclaim_segment(
+        &mut self,
+        lo: u64,
+        hi: u64,
+        rescue: &mut Rescue,
+        moves: &mut Vec<Move>,
+    ) -> usize {
         let (shift, size) = (self.shift, self.bucket);
         let hints = &mut self.hints;
         let mut dirty = 0;
@@ -699,8 +818,25 @@ impl ExtentMap {
                 if inside && e.state() != State::Clean {
                     dirty += 1;
                 }
-                if inside && e.state() == State::Clean {
-                    hints.forget(key * size + u64::from(b.starts[i]), &e);
+                let lba = key * size + u64::from(b.starts[i]);
+                if inside
+                    && e.state() == State::Clean
+                    && Self::accessed_at(hints, lba, &e)
+                    && rescue.take(&e)
+                {
+                    let kept = e.with_accessed(false);
+                    hints.note(lba, &kept);
+                    moves.push(Move {
+                        lba,
+                        len: e.len(),
+                        src: e.pos,
+                        crc: e.crc(),
+                    });
+                    b.starts[keep] = b.starts[i];
+                    b.exts[keep] = kept;
+                    keep += 1;
+                } else if inside && e.state() == State::Clean {
+                    hints.forget(lba, &e);
                     removed += 1;
                 } else {
                     b.starts[keep] = b.starts[i];
@@ -735,6 +871,37 @@ impl ExtentMap {
             return true;
         }
         false
+    }
+
+    /// Whether [lba, lba+len) is still exactly the clean extent at cache sector `src` (a
+    /// move of it may be logged: nothing newer landed there).
+    pub fn holds_clean(&self, lba: u64, len: u32, src: u64) -> bool {
+        self.get(lba)
+            .is_some_and(|e| e.state() == State::Clean && e.len() == len && e.pos == src)
+    }
+
+    /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: the
+    /// extent now lives at `pos` (with `crc`), if it is still the one at `src`. Its access
+    /// bit (reads while it moved) comes along.
+    pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
+        let Some(e) = self.find(lba) else { return };
+        if e.state() == State::Clean && e.len() == len && e.pos == src {
+            let read = Self::accessed_at(&self.hints, lba, &e);
+            self.insert(
+                lba,
+                Extent::new(pos, len, State::Clean, crc, 0).with_accessed(read),
+            );
+        }
+    }
+
+    /// Drops the clean extent [lba, lba+len) at `src` if it is still there (its move was
+    /// given up and its segment is going).
+    pub fn drop_clean_at(&mut self, lba: u64, len: u32, src: u64) {
+        if let Some(e) = self.get(lba) {
+            if e.state() == State::Clean && e.len() == len && e.pos == src {
+                self.remove_if_same(lba, &e);
+            }
+        }
     }
 
     /// Every block the hints hold is that extent in the buckets (for tests).
@@ -775,6 +942,45 @@ impl ExtentMap {
         }
         (dirty, clean, self.len)
     }
+}
+
+/// How much of a reclaimed segment GC may keep (see [`ExtentMap::reclaim_segment`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Rescue {
+    /// Sectors it may still keep.
+    pub budget: u64,
+    /// Keep only extents with a data CRC (a cache with data CRCs logs the moved copy with
+    /// the extent's own CRC, which covers the whole extent only).
+    pub need_crc: bool,
+}
+
+impl Rescue {
+    /// Keeps nothing.
+    pub fn none() -> Self {
+        Rescue {
+            budget: 0,
+            need_crc: false,
+        }
+    }
+
+    fn take(&mut self, e: &Extent) -> bool {
+        let n = u64::from(e.len());
+        if n > self.budget || (self.need_crc && !e.has_crc()) {
+            return false;
+        }
+        self.budget -= n;
+        true
+    }
+}
+
+/// A clean extent GC keeps: its data, [lba, lba+len) at cache sector `src`, moves to the
+/// log head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub lba: u64,
+    pub len: u32,
+    pub src: u64,
+    pub crc: Option<u32>,
 }
 
 /// Whether [lba, lba+len) lies inside one 4 KiB block: a lookup the hints may answer.
@@ -831,6 +1037,88 @@ mod tests {
             assert_eq!(m.covering(lba, len).map(|e| e.pos), Some(77 + lba - 9600));
         }
         assert!(m.hints.holds_in_line(9600));
+    }
+
+    #[test]
+    fn the_access_bit_costs_no_dram_and_is_not_part_of_equality() {
+        // The map's entry (plus a 2-byte start) and the hints' entry keep their sizes.
+        assert_eq!(std::mem::size_of::<Extent>(), 16);
+        let e = Extent::new(100, 8, State::Clean, None, 3);
+        let hot = e.with_accessed(true);
+        assert!(hot.accessed() && !e.accessed());
+        assert_eq!(e, hot);
+        assert_eq!(hot.len(), 8);
+        assert_eq!(hot.state(), State::Clean);
+        assert_eq!(hot.epoch(), Some(3));
+        // A slice keeps it.
+        assert!(hot.slice(0, 2, 4).accessed());
+    }
+
+    #[test]
+    fn read_hits_set_the_access_bit_where_the_lookup_found_the_extent() {
+        let mut m = ExtentMap::new();
+        m.insert(0, Extent::new(1000, 8, State::Clean, None, 0)); // one block: in the hints
+        m.insert(16, Extent::new(2000, 16, State::Clean, None, 0)); // two: the map only
+        assert!(!m.get(0).unwrap().accessed());
+        m.covering_touch(0, 8).unwrap();
+        assert!(m.get(0).unwrap().accessed(), "set in the hint");
+        assert!(
+            !m.find(0).unwrap().accessed(),
+            "the map's copy is not touched"
+        );
+        m.covering_touch(20, 4).unwrap();
+        assert!(m.get(16).unwrap().accessed());
+        m.insert(40, Extent::new(3000, 8, State::Clean, None, 0));
+        m.touch(36, 8);
+        assert!(m.find(40).unwrap().accessed());
+        // GC keeps the read extents (as placeholders to fill from their old place) and
+        // drops the rest; writeback turning dirty data clean keeps the bit.
+        m.insert(64, Extent::new(4000, 8, State::Dirty, None, 0));
+        m.covering_touch(64, 8).unwrap();
+        m.mark_clean(64, 8, 4000);
+        assert!(m.get(64).unwrap().accessed() && m.get(64).unwrap().state() == State::Clean);
+        m.insert(80, Extent::new(1100, 8, State::Clean, None, 0)); // not read
+        let mut rescue = Rescue {
+            budget: 24,
+            need_crc: false,
+        };
+        let mut moves = Vec::new();
+        assert_eq!(m.reclaim_segment(1000, 1200, &mut rescue, &mut moves), 0);
+        moves.sort_by_key(|m| m.lba);
+        assert_eq!(
+            moves
+                .iter()
+                .map(|m| (m.lba, m.len, m.src))
+                .collect::<Vec<_>>(),
+            vec![(0, 8, 1000)]
+        );
+        // Kept readable where it is, with the bit cleared: one chance a pass.
+        assert_eq!(m.get(0), Some(Extent::new(1000, 8, State::Clean, None, 0)));
+        assert!(!m.get(0).unwrap().accessed());
+        assert!(m.holds_clean(0, 8, 1000) && !m.holds_clean(0, 8, 1001));
+        assert!(m.get(80).is_none(), "not read: dropped");
+        // Read while it moved: the bit comes along to the new place.
+        m.covering_touch(0, 8).unwrap();
+        m.commit_move(0, 8, 1000, 5000, None);
+        assert_eq!(m.get(0), Some(Extent::new(5000, 8, State::Clean, None, 0)));
+        assert!(m.get(0).unwrap().accessed());
+        // A move of an extent replaced meanwhile commits nothing; a dropped move removes
+        // the extent only if it is still the one it was moving.
+        m.commit_move(0, 8, 1000, 6000, None);
+        assert_eq!(m.get(0).unwrap().pos, 5000);
+        m.drop_clean_at(0, 8, 1000);
+        assert!(m.get(0).is_some());
+        m.drop_clean_at(0, 8, 5000);
+        assert!(m.get(0).is_none());
+        // A budget too small for an extent drops it; with data CRCs only whole extents move.
+        m.covering_touch(16, 16).unwrap();
+        let mut small = Rescue {
+            budget: 8,
+            need_crc: false,
+        };
+        m.reclaim_segment(2000, 2100, &mut small, &mut moves);
+        assert!(m.get(16).is_none());
+        assert!(m.hints_consistent() && m.dirs_consistent());
     }
 
     #[test]

@@ -598,7 +598,7 @@ impl Opener {
                 .ok()
                 .filter(|(k, _)| k.seq == r.seq && k.prev_crc == r.prev_crc);
             let Some((kset, crc)) = decoded else {
-                if let Some(p) = end_of_log_problem(tail, at, r.seq, shard) {
+                if let Some(p) = end_of_log_problem(tail, at, r.seq, shard, seed, &geo) {
                     self.report.problems.push(p);
                 }
                 break;
@@ -805,19 +805,31 @@ fn apply_key(
 /// At the end of a log, a kset header that claims to be the next kset but fails its
 /// checks is torn (a crash mid-write) or corrupt. Stale data from an older use of the
 /// segment names another sequence or position and is not reported.
-fn end_of_log_problem(tail: &[u8], at: LogPos, seq: u64, shard: u32) -> Option<String> {
+fn end_of_log_problem(
+    tail: &[u8],
+    at: LogPos,
+    seq: u64,
+    shard: u32,
+    seed: u32,
+    geo: &Geometry,
+) -> Option<String> {
     if tail.len() < 64 {
         return None;
     }
     let le32 = |o: usize| u32::from_le_bytes([tail[o], tail[o + 1], tail[o + 2], tail[o + 3]]);
     let le64 = |o: usize| u64::from(le32(o)) | (u64::from(le32(o + 4)) << 32);
     let magic_ok = le32(0) == KSET_MAGIC;
-    let claims_here = le64(8) == seq
-        && u32::from(u16::from_le_bytes([tail[20], tail[21]])) == shard
-        && le32(28) == at.seg
-        && le32(32) == at.gen
-        && le32(52) == at.off;
-    (magic_ok || claims_here).then(|| {
+    let owner = u32::from(u16::from_le_bytes([tail[20], tail[21]]));
+    let named = LogPos {
+        seg: le32(28),
+        gen: le32(32),
+        off: le32(52),
+    };
+    let claims_here = le64(8) == seq && owner == shard && named == at;
+    // An intact kset (its CRC right) of an earlier use of the segment is stale: the log
+    // reached a reused segment and ends where an older kset lies.
+    let stale = named != at && Kset::decode(tail, seed, geo, named, owner).is_ok();
+    (claims_here || (magic_ok && !stale)).then(|| {
         format!(
             "shard {shard}: kset seq {seq} at segment {} sector {} is torn or corrupt; \
              the log ends before it",

@@ -18,13 +18,14 @@ use super::format::{Key, KeyKind, Kset, LogPos, LogTail, SegmentHeader, MAX_KSET
 use super::geometry::Geometry;
 use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{
-    Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag,
+    Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag, Verify,
 };
 use super::mode::{CacheMode, SeqCutoff};
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
 
+mod admission;
 mod modes;
 mod retry;
 mod writeback;
@@ -36,6 +37,10 @@ pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions, WritebackState};
 
 /// Segments a shard keeps ready (header durable) beyond the one it writes.
 const RESERVE_SEGMENTS: u32 = 2;
+
+/// How long GC's moves (second chances) wait at the head of the queue for a segment on its
+/// way before their extents are dropped instead (ms).
+const MOVE_WAIT_MS: u64 = 50;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ShardConfig {
@@ -112,12 +117,32 @@ enum LogOp {
         req: ReqId,
         fwd: u32,
     },
+    /// GC's second chance: a clean extent read since it was logged, copied from cache
+    /// sector `src` (in the segment being reclaimed, pinned until the move commits or is
+    /// dropped, so the extent stays readable there meanwhile) to the log head and logged as
+    /// a clean key, like a fill whose data comes from the cache. It commits only where the
+    /// index still maps the range to that same extent.
+    Move {
+        src: u64,
+        /// The extent's data CRC (with data CRCs, only whole extents move): the copy checks
+        /// it, and the key carries it.
+        crc: Option<u32>,
+    },
 }
 
 impl LogOp {
-    /// Logs no dirty data (read-miss fills, invalidations).
+    /// Logs no dirty data (read-miss fills, invalidations, GC moves).
     fn is_clean(&self) -> bool {
-        matches!(self, LogOp::Fill { .. } | LogOp::Invalidate { .. })
+        matches!(
+            self,
+            LogOp::Fill { .. } | LogOp::Invalidate { .. } | LogOp::Move { .. }
+        )
+    }
+
+    /// A clean key with data (a read-miss fill or a GC move): committed only where its
+    /// placeholder survived.
+    fn takes_placeholder(&self) -> bool {
+        matches!(self, LogOp::Fill { .. } | LogOp::Move { .. })
     }
 }
 
@@ -138,7 +163,7 @@ struct Pending {
 impl Pending {
     fn data_sectors(&self) -> u32 {
         match self.op {
-            LogOp::Write { .. } | LogOp::Fill { .. } => self.len,
+            LogOp::Write { .. } | LogOp::Fill { .. } | LogOp::Move { .. } => self.len,
             LogOp::Zeroes { .. } | LogOp::Unmap { .. } | LogOp::Invalidate { .. } => 0,
         }
     }
@@ -283,6 +308,8 @@ pub struct Shard {
     tags: Slab<TagOwner>,
     reads: Slab<ReadCtx>,
     next_fill: u64,
+    /// Which read misses fill the cache while it evicts (admission on a second miss).
+    admission: admission::Admission,
     failed: bool,
     stalled: bool,
     /// Host time in ms ([`Shard::set_now`]).
@@ -369,6 +396,7 @@ impl Shard {
             tags: Slab::new(),
             reads: Slab::new(),
             next_fill: 1,
+            admission: admission::Admission::new(&cfg.geo),
             failed: false,
             stalled: false,
             now: 0,
@@ -422,7 +450,7 @@ impl Shard {
             .iter()
             .flat_map(|b| b.entries.iter())
             .filter(|e| self.meta.since().is_some() && !e.answered && !e.failed)
-            .filter(|e| !matches!(e.p.op, LogOp::Fill { .. }))
+            .filter(|e| !e.p.op.takes_placeholder())
             .map(|e| e.p.since + timeout)
             .min();
         let meta = self.meta.due(self.now).filter(|_| {
@@ -601,7 +629,7 @@ impl Shard {
                 let pt = self.cfg.mode == CacheMode::PassThrough;
                 let e = self
                     .index
-                    .covering(lba, len)
+                    .covering_touch(lba, len)
                     .filter(|e| e.is_data() && !(pt && e.state() == State::Clean))?;
                 let seg = self.seg_of(e.pos);
                 *self.reads_per_seg.get_mut(seg as usize)? += 1;
@@ -672,6 +700,10 @@ impl Shard {
         let seq = self.seq_bypass(r.lba, r.len, false);
         let fill = self.cfg.read_fill && !self.failed && serve_clean && !seq;
         let mut unfilled = 0u64;
+        if pieces.iter().any(|p| p.extent.is_some_and(|e| e.is_data())) {
+            // Hits: their extents were read (GC gives them a second chance).
+            self.index.touch(r.lba, r.len);
+        }
         let mut issued = 0;
         for p in &pieces {
             let buf_off = r.buf_off + (p.lba - r.lba) * 512;
@@ -723,6 +755,13 @@ impl Shard {
                 Some(_) => ReadSrc::Backing { fill: None },
                 // No fill under a write in flight to the backing device: it could read the
                 // older data.
+                None if fill
+                    && !self.fwd_overlaps(p.lba, p.len)
+                    && !self.admission.admit(p.lba, p.len) =>
+                {
+                    self.stats.fill_declined += 1;
+                    ReadSrc::Backing { fill: None }
+                }
                 None if fill && !self.fwd_overlaps(p.lba, p.len) => {
                     let id = self.next_fill;
                     self.next_fill += 1;
@@ -785,6 +824,7 @@ impl Shard {
             });
         self.scratch = pieces;
         if res.is_some() {
+            self.index.touch(lba, len);
             self.stats.reads += 1;
             self.stats.read_hit_sectors += u64::from(len);
             self.stats.inline_reads += 1;
@@ -819,6 +859,15 @@ impl Shard {
             },
             verify_crc: None,
         });
+    }
+
+    /// GC's move of a clean extent will not happen (no space at the head, the copy
+    /// failed, the log closed): the extent leaves the index if it is still there, in the
+    /// reclaimed segment, and that segment is unpinned.
+    fn abort_move(&mut self, lba: u64, len: u32, src: u64) {
+        self.stats.readmit_dropped += 1;
+        self.index.drop_clean_at(lba, len, src);
+        self.unpin_segment(self.seg_of(src) as usize);
     }
 
     /// Reads a piece of clean cached data from the backing device instead (its cache copy
@@ -926,6 +975,7 @@ impl Shard {
                     self.index.abort_fill(fill, p.lba, p.len);
                     self.read_piece_done(read);
                 }
+                LogOp::Move { src, .. } => self.abort_move(p.lba, p.len, src),
                 LogOp::Write { req, .. } | LogOp::Zeroes { req } | LogOp::Unmap { req } => {
                     if self.stats.timed_out == 0 || self.pending.is_empty() {
                         self.out.log.push(format!(
@@ -969,7 +1019,7 @@ impl Shard {
                         e.answered = true;
                         late.push((req, Some(fwd)));
                     }
-                    LogOp::Fill { .. } => {}
+                    LogOp::Fill { .. } | LogOp::Move { .. } => {}
                 }
             }
         }
@@ -1042,11 +1092,32 @@ impl Shard {
         let Some(e) = b.entries.get(entry) else {
             return;
         };
-        let (LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. }) = e.p.op else {
+        let sector = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
+        let (op, len) = (e.p.op, e.p.len);
+        if let LogOp::Move { src, crc, .. } = op {
+            let tag = self.tag(TagOwner::Data {
+                seq,
+                entry: entry as u32,
+            });
+            self.out.commands.push(Command::Copy {
+                tag,
+                src: Dev::Cache,
+                src_sector: src,
+                dst: Dev::Cache,
+                dst_sector: sector,
+                sectors: u64::from(len),
+                verify: crc.map(|crc| Verify {
+                    sector: src,
+                    sectors: u64::from(len),
+                    crc,
+                }),
+            });
+            return;
+        }
+        let (LogOp::Write { req, buf_off } | LogOp::Fill { req, buf_off, .. }) = op else {
             return;
         };
-        let sector = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
-        let len = u64::from(e.p.len) * 512;
+        let len = u64::from(len) * 512;
         let tag = self.tag(TagOwner::Data {
             seq,
             entry: entry as u32,
@@ -1106,6 +1177,19 @@ impl Shard {
                     self.stats.fill_bypass += 1;
                     self.index.abort_fill(fill, front.lba, front.len);
                     self.read_piece_done(read);
+                    continue;
+                }
+                if let LogOp::Move { src, .. } = front.op {
+                    // GC's moves wait briefly for a segment already on its way, unless a
+                    // write waits behind them; else the extent is dropped: a move pins the
+                    // segment it copies from, which the pool may need back.
+                    let coming = self.preparing + self.wanted > 0;
+                    let writes = self.pending.iter().any(|p| !p.op.takes_placeholder());
+                    if coming && !writes && self.now < front.since + MOVE_WAIT_MS {
+                        return;
+                    }
+                    self.pending.pop_front();
+                    self.abort_move(front.lba, front.len, src);
                     continue;
                 }
             }
@@ -1200,13 +1284,13 @@ impl Shard {
             };
             let data_off = off;
             match p.op {
-                LogOp::Write { .. } | LogOp::Fill { .. } => {
+                LogOp::Write { .. } | LogOp::Fill { .. } | LogOp::Move { .. } => {
                     data_pending += 1;
                     off += p.len;
                 }
                 LogOp::Zeroes { .. } | LogOp::Unmap { .. } | LogOp::Invalidate { .. } => {}
             }
-            if !matches!(p.op, LogOp::Fill { .. }) {
+            if !p.op.takes_placeholder() {
                 // Logged after any fill still in flight there, so that fill must not commit.
                 self.index.punch_placeholders(p.lba, p.len);
             }
@@ -1266,26 +1350,44 @@ impl Shard {
             }
             // Ranges written by earlier batches not yet applied to the index: a fill that
             // overlaps one would be replayed after it and shadow it with stale data.
-            let earlier: Vec<(u64, u32)> = self
+            let mut earlier: Vec<(u64, u32)> = self
                 .batches
                 .iter()
                 .take(i)
                 .flat_map(|b| b.entries.iter())
-                .filter(|e| !e.failed && !matches!(e.p.op, LogOp::Fill { .. }))
+                .filter(|e| !e.failed && !e.p.op.takes_placeholder())
                 .map(|e| (e.p.lba, e.p.len))
                 .collect();
             let b = &mut self.batches[i];
             let mut keys = Vec::with_capacity(b.entries.len());
+            let mut seen = 0;
             for e in b.entries.iter_mut() {
                 if e.failed {
                     continue;
                 }
                 let p = e.p;
+                if matches!(p.op, LogOp::Move { .. }) {
+                    // A move has no placeholder for a write to punch: a write ahead of it
+                    // in this very batch (logged before it in the kset) shadows it too.
+                    earlier.extend(
+                        keys[seen..]
+                            .iter()
+                            .filter(|k: &&Key| !k.clean)
+                            .map(|k| (k.lba, k.len)),
+                    );
+                    seen = keys.len();
+                }
                 let kind = match p.op {
                     LogOp::Write { .. } => KeyKind::Data,
-                    LogOp::Fill { fill, .. } => {
-                        let intact =
-                            self.index.placeholder_pieces(fill, p.lba, p.len) == [(p.lba, p.len)];
+                    LogOp::Fill { .. } | LogOp::Move { .. } => {
+                        let intact = match p.op {
+                            LogOp::Fill { fill, .. } => {
+                                self.index.placeholder_pieces(fill, p.lba, p.len)
+                                    == [(p.lba, p.len)]
+                            }
+                            LogOp::Move { src, .. } => self.index.holds_clean(p.lba, p.len, src),
+                            _ => false,
+                        };
                         let end = p.lba + u64::from(p.len);
                         let shadowed = earlier
                             .iter()
@@ -1449,7 +1551,7 @@ impl Shard {
         let Some(e) = b.entries.get(entry) else {
             return;
         };
-        let is_fill = matches!(e.p.op, LogOp::Fill { .. });
+        let is_fill = e.p.op.takes_placeholder();
         let at = self.cfg.geo.segment_start(b.pos.seg) + u64::from(e.data_off);
         let (lba, len) = (e.p.lba, e.p.len);
         if done.result.is_err() && !is_fill {
@@ -1479,20 +1581,28 @@ impl Shard {
         e.written = true;
         let mut failed_req = None;
         match done.result {
-            Ok(()) => e.crc = done.crc,
+            // A move's copy reports no CRC: its key carries the extent's own.
+            Ok(()) => match e.p.op {
+                LogOp::Move { crc, .. } => e.crc = crc,
+                _ => e.crc = done.crc,
+            },
             Err(_) => {
                 e.failed = true;
                 failed_req = (!e.answered).then_some(e.p);
             }
         }
-        if let LogOp::Fill { read, fill, .. } = e.p.op {
+        let p = e.p;
+        if let LogOp::Fill { read, fill, .. } = p.op {
             // The read's data is in its buffer; it no longer needs to wait for the fill.
-            let p = e.p;
             if failed_req.is_some() {
                 self.index.abort_fill(fill, p.lba, p.len);
                 failed_req = None;
             }
             self.read_piece_done(read);
+        }
+        if let LogOp::Move { .. } = p.op {
+            // A failed copy logs no key; `retire` drops the extent and unpins its segment.
+            failed_req = None;
         }
         if self.batches[i].data_pending == 0 && self.batches[i].state == BatchState::Data {
             self.batches[i].state = BatchState::Ready;
@@ -1581,6 +1691,7 @@ impl Shard {
                     self.read_piece_done(read);
                 }
             }
+            LogOp::Move { src, .. } => self.abort_move(e.p.lba, e.p.len, src),
         }
     }
 
@@ -1602,7 +1713,7 @@ impl Shard {
                     LogOp::Write { .. } => KeyKind::Data,
                     LogOp::Zeroes { .. } => KeyKind::Zeroes,
                     LogOp::Unmap { .. } => KeyKind::Unmap,
-                    LogOp::Fill { .. } | LogOp::Invalidate { .. } => continue,
+                    LogOp::Fill { .. } | LogOp::Invalidate { .. } | LogOp::Move { .. } => continue,
                 };
                 if e.logged && !e.failed {
                     self.log_dirty_sectors += u64::from(p.len);
@@ -1659,6 +1770,14 @@ impl Shard {
                             self.out.completions.push((req, Ok(())));
                         }
                     }
+                    LogOp::Move { src, .. } if e.logged => {
+                        self.stats.readmits += 1;
+                        self.stats.readmit_sectors += u64::from(p.len);
+                        let at = base + u64::from(e.data_off);
+                        self.index.commit_move(p.lba, p.len, src, at, e.crc);
+                        self.unpin_segment(self.seg_of(src) as usize);
+                    }
+                    LogOp::Move { src, .. } => self.abort_move(p.lba, p.len, src),
                     LogOp::Fill { fill, .. } if e.logged => {
                         self.stats.fills += 1;
                         self.index.commit_fill(

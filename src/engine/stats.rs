@@ -18,6 +18,14 @@ pub struct ShardStats {
     pub direct: u64,
     pub fills: u64,
     pub fill_bypass: u64,
+    /// Clean extents GC gave a second chance (read since logged: copied to the log head).
+    pub readmits: u64,
+    pub readmit_sectors: u64,
+    /// Second chances given up (no space at the log head, or the copy failed).
+    pub readmit_dropped: u64,
+    /// Read-miss fills not admitted: the cache was evicting and the range had not missed
+    /// recently (admission on a second miss).
+    pub fill_declined: u64,
     pub ksets_written: u64,
     pub keys_written: u64,
     pub cache_full_waits: u64,
@@ -97,6 +105,10 @@ impl ShardStats {
         self.direct += o.direct;
         self.fills += o.fills;
         self.fill_bypass += o.fill_bypass;
+        self.readmits += o.readmits;
+        self.readmit_sectors += o.readmit_sectors;
+        self.readmit_dropped += o.readmit_dropped;
+        self.fill_declined += o.fill_declined;
         self.ksets_written += o.ksets_written;
         self.keys_written += o.keys_written;
         self.cache_full_waits += o.cache_full_waits;

@@ -662,6 +662,33 @@ impl Sim {
             }
         }
         for (_, _, cmd) in &self.inflight {
+            if let Command::Copy {
+                src,
+                src_sector,
+                dst: Dev::Cache,
+                dst_sector,
+                sectors,
+                ..
+            } = cmd
+            {
+                // A copy into the cache (GC's second chance) tears like a write of the
+                // data it read.
+                let mut data = vec![0u8; (*sectors * 512) as usize];
+                let read = match src {
+                    Dev::Cache => self.cache_img.read(*src_sector, &mut data),
+                    Dev::Backing => self.backing_live.read(*src_sector, &mut data),
+                };
+                if read.is_err() {
+                    continue;
+                }
+                let unit = self.cache.geometry().block_bytes();
+                for (i, chunk) in data.chunks(unit).enumerate() {
+                    if self.rng.chance(50) {
+                        let _ = cache.write(dst_sector + (i * unit / 512) as u64, chunk);
+                    }
+                }
+                continue;
+            }
             let Command::Write {
                 dev, sector, buf, ..
             } = cmd

@@ -21,9 +21,14 @@ const MAX_SETS: usize = 1 << 20;
 /// Sets of a new table.
 const MIN_SETS: usize = 16;
 
-/// `tag` bits 0..40: the block number plus one (0: an empty entry).
-const KEY_BITS: u32 = 40;
+/// `tag` bits 0..39: the block number plus one (0: an empty entry; blocks past 2^39, 2 PiB
+/// of backing device, are looked up in the map).
+const KEY_BITS: u32 = 39;
 const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
+/// `tag` bit 39: the extent was read (its access bit, GC's second chance). A read hit the
+/// hints answer sets it here, in the line it already loaded; the map's copy of the extent
+/// may not have it, so GC asks both ([`Hints::accessed`]).
+const ACCESS_BIT: u64 = 1 << 39;
 /// `tag` bit 40: the extent has a data CRC (then `aux` is that CRC, else the epoch).
 const CRC_BIT: u64 = 1 << 40;
 /// `tag` bit 41: dirty (else clean).
@@ -106,7 +111,37 @@ impl Hints {
         };
         let aux = (e.low >> 32) as u32;
         let crc = (e.tag & CRC_BIT != 0).then_some(aux);
-        Some(Extent::new(pos, 8, state, crc, aux))
+        Some(Extent::new(pos, 8, state, crc, aux).with_accessed(e.tag & ACCESS_BIT != 0))
+    }
+
+    /// Sets the access bit of the block starting at `lba`, if the table holds it (the line
+    /// a lookup just read: no other line is touched). False: not held.
+    #[inline]
+    pub fn touch(&mut self, lba: u64) -> bool {
+        let Some(key) = key_of(lba) else {
+            return false;
+        };
+        let s = self.set_of(key);
+        match self.sets[s].0.iter_mut().find(|e| e.tag & KEY_MASK == key) {
+            Some(e) => {
+                if e.tag & ACCESS_BIT == 0 {
+                    e.tag |= ACCESS_BIT;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the table holds the block starting at `lba` with its access bit set.
+    pub fn accessed(&self, lba: u64) -> bool {
+        let Some(key) = key_of(lba) else {
+            return false;
+        };
+        self.sets[self.set_of(key)]
+            .0
+            .iter()
+            .any(|e| e.tag & KEY_MASK == key && e.tag & ACCESS_BIT != 0)
     }
 
     /// The cache line a lookup of the block at `lba` reads (for prefetching).
@@ -131,7 +166,8 @@ impl Hints {
                 } else {
                     0
                 }
-                | if e.has_crc() { CRC_BIT } else { 0 },
+                | if e.has_crc() { CRC_BIT } else { 0 }
+                | if e.accessed() { ACCESS_BIT } else { 0 },
             low: (e.pos & 0xffff_ffff) | u64::from(e.aux) << 32,
         };
         let s = self.set_of(key);
@@ -243,6 +279,23 @@ mod tests {
         h.forget(16, &block(200, State::Clean, 6));
         assert_eq!(h.get(16), None);
         assert_eq!(h.live, 1);
+    }
+
+    #[test]
+    fn touch_sets_the_access_bit_of_a_held_block_only() {
+        let mut h = Hints::default();
+        h.note(8, &block(100, State::Clean, 5));
+        assert!(!h.accessed(8) && !h.get(8).unwrap().accessed());
+        assert!(h.touch(8));
+        assert!(h.accessed(8) && h.get(8).unwrap().accessed());
+        // The bit is a hint: the entry is still the same extent.
+        assert_eq!(h.get(8), Some(block(100, State::Clean, 5)));
+        assert!(!h.touch(16) && !h.accessed(16));
+        // Noting a new extent there takes its bit.
+        h.note(8, &block(200, State::Clean, 5));
+        assert!(!h.accessed(8));
+        h.note(8, &block(300, State::Dirty, 5).with_accessed(true));
+        assert!(h.accessed(8));
     }
 
     #[test]

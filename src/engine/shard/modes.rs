@@ -283,7 +283,8 @@ impl Shard {
             .chain(self.pending.iter().take(queued));
         for p in queued {
             if p.lba < end && lba < p.lba + u64::from(p.len) {
-                if !matches!(p.op, LogOp::Fill { .. }) {
+                // A fill or GC move in flight is a clean copy: dropped like the cached ones.
+                if !p.op.takes_placeholder() {
                     return None;
                 }
                 inval = true;

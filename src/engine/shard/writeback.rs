@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::retry::Backoff;
 use super::{Shard, TagOwner};
 use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail, MAX_POISON};
-use crate::engine::index::{Extent, ExtentMap, State};
+use crate::engine::index::{Extent, ExtentMap, Rescue, State};
 use crate::engine::io::{Buf, Command, Dev, IoError, Verify};
 use crate::engine::pool::ToPool;
 
@@ -228,11 +228,13 @@ impl Shard {
     /// One line of internal state, for diagnosing a stuck shard.
     pub fn debug_state(&self) -> String {
         format!(
-            "shard {}: segs {:?} ready {} preparing {} wanted {} pending {} batches {} log {} \
+            "shard {}: admission {} B evicting {} segs {:?} ready {} preparing {} wanted {} pending {} batches {} log {} \
              dirty_tail {:?} tail {:?} group {:?} queue {} inflight {} wb {:?} stalled {} \
              pressure {} allowed {} frontier {} want_tail {:?} releasing {:?} control_inflight {} \
              reads {} tags {} retry_data {:?} meta {:?} now {} failed {} batch_states {:?}",
             self.cfg.id,
+            self.admission.bytes(),
+            self.admission.evicting(),
             self.segments
                 .iter()
                 .map(|s| (s.seg, s.first.seq))
@@ -760,8 +762,14 @@ impl Shard {
 
     fn gc_check(&mut self) {
         let g = &self.cfg.geo;
-        let over = self.segments.len() as u64 * 100 * u64::from(g.shard_count)
-            > u64::from(self.cfg.wb.gc_percent) * u64::from(g.segment_count);
+        let used = self.segments.len() as u64 * 100 * u64::from(g.shard_count);
+        let limit = u64::from(self.cfg.wb.gc_percent) * u64::from(g.segment_count);
+        if self.admission.evicting() && used * 2 < limit {
+            // The log shrank to under half of GC's threshold (a discard, a smaller working
+            // set): fills have room again without evicting.
+            self.admission.set_evicting(false);
+        }
+        let over = used > limit;
         if !(over || self.pressure || self.stalled) {
             return;
         }
@@ -771,9 +779,54 @@ impl Shard {
         }
         let seg = self.segments[0].seg;
         let lo = g.segment_start(seg);
-        let dirty = self
-            .index
-            .drop_segment(lo, lo + u64::from(g.segment_sectors));
+        // Second chance: clean extents read since they were logged move to the log head
+        // (as clean keys, access bit cleared) instead of leaving the cache. The bit ages:
+        // a moved extent comes round again with it cleared and leaves unless read in the
+        // meantime, so each extent is copied at most once per pass of the log and per
+        // read, and a reclaim copies at most the segment it frees. Nothing moves while
+        // writes wait for space (they come first), or while cache writes fail or the log
+        // is closed; nor in pass-through, which caches nothing new.
+        let pass_through = self.cfg.mode == crate::engine::mode::CacheMode::PassThrough;
+        let budget = if self.stalled || self.failed || pass_through || !self.meta.ready(self.now) {
+            0
+        } else {
+            u64::from(g.segment_sectors)
+        };
+        let mut rescue = Rescue {
+            budget,
+            need_crc: self.cfg.data_crc,
+        };
+        let mut moves = Vec::new();
+        let before = self.index.len();
+        let dirty = self.index.reclaim_segment(
+            lo,
+            lo + u64::from(g.segment_sectors),
+            &mut rescue,
+            &mut moves,
+        );
+        if self.index.len() < before {
+            // Clean data left the cache: from now on a fill evicts something.
+            self.admission.set_evicting(true);
+        }
+        for m in moves {
+            if let Some(n) = self.reads_per_seg.get_mut(seg as usize) {
+                // The extent stays readable in the segment until the move commits: it is
+                // not released before.
+                *n += 1;
+            }
+            self.pending.push_back(super::Pending {
+                op: super::LogOp::Move {
+                    src: m.src,
+                    crc: m.crc,
+                },
+                lba: m.lba,
+                len: m.len,
+                epoch: self.epoch,
+                since: self.now,
+                through: false,
+                fua: false,
+            });
+        }
         if dirty > 0 {
             self.out.log.push(format!(
                 "shard {}: segment {seg} behind the dirty tail still holds {dirty} dirty extents; not reclaimed",
