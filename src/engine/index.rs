@@ -880,27 +880,41 @@ impl ExtentMap {
             .is_some_and(|e| e.state() == State::Clean && e.len() == len && e.pos == src)
     }
 
-    /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: the
-    /// extent now lives at `pos` (with `crc`), if it is still the one at `src`. Its access
-    /// bit (reads while it moved) comes along.
+    /// The parts of [lba, lba+len) still holding the clean data at cache sector `src` (the
+    /// extent a move copies, maybe trimmed or split by writes since): (lba, len, whole).
+    fn clean_parts_at(&self, lba: u64, len: u32, src: u64) -> Vec<(u64, u32, Extent)> {
+        let mut pieces = Vec::new();
+        self.lookup(lba, len, &mut pieces);
+        pieces
+            .into_iter()
+            .filter_map(|p| {
+                let e = p.extent?;
+                (e.state() == State::Clean && e.pos == src + (p.lba - lba))
+                    .then_some((p.lba, p.len, e))
+            })
+            .collect()
+    }
+
+    /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: what is
+    /// still that extent now lives at `pos` (the whole extent keeps `crc`). Its access bit
+    /// (reads while it moved) comes along.
     pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
-        let Some(e) = self.find(lba) else { return };
-        if e.state() == State::Clean && e.len() == len && e.pos == src {
-            let read = Self::accessed_at(&self.hints, lba, &e);
+        for (l, n, e) in self.clean_parts_at(lba, len, src) {
+            let whole = l == lba && n == len;
+            let read = e.accessed() || Self::accessed_at(&self.hints, l, &e);
             self.insert(
-                lba,
-                Extent::new(pos, len, State::Clean, crc, 0).with_accessed(read),
+                l,
+                Extent::new(pos + (l - lba), n, State::Clean, crc.filter(|_| whole), 0)
+                    .with_accessed(read),
             );
         }
     }
 
-    /// Drops the clean extent [lba, lba+len) at `src` if it is still there (its move was
-    /// given up and its segment is going).
+    /// Drops what is still the clean extent [lba, lba+len) at `src` (its move was given up
+    /// and its segment is going), trimmed or split as it may be.
     pub fn drop_clean_at(&mut self, lba: u64, len: u32, src: u64) {
-        if let Some(e) = self.get(lba) {
-            if e.state() == State::Clean && e.len() == len && e.pos == src {
-                self.remove_if_same(lba, &e);
-            }
+        for (l, n, _) in self.clean_parts_at(lba, len, src) {
+            self.punch(l, n);
         }
     }
 
@@ -1110,6 +1124,27 @@ mod tests {
         assert!(m.get(0).is_some());
         m.drop_clean_at(0, 8, 5000);
         assert!(m.get(0).is_none());
+        // Trimmed or split by writes while it moved: the rest moves, or goes.
+        m.insert(200, Extent::new(7000, 24, State::Clean, Some(5), 0));
+        m.insert(208, Extent::new(9000, 8, State::Dirty, None, 0));
+        m.commit_move(200, 24, 7000, 8000, Some(5));
+        assert_eq!(
+            m.get(200),
+            Some(Extent::new(8000, 8, State::Clean, None, 0))
+        );
+        assert_eq!(m.get(208).unwrap().state(), State::Dirty);
+        assert_eq!(
+            m.get(216),
+            Some(Extent::new(8016, 8, State::Clean, None, 0))
+        );
+        m.insert(300, Extent::new(7100, 24, State::Clean, None, 0));
+        m.insert(300, Extent::new(9100, 8, State::Dirty, None, 0));
+        m.drop_clean_at(300, 24, 7100);
+        assert_eq!(m.get(300).unwrap().pos, 9100);
+        assert!(m.get(308).is_none(), "the rest of a dropped move goes");
+        let mut left = Vec::new();
+        m.lookup(300, 24, &mut left);
+        assert_eq!(left.iter().filter(|p| p.extent.is_some()).count(), 1);
         // A budget too small for an extent drops it; with data CRCs only whole extents move.
         m.covering_touch(16, 16).unwrap();
         let mut small = Rescue {
