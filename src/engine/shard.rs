@@ -304,6 +304,10 @@ pub struct Shard {
     preparing: u32,
     wanted: u32,
     pending: VecDeque<Pending>,
+    /// GC's moves (second chances) waiting to be logged: they go behind the requests'
+    /// writes and fills (a reclaim queues up to a segment of them at once, and a read miss
+    /// completes only once its fill's data is written).
+    moves: VecDeque<Pending>,
     batches: VecDeque<Batch>,
     tags: Slab<TagOwner>,
     reads: Slab<ReadCtx>,
@@ -392,6 +396,7 @@ impl Shard {
             preparing: 0,
             wanted: 0,
             pending: VecDeque::new(),
+            moves: VecDeque::new(),
             batches: VecDeque::new(),
             tags: Slab::new(),
             reads: Slab::new(),
@@ -501,6 +506,7 @@ impl Shard {
     /// Requests still owed a completion, and whether the shard has work in flight.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty()
+            && self.moves.is_empty()
             && self.batches.is_empty()
             && self.tags.is_empty()
             && self.fwd.is_empty()
@@ -1142,9 +1148,16 @@ impl Shard {
         }
     }
 
+    /// Queues some of GC's moves when no request waits to be batched: true if any.
+    fn feed_moves(&mut self) -> bool {
+        let n = self.moves.len().min(MAX_KSET_KEYS);
+        self.pending.extend(self.moves.drain(..n));
+        n > 0
+    }
+
     fn form_batches(&mut self) {
         self.stalled = false;
-        while !self.pending.is_empty() && !self.failed {
+        while !self.failed && (!self.pending.is_empty() || self.feed_moves()) {
             if self.head_header != HeadHeader::Durable {
                 return;
             }
@@ -1660,6 +1673,8 @@ impl Shard {
                 self.fail_entry(&e);
             }
         }
+        let moves = std::mem::take(&mut self.moves);
+        self.pending.extend(moves);
         while let Some(p) = self.pending.pop_front() {
             let e = Entry {
                 p,

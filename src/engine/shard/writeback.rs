@@ -228,7 +228,7 @@ impl Shard {
     /// One line of internal state, for diagnosing a stuck shard.
     pub fn debug_state(&self) -> String {
         format!(
-            "shard {}: admission {} B evicting {} segs {:?} ready {} preparing {} wanted {} pending {} batches {} log {} \
+            "shard {}: admission {} B evicting {} segs {:?} ready {} preparing {} wanted {} pending {} batches {} moves {} log {} \
              dirty_tail {:?} tail {:?} group {:?} queue {} inflight {} wb {:?} stalled {} \
              pressure {} allowed {} frontier {} want_tail {:?} releasing {:?} control_inflight {} \
              reads {} tags {} retry_data {:?} meta {:?} now {} failed {} batch_states {:?}",
@@ -244,6 +244,7 @@ impl Shard {
             self.wanted,
             self.pending.len(),
             self.batches.len(),
+            self.moves.len(),
             self.log.len(),
             self.dirty_tail.seq,
             self.tail.seq,
@@ -814,7 +815,7 @@ impl Shard {
                 // not released before.
                 *n += 1;
             }
-            self.pending.push_back(super::Pending {
+            self.moves.push_back(super::Pending {
                 op: super::LogOp::Move {
                     src: m.src,
                     crc: m.crc,
