@@ -722,6 +722,10 @@ impl ExtentMap {
 
     /// Marks clean the parts of [lba, lba+len) that still hold the data written back from
     /// cache sector `pos` (a newer write elsewhere keeps its own extent dirty).
+    ///
+    /// The access bit starts over: data becomes evictable here, and GC's second chance
+    /// is for what is read while it could be evicted. Reads of data just written (a
+    /// read-back, a verify pass) would otherwise earn every written extent a copy.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
         let mut pieces = Vec::new();
         self.lookup(lba, len, &mut pieces);
@@ -729,11 +733,7 @@ impl ExtentMap {
             let Some(e) = p.extent else { continue };
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
-                let read = Self::accessed_at(&self.hints, p.lba, &e);
-                self.insert(
-                    p.lba,
-                    Extent::new(e.pos, p.len, State::Clean, crc, 0).with_accessed(read),
-                );
+                self.insert(p.lba, Extent::new(e.pos, p.len, State::Clean, crc, 0));
             }
         }
     }
@@ -1086,11 +1086,14 @@ mod tests {
         m.touch(36, 8);
         assert!(m.find(40).unwrap().accessed());
         // GC keeps the read extents (as placeholders to fill from their old place) and
-        // drops the rest; writeback turning dirty data clean keeps the bit.
+        // drops the rest; writeback turning dirty data clean starts the bit over (a read
+        // of dirty data earns no copy), a read of the clean data sets it again.
         m.insert(64, Extent::new(4000, 8, State::Dirty, None, 0));
         m.covering_touch(64, 8).unwrap();
         m.mark_clean(64, 8, 4000);
-        assert!(m.get(64).unwrap().accessed() && m.get(64).unwrap().state() == State::Clean);
+        assert!(!m.get(64).unwrap().accessed() && m.get(64).unwrap().state() == State::Clean);
+        m.covering_touch(64, 8).unwrap();
+        assert!(m.get(64).unwrap().accessed());
         m.insert(80, Extent::new(1100, 8, State::Clean, None, 0)); // not read
         let mut rescue = Rescue {
             budget: 24,

@@ -308,6 +308,8 @@ pub struct Shard {
     /// writes and fills (a reclaim queues up to a segment of them at once, and a read miss
     /// completes only once its fill's data is written).
     moves: VecDeque<Pending>,
+    /// Sectors GC may still copy as second chances (see `gc_check`).
+    move_credit: u64,
     batches: VecDeque<Batch>,
     tags: Slab<TagOwner>,
     reads: Slab<ReadCtx>,
@@ -357,7 +359,7 @@ enum HeadHeader {
 
 impl Shard {
     pub fn new(cfg: ShardConfig, log: LogState, index: ExtentMap, epoch: u64) -> Self {
-        Shard {
+        let mut shard = Shard {
             cfg,
             index,
             epoch,
@@ -397,6 +399,7 @@ impl Shard {
             wanted: 0,
             pending: VecDeque::new(),
             moves: VecDeque::new(),
+            move_credit: 0,
             batches: VecDeque::new(),
             tags: Slab::new(),
             reads: Slab::new(),
@@ -419,7 +422,9 @@ impl Shard {
             out: Outbox::default(),
             stats: ShardStats::default(),
             scratch: Vec::new(),
-        }
+        };
+        shard.move_credit = shard.max_move_credit();
+        shard
     }
 
     pub fn id(&self) -> u32 {

@@ -761,6 +761,14 @@ impl Shard {
         self.control.releasing = reads;
     }
 
+    /// The most GC may copy in a burst of reclaims (see `gc_check`): an eighth of the
+    /// shard's share of segments, at least two.
+    pub(super) fn max_move_credit(&self) -> u64 {
+        let g = &self.cfg.geo;
+        let share = u64::from(g.segment_count / g.shard_count.max(1));
+        (share / 8).max(2) * u64::from(g.segment_sectors)
+    }
+
     fn gc_check(&mut self) {
         let g = &self.cfg.geo;
         let used = self.segments.len() as u64 * 100 * u64::from(g.shard_count);
@@ -784,14 +792,19 @@ impl Shard {
         // (as clean keys, access bit cleared) instead of leaving the cache. The bit ages:
         // a moved extent comes round again with it cleared and leaves unless read in the
         // meantime, so each extent is copied at most once per pass of the log and per
-        // read, and a reclaim copies at most the segment it frees. Nothing moves while
-        // writes wait for space (they come first), or while cache writes fail or the log
-        // is closed; nor in pass-through, which caches nothing new.
+        // read. Copies are paid from a credit that each reclaim raises by half a segment
+        // (up to an eighth of the shard's segments): a hot run of segments may be kept
+        // whole, but over a long run of reclaims GC copies at most half of what it frees,
+        // so it gains space however hot the data is. Nothing moves while writes wait for space (they come first), or
+        // while cache writes fail or the log is closed; nor in pass-through, which caches
+        // nothing new.
         let pass_through = self.cfg.mode == crate::engine::mode::CacheMode::PassThrough;
+        let seg_sectors = u64::from(g.segment_sectors);
+        self.move_credit = (self.move_credit + seg_sectors / 2).min(self.max_move_credit());
         let budget = if self.stalled || self.failed || pass_through || !self.meta.ready(self.now) {
             0
         } else {
-            u64::from(g.segment_sectors)
+            self.move_credit.min(seg_sectors)
         };
         let mut rescue = Rescue {
             budget,
@@ -799,12 +812,14 @@ impl Shard {
         };
         let mut moves = Vec::new();
         let before = self.index.len();
+        let budget_before = rescue.budget;
         let dirty = self.index.reclaim_segment(
             lo,
             lo + u64::from(g.segment_sectors),
             &mut rescue,
             &mut moves,
         );
+        self.move_credit -= budget_before - rescue.budget;
         if self.index.len() < before {
             // Clean data left the cache: from now on a fill evicts something.
             self.admission.set_evicting(true);
