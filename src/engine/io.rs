@@ -110,6 +110,12 @@ pub struct Verify {
 }
 
 impl Verify {
+    /// The sectors a copy of `sectors` from `src_sector` reads: the whole range its CRC
+    /// covers when it has one to check (`verify`), else just what it copies.
+    pub fn read_range(verify: Option<&Verify>, src_sector: u64, sectors: u64) -> (u64, u64) {
+        verify.map_or((src_sector, sectors), |v| (v.sector, v.sectors))
+    }
+
     /// Byte offset of `sector` (inside the range) from the range's start.
     pub fn offset_of(&self, sector: u64) -> Option<usize> {
         let rel = sector.checked_sub(self.sector)?;

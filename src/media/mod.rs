@@ -10,7 +10,9 @@ pub mod slow;
 
 use std::collections::HashMap;
 
-use crate::engine::{Buf, Cache, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, Request};
+use crate::engine::{
+    Buf, Cache, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, Request, Verify,
+};
 
 /// A synchronous block device addressed in 512-byte sectors.
 pub trait BlockDevice {
@@ -125,7 +127,7 @@ pub fn whole_cache_blocks(cmd: &Command, block_sectors: u32) -> bool {
             verify,
             ..
         } => {
-            let (from, n) = verify.map_or((*src_sector, *sectors), |v| (v.sector, v.sectors));
+            let (from, n) = Verify::read_range(verify.as_ref(), *src_sector, *sectors);
             (*src != Dev::Cache || whole(from, n))
                 && (*dst != Dev::Cache || whole(*dst_sector, *sectors))
         }
@@ -204,7 +206,7 @@ pub fn execute(
             sectors,
             verify,
         } => {
-            let (from, n) = verify.map_or((*src_sector, *sectors), |v| (v.sector, v.sectors));
+            let (from, n) = Verify::read_range(verify.as_ref(), *src_sector, *sectors);
             let mut data = vec![0u8; (n * 512) as usize];
             let off = verify.map_or(Some(0), |v| v.offset_of(*src_sector));
             let res = match pick(*src, cache, backing).read(from, &mut data) {

@@ -20,7 +20,7 @@ use super::{execute, BlockDevice, Buffers};
 use crate::engine::pool::{Grant, ToPool};
 use crate::engine::{
     Buf, Cache, Command, Coordination, Dev, Direct, IoDone, IoError, Op, ReqError, ReqId,
-    ReqResult, Request,
+    ReqResult, Request, Verify,
 };
 
 /// Tags of the device I/O the simulator issues itself for direct requests (the request id
@@ -587,7 +587,7 @@ impl Sim {
                 sectors,
                 verify,
                 ..
-            } => Some(verify.map_or((*src_sector, *sectors), |v| (v.sector, v.sectors))),
+            } => Some(Verify::read_range(verify.as_ref(), *src_sector, *sectors)),
             _ => None,
         };
         let Some((sector, sectors)) = range.filter(|r| r.1 > 0) else {
