@@ -24,106 +24,17 @@
 //! is set. Tests are serialized; every process is killed on every exit path.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common_spdk;
+use common_spdk::*;
+
 static SERIAL: Mutex<()> = Mutex::new(());
-const SKIP_PREFIX: &str = "SKIP:";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-struct Spdk {
-    dir: PathBuf,
-    lib_dir: PathBuf,
-    tgt: PathBuf,
-    rpc_py: PathBuf,
-}
-
-fn first_existing(c: &[PathBuf]) -> Option<PathBuf> {
-    c.iter().find(|p| p.exists()).cloned()
-}
-
-/// Copied from tests/spdk_integration.rs (only what these tests need).
-fn find_spdk() -> Result<Spdk, String> {
-    let dir = std::env::var_os("SPDK_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            let out = Command::new("pkg-config")
-                .args(["--variable=prefix", "spdk_bdev"])
-                .output()
-                .ok()?;
-            let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            (out.status.success() && !s.is_empty()).then(|| PathBuf::from(s))
-        })
-        .or_else(|| {
-            Path::new("/opt/spdk/lib/libspdk_bdev.so")
-                .exists()
-                .then(|| PathBuf::from("/opt/spdk"))
-        })
-        .ok_or("SPDK not found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)")?;
-    let lib_dir = first_existing(&[dir.join("lib"), dir.join("build/lib")])
-        .filter(|l| l.join("libspdk_bdev.so").exists())
-        .ok_or(format!("{} has no shared libspdk_bdev.so", dir.display()))?;
-    let src: Vec<PathBuf> = std::env::var_os("SPDK_SRC")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([dir.clone(), "/opt/spdk-src".into()])
-        .collect();
-    let tgt = first_existing(&[dir.join("bin/spdk_tgt"), dir.join("build/bin/spdk_tgt")])
-        .ok_or(format!("no spdk_tgt under {}", dir.display()))?;
-    let rpc_py = first_existing(
-        &src.iter()
-            .map(|s| s.join("scripts/rpc.py"))
-            .collect::<Vec<_>>(),
-    )
-    .ok_or("no SPDK scripts/rpc.py found (set SPDK_SRC to an SPDK source tree)")?;
-    Ok(Spdk {
-        dir,
-        lib_dir,
-        tgt,
-        rpc_py,
-    })
-}
-
-/// Builds libpcache.so once per test binary (as tests/spdk_integration.rs does).
-fn build_module(spdk: &Spdk) -> Result<PathBuf, String> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .current_dir(root())
-                .args(["build", "--release", "--features", "spdk", "--lib"])
-                .env("SPDK_DIR", &spdk.dir)
-                .output()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
-            if !out.status.success() {
-                let err = String::from_utf8_lossy(&out.stderr);
-                if err.contains("Unable to find libclang")
-                    || err.contains("couldn't find any valid shared libraries matching: ['libclang")
-                {
-                    return Err(format!(
-                        "{SKIP_PREFIX}libclang not found (bindgen needs it: apt-get install libclang-dev)"
-                    ));
-                }
-                return Err(format!(
-                    "cargo build --release --features spdk --lib failed:\n{err}"
-                ));
-            }
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root().join("target"));
-            Ok(target.join("release/libpcache.so"))
-        })
-        .clone()
-}
 
 fn meminfo(key: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")
@@ -179,46 +90,6 @@ fn setup() -> Result<(Spdk, PathBuf), String> {
             Some(why) => Err(why.to_string()),
             None => panic!("{e}"),
         },
-    }
-}
-
-/// A child process killed (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn wait_for(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + t;
-        while Instant::now() < end {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
-            if self.wait_for(Duration::from_secs(10)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
     }
 }
 
