@@ -812,14 +812,14 @@ impl Shard {
         };
         let mut moves = Vec::new();
         let before = self.index.len();
-        let budget_before = rescue.budget;
         let dirty = self.index.reclaim_segment(
             lo,
             lo + u64::from(g.segment_sectors),
             &mut rescue,
             &mut moves,
         );
-        self.move_credit -= budget_before - rescue.budget;
+        // What the reclaim kept (moves queued) is paid from the credit.
+        self.move_credit -= budget - rescue.budget;
         if self.index.len() < before {
             // Clean data left the cache: from now on a fill evicts something.
             self.admission.set_evicting(true);
