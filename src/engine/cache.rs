@@ -14,7 +14,7 @@ use super::geometry::Geometry;
 use super::io::{Command, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
 use super::mode::{CacheMode, SeqCutoff};
 use super::pool::{Grant, SegmentPool, ToPool};
-use super::shard::{Shard, WritebackOptions, WritebackState};
+use super::shard::{GcSpace, Shard, WritebackOptions, WritebackState};
 use super::stats::ShardStats;
 
 #[derive(Debug, Clone, Default)]
@@ -319,9 +319,15 @@ impl Cache {
     /// Whether space is short, for the part holding the pool (None elsewhere).
     pub fn pool_pressure(&self) -> Option<bool> {
         let pool = self.pool.as_ref()?;
-        let total = u64::from(pool.total());
-        let used = total - u64::from(pool.free_count());
-        Some(pool.waiting() > 0 || used * 100 > total * u64::from(self.gc_percent))
+        let g = &self.sb.geometry;
+        let used = u64::from(pool.total() - pool.free_count()) * u64::from(g.segment_sectors);
+        // The dirty share of this part's shards stands for the whole cache's (shards take
+        // stripes evenly).
+        let local = self.shards.len().max(1) as u64;
+        let dirty: u64 = self.shards.iter().map(Shard::dirty_sectors).sum();
+        let dirty = dirty * u64::from(g.shard_count) / local;
+        let space = GcSpace::new(g, self.gc_percent, dirty);
+        Some(pool.waiting() > 0 || used > space.limit())
     }
 
     /// Applies the host's cross-part decisions (split caches only).

@@ -32,6 +32,7 @@ mod writeback;
 use modes::{BackingFlush, Fwd, Streams};
 use retry::Backoff;
 pub use retry::{RETRY_MAX_MS, RETRY_MIN_MS};
+pub(crate) use writeback::GcSpace;
 use writeback::{first_dirty_epoch, Control, WbIo, Writeback};
 pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions, WritebackState};
 

@@ -87,6 +87,46 @@ impl Default for WritebackOptions {
     }
 }
 
+/// How much of the cache GC lets the log use before it reclaims, in sectors.
+///
+/// The free space GC keeps is headroom for writes while writeback catches up. Only
+/// written-back segments can be reclaimed, and writeback runs in log order, so the clean
+/// data is always the oldest part of the log: GC frees it as fast as writes take space.
+/// Writes then need about the dirty share again free, plus a reserve for a burst, and
+/// anything kept free beyond that is capacity that holds no data (a mostly-read cache
+/// lost hit ratio to a fixed 30 %). `gc_percent` bounds it: the log may always grow to
+/// `gc_percent`, and GC never keeps more than `100 - gc_percent` free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GcSpace {
+    total: u64,
+    free_target: u64,
+}
+
+impl GcSpace {
+    /// The reserve kept free whatever the dirty share: two segments per shard (one being
+    /// filled, one to reclaim into) or a twentieth of the cache, whichever is more.
+    pub(crate) fn reserve(g: &crate::engine::geometry::Geometry) -> u64 {
+        let seg = u64::from(g.segment_sectors);
+        let total = u64::from(g.segment_count) * seg;
+        (2 * u64::from(g.shard_count) * seg).max(total / 20)
+    }
+
+    /// `dirty`: dirty sectors in the whole cache (or an estimate scaled from some shards).
+    pub(crate) fn new(g: &crate::engine::geometry::Geometry, gc_percent: u32, dirty: u64) -> Self {
+        let total = u64::from(g.segment_count) * u64::from(g.segment_sectors);
+        let most = total * u64::from(100 - gc_percent.min(100)) / 100;
+        GcSpace {
+            total,
+            free_target: most.min(dirty.saturating_add(Self::reserve(g))),
+        }
+    }
+
+    /// GC reclaims while the log uses more than this many sectors.
+    pub(crate) fn limit(&self) -> u64 {
+        self.total - self.free_target
+    }
+}
+
 /// Epoch of the first dirty key in `log`, if any.
 pub(super) fn first_dirty_epoch(log: &VecDeque<Logged>) -> Option<u64> {
     log.iter().find_map(|k| k.keys.first()).map(|d| d.epoch)
@@ -771,14 +811,17 @@ impl Shard {
 
     fn gc_check(&mut self) {
         let g = &self.cfg.geo;
-        let used = self.segments.len() as u64 * 100 * u64::from(g.shard_count);
-        let limit = u64::from(self.cfg.wb.gc_percent) * u64::from(g.segment_count);
-        if self.admission.evicting() && used * 2 < limit {
+        let n = u64::from(g.shard_count);
+        // This shard's log and dirty data, scaled to the whole cache (shards share the
+        // pool evenly).
+        let used = self.segments.len() as u64 * u64::from(g.segment_sectors) * n;
+        let space = GcSpace::new(g, self.cfg.wb.gc_percent, self.log_dirty_sectors * n);
+        if self.admission.evicting() && used * 2 < space.limit() {
             // The log shrank to under half of GC's threshold (a discard, a smaller working
             // set): fills have room again without evicting.
             self.admission.set_evicting(false);
         }
-        let over = used > limit;
+        let over = used > space.limit();
         if !(over || self.pressure || self.stalled) {
             return;
         }
@@ -959,5 +1002,59 @@ impl Shard {
                 self.now.saturating_sub(since)
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GcSpace;
+    use crate::engine::geometry::{Geometry, LayoutOptions};
+
+    /// 128 MiB of 4 MiB segments, one shard: 31 segments (the control slots take the rest).
+    fn geo(shards: u32) -> Geometry {
+        let layout = LayoutOptions {
+            segment_bytes: 4 << 20,
+            shards,
+            ..LayoutOptions::default()
+        };
+        Geometry::new(128 << 20, 1 << 21, layout).expect("a valid layout")
+    }
+
+    #[test]
+    fn gc_keeps_the_dirty_share_free_plus_a_reserve_within_gc_percent() {
+        let g = geo(1);
+        let seg = u64::from(g.segment_sectors);
+        let total = u64::from(g.segment_count) * seg;
+        assert_eq!(g.segment_count, 31);
+        // Nothing dirty: only the reserve (two segments here, more than a twentieth) stays
+        // free, however low gc_percent is.
+        assert_eq!(GcSpace::reserve(&g), 2 * seg);
+        assert_eq!(GcSpace::new(&g, 70, 0).limit(), total - 2 * seg);
+        assert_eq!(GcSpace::new(&g, 0, 0).limit(), total - 2 * seg);
+        // Dirty data: about as much again stays free...
+        assert_eq!(GcSpace::new(&g, 70, 3 * seg).limit(), total - 5 * seg);
+        // ...but never more than 100 - gc_percent.
+        assert_eq!(
+            GcSpace::new(&g, 70, total / 2).limit(),
+            total - total * 30 / 100
+        );
+        assert_eq!(GcSpace::new(&g, 90, total / 2).limit(), total - total / 10);
+        // gc_percent 0: the dirty share plus the reserve, up to the whole cache.
+        assert_eq!(GcSpace::new(&g, 0, total).limit(), 0);
+    }
+
+    #[test]
+    fn the_reserve_grows_with_shards_and_size() {
+        // Two segments per shard.
+        let g = geo(4);
+        assert_eq!(GcSpace::reserve(&g), 8 * u64::from(g.segment_sectors));
+        // A twentieth of a large cache.
+        let layout = LayoutOptions {
+            segment_bytes: 4 << 20,
+            ..LayoutOptions::default()
+        };
+        let big = Geometry::new(4 << 30, 1 << 24, layout).expect("a valid layout");
+        let total = u64::from(big.segment_count) * u64::from(big.segment_sectors);
+        assert_eq!(GcSpace::reserve(&big), total / 20);
     }
 }
