@@ -33,7 +33,7 @@ use modes::{BackingFlush, Fwd, Streams};
 use retry::Backoff;
 pub use retry::{RETRY_MAX_MS, RETRY_MIN_MS};
 pub(crate) use writeback::GcSpace;
-use writeback::{first_dirty_epoch, Control, WbIo, Writeback};
+use writeback::{first_dirty, Control, DirtyFront, WbIo, Writeback};
 pub use writeback::{DirtyKey, Logged, SegRec, WritebackOptions, WritebackState};
 
 /// Segments a shard keeps ready (header durable) beyond the one it writes.
@@ -283,11 +283,11 @@ pub struct Shard {
     segments: VecDeque<SegRec>,
     log: VecDeque<Logged>,
     log_dirty_sectors: u64,
-    /// Epoch of the first dirty key in `log` (None: it has none). Ksets of fills only
+    /// Where the first dirty key in `log` is (None: it has none). Ksets of fills only
     /// stay in `log` until a writeback group passes them, so under read misses there can
-    /// be many before the first dirty key: this keeps `frontier`, asked on every poll, from
-    /// scanning them.
-    log_front_epoch: Option<u64>,
+    /// be many before the first dirty key: this keeps `frontier`, asked on every poll, and
+    /// GC's threshold (`reclaimable_sectors`) from scanning them.
+    log_front: Option<DirtyFront>,
     tail: LogTail,
     dirty_tail: LogTail,
     control: Control,
@@ -375,7 +375,7 @@ impl Shard {
                 .flat_map(|k| k.keys.iter())
                 .map(|k| u64::from(k.len))
                 .sum(),
-            log_front_epoch: first_dirty_epoch(&log.log),
+            log_front: first_dirty(&log.log),
             log: log.log,
             tail: log.tail,
             dirty_tail: log.dirty_tail,
@@ -1752,8 +1752,11 @@ impl Shard {
                     });
                 }
             }
-            if self.log_front_epoch.is_none() {
-                self.log_front_epoch = dirty.first().map(|d| d.epoch);
+            if self.log_front.is_none() {
+                self.log_front = dirty.first().map(|d| DirtyFront {
+                    seq: b.seq,
+                    epoch: d.epoch,
+                });
             }
             self.log.push_back(Logged {
                 seq: b.seq,

@@ -39,7 +39,8 @@ pub struct WritebackOptions {
     pub high_pct: u32,
     /// ...and stops below this one (unless space is short, the cache is idle, or draining).
     pub low_pct: u32,
-    /// GC reclaims segments while the log uses more than this share of the cache.
+    /// GC keeps `100 - gc_percent` of the cache as headroom for writes: free space plus
+    /// segments holding no dirty data, with a reserve actually free (see [`GcSpace`]).
     pub gc_percent: u32,
     /// A request that cannot make progress (no cache space, the log unwritable) fails
     /// after waiting this long; writeback failing this long is reported as failing, and
@@ -89,13 +90,15 @@ impl Default for WritebackOptions {
 
 /// How much of the cache GC lets the log use before it reclaims, in sectors.
 ///
-/// The free space GC keeps is headroom for writes while writeback catches up. Only
-/// written-back segments can be reclaimed, and writeback runs in log order, so the clean
-/// data is always the oldest part of the log: GC frees it as fast as writes take space.
-/// Writes then need about the dirty share again free, plus a reserve for a burst, and
-/// anything kept free beyond that is capacity that holds no data (a mostly-read cache
-/// lost hit ratio to a fixed 30 %). `gc_percent` bounds it: the log may always grow to
-/// `gc_percent`, and GC never keeps more than `100 - gc_percent` free.
+/// The space GC keeps free is headroom for writes while writeback catches up. Writeback
+/// runs in log order and GC reclaims a segment the moment all of it is written back, so
+/// what a burst of writes can take without waiting for writeback is the free space *plus*
+/// the written-back (reclaimable) segments at the log's tail. GC keeps that sum at
+/// `100 - gc_percent` of the cache, and at least a small reserve actually free (GC reclaims
+/// a segment per control write, so a burst finds space at once): with little dirty data
+/// the log fills nearly the whole cache, where a fixed `100 - gc_percent` free held no
+/// data at all (a mostly-read cache lost hit ratio to it). GC never keeps more than
+/// `100 - gc_percent` free, as before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GcSpace {
     total: u64,
@@ -103,21 +106,26 @@ pub(crate) struct GcSpace {
 }
 
 impl GcSpace {
-    /// The reserve kept free whatever the dirty share: two segments per shard (one being
-    /// filled, one to reclaim into) or a twentieth of the cache, whichever is more.
+    /// The least GC keeps free: two segments per shard (one being filled, one to reclaim
+    /// into) or a twentieth of the cache, whichever is more.
     pub(crate) fn reserve(g: &crate::engine::geometry::Geometry) -> u64 {
         let seg = u64::from(g.segment_sectors);
         let total = u64::from(g.segment_count) * seg;
         (2 * u64::from(g.shard_count) * seg).max(total / 20)
     }
 
-    /// `dirty`: dirty sectors in the whole cache (or an estimate scaled from some shards).
-    pub(crate) fn new(g: &crate::engine::geometry::Geometry, gc_percent: u32, dirty: u64) -> Self {
+    /// `reclaimable`: sectors of the cache in written-back segments GC could reclaim now
+    /// (for the whole cache, or an estimate scaled from some of its shards).
+    pub(crate) fn new(
+        g: &crate::engine::geometry::Geometry,
+        gc_percent: u32,
+        reclaimable: u64,
+    ) -> Self {
         let total = u64::from(g.segment_count) * u64::from(g.segment_sectors);
-        let most = total * u64::from(100 - gc_percent.min(100)) / 100;
+        let headroom = total * u64::from(100 - gc_percent.min(100)) / 100;
         GcSpace {
             total,
-            free_target: most.min(dirty.saturating_add(Self::reserve(g))),
+            free_target: headroom.min(Self::reserve(g).max(headroom.saturating_sub(reclaimable))),
         }
     }
 
@@ -127,9 +135,21 @@ impl GcSpace {
     }
 }
 
-/// Epoch of the first dirty key in `log`, if any.
-pub(super) fn first_dirty_epoch(log: &VecDeque<Logged>) -> Option<u64> {
-    log.iter().find_map(|k| k.keys.first()).map(|d| d.epoch)
+/// The first kset in `log` with a dirty key: its sequence number and that key's epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DirtyFront {
+    pub seq: u64,
+    pub epoch: u64,
+}
+
+/// Where the first dirty key in `log` is, if any.
+pub(super) fn first_dirty(log: &VecDeque<Logged>) -> Option<DirtyFront> {
+    log.iter().find_map(|k| {
+        k.keys.first().map(|d| DirtyFront {
+            seq: k.seq,
+            epoch: d.epoch,
+        })
+    })
 }
 
 /// A durable kset at or after the dirty tail, with the keys writeback needs.
@@ -316,9 +336,9 @@ impl Shard {
     pub fn frontier(&self) -> u64 {
         // Epochs never decrease along the log, then the batches, then the queue: the first
         // non-fill key found is the oldest.
-        debug_assert_eq!(self.log_front_epoch, first_dirty_epoch(&self.log));
-        if let Some(epoch) = self.log_front_epoch {
-            return epoch;
+        debug_assert_eq!(self.log_front, first_dirty(&self.log));
+        if let Some(f) = self.log_front {
+            return f.epoch;
         }
         for b in &self.batches {
             if let Some(e) = b.entries.iter().find(|e| !e.p.op.is_clean()) {
@@ -410,7 +430,7 @@ impl Shard {
 
     /// Nothing dirty: no logged, batched or queued write.
     pub fn is_clean(&self) -> bool {
-        self.log_front_epoch.is_none() && self.frontier_is_idle()
+        self.log_front.is_none() && self.frontier_is_idle()
     }
 
     fn frontier_is_idle(&self) -> bool {
@@ -809,13 +829,27 @@ impl Shard {
         (share / 8).max(2) * u64::from(g.segment_sectors)
     }
 
+    /// Sectors of this shard's log in segments that hold no dirty data: GC reclaims them
+    /// as soon as writeback has passed them, which for keys of clean data only is a
+    /// control write (under read misses the dirty tail lags over fills until space is
+    /// short).
+    pub fn reclaimable_sectors(&self) -> u64 {
+        // Segments are in log order; those whose successor starts at or before the first
+        // dirty kset hold none of it. The head segment is never reclaimable.
+        let clean = match self.log_front {
+            Some(f) => self.segments.partition_point(|s| s.first.seq <= f.seq),
+            None => self.segments.len(),
+        };
+        clean.saturating_sub(1) as u64 * u64::from(self.cfg.geo.segment_sectors)
+    }
+
     fn gc_check(&mut self) {
         let g = &self.cfg.geo;
         let n = u64::from(g.shard_count);
         // This shard's log and dirty data, scaled to the whole cache (shards share the
         // pool evenly).
         let used = self.segments.len() as u64 * u64::from(g.segment_sectors) * n;
-        let space = GcSpace::new(g, self.cfg.wb.gc_percent, self.log_dirty_sectors * n);
+        let space = GcSpace::new(g, self.cfg.wb.gc_percent, self.reclaimable_sectors() * n);
         if self.admission.evicting() && used * 2 < space.limit() {
             // The log shrank to under half of GC's threshold (a discard, a smaller working
             // set): fills have room again without evicting.
@@ -992,7 +1026,7 @@ impl Shard {
             }
         }
         // Once per group: the ksets of fills it did not reach are scanned again later.
-        self.log_front_epoch = first_dirty_epoch(&self.log);
+        self.log_front = first_dirty(&self.log);
         self.stats.wb_group_sectors += g.sectors;
         // Only a group that wrote to the backing device proves it healthy.
         if let Some((n, since)) = g.wrote.then(|| self.wb.backoff.succeed()).flatten() {
@@ -1021,26 +1055,26 @@ mod tests {
     }
 
     #[test]
-    fn gc_keeps_the_dirty_share_free_plus_a_reserve_within_gc_percent() {
+    fn gc_keeps_headroom_in_free_and_reclaimable_space_with_a_reserve_free() {
         let g = geo(1);
         let seg = u64::from(g.segment_sectors);
         let total = u64::from(g.segment_count) * seg;
         assert_eq!(g.segment_count, 31);
-        // Nothing dirty: only the reserve (two segments here, more than a twentieth) stays
-        // free, however low gc_percent is.
-        assert_eq!(GcSpace::reserve(&g), 2 * seg);
-        assert_eq!(GcSpace::new(&g, 70, 0).limit(), total - 2 * seg);
-        assert_eq!(GcSpace::new(&g, 0, 0).limit(), total - 2 * seg);
-        // Dirty data: about as much again stays free...
-        assert_eq!(GcSpace::new(&g, 70, 3 * seg).limit(), total - 5 * seg);
-        // ...but never more than 100 - gc_percent.
+        let headroom = total * 30 / 100;
+        // Nothing reclaimable (all dirty): 100 - gc_percent stays free, as before.
+        assert_eq!(GcSpace::new(&g, 70, 0).limit(), total - headroom);
+        assert_eq!(GcSpace::new(&g, 90, 0).limit(), total - total / 10);
+        // Some reclaimable: free and reclaimable space together make the headroom...
         assert_eq!(
-            GcSpace::new(&g, 70, total / 2).limit(),
-            total - total * 30 / 100
+            GcSpace::new(&g, 70, 3 * seg).limit(),
+            total - (headroom - 3 * seg)
         );
-        assert_eq!(GcSpace::new(&g, 90, total / 2).limit(), total - total / 10);
-        // gc_percent 0: the dirty share plus the reserve, up to the whole cache.
-        assert_eq!(GcSpace::new(&g, 0, total).limit(), 0);
+        // ...with at least the reserve (two segments here, more than a twentieth) free.
+        assert_eq!(GcSpace::reserve(&g), 2 * seg);
+        assert_eq!(GcSpace::new(&g, 70, headroom).limit(), total - 2 * seg);
+        assert_eq!(GcSpace::new(&g, 70, total).limit(), total - 2 * seg);
+        // gc_percent 0: everything reclaimable is reclaimed.
+        assert_eq!(GcSpace::new(&g, 0, 5 * seg).limit(), 5 * seg);
     }
 
     #[test]
