@@ -123,8 +123,8 @@ def spdk_rpc_plugin_initialize(subparsers):
     crc.add_argument('--no-data-crc', dest='data_crc', action='store_false',
                      help='do not checksum cached data')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
-                   help='GC keeps 100 minus this percent of the cache as headroom for writes: free '
-                        'space plus segments with no dirty data (1-90, default 70)')
+                   help='writeback keeps 100 minus this percent of the cache as headroom for writes: '
+                        'free space plus segments with no dirty data (1-90, default 70)')
     p.add_argument('--stripe-size-kib', dest='stripe_size_kib', type=int,
                    help='stripe size in KiB: I/O is split at stripe edges, stripes map to shards '
                         '(multiple of 4, at most a quarter of a segment, default 1024)')
@@ -160,7 +160,7 @@ def spdk_rpc_plugin_initialize(subparsers):
                                    'are stored on the cache bdev; all are echoed by save_config)')
     p.add_argument('name', help='pcache bdev name')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
-                   help='GC keeps 100 minus this percent of the cache as headroom for writes (1-90)')
+                   help='writeback keeps 100 minus this percent of the cache as headroom for writes (1-90)')
     _writeback_args(p)
     p.set_defaults(func=bdev_pcache_set_options)
 

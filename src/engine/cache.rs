@@ -321,12 +321,7 @@ impl Cache {
         let pool = self.pool.as_ref()?;
         let g = &self.sb.geometry;
         let used = u64::from(pool.total() - pool.free_count()) * u64::from(g.segment_sectors);
-        // This part's shards stand for the whole cache (shards take stripes evenly).
-        let local = self.shards.len().max(1) as u64;
-        let reclaimable: u64 = self.shards.iter().map(Shard::reclaimable_sectors).sum();
-        let reclaimable = reclaimable * u64::from(g.shard_count) / local;
-        let space = GcSpace::new(g, self.gc_percent, reclaimable);
-        Some(pool.waiting() > 0 || used > space.limit())
+        Some(pool.waiting() > 0 || used > GcSpace::new(g, self.gc_percent).limit())
     }
 
     /// Applies the host's cross-part decisions (split caches only).

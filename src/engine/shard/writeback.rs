@@ -39,8 +39,8 @@ pub struct WritebackOptions {
     pub high_pct: u32,
     /// ...and stops below this one (unless space is short, the cache is idle, or draining).
     pub low_pct: u32,
-    /// GC keeps `100 - gc_percent` of the cache as headroom for writes: free space plus
-    /// segments holding no dirty data, with a reserve actually free (see [`GcSpace`]).
+    /// Writeback keeps `100 - gc_percent` of the cache as headroom for writes: free space
+    /// plus segments holding no dirty data; GC keeps a small reserve free (see [`GcSpace`]).
     pub gc_percent: u32,
     /// A request that cannot make progress (no cache space, the log unwritable) fails
     /// after waiting this long; writeback failing this long is reported as failing, and
@@ -88,50 +88,51 @@ impl Default for WritebackOptions {
     }
 }
 
-/// How much of the cache GC lets the log use before it reclaims, in sectors.
+/// When GC reclaims and when writeback must run regardless, from the space of the log.
 ///
-/// The space GC keeps free is headroom for writes while writeback catches up. Writeback
-/// runs in log order and GC reclaims a segment the moment all of it is written back, so
-/// what a burst of writes can take without waiting for writeback is the free space *plus*
-/// the written-back (reclaimable) segments at the log's tail. GC keeps that sum at
-/// `100 - gc_percent` of the cache, and at least a small reserve actually free (GC reclaims
-/// a segment per control write, so a burst finds space at once): with little dirty data
-/// the log fills nearly the whole cache, where a fixed `100 - gc_percent` free held no
-/// data at all (a mostly-read cache lost hit ratio to it). GC never keeps more than
-/// `100 - gc_percent` free, as before.
+/// The space kept for writes is *headroom*: free space plus the log's segments that hold
+/// no dirty data (writeback passes those without a backing write, and GC then frees them
+/// with a control write, as fast as writes take space). Writeback keeps the headroom at
+/// `100 - gc_percent` of the cache: while it is short, writeback runs regardless of its
+/// watermarks, so the dirty span of the log stays within `gc_percent`. GC reclaims only
+/// while free space is under a small reserve (two segments per shard or 5 % of the cache,
+/// at most the headroom), so the clean part of the headroom keeps serving reads until
+/// writes need it: a fixed `100 - gc_percent` of free space held no data at all (a
+/// mostly-read cache lost hit ratio to it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GcSpace {
     total: u64,
-    free_target: u64,
+    headroom: u64,
+    reserve: u64,
 }
 
 impl GcSpace {
-    /// The least GC keeps free: two segments per shard (one being filled, one to reclaim
-    /// into) or a twentieth of the cache, whichever is more.
+    /// The reserve for `g`, before it is bounded by the headroom.
     pub(crate) fn reserve(g: &crate::engine::geometry::Geometry) -> u64 {
         let seg = u64::from(g.segment_sectors);
         let total = u64::from(g.segment_count) * seg;
         (2 * u64::from(g.shard_count) * seg).max(total / 20)
     }
 
-    /// `reclaimable`: sectors of the cache in written-back segments GC could reclaim now
-    /// (for the whole cache, or an estimate scaled from some of its shards).
-    pub(crate) fn new(
-        g: &crate::engine::geometry::Geometry,
-        gc_percent: u32,
-        reclaimable: u64,
-    ) -> Self {
+    pub(crate) fn new(g: &crate::engine::geometry::Geometry, gc_percent: u32) -> Self {
         let total = u64::from(g.segment_count) * u64::from(g.segment_sectors);
         let headroom = total * u64::from(100 - gc_percent.min(100)) / 100;
         GcSpace {
             total,
-            free_target: headroom.min(Self::reserve(g).max(headroom.saturating_sub(reclaimable))),
+            headroom,
+            reserve: Self::reserve(g).min(headroom),
         }
     }
 
     /// GC reclaims while the log uses more than this many sectors.
     pub(crate) fn limit(&self) -> u64 {
-        self.total - self.free_target
+        self.total - self.reserve
+    }
+
+    /// Whether writes are short of headroom with the log using `used` sectors, of which
+    /// `reclaimable` hold no dirty data: writeback must run.
+    pub(crate) fn short(&self, used: u64, reclaimable: u64) -> bool {
+        self.total.saturating_sub(used) + reclaimable < self.headroom || used > self.limit()
     }
 }
 
@@ -441,7 +442,7 @@ impl Shard {
         if !self.wb.backoff.ready(self.now) || self.log.is_empty() {
             return false;
         }
-        if self.wb.drain || self.stalled || self.pressure || self.idle {
+        if self.wb.drain || self.stalled || self.pressure || self.idle || self.headroom_short() {
             return true;
         }
         if self.cfg.mode != crate::engine::mode::CacheMode::WriteBack
@@ -829,6 +830,15 @@ impl Shard {
         (share / 8).max(2) * u64::from(g.segment_sectors)
     }
 
+    /// Whether this shard's log leaves writes short of headroom (`GcSpace::short`), its
+    /// share scaled to the whole cache.
+    fn headroom_short(&self) -> bool {
+        let g = &self.cfg.geo;
+        let n = u64::from(g.shard_count);
+        let used = self.segments.len() as u64 * u64::from(g.segment_sectors) * n;
+        GcSpace::new(g, self.cfg.wb.gc_percent).short(used, self.reclaimable_sectors() * n)
+    }
+
     /// Sectors of this shard's log in segments that hold no dirty data: GC reclaims them
     /// as soon as writeback has passed them, which for keys of clean data only is a
     /// control write (under read misses the dirty tail lags over fills until space is
@@ -849,7 +859,7 @@ impl Shard {
         // This shard's log and dirty data, scaled to the whole cache (shards share the
         // pool evenly).
         let used = self.segments.len() as u64 * u64::from(g.segment_sectors) * n;
-        let space = GcSpace::new(g, self.cfg.wb.gc_percent, self.reclaimable_sectors() * n);
+        let space = GcSpace::new(g, self.cfg.wb.gc_percent);
         if self.admission.evicting() && used * 2 < space.limit() {
             // The log shrank to under half of GC's threshold (a discard, a smaller working
             // set): fills have room again without evicting.
@@ -1055,26 +1065,29 @@ mod tests {
     }
 
     #[test]
-    fn gc_keeps_headroom_in_free_and_reclaimable_space_with_a_reserve_free() {
+    fn gc_keeps_a_reserve_free_and_writeback_keeps_the_headroom() {
         let g = geo(1);
         let seg = u64::from(g.segment_sectors);
         let total = u64::from(g.segment_count) * seg;
         assert_eq!(g.segment_count, 31);
-        let headroom = total * 30 / 100;
-        // Nothing reclaimable (all dirty): 100 - gc_percent stays free, as before.
-        assert_eq!(GcSpace::new(&g, 70, 0).limit(), total - headroom);
-        assert_eq!(GcSpace::new(&g, 90, 0).limit(), total - total / 10);
-        // Some reclaimable: free and reclaimable space together make the headroom...
-        assert_eq!(
-            GcSpace::new(&g, 70, 3 * seg).limit(),
-            total - (headroom - 3 * seg)
-        );
-        // ...with at least the reserve (two segments here, more than a twentieth) free.
+        let s = GcSpace::new(&g, 70);
+        // GC reclaims only into the reserve: two segments here (more than a twentieth).
         assert_eq!(GcSpace::reserve(&g), 2 * seg);
-        assert_eq!(GcSpace::new(&g, 70, headroom).limit(), total - 2 * seg);
-        assert_eq!(GcSpace::new(&g, 70, total).limit(), total - 2 * seg);
-        // gc_percent 0: everything reclaimable is reclaimed.
-        assert_eq!(GcSpace::new(&g, 0, 5 * seg).limit(), 5 * seg);
+        assert_eq!(s.limit(), total - 2 * seg);
+        // Headroom (free plus reclaimable) of 30 %: enough, whatever of it is free...
+        let headroom = total * 30 / 100;
+        assert!(!s.short(total - headroom, 0));
+        assert!(!s.short(total - 2 * seg, headroom));
+        // ...short when the dirty span takes more than gc_percent, or free space is under
+        // the reserve.
+        assert!(s.short(total - headroom + seg, 0));
+        assert!(s.short(total - 2 * seg, headroom - 3 * seg));
+        assert!(s.short(total - seg, total));
+        // The reserve never exceeds the headroom: gc_percent 90 on a small cache.
+        let s90 = GcSpace::new(&g, 90);
+        assert_eq!(s90.limit(), total - (2 * seg).min(total / 10));
+        // gc_percent 0: all of the cache is headroom, so writeback always runs.
+        assert!(GcSpace::new(&g, 0).short(seg, 0));
     }
 
     #[test]
