@@ -834,9 +834,15 @@ impl Shard {
     /// share scaled to the whole cache.
     fn headroom_short(&self) -> bool {
         let g = &self.cfg.geo;
-        let n = u64::from(g.shard_count);
-        let used = self.segments.len() as u64 * u64::from(g.segment_sectors) * n;
-        GcSpace::new(g, self.cfg.wb.gc_percent).short(used, self.reclaimable_sectors() * n)
+        let reclaimable = self.reclaimable_sectors() * u64::from(g.shard_count);
+        GcSpace::new(g, self.cfg.wb.gc_percent).short(self.log_sectors_scaled(), reclaimable)
+    }
+
+    /// Sectors of this shard's log, scaled to the whole cache (shards share the pool
+    /// evenly): what `GcSpace` compares with its thresholds.
+    fn log_sectors_scaled(&self) -> u64 {
+        let g = &self.cfg.geo;
+        self.segments.len() as u64 * u64::from(g.segment_sectors) * u64::from(g.shard_count)
     }
 
     /// Sectors of this shard's log in segments that hold no dirty data: GC reclaims them
@@ -854,12 +860,8 @@ impl Shard {
     }
 
     fn gc_check(&mut self) {
-        let g = &self.cfg.geo;
-        let n = u64::from(g.shard_count);
-        // This shard's log and dirty data, scaled to the whole cache (shards share the
-        // pool evenly).
-        let used = self.segments.len() as u64 * u64::from(g.segment_sectors) * n;
-        let space = GcSpace::new(g, self.cfg.wb.gc_percent);
+        let used = self.log_sectors_scaled();
+        let space = GcSpace::new(&self.cfg.geo, self.cfg.wb.gc_percent);
         if self.admission.evicting() && used * 2 < space.limit() {
             // The log shrank to under half of GC's threshold (a discard, a smaller working
             // set): fills have room again without evicting.
@@ -874,6 +876,7 @@ impl Shard {
             return;
         }
         let seg = self.segments[0].seg;
+        let g = &self.cfg.geo;
         let lo = g.segment_start(seg);
         // Second chance: clean extents read since they were logged move to the log head
         // (as clean keys, access bit cleared) instead of leaving the cache. The bit ages:
