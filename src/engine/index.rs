@@ -29,18 +29,17 @@ pub enum State {
 }
 
 /// 16 bytes; the map's key (8 bytes) is the start LBA. Length, state, the CRC flag and the
-/// access bit share one word, and the CRC shares another with the epoch (in-place
+/// heat share one word, and the CRC shares another with the epoch (in-place
 /// overwrite, the only user of the epoch, is off when data CRCs are on), keeping the map
 /// near 20 bytes of DRAM per extent (the hints add 32-64 bytes per one-block extent).
 ///
-/// The access bit (GC's second chance) is a hint, not part of what the extent is:
-/// equality ignores it.
+/// The heat (how often it was read lately: GC's second chance) is a hint, not part of what
+/// the extent is: equality ignores it.
 #[derive(Clone, Copy)]
 pub struct Extent {
     /// Cache-device sector of the first data sector (fill id for placeholders).
     pub pos: u64,
-    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC; 29: read since it was
-    /// logged (or since GC last gave it a second chance).
+    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC; 29..31: its heat.
     len_flags: u32,
     /// The data CRC32C of the whole extent if it has one, else the low 32 bits of the
     /// flush epoch that wrote it.
@@ -49,12 +48,15 @@ pub struct Extent {
 
 const LEN_MASK: u32 = (1 << 24) - 1;
 const CRC_FLAG: u32 = 1 << 28;
-const ACCESS_FLAG: u32 = 1 << 29;
+const HEAT_SHIFT: u32 = 29;
+const HEAT_MASK: u32 = 3 << HEAT_SHIFT;
+/// The most heat an extent holds: reads past it are not counted.
+pub const MAX_HEAT: u8 = 3;
 
 impl PartialEq for Extent {
     fn eq(&self, o: &Self) -> bool {
         self.pos == o.pos
-            && (self.len_flags & !ACCESS_FLAG) == (o.len_flags & !ACCESS_FLAG)
+            && (self.len_flags & !HEAT_MASK) == (o.len_flags & !HEAT_MASK)
             && self.aux == o.aux
     }
 }
@@ -71,7 +73,7 @@ impl std::fmt::Debug for Extent {
             .field("state", &self.state())
             .field("crc", &self.crc())
             .field("epoch", &self.epoch())
-            .field("accessed", &self.accessed())
+            .field("heat", &self.heat())
             .finish()
     }
 }
@@ -121,18 +123,23 @@ impl Extent {
     pub fn is_data(&self) -> bool {
         matches!(self.state(), State::Dirty | State::Clean)
     }
-    /// Read since it was logged, or since GC last re-appended it (its second chance).
-    pub fn accessed(&self) -> bool {
-        self.len_flags & ACCESS_FLAG != 0
+    /// Its heat: read hits since it was logged, up to [`MAX_HEAT`], less one for each
+    /// second chance GC gave it since.
+    pub fn heat(&self) -> u8 {
+        ((self.len_flags & HEAT_MASK) >> HEAT_SHIFT) as u8
     }
-    /// The same extent with its access bit set or cleared.
-    pub fn with_accessed(mut self, on: bool) -> Self {
-        if on {
-            self.len_flags |= ACCESS_FLAG;
-        } else {
-            self.len_flags &= !ACCESS_FLAG;
-        }
+    /// Read since it was logged or last given a second chance.
+    pub fn accessed(&self) -> bool {
+        self.heat() > 0
+    }
+    /// The same extent with heat `h` (at most [`MAX_HEAT`]).
+    pub fn with_heat(mut self, h: u8) -> Self {
+        self.len_flags = (self.len_flags & !HEAT_MASK) | (u32::from(h.min(MAX_HEAT)) << HEAT_SHIFT);
         self
+    }
+    /// The same extent after one more read hit.
+    pub fn heated(self) -> Self {
+        self.with_heat(self.heat().saturating_add(1))
     }
     pub fn is_dirty(&self) -> bool {
         matches!(self.state(), State::Dirty | State::Zeroes | State::Unmapped)
@@ -149,7 +156,7 @@ impl Extent {
             State::Dirty | State::Clean => self.pos + (at - start),
             _ => self.pos,
         };
-        Extent::new(pos, len, state, None, self.epoch().unwrap_or(0)).with_accessed(self.accessed())
+        Extent::new(pos, len, state, None, self.epoch().unwrap_or(0)).with_heat(self.heat())
     }
 }
 
@@ -400,7 +407,7 @@ impl ExtentMap {
             let block = lba & !7;
             if let Some(e) = self.hints.get(block) {
                 debug_assert_eq!(Some(e), self.find(block), "stale hint at {block}");
-                if !e.accessed() {
+                if e.heat() < MAX_HEAT {
                     self.hints.touch(block);
                 }
                 return Some(e.slice(block, lba, len));
@@ -421,8 +428,8 @@ impl ExtentMap {
         if s + u64::from(e.len()) < u64::from(off) + u64::from(len) {
             return None;
         }
-        if e.is_data() && !e.accessed() {
-            *e = e.with_accessed(true);
+        if e.is_data() && e.heat() < MAX_HEAT {
+            *e = e.heated();
         }
         Some(e.slice(s, u64::from(off), len))
     }
@@ -445,19 +452,24 @@ impl ExtentMap {
             }
             while i < b.len() && u32::from(b.starts[i]) < end {
                 let e = &mut b.exts[i];
-                if e.is_data() && !e.accessed() {
-                    *e = e.with_accessed(true);
+                if e.is_data() && e.heat() < MAX_HEAT {
+                    *e = e.heated();
                 }
                 i += 1;
             }
         }
     }
 
-    /// Whether extent `e` of the map, starting at `lba`, was read: its access bit in the
-    /// map or in the hints (a hit the hints answered sets it there only).
+    /// The heat of extent `e` of the map, starting at `lba`: the more of its heat in the
+    /// map and in the hints (a hit the hints answered counts there only).
     #[inline]
-    fn accessed_at(hints: &hints::Hints, lba: u64, e: &Extent) -> bool {
-        e.accessed() || (lba & 7 == 0 && e.len() == 8 && e.is_data() && hints.accessed(lba))
+    fn heat_at(hints: &hints::Hints, lba: u64, e: &Extent) -> u8 {
+        let hinted = if lba & 7 == 0 && e.len() == 8 && e.is_data() {
+            hints.heat(lba)
+        } else {
+            0
+        };
+        e.heat().max(hinted)
     }
 
     /// The line a lookup of [lba, lba+len) reads first, for a host to prefetch before the
@@ -591,6 +603,13 @@ impl ExtentMap {
             let i = b.rank(off, self.shift);
             // Same start and length: nothing else can overlap, so replace in place.
             if b.starts.get(i) == Some(&off) && b.exts[i].len() == ext.len() {
+                let old = b.exts[i];
+                let mut ext = ext;
+                if ext.is_data() && ext.heat() == 0 && old.is_data() {
+                    // The block's new data (a rewrite, writeback's clean copy) is as hot
+                    // as its old: heat follows the block, not one version of its data.
+                    ext = ext.with_heat(Self::heat_at(&self.hints, lba, &old));
+                }
                 b.exts[i] = ext;
                 self.hints.note(lba, &ext);
                 return;
@@ -723,9 +742,9 @@ impl ExtentMap {
     /// Marks clean the parts of [lba, lba+len) that still hold the data written back from
     /// cache sector `pos` (a newer write elsewhere keeps its own extent dirty).
     ///
-    /// The access bit starts over: data becomes evictable here, and GC's second chance
-    /// is for what is read while it could be evicted. Reads of data just written (a
-    /// read-back, a verify pass) would otherwise earn every written extent a copy.
+    /// The heat stays (see [`ExtentMap::insert`]): a block read and rewritten again and
+    /// again is hot, and it only becomes evictable here. A read-back of data just written
+    /// (a verify pass) earns it one copy at most, paid from GC's copy budget.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
         let mut pieces = Vec::new();
         self.lookup(lba, len, &mut pieces);
@@ -793,12 +812,12 @@ impl ExtentMap {
         self.reclaim_segment(lo, hi, &mut Rescue::none(), &mut none)
     }
 
-    /// [`ExtentMap::drop_segment`] with a second chance: a clean extent that was read since
-    /// it was logged (its access bit) is kept, while `rescue` has room for it, with its bit
-    /// cleared, and listed in `moves`: the caller copies its data to the log head and
+    /// [`ExtentMap::drop_segment`] with a second chance: a clean extent read since it was
+    /// logged or last kept (its heat) is kept, while `rescue` has room for it, with its
+    /// heat less one, and listed in `moves`: the caller copies its data to the log head and
     /// commits the copy with [`ExtentMap::commit_move`] (or drops it with
-    /// [`ExtentMap::drop_clean_at`]). Until then it stays readable where it is. The others
-    /// are dropped.
+    /// [`ExtentMap::drop_clean_at`]). Until then it stays readable where it is. When the
+    /// room does not hold every read extent, the hottest go first. The others are dropped.
     pub fn reclaim_segment(
         &mut self,
         lo: u64,
@@ -807,6 +826,21 @@ impl ExtentMap {
         moves: &mut Vec<Move>,
     ) -> usize {
         let (shift, size) = (self.shift, self.bucket);
+        let inside = |e: &Extent| e.is_data() && e.pos >= lo && e.pos < hi;
+        // Sectors the segment holds at each heat, to know the coolest heat kept.
+        let mut by_heat = [0u64; MAX_HEAT as usize + 1];
+        if rescue.budget > 0 {
+            for (&key, b) in &self.buckets {
+                for (i, e) in b.exts.iter().enumerate() {
+                    if inside(e) && e.state() == State::Clean && rescue.may_take(e) {
+                        let lba = key * size + u64::from(b.starts[i]);
+                        by_heat[usize::from(Self::heat_at(&self.hints, lba, e))] +=
+                            u64::from(e.len());
+                    }
+                }
+            }
+        }
+        let mut cut = rescue.cut(&by_heat);
         let hints = &mut self.hints;
         let mut dirty = 0;
         let mut removed = 0;
@@ -814,17 +848,18 @@ impl ExtentMap {
             let mut keep = 0;
             for i in 0..b.len() {
                 let e = b.exts[i];
-                let inside = e.is_data() && e.pos >= lo && e.pos < hi;
+                let inside = inside(&e);
                 if inside && e.state() != State::Clean {
                     dirty += 1;
                 }
                 let lba = key * size + u64::from(b.starts[i]);
-                if inside
-                    && e.state() == State::Clean
-                    && Self::accessed_at(hints, lba, &e)
-                    && rescue.take(&e)
-                {
-                    let kept = e.with_accessed(false);
+                let heat = if inside && e.state() == State::Clean {
+                    Self::heat_at(hints, lba, &e)
+                } else {
+                    0
+                };
+                if heat > 0 && cut.admits(heat, e.len()) && rescue.take(&e) {
+                    let kept = e.with_heat(heat - 1);
                     hints.note(lba, &kept);
                     moves.push(Move {
                         lba,
@@ -901,11 +936,11 @@ impl ExtentMap {
     pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
         for (l, n, e) in self.clean_parts_at(lba, len, src) {
             let whole = l == lba && n == len;
-            let read = e.accessed() || Self::accessed_at(&self.hints, l, &e);
+            let heat = Self::heat_at(&self.hints, l, &e);
             self.insert(
                 l,
                 Extent::new(pos + (l - lba), n, State::Clean, crc.filter(|_| whole), 0)
-                    .with_accessed(read),
+                    .with_heat(heat),
             );
         }
     }
@@ -977,12 +1012,57 @@ impl Rescue {
         }
     }
 
+    /// Whether `e` is an extent it may keep (room aside).
+    fn may_take(&self, e: &Extent) -> bool {
+        !self.need_crc || e.has_crc()
+    }
+
     fn take(&mut self, e: &Extent) -> bool {
         let n = u64::from(e.len());
-        if n > self.budget || (self.need_crc && !e.has_crc()) {
+        if n > self.budget || !self.may_take(e) {
             return false;
         }
         self.budget -= n;
+        true
+    }
+
+    /// Which heats the budget keeps, given the sectors a segment holds at each heat: all
+    /// of every heat above the cut, and first come first kept at the cut.
+    fn cut(&self, by_heat: &[u64]) -> HeatCut {
+        let mut above = 0;
+        for heat in (1..by_heat.len()).rev() {
+            if above + by_heat[heat] > self.budget {
+                return HeatCut {
+                    heat: heat as u8,
+                    room: self.budget - above,
+                };
+            }
+            above += by_heat[heat];
+        }
+        HeatCut {
+            heat: 1,
+            room: by_heat.get(1).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The coolest heat a reclaim keeps, and the sectors it may keep at that heat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeatCut {
+    heat: u8,
+    room: u64,
+}
+
+impl HeatCut {
+    fn admits(&mut self, heat: u8, len: u32) -> bool {
+        let n = u64::from(len);
+        if heat > self.heat {
+            return true;
+        }
+        if heat < self.heat || n > self.room {
+            return false;
+        }
+        self.room -= n;
         true
     }
 }
@@ -1054,18 +1134,53 @@ mod tests {
     }
 
     #[test]
-    fn the_access_bit_costs_no_dram_and_is_not_part_of_equality() {
+    fn heat_costs_no_dram_and_is_not_part_of_equality() {
         // The map's entry (plus a 2-byte start) and the hints' entry keep their sizes.
         assert_eq!(std::mem::size_of::<Extent>(), 16);
         let e = Extent::new(100, 8, State::Clean, None, 3);
-        let hot = e.with_accessed(true);
+        let hot = e.heated();
         assert!(hot.accessed() && !e.accessed());
+        assert_eq!(hot.heated().heated().heated().heat(), MAX_HEAT);
         assert_eq!(e, hot);
         assert_eq!(hot.len(), 8);
         assert_eq!(hot.state(), State::Clean);
         assert_eq!(hot.epoch(), Some(3));
         // A slice keeps it.
         assert!(hot.slice(0, 2, 4).accessed());
+    }
+
+    #[test]
+    fn a_short_copy_budget_keeps_the_hottest_extents() {
+        let mut m = ExtentMap::new();
+        // Eight one-block clean extents in one segment; block i read i times (hint heat
+        // saturates at 3), and a two-block extent read twice (the map's heat).
+        for i in 0..8u64 {
+            m.insert(i * 8, Extent::new(1000 + i * 8, 8, State::Clean, None, 0));
+            for _ in 0..i {
+                m.covering_touch(i * 8, 8).unwrap();
+            }
+        }
+        m.insert(100, Extent::new(1100, 16, State::Clean, None, 0));
+        m.covering_touch(100, 16).unwrap();
+        m.covering_touch(104, 4).unwrap();
+        assert_eq!(m.get(100).unwrap().heat(), 2);
+        // Room for six blocks: the five at heat 3 (blocks 3..8) and one of heat 2 (block
+        // 2 or the two-block extent, which does not fit).
+        let mut rescue = Rescue {
+            budget: 48,
+            need_crc: false,
+        };
+        let mut moves = Vec::new();
+        m.reclaim_segment(1000, 1200, &mut rescue, &mut moves);
+        let mut kept: Vec<u64> = moves.iter().map(|m| m.lba).collect();
+        kept.sort();
+        assert_eq!(kept, vec![16, 24, 32, 40, 48, 56]);
+        assert_eq!(rescue.budget, 0);
+        // Each kept extent's heat drops by one; the rest left the map.
+        assert_eq!(m.get(56).unwrap().heat(), MAX_HEAT - 1);
+        assert_eq!(m.get(16).unwrap().heat(), 1);
+        assert!(m.get(0).is_none() && m.get(8).is_none() && m.get(100).is_none());
+        assert!(m.hints_consistent());
     }
 
     #[test]
@@ -1085,15 +1200,15 @@ mod tests {
         m.insert(40, Extent::new(3000, 8, State::Clean, None, 0));
         m.touch(36, 8);
         assert!(m.find(40).unwrap().accessed());
-        // GC keeps the read extents (as placeholders to fill from their old place) and
-        // drops the rest; writeback turning dirty data clean starts the bit over (a read
-        // of dirty data earns no copy), a read of the clean data sets it again.
+        // Heat follows the block: writeback turning dirty data clean keeps it, and so
+        // does a rewrite of the block.
         m.insert(64, Extent::new(4000, 8, State::Dirty, None, 0));
         m.covering_touch(64, 8).unwrap();
         m.mark_clean(64, 8, 4000);
-        assert!(!m.get(64).unwrap().accessed() && m.get(64).unwrap().state() == State::Clean);
-        m.covering_touch(64, 8).unwrap();
-        assert!(m.get(64).unwrap().accessed());
+        assert!(m.get(64).unwrap().heat() == 1 && m.get(64).unwrap().state() == State::Clean);
+        m.insert(64, Extent::new(4008, 8, State::Dirty, None, 0));
+        assert_eq!(m.get(64).unwrap().heat(), 1);
+        m.mark_clean(64, 8, 4008);
         m.insert(80, Extent::new(1100, 8, State::Clean, None, 0)); // not read
         let mut rescue = Rescue {
             budget: 24,

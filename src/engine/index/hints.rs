@@ -9,7 +9,7 @@
 //! authority: every change to a one-block extent updates or forgets its entry, a block
 //! evicted for lack of room is simply looked up in the map, and an entry is never stale.
 
-use super::{Extent, State};
+use super::{Extent, State, MAX_HEAT};
 
 /// Entries per set: a set is one 64-byte cache line of 16-byte entries.
 const WAYS: usize = 4;
@@ -25,17 +25,18 @@ const MIN_SETS: usize = 16;
 /// of backing device, are looked up in the map).
 const KEY_BITS: u32 = 39;
 const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
-/// `tag` bit 39: the extent was read (its access bit, GC's second chance). A read hit the
-/// hints answer sets it here, in the line it already loaded; the map's copy of the extent
-/// may not have it, so GC asks both ([`Hints::accessed`]).
-const ACCESS_BIT: u64 = 1 << 39;
-/// `tag` bit 40: the extent has a data CRC (then `aux` is that CRC, else the epoch).
-const CRC_BIT: u64 = 1 << 40;
-/// `tag` bit 41: dirty (else clean).
-const DIRTY_BIT: u64 = 1 << 41;
-/// `tag` bits 42..64: the cache sector's bits above the low 32 (kept in `low`).
-const POS_HI_SHIFT: u32 = 42;
-/// Cache sectors an entry can hold: 2^54 (8 EiB of cache).
+/// `tag` bits 39..41: the extent's heat (read hits, GC's second chance). A read hit the
+/// hints answer counts here, in the line it already loaded; the map's copy of the extent
+/// may not have it, so GC asks both ([`Hints::heat`]).
+const HEAT_SHIFT: u32 = 39;
+const HEAT_MASK: u64 = 3 << HEAT_SHIFT;
+/// `tag` bit 41: the extent has a data CRC (then `aux` is that CRC, else the epoch).
+const CRC_BIT: u64 = 1 << 41;
+/// `tag` bit 42: dirty (else clean).
+const DIRTY_BIT: u64 = 1 << 42;
+/// `tag` bits 43..64: the cache sector's bits above the low 32 (kept in `low`).
+const POS_HI_SHIFT: u32 = 43;
+/// Cache sectors an entry can hold: 2^53 (4 EiB of cache).
 const POS_LIMIT: u64 = 1 << (32 + 64 - POS_HI_SHIFT);
 
 /// One block's extent, packed into 16 bytes.
@@ -82,6 +83,11 @@ fn key_of(lba: u64) -> Option<u64> {
     (lba & 7 == 0 && key <= KEY_MASK).then_some(key)
 }
 
+#[inline]
+fn heat_of(tag: u64) -> u8 {
+    ((tag & HEAT_MASK) >> HEAT_SHIFT) as u8
+}
+
 /// Whether `e`, starting at `lba`, is an extent the table holds.
 #[inline]
 fn holds(lba: u64, e: &Extent) -> bool {
@@ -111,11 +117,11 @@ impl Hints {
         };
         let aux = (e.low >> 32) as u32;
         let crc = (e.tag & CRC_BIT != 0).then_some(aux);
-        Some(Extent::new(pos, 8, state, crc, aux).with_accessed(e.tag & ACCESS_BIT != 0))
+        Some(Extent::new(pos, 8, state, crc, aux).with_heat(heat_of(e.tag)))
     }
 
-    /// Sets the access bit of the block starting at `lba`, if the table holds it (the line
-    /// a lookup just read: no other line is touched). False: not held.
+    /// Counts a read hit in the heat of the block starting at `lba`, if the table holds it
+    /// (the line a lookup just read: no other line is touched). False: not held.
     #[inline]
     pub fn touch(&mut self, lba: u64) -> bool {
         let Some(key) = key_of(lba) else {
@@ -124,8 +130,9 @@ impl Hints {
         let s = self.set_of(key);
         match self.sets[s].0.iter_mut().find(|e| e.tag & KEY_MASK == key) {
             Some(e) => {
-                if e.tag & ACCESS_BIT == 0 {
-                    e.tag |= ACCESS_BIT;
+                let heat = heat_of(e.tag);
+                if heat < MAX_HEAT {
+                    e.tag = (e.tag & !HEAT_MASK) | u64::from(heat + 1) << HEAT_SHIFT;
                 }
                 true
             }
@@ -133,15 +140,16 @@ impl Hints {
         }
     }
 
-    /// Whether the table holds the block starting at `lba` with its access bit set.
-    pub fn accessed(&self, lba: u64) -> bool {
+    /// The heat of the block starting at `lba` in the table (0 if not held).
+    pub fn heat(&self, lba: u64) -> u8 {
         let Some(key) = key_of(lba) else {
-            return false;
+            return 0;
         };
         self.sets[self.set_of(key)]
             .0
             .iter()
-            .any(|e| e.tag & KEY_MASK == key && e.tag & ACCESS_BIT != 0)
+            .find(|e| e.tag & KEY_MASK == key)
+            .map_or(0, |e| heat_of(e.tag))
     }
 
     /// The cache line a lookup of the block at `lba` reads (for prefetching).
@@ -167,7 +175,7 @@ impl Hints {
                     0
                 }
                 | if e.has_crc() { CRC_BIT } else { 0 }
-                | if e.accessed() { ACCESS_BIT } else { 0 },
+                | u64::from(e.heat()) << HEAT_SHIFT,
             low: (e.pos & 0xffff_ffff) | u64::from(e.aux) << 32,
         };
         let s = self.set_of(key);
@@ -282,26 +290,32 @@ mod tests {
     }
 
     #[test]
-    fn touch_sets_the_access_bit_of_a_held_block_only() {
+    fn touch_counts_heat_of_a_held_block_only() {
         let mut h = Hints::default();
         h.note(8, &block(100, State::Clean, 5));
-        assert!(!h.accessed(8) && !h.get(8).unwrap().accessed());
+        assert!(h.heat(8) == 0 && h.get(8).unwrap().heat() == 0);
         assert!(h.touch(8));
-        assert!(h.accessed(8) && h.get(8).unwrap().accessed());
-        // The bit is a hint: the entry is still the same extent.
+        assert!(h.heat(8) == 1 && h.get(8).unwrap().heat() == 1);
+        // Heat saturates.
+        for _ in 0..5 {
+            h.touch(8);
+        }
+        assert_eq!(h.heat(8), MAX_HEAT);
+        // It is a hint: the entry is still the same extent.
         assert_eq!(h.get(8), Some(block(100, State::Clean, 5)));
-        assert!(!h.touch(16) && !h.accessed(16));
-        // Noting a new extent there takes its bit.
+        assert!(!h.touch(16) && h.heat(16) == 0);
+        // Noting a new extent there takes its heat.
         h.note(8, &block(200, State::Clean, 5));
-        assert!(!h.accessed(8));
-        h.note(8, &block(300, State::Dirty, 5).with_accessed(true));
-        assert!(h.accessed(8));
+        assert_eq!(h.heat(8), 0);
+        h.note(8, &block(300, State::Dirty, 5).with_heat(2));
+        assert_eq!(h.heat(8), 2);
+        assert_eq!(h.get(8).unwrap().state(), State::Dirty);
     }
 
     #[test]
     fn cache_positions_keep_every_bit_and_large_ones_are_not_held() {
         let mut h = Hints::default();
-        let pos = (1 << 53) + (1 << 32) + 0x1234_5678;
+        let pos = (1 << 52) + (1 << 32) + 0x1234_5678;
         h.note(0, &block(pos, State::Dirty, u32::MAX));
         assert_eq!(h.get(0), Some(block(pos, State::Dirty, u32::MAX)));
         h.note(0, &block(POS_LIMIT, State::Dirty, 0));

@@ -4,14 +4,16 @@
 //! Once GC drops clean data to make room, a fill evicts something, so a range read once
 //! (a scan, the long tail of a skewed workload) should not displace data read again and
 //! again. A miss while evicting records the range's fingerprint in a direct-mapped table
-//! (two bytes a slot, as many slots as the shard's share holds 4 KiB blocks, rounded up to
-//! a power of two, allocated the first time the cache evicts); the range fills the cache
-//! when it misses again while its fingerprint is still there. The table forgets by
-//! overwriting: a range must miss twice within about a cache's worth of other misses.
+//! (two bytes a slot, a slot for every four 4 KiB blocks of the shard's share, rounded up
+//! to a power of two, allocated the first time the cache evicts); the range fills the
+//! cache when it misses again while its fingerprint is still there. The table forgets by
+//! overwriting: a range must miss twice within about a quarter of a cache's worth of
+//! other misses. (A table of a cache's worth admitted more of a zipfian workload's long
+//! tail: more fills and GC copies for fewer hits, `tests/zipf.rs`.)
 
 use crate::engine::geometry::Geometry;
 
-/// Most slots per shard (8 MiB): past 4M blocks of share the table only covers the most
+/// Most slots per shard (8 MiB): past 16M blocks of share the table only covers the most
 /// recent misses of a larger cache.
 const MAX_SLOTS: usize = 1 << 22;
 
@@ -29,7 +31,7 @@ impl Admission {
     pub(super) fn new(geo: &Geometry) -> Self {
         let share = u64::from(geo.segment_count) * u64::from(geo.segment_sectors)
             / u64::from(geo.shard_count.max(1));
-        let slots = ((share / 8).max(64) as usize)
+        let slots = ((share / 32).max(64) as usize)
             .next_power_of_two()
             .min(MAX_SLOTS);
         Admission {

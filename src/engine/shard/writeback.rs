@@ -878,19 +878,19 @@ impl Shard {
         let seg = self.segments[0].seg;
         let g = &self.cfg.geo;
         let lo = g.segment_start(seg);
-        // Second chance: clean extents read since they were logged move to the log head
-        // (as clean keys, access bit cleared) instead of leaving the cache. The bit ages:
-        // a moved extent comes round again with it cleared and leaves unless read in the
-        // meantime, so each extent is copied at most once per pass of the log and per
-        // read. Copies are paid from a credit that each reclaim raises by half a segment
-        // (up to an eighth of the shard's segments): a hot run of segments may be kept
-        // whole, but over a long run of reclaims GC copies at most half of what it frees,
-        // so it gains space however hot the data is. Nothing moves while writes wait for space (they come first), or
-        // while cache writes fail or the log is closed; nor in pass-through, which caches
-        // nothing new.
+        // Second chance: clean extents read since they were logged or last moved (their
+        // heat) move to the log head (as clean keys, heat less one) instead of leaving
+        // the cache, the hottest first when not all fit. Heat ages: an extent not read
+        // again leaves after as many passes of the log as it had heat. Copies are paid
+        // from a credit that each reclaim raises by three quarters of a segment (up to an
+        // eighth of the shard's segments): a hot run of segments may be kept whole, but
+        // over a long run of reclaims GC copies at most three quarters of what it
+        // reclaims, so it gains space however hot the data is. Nothing moves while writes
+        // wait for space (they come first), or while cache writes fail or the log is
+        // closed; nor in pass-through, which caches nothing new.
         let pass_through = self.cfg.mode == crate::engine::mode::CacheMode::PassThrough;
         let seg_sectors = u64::from(g.segment_sectors);
-        self.move_credit = (self.move_credit + seg_sectors / 2).min(self.max_move_credit());
+        self.move_credit = (self.move_credit + seg_sectors * 3 / 4).min(self.max_move_credit());
         let budget = if self.stalled || self.failed || pass_through || !self.meta.ready(self.now) {
             0
         } else {
