@@ -43,6 +43,12 @@ const RESERVE_SEGMENTS: u32 = 2;
 /// way before their extents are dropped instead (ms).
 const MOVE_WAIT_MS: u64 = 50;
 
+/// GC's moves logged or being logged at once. A reclaim queues up to three quarters of a
+/// segment of them; each copy holds a bounce buffer from the host, and issuing them all
+/// at once outgrew the SPDK worker's pool of kept buffers (every copy then paid a DMA heap
+/// allocation: θ 0.8 zipf reads lost 15 % of their IOPS).
+const MAX_MOVES_OUT: usize = 128;
+
 #[derive(Debug, Clone, Copy)]
 pub struct ShardConfig {
     pub id: u32,
@@ -309,6 +315,8 @@ pub struct Shard {
     /// writes and fills (a reclaim queues up to a segment of them at once, and a read miss
     /// completes only once its fill's data is written).
     moves: VecDeque<Pending>,
+    /// Moves taken from `moves` and not yet committed or dropped.
+    moves_out: usize,
     /// Sectors GC may still copy as second chances (see `gc_check`).
     move_credit: u64,
     batches: VecDeque<Batch>,
@@ -400,6 +408,7 @@ impl Shard {
             wanted: 0,
             pending: VecDeque::new(),
             moves: VecDeque::new(),
+            moves_out: 0,
             move_credit: 0,
             batches: VecDeque::new(),
             tags: Slab::new(),
@@ -877,6 +886,7 @@ impl Shard {
     /// failed, the log closed): the extent leaves the index if it is still there, in the
     /// reclaimed segment, and that segment is unpinned.
     fn abort_move(&mut self, lba: u64, len: u32, src: u64) {
+        self.move_done();
         self.stats.readmit_dropped += 1;
         self.index.drop_clean_at(lba, len, src);
         self.unpin_segment(self.seg_of(src) as usize);
@@ -1154,11 +1164,21 @@ impl Shard {
         }
     }
 
-    /// Queues some of GC's moves when no request waits to be batched: true if any.
+    /// Queues some of GC's moves when no request waits to be batched, up to
+    /// [`MAX_MOVES_OUT`] at once: true if any.
     fn feed_moves(&mut self) -> bool {
-        let n = self.moves.len().min(MAX_KSET_KEYS);
+        let room = MAX_MOVES_OUT.saturating_sub(self.moves_out);
+        let n = self.moves.len().min(MAX_KSET_KEYS).min(room);
         self.pending.extend(self.moves.drain(..n));
+        self.moves_out += n;
         n > 0
+    }
+
+    /// A move taken from `moves` was committed or dropped (within a completion, which the
+    /// host follows with a poll: `form_batches` feeds the next).
+    fn move_done(&mut self) {
+        debug_assert!(self.moves_out > 0, "a move done that was never fed");
+        self.moves_out = self.moves_out.saturating_sub(1);
     }
 
     fn form_batches(&mut self) {
@@ -1680,6 +1700,7 @@ impl Shard {
             }
         }
         let moves = std::mem::take(&mut self.moves);
+        self.moves_out += moves.len();
         self.pending.extend(moves);
         while let Some(p) = self.pending.pop_front() {
             let e = Entry {
@@ -1800,6 +1821,7 @@ impl Shard {
                         let at = base + u64::from(e.data_off);
                         self.index.commit_move(p.lba, p.len, src, at, e.crc);
                         self.unpin_segment(self.seg_of(src) as usize);
+                        self.move_done();
                     }
                     LogOp::Move { src, .. } => self.abort_move(p.lba, p.len, src),
                     LogOp::Fill { fill, .. } if e.logged => {

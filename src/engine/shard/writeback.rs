@@ -871,6 +871,12 @@ impl Shard {
         if !(over || self.pressure || self.stalled) {
             return;
         }
+        if !self.moves.is_empty() && !self.stalled {
+            // The last reclaim's second chances are still being logged (a few at a time):
+            // its segment frees only once they are, and reclaiming more meanwhile would
+            // only shrink the log.
+            return;
+        }
         let second = self.segments[1].first;
         if second.seq > self.dirty_tail.seq {
             return;
