@@ -398,7 +398,7 @@ impl ExtentMap {
             .then(|| e.slice(s, u64::from(off), len))
     }
 
-    /// [`ExtentMap::covering`] for a read hit: also sets the access bit of the data extent
+    /// [`ExtentMap::covering`] for a read hit: also counts it in the heat of the data extent
     /// found, where the lookup found it (the hints' line, or the bucket's entry), so the
     /// hit costs one store to a line already loaded.
     #[inline]
@@ -434,8 +434,8 @@ impl ExtentMap {
         Some(e.slice(s, u64::from(off), len))
     }
 
-    /// Sets the access bit of every data extent overlapping [lba, lba+len) (a read that
-    /// hit them through a lookup), in the map's entries.
+    /// Counts a read hit in the heat of every data extent overlapping [lba, lba+len) (a
+    /// read that hit them through a lookup), in the map's entries.
     pub fn touch(&mut self, lba: u64, len: u32) {
         let mut parts = Vec::new();
         self.per_bucket(lba, len, |a, l| parts.push((a, l)));
@@ -931,7 +931,7 @@ impl ExtentMap {
     }
 
     /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: what is
-    /// still that extent now lives at `pos` (the whole extent keeps `crc`). Its access bit
+    /// still that extent now lives at `pos` (the whole extent keeps `crc`). Its heat
     /// (reads while it moved) comes along.
     pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
         for (l, n, e) in self.clean_parts_at(lba, len, src) {
