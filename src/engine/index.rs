@@ -879,9 +879,13 @@ impl ExtentMap {
                     keep += 1;
                 }
             }
-            b.starts.truncate(keep);
-            b.exts.truncate(keep);
-            b.rebuild_dir(shift);
+            if keep < b.len() {
+                // Kept entries change only their heat: the directory stands unless some
+                // left (most buckets hold nothing of the segment).
+                b.starts.truncate(keep);
+                b.exts.truncate(keep);
+                b.rebuild_dir(shift);
+            }
             keep > 0
         });
         self.len -= removed;
