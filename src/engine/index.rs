@@ -585,6 +585,19 @@ impl ExtentMap {
         self.len = self.len + after - before;
     }
 
+    /// [`ExtentMap::insert`] of a write's new data: where it replaces a data extent of the
+    /// same start and length (a rewrite of the block), it takes that extent's heat. Heat
+    /// follows the block, not one version of its data.
+    pub fn insert_rewrite(&mut self, lba: u64, ext: Extent) {
+        let heat = match self.get(lba) {
+            Some(old) if old.is_data() && old.len() == ext.len() => {
+                Self::heat_at(&self.hints, lba, &old)
+            }
+            _ => 0,
+        };
+        self.insert(lba, ext.with_heat(heat));
+    }
+
     /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
     pub fn insert(&mut self, lba: u64, ext: Extent) {
         let shift = self.shift;
@@ -603,13 +616,6 @@ impl ExtentMap {
             let i = b.rank(off, self.shift);
             // Same start and length: nothing else can overlap, so replace in place.
             if b.starts.get(i) == Some(&off) && b.exts[i].len() == ext.len() {
-                let old = b.exts[i];
-                let mut ext = ext;
-                if ext.is_data() && ext.heat() == 0 && old.is_data() {
-                    // The block's new data (a rewrite, writeback's clean copy) is as hot
-                    // as its old: heat follows the block, not one version of its data.
-                    ext = ext.with_heat(Self::heat_at(&self.hints, lba, &old));
-                }
                 b.exts[i] = ext;
                 self.hints.note(lba, &ext);
                 return;
@@ -742,9 +748,10 @@ impl ExtentMap {
     /// Marks clean the parts of [lba, lba+len) that still hold the data written back from
     /// cache sector `pos` (a newer write elsewhere keeps its own extent dirty).
     ///
-    /// The heat stays (see [`ExtentMap::insert`]): a block read and rewritten again and
-    /// again is hot, and it only becomes evictable here. A read-back of data just written
-    /// (a verify pass) earns it one copy at most, paid from GC's copy budget.
+    /// The heat stays, but for a heat of one: a block read again and again while dirty
+    /// stays hot (it only becomes evictable here), while one read-back of data just
+    /// written (a verify pass) earns no copy, or GC would copy nearly everything such a
+    /// workload writes.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
         let mut pieces = Vec::new();
         self.lookup(lba, len, &mut pieces);
@@ -752,7 +759,14 @@ impl ExtentMap {
             let Some(e) = p.extent else { continue };
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
-                self.insert(p.lba, Extent::new(e.pos, p.len, State::Clean, crc, 0));
+                let heat = match Self::heat_at(&self.hints, p.lba, &e) {
+                    1 => 0,
+                    h => h,
+                };
+                self.insert(
+                    p.lba,
+                    Extent::new(e.pos, p.len, State::Clean, crc, 0).with_heat(heat),
+                );
             }
         }
     }
@@ -1204,15 +1218,21 @@ mod tests {
         m.insert(40, Extent::new(3000, 8, State::Clean, None, 0));
         m.touch(36, 8);
         assert!(m.find(40).unwrap().accessed());
-        // Heat follows the block: writeback turning dirty data clean keeps it, and so
-        // does a rewrite of the block.
+        // Heat follows the block: a rewrite keeps it, and so does writeback turning dirty
+        // data clean, but for one read-back of data just written (a verify pass).
         m.insert(64, Extent::new(4000, 8, State::Dirty, None, 0));
         m.covering_touch(64, 8).unwrap();
         m.mark_clean(64, 8, 4000);
-        assert!(m.get(64).unwrap().heat() == 1 && m.get(64).unwrap().state() == State::Clean);
-        m.insert(64, Extent::new(4008, 8, State::Dirty, None, 0));
-        assert_eq!(m.get(64).unwrap().heat(), 1);
+        assert!(m.get(64).unwrap().heat() == 0 && m.get(64).unwrap().state() == State::Clean);
+        m.covering_touch(64, 8).unwrap();
+        m.covering_touch(64, 8).unwrap();
+        m.insert_rewrite(64, Extent::new(4008, 8, State::Dirty, None, 0));
+        assert_eq!(m.get(64).unwrap().heat(), 2);
         m.mark_clean(64, 8, 4008);
+        assert_eq!(m.get(64).unwrap().heat(), 2);
+        m.insert(64, Extent::new(4016, 8, State::Dirty, None, 0));
+        assert_eq!(m.get(64).unwrap().heat(), 0, "a plain insert takes no heat");
+        m.mark_clean(64, 8, 4016);
         m.insert(80, Extent::new(1100, 8, State::Clean, None, 0)); // not read
         let mut rescue = Rescue {
             budget: 24,

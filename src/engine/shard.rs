@@ -1642,6 +1642,10 @@ impl Shard {
         if let LogOp::Move { .. } = p.op {
             // A failed copy logs no key; `retire` drops the extent and unpins its segment.
             failed_req = None;
+            if done.result == Err(IoError::CrcMismatch) {
+                // Cached data found corrupt by GC's copy is reported like a read's.
+                self.stats.crc_errors += 1;
+            }
         }
         if self.batches[i].data_pending == 0 && self.batches[i].state == BatchState::Data {
             self.batches[i].state = BatchState::Ready;
@@ -1796,8 +1800,10 @@ impl Shard {
                         let through = p.through
                             && !e.answered
                             && self.start_through(req, p.lba, p.len, buf_off, pos, b.seq, p);
-                        self.index
-                            .insert(p.lba, Extent::new(pos, p.len, State::Dirty, e.crc, epoch));
+                        self.index.insert_rewrite(
+                            p.lba,
+                            Extent::new(pos, p.len, State::Dirty, e.crc, epoch),
+                        );
                         if !e.answered && !through {
                             self.out.completions.push((req, Ok(())));
                         }
