@@ -589,17 +589,17 @@ impl ExtentMap {
     /// same start and length (a rewrite of the block), it takes that extent's heat. Heat
     /// follows the block, not one version of its data.
     pub fn insert_rewrite(&mut self, lba: u64, ext: Extent) {
-        let heat = match self.get(lba) {
-            Some(old) if old.is_data() && old.len() == ext.len() => {
-                Self::heat_at(&self.hints, lba, &old)
-            }
-            _ => 0,
-        };
-        self.insert(lba, ext.with_heat(heat));
+        self.put(lba, ext, true);
     }
 
     /// Maps [lba, lba+ext.len) to `ext`, replacing whatever was there.
     pub fn insert(&mut self, lba: u64, ext: Extent) {
+        self.put(lba, ext, false);
+    }
+
+    /// [`ExtentMap::insert`]; with `rewrite`, an extent of the same start and length that
+    /// it replaces passes its heat on (found in the same lookup that replaces it).
+    fn put(&mut self, lba: u64, ext: Extent, rewrite: bool) {
         let shift = self.shift;
         let end = lba + u64::from(ext.len());
         if self.locate(lba).0 != self.locate(end - 1).0 {
@@ -607,7 +607,7 @@ impl ExtentMap {
             let mut parts = Vec::new();
             self.per_bucket(lba, ext.len(), |a, l| parts.push((a, l)));
             for (a, l) in parts {
-                self.insert(a, ext.slice(lba, a, l));
+                self.put(a, ext.slice(lba, a, l), rewrite);
             }
             return;
         }
@@ -616,6 +616,12 @@ impl ExtentMap {
             let i = b.rank(off, self.shift);
             // Same start and length: nothing else can overlap, so replace in place.
             if b.starts.get(i) == Some(&off) && b.exts[i].len() == ext.len() {
+                let old = b.exts[i];
+                let ext = if rewrite && old.is_data() {
+                    ext.with_heat(Self::heat_at(&self.hints, lba, &old))
+                } else {
+                    ext
+                };
                 b.exts[i] = ext;
                 self.hints.note(lba, &ext);
                 return;
