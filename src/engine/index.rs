@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 
 mod hints;
+mod segments;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -293,6 +294,8 @@ pub struct ExtentMap {
     len: usize,
     /// The one-block extents again, found in one cache line (a 4 KiB lookup's fast path).
     hints: hints::Hints,
+    /// What each cache segment was given, for GC (None: a reclaim walks the map).
+    segments: Option<segments::Segments>,
 }
 
 impl Default for ExtentMap {
@@ -319,6 +322,17 @@ impl ExtentMap {
             buckets: Buckets::default(),
             len: 0,
             hints: hints::Hints::default(),
+            segments: None,
+        }
+    }
+
+    /// [`ExtentMap::with_bucket`] for a shard's log: remembers which extents each of the
+    /// cache's `count` segments of `sectors` (the first at cache sector `first`) was
+    /// given, so reclaiming one visits only those.
+    pub fn with_segments(bucket_sectors: u64, first: u64, sectors: u64, count: u32) -> Self {
+        ExtentMap {
+            segments: Some(segments::Segments::new(first, sectors, count)),
+            ..Self::with_bucket(bucket_sectors)
         }
     }
 
@@ -624,6 +638,7 @@ impl ExtentMap {
                 };
                 b.exts[i] = ext;
                 self.hints.note(lba, &ext);
+                self.note_segment(lba, &ext);
                 return;
             }
         }
@@ -632,7 +647,18 @@ impl ExtentMap {
         let i = b.rank(off, shift);
         b.insert(i, off, ext, shift);
         self.hints.note(lba, &ext);
+        self.note_segment(lba, &ext);
         self.len += 1;
+    }
+
+    /// Lists a data extent just put in the segment holding it.
+    #[inline]
+    fn note_segment(&mut self, lba: u64, ext: &Extent) {
+        if let Some(s) = self.segments.as_mut() {
+            if ext.is_data() {
+                s.note(lba, ext.len(), ext.pos);
+            }
+        }
     }
 
     /// Removes placeholders in the range (a newer key is about to be logged there).
@@ -845,6 +871,86 @@ impl ExtentMap {
         rescue: &mut Rescue,
         moves: &mut Vec<Move>,
     ) -> usize {
+        match self.segments.as_ref().and_then(|s| s.exactly(lo, hi)) {
+            Some(seg) => self.reclaim_listed(seg, lo, hi, rescue, moves),
+            None => self.reclaim_walk(lo, hi, rescue, moves),
+        }
+    }
+
+    /// [`ExtentMap::reclaim_segment`] of a segment whose extents are listed: visits those.
+    fn reclaim_listed(
+        &mut self,
+        seg: usize,
+        lo: u64,
+        hi: u64,
+        rescue: &mut Rescue,
+        moves: &mut Vec<Move>,
+    ) -> usize {
+        let Some(segments) = self.segments.as_mut() else {
+            return 0;
+        };
+        let mut listed = segments.take(seg);
+        // What still lies in the segment, each extent once (ranges overlap when a block
+        // was written twice there), and what reaches into it from before (never in a log)
+        // listed again as it is.
+        let mut found: Vec<(u64, Extent)> = Vec::new();
+        let mut from_before: Vec<segments::Logged> = Vec::new();
+        for l in &listed {
+            let (lba, len) = (l.lba, l.len);
+            self.for_each_overlap(lba, len, |s, e| {
+                if !e.is_data() || e.pos >= hi {
+                    return;
+                }
+                if e.pos >= lo {
+                    found.push((s, *e));
+                } else if e.pos + u64::from(e.len()) > lo {
+                    from_before.push(segments::Logged {
+                        lba: s,
+                        len: e.len(),
+                    });
+                }
+            });
+        }
+        found.sort_unstable_by_key(|&(s, _)| s);
+        found.dedup_by_key(|&mut (s, _)| s);
+        let mut by_heat = [0u64; MAX_HEAT as usize + 1];
+        if rescue.budget > 0 {
+            for (lba, e) in &found {
+                if e.state() == State::Clean && rescue.may_take(e) {
+                    by_heat[usize::from(Self::heat_at(&self.hints, *lba, e))] += u64::from(e.len());
+                }
+            }
+        }
+        let mut cut = rescue.cut(&by_heat);
+        let mut dirty = 0;
+        listed.clear();
+        listed.append(&mut from_before);
+        for (lba, e) in found {
+            match Self::fate(&self.hints, lba, e, &mut cut, rescue, moves) {
+                Fate::Dirty => dirty += 1,
+                Fate::Kept(kept) => self.replace_heat(lba, kept),
+                Fate::Dropped => {
+                    self.remove_if_same(lba, &e);
+                    continue;
+                }
+            }
+            // Still in the segment: listed again.
+            listed.push(segments::Logged { lba, len: e.len() });
+        }
+        if let Some(segments) = self.segments.as_mut() {
+            segments.put_back(seg, listed);
+        }
+        dirty
+    }
+
+    /// [`ExtentMap::reclaim_segment`] by a walk over every extent.
+    fn reclaim_walk(
+        &mut self,
+        lo: u64,
+        hi: u64,
+        rescue: &mut Rescue,
+        moves: &mut Vec<Move>,
+    ) -> usize {
         let (shift, size) = (self.shift, self.bucket);
         let inside = |e: &Extent| e.is_data() && e.pos >= lo && e.pos < hi;
         // Sectors the segment holds at each heat, to know the coolest heat kept.
@@ -867,37 +973,25 @@ impl ExtentMap {
         self.buckets.retain(|&key, b| {
             let mut keep = 0;
             for i in 0..b.len() {
-                let e = b.exts[i];
-                let inside = inside(&e);
-                if inside && e.state() != State::Clean {
-                    dirty += 1;
+                let mut e = b.exts[i];
+                if inside(&e) {
+                    let lba = key * size + u64::from(b.starts[i]);
+                    match Self::fate(hints, lba, e, &mut cut, rescue, moves) {
+                        Fate::Dirty => dirty += 1,
+                        Fate::Kept(kept) => {
+                            hints.note(lba, &kept);
+                            e = kept;
+                        }
+                        Fate::Dropped => {
+                            hints.forget(lba, &e);
+                            removed += 1;
+                            continue;
+                        }
+                    }
                 }
-                let lba = key * size + u64::from(b.starts[i]);
-                let heat = if inside && e.state() == State::Clean {
-                    Self::heat_at(hints, lba, &e)
-                } else {
-                    0
-                };
-                if heat > 0 && cut.admits(heat, e.len()) && rescue.take(&e) {
-                    let kept = e.with_heat(heat - 1);
-                    hints.note(lba, &kept);
-                    moves.push(Move {
-                        lba,
-                        len: e.len(),
-                        src: e.pos,
-                        crc: e.crc(),
-                    });
-                    b.starts[keep] = b.starts[i];
-                    b.exts[keep] = kept;
-                    keep += 1;
-                } else if inside && e.state() == State::Clean {
-                    hints.forget(lba, &e);
-                    removed += 1;
-                } else {
-                    b.starts[keep] = b.starts[i];
-                    b.exts[keep] = e;
-                    keep += 1;
-                }
+                b.starts[keep] = b.starts[i];
+                b.exts[keep] = e;
+                keep += 1;
             }
             if keep < b.len() {
                 // Kept entries change only their heat: the directory stands unless some
@@ -910,6 +1004,47 @@ impl ExtentMap {
         });
         self.len -= removed;
         dirty
+    }
+
+    /// What a reclaim does with data extent `e` at `lba`, which lies in the segment: dirty
+    /// data stays; clean data with heat is kept (its move listed in `moves`, its heat less
+    /// one) while `cut` and `rescue` admit it; the rest is dropped.
+    fn fate(
+        hints: &hints::Hints,
+        lba: u64,
+        e: Extent,
+        cut: &mut HeatCut,
+        rescue: &mut Rescue,
+        moves: &mut Vec<Move>,
+    ) -> Fate {
+        if e.state() != State::Clean {
+            return Fate::Dirty;
+        }
+        let heat = Self::heat_at(hints, lba, &e);
+        if heat > 0 && cut.admits(heat, e.len()) && rescue.take(&e) {
+            moves.push(Move {
+                lba,
+                len: e.len(),
+                src: e.pos,
+                crc: e.crc(),
+            });
+            Fate::Kept(e.with_heat(heat - 1))
+        } else {
+            Fate::Dropped
+        }
+    }
+
+    /// Sets the extent starting at `lba` to `ext`, the same extent with another heat.
+    fn replace_heat(&mut self, lba: u64, ext: Extent) {
+        let (key, off) = self.locate(lba);
+        let Some(b) = self.buckets.get_mut(&key) else {
+            return;
+        };
+        let i = b.rank(off, self.shift);
+        if b.starts.get(i) == Some(&off) {
+            b.exts[i] = ext;
+            self.hints.note(lba, &ext);
+        }
     }
 
     /// Drops the extent at `lba` if it is still exactly `ext` (used after a CRC mismatch).
@@ -1068,6 +1203,16 @@ impl Rescue {
             room: by_heat.get(1).copied().unwrap_or(0),
         }
     }
+}
+
+/// What a reclaim does with one extent of its segment ([`ExtentMap::fate`]).
+enum Fate {
+    /// Not clean: stays, and the segment with it.
+    Dirty,
+    /// Clean and hot: stays (as this, with less heat) until its move commits.
+    Kept(Extent),
+    /// Leaves the cache.
+    Dropped,
 }
 
 /// The coolest heat a reclaim keeps, and the sectors it may keep at that heat.
@@ -1421,7 +1566,15 @@ mod tests {
             Drop(u64, u64),
             /// `remove_if_same` of the extent starting at block .0, if any.
             RemoveSame(u64),
+            /// A read hit on block .0 (heat).
+            Touch(u64),
+            /// `reclaim_segment` of segment .0 (of [`SEG`] sectors past the first written),
+            /// keeping every hot clean extent (.1) or none.
+            Reclaim(u64, bool),
         }
+
+        /// Sectors per segment of the segmented map.
+        const SEG: u64 = 256;
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
@@ -1430,6 +1583,8 @@ mod tests {
                 3 => (0u64..500, any::<bool>()).prop_map(|(b, c)| Op::Block(b, c)),
                 1 => (0u64..20_000, 1u64..2000).prop_map(|(a, w)| Op::Drop(a, w)),
                 1 => (0u64..500).prop_map(Op::RemoveSame),
+                2 => (0u64..500).prop_map(Op::Touch),
+                1 => (0u64..100, any::<bool>()).prop_map(|(k, keep)| Op::Reclaim(k, keep)),
             ]
         }
 
@@ -1440,6 +1595,9 @@ mod tests {
                 ops in proptest::collection::vec(op(), 1..600),
             ) {
                 let mut m = ExtentMap::with_bucket(bucket);
+                // The same map with segment lists: its reclaims visit only those, and must
+                // do what the walk does.
+                let mut ms = ExtentMap::with_segments(bucket, 1_000_000, SEG, 100);
                 // sector -> cache position of that sector
                 let mut r: BTreeMap<u64, u64> = BTreeMap::new();
                 let mut pos = 1_000_000u64;
@@ -1447,6 +1605,7 @@ mod tests {
                     match *o {
                         Op::Insert(l, n) => {
                             m.insert(l, Extent::new(pos, n, State::Dirty, None, 0));
+                            ms.insert(l, Extent::new(pos, n, State::Dirty, None, 0));
                             for k in 0..u64::from(n) {
                                 r.insert(l + k, pos + k);
                             }
@@ -1454,6 +1613,7 @@ mod tests {
                         }
                         Op::Punch(l, n) => {
                             m.punch(l, n);
+                            ms.punch(l, n);
                             for k in 0..u64::from(n) {
                                 r.remove(&(l + k));
                             }
@@ -1461,6 +1621,7 @@ mod tests {
                         Op::Block(b, clean) => {
                             let state = if clean { State::Clean } else { State::Dirty };
                             m.insert(b * 8, Extent::new(pos, 8, state, None, 3));
+                            ms.insert(b * 8, Extent::new(pos, 8, state, None, 3));
                             for k in 0..8 {
                                 r.insert(b * 8 + k, pos + k);
                             }
@@ -1476,6 +1637,7 @@ mod tests {
                                 .map(|(s, e)| (s, e.len()))
                                 .collect();
                             m.drop_segment(lo, hi);
+                            ms.drop_segment(lo, hi);
                             for (s, n) in gone {
                                 for k in 0..u64::from(n) {
                                     r.remove(&(s + k));
@@ -1485,14 +1647,58 @@ mod tests {
                         Op::RemoveSame(b) => {
                             if let Some(e) = m.get(b * 8) {
                                 prop_assert!(m.remove_if_same(b * 8, &e));
+                                prop_assert!(ms.remove_if_same(b * 8, &e));
                                 for k in 0..u64::from(e.len()) {
                                     r.remove(&(b * 8 + k));
+                                }
+                            }
+                        }
+                        Op::Touch(b) => {
+                            prop_assert_eq!(m.covering_touch(b * 8, 8), ms.covering_touch(b * 8, 8));
+                        }
+                        Op::Reclaim(k, keep) => {
+                            let lo = 1_000_000 + k * SEG;
+                            let hi = lo + SEG;
+                            let gone: Vec<(u64, u32)> = m
+                                .iter()
+                                .filter(|(s, e)| {
+                                    e.state() == State::Clean
+                                        && e.pos >= lo
+                                        && e.pos < hi
+                                        && (!keep || ExtentMap::heat_at(&m.hints, *s, e) == 0)
+                                })
+                                .map(|(s, e)| (s, e.len()))
+                                .collect();
+                            let rescue = Rescue {
+                                budget: if keep { u64::MAX } else { 0 },
+                                need_crc: false,
+                            };
+                            let (mut r1, mut r2) = (rescue, rescue);
+                            let (mut v1, mut v2) = (Vec::new(), Vec::new());
+                            let d1 = m.reclaim_segment(lo, hi, &mut r1, &mut v1);
+                            let d2 = ms.reclaim_segment(lo, hi, &mut r2, &mut v2);
+                            prop_assert_eq!(d1, d2, "dirty extents found");
+                            v1.sort_by_key(|v| v.lba);
+                            v2.sort_by_key(|v| v.lba);
+                            prop_assert_eq!(v1, v2, "moves");
+                            for (s, n) in gone {
+                                for k in 0..u64::from(n) {
+                                    r.remove(&(s + k));
                                 }
                             }
                         }
                     }
                     prop_assert!(m.dirs_consistent(), "a bucket directory is stale after {:?}", o);
                     prop_assert!(m.hints_consistent(), "a hint is stale after {:?}", o);
+                    prop_assert!(ms.dirs_consistent(), "a bucket directory is stale after {:?}", o);
+                    prop_assert!(ms.hints_consistent(), "a hint is stale after {:?}", o);
+                    let heats = |x: &ExtentMap| -> Vec<(u64, u64, u32, u8)> {
+                        x.iter()
+                            .map(|(s, e)| (s, e.pos, e.len(), ExtentMap::heat_at(&x.hints, s, e)))
+                            .collect()
+                    };
+                    prop_assert_eq!(heats(&m), heats(&ms), "the segmented map differs after {:?}", o);
+                    prop_assert_eq!(m.len(), ms.len());
                 }
                 let mut got = BTreeMap::new();
                 let mut last_end = 0;
@@ -1523,7 +1729,7 @@ mod tests {
                     let (l, n) = match *o {
                         Op::Insert(l, n) | Op::Punch(l, n) => (l, n),
                         Op::Block(b, _) | Op::RemoveSame(b) => (b * 8, 8),
-                        Op::Drop(..) => continue,
+                        Op::Drop(..) | Op::Touch(_) | Op::Reclaim(..) => continue,
                     };
                     for (l, n) in [(l, n), (l + 1, n.min(8)), (l.saturating_sub(3), 4)] {
                         m.lookup(l, n, &mut pieces);

@@ -553,7 +553,12 @@ impl Opener {
             self.shards.push(ShardReplay {
                 control: c,
                 control_slot,
-                index: ExtentMap::with_bucket(u64::from(geo.stripe_sectors)),
+                index: ExtentMap::with_segments(
+                    u64::from(geo.stripe_sectors),
+                    geo.segment_start(0),
+                    u64::from(geo.segment_sectors),
+                    geo.segment_count,
+                ),
                 segments: VecDeque::from([SegRec {
                     seg: t.pos.seg,
                     gen: t.pos.gen,
