@@ -873,7 +873,10 @@ fn index_mem(a: &IndexMemArgs) -> Result<ExitCode, String> {
         }
     }
     let before = rss_bytes();
-    let mut map = ExtentMap::new();
+    // A shard's map: with the per-segment lists GC reclaims from (4 MiB segments).
+    let seg = 8192;
+    let segments = u32::try_from((n * 8).div_ceil(seg)).unwrap_or(u32::MAX);
+    let mut map = ExtentMap::with_segments(2048, 0, seg, segments);
     for (i, &lba) in lbas.iter().enumerate() {
         map.insert(lba, Extent::new(i as u64 * 8, 8, State::Dirty, None, 1));
     }

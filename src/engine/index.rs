@@ -655,8 +655,9 @@ impl ExtentMap {
     #[inline]
     fn note_segment(&mut self, lba: u64, ext: &Extent) {
         if let Some(s) = self.segments.as_mut() {
-            if ext.is_data() {
-                s.note(lba, ext.len(), ext.pos);
+            if ext.is_data() && !s.note(lba, ext.len(), ext.pos) {
+                // Beyond what the lists can hold: reclaims walk the map from now on.
+                self.segments = None;
             }
         }
     }
@@ -896,7 +897,7 @@ impl ExtentMap {
         let mut found: Vec<(u64, Extent)> = Vec::new();
         let mut from_before: Vec<segments::Logged> = Vec::new();
         for l in &listed {
-            let (lba, len) = (l.lba, l.len);
+            let (lba, len) = (l.lba(), l.len());
             self.for_each_overlap(lba, len, |s, e| {
                 if !e.is_data() || e.pos >= hi {
                     return;
@@ -904,10 +905,7 @@ impl ExtentMap {
                 if e.pos >= lo {
                     found.push((s, *e));
                 } else if e.pos + u64::from(e.len()) > lo {
-                    from_before.push(segments::Logged {
-                        lba: s,
-                        len: e.len(),
-                    });
+                    from_before.extend(segments::Logged::new(s, e.len()));
                 }
             });
         }
@@ -934,8 +932,8 @@ impl ExtentMap {
                     continue;
                 }
             }
-            // Still in the segment: listed again.
-            listed.push(segments::Logged { lba, len: e.len() });
+            // Still in the segment: listed again (it was listed, so it packs).
+            listed.extend(segments::Logged::new(lba, e.len()));
         }
         if let Some(segments) = self.segments.as_mut() {
             segments.put_back(seg, listed);
