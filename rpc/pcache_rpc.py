@@ -127,9 +127,10 @@ def spdk_rpc_plugin_initialize(subparsers):
                         'free space plus segments with no dirty data (1-90, default 70)')
     p.add_argument('--stripe-size-kib', dest='stripe_size_kib', type=int,
                    help='stripe size in KiB: I/O is split at stripe edges, stripes map to shards '
-                        '(multiple of 4, at most a quarter of a segment, default 1024)')
+                        '(multiple of 4, at most a quarter of a segment, default 1024 or a quarter of a segment)')
     p.add_argument('--segment-size-mib', dest='segment_size_mib', type=int,
-                   help='cache log segment size in MiB (1-1024, default 16)')
+                   help='cache log segment size in MiB (1-1024; default: a 128th of each '
+                        'shard\'s part of the cache, a power of two from 1 to 16)')
     p.add_argument('--shards', type=int,
                    help='number of shards (1-256, default: one per core of the app)')
     p.add_argument('--core', type=int,

@@ -182,6 +182,10 @@ pub(crate) struct Options {
     pub stripe_size_kib: u32,
     /// Cache log segment size.
     pub segment_size_mib: u32,
+    /// The request named no segment size / stripe: they are sized to the cache when it is
+    /// formatted ([`Options::fit_to_cache`]), and `to_params` leaves them out until then.
+    pub auto_segment: bool,
+    pub auto_stripe: bool,
     /// Number of shards (engine threads' units of work; default one per app core).
     pub shards: u32,
     pub wb: Writeback,
@@ -208,6 +212,8 @@ impl Default for Options {
             gc_percent: f.gc_percent,
             stripe_size_kib: (f.layout.stripe_bytes / 1024) as u32,
             segment_size_mib: (f.layout.segment_bytes >> 20) as u32,
+            auto_segment: true,
+            auto_stripe: true,
             shards: DEFAULT_SHARDS
                 .load(Ordering::Relaxed)
                 .clamp(f.layout.shards, MAX_SHARDS),
@@ -221,6 +227,35 @@ impl Default for Options {
 }
 
 impl Options {
+    /// Sizes what the request left open to a cache of `cache_bytes`: segments of a
+    /// 128th of each shard's part (a power of two from 1 to 16 MiB, and at least four
+    /// stripes), so GC's reserve of two segments per shard stays small on a small cache
+    /// (with 16 MiB segments, a quarter of a 128 MiB cache); the stripe at most a quarter
+    /// of a segment.
+    pub(crate) fn fit_to_cache(&mut self, cache_bytes: u64) {
+        let default = Options::default();
+        if self.auto_segment {
+            let part_mib = (cache_bytes / u64::from(self.shards.max(1))) >> 20;
+            let fit = (part_mib / 128).clamp(1, u64::from(default.segment_size_mib));
+            let mut mib = 1u64 << fit.ilog2();
+            if !self.auto_stripe {
+                mib = mib.max(
+                    u64::from(self.stripe_size_kib)
+                        .div_ceil(256)
+                        .next_power_of_two(),
+                );
+            }
+            self.segment_size_mib = u32::try_from(mib).unwrap_or(default.segment_size_mib);
+            self.auto_segment = false;
+        }
+        if self.auto_stripe {
+            self.stripe_size_kib = default
+                .stripe_size_kib
+                .min(self.segment_size_mib.saturating_mul(256));
+            self.auto_stripe = false;
+        }
+    }
+
     pub(crate) fn stripe_bytes(&self) -> u64 {
         u64::from(self.stripe_size_kib) * 1024
     }
@@ -380,11 +415,18 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         }
     };
     let d = Options::default();
+    let segment_size_mib = p.segment_size_mib.unwrap_or(d.segment_size_mib);
     let o = Options {
         data_crc: p.data_crc.unwrap_or(d.data_crc),
         gc_percent: p.gc_percent.unwrap_or(d.gc_percent),
-        stripe_size_kib: p.stripe_size_kib.unwrap_or(d.stripe_size_kib),
-        segment_size_mib: p.segment_size_mib.unwrap_or(d.segment_size_mib),
+        // A stripe is at most a quarter of a segment: the default shrinks with the segments
+        // asked for, so `segment_size_mib` alone never fails on a stripe nobody set.
+        stripe_size_kib: p
+            .stripe_size_kib
+            .unwrap_or(d.stripe_size_kib.min((segment_size_mib * 1024 / 4).max(4))),
+        segment_size_mib,
+        auto_segment: p.segment_size_mib.is_none(),
+        auto_stripe: p.stripe_size_kib.is_none(),
         shards: p.shards.unwrap_or(d.shards),
         wb: Writeback {
             max_inflight: p.wb_max_inflight.unwrap_or(d.wb.max_inflight),
@@ -454,6 +496,8 @@ impl CreateConfig {
                 data_crc: sb.data_crc,
                 stripe_size_kib: g.stripe_sectors / 2,
                 segment_size_mib: g.segment_sectors / 2048,
+                auto_segment: false,
+                auto_stripe: false,
                 shards: g.shard_count,
                 ..Options::default()
             },
@@ -471,8 +515,6 @@ impl CreateConfig {
             "backing_bdev": self.backing_bdev,
             "data_crc": o.data_crc,
             "gc_percent": o.gc_percent,
-            "stripe_size_kib": o.stripe_size_kib,
-            "segment_size_mib": o.segment_size_mib,
             "shards": o.shards,
             "wb_max_inflight": o.wb.max_inflight,
             "wb_group_ksets": o.wb.group_ksets,
@@ -488,6 +530,12 @@ impl CreateConfig {
                     v["cache_size_mib"] = json!(m);
                 }
             }
+        }
+        if !o.auto_stripe {
+            v["stripe_size_kib"] = json!(o.stripe_size_kib);
+        }
+        if !o.auto_segment {
+            v["segment_size_mib"] = json!(o.segment_size_mib);
         }
         if let Some(c) = o.core {
             v["core"] = json!(c);
@@ -708,6 +756,55 @@ mod tests {
         );
         assert_eq!(c.to_params()["cache_path"], "/dev/shm/pc");
         assert_eq!(parse_create(c.to_params()).unwrap(), c);
+    }
+
+    #[test]
+    fn an_unnamed_layout_is_sized_to_the_cache() {
+        let fit = |p: Value, cache_mib: u64| {
+            let mut c = parse_create(p).unwrap();
+            c.options.fit_to_cache(cache_mib << 20);
+            assert!(!c.options.auto_segment && !c.options.auto_stripe);
+            let echoed = c.to_params();
+            assert_eq!(echoed["segment_size_mib"], c.options.segment_size_mib);
+            assert_eq!(parse_create(echoed).unwrap(), c, "echoed as resolved");
+            (c.options.segment_size_mib, c.options.stripe_size_kib)
+        };
+        let mut one = base();
+        one["shards"] = json!(1);
+        assert_eq!(fit(one.clone(), 128), (1, 256));
+        assert_eq!(fit(one.clone(), 64), (1, 256), "never under 1 MiB");
+        assert_eq!(fit(one.clone(), 1000), (4, 1024));
+        assert_eq!(fit(one.clone(), 2048), (16, 1024));
+        assert_eq!(
+            fit(one.clone(), 1 << 20),
+            (16, 1024),
+            "never over the default"
+        );
+        let mut four = base();
+        four["shards"] = json!(4);
+        assert_eq!(fit(four, 2048), (4, 1024), "a 128th of each shard's part");
+        // A stripe named: segments hold four of them.
+        let mut striped = one.clone();
+        striped["stripe_size_kib"] = json!(1024);
+        assert_eq!(fit(striped, 128), (4, 1024));
+        // A segment size named: kept, and the stripe fits it.
+        let mut named = one;
+        named["segment_size_mib"] = json!(2);
+        assert_eq!(fit(named, 1 << 20), (2, 512));
+        // Not yet sized: no layout echoed.
+        let c = parse_create(base()).unwrap();
+        assert!(c.to_params().get("segment_size_mib").is_none());
+    }
+
+    #[test]
+    fn small_segments_take_a_stripe_that_fits_unless_one_is_given() {
+        let mut p = base();
+        p["segment_size_mib"] = json!(1);
+        let c = parse_create(p.clone()).unwrap();
+        assert_eq!(c.options.stripe_size_kib, 256);
+        assert_eq!(parse_create(c.to_params()).unwrap(), c);
+        p["stripe_size_kib"] = json!(1024);
+        assert!(parse_create(p).unwrap_err().contains("stripe_size_kib"));
     }
 
     #[test]

@@ -457,6 +457,9 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
             node.config.backing_bdev, bk.blocklen
         )));
     }
+    let cache_bytes = ca.blockcnt.saturating_mul(u64::from(ca.blocklen));
+    // What the request left open is sized to this cache (a reattach keeps its superblock's).
+    node.config.options.fit_to_cache(cache_bytes);
     let o = &node.config.options;
     let stripe = o.stripe_bytes();
     for (role, b) in [("backing", &bk), ("cache", &ca)] {
@@ -467,7 +470,6 @@ fn fill_bdev(node: &mut Pcache) -> Result<(), RpcError> {
             )));
         }
     }
-    let cache_bytes = ca.blockcnt.saturating_mul(u64::from(ca.blocklen));
     let need = 2 * u64::from(o.shards) * (u64::from(o.segment_size_mib) << 20);
     if cache_bytes < need {
         return Err(invalid(format!(
