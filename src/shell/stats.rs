@@ -14,6 +14,10 @@ pub(crate) struct Counters {
     pub(crate) dev_reads: u64,
     pub(crate) dev_writes: u64,
     pub(crate) dev_copies: u64,
+    /// Of those, made by the cache bdev itself (COPY), and such copies it failed (each
+    /// then made through a host buffer).
+    pub(crate) dev_copies_offloaded: u64,
+    pub(crate) dev_copies_offload_failed: u64,
     pub(crate) dev_flushes: u64,
     pub(crate) dev_zeroes: u64,
     pub(crate) dev_errors: u64,
@@ -52,6 +56,8 @@ impl Counters {
             "device_reads": c.dev_reads,
             "device_writes": c.dev_writes,
             "device_copies": c.dev_copies,
+            "device_copies_offloaded": c.dev_copies_offloaded,
+            "device_copies_offload_failed": c.dev_copies_offload_failed,
             "device_flushes": c.dev_flushes,
             "device_write_zeroes": c.dev_zeroes,
             "device_errors": c.dev_errors,

@@ -7,9 +7,9 @@
 use std::ffi::{c_int, c_void};
 use std::ptr;
 
-use super::devio::{iov_crc, sub_iovs, Kind, Purpose};
+use super::devio::{iov_crc, sub_iovs, DevIo, Kind, Purpose};
 use super::{dev_index, State, Worker};
-use crate::engine::{Buf, Command, IoDone};
+use crate::engine::{Buf, Command, Dev, IoDone, Verify};
 use crate::spdk::ffi;
 use crate::spdk::log::{no_unwind, spdk_log};
 
@@ -164,41 +164,72 @@ impl Worker {
                 sectors,
                 verify,
             } => {
-                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyRead, src);
-                // With a CRC to check, the whole extent is read and only the part written.
-                let (read_at, read_sectors) = match verify {
-                    Some(v) => match v.offset_of(src_sector) {
-                        Some(skip) if src_sector + sectors <= v.sector + v.sectors => {
-                            d.verify = Some(v.crc);
-                            d.copy_part = Some((skip, sectors));
-                            (v.sector, v.sectors)
+                if self.copy_offload && src == Dev::Cache && dst == Dev::Cache && verify.is_none() {
+                    // Within the cache bdev, with nothing to check on the way: the bdev
+                    // copies (one memory copy on a RAM-backed bdev, none through the host
+                    // on a device that copies itself), with no bounce buffer.
+                    let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyBlocks, dst);
+                    d.copy_dst = (dst, dst_sector);
+                    d.copy_src = src_sector;
+                    let from = self.blocks_of(Dev::Cache, src_sector, sectors);
+                    match from {
+                        Some([offset, _]) if self.set_range(&mut d, dst_sector, sectors) => {
+                            d.copy_from = offset;
                         }
                         _ => return self.fail_now(d),
-                    },
-                    None => (src_sector, sectors),
-                };
-                let len = usize::try_from(read_sectors.saturating_mul(512)).unwrap_or(usize::MAX);
-                let Some(buf) = self.dma.get(len) else {
-                    spdk_log!(
-                        ERROR,
-                        "{}: out of DMA memory for a {len}-byte copy",
-                        self.name
-                    );
-                    return self.fail_now(d);
-                };
-                d.iovs.push(ffi::iovec {
-                    iov_base: buf.ptr.cast(),
-                    iov_len: len,
-                });
-                d.dma = Some(buf);
-                d.copy_dst = (dst, dst_sector);
-                if !self.set_range(&mut d, read_at, read_sectors) {
-                    return self.fail_now(d);
+                    }
+                    self.counters.dev_copies += 1;
+                    self.counters.dev_copies_offloaded += 1;
+                    return self.issue(d);
                 }
+                let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyRead, src);
+                d.copy_dst = (dst, dst_sector);
                 self.counters.dev_copies += 1;
-                self.issue(d);
+                self.copy_through_host(d, src_sector, sectors, verify);
             }
         }
+    }
+
+    /// Starts copy `d` (its destination set) as a read of the source into a DMA buffer,
+    /// written out when it completes (`complete_dio`). With `verify`, the whole extent is
+    /// read, checked against its CRC, and only the part asked for written.
+    pub(super) fn copy_through_host(
+        &mut self,
+        mut d: Box<DevIo>,
+        src_sector: u64,
+        sectors: u64,
+        verify: Option<Verify>,
+    ) {
+        d.kind = Kind::CopyRead;
+        let (read_at, read_sectors) = match verify {
+            Some(v) => match v.offset_of(src_sector) {
+                Some(skip) if src_sector + sectors <= v.sector + v.sectors => {
+                    d.verify = Some(v.crc);
+                    d.copy_part = Some((skip, sectors));
+                    (v.sector, v.sectors)
+                }
+                _ => return self.fail_now(d),
+            },
+            None => (src_sector, sectors),
+        };
+        let len = usize::try_from(read_sectors.saturating_mul(512)).unwrap_or(usize::MAX);
+        let Some(buf) = self.dma.get(len) else {
+            spdk_log!(
+                ERROR,
+                "{}: out of DMA memory for a {len}-byte copy",
+                self.name
+            );
+            return self.fail_now(d);
+        };
+        d.iovs.push(ffi::iovec {
+            iov_base: buf.ptr.cast(),
+            iov_len: len,
+        });
+        d.dma = Some(buf);
+        if !self.set_range(&mut d, read_at, read_sectors) {
+            return self.fail_now(d);
+        }
+        self.issue(d);
     }
 }
 

@@ -37,6 +37,8 @@ pub(super) enum Kind {
     Zeroes,
     CopyRead,
     CopyWrite,
+    /// A copy within the cache bdev, by the bdev (`spdk_bdev_copy_blocks`).
+    CopyBlocks,
 }
 
 /// One base-bdev I/O in flight. Boxed (the wait entry is linked into SPDK's queue while
@@ -61,6 +63,10 @@ pub(super) struct DevIo {
     /// Worker-owned bytes written straight from here (mapped cache only).
     pub(super) owned: Vec<u8>,
     pub(super) copy_dst: (Dev, u64),
+    /// A `CopyBlocks`: its source, in sectors (to copy through the host should the bdev
+    /// fail it) and in blocks.
+    pub(super) copy_src: u64,
+    pub(super) copy_from: u64,
     /// A verified copy reads a whole extent: the part it writes, as (byte offset into the
     /// read, sectors).
     pub(super) copy_part: Option<(usize, u64)>,
@@ -95,6 +101,8 @@ impl Worker {
                 dma: None,
                 owned: Vec::new(),
                 copy_dst: (dev, 0),
+                copy_src: 0,
+                copy_from: 0,
                 copy_part: None,
                 direct: None,
                 // SAFETY: all-zero is a valid, unlinked wait entry.
@@ -305,6 +313,15 @@ impl Worker {
                 // A copy's source read failed, or its data failed the extent's CRC: nothing
                 // is written.
                 let mut early = None;
+                if d.kind == Kind::CopyBlocks && !ok && !self.removed[0] {
+                    // Which side failed, the bdev does not say: copy through the host,
+                    // which reports a failed source read apart from a failed write.
+                    self.counters.dev_copies_offload_failed += 1;
+                    let (src, sectors) = (d.copy_src, d.sectors);
+                    d.iovs.clear();
+                    d.dev = Dev::Cache;
+                    return self.copy_through_host(d, src, sectors, None);
+                }
                 if d.kind == Kind::CopyRead && !ok {
                     early = Some(IoError::Source);
                 }
@@ -451,6 +468,9 @@ pub(super) unsafe fn submit_raw(e: &Worker, d: *mut DevIo) -> c_int {
                 arg,
             ),
             Kind::Flush => ffi::spdk_bdev_flush_blocks(desc, ch, dio.offset, dio.blocks, cb, arg),
+            Kind::CopyBlocks => {
+                ffi::spdk_bdev_copy_blocks(desc, ch, dio.offset, dio.copy_from, dio.blocks, cb, arg)
+            }
             Kind::Zeroes => {
                 ffi::spdk_bdev_write_zeroes_blocks(desc, ch, dio.offset, dio.blocks, cb, arg)
             }

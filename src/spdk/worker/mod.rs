@@ -212,6 +212,9 @@ pub(crate) struct Worker {
     front_shift: u32,
     blocks: [u64; 2],
     flush_ok: [bool; 2],
+    /// The cache bdev copies within itself (COPY): GC's moves go to it instead of
+    /// through a host buffer.
+    copy_offload: bool,
     removed: [bool; 2],
     identity: BackingIdentity,
     describe: Describe,
@@ -311,6 +314,9 @@ impl Worker {
             Some(d) => (0, d.sectors(), false),
             None => (shift_of(s.bdev[0]), blocks(s.bdev[0]), flush(s.bdev[0])),
         };
+        let copy_offload = s.dax.is_none()
+            // SAFETY: an open base bdev.
+            && unsafe { ffi::spdk_bdev_io_type_supported(s.bdev[0], t::SPDK_BDEV_IO_TYPE_COPY) };
         Worker {
             name: s.name,
             wid: 0,
@@ -325,6 +331,7 @@ impl Worker {
             front_shift: shift_of(s.bdev[1]),
             blocks: [cblocks, blocks(s.bdev[1])],
             flush_ok: [cflush, flush(s.bdev[1])],
+            copy_offload,
             removed: [false; 2],
             identity: s.identity,
             describe: s.describe,
