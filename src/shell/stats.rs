@@ -348,6 +348,8 @@ mod tests {
             [
                 "crc_mismatches",
                 "device_copies",
+                "device_copies_offload_failed",
+                "device_copies_offloaded",
                 "device_errors",
                 "device_flushes",
                 "device_io_in_flight",
