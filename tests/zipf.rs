@@ -84,15 +84,17 @@ struct Run {
     data_mib: f64,
 }
 
-/// One run over a cache of `cache_mib` cut into 31 segments (as `scripts/bench`'s 128 MiB
-/// cache of 4 MiB segments is), the first half of the requests warming it.
+/// One run over a cache of `cache_mib` laid out as `bdev_pcache_create` lays it out by
+/// default with one shard (segments of a 128th of the cache, at least 1 MiB; a stripe of a
+/// quarter of one), the first half of the requests warming it.
 fn run(cache_mib: u64, theta: f64, write_percent: u64, requests: u64) -> Run {
     let cache = cache_mib << 20;
+    let segment = 1u64 << (cache / 128).clamp(1 << 20, 16 << 20).ilog2();
     let blocks = 4 * cache / 4096;
     let fopts = FormatOptions {
         layout: LayoutOptions {
-            segment_bytes: (cache_mib << 20) / 32,
-            stripe_bytes: ((cache_mib << 20) / 128).min(1 << 20),
+            segment_bytes: segment,
+            stripe_bytes: (segment / 4).min(1 << 20),
             shards: 1,
             block_bytes: 512,
         },
