@@ -95,10 +95,15 @@ impl Default for WritebackOptions {
 /// with a control write, as fast as writes take space). Writeback keeps the headroom at
 /// `100 - gc_percent` of the cache: while it is short, writeback runs regardless of its
 /// watermarks, so the dirty span of the log stays within `gc_percent`. GC reclaims only
-/// while free space is under a small reserve (two segments per shard or 5 % of the cache,
-/// at most the headroom), so the clean part of the headroom keeps serving reads until
+/// while free space is under a small reserve (two segments per shard or 5 % of the cache
+/// up to 1 GiB, at most the headroom), so the clean part of the headroom keeps serving reads until
 /// writes need it: a fixed `100 - gc_percent` of free space held no data at all (a
 /// mostly-read cache lost hit ratio to it).
+/// The most the share-of-the-cache part of GC's reserve takes: 1 GiB, in sectors (a
+/// second of writes at 1 GB/s; freeing a segment takes a control write and the last
+/// reclaim's copies, well under that).
+const MAX_SHARE_RESERVE: u64 = (1 << 30) / 512;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GcSpace {
     total: u64,
@@ -107,11 +112,14 @@ pub(crate) struct GcSpace {
 }
 
 impl GcSpace {
-    /// The reserve for `g`, before it is bounded by the headroom.
+    /// The reserve for `g`, before it is bounded by the headroom: what writes land in while
+    /// GC frees the next segment. That takes as long on a large cache as on a small one, so
+    /// the twentieth of the cache stops at [`MAX_SHARE_RESERVE`] (a 1 TiB cache no longer
+    /// holds 51 GiB empty).
     pub(crate) fn reserve(g: &crate::engine::geometry::Geometry) -> u64 {
         let seg = u64::from(g.segment_sectors);
         let total = u64::from(g.segment_count) * seg;
-        (2 * u64::from(g.shard_count) * seg).max(total / 20)
+        (2 * u64::from(g.shard_count) * seg).max((total / 20).min(MAX_SHARE_RESERVE))
     }
 
     pub(crate) fn new(g: &crate::engine::geometry::Geometry, gc_percent: u32) -> Self {
@@ -1112,5 +1120,21 @@ mod tests {
         let big = Geometry::new(4 << 30, 1 << 24, layout).expect("a valid layout");
         let total = u64::from(big.segment_count) * u64::from(big.segment_sectors);
         assert_eq!(GcSpace::reserve(&big), total / 20);
+        // ...up to 1 GiB: a 1 TiB cache keeps 1 GiB free, not 51.
+        let huge = Geometry::new(1 << 40, 1 << 24, layout).expect("a valid layout");
+        assert_eq!(GcSpace::reserve(&huge), (1 << 30) / 512);
+        // Two segments per shard still win over it.
+        let wide = Geometry::new(
+            1 << 40,
+            1 << 24,
+            LayoutOptions {
+                segment_bytes: 1 << 30,
+                shards: 2,
+                stripe_bytes: 1 << 20,
+                ..LayoutOptions::default()
+            },
+        )
+        .expect("a valid layout");
+        assert_eq!(GcSpace::reserve(&wide), 4 * u64::from(wide.segment_sectors));
     }
 }
