@@ -872,25 +872,45 @@ impl ExtentMap {
         rescue: &mut Rescue,
         moves: &mut Vec<Move>,
     ) -> usize {
-        match self.segments.as_ref().and_then(|s| s.exactly(lo, hi)) {
-            Some(seg) => self.reclaim_listed(seg, lo, hi, rescue, moves),
+        let listed = self
+            .segments
+            .as_mut()
+            .and_then(|s| s.exactly(lo, hi).map(|seg| (seg, s.take(seg))));
+        match listed {
+            Some((seg, listed)) => self.reclaim_listed(seg, listed, lo, hi, rescue, moves),
             None => self.reclaim_walk(lo, hi, rescue, moves),
         }
     }
 
-    /// [`ExtentMap::reclaim_segment`] of a segment whose extents are listed: visits those.
+    /// Sectors of the clean extents among `inside` (a segment's data extents, with their
+    /// start) that `rescue` may keep, at each heat: what [`Rescue::cut`] chooses from.
+    fn sectors_by_heat<'a>(
+        hints: &hints::Hints,
+        rescue: &Rescue,
+        inside: impl Iterator<Item = (u64, &'a Extent)>,
+    ) -> [u64; MAX_HEAT as usize + 1] {
+        let mut by_heat = [0u64; MAX_HEAT as usize + 1];
+        if rescue.budget > 0 {
+            for (lba, e) in inside {
+                if e.state() == State::Clean && rescue.may_take(e) {
+                    by_heat[usize::from(Self::heat_at(hints, lba, e))] += u64::from(e.len());
+                }
+            }
+        }
+        by_heat
+    }
+
+    /// [`ExtentMap::reclaim_segment`] of segment `seg`, whose list was taken (`listed`):
+    /// visits those extents, and gives the segment back the list of what stays.
     fn reclaim_listed(
         &mut self,
         seg: usize,
+        mut listed: Vec<segments::Logged>,
         lo: u64,
         hi: u64,
         rescue: &mut Rescue,
         moves: &mut Vec<Move>,
     ) -> usize {
-        let Some(segments) = self.segments.as_mut() else {
-            return 0;
-        };
-        let mut listed = segments.take(seg);
         // What still lies in the segment, each extent once (ranges overlap when a block
         // was written twice there), and what reaches into it from before (never in a log)
         // listed again as it is.
@@ -911,14 +931,8 @@ impl ExtentMap {
         }
         found.sort_unstable_by_key(|&(s, _)| s);
         found.dedup_by_key(|&mut (s, _)| s);
-        let mut by_heat = [0u64; MAX_HEAT as usize + 1];
-        if rescue.budget > 0 {
-            for (lba, e) in &found {
-                if e.state() == State::Clean && rescue.may_take(e) {
-                    by_heat[usize::from(Self::heat_at(&self.hints, *lba, e))] += u64::from(e.len());
-                }
-            }
-        }
+        let by_heat =
+            Self::sectors_by_heat(&self.hints, rescue, found.iter().map(|(s, e)| (*s, e)));
         let mut cut = rescue.cut(&by_heat);
         let mut dirty = 0;
         listed.clear();
@@ -952,18 +966,14 @@ impl ExtentMap {
         let (shift, size) = (self.shift, self.bucket);
         let inside = |e: &Extent| e.is_data() && e.pos >= lo && e.pos < hi;
         // Sectors the segment holds at each heat, to know the coolest heat kept.
-        let mut by_heat = [0u64; MAX_HEAT as usize + 1];
-        if rescue.budget > 0 {
-            for (&key, b) in &self.buckets {
-                for (i, e) in b.exts.iter().enumerate() {
-                    if inside(e) && e.state() == State::Clean && rescue.may_take(e) {
-                        let lba = key * size + u64::from(b.starts[i]);
-                        by_heat[usize::from(Self::heat_at(&self.hints, lba, e))] +=
-                            u64::from(e.len());
-                    }
-                }
-            }
-        }
+        let segment = self.buckets.iter().flat_map(|(&key, b)| {
+            b.starts
+                .iter()
+                .zip(&b.exts)
+                .filter(|(_, e)| inside(e))
+                .map(move |(&o, e)| (key * size + u64::from(o), e))
+        });
+        let by_heat = Self::sectors_by_heat(&self.hints, rescue, segment);
         let mut cut = rescue.cut(&by_heat);
         let hints = &mut self.hints;
         let mut dirty = 0;

@@ -200,6 +200,15 @@ pub(crate) struct Options {
     pub seq_cutoff_policy: Option<SeqPolicy>,
 }
 
+/// The stripe of a request that names none, with segments of `segment_size_mib`: the
+/// default, or a quarter of a segment if that is less (a stripe is at most that), so a
+/// segment size alone never fails on a stripe nobody set. Saturating: the segment size is
+/// checked after this.
+fn default_stripe_kib(segment_size_mib: u32) -> u32 {
+    let default = (crate::engine::FormatOptions::default().layout.stripe_bytes / 1024) as u32;
+    default.min(segment_size_mib.saturating_mul(256).max(4))
+}
+
 /// Shards of a new cache when the create names none: one per core of the app (set when
 /// the module starts), so each core gets an engine thread.
 pub(crate) static DEFAULT_SHARDS: AtomicU32 = AtomicU32::new(1);
@@ -249,9 +258,7 @@ impl Options {
             self.auto_segment = false;
         }
         if self.auto_stripe {
-            self.stripe_size_kib = default
-                .stripe_size_kib
-                .min(self.segment_size_mib.saturating_mul(256));
+            self.stripe_size_kib = default_stripe_kib(self.segment_size_mib);
             self.auto_stripe = false;
         }
     }
@@ -419,11 +426,9 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
     let o = Options {
         data_crc: p.data_crc.unwrap_or(d.data_crc),
         gc_percent: p.gc_percent.unwrap_or(d.gc_percent),
-        // A stripe is at most a quarter of a segment: the default shrinks with the segments
-        // asked for, so `segment_size_mib` alone never fails on a stripe nobody set.
         stripe_size_kib: p
             .stripe_size_kib
-            .unwrap_or(d.stripe_size_kib.min((segment_size_mib * 1024 / 4).max(4))),
+            .unwrap_or_else(|| default_stripe_kib(segment_size_mib)),
         segment_size_mib,
         auto_segment: p.segment_size_mib.is_none(),
         auto_stripe: p.stripe_size_kib.is_none(),
@@ -805,6 +810,10 @@ mod tests {
         assert_eq!(parse_create(c.to_params()).unwrap(), c);
         p["stripe_size_kib"] = json!(1024);
         assert!(parse_create(p).unwrap_err().contains("stripe_size_kib"));
+        // A segment size far out of range is refused for what it is.
+        let mut p = base();
+        p["segment_size_mib"] = json!(u32::MAX);
+        assert!(parse_create(p).unwrap_err().contains("segment_size_mib"));
     }
 
     #[test]

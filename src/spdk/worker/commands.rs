@@ -170,9 +170,7 @@ impl Worker {
                     // on a device that copies itself), with no bounce buffer.
                     let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyBlocks, dst);
                     d.copy_dst = (dst, dst_sector);
-                    d.copy_src = src_sector;
-                    let from = self.blocks_of(Dev::Cache, src_sector, sectors);
-                    match from {
+                    match self.blocks_of(Dev::Cache, src_sector, sectors) {
                         Some([offset, _]) if self.set_range(&mut d, dst_sector, sectors) => {
                             d.copy_from = offset;
                         }

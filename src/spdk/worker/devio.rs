@@ -63,9 +63,7 @@ pub(super) struct DevIo {
     /// Worker-owned bytes written straight from here (mapped cache only).
     pub(super) owned: Vec<u8>,
     pub(super) copy_dst: (Dev, u64),
-    /// A `CopyBlocks`: its source, in sectors (to copy through the host should the bdev
-    /// fail it) and in blocks.
-    pub(super) copy_src: u64,
+    /// A `CopyBlocks`: its source, in cache bdev blocks.
     pub(super) copy_from: u64,
     /// A verified copy reads a whole extent: the part it writes, as (byte offset into the
     /// read, sectors).
@@ -101,7 +99,6 @@ impl Worker {
                 dma: None,
                 owned: Vec::new(),
                 copy_dst: (dev, 0),
-                copy_src: 0,
                 copy_from: 0,
                 copy_part: None,
                 direct: None,
@@ -317,7 +314,8 @@ impl Worker {
                     // Which side failed, the bdev does not say: copy through the host,
                     // which reports a failed source read apart from a failed write.
                     self.counters.dev_copies_offload_failed += 1;
-                    let (src, sectors) = (d.copy_src, d.sectors);
+                    let src = d.copy_from << self.shift[dev_index(Dev::Cache)];
+                    let sectors = d.sectors;
                     d.iovs.clear();
                     d.dev = Dev::Cache;
                     return self.copy_through_host(d, src, sectors, None);
