@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::retry::Backoff;
 use super::{Shard, TagOwner};
 use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail, MAX_POISON};
-use crate::engine::index::{Extent, ExtentMap, Rescue, State};
+use crate::engine::index::{Rescue, State};
 use crate::engine::io::{Buf, Command, Dev, IoError, Verify};
 use crate::engine::pool::ToPool;
 
@@ -254,6 +254,61 @@ pub(super) struct Writeback {
     pub backoff: Backoff,
     active: bool,
     pub drain: bool,
+    /// Scratch of `start_group`, kept so that a group allocates nothing.
+    coverage: Coverage,
+    pieces: Vec<(u64, u32)>,
+    ios: Vec<WbIo>,
+}
+
+/// Disjoint sector ranges sorted by start: what the later keys of a writeback group
+/// cover (a group's keys are few, so a sorted vector beats a map).
+#[derive(Debug, Default)]
+struct Coverage(Vec<(u64, u64)>);
+
+impl Coverage {
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Appends to `out`, in order, the pieces of `lba..+len` that no range covers.
+    fn uncovered(&self, lba: u64, len: u32, out: &mut Vec<(u64, u32)>) {
+        let end = lba + u64::from(len);
+        let mut at = lba;
+        let first = self.0.partition_point(|&(_, e)| e <= lba);
+        for &(s, e) in &self.0[first..] {
+            if s >= end {
+                break;
+            }
+            if s > at {
+                out.push((at, (s - at) as u32));
+            }
+            at = at.max(e);
+            if at >= end {
+                return;
+            }
+        }
+        if at < end {
+            out.push((at, (end - at) as u32));
+        }
+    }
+
+    /// Adds `lba..+len`, merged with the ranges it overlaps or touches.
+    fn insert(&mut self, lba: u64, len: u32) {
+        let (mut s, mut e) = (lba, lba + u64::from(len));
+        let first = self.0.partition_point(|&(_, re)| re < s);
+        let mut last = first;
+        while let Some(&(rs, re)) = self.0.get(last).filter(|&&(rs, _)| rs <= e) {
+            s = s.min(rs);
+            e = e.max(re);
+            last += 1;
+        }
+        if first == last {
+            self.0.insert(first, (s, e));
+        } else {
+            self.0[first] = (s, e);
+            self.0.drain(first + 1..last);
+        }
+    }
 }
 
 impl Writeback {
@@ -514,33 +569,34 @@ impl Shard {
         // later group overwrites is legal, and keeps the cost per group O(group).
         // Uncovered pieces are copied from the key's own data, which stays in place until
         // the dirty tail passes it.
-        let group_keys: Vec<DirtyKey> = self
+        let mut coverage = std::mem::take(&mut self.wb.coverage);
+        let mut pieces = std::mem::take(&mut self.wb.pieces);
+        let mut ios = std::mem::take(&mut self.wb.ios);
+        coverage.clear();
+        ios.clear();
+        let mut sectors = 0u64;
+        let group_keys = self
             .log
             .iter()
             .enumerate()
             .take(n + 1)
-            .flat_map(|(i, k)| k.keys.iter().take(if i < n { usize::MAX } else { partial }))
-            .copied()
-            .collect();
-        let mut coverage = ExtentMap::new();
-        let mut pieces = Vec::new();
-        let mut sectors = 0u64;
-        let mut ios = Vec::new();
-        for k in group_keys.iter().rev() {
+            .flat_map(|(i, k)| k.keys.iter().take(if i < n { usize::MAX } else { partial }));
+        for k in group_keys.rev() {
             sectors += u64::from(k.len);
             if k.through {
                 // Already on the backing device (the group's flush makes it durable); it
                 // still covers what earlier keys of the group wrote.
-                coverage.insert(k.lba, Extent::new(0, k.len, State::Clean, None, 0));
+                coverage.insert(k.lba, k.len);
                 continue;
             }
-            coverage.lookup(k.lba, k.len, &mut pieces);
-            for p in pieces.iter().filter(|p| p.extent.is_none()) {
+            pieces.clear();
+            coverage.uncovered(k.lba, k.len, &mut pieces);
+            for &(lba, len) in pieces.iter() {
                 ios.push(match k.kind {
                     KeyKind::Data => WbIo::Copy {
-                        lba: p.lba,
-                        len: p.len,
-                        src: k.pos + (p.lba - k.lba),
+                        lba,
+                        len,
+                        src: k.pos + (lba - k.lba),
                         verify: k.crc.map(|crc| Verify {
                             sector: k.pos,
                             sectors: u64::from(k.len),
@@ -549,15 +605,17 @@ impl Shard {
                         crc_fails: 0,
                     },
                     KeyKind::Zeroes | KeyKind::Unmap => WbIo::Zero {
-                        lba: p.lba,
-                        len: p.len,
+                        lba,
+                        len,
                         unmap: k.kind == KeyKind::Unmap,
                         epoch: k.epoch as u32,
                     },
                 });
             }
-            coverage.insert(k.lba, Extent::new(0, k.len, State::Clean, None, 0));
+            coverage.insert(k.lba, k.len);
         }
+        self.wb.coverage = coverage;
+        self.wb.pieces = pieces;
         let landing = ios.iter().any(|io| {
             let (lba, len) = match *io {
                 WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
@@ -571,10 +629,11 @@ impl Shard {
         if landing {
             // An in-place overwrite, or a write to the backing device, is landing in this
             // range: start once it has.
+            self.wb.ios = ios;
             return;
         }
         // Issue in log order.
-        for io in ios.into_iter().rev() {
+        for io in ios.drain(..).rev() {
             let (lba, len) = match io {
                 WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
             };
@@ -582,6 +641,7 @@ impl Shard {
             self.wb.group_ranges.insert(lba, len);
             self.wb.queue.push_back(io);
         }
+        self.wb.ios = ios;
         let new_dirty_tail = match n.checked_sub(1).map(|i| &self.log[i]) {
             Some(last) => LogTail {
                 pos: last.next,
@@ -1036,6 +1096,7 @@ impl Shard {
             if let Some(k) = self.log.pop_front() {
                 let s: u64 = k.keys.iter().map(|d| u64::from(d.len)).sum();
                 self.log_dirty_sectors -= s;
+                self.reuse.give_dirty(k.keys);
             }
         }
         // The dirty tail moved past these ksets for good.
@@ -1068,7 +1129,7 @@ impl Shard {
 
 #[cfg(test)]
 mod tests {
-    use super::GcSpace;
+    use super::{Coverage, GcSpace};
     use crate::engine::geometry::{Geometry, LayoutOptions};
 
     /// 128 MiB of 4 MiB segments, one shard: 31 segments (the control slots take the rest).
@@ -1136,5 +1197,43 @@ mod tests {
         )
         .expect("a valid layout");
         assert_eq!(GcSpace::reserve(&wide), 4 * u64::from(wide.segment_sectors));
+    }
+
+    #[test]
+    fn coverage_leaves_exactly_what_no_later_key_wrote() {
+        // Against a bitmap of 512 sectors: random ranges inserted, random ranges asked.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let mut cover = Coverage::default();
+            let mut bits = [false; 512];
+            for _ in 0..next(12) {
+                let lba = next(480);
+                let len = 1 + next(32) as u32;
+                let mut pieces = Vec::new();
+                cover.uncovered(lba, len, &mut pieces);
+                let mut want = Vec::new();
+                let mut run: Option<(u64, u32)> = None;
+                for s in lba..lba + u64::from(len) {
+                    match (bits[s as usize], run.as_mut()) {
+                        (false, Some((_, n))) => *n += 1,
+                        (false, None) => run = Some((s, 1)),
+                        (true, _) => want.extend(run.take()),
+                    }
+                }
+                want.extend(run);
+                assert_eq!(pieces, want, "uncovered {lba}+{len} of {:?}", cover.0);
+                cover.insert(lba, len);
+                for b in &mut bits[lba as usize..(lba + u64::from(len)) as usize] {
+                    *b = true;
+                }
+                assert!(cover.0.windows(2).all(|w| w[0].1 < w[1].0), "{:?}", cover.0);
+            }
+        }
     }
 }
