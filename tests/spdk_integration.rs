@@ -1691,11 +1691,17 @@ fn cache_path_rpc_and_verify() {
         s["usage"], s["errors"], s["host"]
     );
     assert_wrote_back_cleanly(s);
-    // Verify reads back what it wrote: hits on the mapped cache are served inline.
+    // Verify reads back what it wrote: hits on the mapped cache are served inline, by the
+    // job's own thread (on the engine's core), which copies them out of the mapping.
     assert!(
         s["requests"]["inline_reads"].as_u64() > Some(0),
         "no read served inline from the mapping: {}",
         s["requests"]
+    );
+    assert!(
+        s["host"]["requests_served_by_submitter"].as_u64() > Some(0),
+        "no read hit copied out of the mapping by its submitter: {}",
+        s["host"]
     );
     stop_app(perf, &rpc, 30);
     let _ = std::fs::remove_file(&path);

@@ -288,9 +288,14 @@ fn to_worker(io: *mut ffi::spdk_bdev_io, entry: Entry) {
         match p.core.filter(|&c| chan.core == Some(c)) {
             // SAFETY: plain query of the current reactor.
             Some(core) if unsafe { ffi::spdk_env_get_current_core() } == core => {
-                // SAFETY: the worker's inbox lives as long as it does (beyond this request).
-                let direct = unsafe { !(*p.inbox).never_direct() };
-                if direct && chan.start_polling() {
+                // SAFETY: the worker's inbox lives as long as it does (beyond this request);
+                // a live request's type, read by value.
+                let worker_only = unsafe {
+                    (*p.inbox).never_direct()
+                        || ((*p.inbox).mapped()
+                            && t::Type::from((*io).type_) != t::SPDK_BDEV_IO_TYPE_READ)
+                };
+                if !worker_only && chan.start_polling() {
                     worker::local::wait(p);
                     chan.local.borrow_mut().push((io, p));
                     chan.serve_after_poller();
@@ -415,10 +420,22 @@ unsafe extern "C" fn serve_after_poller(arg: *mut c_void) {
         // SAFETY: the channel that registered this handler on this thread, alive (see
         // `Channel::serve_after_poller`).
         let chan = unsafe { &*arg.cast::<Channel>() };
+        // Requests submitted while these are served (by the completions of hits served
+        // inline, over a mapped cache) are served here too, for a few rounds: registering
+        // the handler again from inside it is refused (SPDK logs "Too many handlers
+        // registered"), so `after_poller` stays set meanwhile. The channel's poller takes
+        // what is left.
+        for _ in 0..SERVE_ROUNDS {
+            if !serve_local(chan) {
+                break;
+            }
+        }
         chan.after_poller.set(false);
-        serve_local(chan);
     })
 }
+
+/// Batches [`serve_after_poller`] serves at most, the later ones submitted meanwhile.
+const SERVE_ROUNDS: usize = 4;
 
 /// Serves the requests collected in `chan.local`; true if there were any.
 fn serve_local(chan: &Channel) -> bool {

@@ -89,6 +89,26 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     let Some(op @ (Op::Read | Op::Write)) = worker::op_of(ty) else {
         return false;
     };
+    // SAFETY: the worker's inbox lives as long as the worker (beyond this request).
+    if unsafe { (*p.inbox).mapped() } {
+        if op != Op::Read {
+            return false;
+        }
+        // SAFETY: as for `e` below.
+        let e = unsafe { &mut *p.worker };
+        let Some(ok) = e.read_mapped_local(io) else {
+            return false;
+        };
+        let status = if ok {
+            st::SPDK_BDEV_IO_STATUS_SUCCESS
+        } else {
+            st::SPDK_BDEV_IO_STATUS_FAILED
+        };
+        // On its own thread, at the top level of it (module docs): what the request's
+        // submitter does next (submit again) only queues in the channel.
+        complete(io, status);
+        return true;
+    }
     let ch = chan.cache_channel();
     if ch.is_null() {
         return false;

@@ -24,9 +24,13 @@ pub(crate) struct Inbox {
     /// Requests for this worker waiting in the batch of a submitting thread on its core
     /// (`local`), which a reset must wait for like those in flight.
     held: Cell<u32>,
-    /// The worker never serves a request directly (a mapped cache, which it serves inline
-    /// itself, or data CRCs): submitting threads send everything here at once.
+    /// The worker never serves a request directly (data CRCs, checked by the worker):
+    /// submitting threads send everything here at once.
     never_direct: Cell<bool>,
+    /// The worker's cache is mapped: submitting threads on its core copy its read hits out
+    /// of the mapping themselves and send it everything else (its writes share a fence per
+    /// poll).
+    mapped: bool,
 }
 
 impl Inbox {
@@ -67,11 +71,17 @@ impl Inbox {
         self.never_direct.get()
     }
 
-    /// `never_direct`: see [`Inbox::never_direct`].
-    pub(super) fn new(never_direct: bool) -> Self {
-        let inbox = Inbox::default();
-        inbox.never_direct.set(never_direct);
-        inbox
+    /// Whether the worker's cache is mapped (see the field).
+    pub(crate) fn mapped(&self) -> bool {
+        self.mapped
+    }
+
+    /// For a worker whose cache is `mapped` (or a cache bdev).
+    pub(super) fn new(mapped: bool) -> Self {
+        Inbox {
+            mapped,
+            ..Inbox::default()
+        }
     }
 
     pub(super) fn set_never_direct(&self) {

@@ -6,9 +6,11 @@
 //!
 //! The worker counts what it has started here as its own (`inflight`, `direct_live`), and
 //! requests held in a batch through its inbox (`Inbox::hold`), so it neither stops nor
-//! completes a reset while one is pending. A worker that never serves directly (a mapped
-//! cache, served inline with one fence per poll; data CRCs, checked by the worker) says so
-//! in its inbox (`Inbox::never_direct`), and its requests skip the batch.
+//! completes a reset while one is pending. A worker that never serves directly (data CRCs,
+//! checked by the worker) says so in its inbox (`Inbox::never_direct`), and its requests
+//! skip the batch. Over a mapped cache, the submitting thread serves read hits whole
+//! ([`Worker::read_mapped_local`]: a copy out of the mapping), and writes skip the batch
+//! (the worker makes a poll's writes durable with one fence).
 //!
 //! These run on the submitting thread, with the worker not borrowed (`io::served` says
 //! why); they call nothing above the worker.
@@ -19,6 +21,7 @@ use super::reply::ctx;
 use super::{Peer, State, Worker};
 use crate::engine::{Cache, Dev, Direct, IoError, Op};
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st};
+use crate::spdk::link::Desc;
 
 /// Counts a request for `p`'s worker that a submitting thread on its core now holds.
 pub(crate) fn wait(p: Peer) {
@@ -72,7 +75,7 @@ impl Worker {
             return None;
         }
         if self.dax.is_some() {
-            // Never sent here (`Inbox::never_direct`).
+            // Never asked (`io::served` asks `read_mapped_local`).
             return None;
         }
         // SAFETY: a live READ/WRITE request; its block parameters are read by value.
@@ -111,6 +114,34 @@ impl Worker {
         self.inflight += 1;
         self.direct_live += 1;
         Some((direct, blocks))
+    }
+
+    /// Over a mapped cache, serves read `io` here, on its submitting thread, if the cache
+    /// holds all of it: copied out of the mapping into its buffer, as the worker's own poll
+    /// would (`Worker::read_inline`); nothing is written, so no fence. None: not served
+    /// here (a miss: the worker takes it); else whether the copy succeeded.
+    #[inline(always)]
+    pub(crate) fn read_mapped_local(&mut self, io: *mut ffi::spdk_bdev_io) -> Option<bool> {
+        if self.removed[0]
+            || self.dax.is_none()
+            || !matches!(self.state, State::Running | State::Draining)
+        {
+            return None;
+        }
+        let d = Desc::of(io);
+        let shift = self.front_shift;
+        let len = u32::try_from(d.num << shift).ok()?;
+        let ok = self.read_inline(&d, d.offset << shift, len)?;
+        self.wake();
+        let c = &mut self.counters;
+        c.requests += 1;
+        c.arrived_same_core += 1;
+        c.served_by_submitter += 1;
+        if !ok {
+            c.dev_errors += 1;
+            c.requests_failed += 1;
+        }
+        Some(ok)
     }
 
     /// The cache I/O of request `io` [`serve`] started failed: the cache forgets it, and
