@@ -299,7 +299,8 @@ pub(crate) fn front_shift_of(backing_shift: u32, cache: &Cache) -> u32 {
 
 impl Worker {
     fn new(s: Setup) -> Self {
-        // A mapped cache is served inline by the worker, with one fence per batch.
+        // A mapped cache: same-core submitters copy its read hits out themselves; the
+        // worker serves the rest inline, with one fence per batch of writes.
         let mapped = s.dax.is_some();
         let flush = |b| {
             // SAFETY: an open base bdev.
