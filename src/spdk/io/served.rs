@@ -96,13 +96,8 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
         }
         // SAFETY: as for `e` below.
         let e = unsafe { &mut *p.worker };
-        let Some(ok) = e.read_mapped_local(io) else {
+        let Some(status) = e.read_mapped_local(io) else {
             return false;
-        };
-        let status = if ok {
-            st::SPDK_BDEV_IO_STATUS_SUCCESS
-        } else {
-            st::SPDK_BDEV_IO_STATUS_FAILED
         };
         // On its own thread, at the top level of it (module docs): what the request's
         // submitter does next (submit again) only queues in the channel.

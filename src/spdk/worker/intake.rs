@@ -55,13 +55,7 @@ impl Worker {
         self.wake();
         if op == Op::Read {
             if let Some(ok) = self.read_inline(&d, lba, len) {
-                let status = if ok {
-                    st::SPDK_BDEV_IO_STATUS_SUCCESS
-                } else {
-                    self.counters.dev_errors += 1;
-                    self.counters.requests_failed += 1;
-                    st::SPDK_BDEV_IO_STATUS_FAILED
-                };
+                let status = self.inline_read_status(ok);
                 self.finish_io(io, status, reply);
                 return;
             }

@@ -119,9 +119,9 @@ impl Worker {
     /// Over a mapped cache, serves read `io` here, on its submitting thread, if the cache
     /// holds all of it: copied out of the mapping into its buffer, as the worker's own poll
     /// would (`Worker::read_inline`); nothing is written, so no fence. None: not served
-    /// here (a miss: the worker takes it); else whether the copy succeeded.
+    /// here (a miss: the worker takes it); else the request's status.
     #[inline(always)]
-    pub(crate) fn read_mapped_local(&mut self, io: *mut ffi::spdk_bdev_io) -> Option<bool> {
+    pub(crate) fn read_mapped_local(&mut self, io: *mut ffi::spdk_bdev_io) -> Option<st::Type> {
         if self.removed[0]
             || self.dax.is_none()
             || !matches!(self.state, State::Running | State::Draining)
@@ -137,11 +137,7 @@ impl Worker {
         c.requests += 1;
         c.arrived_same_core += 1;
         c.served_by_submitter += 1;
-        if !ok {
-            c.dev_errors += 1;
-            c.requests_failed += 1;
-        }
-        Some(ok)
+        Some(self.inline_read_status(ok))
     }
 
     /// The cache I/O of request `io` [`serve`] started failed: the cache forgets it, and

@@ -61,6 +61,17 @@ impl Worker {
         cache.read_inline(lba, len, &mut copy)
     }
 
+    /// The status of a request [`Worker::read_inline`] served, counting a failed copy.
+    pub(super) fn inline_read_status(&mut self, ok: bool) -> ffi::spdk_bdev_io_status::Type {
+        if ok {
+            ffi::spdk_bdev_io_status::SPDK_BDEV_IO_STATUS_SUCCESS
+        } else {
+            self.counters.dev_errors += 1;
+            self.counters.requests_failed += 1;
+            ffi::spdk_bdev_io_status::SPDK_BDEV_IO_STATUS_FAILED
+        }
+    }
+
     /// Makes the direct writes of this batch to the mapped cache durable with one fence,
     /// then completes them: data durable before the acknowledgement, as for each alone.
     pub(super) fn fence_direct_writes(&mut self) {
