@@ -111,3 +111,38 @@ fn requests_through_commands_only_read_back_the_same() {
     assert_eq!(direct, 0, "no request was offered to the direct path");
     assert!(in_place > 0);
 }
+
+/// A direct request whose device I/O the host could not issue (SPDK had no free
+/// `spdk_bdev_io`) is cancelled: nothing is counted or pinned, and the request then goes
+/// the normal way and reads back what it should.
+#[test]
+fn a_cancelled_direct_request_leaves_no_trace() {
+    let mut host = new_host(2 << 20, 16384, &small_format(1, false));
+    host.write(40, data_of(1, 40, 8)).expect("write");
+    let counted = |s: pcache::engine::stats::ShardStats| {
+        (
+            s.direct,
+            s.reads,
+            s.read_hit_sectors,
+            s.writes,
+            s.in_place_writes,
+        )
+    };
+    let before = counted(host.cache.stats().total);
+    for op in [Op::Read, Op::Write] {
+        let d = host
+            .cache
+            .begin_direct(op, 40, 8)
+            .expect("a dirty extent of this epoch: served directly");
+        host.cache.cancel_direct(d, 8);
+        assert_eq!(
+            counted(host.cache.stats().total),
+            before,
+            "{op:?}: a cancelled direct request is not counted"
+        );
+    }
+    host.write(40, data_of(2, 40, 8)).expect("rewrite");
+    assert_eq!(host.read(40, 8).expect("read"), data_of(2, 40, 8));
+    let mut host = reopen(host);
+    assert_eq!(host.read(40, 8).expect("read"), data_of(2, 40, 8));
+}

@@ -511,6 +511,16 @@ impl Cache {
         })
     }
 
+    /// Forgets `d` (of `len` sectors, as begun) when its device I/O could not be issued:
+    /// nothing was read or written, nothing is counted, and the request may be submitted
+    /// normally instead.
+    pub fn cancel_direct(&mut self, d: Direct, len: u32) {
+        let op = if d.write { Op::Write } else { Op::Read };
+        if let Some(s) = self.shards.get_mut(d.shard as usize) {
+            s.cancel_direct(op, d.key, len);
+        }
+    }
+
     /// The device I/O of `d` finished with `result`: the request's result.
     #[inline]
     pub fn end_direct(&mut self, d: Direct, result: Result<(), IoError>) -> ReqResult {

@@ -733,6 +733,27 @@ impl Shard {
         }
     }
 
+    /// Forgets a request [`Shard::begin_direct`] started (`len` sectors) whose device I/O
+    /// was never issued, as if it had not begun: nothing was read or written.
+    pub fn cancel_direct(&mut self, op: Op, key: u64, len: u32) {
+        let s = &mut self.stats;
+        s.direct = s.direct.saturating_sub(1);
+        match op {
+            Op::Read => {
+                s.reads = s.reads.saturating_sub(1);
+                s.read_hit_sectors = s.read_hit_sectors.saturating_sub(u64::from(len));
+                self.unpin_segment(key as usize);
+            }
+            _ => {
+                s.writes = s.writes.saturating_sub(1);
+                s.in_place_writes = s.in_place_writes.saturating_sub(1);
+                if let Some(i) = self.inplace.iter().position(|e| e.0 == key) {
+                    self.inplace.swap_remove(i);
+                }
+            }
+        }
+    }
+
     /// A read of segment `seg` finished: GC may reclaim it again once none is left.
     #[inline]
     fn unpin_segment(&mut self, seg: usize) {

@@ -298,6 +298,12 @@ impl Sim {
         let Some(d) = self.part(part).begin_direct(op, lba, len) else {
             return Err(data);
         };
+        if self.rng.chance(10) {
+            // The host found no I/O to issue it with (SPDK's -ENOMEM): forgotten, and
+            // submitted normally.
+            self.part(part).cancel_direct(d, len);
+            return Err(data);
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.bufs.insert(id, super::request_buf(op, len, data));

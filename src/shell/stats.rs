@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     pub(crate) dev_flushes: u64,
     pub(crate) dev_zeroes: u64,
     pub(crate) dev_errors: u64,
+    /// Device I/Os (and requests served by their submitter) that waited for a free
+    /// `spdk_bdev_io`.
     pub(crate) nomem_waits: u64,
     /// How requests arrived: from a thread on this core (inbox), through a queue pair from
     /// another core, or by message.

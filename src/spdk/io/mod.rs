@@ -473,6 +473,11 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
         // unregisters it before it is freed; pollers run on the channel's thread.
         let chan = unsafe { &*arg.cast::<Channel>() };
         let mut busy = serve_local(chan);
+        // A registration SPDK refused (made while post-poller handlers ran, e.g. from a
+        // completion another bdev's handler delivered) would leave this set for good, and
+        // every request would wait for this poller. One still pending finds nothing here,
+        // or is registered twice: harmless.
+        chan.after_poller.set(false);
         if chan.links.borrow().is_empty() {
             return if busy {
                 ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int

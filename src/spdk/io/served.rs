@@ -18,9 +18,8 @@
 //! submit again, which only queues the request in the channel). The worker's side of this
 //! (what it counts, when it refuses) is in `worker::local`.
 //!
-//! A cache-bdev I/O refused for want of a `spdk_bdev_io` waits for one on this thread
-//! (`spdk_bdev_queue_io_wait`). Such a wait can fire inside a completion the worker
-//! delivers as this thread, so the retry only resubmits; a failure is ended by a message.
+//! A request whose cache-bdev I/O finds no free `spdk_bdev_io` is handed to the worker
+//! (`Worker::cancel_local`), which queues its own device I/O until one is free.
 
 use std::ffi::c_void;
 use std::ptr;
@@ -30,7 +29,6 @@ use crate::engine::Op;
 use crate::shell::lookahead;
 use crate::spdk::ffi::{self, spdk_bdev_io_status as st, spdk_bdev_io_type as t};
 use crate::spdk::log::no_unwind;
-use crate::spdk::msg;
 use crate::spdk::worker::{self, complete, ctx, Local, Peer};
 
 /// Serves the requests of `batch` (empty on return), each for a worker on this core,
@@ -121,15 +119,30 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     };
     // SAFETY: this request's driver context, ours while it is pending.
     unsafe { ptr::addr_of_mut!((*ctx(io)).local_direct).write(Some(local)) };
-    if !submit(io, ch, local) {
-        finish(io, false);
+    match submit(io, ch, local) {
+        Submitted::Yes => {}
+        // Not waited for here: a wait (`spdk_bdev_queue_io_wait`) fires only when a bdev_io
+        // is freed on this thread, which may never happen if the others hold them all.
+        // The worker takes it, and retries its own device I/O from its poller.
+        Submitted::NoMemory => {
+            // SAFETY: as above.
+            unsafe { ptr::addr_of_mut!((*ctx(io)).local_direct).write(None) };
+            e.cancel_local(direct, io);
+        }
+        Submitted::Failed => finish(io, false),
     }
     true
 }
 
-/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`, or
-/// queues it until a cache bdev_io is free. False: neither could be done.
-fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) -> bool {
+enum Submitted {
+    Yes,
+    /// No `spdk_bdev_io` was free.
+    NoMemory,
+    Failed,
+}
+
+/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`.
+fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) -> Submitted {
     // SAFETY: a pending request of a live node, whose cache descriptor stays open while it
     // is pending; its iovecs are live until it completes, which is after this I/O does.
     let rc = unsafe {
@@ -145,57 +158,11 @@ fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) -
             ffi::spdk_bdev_readv_blocks(desc, ch, iovs, iovcnt, offset, num, cb, io.cast())
         }
     };
-    if rc == 0 {
-        return true;
+    match rc {
+        0 => Submitted::Yes,
+        rc if rc == -libc::ENOMEM => Submitted::NoMemory,
+        _ => Submitted::Failed,
     }
-    if rc == -libc::ENOMEM {
-        // SAFETY: the request's context holds the wait entry; it stays put (the bdev_io
-        // does not move) until `retry` runs. The cache bdev is live (descriptor open).
-        let queued = unsafe {
-            let w = ptr::addr_of_mut!((*ctx(io)).wait);
-            ptr::write_bytes(w, 0, 1);
-            let front = Front::of(io);
-            (*w).bdev = front.cache.bdev;
-            (*w).cb_fn = Some(retry);
-            (*w).cb_arg = io.cast();
-            ffi::spdk_bdev_queue_io_wait(front.cache.bdev, ch, w) == 0
-        };
-        if queued {
-            return true;
-        }
-    }
-    false
-}
-
-/// A cache bdev_io is free again: resubmits the request that waited for one.
-unsafe extern "C" fn retry(arg: *mut c_void) {
-    no_unwind("pcache local retry", (), || {
-        let io = arg.cast::<ffi::spdk_bdev_io>();
-        // SAFETY: the pending request that queued this wait on its own thread (this one):
-        // its context holds what `serve` started, and names its live channel.
-        let (local, ch) = unsafe {
-            let chan = &*ffi::io_channel_get_ctx::<Channel>((*ctx(io)).ch);
-            ((*ctx(io)).local_direct, chan.cache_channel())
-        };
-        let Some(l) = local else {
-            return complete(io, st::SPDK_BDEV_IO_STATUS_FAILED);
-        };
-        if submit(io, ch, l) {
-            return;
-        }
-        // This wait may fire while the worker is borrowed (a bdev_io freed by a completion
-        // the worker delivers as this thread), so the failure is ended from a message.
-        // SAFETY: a plain message to this (live) thread, the pending request as argument.
-        let rc = unsafe { ffi::spdk_thread_send_msg(msg::current(), Some(fail_msg), arg) };
-        if rc != 0 {
-            finish(io, false);
-        }
-    })
-}
-
-/// Fails a request its submitting thread serves whose cache-bdev I/O could not be issued.
-unsafe extern "C" fn fail_msg(arg: *mut c_void) {
-    no_unwind("pcache local fail", (), || finish(arg.cast(), false))
 }
 
 /// Completion of the cache-bdev I/O of a request its submitting thread serves, on that thread.

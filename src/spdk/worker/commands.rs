@@ -236,6 +236,7 @@ pub(super) unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
         // SAFETY: the worker registered this poller with itself as argument and unregisters
         // it before being freed; pollers run at the top level of the worker thread.
         let e = unsafe { &mut *arg.cast::<Worker>() };
+        let resubmitted = !e.nomem.is_empty() && e.resubmit_waiting();
         // Nothing arrived and nothing waits (the usual case while a submitter on this core
         // serves its read hits itself): this runs every reactor iteration, and the shorter
         // the iteration, the sooner the submitter's next step runs.
@@ -246,7 +247,11 @@ pub(super) unsafe extern "C" fn fast_poll(arg: *mut c_void) -> c_int {
             && e.resets.is_empty()
             && e.unfenced.is_empty()
         {
-            return ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int;
+            return if resubmitted {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
+            } else {
+                ffi::spdk_thread_poller_rc::SPDK_POLLER_IDLE as c_int
+            };
         }
         // Requests served directly leave nothing to pump but were work all the same.
         let took = e.submit_incoming();

@@ -41,8 +41,8 @@ pub(super) enum Kind {
     CopyBlocks,
 }
 
-/// One base-bdev I/O in flight. Boxed (the wait entry is linked into SPDK's queue while
-/// waiting for memory), recycled through `Worker::dio_free`.
+/// One base-bdev I/O in flight. Boxed (its address is the callback argument of its
+/// bdev I/O), recycled through `Worker::dio_free`.
 pub(super) struct DevIo {
     pub(super) worker: *mut Worker,
     pub(super) purpose: Purpose,
@@ -70,7 +70,6 @@ pub(super) struct DevIo {
     pub(super) copy_part: Option<(usize, u64)>,
     /// For `Purpose::Direct`: the request it serves and how to answer it.
     pub(super) direct: Option<(Direct, *mut ffi::spdk_bdev_io, Reply)>,
-    pub(super) wait: ffi::spdk_bdev_io_wait_entry,
 }
 
 impl Worker {
@@ -102,8 +101,6 @@ impl Worker {
                 copy_from: 0,
                 copy_part: None,
                 direct: None,
-                // SAFETY: all-zero is a valid, unlinked wait entry.
-                wait: unsafe { std::mem::zeroed() },
             })
         });
         d.worker = worker;
@@ -258,44 +255,59 @@ impl Worker {
             // Executed inline on the mapping (`mapped`).
             return self.issue_mapped(d);
         }
+        // Behind those already waiting for a bdev_io, in order.
+        let waits = if self.nomem.is_empty() {
+            self.submit_dio(d)
+        } else {
+            Some(d)
+        };
+        if let Some(d) = waits {
+            self.counters.nomem_waits += 1;
+            self.nomem.push_back(d);
+        }
+    }
+
+    /// Submits `d` to its bdev; returns it if no `spdk_bdev_io` was free (-ENOMEM), to be
+    /// submitted again later. Any other refusal fails it.
+    fn submit_dio(&mut self, d: Box<DevIo>) -> Option<Box<DevIo>> {
         let raw = Box::into_raw(d);
         // SAFETY: `raw` is a live DevIo of this worker; its iovecs point at live buffers.
         let rc = unsafe { submit_raw(self, raw) };
         if rc == 0 {
-            return;
+            return None;
         }
         // SAFETY: not submitted, so still ours.
-        if rc == -libc::ENOMEM && unsafe { self.queue_wait(raw) } {
-            return;
+        let d = unsafe { Box::from_raw(raw) };
+        if rc == -libc::ENOMEM {
+            return Some(d);
         }
         spdk_log!(
             ERROR,
             "{}: {} bdev I/O submission failed: rc {rc}",
             self.name,
-            DEV_NAMES[i]
+            DEV_NAMES[dev_index(d.dev)]
         );
-        // SAFETY: not submitted nor queued: ours again.
-        let d = unsafe { Box::from_raw(raw) };
         self.complete_dio(d, false);
+        None
     }
 
-    /// Waits for a free `spdk_bdev_io` on `raw`'s device, then resubmits (`dev_retry`).
-    ///
-    /// # Safety
-    /// `raw` is a live DevIo of this worker not submitted or queued anywhere.
-    pub(super) unsafe fn queue_wait(&mut self, raw: *mut DevIo) -> bool {
-        self.counters.nomem_waits += 1;
-        // SAFETY: per the contract; the entry lives in the boxed DevIo, which stays put
-        // until the callback takes it back.
-        unsafe {
-            let i = dev_index((*raw).dev);
-            let w = ptr::addr_of_mut!((*raw).wait);
-            ptr::write_bytes(w, 0, 1);
-            (*w).bdev = self.bdev[i];
-            (*w).cb_fn = Some(dev_retry);
-            (*w).cb_arg = raw.cast();
-            ffi::spdk_bdev_queue_io_wait(self.bdev[i], self.ch[i], w) == 0
+    /// Submits again, in order, the device I/O that found no free `spdk_bdev_io`, until
+    /// one still finds none. Called by every engine poll while any waits: SPDK's own wait
+    /// (`spdk_bdev_queue_io_wait`) fires only when a bdev_io is freed on this thread, and a
+    /// worker whose own I/O have all completed would then wait for ever while the other
+    /// threads free theirs to the global pool. True if any left the queue.
+    pub(super) fn resubmit_waiting(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(d) = self.nomem.pop_front() {
+            if self.removed[dev_index(d.dev)] {
+                self.complete_dio(d, false);
+            } else if let Some(d) = self.submit_dio(d) {
+                self.nomem.push_front(d);
+                break;
+            }
+            moved = true;
         }
+        moved
     }
 
     /// A device I/O finished (or failed to start).
@@ -482,8 +494,6 @@ pub(super) unsafe extern "C" fn dev_done(
     arg: *mut c_void,
 ) {
     no_unwind("pcache dev_done", (), || {
-        // Free first: this may synchronously resubmit DevIos waiting for memory
-        // (`dev_retry`), which borrow the worker themselves.
         // SAFETY: the base request SPDK allocated for us; we are done with it.
         unsafe { ffi::spdk_bdev_free_io(bdev_io) };
         // SAFETY: `arg` is the DevIo we submitted; it is ours again.
@@ -492,25 +502,5 @@ pub(super) unsafe extern "C" fn dev_done(
         // SAFETY: the worker outlives its device I/O (teardown waits for `inflight == 0`);
         // completions run on the worker thread, where nothing else borrows it now.
         unsafe { (*worker).complete_dio(d, success) };
-    })
-}
-
-pub(super) unsafe extern "C" fn dev_retry(arg: *mut c_void) {
-    no_unwind("pcache dev_retry", (), || {
-        let raw = arg.cast::<DevIo>();
-        // SAFETY: the queued DevIo; its worker is alive (inflight counts it).
-        let e = unsafe { &mut *(*raw).worker };
-        // SAFETY: `raw` is ours again (the wait entry fired).
-        let rc = unsafe { submit_raw(e, raw) };
-        if rc == 0 {
-            return;
-        }
-        // SAFETY: not submitted: still ours.
-        if rc == -libc::ENOMEM && unsafe { e.queue_wait(raw) } {
-            return;
-        }
-        // SAFETY: neither submitted nor queued.
-        let d = unsafe { Box::from_raw(raw) };
-        e.complete_dio(d, false);
     })
 }

@@ -143,13 +143,42 @@ impl Worker {
     /// The cache I/O of request `io` [`serve`] started failed: the cache forgets it, and
     /// the request goes to this worker's inbox to be served the normal way.
     pub(crate) fn retry_local(&mut self, direct: Direct, io: *mut ffi::spdk_bdev_io) {
-        self.inflight -= 1;
         self.counters.dev_errors += 1;
-        self.direct_live -= 1;
         if let Some(c) = self.cache.as_deref_mut() {
             let _ = c.end_direct(direct, Err(IoError::Device));
         }
         self.counters.direct_retried += 1;
+        self.hand_over_local(io);
+    }
+
+    /// No `spdk_bdev_io` was free for the cache I/O of request `io` [`serve`] started:
+    /// the cache forgets it, uncounted, and the request goes to this worker's inbox; the
+    /// worker's own device I/O waits for a free one (`Worker::resubmit_waiting`).
+    pub(crate) fn cancel_local(&mut self, direct: Direct, io: *mut ffi::spdk_bdev_io) {
+        // SAFETY: a pending READ/WRITE request; its length is read by value.
+        let num = unsafe { (*ffi::bdev_io_block(io)).num_blocks };
+        let len = u32::try_from(num << self.front_shift).unwrap_or(u32::MAX);
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.cancel_direct(direct, len);
+        }
+        let c = &mut self.counters;
+        c.nomem_waits += 1;
+        c.requests -= 1;
+        c.arrived_same_core -= 1;
+        c.served_by_submitter -= 1;
+        if direct.write {
+            c.dev_writes -= 1;
+        } else {
+            c.dev_reads -= 1;
+        }
+        self.hand_over_local(io);
+    }
+
+    /// Gives `io`, begun by [`serve`] and not served so, to this worker's inbox (never to
+    /// be served directly again).
+    fn hand_over_local(&mut self, io: *mut ffi::spdk_bdev_io) {
+        self.inflight -= 1;
+        self.direct_live -= 1;
         // SAFETY: a pending request of this worker's bdev, on the worker's core (the
         // submitting thread is pinned to it); it is answered as that thread (`local`).
         unsafe {

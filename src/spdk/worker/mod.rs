@@ -28,8 +28,9 @@
 //! descriptions are built, and `issue` executes those for the cache inline (see [`mapped`])
 //! and completes them at once; backing I/O stays asynchronous.
 //!
-//! Device errors become `IoError::Device`; -ENOMEM from a submission waits on the base
-//! bdev (`spdk_bdev_queue_io_wait`) and is retried. After a base bdev is hot-removed every
+//! Device errors become `IoError::Device`; a submission refused for want of a
+//! `spdk_bdev_io` (-ENOMEM) is queued by the worker and submitted again by its next polls
+//! (not `spdk_bdev_queue_io_wait`, which only wakes on a bdev_io freed on the same thread). After a base bdev is hot-removed every
 //! command for it fails at once, so requests that need it fail and the rest finish.
 //!
 //! One file per role, each an `impl Worker` block or free functions over it:
@@ -252,9 +253,12 @@ pub(crate) struct Worker {
     cmds: Vec<Command>,
     dones: Vec<IoDone>,
     comps: Vec<(ReqId, ReqResult)>,
-    // Boxed on purpose: a DevIo's wait entry is linked into SPDK's queue by address.
+    // Boxed on purpose: a DevIo's address is its bdev I/O's callback argument.
     #[allow(clippy::vec_box)]
     dio_free: Vec<Box<DevIo>>,
+    /// DevIos that found no free `spdk_bdev_io`, submitted again by the engine poller in
+    /// this order (`resubmit_waiting`).
+    nomem: VecDeque<Box<DevIo>>,
     dma: DmaPool,
     /// DevIos issued and not yet completed (including those waiting for memory).
     inflight: u32,
@@ -361,6 +365,7 @@ impl Worker {
             dones: Vec::new(),
             comps: Vec::new(),
             dio_free: Vec::new(),
+            nomem: VecDeque::new(),
             dma: DmaPool::default(),
             inflight: 0,
             kick: false,

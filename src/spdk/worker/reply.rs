@@ -215,9 +215,8 @@ pub(crate) struct IoCtx {
     pub(crate) left: u32,
     pub(crate) worst: st::Type,
     /// Served by the submitting thread itself (`worker::local`): its worker and what it
-    /// started, and the entry that waits for a free cache bdev_io.
+    /// started.
     pub(crate) local_direct: Option<super::local::Local>,
-    pub(crate) wait: ffi::spdk_bdev_io_wait_entry,
 }
 
 // driver_ctx sits at offset 1216 of an 8-aligned spdk_bdev_io.
