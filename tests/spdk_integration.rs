@@ -792,6 +792,64 @@ fn verify_short_of_bdev_ios() {
     stop_app(perf, &rpc, 30);
 }
 
+/// A RAID0 over six pcache bdevs, on one core: each 24 KiB request reaches all six from
+/// one poller, and each of their channels has requests to serve once it returns. SPDK
+/// keeps at most 4 post-poller handlers per thread; pcache registers one per thread for
+/// all its channels (a handler per channel filled the log with "Too many handlers
+/// registered" here). verify passes, the submitting thread serves hits itself, and SPDK
+/// refused nothing.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn raid0_over_six_pcache_bdevs_on_one_thread() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let dir = scratch_dir("raid");
+    let cfg = dir.join("raid.json");
+    let mut methods = Vec::new();
+    let members: Vec<String> = (0..6).map(|i| format!("PC{i}")).collect();
+    for (i, pc) in members.iter().enumerate() {
+        methods.push(json!({"method": "bdev_malloc_create",
+            "params": {"name": format!("RdCache{i}"), "num_blocks": 65536, "block_size": 512}}));
+        methods.push(json!({"method": "bdev_malloc_create",
+            "params": {"name": format!("RdBack{i}"), "num_blocks": 8192, "block_size": 4096}}));
+        methods.push(json!({"method": "bdev_pcache_create",
+            "params": {"name": pc, "cache_bdev": format!("RdCache{i}"),
+                       "backing_bdev": format!("RdBack{i}")}}));
+    }
+    methods.push(json!({"method": "bdev_raid_create",
+        "params": {"name": "R0", "raid_level": "raid0", "strip_size_kb": 4,
+                   "base_bdevs": members}}));
+    std::fs::write(&cfg, bdev_config(&methods).to_string()).expect("write config");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "raid", "R0", &["-m", "0x1"]);
+    let (res, jobs) = run_jobs_sized(&spdk, &perf_py, &rpc.sock, &perf, "verify", 24576, 8);
+    assert!(!jobs.is_empty(), "{res}");
+    for job in &jobs {
+        println!("bdevperf verify over RAID0 of 6 pcache bdevs, 24 KiB: {job}");
+        assert_job_clean(job, &res);
+    }
+    let mut served = 0;
+    for pc in &members {
+        let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", pc])[0];
+        served += s["host"]["requests_served_by_submitter"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    assert!(served > 0, "no hit was served by the submitting thread");
+    let log = perf.log();
+    assert!(
+        !log.contains("Too many handlers registered"),
+        "SPDK refused post-poller handlers:\n{log}"
+    );
+    stop_app(perf, &rpc, 30);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Cache bdevs of 4 KiB blocks, alone and mixed with 512-byte backing blocks both ways:
 /// PC0 caches a 512-byte backing bdev on a 4 KiB cache, PC1 a 4 KiB backing bdev on a
 /// 512-byte cache, PC2 4 KiB on 4 KiB (data CRC on). Each exports 4 KiB blocks (the larger
@@ -1003,8 +1061,30 @@ fn run_jobs(
     workload: &str,
     secs: u64,
 ) -> (Value, Vec<Value>) {
-    let t = secs.to_string();
-    let args = ["-w", workload, "-q", "32", "-o", "4096", "-t", t.as_str()];
+    run_jobs_sized(spdk, perf_py, sock, perf, workload, 4096, secs)
+}
+
+/// [`run_jobs`] with requests of `io_size` bytes.
+fn run_jobs_sized(
+    spdk: &Spdk,
+    perf_py: &Path,
+    sock: &str,
+    perf: &Proc,
+    workload: &str,
+    io_size: u32,
+    secs: u64,
+) -> (Value, Vec<Value>) {
+    let (t, o) = (secs.to_string(), io_size.to_string());
+    let args = [
+        "-w",
+        workload,
+        "-q",
+        "32",
+        "-o",
+        o.as_str(),
+        "-t",
+        t.as_str(),
+    ];
     let out = perform_tests(spdk, perf_py, sock, secs + 120, &args)
         .output()
         .expect("run bdevperf.py");

@@ -27,6 +27,7 @@
 //! down only: to the workers (`worker`: entry messages, the request context, completion),
 //! `link`, `stats`, `msg` and `ffi`.
 
+mod after_poller;
 mod served;
 
 use std::cell::{Cell, RefCell};
@@ -117,11 +118,11 @@ pub(crate) struct Channel {
     /// (`worker::local`); made on first use.
     cache_ch: Cell<*mut ffi::spdk_io_channel>,
     /// Requests for workers on this core, served (or handed to their worker) together
-    /// right after the poller that submitted them ([`serve_after_poller`]), else by the
+    /// right after the poller that submitted them ([`Channel::serve_after_poller`]), else by the
     /// channel's next poll, so that their index lookups overlap (`worker::local`).
     local: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
-    /// A post-poller handler ([`serve_after_poller`]) is registered for `local` and has not
-    /// run yet.
+    /// Listed for the thread's post-poller handler (`after_poller`), which has not served
+    /// it yet.
     after_poller: Cell<bool>,
 }
 
@@ -203,6 +204,7 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
         // SAFETY: `buf` holds the Channel written by `channel_create`; SPDK calls this once,
         // on the channel's thread, after which it frees the buffer without dropping it.
         let chan = unsafe { ptr::read(buf.cast::<Channel>()) };
+        after_poller::forget(buf.cast::<Channel>().cast_const());
         let mut poller = chan.poller.get();
         if !poller.is_null() {
             // SAFETY: our poller, registered on this thread, unregistered once.
@@ -394,48 +396,14 @@ impl Channel {
     /// one: SPDK runs a thread's active pollers newest first, and this channel's poller is
     /// younger than the submitter's, so every request waited a whole reactor iteration (the
     /// other threads of the core included), which a vhost target, waiting on its initiator
-    /// between requests, pays in full. The channel poller still serves whatever is left
-    /// (e.g. if SPDK had no free handler slot: it logs that and registers nothing).
+    /// between requests, pays in full. One SPDK post-poller handler serves all of the
+    /// thread's channels (`after_poller`); the channel poller serves what it cannot.
     fn serve_after_poller(&self) {
-        if self.after_poller.replace(true) {
-            return;
+        if !self.after_poller.get() && after_poller::enqueue(self) {
+            self.after_poller.set(true);
         }
-        // SAFETY: registers on the current thread (this channel's: the request was just
-        // submitted on it). The channel outlives the call: it holds the requests in `local`
-        // until then, and SPDK frees a channel only after its last request completed and a
-        // later message of this thread; the handler runs before the next messages.
-        unsafe {
-            ffi::spdk_thread_register_post_poller_handler(
-                Some(serve_after_poller),
-                (self as *const Channel).cast_mut().cast(),
-            )
-        };
     }
 }
-
-/// The post-poller handler [`Channel::serve_after_poller`] registers: serves the channel's
-/// collected requests, at the top level of its thread (between two pollers).
-unsafe extern "C" fn serve_after_poller(arg: *mut c_void) {
-    no_unwind("pcache serve after poller", (), || {
-        // SAFETY: the channel that registered this handler on this thread, alive (see
-        // `Channel::serve_after_poller`).
-        let chan = unsafe { &*arg.cast::<Channel>() };
-        // Requests submitted while these are served (by the completions of hits served
-        // inline, over a mapped cache) are served here too, for a few rounds: registering
-        // the handler again from inside it is refused (SPDK logs "Too many handlers
-        // registered"), so `after_poller` stays set meanwhile. The channel's poller takes
-        // what is left.
-        for _ in 0..SERVE_ROUNDS {
-            if !serve_local(chan) {
-                break;
-            }
-        }
-        chan.after_poller.set(false);
-    })
-}
-
-/// Batches [`serve_after_poller`] serves at most, the later ones submitted meanwhile.
-const SERVE_ROUNDS: usize = 4;
 
 /// Serves the requests collected in `chan.local`; true if there were any.
 fn serve_local(chan: &Channel) -> bool {
@@ -472,12 +440,12 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
         // SAFETY: the channel registered this poller with itself as argument and
         // unregisters it before it is freed; pollers run on the channel's thread.
         let chan = unsafe { &*arg.cast::<Channel>() };
+        if chan.after_poller.get() {
+            // Its handler has not run yet (registered by a message or a timed poller, or
+            // refused by SPDK): served now, the handler finds nothing.
+            after_poller::drain();
+        }
         let mut busy = serve_local(chan);
-        // A registration SPDK refused (made while post-poller handlers ran, e.g. from a
-        // completion another bdev's handler delivered) would leave this set for good, and
-        // every request would wait for this poller. One still pending finds nothing here,
-        // or is registered twice: harmless.
-        chan.after_poller.set(false);
         if chan.links.borrow().is_empty() {
             return if busy {
                 ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
