@@ -30,8 +30,9 @@
 //!
 //! Device errors become `IoError::Device`; a submission refused for want of a
 //! `spdk_bdev_io` (-ENOMEM) is queued by the worker and submitted again by its next polls
-//! (not `spdk_bdev_queue_io_wait`, which only wakes on a bdev_io freed on the same thread). After a base bdev is hot-removed every
-//! command for it fails at once, so requests that need it fail and the rest finish.
+//! (not `spdk_bdev_queue_io_wait`, which only wakes on a bdev_io freed on the same
+//! thread). After a base bdev is hot-removed every command for it fails at once, so
+//! requests that need it fail and the rest finish.
 //!
 //! One file per role, each an `impl Worker` block or free functions over it:
 //! - this file: the [`Worker`] state, what creates it ([`Setup`]) and what an open reports;
