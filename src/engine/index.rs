@@ -296,6 +296,9 @@ pub struct ExtentMap {
     hints: hints::Hints,
     /// What each cache segment was given, for GC (None: a reclaim walks the map).
     segments: Option<segments::Segments>,
+    /// Lookup results of the per-block calls that change the map as they go (writeback's
+    /// `mark_clean`, GC's move commits), kept so that they allocate nothing.
+    scratch: Vec<Piece>,
 }
 
 impl Default for ExtentMap {
@@ -323,6 +326,7 @@ impl ExtentMap {
             len: 0,
             hints: hints::Hints::default(),
             segments: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -451,10 +455,8 @@ impl ExtentMap {
     /// Counts a read hit in the heat of every data extent overlapping [lba, lba+len) (a
     /// read that hit them through a lookup), in the map's entries.
     pub fn touch(&mut self, lba: u64, len: u32) {
-        let mut parts = Vec::new();
-        self.per_bucket(lba, len, |a, l| parts.push((a, l)));
         let shift = self.shift;
-        for (a, l) in parts {
+        for (a, l) in bucket_pieces(self.bucket, lba, len) {
             let (key, off) = self.locate(a);
             let Some(b) = self.buckets.get_mut(&key) else {
                 continue;
@@ -521,21 +523,14 @@ impl ExtentMap {
 
     /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
     fn per_bucket(&self, lba: u64, len: u32, mut f: impl FnMut(u64, u32)) {
-        let end = lba + u64::from(len);
-        let mut at = lba;
-        while at < end {
-            let b_end = (super::geometry::div(at, self.bucket) + 1) * self.bucket;
-            let e = b_end.min(end);
-            f(at, (e - at) as u32);
-            at = e;
+        for (a, l) in bucket_pieces(self.bucket, lba, len) {
+            f(a, l);
         }
     }
 
     /// Removes every mapping in [lba, lba+len), trimming extents that stick out.
     pub fn punch(&mut self, lba: u64, len: u32) {
-        let mut parts = Vec::new();
-        self.per_bucket(lba, len, |a, l| parts.push((a, l)));
-        for (a, l) in parts {
+        for (a, l) in bucket_pieces(self.bucket, lba, len) {
             self.punch_in_bucket(a, l);
         }
     }
@@ -618,9 +613,7 @@ impl ExtentMap {
         let end = lba + u64::from(ext.len());
         if self.locate(lba).0 != self.locate(end - 1).0 {
             // Crosses a bucket edge (never for stripe-sized buckets): one piece per bucket.
-            let mut parts = Vec::new();
-            self.per_bucket(lba, ext.len(), |a, l| parts.push((a, l)));
-            for (a, l) in parts {
+            for (a, l) in bucket_pieces(self.bucket, lba, ext.len()) {
                 self.put(a, ext.slice(lba, a, l), rewrite);
             }
             return;
@@ -786,9 +779,9 @@ impl ExtentMap {
     /// written (a verify pass) earns no copy, or GC would copy nearly everything such a
     /// workload writes.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
-        let mut pieces = Vec::new();
+        let mut pieces = std::mem::take(&mut self.scratch);
         self.lookup(lba, len, &mut pieces);
-        for p in pieces {
+        for p in pieces.drain(..) {
             let Some(e) = p.extent else { continue };
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
@@ -802,6 +795,7 @@ impl ExtentMap {
                 );
             }
         }
+        self.scratch = pieces;
     }
 
     /// Poisons the parts of [lba, lba+len) that still hold the dirty data at cache sector
@@ -1082,42 +1076,54 @@ impl ExtentMap {
             .is_some_and(|e| e.state() == State::Clean && e.len() == len && e.pos == src)
     }
 
-    /// The parts of [lba, lba+len) still holding the clean data at cache sector `src` (the
-    /// extent a move copies, maybe trimmed or split by writes since): (lba, len, whole).
-    fn clean_parts_at(&self, lba: u64, len: u32, src: u64) -> Vec<(u64, u32, Extent)> {
-        let mut pieces = Vec::new();
-        self.lookup(lba, len, &mut pieces);
-        pieces
-            .into_iter()
-            .filter_map(|p| {
-                let e = p.extent?;
-                (e.state() == State::Clean && e.pos == src + (p.lba - lba))
-                    .then_some((p.lba, p.len, e))
-            })
-            .collect()
+    /// Whether piece `e` at `at` of the range starting at `lba` is still the clean data a
+    /// move copies from cache sector `src` (the extent maybe trimmed or split by writes
+    /// since).
+    fn still_clean_at(e: &Extent, at: u64, lba: u64, src: u64) -> bool {
+        e.state() == State::Clean && e.pos == src + (at - lba)
     }
 
     /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: what is
     /// still that extent now lives at `pos` (the whole extent keeps `crc`). Its heat
     /// (reads while it moved) comes along.
     pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
-        for (l, n, e) in self.clean_parts_at(lba, len, src) {
-            let whole = l == lba && n == len;
-            let heat = Self::heat_at(&self.hints, l, &e);
+        let mut pieces = std::mem::take(&mut self.scratch);
+        self.lookup(lba, len, &mut pieces);
+        for p in pieces.drain(..) {
+            let Some(e) = p.extent else { continue };
+            if !Self::still_clean_at(&e, p.lba, lba, src) {
+                continue;
+            }
+            let whole = p.lba == lba && p.len == len;
+            let heat = Self::heat_at(&self.hints, p.lba, &e);
             self.insert(
-                l,
-                Extent::new(pos + (l - lba), n, State::Clean, crc.filter(|_| whole), 0)
-                    .with_heat(heat),
+                p.lba,
+                Extent::new(
+                    pos + (p.lba - lba),
+                    p.len,
+                    State::Clean,
+                    crc.filter(|_| whole),
+                    0,
+                )
+                .with_heat(heat),
             );
         }
+        self.scratch = pieces;
     }
 
     /// Drops what is still the clean extent [lba, lba+len) at `src` (its move was given up
     /// and its segment is going), trimmed or split as it may be.
     pub fn drop_clean_at(&mut self, lba: u64, len: u32, src: u64) {
-        for (l, n, _) in self.clean_parts_at(lba, len, src) {
-            self.punch(l, n);
+        let mut pieces = std::mem::take(&mut self.scratch);
+        self.lookup(lba, len, &mut pieces);
+        for p in pieces.drain(..) {
+            if p.extent
+                .is_some_and(|e| Self::still_clean_at(&e, p.lba, lba, src))
+            {
+                self.punch(p.lba, p.len);
+            }
         }
+        self.scratch = pieces;
     }
 
     /// Every block the hints hold is that extent in the buckets (for tests).
@@ -1265,6 +1271,21 @@ fn clip(s: u64, l: u32, lba: u64, len: u32) -> (u64, u32) {
     let a = s.max(lba);
     let b = (s + u64::from(l)).min(lba + u64::from(len));
     (a, (b - a) as u32)
+}
+
+/// [lba, lba+len) cut at the edges of buckets of `bucket` sectors: (start, length) each.
+fn bucket_pieces(bucket: u64, lba: u64, len: u32) -> impl Iterator<Item = (u64, u32)> {
+    let end = lba + u64::from(len);
+    let mut at = lba;
+    std::iter::from_fn(move || {
+        (at < end).then(|| {
+            let b_end = (super::geometry::div(at, bucket) + 1) * bucket;
+            let e = b_end.min(end);
+            let piece = (at, (e - at) as u32);
+            at = e;
+            piece
+        })
+    })
 }
 
 #[cfg(test)]
