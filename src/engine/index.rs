@@ -521,13 +521,6 @@ impl ExtentMap {
         b.exts.as_ptr().wrapping_add(i).cast()
     }
 
-    /// Calls `f` for each part of [lba, lba+len) that lies in one bucket.
-    fn per_bucket(&self, lba: u64, len: u32, mut f: impl FnMut(u64, u32)) {
-        for (a, l) in bucket_pieces(self.bucket, lba, len) {
-            f(a, l);
-        }
-    }
-
     /// Removes every mapping in [lba, lba+len), trimming extents that stick out.
     pub fn punch(&mut self, lba: u64, len: u32) {
         for (a, l) in bucket_pieces(self.bucket, lba, len) {
@@ -714,10 +707,10 @@ impl ExtentMap {
     }
 
     fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
-        self.per_bucket(lba, len, |a, l| {
+        for (a, l) in bucket_pieces(self.bucket, lba, len) {
             let (key, off) = self.locate(a);
             let Some(b) = self.buckets.get(&key) else {
-                return;
+                continue;
             };
             let base = key * self.bucket;
             let end = a + u64::from(l);
@@ -733,7 +726,7 @@ impl ExtentMap {
                 f(s, &b.exts[i]);
                 i += 1;
             }
-        });
+        }
     }
 
     /// Splits [lba, lba+len) into mapped pieces and gaps, in LBA order.
