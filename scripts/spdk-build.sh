@@ -167,8 +167,8 @@ new_build_dir() {
     run mkdir -p "$BUILD_DIR"
 }
 if [ -n "$SRC" ]; then
-    if [ ! -x "$SRC/configure" ] || [ ! -e "$SRC/include/spdk/version.h" ]; then
-        die "$SRC is not an SPDK source tree (no configure, include/spdk/version.h)"
+    if [ ! -x "$SRC/configure" ] || [ ! -e "$SRC/include/spdk/bdev.h" ]; then
+        die "$SRC is not an SPDK source tree (no configure, include/spdk/bdev.h)"
     fi
     BUILD_DIR=$(cd "$SRC" && pwd)
     if [ "$WITH_OCF" = 1 ] && [ ! -e "$BUILD_DIR/ocf/Makefile" ]; then
@@ -201,11 +201,18 @@ else
     fi
 fi
 if [ "$DRY" = 0 ]; then
-    ver=$(awk '/#define SPDK_VERSION_(MAJOR|MINOR)[[:space:]]/ {printf "%s.", $3}' \
-        "$BUILD_DIR/include/spdk/version.h")
+    # v26.05's tree names its version in VERSION (include/spdk/version.h is generated from
+    # version.h.in by configure); older trees only in version.h.
+    if [ -e "$BUILD_DIR/VERSION" ]; then
+        ver=$(cut -d. -f1,2 "$BUILD_DIR/VERSION")
+    else
+        ver=$(awk '/#define SPDK_VERSION_(MAJOR|MINOR)[[:space:]]/ {printf "%02d.", $3}' \
+            "$BUILD_DIR/include/spdk/version.h" 2>/dev/null)
+        ver=${ver%.}
+    fi
     case $ver in
-        26.5.) echo "SPDK tree $BUILD_DIR: version 26.05" ;;
-        *) echo "spdk-build.sh: warning: $BUILD_DIR is SPDK ${ver%.}, not 26.05: the patches may not apply" >&2 ;;
+        26.05) echo "SPDK tree $BUILD_DIR: version 26.05" ;;
+        *) echo "spdk-build.sh: warning: $BUILD_DIR is SPDK ${ver:-of unknown version}, not 26.05: the patches may not apply" >&2 ;;
     esac
 fi
 
