@@ -191,8 +191,16 @@ fn zipfian_reads_hit_more_often_than_lru() {
 #[test]
 #[ignore = "a measurement: cargo test --release --test zipf -- --ignored --nocapture"]
 fn zipf_hit_ratios_at_bench_size() {
+    // ZIPF_CELL=θ,writes% runs one cell (for profiling), e.g. ZIPF_CELL=0.8,30.
+    let only = std::env::var("ZIPF_CELL").ok();
     for theta in [0.8, 0.99] {
         for writes in [0, 30] {
+            if only
+                .as_deref()
+                .is_some_and(|c| c != format!("{theta},{writes}"))
+            {
+                continue;
+            }
             run(128, theta, writes, 4_000_000);
         }
     }
