@@ -377,7 +377,10 @@ if [ "$WITH_OCF" = 1 ]; then
             -lspdk_log -lspdk_json -lspdk_jsonrpc -lspdk_rpc -lspdk_env_dpdk -Wl,-z,defs ||
             die "relinking libspdk_bdev_ocf.so with OCF failed"
         install -m 755 "$tmp/libspdk_bdev_ocf.so" "$real"
-        nm -D --defined-only "$real" | grep -q ' T ocf_mngt_cache_start$' ||
+        # Not `nm | grep -q`: under pipefail, grep quitting at the first match can kill nm
+        # with SIGPIPE and fail the check.
+        syms=$(nm -D --defined-only "$real")
+        grep -q ' T ocf_mngt_cache_start$' <<<"$syms" ||
             die "$real has no OCF inside after relinking"
         echo "$real now holds OCF"
     fi
