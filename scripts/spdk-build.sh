@@ -207,7 +207,7 @@ if [ "$DRY" = 0 ]; then
         ver=$(cut -d. -f1,2 "$BUILD_DIR/VERSION")
     else
         ver=$(awk '/#define SPDK_VERSION_(MAJOR|MINOR)[[:space:]]/ {printf "%02d.", $3}' \
-            "$BUILD_DIR/include/spdk/version.h" 2>/dev/null)
+            "$BUILD_DIR/include/spdk/version.h" 2>/dev/null) || ver=
         ver=${ver%.}
     fi
     case $ver in
