@@ -772,20 +772,30 @@ impl ExtentMap {
     /// written (a verify pass) earns no copy, or GC would copy nearly everything such a
     /// workload writes.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
-        let mut pieces = std::mem::take(&mut self.scratch);
-        self.lookup(lba, len, &mut pieces);
-        for p in pieces.drain(..) {
-            let Some(e) = p.extent else { continue };
+        self.for_each_mapped(lba, len, |m, p, e| {
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
-                let heat = match Self::heat_at(&self.hints, p.lba, &e) {
+                let heat = match Self::heat_at(&m.hints, p.lba, &e) {
                     1 => 0,
                     h => h,
                 };
-                self.insert(
+                m.insert(
                     p.lba,
                     Extent::new(e.pos, p.len, State::Clean, crc, 0).with_heat(heat),
                 );
+            }
+        });
+    }
+
+    /// Calls `f` with each mapped piece of [lba, lba+len) and its extent, as a lookup finds
+    /// them before `f` changes the map; the lookup goes in the map's scratch vector, so the
+    /// per-block callers (writeback, GC) allocate nothing (a nested call would allocate).
+    fn for_each_mapped(&mut self, lba: u64, len: u32, mut f: impl FnMut(&mut Self, Piece, Extent)) {
+        let mut pieces = std::mem::take(&mut self.scratch);
+        self.lookup(lba, len, &mut pieces);
+        for p in pieces.drain(..) {
+            if let Some(e) = p.extent {
+                f(self, p, e);
             }
         }
         self.scratch = pieces;
@@ -1080,16 +1090,13 @@ impl ExtentMap {
     /// still that extent now lives at `pos` (the whole extent keeps `crc`). Its heat
     /// (reads while it moved) comes along.
     pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
-        let mut pieces = std::mem::take(&mut self.scratch);
-        self.lookup(lba, len, &mut pieces);
-        for p in pieces.drain(..) {
-            let Some(e) = p.extent else { continue };
+        self.for_each_mapped(lba, len, |m, p, e| {
             if !Self::still_clean_at(&e, p.lba, lba, src) {
-                continue;
+                return;
             }
             let whole = p.lba == lba && p.len == len;
-            let heat = Self::heat_at(&self.hints, p.lba, &e);
-            self.insert(
+            let heat = Self::heat_at(&m.hints, p.lba, &e);
+            m.insert(
                 p.lba,
                 Extent::new(
                     pos + (p.lba - lba),
@@ -1100,23 +1107,17 @@ impl ExtentMap {
                 )
                 .with_heat(heat),
             );
-        }
-        self.scratch = pieces;
+        });
     }
 
     /// Drops what is still the clean extent [lba, lba+len) at `src` (its move was given up
     /// and its segment is going), trimmed or split as it may be.
     pub fn drop_clean_at(&mut self, lba: u64, len: u32, src: u64) {
-        let mut pieces = std::mem::take(&mut self.scratch);
-        self.lookup(lba, len, &mut pieces);
-        for p in pieces.drain(..) {
-            if p.extent
-                .is_some_and(|e| Self::still_clean_at(&e, p.lba, lba, src))
-            {
-                self.punch(p.lba, p.len);
+        self.for_each_mapped(lba, len, |m, p, e| {
+            if Self::still_clean_at(&e, p.lba, lba, src) {
+                m.punch(p.lba, p.len);
             }
-        }
-        self.scratch = pieces;
+        });
     }
 
     /// Every block the hints hold is that extent in the buckets (for tests).
