@@ -49,6 +49,34 @@ fn dax_host(path: &std::path::Path) -> SyncHost<DaxDevice, MemDevice> {
     .0
 }
 
+/// A copy within the mapping lands whole and durable, and one that overlaps itself or
+/// runs past the end is refused without writing anything.
+#[test]
+fn copy_within_the_mapping_moves_exactly_the_sectors_asked() {
+    let path = temp_path("copy");
+    let mut dev = DaxDevice::open(&path, Some(1 << 20), true).unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+    dev.write(8, &data).unwrap();
+    dev.persist_log = Some(Vec::new());
+    dev.copy(8, 100, 16).unwrap();
+    let mut back = vec![0u8; 8192];
+    dev.read(100, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(
+        dev.persist_log.take().unwrap(),
+        vec![PersistEvent {
+            sector: 100,
+            sectors: 16
+        }]
+    );
+    assert!(dev.copy(8, 16, 16).is_err(), "overlapping");
+    assert!(dev.copy(8, 2048 - 8, 16).is_err(), "past the end");
+    dev.read(16, &mut back).unwrap();
+    assert_eq!(&back[..4096], &data[4096..], "untouched");
+    drop(dev);
+    let _ = std::fs::remove_file(path);
+}
+
 #[test]
 fn an_ordinary_file_is_mapped_and_called_not_persistent_memory() {
     let path = temp_path("describe");

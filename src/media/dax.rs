@@ -271,20 +271,69 @@ impl DaxDevice {
             return Err(IoError::Device);
         }
         let start = self.range(sector, buf.len())?;
-        // SAFETY: as in `read`; the mapping is writable and exclusively ours via &mut self.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), buf.len()) };
+        // SAFETY: `buf` is a Rust slice we were given, so it cannot alias the mapping.
+        unsafe { self.store(start, buf.as_ptr(), buf.len()) }
+    }
+
+    /// Copies `sectors` sectors from `src` to `dst` within the mapping (a GC move of
+    /// cached data), durable when this returns like [`BlockDevice::write`]: one pass over
+    /// the data, where a read into a buffer and a write out of it make two. The ranges may
+    /// not overlap.
+    pub fn copy(&mut self, src: u64, dst: u64, sectors: u64) -> Result<(), IoError> {
+        if !self.writable {
+            return Err(IoError::Device);
+        }
+        let bytes = usize::try_from(sectors)
+            .ok()
+            .and_then(|s| s.checked_mul(512))
+            .ok_or(IoError::Device)?;
+        let (from, to) = (self.range(src, bytes)?, self.range(dst, bytes)?);
+        if from < to + bytes && to < from + bytes {
+            return Err(IoError::Device);
+        }
+        // SAFETY: `from..from+bytes` is inside the mapping (checked by `range`).
+        let src = unsafe { self.base.as_ptr().add(from) };
+        #[cfg(target_arch = "x86_64")]
+        for off in (0..bytes).step_by(LINE) {
+            // SAFETY: a prefetch reads nothing architecturally and cannot fault.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    src.add(off).cast(),
+                )
+            };
+        }
+        // SAFETY: the source lies inside the mapping and apart from the destination
+        // (checked above).
+        unsafe { self.store(to, src, bytes)? };
+        self.fence();
+        Ok(())
+    }
+
+    /// Stores `len` bytes from `src` at byte `start` of the mapping (bounds-checked by the
+    /// caller): durable at the next fence, or now with `Persist::Msync`.
+    ///
+    /// # Safety
+    /// `src` points at `len` readable bytes that do not overlap `start..start+len`.
+    unsafe fn store(&mut self, start: usize, src: *const u8, len: usize) -> Result<(), IoError> {
+        // SAFETY: per the contract, and the destination is inside the writable mapping,
+        // exclusively ours via &mut self.
+        let (dst, src) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), len),
+                std::slice::from_raw_parts(src, len),
+            )
+        };
         if self.persist == Persist::Msync {
-            dst.copy_from_slice(buf);
-            return self.persist_range(start, buf.len());
+            dst.copy_from_slice(src);
+            return self.persist_range(start, len);
         }
         // Non-temporal stores bypass the CPU caches: no line to write back, only the fence
         // (and no read of the cold destination lines before writing them).
-        if !copy_streaming(dst, buf) {
-            dst.copy_from_slice(buf);
-            self.write_back(start, buf.len());
+        if !copy_streaming(dst, src) {
+            dst.copy_from_slice(src);
+            self.write_back(start, len);
         }
-        self.unfenced.push((start, buf.len()));
+        self.unfenced.push((start, len));
         Ok(())
     }
 

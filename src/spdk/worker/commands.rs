@@ -165,9 +165,10 @@ impl Worker {
                 verify,
             } => {
                 if self.copy_offload && src == Dev::Cache && dst == Dev::Cache && verify.is_none() {
-                    // Within the cache bdev, with nothing to check on the way: the bdev
-                    // copies (one memory copy on a RAM-backed bdev, none through the host
-                    // on a device that copies itself), with no bounce buffer.
+                    // Within the cache, with nothing to check on the way: the bdev copies
+                    // (one memory copy on a RAM-backed bdev, none through the host on a
+                    // device that copies itself), or a mapped cache copies from the
+                    // mapping to itself (`dax_run`), with no bounce buffer.
                     let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyBlocks, dst);
                     d.copy_dst = (dst, dst_sector);
                     match self.blocks_of(Dev::Cache, src_sector, sectors) {

@@ -117,8 +117,8 @@ pub(super) fn dax_run(dax: &mut DaxDevice, d: &DevIo, bounce: &mut Vec<u8>) -> b
         Kind::Zeroes => dax.write_zeroes(sector, d.blocks).is_ok(),
         Kind::Read | Kind::CopyRead => dax_read(dax, sector, &d.iovs, bounce),
         Kind::Write | Kind::CopyWrite => dax_write(dax, sector, &d.iovs, bounce, true),
-        // Never made for a mapped cache (`Worker::copy_offload` is off).
-        Kind::CopyBlocks => false,
+        // A copy within the cache: from the mapping to itself, no buffer between.
+        Kind::CopyBlocks => dax.copy(d.copy_from, sector, d.blocks).is_ok(),
     }
 }
 

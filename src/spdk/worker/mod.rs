@@ -214,8 +214,8 @@ pub(crate) struct Worker {
     front_shift: u32,
     blocks: [u64; 2],
     flush_ok: [bool; 2],
-    /// The cache bdev copies within itself (COPY): GC's moves go to it instead of
-    /// through a host buffer.
+    /// The cache copies within itself (a cache bdev by COPY, a mapped cache from the
+    /// mapping to itself): GC's moves go to it instead of through a host buffer.
     copy_offload: bool,
     removed: [bool; 2],
     identity: BackingIdentity,
@@ -320,9 +320,9 @@ impl Worker {
             Some(d) => (0, d.sectors(), false),
             None => (shift_of(s.bdev[0]), blocks(s.bdev[0]), flush(s.bdev[0])),
         };
-        let copy_offload = s.dax.is_none()
+        let copy_offload = s.dax.is_some()
             // SAFETY: an open base bdev.
-            && unsafe { ffi::spdk_bdev_io_type_supported(s.bdev[0], t::SPDK_BDEV_IO_TYPE_COPY) };
+            || unsafe { ffi::spdk_bdev_io_type_supported(s.bdev[0], t::SPDK_BDEV_IO_TYPE_COPY) };
         Worker {
             name: s.name,
             wid: 0,
