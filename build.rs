@@ -236,6 +236,7 @@ mod spdk {
             )
             .allowlist_function("spdk_poller_(register_named|unregister)")
             .allowlist_function("spdk_dma_(zmalloc|free)")
+            .allowlist_function("spdk_mem_(un)?register")
             .allowlist_function("spdk_env_get_(first_core|next_core|core_count|current_core)")
             .allowlist_function("spdk_cpuset_(zero|set_cpu|get_cpu|count)")
             .allowlist_function("spdk_rpc_register_method")

@@ -1375,6 +1375,41 @@ fn restart_and_reattach_cache_path() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// `restart_and_reattach_cache_path` with the file on hugetlbfs, whose pages stay put: the
+/// mapping is registered with SPDK and writeback writes the backing bdev straight from it
+/// (`device_copies_from_mapping`), with the same data landing.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn restart_and_reattach_cache_path_hugetlbfs() {
+    let dir = Path::new("/dev/hugepages");
+    let free_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let field = |k: &str| -> Option<u64> {
+                m.lines()
+                    .find(|l| l.starts_with(k))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            };
+            Some(field("HugePages_Free:")? * field("Hugepagesize:")? / 1024)
+        })
+        .unwrap_or(0);
+    // The cache's 64 MiB, beside the two targets' own DPDK memory.
+    if !dir.is_dir() || free_mib < 512 {
+        println!("SKIPPED: needs hugetlbfs at /dev/hugepages with 512 MiB free ({free_mib})");
+        return;
+    }
+    let path = dir.join(format!("pcache-it-persist-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    restart_case(Some(&path), 512);
+    let _ = std::fs::remove_file(&path);
+}
+
 /// The cache: aio bdev `Cache0` of `cache_block`-byte blocks (None) or the mapped file
 /// `cache_path`.
 fn restart_case(cache_path: Option<&Path>, cache_block: u32) {
@@ -1384,7 +1419,9 @@ fn restart_case(cache_path: Option<&Path>, cache_block: u32) {
         println!("SKIPPED: spdk_dd not found (needed to write through NVMe/TCP)");
         return;
     };
+    let hugetlbfs = cache_path.is_some_and(|p| p.starts_with("/dev/hugepages"));
     let tag = match (cache_path.is_some(), cache_block) {
+        (true, _) if hugetlbfs => "persisth",
         (true, _) => "persistp",
         (false, 512) => "persist",
         (false, _) => "persist4k",
@@ -1540,7 +1577,7 @@ fn restart_case(cache_path: Option<&Path>, cache_block: u32) {
     );
     if let Some(p) = &path_s {
         assert_eq!(info["cache_path"], json!(p), "{info}");
-        assert_eq!(info["persistent_memory"], false, "tmpfs: {info}");
+        assert_eq!(info["persistent_memory"], false, "RAM: {info}");
     }
     let back = dd_read(
         &spdk,
@@ -1571,6 +1608,12 @@ fn restart_case(cache_path: Option<&Path>, cache_block: u32) {
         read_prefix(&back_img, data.len()) == data,
         "after writeback the backing file holds the pattern"
     );
+    if cache_path.is_some() {
+        // Only pages that stay put are handed to the backing bdev (tmpfs pages may move).
+        let host = &rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["host"];
+        let direct = host["device_copies_from_mapping"].as_u64().unwrap_or(0);
+        assert_eq!(direct > 0, hugetlbfs, "writeback from the mapping: {host}");
+    }
 
     // The cache belongs to Slow0: offered with another backing bdev it is refused, intact.
     assert_eq!(rpc.ok(&["bdev_pcache_delete", "PC0"]), json!(true));

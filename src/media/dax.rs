@@ -39,7 +39,7 @@ pub enum Persist {
     Cpu(FlushInsn),
     /// An ordinary file: `msync`. Not persistent memory; for tests and trials only.
     Msync,
-    /// A file in RAM (tmpfs): stores are already where `msync` would put them; survives a
+    /// A file in RAM (tmpfs, hugetlbfs): stores are already where `msync` would put them; survives a
     /// process crash, not a power loss. Not persistent memory; for tests and benchmarks.
     Ram,
 }
@@ -82,6 +82,8 @@ pub struct DaxDevice {
     persist: Persist,
     writable: bool,
     devdax: bool,
+    /// Its pages stay where they are while mapped (devdax, hugetlbfs).
+    pinned: bool,
     _file: File,
     /// When set, every persist barrier is appended here (tests).
     pub persist_log: Option<Vec<PersistEvent>>,
@@ -154,7 +156,7 @@ impl DaxDevice {
             // with nothing at all on tmpfs, whose pages are the file).
             // SAFETY: as above.
             ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
-            persist = if on_tmpfs(&file) {
+            persist = if in_ram(&file) {
                 Persist::Ram
             } else {
                 Persist::Msync
@@ -166,7 +168,8 @@ impl DaxDevice {
                 err: std::io::Error::last_os_error(),
             });
         }
-        if persist == Persist::Ram {
+        let pinned = devdax || on_hugetlbfs(&file);
+        if persist == Persist::Ram && !pinned {
             // 4 KiB pages make every random copy a TLB miss; PMEM is mapped with 2 MiB
             // pages, and tmpfs gives them where the admin allows (shmem_enabled=advise).
             // SAFETY: advice on the mapping just made; failure changes nothing.
@@ -182,6 +185,7 @@ impl DaxDevice {
             persist,
             writable,
             devdax,
+            pinned,
             _file: file,
             persist_log: None,
             unfenced: Vec::new(),
@@ -208,6 +212,22 @@ impl DaxDevice {
         self.persist
     }
 
+    /// The whole mapping, when its pages stay where they are while it is mapped (devdax,
+    /// hugetlbfs): then a device may transfer to and from it directly, once it is
+    /// registered with the I/O layer. tmpfs pages may be migrated and a DAX filesystem's
+    /// blocks moved under a live mapping, so those are not offered.
+    pub fn pinned_region(&self) -> Option<(NonNull<u8>, usize)> {
+        self.pinned.then_some((self.base, self.len))
+    }
+
+    /// The address of `bytes` bytes at `sector` of the mapping (None: out of range).
+    pub fn addr(&self, sector: u64, bytes: usize) -> Option<NonNull<u8>> {
+        let start = self.range(sector, bytes).ok()?;
+        // SAFETY: `start` is inside the mapping (checked by `range`), so the pointer is
+        // in bounds of the same allocation and not null.
+        Some(unsafe { self.base.add(start) })
+    }
+
     /// Whether this is real persistent memory (else writes are made durable with msync).
     pub fn is_persistent_memory(&self) -> bool {
         matches!(self.persist, Persist::Cpu(_))
@@ -226,8 +246,8 @@ impl DaxDevice {
                 self.len >> 20
             ),
             Persist::Ram => format!(
-                "NOT persistent memory: a file in RAM (tmpfs), {} MiB mapped; survives a \
-                 process crash, not a power loss (for tests and benchmarks)",
+                "NOT persistent memory: a file in RAM (tmpfs or hugetlbfs), {} MiB mapped; \
+                 survives a process crash, not a power loss (for tests and benchmarks)",
                 self.len >> 20
             ),
         }
@@ -473,14 +493,27 @@ fn sfence() {
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Whether the file lives on tmpfs (RAM).
-fn on_tmpfs(file: &File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The magic number of the filesystem `file` lives on.
+fn fs_magic(file: &File) -> Option<i64> {
     // SAFETY: statfs is plain old data; fstatfs fills it for an open descriptor.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `file` is open for the duration of the call and `st` is a valid out-pointer.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    rc == 0 && st.f_type as i64 == TMPFS_MAGIC
+    (rc == 0).then_some(st.f_type as i64)
+}
+
+/// Whether the file lives in RAM (tmpfs, hugetlbfs).
+fn in_ram(file: &File) -> bool {
+    matches!(fs_magic(file), Some(TMPFS_MAGIC | HUGETLBFS_MAGIC))
+}
+
+/// Whether the file lives on hugetlbfs, whose pages are never swapped, merged or moved by
+/// compaction (the memory SPDK's own DMA buffers come from).
+fn on_hugetlbfs(file: &File) -> bool {
+    fs_magic(file) == Some(HUGETLBFS_MAGIC)
 }
 
 /// A devdax device's size, from sysfs.

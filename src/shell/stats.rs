@@ -18,6 +18,8 @@ pub(crate) struct Counters {
     /// then made through a host buffer).
     pub(crate) dev_copies_offloaded: u64,
     pub(crate) dev_copies_offload_failed: u64,
+    /// Of those, written to the backing bdev straight from a registered mapped cache.
+    pub(crate) dev_copies_from_mapping: u64,
     pub(crate) dev_flushes: u64,
     pub(crate) dev_zeroes: u64,
     pub(crate) dev_errors: u64,
@@ -60,6 +62,7 @@ impl Counters {
             "device_copies": c.dev_copies,
             "device_copies_offloaded": c.dev_copies_offloaded,
             "device_copies_offload_failed": c.dev_copies_offload_failed,
+            "device_copies_from_mapping": c.dev_copies_from_mapping,
             "device_flushes": c.dev_flushes,
             "device_write_zeroes": c.dev_zeroes,
             "device_errors": c.dev_errors,
@@ -350,6 +353,7 @@ mod tests {
             [
                 "crc_mismatches",
                 "device_copies",
+                "device_copies_from_mapping",
                 "device_copies_offload_failed",
                 "device_copies_offloaded",
                 "device_errors",

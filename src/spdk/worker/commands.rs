@@ -184,6 +184,22 @@ impl Worker {
                 let mut d = self.new_dio(Purpose::Cmd, tag, Kind::CopyRead, src);
                 d.copy_dst = (dst, dst_sector);
                 self.counters.dev_copies += 1;
+                if let (None, Dev::Cache, Dev::Backing, Some(iov)) =
+                    (verify, src, dst, self.mapped_iov(src_sector, sectors))
+                {
+                    // Writeback from a registered mapped cache: the backing bdev takes the
+                    // data from the mapping itself. It stays put until the write completes:
+                    // the range is not rewritten in place while writeback copies it, and
+                    // its segment is not reclaimed before the dirty tail passes it.
+                    d.kind = Kind::CopyWrite;
+                    d.dev = dst;
+                    d.iovs.push(iov);
+                    if !self.set_range(&mut d, dst_sector, sectors) {
+                        return self.fail_now(d);
+                    }
+                    self.counters.dev_copies_from_mapping += 1;
+                    return self.issue(d);
+                }
                 self.copy_through_host(d, src_sector, sectors, verify);
             }
         }

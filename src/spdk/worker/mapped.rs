@@ -13,6 +13,7 @@ use crate::media::BlockDevice;
 use crate::spdk::ffi::{self, spdk_bdev_io_type as t};
 use crate::spdk::link::Desc;
 use crate::spdk::log::spdk_log;
+use std::ptr::NonNull;
 
 impl Worker {
     /// Executes cache-device I/O `d` on the mapped cache at once: a copy between the
@@ -106,6 +107,72 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// A mapped cache registered with SPDK's memory maps, so that a base bdev may transfer
+/// straight from it (writeback's writes to the backing bdev). Unregistered when dropped,
+/// which must come before the mapping goes.
+pub(super) struct DmaRegistration {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+impl DmaRegistration {
+    /// Registers `dax` when its pages stay put while mapped (`DaxDevice::pinned_region`)
+    /// and lie on 2 MiB boundaries, as `spdk_mem_register` needs; None (logged): its data
+    /// goes through host buffers as before.
+    pub(super) fn new(dax: &DaxDevice, name: &str) -> Option<Self> {
+        const TWO_MIB: usize = 2 << 20;
+        let (addr, len) = dax.pinned_region()?;
+        if (addr.as_ptr() as usize | len) % TWO_MIB != 0 {
+            spdk_log!(
+                NOTICE,
+                "{name}: the mapped cache is not in whole 2 MiB pages: writeback copies its \
+                 data through host buffers"
+            );
+            return None;
+        }
+        // SAFETY: a live mapping of `len` bytes, registered once and unregistered (by
+        // `drop`) while still mapped.
+        let rc = unsafe { ffi::spdk_mem_register(addr.as_ptr().cast(), len) };
+        if rc != 0 {
+            spdk_log!(
+                NOTICE,
+                "{name}: the mapped cache could not be registered for device transfers \
+                 (rc {rc}): writeback copies its data through host buffers"
+            );
+            return None;
+        }
+        spdk_log!(
+            NOTICE,
+            "{name}: the mapped cache is registered: writeback writes from it directly"
+        );
+        Some(DmaRegistration { addr, len })
+    }
+}
+
+impl Drop for DmaRegistration {
+    fn drop(&mut self) {
+        // SAFETY: the region registered in `new`, still mapped (see the type's contract).
+        let rc = unsafe { ffi::spdk_mem_unregister(self.addr.as_ptr().cast(), self.len) };
+        if rc != 0 {
+            spdk_log!(ERROR, "unregistering a mapped cache failed: rc {rc}");
+        }
+    }
+}
+
+impl Worker {
+    /// The iovec of `sectors` sectors at `sector` of the mapped cache, when a base bdev may
+    /// transfer from there directly ([`DmaRegistration`]).
+    pub(super) fn mapped_iov(&self, sector: u64, sectors: u64) -> Option<ffi::iovec> {
+        self.dax_dma.as_ref()?;
+        let len = usize::try_from(sectors.checked_mul(512)?).ok()?;
+        let at = self.dax.as_ref()?.addr(sector, len)?;
+        Some(ffi::iovec {
+            iov_base: at.as_ptr().cast(),
+            iov_len: len,
+        })
     }
 }
 

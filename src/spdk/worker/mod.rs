@@ -223,6 +223,9 @@ pub(crate) struct Worker {
     fopts: FormatOptions,
     copts: CacheOptions,
     cache_bytes: u64,
+    /// The mapped cache registered for base bdev transfers. Declared before `dax`, so
+    /// dropped (unregistered) before the mapping is.
+    dax_dma: Option<mapped::DmaRegistration>,
     /// The mapped cache, when there is no cache bdev.
     dax: Option<DaxDevice>,
     /// Completions of inline (mapped-cache) commands, delivered in order by the outermost
@@ -320,6 +323,10 @@ impl Worker {
             Some(d) => (0, d.sectors(), false),
             None => (shift_of(s.bdev[0]), blocks(s.bdev[0]), flush(s.bdev[0])),
         };
+        let dax_dma = s
+            .dax
+            .as_ref()
+            .and_then(|d| mapped::DmaRegistration::new(d, &s.name));
         let copy_offload = s.dax.is_some()
             // SAFETY: an open base bdev.
             || unsafe { ffi::spdk_bdev_io_type_supported(s.bdev[0], t::SPDK_BDEV_IO_TYPE_COPY) };
@@ -344,6 +351,7 @@ impl Worker {
             fopts: s.format,
             copts: s.cache_options,
             cache_bytes: s.cache_bytes,
+            dax_dma,
             dax: s.dax,
             dax_done: VecDeque::new(),
             dax_busy: false,
