@@ -3,7 +3,8 @@
 //! the mapping and the buffers, direct writes of one batch made durable by one fence, and
 //! the read-ahead of the next request's data.
 //!
-//! The only file that copies to or from the mapping; calls device I/O to complete.
+//! The only file that copies to or from the mapping; calls device I/O to complete. A base
+//! bdev reads from the mapping only once it is registered here ([`DmaRegistration`]).
 
 use super::devio::{sub_iovs, DevIo, Kind, Purpose};
 use super::reply::Reply;
