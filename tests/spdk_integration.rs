@@ -86,25 +86,30 @@ use common_spdk::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// A `/proc/meminfo` field's number (kB, or a count).
+fn meminfo(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn mem_args() -> Vec<String> {
     // Another SPDK app on the machine may take hugepages between this check and the
     // start-up: `PCACHE_SPDK_NO_HUGE` keeps the tests off them.
     if std::env::var_os("PCACHE_SPDK_NO_HUGE").is_some() {
         return vec!["--no-huge".into(), "-s".into(), "2048".into()];
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |k: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-    };
     let mounted = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .contains(" hugetlbfs ");
     if mounted
-        && field("Hugepagesize:") == Some(2048)
-        && field("HugePages_Free:").unwrap_or(0) >= 512
+        && meminfo("Hugepagesize:") == Some(2048)
+        && meminfo("HugePages_Free:").unwrap_or(0) >= 512
     {
         vec![]
     } else {
@@ -1385,20 +1390,9 @@ fn restart_and_reattach_cache_path() {
 )]
 fn restart_and_reattach_cache_path_hugetlbfs() {
     let dir = Path::new("/dev/hugepages");
-    let free_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let field = |k: &str| -> Option<u64> {
-                m.lines()
-                    .find(|l| l.starts_with(k))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            };
-            Some(field("HugePages_Free:")? * field("Hugepagesize:")? / 1024)
-        })
-        .unwrap_or(0);
+    let free_mib = meminfo("HugePages_Free:")
+        .zip(meminfo("Hugepagesize:"))
+        .map_or(0, |(n, kib)| n * kib / 1024);
     // The cache's 64 MiB, beside the two targets' own DPDK memory.
     if !dir.is_dir() || free_mib < 512 {
         println!("SKIPPED: needs hugetlbfs at /dev/hugepages with 512 MiB free ({free_mib})");
