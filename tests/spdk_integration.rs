@@ -86,18 +86,6 @@ use common_spdk::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// A `/proc/meminfo` field's number (kB, or a count).
-fn meminfo(key: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn mem_args() -> Vec<String> {
     // Another SPDK app on the machine may take hugepages between this check and the
     // start-up: `PCACHE_SPDK_NO_HUGE` keeps the tests off them.

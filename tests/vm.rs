@@ -36,14 +36,6 @@ use common_spdk::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn meminfo(key: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 /// Everything a VM test needs, or the reason it skips.
 fn setup() -> Result<(Spdk, PathBuf), String> {
     if std::env::var_os("PCACHE_SKIP_VM_TESTS").is_some() {

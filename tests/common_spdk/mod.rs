@@ -8,6 +8,15 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// A `/proc/meminfo` field's number (kB, or a count; `key` with its colon).
+pub fn meminfo(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// A build error starting with this is an environment gap, reported as a skip.
 pub const SKIP_PREFIX: &str = "SKIP:";
 
