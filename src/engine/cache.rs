@@ -750,6 +750,15 @@ impl Cache {
         }
     }
 
+    /// Gives back the buffer of a [`Buf::Owned`](super::io::Buf::Owned) write of command
+    /// `tag` once the device has it (optional: a dropped buffer is simply freed).
+    pub fn give_back(&mut self, tag: u64, buf: Vec<u8>) {
+        let shard = (tag >> 48) as usize;
+        if let Some(li) = self.local.get(shard).copied().flatten() {
+            self.shards[li as usize].give_back(buf);
+        }
+    }
+
     pub fn take_commands(&mut self) -> Vec<Command> {
         std::mem::take(&mut self.commands)
     }

@@ -705,29 +705,39 @@ pub struct Kset {
 impl Kset {
     /// Encodes the kset, padded to whole sectors; returns the bytes and the kset's CRC.
     pub fn encode(&self, seed: u32) -> (Vec<u8>, u32) {
+        let mut b = Vec::new();
+        let crc = self.encode_into(seed, &mut b, SECTOR);
+        (b, crc)
+    }
+
+    /// [`Kset::encode`] into `b` (its old contents replaced, its allocation reused),
+    /// padded with zeroes to a multiple of `block` bytes (the device's block, a multiple of
+    /// the sector).
+    pub fn encode_into(&self, seed: u32, b: &mut Vec<u8>, block: usize) -> u32 {
         let sectors = kset_sectors(self.keys.len()) as usize;
-        let mut b = vec![0u8; sectors * SECTOR];
-        put(&mut b, 0, &KSET_MAGIC.to_le_bytes());
-        put(&mut b, 8, &self.seq.to_le_bytes());
-        put(&mut b, 16, &self.prev_crc.to_le_bytes());
-        put(&mut b, 20, &(self.shard as u16).to_le_bytes());
-        put(&mut b, 22, &(FORMAT_VERSION as u16).to_le_bytes());
-        put(&mut b, 24, &(self.keys.len() as u32).to_le_bytes());
-        put(&mut b, 28, &self.pos.seg.to_le_bytes());
-        put(&mut b, 32, &self.pos.gen.to_le_bytes());
-        put(&mut b, 36, &self.next.seg.to_le_bytes());
-        put(&mut b, 40, &self.next.gen.to_le_bytes());
-        put(&mut b, 44, &self.next.off.to_le_bytes());
-        put(&mut b, 48, &self.region_sectors.to_le_bytes());
-        put(&mut b, 52, &self.pos.off.to_le_bytes());
+        b.clear();
+        b.resize((sectors * SECTOR).next_multiple_of(block.max(SECTOR)), 0);
+        put(b, 0, &KSET_MAGIC.to_le_bytes());
+        put(b, 8, &self.seq.to_le_bytes());
+        put(b, 16, &self.prev_crc.to_le_bytes());
+        put(b, 20, &(self.shard as u16).to_le_bytes());
+        put(b, 22, &(FORMAT_VERSION as u16).to_le_bytes());
+        put(b, 24, &(self.keys.len() as u32).to_le_bytes());
+        put(b, 28, &self.pos.seg.to_le_bytes());
+        put(b, 32, &self.pos.gen.to_le_bytes());
+        put(b, 36, &self.next.seg.to_le_bytes());
+        put(b, 40, &self.next.gen.to_le_bytes());
+        put(b, 44, &self.next.off.to_le_bytes());
+        put(b, 48, &self.region_sectors.to_le_bytes());
+        put(b, 52, &self.pos.off.to_le_bytes());
         for (i, k) in self.keys.iter().enumerate() {
             let off = KSET_HEADER_BYTES + i * KEY_BYTES;
             k.encode_into(&mut b[off..off + KEY_BYTES]);
         }
         let end = KSET_HEADER_BYTES + self.keys.len() * KEY_BYTES;
         let crc = crc32c::crc32c_append(seed, &b[8..end]);
-        put(&mut b, 4, &crc.to_le_bytes());
-        (b, crc)
+        put(b, 4, &crc.to_le_bytes());
+        crc
     }
 
     /// Reads the key count from a kset header without validating it, to know how many

@@ -231,6 +231,8 @@ struct Reuse {
     keys: Vec<Key>,
     /// Ranges of earlier batches' writes while `encode_ready` picks the keys to log.
     earlier: Vec<(u64, u32)>,
+    /// Kset buffers the host gave back once written ([`Shard::give_back`]).
+    bufs: Vec<Vec<u8>>,
 }
 
 /// What [`Reuse`] keeps: a batch's entries for the batches in flight, and the dirty keys
@@ -240,6 +242,9 @@ const REUSED_ENTRIES: usize = 16;
 const REUSED_DIRTY: usize = 256;
 /// Longer key lists (a kset of many small writes) go back to the allocator.
 const REUSED_DIRTY_KEYS: usize = 32;
+/// Kset buffers kept (a block each, up to [`REUSED_BUF_BYTES`]; larger ones are freed).
+const REUSED_BUFS: usize = 64;
+const REUSED_BUF_BYTES: usize = 16 << 10;
 
 impl Reuse {
     fn entries(&mut self) -> Vec<Entry> {
@@ -261,6 +266,16 @@ impl Reuse {
         if (1..=REUSED_DIRTY_KEYS).contains(&v.capacity()) && self.dirty.len() < REUSED_DIRTY {
             v.clear();
             self.dirty.push(v);
+        }
+    }
+
+    fn buf(&mut self) -> Vec<u8> {
+        self.bufs.pop().unwrap_or_default()
+    }
+
+    fn give_buf(&mut self, v: Vec<u8>) {
+        if (1..=REUSED_BUF_BYTES).contains(&v.capacity()) && self.bufs.len() < REUSED_BUFS {
+            self.bufs.push(v);
         }
     }
 }
@@ -1579,10 +1594,11 @@ impl Shard {
             region_sectors: self.cfg.geo.kset_sectors(b.entries.len()),
             keys,
         };
-        let (bytes, crc) = kset.encode(self.cfg.crc_seed);
+        let mut bytes = self.reuse.buf();
+        let crc = kset.encode_into(self.cfg.crc_seed, &mut bytes, self.cfg.geo.block_bytes());
         let n = kset.keys.len();
         self.reuse.keys = kset.keys;
-        (self.cfg.geo.whole_blocks(bytes), crc, n)
+        (bytes, crc, n)
     }
 
     fn write_kset(&mut self, i: usize, seq: u64, bytes: Vec<u8>) {
@@ -1603,6 +1619,12 @@ impl Shard {
         let first = self.batches.front()?.seq;
         let i = seq.checked_sub(first)? as usize;
         (i < self.batches.len()).then_some(i)
+    }
+
+    /// Takes back the buffer of a [`Buf::Owned`] write of this shard once the device has
+    /// it, to encode a later kset into (no allocation per kset).
+    pub fn give_back(&mut self, buf: Vec<u8>) {
+        self.reuse.give_buf(buf);
     }
 
     /// Takes a device completion.

@@ -123,7 +123,10 @@ impl Worker {
         if let Some(b) = d.dma.take() {
             self.dma.put(b);
         }
-        d.owned = Vec::new();
+        let owned = std::mem::take(&mut d.owned);
+        if owned.capacity() > 0 {
+            self.give_back(d.tag, owned);
+        }
         if let Some(idx) = d.req.take() {
             self.unref(idx);
         }
@@ -166,7 +169,9 @@ impl Worker {
     /// a DMA buffer.
     pub(super) fn attach_vec(&mut self, d: &mut DevIo, mut v: Vec<u8>) -> bool {
         if !(d.dev == Dev::Cache && self.dax.is_some()) {
-            return self.attach_owned(d, &v);
+            let ok = self.attach_owned(d, &v);
+            self.give_back(d.tag, v);
+            return ok;
         }
         v.resize(v.len().next_multiple_of(512), 0);
         d.iovs.push(ffi::iovec {
@@ -177,6 +182,13 @@ impl Worker {
         // Moving the Vec keeps its heap buffer where the iovec points.
         d.owned = v;
         true
+    }
+
+    /// Returns the buffer of an engine-owned write of command `tag` to the engine.
+    fn give_back(&mut self, tag: u64, buf: Vec<u8>) {
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.give_back(tag, buf);
+        }
     }
 
     /// Copies worker-owned bytes into a DMA buffer for `d`.
