@@ -74,12 +74,13 @@ pub(super) fn forget(chan: *const Channel) {
 /// [`SERVE_ROUNDS`], and ends the registration; what is left waits for the channels'
 /// pollers. Called by the handler, and by a channel's poller that finds its channel still
 /// listed (its handler pending, or never run if SPDK refused it: a drain makes the late
-/// handler find nothing).
-pub(super) fn drain() {
+/// handler find nothing). True if it served any request.
+pub(super) fn drain() -> bool {
     PENDING.with(|p| {
         if p.thread.get() != msg::current() {
-            return;
+            return false;
         }
+        let mut served = false;
         for _ in 0..SERVE_ROUNDS {
             let mut any = false;
             // By index: serving may list more channels (borrowed only to read one).
@@ -93,15 +94,19 @@ pub(super) fn drain() {
             if !any {
                 break;
             }
+            served = true;
         }
         for c in p.channels.borrow_mut().drain(..) {
             // SAFETY: as above.
             unsafe { (*c).after_poller.set(false) };
         }
         p.thread.set(ptr::null_mut());
+        served
     })
 }
 
 unsafe extern "C" fn handler(_arg: *mut c_void) {
-    no_unwind("pcache serve after poller", (), drain)
+    no_unwind("pcache serve after poller", (), || {
+        drain();
+    })
 }

@@ -121,6 +121,9 @@ pub(crate) struct Channel {
     /// right after the poller that submitted them ([`Channel::serve_after_poller`]), else by the
     /// channel's next poll, so that their index lookups overlap (`worker::local`).
     local: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
+    /// `local`'s other buffer: requests submitted while a batch is served (by the
+    /// completions of its hits) go here, so neither buffer is allocated again.
+    spare: RefCell<Vec<(*mut ffi::spdk_bdev_io, Peer)>>,
     /// Listed for the thread's post-poller handler (`after_poller`), which has not served
     /// it yet.
     after_poller: Cell<bool>,
@@ -166,6 +169,7 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
             done: RefCell::new(Vec::new()),
             cache_ch: Cell::new(ptr::null_mut()),
             local: RefCell::new(Vec::new()),
+            spare: RefCell::new(Vec::new()),
             after_poller: Cell::new(false),
         };
         // SAFETY: SPDK allocated `size_of::<Channel>()` bytes for us at `buf` (we registered
@@ -407,18 +411,14 @@ impl Channel {
 
 /// Serves the requests collected in `chan.local`; true if there were any.
 fn serve_local(chan: &Channel) -> bool {
-    let mut batch = chan.local.take();
-    if batch.is_empty() {
-        chan.local.replace(batch);
+    if chan.local.borrow().is_empty() {
         return false;
     }
+    let mut batch = chan.local.replace(chan.spare.take());
     served::serve_batch(&mut batch, chan);
-    // Requests submitted meanwhile (by completions) wait for the next poll or handler; the
-    // buffer goes back when none came.
-    let mut cur = chan.local.borrow_mut();
-    if cur.is_empty() {
-        std::mem::swap(&mut *cur, &mut batch);
-    }
+    // Requests submitted meanwhile (by completions) are in `local` and wait for the next
+    // poll or handler; the served buffer, empty, is the spare again.
+    chan.spare.replace(batch);
     true
 }
 
@@ -440,12 +440,11 @@ unsafe extern "C" fn channel_poll(arg: *mut c_void) -> c_int {
         // SAFETY: the channel registered this poller with itself as argument and
         // unregisters it before it is freed; pollers run on the channel's thread.
         let chan = unsafe { &*arg.cast::<Channel>() };
-        if chan.after_poller.get() {
-            // Its handler has not run yet (registered by a message or a timed poller, or
-            // refused by SPDK): served now, the handler finds nothing.
-            after_poller::drain();
-        }
-        let mut busy = serve_local(chan);
+        // Its handler has not run yet (registered by a message or a timed poller, or
+        // refused by SPDK): served now, the handler finds nothing. Work all the same, for
+        // SPDK's busy/idle accounting (and any scheduler reading it).
+        let drained = chan.after_poller.get() && after_poller::drain();
+        let mut busy = serve_local(chan) || drained;
         if chan.links.borrow().is_empty() {
             return if busy {
                 ffi::spdk_thread_poller_rc::SPDK_POLLER_BUSY as c_int
