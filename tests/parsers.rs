@@ -158,6 +158,25 @@ fn valid_structures_round_trip() {
     assert_eq!(SegmentHeader::decode(&h.encode(5), 5, &g, 7).unwrap(), h);
 }
 
+/// A kset encoded into a reused buffer (longer, and dirty from an older kset) is the same
+/// bytes as one encoded afresh and padded to the block, and decodes the same.
+#[test]
+fn a_kset_encoded_into_a_reused_buffer_is_the_fresh_encoding() {
+    let g = geo_4k();
+    let k = sample_kset_4k();
+    let (fresh, crc) = k.encode(77);
+    let fresh = g.whole_blocks(fresh);
+    let mut reused = vec![0xa5u8; 3 * 4096];
+    let crc2 = k.encode_into(77, &mut reused, g.block_bytes());
+    assert_eq!((reused.len(), crc2), (4096, crc));
+    assert!(
+        reused == fresh,
+        "the reused buffer's old bytes leaked into the kset"
+    );
+    let (back, _) = Kset::decode(&reused, 77, &g, k.pos, 2).unwrap();
+    assert_eq!(back, k);
+}
+
 #[test]
 fn a_kset_from_another_cache_instance_does_not_validate() {
     let k = sample_kset();

@@ -242,8 +242,9 @@ const REUSED_ENTRIES: usize = 16;
 const REUSED_DIRTY: usize = 256;
 /// Longer key lists (a kset of many small writes) go back to the allocator.
 const REUSED_DIRTY_KEYS: usize = 32;
-/// Kset buffers kept (a block each, up to [`REUSED_BUF_BYTES`]; larger ones are freed).
-const REUSED_BUFS: usize = 64;
+/// Kset buffers kept (about one per kset in flight; a block each, larger than
+/// [`REUSED_BUF_BYTES`] freed): at most 256 KiB.
+const REUSED_BUFS: usize = 16;
 const REUSED_BUF_BYTES: usize = 16 << 10;
 
 impl Reuse {
