@@ -913,40 +913,36 @@ impl Shard {
             return None;
         }
         let pt = self.cfg.mode == CacheMode::PassThrough;
+        let servable = |e: &Extent| e.is_data() && !(pt && e.state() == State::Clean);
         // One extent covers it (any 4 KiB hit): found in the hints' line the host
-        // prefetched, with no walk of the map's bucket.
-        if let Some(e) = self.index.covering_touch(lba, len) {
-            if !e.is_data() || (pt && e.state() == State::Clean) {
+        // prefetched, with no walk of the map's bucket (and heated there).
+        let ok = if let Some(e) = self.index.covering_touch(lba, len) {
+            if !servable(&e) {
                 return None;
             }
-            let ok = copy(e.pos, 0, u64::from(len) * 512);
-            self.stats.reads += 1;
-            self.stats.read_hit_sectors += u64::from(len);
-            self.stats.inline_reads += 1;
-            return Some(ok);
-        }
-        let mut pieces = std::mem::take(&mut self.scratch);
-        self.index.lookup(lba, len, &mut pieces);
-        let res = pieces
-            .iter()
-            .all(|p| {
-                p.extent
-                    .is_some_and(|e| e.is_data() && !(pt && e.state() == State::Clean))
-            })
-            .then(|| {
-                pieces.iter().all(|p| {
-                    p.extent
-                        .is_some_and(|e| copy(e.pos, (p.lba - lba) * 512, u64::from(p.len) * 512))
-                })
-            });
-        self.scratch = pieces;
-        if res.is_some() {
+            copy(e.pos, 0, u64::from(len) * 512)
+        } else {
+            let mut pieces = std::mem::take(&mut self.scratch);
+            self.index.lookup(lba, len, &mut pieces);
+            let res = pieces
+                .iter()
+                .all(|p| p.extent.is_some_and(|e| servable(&e)))
+                .then(|| {
+                    pieces.iter().all(|p| {
+                        p.extent.is_some_and(|e| {
+                            copy(e.pos, (p.lba - lba) * 512, u64::from(p.len) * 512)
+                        })
+                    })
+                });
+            self.scratch = pieces;
+            let ok = res?;
             self.index.touch(lba, len);
-            self.stats.reads += 1;
-            self.stats.read_hit_sectors += u64::from(len);
-            self.stats.inline_reads += 1;
-        }
-        res
+            ok
+        };
+        self.stats.reads += 1;
+        self.stats.read_hit_sectors += u64::from(len);
+        self.stats.inline_reads += 1;
+        Some(ok)
     }
 
     fn issue_backing_read(
