@@ -17,6 +17,18 @@ pub fn meminfo(key: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// Where hugetlbfs is mounted (`/proc/mounts`).
+pub fn hugetlbfs_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"hugetlbfs")).then(|| f[1].to_string())
+        })
+        .collect()
+}
+
 /// A build error starting with this is an environment gap, reported as a skip.
 pub const SKIP_PREFIX: &str = "SKIP:";
 
