@@ -804,16 +804,13 @@ impl ExtentMap {
     /// Poisons the parts of [lba, lba+len) that still hold the dirty data at cache sector
     /// `pos` (whose CRC failed when writeback read it); returns the ranges poisoned.
     pub fn poison(&mut self, lba: u64, len: u32, pos: u64) -> Vec<(u64, u32)> {
-        let mut pieces = Vec::new();
-        self.lookup(lba, len, &mut pieces);
         let mut out = Vec::new();
-        for p in pieces {
-            let Some(e) = p.extent else { continue };
+        self.for_each_mapped(lba, len, |m, p, e| {
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
-                self.insert(p.lba, Extent::new(0, p.len, State::Poisoned, None, 0));
+                m.insert(p.lba, Extent::new(0, p.len, State::Poisoned, None, 0));
                 out.push((p.lba, p.len));
             }
-        }
+        });
         out
     }
 
@@ -837,15 +834,11 @@ impl ExtentMap {
     /// key written back). A newer zeroing key over the same range stays: its own writeback
     /// has not happened yet, and older data may still reach the backing device before it.
     pub fn punch_state(&mut self, lba: u64, len: u32, state: State, epoch: u32) {
-        let mut pieces = Vec::new();
-        self.lookup(lba, len, &mut pieces);
-        for p in pieces {
-            if p.extent
-                .is_some_and(|e| e.state() == state && e.epoch() == Some(epoch))
-            {
-                self.punch(p.lba, p.len);
+        self.for_each_mapped(lba, len, |m, p, e| {
+            if e.state() == state && e.epoch() == Some(epoch) {
+                m.punch(p.lba, p.len);
             }
-        }
+        });
     }
 
     /// Drops every clean data extent stored in cache sectors [lo, hi) (a segment being
