@@ -772,6 +772,18 @@ impl ExtentMap {
     /// written (a verify pass) earns no copy, or GC would copy nearly everything such a
     /// workload writes.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
+        // The usual case, the extent written back still whole: no lookup of pieces.
+        if let Some(e) = self.get(lba) {
+            if e.len() == len && e.state() == State::Dirty && e.pos == pos {
+                let heat = match Self::heat_at(&self.hints, lba, &e) {
+                    1 => 0,
+                    h => h,
+                };
+                let clean = Extent::new(pos, len, State::Clean, e.crc(), 0).with_heat(heat);
+                self.insert(lba, clean);
+                return;
+            }
+        }
         self.for_each_mapped(lba, len, |m, p, e| {
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
