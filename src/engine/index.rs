@@ -775,10 +775,7 @@ impl ExtentMap {
         // The usual case, the extent written back still whole: no lookup of pieces.
         if let Some(e) = self.get(lba) {
             if e.len() == len && e.state() == State::Dirty && e.pos == pos {
-                let heat = match Self::heat_at(&self.hints, lba, &e) {
-                    1 => 0,
-                    h => h,
-                };
+                let heat = Self::clean_heat(&self.hints, lba, &e);
                 let clean = Extent::new(pos, len, State::Clean, e.crc(), 0).with_heat(heat);
                 self.insert(lba, clean);
                 return;
@@ -787,16 +784,22 @@ impl ExtentMap {
         self.for_each_mapped(lba, len, |m, p, e| {
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
-                let heat = match Self::heat_at(&m.hints, p.lba, &e) {
-                    1 => 0,
-                    h => h,
-                };
+                let heat = Self::clean_heat(&m.hints, p.lba, &e);
                 m.insert(
                     p.lba,
                     Extent::new(e.pos, p.len, State::Clean, crc, 0).with_heat(heat),
                 );
             }
         });
+    }
+
+    /// The heat dirty extent `e` at `lba` keeps when written back: all of it, but for a
+    /// heat of one (see [`ExtentMap::mark_clean`]).
+    fn clean_heat(hints: &hints::Hints, lba: u64, e: &Extent) -> u8 {
+        match Self::heat_at(hints, lba, e) {
+            1 => 0,
+            h => h,
+        }
     }
 
     /// Calls `f` with each mapped piece of [lba, lba+len) and its extent, as a lookup finds
@@ -1377,6 +1380,30 @@ mod tests {
         assert_eq!(m.get(56).unwrap().heat(), MAX_HEAT - 1);
         assert_eq!(m.get(16).unwrap().heat(), 1);
         assert!(m.get(0).is_none() && m.get(8).is_none() && m.get(100).is_none());
+        assert!(m.hints_consistent());
+    }
+
+    #[test]
+    fn mark_clean_cleans_only_what_still_holds_the_data_written_back() {
+        let mut m = ExtentMap::new();
+        // Whole and unchanged: clean, its CRC kept.
+        m.insert(0, Extent::new(1000, 8, State::Dirty, Some(7), 0));
+        m.mark_clean(0, 8, 1000);
+        assert_eq!(
+            m.get(0),
+            Some(Extent::new(1000, 8, State::Clean, Some(7), 0))
+        );
+        // Half rewritten since: the other half is clean (without the whole extent's CRC),
+        // the rewrite stays dirty.
+        m.insert(32, Extent::new(2000, 16, State::Dirty, Some(9), 0));
+        m.insert(40, Extent::new(3000, 8, State::Dirty, None, 0));
+        m.mark_clean(32, 16, 2000);
+        assert_eq!(m.get(32), Some(Extent::new(2000, 8, State::Clean, None, 0)));
+        assert_eq!(m.get(40), Some(Extent::new(3000, 8, State::Dirty, None, 0)));
+        // Rewritten elsewhere since: nothing changes.
+        m.insert(64, Extent::new(4000, 8, State::Dirty, None, 0));
+        m.mark_clean(64, 8, 3500);
+        assert_eq!(m.get(64).map(|e| e.state()), Some(State::Dirty));
         assert!(m.hints_consistent());
     }
 
