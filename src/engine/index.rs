@@ -772,19 +772,13 @@ impl ExtentMap {
     /// written (a verify pass) earns no copy, or GC would copy nearly everything such a
     /// workload writes.
     pub fn mark_clean(&mut self, lba: u64, len: u32, pos: u64) {
-        // The usual case, the extent written back still whole: no lookup of pieces.
-        if let Some(e) = self.get(lba) {
-            if e.len() == len && e.state() == State::Dirty && e.pos == pos {
-                let heat = Self::clean_heat(&self.hints, lba, &e);
-                let clean = Extent::new(pos, len, State::Clean, e.crc(), 0).with_heat(heat);
-                self.insert(lba, clean);
-                return;
-            }
-        }
         self.for_each_mapped(lba, len, |m, p, e| {
             if e.state() == State::Dirty && e.pos == pos + (p.lba - lba) {
                 let crc = if p.whole { e.crc() } else { None };
-                let heat = Self::clean_heat(&m.hints, p.lba, &e);
+                let heat = match Self::heat_at(&m.hints, p.lba, &e) {
+                    1 => 0,
+                    h => h,
+                };
                 m.insert(
                     p.lba,
                     Extent::new(e.pos, p.len, State::Clean, crc, 0).with_heat(heat),
@@ -793,19 +787,23 @@ impl ExtentMap {
         });
     }
 
-    /// The heat dirty extent `e` at `lba` keeps when written back: all of it, but for a
-    /// heat of one (see [`ExtentMap::mark_clean`]).
-    fn clean_heat(hints: &hints::Hints, lba: u64, e: &Extent) -> u8 {
-        match Self::heat_at(hints, lba, e) {
-            1 => 0,
-            h => h,
-        }
-    }
-
     /// Calls `f` with each mapped piece of [lba, lba+len) and its extent, as a lookup finds
     /// them before `f` changes the map; the lookup goes in the map's scratch vector, so the
     /// per-block callers (writeback, GC) allocate nothing (a nested call would allocate).
     fn for_each_mapped(&mut self, lba: u64, len: u32, mut f: impl FnMut(&mut Self, Piece, Extent)) {
+        // The usual case, one extent exactly the range (a block written back, moved or
+        // dropped whole): the one piece a lookup would find, from one `get` (for a block,
+        // the hints' line) instead of a walk of the bucket.
+        if let Some(e) = self.get(lba).filter(|e| e.len() == len) {
+            let whole = Piece {
+                lba,
+                len,
+                extent: Some(e),
+                whole: true,
+            };
+            f(self, whole, e);
+            return;
+        }
         let mut pieces = std::mem::take(&mut self.scratch);
         self.lookup(lba, len, &mut pieces);
         for p in pieces.drain(..) {
