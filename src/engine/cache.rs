@@ -744,19 +744,24 @@ impl Cache {
 
     /// Hands a device completion to the shard that issued the command.
     pub fn complete(&mut self, done: IoDone) {
-        let shard = (done.tag >> 48) as usize;
-        if let Some(li) = self.local.get(shard).copied().flatten() {
-            self.shards[li as usize].complete(done);
+        if let Some(s) = self.issuer(done.tag) {
+            s.complete(done);
         }
     }
 
     /// Gives back the buffer of a [`Buf::Owned`](super::io::Buf::Owned) write of command
     /// `tag` once the device has it (optional: a dropped buffer is simply freed).
     pub fn give_back(&mut self, tag: u64, buf: Vec<u8>) {
-        let shard = (tag >> 48) as usize;
-        if let Some(li) = self.local.get(shard).copied().flatten() {
-            self.shards[li as usize].give_back(buf);
+        if let Some(s) = self.issuer(tag) {
+            s.give_back(buf);
         }
+    }
+
+    /// The local shard that issued command `tag` (its id is the tag's top 16 bits).
+    #[inline]
+    fn issuer(&mut self, tag: u64) -> Option<&mut Shard> {
+        let li = self.local.get((tag >> 48) as usize).copied().flatten()?;
+        self.shards.get_mut(li as usize)
     }
 
     pub fn take_commands(&mut self) -> Vec<Command> {
