@@ -38,7 +38,9 @@ pub enum State {
 /// the extent is: equality ignores it.
 #[derive(Clone, Copy)]
 pub struct Extent {
-    /// Cache-device sector of the first data sector (fill id for placeholders).
+    /// Cache-device sector of the first data sector (fill id for placeholders; for zeroes
+    /// and unmapped ranges the kset sequence of their key, which names it for writeback,
+    /// kept whole in every piece cut from it).
     pub pos: u64,
     /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC; 29..31: its heat.
     len_flags: u32,
@@ -843,12 +845,14 @@ impl ExtentMap {
         out
     }
 
-    /// Removes the parts of [lba, lba+len) still in `state` from epoch `epoch` (a zeroing
-    /// key written back). A newer zeroing key over the same range stays: its own writeback
-    /// has not happened yet, and older data may still reach the backing device before it.
-    pub fn punch_state(&mut self, lba: u64, len: u32, state: State, epoch: u32) {
+    /// Removes the parts of [lba, lba+len) that are still the zeroing key (`state`) of epoch
+    /// `epoch` logged in kset `seq`, now written back. A newer zeroing key over the same
+    /// range stays, of the same epoch too: its own writeback has not happened yet, and
+    /// older data of its epoch may still reach the backing device before it (a later
+    /// group's copy of a write logged between the two keys), which reads would then see.
+    pub fn punch_state(&mut self, lba: u64, len: u32, state: State, epoch: u32, seq: u64) {
         self.for_each_mapped(lba, len, |m, p, e| {
-            if e.state() == state && e.epoch() == Some(epoch) {
+            if e.state() == state && e.epoch() == Some(epoch) && e.pos == seq {
                 m.punch(p.lba, p.len);
             }
         });
@@ -1499,6 +1503,24 @@ mod tests {
         };
         m.reclaim_segment(2000, 2100, &mut small, &mut moves);
         assert!(m.get(16).is_none());
+        assert!(m.hints_consistent() && m.dirs_consistent());
+    }
+
+    #[test]
+    fn a_zeroing_key_written_back_drops_only_itself() {
+        let mut m = ExtentMap::new();
+        // Unmapped by the key of kset 5, then again (same epoch) by that of kset 9.
+        m.insert(8, Extent::new(5, 8, State::Unmapped, None, 4));
+        m.insert(8, Extent::new(9, 8, State::Unmapped, None, 4));
+        m.punch_state(8, 8, State::Unmapped, 4, 5);
+        assert_eq!(m.get(8), Some(Extent::new(9, 8, State::Unmapped, None, 4)));
+        // Cut in two by a write: both pieces still name kset 9, and go with it.
+        m.insert(10, Extent::new(3000, 2, State::Dirty, None, 4));
+        m.punch_state(8, 8, State::Unmapped, 3, 9);
+        assert!(m.get(8).is_some(), "another epoch's key stays");
+        m.punch_state(8, 8, State::Unmapped, 4, 9);
+        assert!(m.get(8).is_none() && m.get(12).is_none());
+        assert_eq!(m.get(10).map(|e| e.pos), Some(3000));
         assert!(m.hints_consistent() && m.dirs_consistent());
     }
 

@@ -611,7 +611,7 @@ impl Opener {
             let dirty_from = r.control.dirty_tail.seq;
             let written_back = kset.seq < dirty_from;
             for k in &kset.keys {
-                apply_key(&mut r.index, k, seg_base, written_back);
+                apply_key(&mut r.index, k, kset.seq, seg_base, written_back);
                 r.max_epoch = r.max_epoch.max(k.epoch);
                 // v2 data lies above every later kset; v1 data below the next one.
                 if k.kind == super::format::KeyKind::Data && k.data_off >= kset.next.off {
@@ -783,6 +783,7 @@ impl Opener {
 fn apply_key(
     index: &mut ExtentMap,
     k: &super::format::Key,
+    seq: u64,
     seg_base: u64,
     before_dirty_tail: bool,
 ) {
@@ -802,7 +803,8 @@ fn apply_key(
     let pos = if k.kind == KeyKind::Data {
         seg_base + u64::from(k.data_off)
     } else {
-        0
+        // Names the key for writeback (`ExtentMap::punch_state`).
+        seq
     };
     index.insert(k.lba, Extent::new(pos, k.len, state, k.crc, k.epoch as u32));
 }

@@ -1939,7 +1939,7 @@ impl Shard {
                             State::Zeroes
                         };
                         self.index
-                            .insert(p.lba, Extent::new(0, p.len, state, None, epoch));
+                            .insert(p.lba, Extent::new(b.seq, p.len, state, None, epoch));
                         if !e.answered {
                             self.out.completions.push((req, Ok(())));
                         }

@@ -209,6 +209,9 @@ pub(super) enum WbIo {
         len: u32,
         unmap: bool,
         epoch: u32,
+        /// The kset that logged the key: what the index keeps of it is dropped once it is
+        /// written back, and nothing newer.
+        seq: u64,
     },
 }
 
@@ -576,13 +579,11 @@ impl Shard {
         coverage.clear();
         ios.clear();
         let mut sectors = 0u64;
-        let group_keys = self
-            .log
-            .iter()
-            .enumerate()
-            .take(n + 1)
-            .flat_map(|(i, k)| k.keys.iter().take(if i < n { usize::MAX } else { partial }));
-        for k in group_keys.rev() {
+        let group_keys = self.log.iter().enumerate().take(n + 1).flat_map(|(i, k)| {
+            let keys = k.keys.iter().take(if i < n { usize::MAX } else { partial });
+            keys.map(move |d| (k.seq, d))
+        });
+        for (seq, k) in group_keys.rev() {
             sectors += u64::from(k.len);
             if k.through {
                 // Already on the backing device (the group's flush makes it durable); it
@@ -610,6 +611,7 @@ impl Shard {
                         len,
                         unmap: k.kind == KeyKind::Unmap,
                         epoch: k.epoch as u32,
+                        seq,
                     },
                 });
             }
@@ -766,13 +768,14 @@ impl Shard {
                 len,
                 unmap,
                 epoch,
+                seq,
             } => {
                 let state = if unmap {
                     State::Unmapped
                 } else {
                     State::Zeroes
                 };
-                self.index.punch_state(lba, len, state, epoch);
+                self.index.punch_state(lba, len, state, epoch, seq);
             }
         }
     }
