@@ -857,7 +857,11 @@ fn crashes_while_gc_moves_hot_clean_data_lose_nothing() {
 /// epoch still on its way to the backing device would then be read back in its place).
 #[test]
 fn crashes_with_hot_rewrites_and_discards_lose_nothing() {
-    for (seeds, faults, parts) in [(600, false, 1), (200, true, 2)] {
+    for (seeds, faults, parts, modes) in [
+        (600, false, 1, false),
+        (200, true, 2, false),
+        (300, false, 1, true),
+    ] {
         run_both_geometries(
             seeds,
             Mode {
@@ -865,7 +869,7 @@ fn crashes_with_hot_rewrites_and_discards_lose_nothing() {
                 writeback: true,
                 parts,
                 block: 1,
-                modes: false,
+                modes,
                 read_heavy: false,
                 hot_writes: true,
             },
