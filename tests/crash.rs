@@ -384,8 +384,13 @@ fn phase(
             let len = 1 + rng.below(max) as u32;
             let len = len.next_multiple_of(mode.block);
             let hot = (mode.read_heavy || mode.hot_writes) && rng.chance(50);
-            // Hot writes and discards cover whole blocks: rewrites go in place.
-            let len = if hot && mode.hot_writes { 8 } else { len };
+            // Hot writes and discards mostly cover whole blocks (rewrites go in place), now
+            // and then part of one or two (extents split and overlap).
+            let len = match (hot && mode.hot_writes, rng.chance(70)) {
+                (true, true) => 8,
+                (true, false) => (1 + rng.below(16) as u32).next_multiple_of(mode.block),
+                (false, _) => len,
+            };
             let lba = if hot {
                 // A hot range: read again and again, so GC finds it accessed.
                 rng.below(if mode.hot_writes { 4 } else { 16 }) * 8

@@ -54,6 +54,12 @@ fn range() -> impl Strategy<Value = (u64, u32)> {
     (1u32..=80).prop_flat_map(|len| (0..BACKING_SECTORS - u64::from(len), Just(len)))
 }
 
+/// One of four hot 4 KiB blocks, whole: rewrites of them go in place while they are dirty,
+/// and their discards pile up within an epoch.
+fn hot_range() -> impl Strategy<Value = (u64, u32)> {
+    (0u64..4).prop_map(|b| (b * 8, 8))
+}
+
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => range().prop_map(|(lba, len)| Step::Write { lba, len }),
@@ -61,6 +67,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Flush),
         1 => range().prop_map(|(lba, len)| Step::Unmap { lba, len }),
         1 => range().prop_map(|(lba, len)| Step::Zeroes { lba, len }),
+        3 => hot_range().prop_map(|(lba, len)| Step::Write { lba, len }),
+        2 => hot_range().prop_map(|(lba, len)| Step::Read { lba, len }),
+        1 => hot_range().prop_map(|(lba, len)| Step::Unmap { lba, len }),
         2 => proptest::collection::vec(range(), 1..12).prop_map(Step::Batch),
         1 => Just(Step::Reopen),
     ]
