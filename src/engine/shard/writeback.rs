@@ -579,6 +579,7 @@ impl Shard {
         coverage.clear();
         ios.clear();
         let mut sectors = 0u64;
+        let mut through = false;
         let group_keys = self.log.iter().enumerate().take(n + 1).flat_map(|(i, k)| {
             let keys = k.keys.iter().take(if i < n { usize::MAX } else { partial });
             keys.map(move |d| (k.seq, d))
@@ -586,8 +587,10 @@ impl Shard {
         for (seq, k) in group_keys.rev() {
             sectors += u64::from(k.len);
             if k.through {
-                // Already on the backing device (the group's flush makes it durable); it
-                // still covers what earlier keys of the group wrote.
+                // Already on the backing device, but durable there only once the group's
+                // flush is (its own may have failed, or not been asked for); it still
+                // covers what earlier keys of the group wrote.
+                through = true;
                 coverage.insert(k.lba, k.len);
                 continue;
             }
@@ -656,7 +659,9 @@ impl Shard {
         self.wb.group = Some(Group {
             ksets: n,
             partial,
-            wrote: !self.wb.queue.is_empty(),
+            // A group of written-through keys alone flushes too: the dirty tail must not
+            // pass data the backing device may still lose.
+            wrote: through || !self.wb.queue.is_empty(),
             phase: Phase::Io,
             new_dirty_tail,
             sectors,
