@@ -64,6 +64,10 @@ struct Entry {
     acked: bool,
     /// Flush epoch the write was submitted in (flushes and crashes start a new one).
     epoch: u64,
+    /// The latest epoch it may belong to: a flush submitted while the write was in flight
+    /// does not order it (only writes completed before a flush is submitted are), so it
+    /// may land on either side (the epoch when it was answered; in flight: any).
+    epoch_max: u64,
     /// Durable: written with FUA, or a flush submitted after its acknowledgement
     /// completed. Only the runs whose modes send writes to the backing device need it.
     durable: bool,
@@ -85,6 +89,7 @@ impl History {
             ack: Some(0),
             acked: true,
             epoch: 0,
+            epoch_max: 0,
             durable: true,
         };
         History {
@@ -109,6 +114,7 @@ impl History {
                 ack: None,
                 acked: false,
                 epoch: self.epoch,
+                epoch_max: u64::MAX,
                 durable: false,
             });
         }
@@ -123,6 +129,7 @@ impl History {
             let mut submit = 0;
             for e in h.iter_mut().filter(|e| e.id == id) {
                 e.ack = Some(t);
+                e.epoch_max = self.epoch;
                 e.acked = true;
                 e.durable |= durable;
                 submit = e.submit;
@@ -180,17 +187,19 @@ impl History {
     }
 
     /// The backing device must hold the image of some flush boundary E-1 plus some writes
-    /// of epoch E: for each sector, a write of epoch E, or a write of an earlier epoch that
-    /// no acknowledged earlier-epoch write definitely overwrote.
+    /// of epoch E: for each sector, a write that may belong to epoch E, or a write of an
+    /// earlier epoch that no acknowledged write of an earlier epoch definitely overwrote.
+    /// (A write in flight when a flush was submitted may belong to the epoch before the
+    /// flush or after it.)
     fn backing_is_epoch_consistent(&self, backing: &[u8]) -> Result<(), String> {
         let legal_at = |e_max: u64, lba: u64, obs: u64| {
             let h = &self.sectors[lba as usize];
             h.iter().filter(|w| w.epoch <= e_max).any(|w| {
                 let fits = if obs == 0 { w.zero } else { w.id == obs };
-                fits && (w.epoch == e_max
-                    || !h
-                        .iter()
-                        .any(|o| o.acked && o.epoch < e_max && w.ack.is_some_and(|a| o.submit > a)))
+                fits && (w.epoch_max >= e_max
+                    || !h.iter().any(|o| {
+                        o.acked && o.epoch_max < e_max && w.ack.is_some_and(|a| o.submit > a)
+                    }))
             })
         };
         let decoded: Vec<Option<u64>> = (0..BACKING_SECTORS)
