@@ -227,3 +227,54 @@ fn a_full_cache_sends_writes_around() {
         SyncHost::open(c, b, identity(BACKING_SECTORS), CacheOptions::default()).unwrap();
     assert!(h.read(0, BACKING_SECTORS as u32).unwrap() == model);
 }
+
+/// A write-through write whose backing flush failed is durable in the cache only: its key
+/// may be passed by the dirty tail only after a backing flush that succeeded, even in a
+/// writeback group that has nothing to copy. Whatever a crash then drops of the backing
+/// device's unflushed writes, a reopen and a drain leave the write there.
+#[test]
+fn a_written_through_write_whose_flush_failed_reaches_the_backing_device_after_a_crash() {
+    use pcache::engine::Dev;
+    use pcache::media::sim::Sim;
+
+    for seed in 0..24 {
+        let mut h = new_host(CACHE_BYTES, BACKING_SECTORS, &small_format(1, false));
+        set_mode(&mut h, CacheMode::WriteThrough);
+        let backing = h.cache.superblock().backing.clone();
+        let (cache, c, b) = h.into_parts();
+        let mut sim = Sim::new(cache, c, b, seed);
+        // The first flush of the backing device fails: the FUA write's own.
+        let mut failed = false;
+        sim.set_fault(Box::new(move |_, cmd| {
+            let flush = matches!(
+                cmd,
+                Command::Flush {
+                    dev: Dev::Backing,
+                    ..
+                }
+            );
+            let fail = flush && !failed;
+            failed |= flush;
+            fail
+        }));
+        let d = data_of(1, 64, 8);
+        sim.submit(Op::WriteFua, 64, 8, Some(d.clone()))
+            .expect("submit");
+        sim.settle(10_000);
+        for (_, r, _) in sim.take_done() {
+            r.expect("durable in the cache");
+        }
+        assert!(
+            sim.cache.is_clean(),
+            "seed {seed}: writeback did not pass the key"
+        );
+        let (ci, bi) = sim.crash();
+        let mut h = SyncHost::open(ci, bi, backing, CacheOptions::default())
+            .expect("reopen")
+            .0;
+        drain(&mut h);
+        let mut got = vec![0u8; d.len()];
+        h.backing_dev.read(64, &mut got).expect("backing read");
+        assert!(got == d, "seed {seed}: the backing device lost the write");
+    }
+}
