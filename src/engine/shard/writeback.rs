@@ -229,7 +229,9 @@ struct Group {
     /// Leading keys of the next kset also written back (a kset can straddle a flush, so
     /// its keys of the allowed epoch go first and the rest wait for the barrier).
     partial: usize,
-    wrote: bool,
+    /// It ends with a backing flush: it copied something there, or holds written-through
+    /// keys (durable on the backing device only once a flush is).
+    flushes: bool,
     phase: Phase,
     new_dirty_tail: LogTail,
     sectors: u64,
@@ -661,7 +663,7 @@ impl Shard {
             partial,
             // A group of written-through keys alone flushes too: the dirty tail must not
             // pass data the backing device may still lose.
-            wrote: through || !self.wb.queue.is_empty(),
+            flushes: through || !self.wb.queue.is_empty(),
             phase: Phase::Io,
             new_dirty_tail,
             sectors,
@@ -846,7 +848,7 @@ impl Shard {
         if !self.wb.queue.is_empty() {
             return;
         }
-        if g.wrote {
+        if g.flushes {
             g.phase = Phase::Flush;
             let tag = self.tag(TagOwner::WbFlush);
             self.out.commands.push(Command::Flush {
@@ -1125,8 +1127,8 @@ impl Shard {
         // Once per group: the ksets of fills it did not reach are scanned again later.
         self.log_front = first_dirty(&self.log);
         self.stats.wb_group_sectors += g.sectors;
-        // Only a group that wrote to the backing device proves it healthy.
-        if let Some((n, since)) = g.wrote.then(|| self.wb.backoff.succeed()).flatten() {
+        // Only a group that went to the backing device proves it healthy.
+        if let Some((n, since)) = g.flushes.then(|| self.wb.backoff.succeed()).flatten() {
             self.out.log.push(format!(
                 "shard {}: writeback resumed after {n} failures over {} ms",
                 self.cfg.id,
