@@ -240,7 +240,6 @@ fn a_written_through_write_whose_flush_failed_reaches_the_backing_device_after_a
     for seed in 0..24 {
         let mut h = new_host(CACHE_BYTES, BACKING_SECTORS, &small_format(1, false));
         set_mode(&mut h, CacheMode::WriteThrough);
-        let backing = h.cache.superblock().backing.clone();
         let (cache, c, b) = h.into_parts();
         let mut sim = Sim::new(cache, c, b, seed);
         // The first flush of the backing device fails: the FUA write's own.
@@ -269,7 +268,7 @@ fn a_written_through_write_whose_flush_failed_reaches_the_backing_device_after_a
             "seed {seed}: writeback did not pass the key"
         );
         let (ci, bi) = sim.crash();
-        let mut h = SyncHost::open(ci, bi, backing, CacheOptions::default())
+        let mut h = SyncHost::open(ci, bi, identity(BACKING_SECTORS), CacheOptions::default())
             .expect("reopen")
             .0;
         drain(&mut h);
