@@ -85,9 +85,9 @@ struct Run {
 }
 
 /// One run over a cache of `cache_mib` laid out as `bdev_pcache_create` lays it out by
-/// default with one shard (segments of a 128th of the cache, at least 1 MiB; a stripe of a
-/// quarter of one), the first half of the requests warming it.
-fn run(cache_mib: u64, theta: f64, write_percent: u64, requests: u64) -> Run {
+/// default with `shards` shards (segments of a 128th of the cache, at least 1 MiB; a stripe
+/// of a quarter of one), the first half of the requests warming it.
+fn run(cache_mib: u64, shards: u32, theta: f64, write_percent: u64, requests: u64) -> Run {
     let cache = cache_mib << 20;
     let segment = 1u64 << (cache / 128).clamp(1 << 20, 16 << 20).ilog2();
     let blocks = 4 * cache / 4096;
@@ -95,7 +95,7 @@ fn run(cache_mib: u64, theta: f64, write_percent: u64, requests: u64) -> Run {
         layout: LayoutOptions {
             segment_bytes: segment,
             stripe_bytes: (segment / 4).min(1 << 20),
-            shards: 1,
+            shards,
             block_bytes: 512,
         },
         data_crc: false,
@@ -149,7 +149,7 @@ fn run(cache_mib: u64, theta: f64, write_percent: u64, requests: u64) -> Run {
         lru.access(b, !write);
     }
     eprintln!(
-        "zipf {theta} writes {write_percent}%: hit {:.1}%, LRU of {data_mib:.0} MiB {:.1}%; \
+        "zipf {theta} writes {write_percent}%, {shards} shard(s): hit {:.1}%, LRU of {data_mib:.0} MiB {:.1}%; \
          gc segments {}, readmits {}, fills {}, declined {}, waits {}, in place {}, wb {} MiB, dirty {} MiB",
         hit as f64 * 100.0 / (hit + miss) as f64,
         lru.ratio() * 100.0,
@@ -175,7 +175,7 @@ fn run(cache_mib: u64, theta: f64, write_percent: u64, requests: u64) -> Run {
 #[test]
 fn zipfian_reads_hit_more_often_than_lru() {
     for writes in [0, 30] {
-        let r = run(32, 0.8, writes, 1_000_000);
+        let r = run(32, 1, 0.8, writes, 1_000_000);
         assert!(
             r.hit >= r.lru + 0.02,
             "zipf 0.8, {writes}% writes: pcache hit {:.1}%, not 2 points over LRU's {:.1}% with its {:.0} MiB",
@@ -191,8 +191,13 @@ fn zipfian_reads_hit_more_often_than_lru() {
 #[test]
 #[ignore = "a measurement: cargo test --release --test zipf -- --ignored --nocapture"]
 fn zipf_hit_ratios_at_bench_size() {
-    // ZIPF_CELL=θ,writes% runs one cell (for profiling), e.g. ZIPF_CELL=0.8,30.
+    // ZIPF_CELL=θ,writes% runs one cell (for profiling), e.g. ZIPF_CELL=0.8,30;
+    // ZIPF_SHARDS=n lays the cache out in n shards (as `bdev_pcache_create` on n cores).
     let only = std::env::var("ZIPF_CELL").ok().filter(|c| !c.is_empty());
+    let shards = std::env::var("ZIPF_SHARDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     for theta in [0.8, 0.99] {
         for writes in [0, 30] {
             if only
@@ -201,7 +206,7 @@ fn zipf_hit_ratios_at_bench_size() {
             {
                 continue;
             }
-            run(128, theta, writes, 4_000_000);
+            run(128, shards, theta, writes, 4_000_000);
         }
     }
 }
