@@ -938,8 +938,20 @@ impl Shard {
         clean.saturating_sub(1) as u64 * u64::from(self.cfg.geo.segment_sectors)
     }
 
+    /// Sectors this shard holds, scaled to the whole cache: its log and the segments it
+    /// keeps ready ahead of its head (granted, not yet linked), which no other shard can
+    /// use either. What GC compares with its limit: counting the log alone, no shard of
+    /// a cache of several ever crossed it (each holds two segments ready, and two shards'
+    /// ready segments are the whole reserve), so GC ran only in bursts of pool pressure
+    /// that left a tenth of the cache free.
+    fn held_sectors_scaled(&self) -> u64 {
+        let g = &self.cfg.geo;
+        let held = self.segments.len() + self.ready.len() + self.preparing as usize;
+        held as u64 * u64::from(g.segment_sectors) * u64::from(g.shard_count)
+    }
+
     fn gc_check(&mut self) {
-        let used = self.log_sectors_scaled();
+        let used = self.held_sectors_scaled();
         let space = GcSpace::new(&self.cfg.geo, self.cfg.wb.gc_percent);
         if self.admission.evicting() && used * 2 < space.limit() {
             // The log shrank to under half of GC's threshold (a discard, a smaller working
@@ -947,10 +959,14 @@ impl Shard {
             self.admission.set_evicting(false);
         }
         let over = used > space.limit();
-        if !(over || self.pressure || self.stalled) {
+        // A shard waiting for a segment it has asked the pool for is not short of space
+        // (if the pool is, `pressure` says so): reclaiming its own then only empties the
+        // cache, without second chances.
+        let starved = self.stalled && self.preparing + self.wanted == 0;
+        if !(over || self.pressure || starved) {
             return;
         }
-        if !self.moves.is_empty() && !self.stalled {
+        if !self.moves.is_empty() && !starved {
             // The last reclaim's second chances are still being logged (a few at a time):
             // its segment frees only once they are, and reclaiming more meanwhile would
             // only shrink the log.

@@ -324,7 +324,8 @@ impl Worker {
         self.team.exited >= followers
     }
 
-    /// After each pump: carry pool messages to the lead and grants to their workers.
+    /// After each pump: carry pool messages to the lead and grants to their workers; the
+    /// lead recoordinates.
     pub(super) fn exchange(&mut self) {
         if self.team_size() == 1 {
             return;
@@ -352,6 +353,10 @@ impl Worker {
                     spdk_log!(ERROR, "{}: lost segment messages to the lead", self.name);
                 }
             }
+        }
+        if !self.is_follower() {
+            // The pool's pressure follows what this pump took and gave back.
+            self.recoordinate();
         }
         for (shard, g) in std::mem::take(&mut self.team.grants) {
             let p = self.team.peers[Cache::part_of_shard(shard, self.team_size())];
