@@ -601,6 +601,9 @@ fn run_seed(seed: u64, mode: Mode) -> u32 {
             seed.wrapping_mul(31).wrapping_add(u64::from(round)),
             mode.parts,
         );
+        // A split cache's segment grants and coordination reach parts 1.. late now and
+        // then, as the SPDK module's messages between engine threads do.
+        sim.msg_delay = [0, 4, 32][(seed as usize + round as usize) % 3];
         let (ci, bi) = phase(&mut sim, &mut hist, &mut rng, &mut next_id, seed, mode);
         crashes += 1;
         if let Err(e) = hist.backing_is_epoch_consistent(bi.bytes()) {

@@ -13,7 +13,7 @@
 //! (512 bytes or 4 KiB, its atomic write unit) is old or new at random. Backing device: completed writes are volatile until a flush completes; at a
 //! crash each unflushed write survives or not at random.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::mem::MemDevice;
 use super::{execute, BlockDevice, Buffers};
@@ -92,6 +92,20 @@ pub struct Sim {
     pub direct_percent: u64,
     /// Direct requests in flight, by request id, with their range.
     directs: HashMap<ReqId, (Direct, u64, u32)>,
+    /// Split: segment grants and coordination for parts 1.. arrive only after this many
+    /// more device commands complete (or once none is in flight), as the SPDK host's
+    /// messages to other engine threads do; part 0 holds the pool and takes its own at
+    /// once.
+    pub msg_delay: u64,
+    /// Messages on their way, in order, with when they are due (in completed commands).
+    delayed: VecDeque<(u64, Delayed)>,
+}
+
+/// A message of [`Sim::msg_delay`] on its way to parts 1...
+#[derive(Clone, Copy)]
+enum Delayed {
+    Grant(u32, Grant),
+    Coordinate(Coordination),
 }
 
 impl Sim {
@@ -120,6 +134,8 @@ impl Sim {
             completed: 0,
             direct_percent: 50,
             directs: HashMap::new(),
+            msg_delay: 0,
+            delayed: VecDeque::new(),
         }
     }
 
@@ -408,11 +424,12 @@ impl Sim {
             self.part(i).take_grants(&mut grants);
         }
         moved |= !grants.is_empty();
+        let due = self.completed + self.msg_delay;
         for (shard, g) in grants {
-            for i in 0..self.part_count() {
-                if self.part(i).owns_shard(shard) {
-                    self.part(i).grant(shard, g);
-                }
+            if self.msg_delay > 0 && !self.cache.owns_shard(shard) {
+                self.delayed.push_back((due, Delayed::Grant(shard, g)));
+            } else {
+                self.deliver(Delayed::Grant(shard, g));
             }
         }
         let allowed = (0..self.part_count())
@@ -425,12 +442,40 @@ impl Sim {
         };
         if self.coordination != Some(c) {
             self.coordination = Some(c);
-            for i in 0..self.part_count() {
-                self.part(i).coordinate_with(c);
+            self.cache.coordinate_with(c);
+            if self.msg_delay > 0 {
+                self.delayed.push_back((due, Delayed::Coordinate(c)));
+            } else {
+                self.deliver(Delayed::Coordinate(c));
             }
             moved = true;
         }
+        while let Some(&(due, m)) = self.delayed.front() {
+            if due > self.completed && !self.inflight.is_empty() {
+                break;
+            }
+            self.delayed.pop_front();
+            self.deliver(m);
+            moved = true;
+        }
         moved
+    }
+
+    fn deliver(&mut self, m: Delayed) {
+        match m {
+            Delayed::Grant(shard, g) => {
+                for i in 0..self.part_count() {
+                    if self.part(i).owns_shard(shard) {
+                        self.part(i).grant(shard, g);
+                    }
+                }
+            }
+            Delayed::Coordinate(c) => {
+                for o in &mut self.others {
+                    o.coordinate_with(c);
+                }
+            }
+        }
     }
 
     /// Writeback stopped on a backing-device error in some part.
