@@ -211,11 +211,10 @@ fn zipf_hit_ratios_at_bench_size() {
     }
 }
 
-/// One θ 0.8 70/30 run (`requests` of 4 KiB, 32 at a time) over a 32 MiB cache of two
+/// One θ 0.8 70/30 run (`requests` of 4 KiB, 32 in flight) over a 32 MiB cache of two
 /// shards run as `parts` parts by the simulator, grants and coordination to part 1
 /// arriving `msg_delay` completed commands late (the SPDK host's messages to another
-/// engine thread): the read
-/// hit ratio of the second half, and the stats at the end.
+/// engine thread): the read hit ratio of the second half, and the last part's stats.
 fn split_run(parts: usize, msg_delay: u64, requests: u64) -> (f64, pcache::engine::CacheStats) {
     let cache = 32u64 << 20;
     let blocks = 4 * cache / 4096;
