@@ -84,10 +84,11 @@ struct Run {
     data_mib: f64,
 }
 
-/// One run over a cache of `cache_mib` laid out as `bdev_pcache_create` lays it out by
-/// default with `shards` shards (segments of a 128th of the cache, at least 1 MiB; a stripe
-/// of a quarter of one), the first half of the requests warming it.
-fn run(cache_mib: u64, shards: u32, theta: f64, write_percent: u64, requests: u64) -> Run {
+/// A cache of `cache_mib` laid out as `bdev_pcache_create` lays it out by default with
+/// `shards` shards (segments of a 128th of the cache, at least 1 MiB; a stripe of a
+/// quarter of one), over a working set four times its size: the host and that size in
+/// 4 KiB blocks.
+fn format(cache_mib: u64, shards: u32) -> (SyncHost<MemDevice, MemDevice>, u64) {
     let cache = cache_mib << 20;
     let segment = 1u64 << (cache / 128).clamp(1 << 20, 16 << 20).ilog2();
     let blocks = 4 * cache / 4096;
@@ -102,7 +103,7 @@ fn run(cache_mib: u64, shards: u32, theta: f64, write_percent: u64, requests: u6
         cache_uuid: [0xc4; 16],
         gc_percent: 70,
     };
-    let mut h = SyncHost::format(
+    let h = SyncHost::format(
         MemDevice::new(cache),
         MemDevice::new(blocks * 4096),
         identity(blocks * 8),
@@ -110,6 +111,13 @@ fn run(cache_mib: u64, shards: u32, theta: f64, write_percent: u64, requests: u6
         CacheOptions::default(),
     )
     .expect("format");
+    (h, blocks)
+}
+
+/// One run over a cache of `cache_mib` in `shards` shards ([`format`]), the first half of
+/// the requests warming it.
+fn run(cache_mib: u64, shards: u32, theta: f64, write_percent: u64, requests: u64) -> Run {
+    let (mut h, blocks) = format(cache_mib, shards);
     let zipf = Zipf::new(blocks as usize, theta);
     let mut rng = Rng::new(7);
     let mut trace = Vec::with_capacity(requests as usize);
@@ -212,31 +220,11 @@ fn zipf_hit_ratios_at_bench_size() {
 }
 
 /// One θ 0.8 70/30 run (`requests` of 4 KiB, 32 in flight) over a 32 MiB cache of two
-/// shards run as `parts` parts by the simulator, grants and coordination to part 1
+/// shards ([`format`]) run as `parts` parts by the simulator, grants and coordination to part 1
 /// arriving `msg_delay` completed commands late (the SPDK host's messages to another
 /// engine thread): the read hit ratio of the second half, and the last part's stats.
 fn split_run(parts: usize, msg_delay: u64, requests: u64) -> (f64, pcache::engine::CacheStats) {
-    let cache = 32u64 << 20;
-    let blocks = 4 * cache / 4096;
-    let fopts = FormatOptions {
-        layout: LayoutOptions {
-            segment_bytes: 1 << 20,
-            stripe_bytes: 256 << 10,
-            shards: 2,
-            block_bytes: 512,
-        },
-        data_crc: false,
-        cache_uuid: [0xc5; 16],
-        gc_percent: 70,
-    };
-    let h = SyncHost::format(
-        MemDevice::new(cache),
-        MemDevice::new(blocks * 4096),
-        identity(blocks * 8),
-        &fopts,
-        CacheOptions::default(),
-    )
-    .expect("format");
+    let (h, blocks) = format(32, 2);
     let (c, img, backing) = h.into_parts();
     let mut sim = Sim::with_parts(c, img, backing, 11, parts);
     sim.msg_delay = msg_delay;
