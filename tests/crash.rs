@@ -893,3 +893,24 @@ fn crashes_with_hot_rewrites_and_discards_lose_nothing() {
         );
     }
 }
+
+/// Seed 1,500,033 of the hot-rewrite mode, from a sweep: a log stalled for a segment it had
+/// asked the pool for, with GC's second chances queued behind its writes. GC must still
+/// reclaim under the pool's pressure; a version of session 23's change waited for the
+/// moves, which waited for space, and the write timed out. (Pinned: a seed, so only as
+/// long as the simulation draws the same run.)
+#[test]
+fn a_stalled_log_reclaims_with_second_chances_queued() {
+    run_seed(
+        1_500_033,
+        Mode {
+            faults: false,
+            writeback: true,
+            parts: 1,
+            block: 1,
+            modes: false,
+            read_heavy: false,
+            hot_writes: true,
+        },
+    );
+}

@@ -966,7 +966,8 @@ impl Shard {
         if !(over || self.pressure || starved) {
             return;
         }
-        if !self.moves.is_empty() && !starved {
+        // A stalled log reclaims even so: its writes come first, the moves wait behind them.
+        if !self.moves.is_empty() && !self.stalled {
             // The last reclaim's second chances are still being logged (a few at a time):
             // its segment frees only once they are, and reclaiming more meanwhile would
             // only shrink the log.
