@@ -740,22 +740,22 @@ fn acknowledged_writes_survive_crashes_with_random_io_errors() {
     );
 }
 
+/// A small cache with writeback always on, one part, 512-byte blocks, nothing else.
+const WRITEBACK_GC: Mode = Mode {
+    faults: false,
+    writeback: true,
+    parts: 1,
+    block: 1,
+    modes: false,
+    read_heavy: false,
+    hot_writes: false,
+};
+
 /// The backing device stays at a flush boundary (plus part of one epoch) at every crash,
 /// while writeback, GC and cache-full waits run all the time.
 #[test]
 fn crashes_during_writeback_and_gc_lose_nothing_and_keep_the_backing_ordered() {
-    run_both_geometries(
-        1000,
-        Mode {
-            faults: false,
-            writeback: true,
-            parts: 1,
-            block: 1,
-            modes: false,
-            read_heavy: false,
-            hot_writes: false,
-        },
-    );
+    run_both_geometries(1000, WRITEBACK_GC);
 }
 
 #[test]
@@ -764,12 +764,7 @@ fn crashes_during_writeback_with_random_io_errors() {
         300,
         Mode {
             faults: true,
-            writeback: true,
-            parts: 1,
-            block: 1,
-            modes: false,
-            read_heavy: false,
-            hot_writes: false,
+            ..WRITEBACK_GC
         },
     );
 }
@@ -904,13 +899,8 @@ fn a_stalled_log_reclaims_with_second_chances_queued() {
     run_seed(
         1_500_033,
         Mode {
-            faults: false,
-            writeback: true,
-            parts: 1,
-            block: 1,
-            modes: false,
-            read_heavy: false,
             hot_writes: true,
+            ..WRITEBACK_GC
         },
     );
 }
