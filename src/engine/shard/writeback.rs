@@ -920,8 +920,13 @@ impl Shard {
     /// Sectors of this shard's log, scaled to the whole cache (shards share the pool
     /// evenly): what `GcSpace` compares with its thresholds.
     fn log_sectors_scaled(&self) -> u64 {
+        self.segments_scaled(self.segments.len())
+    }
+
+    /// `n` segments of this shard, in sectors scaled to the whole cache.
+    fn segments_scaled(&self, n: usize) -> u64 {
         let g = &self.cfg.geo;
-        self.segments.len() as u64 * u64::from(g.segment_sectors) * u64::from(g.shard_count)
+        n as u64 * u64::from(g.segment_sectors) * u64::from(g.shard_count)
     }
 
     /// Sectors of this shard's log in segments that hold no dirty data: GC reclaims them
@@ -945,9 +950,7 @@ impl Shard {
     /// ready segments are the whole reserve), so GC ran only in bursts of pool pressure
     /// that left a tenth of the cache free.
     fn held_sectors_scaled(&self) -> u64 {
-        let g = &self.cfg.geo;
-        let held = self.segments.len() + self.ready.len() + self.preparing as usize;
-        held as u64 * u64::from(g.segment_sectors) * u64::from(g.shard_count)
+        self.segments_scaled(self.segments.len() + self.ready.len() + self.preparing as usize)
     }
 
     fn gc_check(&mut self) {
