@@ -54,6 +54,13 @@
 //!   requests included) and `load_config` of it, creates first, works in a fresh target.
 //! - `deferred_create_does_io`: bdevperf loads a config with only a deferred create, the
 //!   bases come by RPC, and `-w verify` runs over the pcache bdev.
+//! - `random_switches_and_faults_under_verify`: bdevperf `-w verify -f`, 12 KiB requests, on
+//!   two cores over two pcache bdevs (one over `bdev_error`-wrapped malloc cache and backing
+//!   with two shards and data CRC, one over a mapped cache file), while a seeded sequence
+//!   (`PCACHE_CHAOS_SEED`, `PCACHE_CHAOS_SECS`) switches modes, cut-off, GC and writeback
+//!   pacing and injects read/write/flush/unmap failures and corrupted cache reads: no buffer
+//!   mismatch, every RPC answered, no hang; afterwards a flush ends clean, writeback ok, and
+//!   a last verify fails nothing.
 //! - `backing_uuid_changed_after_restart`: after a SIGKILL with dirty data, the backing
 //!   bdev comes back without its UUID: examine explains once and attaches nothing; the
 //!   create is refused with the dirty bytes, the recorded UUID and the call that re-creates
@@ -2320,8 +2327,21 @@ fn verify_with_faults(
     secs: u64,
     during: impl FnOnce(),
 ) -> Vec<Value> {
+    verify_sized_with_faults(spdk, perf_py, rpc, perf, "4096", secs, during)
+}
+
+/// [`verify_with_faults`] with requests of `io_size` bytes.
+fn verify_sized_with_faults(
+    spdk: &Spdk,
+    perf_py: &Path,
+    rpc: &Rpc,
+    perf: &Proc,
+    io_size: &str,
+    secs: u64,
+    during: impl FnOnce(),
+) -> Vec<Value> {
     let t = secs.to_string();
-    let args = ["-w", "verify", "-q", "32", "-o", "4096", "-t", t.as_str()];
+    let args = ["-w", "verify", "-q", "32", "-o", io_size, "-t", t.as_str()];
     let child = perform_tests(spdk, perf_py, &rpc.sock, secs + 120, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -2504,6 +2524,174 @@ fn device_faults_never_hang_pcache() {
     assert_eq!(s["writeback"]["state"], "ok", "{}", s["writeback"]);
     println!("final: {}", s["engine"]["total"]);
     stop_app(perf, &rpc, 30);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Live option switches and device faults drawn at random, together, under bdevperf
+/// `-w verify -f` on two cores with 12 KiB requests (some straddle a stripe, so two shards
+/// serve them): PC0 over `bdev_error` wrappers of a malloc cache and backing (two shards,
+/// data CRC), PC1 over a mapped cache file with a wrapped backing. Every 50-600 ms one of:
+/// a mode switch, a cut-off change, new gc/watermark/writeback pacing, injected failures
+/// (reads, writes, flushes, unmaps; corrupted cache reads), a flush. Checks: every RPC is
+/// answered without error, `perform_tests` returns, no buffer mismatches; then, with the
+/// faults cleared and write-back back on, a flush ends clean without operator action,
+/// writeback is ok, the log is open, and a last verify fails nothing.
+/// `PCACHE_CHAOS_SEED` and `PCACHE_CHAOS_SECS` (default 1 and 15) vary the run.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn random_switches_and_faults_under_verify() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let env_u64 = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let seed = env_u64("PCACHE_CHAOS_SEED", 1);
+    let secs = env_u64("PCACHE_CHAOS_SECS", 15).max(1);
+    println!("seed {seed} (PCACHE_CHAOS_SEED), {secs} s (PCACHE_CHAOS_SECS)");
+    let dir = scratch_dir("chaos");
+    let cfg = dir.join("chaos.json");
+    let img = format!("/dev/shm/pcache-it-chaos-{}.img", std::process::id());
+    let _ = std::fs::remove_file(&img);
+    let config = bdev_config(&[
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "XCache", "num_blocks": 65536, "block_size": 512}}),
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "XBack", "num_blocks": 32768, "block_size": 4096}}),
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "YBack", "num_blocks": 262144, "block_size": 512}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "XCache"}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "XBack"}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "YBack"}}),
+        json!({"method": "bdev_pcache_create",
+               "params": {"name": "PC0", "cache_bdev": "EE_XCache", "backing_bdev": "EE_XBack",
+                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": true,
+                          "shards": 2}}),
+        json!({"method": "bdev_pcache_create",
+               "params": {"name": "PC1", "cache_path": img, "cache_size_mib": 32,
+                          "backing_bdev": "EE_YBack", "segment_size_mib": 1}}),
+    ]);
+    std::fs::write(&cfg, config.to_string()).expect("write config");
+    let mut cores = two_cores().to_vec();
+    cores.push("-f");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "chaos", "PC1", &cores);
+    let mut rng = pcache::media::sim::Rng::new(seed);
+    let pick = |items: &[&'static str], rng: &mut pcache::media::sim::Rng| {
+        items[rng.below(items.len() as u64) as usize]
+    };
+    let mut actions: Vec<Value> = Vec::new();
+    let modes = [
+        "write_back",
+        "write_through",
+        "write_around",
+        "pass_through",
+    ];
+    let end = Instant::now() + Duration::from_secs(secs);
+    let jobs = verify_sized_with_faults(&spdk, &perf_py, &rpc, &perf, "12288", secs, || {
+        std::thread::sleep(Duration::from_millis(500));
+        while Instant::now() < end {
+            let bdev = pick(&["PC0", "PC1"], &mut rng);
+            let (method, params) = match rng.below(10) {
+                0..=2 => (
+                    "bdev_pcache_set_options",
+                    json!({"name": bdev, "mode": pick(&modes, &mut rng)}),
+                ),
+                3 => (
+                    "bdev_pcache_set_options",
+                    json!({"name": bdev,
+                           "seq_cutoff_policy": pick(&["always", "full", "never"], &mut rng),
+                           "seq_cutoff_bytes": 4096u64 << rng.below(9)}),
+                ),
+                4 => {
+                    let high = 1 + rng.below(100);
+                    (
+                        "bdev_pcache_set_options",
+                        json!({"name": bdev, "gc_percent": 1 + rng.below(90),
+                               "wb_high_pct": high, "wb_low_pct": rng.below(high + 1),
+                               "wb_max_inflight": 1u64 << rng.below(9),
+                               "wb_group_ksets": 1u64 << rng.below(8)}),
+                    )
+                }
+                5..=7 => {
+                    let dev = pick(&["EE_XCache", "EE_XBack", "EE_YBack"], &mut rng);
+                    let io = if dev == "EE_XCache" {
+                        pick(&["read", "write"], &mut rng)
+                    } else {
+                        pick(&["read", "write", "flush", "unmap"], &mut rng)
+                    };
+                    let num = [1u64, 3, 10, 50][rng.below(4) as usize];
+                    let mut p = json!({"name": dev, "io_type": io, "error_type": "failure",
+                                       "num": num});
+                    if dev == "EE_XCache" && io == "read" && rng.chance(40) {
+                        p["error_type"] = json!("corrupt_data");
+                        p["corrupt_offset"] = json!(rng.below(4000));
+                        p["corrupt_value"] = json!(1 + rng.below(255));
+                    }
+                    ("bdev_error_inject_error", p)
+                }
+                8 => ("bdev_pcache_flush_start", json!({"name": bdev})),
+                _ => ("bdev_pcache_get_stats", json!({"name": bdev})),
+            };
+            let reply = rpc.raw(method, Some(params.clone()));
+            assert!(
+                reply.get("error").is_none(),
+                "{method} {params} (seed {seed}, after {actions:?}): {reply}"
+            );
+            actions.push(json!([method, params]));
+            std::thread::sleep(Duration::from_millis(50 + rng.below(550)));
+        }
+    });
+    println!("{} actions:", actions.len());
+    for a in &actions {
+        println!("  {a}");
+    }
+    assert_eq!(jobs.len(), 4, "a job per core and bdev: {jobs:?}");
+    for job in &jobs {
+        println!("verify {secs} s under switches and faults: {job}");
+        assert!(job["iops"].as_f64() > Some(100.0), "I/O flowed: {job}");
+    }
+    for dev in ["EE_XCache", "EE_XBack", "EE_YBack"] {
+        rpc.ok(&["bdev_error_inject_error", dev, "clear", "failure"]);
+    }
+    for bdev in ["PC0", "PC1"] {
+        rpc.ok(&["bdev_pcache_set_options", bdev, "--mode", "write_back"]);
+        assert_eq!(rpc.ok(&["bdev_pcache_flush_start", bdev]), json!(true));
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = rpc.ok(&["bdev_pcache_flush_status", bdev]);
+            if st["clean"] == true {
+                break;
+            }
+            assert!(Instant::now() < end, "{bdev}: flush did not finish: {st}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", bdev])[0];
+        println!(
+            "{bdev}: errors {} writeback {}",
+            s["errors"], s["writeback"]
+        );
+        assert_eq!(s["writeback"]["state"], "ok", "{bdev}: {}", s["writeback"]);
+        assert_eq!(
+            s["writeback"]["log_failed"], false,
+            "{bdev}: {}",
+            s["writeback"]
+        );
+    }
+    let (res, jobs) = run_jobs_sized(&spdk, &perf_py, &rpc.sock, &perf, "verify", 12288, 3);
+    for job in &jobs {
+        println!("verify 3 s after the faults: {job}");
+        assert_job_clean(job, &res);
+    }
+    stop_app(perf, &rpc, 30);
+    let _ = std::fs::remove_file(&img);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
