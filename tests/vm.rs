@@ -16,7 +16,9 @@
 //!   `bdev_pcache_delete`, a third guest on the backing bdev alone finds the same.
 //! - `fstrim_reaches_pcache`: `fstrim` in the guest raises `requests.discards`.
 //! - `fio_verify_over_pcache`: fio `--verify=crc32c`, random 4k-128k writes with verifying
-//!   reads over the raw disk for `PCACHE_VM_FIO_SECS` (default 60) seconds.
+//!   reads over the raw disk for `PCACHE_VM_FIO_SECS` (default 60) seconds, while the cache
+//!   mode switches live every 3 s (write-through, write-around, pass-through, write-back):
+//!   fio finds no error and no request fails.
 //!
 //! Ignored when the build found no SPDK; skipped (`SKIPPED: <reason>`) when spdk_tgt,
 //! rpc.py, libclang, qemu-system-x86_64 or a guest kernel (scripts/vm --prepare: apt) is
@@ -25,7 +27,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -309,6 +311,15 @@ fn hold_writeback(t: &Target) {
     }
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn shard_sum(stats: &Value, key: &str) -> u64 {
     stats["engine"]["shards"]
         .as_array()
@@ -530,15 +541,52 @@ fn fio_verify_over_pcache() {
          --verify_dump=1 > /tmp/fio.out || {{ cat /tmp/fio.out; exit 1; }}\n\
          grep -E 'err=|IOPS=|READ:|WRITE:' /tmp/fio.out\necho FIO-OK\n"
     );
-    let console = t.boot("vhost.0", &script, &["--fio"], secs + 200);
+    // The mode switches live every 3 s while fio runs (from 10 s in, after the boot); the
+    // guest's verify must not notice.
+    let stop = AtomicBool::new(false);
+    let (console, switches) = std::thread::scope(|sc| {
+        let switcher = sc.spawn(|| {
+            let modes = [
+                "write_through",
+                "write_around",
+                "pass_through",
+                "write_back",
+            ];
+            let mut n = 0;
+            let mut next = Instant::now() + Duration::from_secs(10);
+            while !stop.load(Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    t.ok(&["bdev_pcache_set_options", "PC0", "--mode", modes[n % 4]]);
+                    n += 1;
+                    next += Duration::from_secs(3);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            n
+        });
+        // Stops the switcher however the boot ends (a panic too: the scope joins it).
+        let _stop = StopOnDrop(&stop);
+        let console = t.boot("vhost.0", &script, &["--fio"], secs + 200);
+        stop.store(true, Ordering::Relaxed);
+        (console, switcher.join().expect("mode switcher"))
+    });
     assert!(console.contains("FIO-OK"), "{console}");
     let s = t.stats();
     println!(
-        "after fio: writeback sectors {}, GC segments {}",
+        "after fio: {switches} mode switches, writeback sectors {}, GC segments {}, mode {}",
         shard_sum(&s, "wb_sectors"),
-        shard_sum(&s, "gc_segments")
+        shard_sum(&s, "gc_segments"),
+        s["mode"]
     );
+    assert!(
+        switches >= 4,
+        "fio ran through every mode: {switches} switches"
+    );
+    for k in ["write_through_requests", "write_around_requests"] {
+        assert!(s["mode"][k].as_u64() > Some(0), "{k}: {}", s["mode"]);
+    }
     assert_eq!(shard_sum(&s, "io_errors"), 0, "{s}");
+    assert_eq!(s["errors"]["requests_failed"], 0, "{s}");
     t.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
