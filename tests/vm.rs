@@ -578,12 +578,16 @@ fn fio_verify_over_pcache() {
         shard_sum(&s, "gc_segments"),
         s["mode"]
     );
-    assert!(
-        switches >= 4,
-        "fio ran through every mode: {switches} switches"
-    );
-    for k in ["write_through_requests", "write_around_requests"] {
-        assert!(s["mode"][k].as_u64() > Some(0), "{k}: {}", s["mode"]);
+    if secs >= 30 {
+        // Long enough for a round of all four modes (a shorter PCACHE_VM_FIO_SECS may end
+        // before the first switch).
+        assert!(
+            switches >= 4,
+            "fio ran through every mode: {switches} switches"
+        );
+        for k in ["write_through_requests", "write_around_requests"] {
+            assert!(s["mode"][k].as_u64() > Some(0), "{k}: {}", s["mode"]);
+        }
     }
     assert_eq!(shard_sum(&s, "io_errors"), 0, "{s}");
     assert_eq!(s["errors"]["requests_failed"], 0, "{s}");
