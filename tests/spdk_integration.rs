@@ -2668,16 +2668,7 @@ fn random_switches_and_faults_under_verify() {
     }
     for bdev in ["PC0", "PC1"] {
         rpc.ok(&["bdev_pcache_set_options", bdev, "--mode", "write_back"]);
-        assert_eq!(rpc.ok(&["bdev_pcache_flush_start", bdev]), json!(true));
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let st = rpc.ok(&["bdev_pcache_flush_status", bdev]);
-            if st["clean"] == true {
-                break;
-            }
-            assert!(Instant::now() < end, "{bdev}: flush did not finish: {st}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_clean(&rpc, bdev);
         let s = &rpc.ok(&["bdev_pcache_get_stats", "-b", bdev])[0];
         println!(
             "{bdev}: errors {} writeback {}",
