@@ -629,9 +629,7 @@ fn target_rpc_lifecycle() {
 }
 
 fn verify_secs() -> u64 {
-    std::env::var("PCACHE_SPDK_VERIFY_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    env_u64("PCACHE_SPDK_VERIFY_SECS")
         .filter(|&s| s > 0)
         .unwrap_or(15)
 }
@@ -2548,14 +2546,8 @@ fn random_switches_and_faults_under_verify() {
     let Some(perf_py) = bdevperf_py(&spdk) else {
         return;
     };
-    let env_u64 = |k: &str, d: u64| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
-    let seed = env_u64("PCACHE_CHAOS_SEED", 1);
-    let secs = env_u64("PCACHE_CHAOS_SECS", 15).max(1);
+    let seed = env_u64("PCACHE_CHAOS_SEED").unwrap_or(1);
+    let secs = env_u64("PCACHE_CHAOS_SECS").unwrap_or(15).max(1);
     println!("seed {seed} (PCACHE_CHAOS_SEED), {secs} s (PCACHE_CHAOS_SECS)");
     let dir = scratch_dir("chaos");
     let cfg = dir.join("chaos.json");

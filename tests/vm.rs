@@ -527,10 +527,7 @@ fn fio_verify_over_pcache() {
         println!("SKIPPED: fio not found on the host (apt-get install fio)");
         return;
     }
-    let secs: u64 = std::env::var("PCACHE_VM_FIO_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let secs = env_u64("PCACHE_VM_FIO_SECS").unwrap_or(60);
     let dir = scratch("fio");
     let t = Target::start(&spdk, &so, &dir, None);
     create_pc0(&t);

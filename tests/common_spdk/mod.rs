@@ -8,6 +8,12 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The number environment variable `name` holds, if it is set to one (the tests' knobs:
+/// durations, seeds).
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// A `/proc/meminfo` field's number (kB, or a count; `key` with its colon).
 pub fn meminfo(key: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")
