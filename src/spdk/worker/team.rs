@@ -354,10 +354,8 @@ impl Worker {
                 }
             }
         }
-        if !self.is_follower() {
-            // The pool's pressure follows what this pump took and gave back.
-            self.recoordinate();
-        }
+        // The lead's: the pool's pressure follows what this pump took and gave back.
+        self.recoordinate();
         for (shard, g) in std::mem::take(&mut self.team.grants) {
             let p = self.team.peers[Cache::part_of_shard(shard, self.team_size())];
             if send(p, move |w| {
