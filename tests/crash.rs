@@ -15,7 +15,9 @@ mod common;
 
 use common::*;
 use pcache::engine::shard::{WritebackOptions, RETRY_MAX_MS};
-use pcache::engine::{Cache, CacheMode, CacheOptions, Dev, Op, ReqId, SeqCutoff, SeqPolicy};
+use pcache::engine::{
+    Cache, CacheMode, CacheOptions, Dev, Op, ReqId, SeqCutoff, SeqPolicy, WriteAdmission,
+};
 use pcache::media::host::{open_cache, SyncHost};
 use pcache::media::mem::MemDevice;
 use pcache::media::sim::{Rng, Sim};
@@ -37,6 +39,7 @@ thread_local! {
     static FULL_AROUND: Cell<u64> = const { Cell::new(0) };
     static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
     static READMITS: Cell<u64> = const { Cell::new(0) };
+    static WRITE_DECLINED: Cell<u64> = const { Cell::new(0) };
 }
 
 fn count(c: &'static std::thread::LocalKey<Cell<u64>>, n: u64) {
@@ -366,6 +369,13 @@ fn phase(
             c.set_seq_cutoff(cutoff).expect("cut-off");
         }
     }
+    if mode.modes || mode.read_heavy {
+        // Not persisted: each phase (a reopen) picks it again.
+        let a = WriteAdmission::ALL[rng.below(2) as usize];
+        for c in sim.parts_mut() {
+            c.set_write_admission(a);
+        }
+    }
     let qd = 1 + rng.below(12) as usize;
     // Hot writes need longer runs: a block is read and rewritten before writeback reaches
     // it.
@@ -382,8 +392,10 @@ fn phase(
     loop {
         if mode.modes && rng.chance(3) {
             let m = CacheMode::ALL[rng.below(4) as usize];
+            let a = WriteAdmission::ALL[rng.below(2) as usize];
             for c in sim.parts_mut() {
                 c.set_mode(m);
+                c.set_write_admission(a);
             }
             count(&MODE_SWITCHES, 1);
         }
@@ -539,6 +551,7 @@ fn phase(
         count(&BYPASSED, t.seq_bypass_requests);
         count(&FULL_AROUND, t.full_around_requests);
         count(&INVALIDATIONS, t.invalidations);
+        count(&WRITE_DECLINED, t.write_declined);
     }
     hist.crash(mode.modes);
     sim.crash()
@@ -644,6 +657,7 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
         &BYPASSED,
         &FULL_AROUND,
         &INVALIDATIONS,
+        &WRITE_DECLINED,
     ] {
         c.with(|v| v.set(0));
     }
@@ -685,11 +699,13 @@ fn run_seeds(default_seeds: u64, mode: Mode) {
     if mode.modes {
         println!(
             "  {} mode switches; {} writes around the cache ({} of sequential streams, {} \
-             around a full cache), {} written through, {} invalidations logged",
+             around a full cache, {} cold writes not admitted), {} written through, {} \
+             invalidations logged",
             total(&MODE_SWITCHES),
             total(&AROUND),
             total(&BYPASSED),
             total(&FULL_AROUND),
+            total(&WRITE_DECLINED),
             total(&THROUGH),
             total(&INVALIDATIONS),
         );

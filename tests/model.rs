@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pcache::engine::{CacheMode, Op, SeqCutoff, SeqPolicy};
+use pcache::engine::{CacheMode, Op, SeqCutoff, SeqPolicy, WriteAdmission};
 use pcache::media::BlockDevice;
 use proptest::prelude::*;
 
@@ -48,6 +48,8 @@ enum Step {
         lba: u64,
         len: u32,
     },
+    /// Sets write admission (index into `WriteAdmission::ALL`; not persisted).
+    Admission(usize),
 }
 
 fn range() -> impl Strategy<Value = (u64, u32)> {
@@ -86,6 +88,7 @@ fn mode_step() -> impl Strategy<Value = Step> {
                 .prop_map(|(lba, len, n)| Step::Stream { lba, len, n })
         }),
         1 => range().prop_map(|(lba, len)| Step::WriteFua { lba, len }),
+        1 => (0..WriteAdmission::ALL.len()).prop_map(Step::Admission),
     ]
 }
 
@@ -143,18 +146,39 @@ fn aligned(steps: Vec<Step>, block: u32) -> Vec<Step> {
 }
 
 fn run(steps: Vec<Step>, shards: u32, data_crc: bool) {
-    run_in(steps, shards, data_crc, CacheMode::WriteBack, 512);
+    run_in(
+        steps,
+        shards,
+        data_crc,
+        CacheMode::WriteBack,
+        512,
+        CACHE_BYTES,
+    );
 }
 
 /// The model run on a cache device of `block_bytes`-byte blocks (requests whole blocks).
 fn run_blocks(steps: Vec<Step>, shards: u32, data_crc: bool, block_bytes: u32) {
-    run_in(steps, shards, data_crc, CacheMode::WriteBack, block_bytes);
+    run_in(
+        steps,
+        shards,
+        data_crc,
+        CacheMode::WriteBack,
+        block_bytes,
+        CACHE_BYTES,
+    );
 }
 
-fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode, block_bytes: u32) {
+fn run_in(
+    steps: Vec<Step>,
+    shards: u32,
+    data_crc: bool,
+    first: CacheMode,
+    block_bytes: u32,
+    cache_bytes: u64,
+) {
     let steps = aligned(steps, block_bytes / 512);
     let mut host = new_host(
-        CACHE_BYTES,
+        cache_bytes,
         BACKING_SECTORS,
         &small_format_blocks(shards, data_crc, block_bytes),
     );
@@ -162,6 +186,7 @@ fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode, block
     host.run();
     let mut mode = first;
     let mut cutoff = SeqCutoff::default();
+    let mut admission = WriteAdmission::default();
     let mut model = Model(vec![0; BACKING_SECTORS as usize * SECTOR]);
     let mut id = 0u64;
     for s in steps {
@@ -209,6 +234,7 @@ fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode, block
             }
             Step::Reopen => {
                 host = reopen(host);
+                admission = WriteAdmission::default();
                 assert_eq!(host.cache.mode(), mode, "the mode persists");
                 assert_eq!(host.cache.seq_cutoff(), cutoff, "the cut-off persists");
             }
@@ -216,6 +242,10 @@ fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode, block
                 mode = CacheMode::ALL[i];
                 host.cache.set_mode(mode);
                 host.run(); // persisted with the next control-slot write
+            }
+            Step::Admission(i) => {
+                admission = WriteAdmission::ALL[i];
+                host.cache.set_write_admission(admission);
             }
             Step::Cutoff(p, units) => {
                 cutoff = SeqCutoff {
@@ -247,6 +277,7 @@ fn run_in(steps: Vec<Step>, shards: u32, data_crc: bool, first: CacheMode, block
             }
         }
     }
+    assert_eq!(host.cache.write_admission(), admission);
     // Everything reads back, before and after a final reopen.
     for _ in 0..2 {
         let got = host.read(0, BACKING_SECTORS as u32).expect("final read");
@@ -321,7 +352,7 @@ proptest! {
         first in 0..CacheMode::ALL.len(),
         steps in proptest::collection::vec(mode_step(), 1..160),
     ) {
-        run_in(steps, 1, false, CacheMode::ALL[first], 512);
+        run_in(steps, 1, false, CacheMode::ALL[first], 512, CACHE_BYTES);
     }
 
     #[test]
@@ -329,7 +360,7 @@ proptest! {
         first in 0..CacheMode::ALL.len(),
         steps in proptest::collection::vec(mode_step(), 1..160),
     ) {
-        run_in(steps, 3, true, CacheMode::ALL[first], 512);
+        run_in(steps, 3, true, CacheMode::ALL[first], 512, CACHE_BYTES);
     }
 
     /// The same on a cache of 4 KiB blocks (requests of whole blocks).
@@ -338,7 +369,18 @@ proptest! {
         first in 0..CacheMode::ALL.len(),
         steps in proptest::collection::vec(mode_step(), 1..160),
     ) {
-        run_in(steps, 2, false, CacheMode::ALL[first], 4096);
+        run_in(steps, 2, false, CacheMode::ALL[first], 4096, CACHE_BYTES);
+    }
+
+    /// The same in a cache smaller than the device (512 KiB over 2 MiB), so GC drops clean
+    /// data and the admission policies (read fills and, with `second_touch`, writes) decide
+    /// what enters it.
+    #[test]
+    fn reads_match_in_every_mode_with_live_switches_small_cache(
+        first in 0..CacheMode::ALL.len(),
+        steps in proptest::collection::vec(mode_step(), 1..160),
+    ) {
+        run_in(steps, 1, false, CacheMode::ALL[first], 512, 512 << 10);
     }
 }
 

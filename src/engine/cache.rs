@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::format::Superblock;
 use super::geometry::Geometry;
 use super::io::{Command, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, ShardRequest};
-use super::mode::{CacheMode, SeqCutoff};
+use super::mode::{CacheMode, SeqCutoff, WriteAdmission};
 use super::pool::{Grant, SegmentPool, ToPool};
 use super::shard::{GcSpace, Shard, WritebackOptions, WritebackState};
 use super::stats::ShardStats;
@@ -34,6 +34,8 @@ pub struct CacheOptions {
     pub mode: Option<CacheMode>,
     /// Opening: the sequential cut-off (as `mode`).
     pub seq_cutoff: Option<SeqCutoff>,
+    /// Which writes a full cache takes in (not persisted).
+    pub write_admission: WriteAdmission,
 }
 
 /// A request served directly by the host (see [`Cache::begin_direct`]).
@@ -114,6 +116,8 @@ pub struct CacheStats {
     /// The sequential cut-off's policy and threshold.
     pub seq_cutoff_policy: &'static str,
     pub seq_cutoff_bytes: u64,
+    /// Which writes a full cache takes in ("always", "second_touch").
+    pub write_admission: &'static str,
     /// Dirty bytes still to write back.
     pub wb_dirty_bytes: u64,
     /// Current flush epoch of each shard.
@@ -683,6 +687,19 @@ impl Cache {
             .map_or_else(SeqCutoff::default, Shard::seq_cutoff)
     }
 
+    /// Changes which writes a full cache takes in (at run time; not persisted).
+    pub fn set_write_admission(&mut self, a: WriteAdmission) {
+        for s in &mut self.shards {
+            s.set_write_admission(a);
+        }
+    }
+
+    pub fn write_admission(&self) -> WriteAdmission {
+        self.shards
+            .first()
+            .map_or_else(WriteAdmission::default, Shard::write_admission)
+    }
+
     pub fn writeback_options(&self) -> WritebackOptions {
         self.shards
             .first()
@@ -823,6 +840,7 @@ impl Cache {
             mode: self.mode().as_str(),
             seq_cutoff_policy: self.seq_cutoff().policy.as_str(),
             seq_cutoff_bytes: self.seq_cutoff().bytes,
+            write_admission: self.write_admission().as_str(),
             wb_dirty_bytes: self.dirty_bytes(),
             shard_epochs: self.shards.iter().map(Shard::epoch).collect(),
             shard_frontiers: self.shards.iter().map(Shard::frontier).collect(),

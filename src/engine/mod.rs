@@ -18,7 +18,7 @@ pub use cache::{Cache, CacheOptions, CacheStats, Coordination, Direct};
 pub use format::{BackingIdentity, FormatError, Superblock};
 pub use geometry::{Geometry, GeometryError, LayoutOptions};
 pub use io::{Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, Request, Verify};
-pub use mode::{CacheMode, SeqCutoff, SeqPolicy};
+pub use mode::{CacheMode, SeqCutoff, SeqPolicy, WriteAdmission};
 pub use open::{
     compare_backing, format, BackingMatch, FormatOptions, OpenError, OpenReport, OpenStep, Opener,
     UuidMismatch,

@@ -1,7 +1,7 @@
-//! Cache modes and the sequential cut-off: what a shard does with a write (log it, write
-//! it through, send it around the cache) and which read misses it fills.
+//! Cache modes, the sequential cut-off and write admission: what a shard does with a write
+//! (log it, write it through, send it around the cache) and which read misses it fills.
 //!
-//! Both are persisted in every shard's control slot (docs/FORMAT.md) and can be changed at
+//! Modes and the cut-off are persisted in every shard's control slot (docs/FORMAT.md) and can be changed at
 //! run time ([`Cache::set_mode`](super::Cache::set_mode),
 //! [`Cache::set_seq_cutoff`](super::Cache::set_seq_cutoff)).
 
@@ -154,6 +154,55 @@ impl FromStr for SeqPolicy {
     }
 }
 
+/// Which writes a write-back or write-through cache takes in, once it is full (GC drops
+/// clean data to make room). A write-back write sent around the cache completes once the
+/// backing device has it durably, as a logged one is durable on the cache when it
+/// completes; so `SecondTouch` trades the latency of a cold write for cache space, cache
+/// device writes and writeback work. Not persisted: a runtime option like writeback
+/// pacing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteAdmission {
+    /// Every write is cached (the default).
+    #[default]
+    Always,
+    /// While the cache evicts, a write to a range it does not hold goes to the backing
+    /// device, unless the range missed or was written recently (the read fills' admission
+    /// on a second miss, sharing its table): data written once does not displace data read
+    /// again and again.
+    SecondTouch,
+}
+
+impl WriteAdmission {
+    pub const ALL: [WriteAdmission; 2] = [WriteAdmission::Always, WriteAdmission::SecondTouch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteAdmission::Always => "always",
+            WriteAdmission::SecondTouch => "second_touch",
+        }
+    }
+}
+
+impl fmt::Display for WriteAdmission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for WriteAdmission {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        WriteAdmission::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                what: "write_admission",
+                got: s.into(),
+                choices: "always, second_touch",
+            })
+    }
+}
+
 /// Unit of the persisted threshold.
 pub const SEQ_CUTOFF_UNIT: u64 = 4096;
 /// Default threshold: 1 MiB.
@@ -226,6 +275,10 @@ mod tests {
             assert_eq!(p.as_str().parse::<SeqPolicy>(), Ok(p));
             assert_eq!(SeqPolicy::from_code(p.code()), Some(p));
         }
+        for a in WriteAdmission::ALL {
+            assert_eq!(a.as_str().parse::<WriteAdmission>(), Ok(a));
+        }
+        assert!("second".parse::<WriteAdmission>().is_err());
         assert_eq!(CacheMode::from_code(0), Some(CacheMode::WriteBack));
         assert!(CacheMode::from_code(4).is_none());
         assert!("writeback".parse::<CacheMode>().is_err());

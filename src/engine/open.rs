@@ -735,6 +735,7 @@ impl Opener {
                 },
                 mode: r.control.mode,
                 seq_cutoff: r.control.seq_cutoff,
+                write_admission: self.opts.write_admission,
             };
             let mut index = r.index;
             // A range rewritten after it was poisoned holds a newer dirty key: no longer.

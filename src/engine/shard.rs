@@ -20,7 +20,7 @@ use super::index::{Extent, ExtentMap, Piece, State};
 use super::io::{
     Buf, Command, Dev, IoDone, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest, Tag, Verify,
 };
-use super::mode::{CacheMode, SeqCutoff};
+use super::mode::{CacheMode, SeqCutoff, WriteAdmission};
 use super::pool::{Grant, ToPool};
 use super::slab::Slab;
 use super::stats::ShardStats;
@@ -62,6 +62,8 @@ pub struct ShardConfig {
     pub mode: CacheMode,
     /// The sequential cut-off (persisted in the control slot).
     pub seq_cutoff: SeqCutoff,
+    /// Which writes a full cache takes in (not persisted).
+    pub write_admission: WriteAdmission,
 }
 
 /// Everything a shard wants from the outside world since the last drain.

@@ -82,6 +82,11 @@ pub struct ShardStats {
     pub full_around_requests: u64,
     /// Their sectors.
     pub full_around_sectors: u64,
+    /// Writes not admitted (`WriteAdmission::SecondTouch`): cold writes of a full cache
+    /// sent to the backing device.
+    pub write_declined: u64,
+    /// Their sectors.
+    pub write_declined_sectors: u64,
     /// Invalidation keys logged for writes sent around the cache.
     pub invalidations: u64,
     /// Backing writes of writes sent around the cache written again after they (or their
@@ -140,6 +145,8 @@ impl ShardStats {
         self.seq_bypass_requests += o.seq_bypass_requests;
         self.seq_bypass_sectors += o.seq_bypass_sectors;
         self.full_around_requests += o.full_around_requests;
+        self.write_declined += o.write_declined;
+        self.write_declined_sectors += o.write_declined_sectors;
         self.full_around_sectors += o.full_around_sectors;
         self.invalidations += o.invalidations;
         self.fwd_retries += o.fwd_retries;

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::engine::shard::WritebackOptions;
-use crate::engine::{CacheMode, SeqCutoff, SeqPolicy, UuidMismatch};
+use crate::engine::{CacheMode, SeqCutoff, SeqPolicy, UuidMismatch, WriteAdmission};
 
 /// Maximum shard count (same as the engine's `MAX_SHARDS`).
 pub(crate) const MAX_SHARDS: u32 = 256;
@@ -43,16 +43,18 @@ struct CreateParams {
     mode: Option<String>,
     seq_cutoff_bytes: Option<u64>,
     seq_cutoff_policy: Option<String>,
+    write_admission: Option<String>,
 }
 
 /// The options a running cache changes live (`bdev_pcache_set_options`): writeback
-/// pacing, gc_percent, the mode and the sequential cut-off. The last three are persisted
-/// in the cache's control slots.
+/// pacing, gc_percent, the mode, the sequential cut-off and write admission. gc_percent,
+/// the mode and the cut-off are persisted in the cache's control slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Live {
     pub wb: WritebackOptions,
     pub mode: CacheMode,
     pub seq_cutoff: SeqCutoff,
+    pub write_admission: WriteAdmission,
 }
 
 impl Live {
@@ -69,12 +71,18 @@ impl Live {
             "mode": self.mode.as_str(),
             "seq_cutoff_bytes": self.seq_cutoff.bytes,
             "seq_cutoff_policy": self.seq_cutoff.policy.as_str(),
+            "write_admission": self.write_admission.as_str(),
         })
     }
 }
 
 fn parse_mode(v: Option<&str>) -> Result<Option<CacheMode>, String> {
     v.map(|m| m.parse::<CacheMode>().map_err(|e| e.to_string()))
+        .transpose()
+}
+
+fn parse_admission(v: Option<&str>) -> Result<Option<WriteAdmission>, String> {
+    v.map(|m| m.parse::<WriteAdmission>().map_err(|e| e.to_string()))
         .transpose()
 }
 
@@ -198,6 +206,8 @@ pub(crate) struct Options {
     /// 1 MiB and "full" for a new cache).
     pub seq_cutoff_bytes: Option<u64>,
     pub seq_cutoff_policy: Option<SeqPolicy>,
+    /// Which writes a full cache takes in (not persisted: echoed by `save_config`).
+    pub write_admission: WriteAdmission,
 }
 
 /// The stripe of a request that names none, with segments of `segment_size_mib`: the
@@ -231,6 +241,7 @@ impl Default for Options {
             mode: None,
             seq_cutoff_bytes: None,
             seq_cutoff_policy: None,
+            write_admission: WriteAdmission::default(),
         }
     }
 }
@@ -444,6 +455,7 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         mode: parse_mode(p.mode.as_deref())?,
         seq_cutoff_bytes: p.seq_cutoff_bytes,
         seq_cutoff_policy: parse_policy(p.seq_cutoff_policy.as_deref())?,
+        write_admission: parse_admission(p.write_admission.as_deref())?.unwrap_or_default(),
     };
     check_seq_bytes(o.seq_cutoff_bytes)?;
     o.wb.check()?;
@@ -526,6 +538,7 @@ impl CreateConfig {
             "wb_high_pct": o.wb.high_pct,
             "wb_low_pct": o.wb.low_pct,
             "io_timeout_ms": o.wb.io_timeout_ms,
+            "write_admission": o.write_admission.as_str(),
         });
         match &self.cache {
             CacheMedia::Bdev(b) => v["cache_bdev"] = json!(b),
@@ -571,6 +584,7 @@ struct SetOptionsParams {
     mode: Option<String>,
     seq_cutoff_bytes: Option<u64>,
     seq_cutoff_policy: Option<String>,
+    write_admission: Option<String>,
 }
 
 /// `bdev_pcache_set_options`: the options to change (the others keep their values).
@@ -586,6 +600,7 @@ pub(crate) struct SetOptions {
     pub mode: Option<CacheMode>,
     pub seq_cutoff_bytes: Option<u64>,
     pub seq_cutoff_policy: Option<SeqPolicy>,
+    pub write_admission: Option<WriteAdmission>,
 }
 
 impl SetOptions {
@@ -601,6 +616,7 @@ impl SetOptions {
             wb,
             mode: self.mode.unwrap_or(cur.mode),
             seq_cutoff,
+            write_admission: self.write_admission.unwrap_or(cur.write_admission),
         })
     }
 
@@ -642,6 +658,7 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         mode: parse_mode(p.mode.as_deref())?,
         seq_cutoff_bytes: p.seq_cutoff_bytes,
         seq_cutoff_policy: parse_policy(p.seq_cutoff_policy.as_deref())?,
+        write_admission: parse_admission(p.write_admission.as_deref())?,
     };
     if o.gc_percent.is_none()
         && o.max_inflight.is_none()
@@ -652,8 +669,9 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         && o.mode.is_none()
         && o.seq_cutoff_bytes.is_none()
         && o.seq_cutoff_policy.is_none()
+        && o.write_admission.is_none()
     {
-        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct, io_timeout_ms, mode, seq_cutoff_bytes, seq_cutoff_policy)".into());
+        return Err("no option to set (gc_percent, wb_max_inflight, wb_group_ksets, wb_high_pct, wb_low_pct, io_timeout_ms, mode, seq_cutoff_bytes, seq_cutoff_policy, write_admission)".into());
     }
     check_seq_bytes(o.seq_cutoff_bytes)?;
     // Range checks that do not depend on the current values.
@@ -839,6 +857,23 @@ mod tests {
     }
 
     #[test]
+    fn write_admission_is_parsed_and_echoed() {
+        let c = parse_create(base()).unwrap();
+        assert_eq!(c.options.write_admission, WriteAdmission::Always);
+        assert_eq!(c.to_params()["write_admission"], "always", "spelled out");
+        let mut p = base();
+        p["write_admission"] = json!("second_touch");
+        let c = parse_create(p).unwrap();
+        assert_eq!(c.options.write_admission, WriteAdmission::SecondTouch);
+        assert_eq!(parse_create(c.to_params()).unwrap(), c);
+        let mut p = base();
+        p["write_admission"] = json!("sometimes");
+        assert!(parse_create(p)
+            .unwrap_err()
+            .contains("unknown write_admission \"sometimes\""));
+    }
+
+    #[test]
     fn defer_flag() {
         assert!(!parse_create(base()).unwrap().defer);
         let mut p = base();
@@ -1000,6 +1035,7 @@ mod tests {
             wb: WritebackOptions::default(),
             mode: CacheMode::WriteBack,
             seq_cutoff: SeqCutoff::default(),
+            write_admission: WriteAdmission::Always,
         };
         let so = parse_set_options(json!({"name": "PC0", "mode": "write_through", "seq_cutoff_policy": "always", "seq_cutoff_bytes": 65536})).unwrap();
         let l = so.apply_live(live).unwrap();
@@ -1012,6 +1048,18 @@ mod tests {
             }
         );
         assert_eq!(l.to_json()["mode"], "write_through");
+        assert_eq!(l.write_admission, WriteAdmission::Always, "kept");
+        let so =
+            parse_set_options(json!({"name": "PC0", "write_admission": "second_touch"})).unwrap();
+        let l = so.apply_live(l).unwrap();
+        assert_eq!(l.write_admission, WriteAdmission::SecondTouch);
+        assert_eq!(l.mode, CacheMode::WriteThrough, "kept");
+        assert_eq!(l.to_json()["write_admission"], "second_touch");
+        assert!(
+            parse_set_options(json!({"name": "PC0", "write_admission": "never"}))
+                .unwrap_err()
+                .contains("always, second_touch")
+        );
         assert!(
             parse_set_options(json!({"name": "PC0", "mode": "writeback"}))
                 .unwrap_err()

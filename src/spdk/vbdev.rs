@@ -714,6 +714,7 @@ fn start_workers(node: *mut Pcache) {
             mode: o.mode,
             seq_cutoff: (o.seq_cutoff_bytes.is_some() || o.seq_cutoff_policy.is_some())
                 .then(|| o.seq_cutoff(SeqCutoff::default())),
+            write_admission: o.write_admission,
             ..CacheOptions::default()
         },
         cache_bytes: ca.blockcnt * u64::from(ca.blocklen),
@@ -794,6 +795,7 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
         mode: cfg.options.mode,
         seq_cutoff_bytes: cfg.options.seq_cutoff_bytes,
         seq_cutoff_policy: cfg.options.seq_cutoff_policy,
+        write_admission: Some(cfg.options.write_admission),
     };
     let core = cfg.options.core;
     // The closure is dropped unrun if the message cannot be sent: keep the reply reachable.

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use super::{LogOp, Pending, Shard, TagOwner};
 use crate::engine::index::State;
 use crate::engine::io::{Buf, Command, Dev, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest};
-use crate::engine::mode::{CacheMode, SeqCutoff, SeqPolicy};
+use crate::engine::mode::{CacheMode, SeqCutoff, SeqPolicy, WriteAdmission};
 
 /// Ranges by start, for overlap queries.
 #[derive(Debug, Default)]
@@ -154,6 +154,25 @@ impl Shard {
         }
     }
 
+    /// Changes which writes a full cache takes in (at run time; not persisted).
+    pub fn set_write_admission(&mut self, a: WriteAdmission) {
+        self.cfg.write_admission = a;
+    }
+
+    pub fn write_admission(&self) -> WriteAdmission {
+        self.cfg.write_admission
+    }
+
+    /// Whether the admission policy sends this write to the backing device: the cache
+    /// evicts, it holds nothing of the range (no invalidation needed), and the range has
+    /// not missed or been written recently (a second touch is admitted).
+    fn write_declined(&mut self, lba: u64, len: u32) -> bool {
+        self.cfg.write_admission == WriteAdmission::SecondTouch
+            && self.admission.evicting()
+            && self.around_check(lba, len, self.pending.len()) == Some(false)
+            && !self.admission.admit(lba, len)
+    }
+
     /// Whether a write to the backing device is in flight over part of the range.
     pub(super) fn fwd_overlaps(&self, lba: u64, len: u32) -> bool {
         let end = lba + u64::from(len);
@@ -234,6 +253,12 @@ impl Shard {
                 }
                 None => self.stats.around_logged += 1,
             }
+        } else if self.write_declined(r.lba, r.len) {
+            self.stats.write_declined += 1;
+            self.stats.write_declined_sectors += u64::from(r.len);
+            let now = self.now;
+            self.start_around(r.id, r.lba, r.len, r.buf_off, false, fua, now);
+            return;
         }
         self.pending.push_back(Pending {
             op: LogOp::Write {

@@ -188,6 +188,7 @@ pub(crate) fn live_options(c: &Cache) -> Live {
         wb: c.writeback_options(),
         mode: c.mode(),
         seq_cutoff: c.seq_cutoff(),
+        write_admission: c.write_admission(),
     }
 }
 
@@ -195,6 +196,7 @@ fn apply_live(c: &mut Cache, o: Live) -> Result<(), ReqError> {
     c.set_writeback_options(o.wb)?;
     c.set_seq_cutoff(o.seq_cutoff)?;
     c.set_mode(o.mode);
+    c.set_write_admission(o.write_admission);
     Ok(())
 }
 
