@@ -26,7 +26,7 @@ def bdev_pcache_create(args):
         params['cache_path'] = args.cache_path
     for key in ('cache_size_mib', 'gc_percent', 'stripe_size_kib', 'segment_size_mib', 'shards',
                 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct', 'io_timeout_ms',
-                'core', 'mode', 'seq_cutoff_bytes', 'seq_cutoff_policy'):
+                'core', 'mode', 'seq_cutoff_bytes', 'seq_cutoff_policy', 'write_admission'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -49,7 +49,8 @@ def bdev_pcache_delete(args):
 def bdev_pcache_set_options(args):
     params = {'name': args.name}
     for key in ('gc_percent', 'wb_max_inflight', 'wb_group_ksets', 'wb_high_pct', 'wb_low_pct',
-                'io_timeout_ms', 'mode', 'seq_cutoff_bytes', 'seq_cutoff_policy'):
+                'io_timeout_ms', 'mode', 'seq_cutoff_bytes', 'seq_cutoff_policy',
+                'write_admission'):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -86,6 +87,12 @@ def _writeback_args(p):
                    choices=['full', 'always', 'never'],
                    help='when the sequential cut-off applies: full (while cache space is short, '
                         'default), always, never')
+    p.add_argument('--write-admission', dest='write_admission',
+                   choices=['always', 'second_touch'],
+                   help='which writes a full cache takes in: always (default), or second_touch: '
+                        'a write to a range the cache does not hold goes to the backing bdev '
+                        '(completing once durable there, so at its latency) unless the range '
+                        'was read or written recently. Not stored on the cache')
 
 
 def bdev_pcache_flush_start(args):

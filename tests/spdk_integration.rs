@@ -563,7 +563,7 @@ fn target_rpc_lifecycle() {
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 64,
         "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "io_timeout_ms": 30000,
         "mode": "write_back", "seq_cutoff_bytes": 1048576, "seq_cutoff_policy": "full",
-        "defer": true
+        "write_admission": "always", "defer": true
     })), "{creates:?}");
     assert!(
         creates.iter().any(|p| p["name"] == "PC0"
@@ -3353,7 +3353,32 @@ fn mode_switches_under_verify() {
         m["backing_flushes_for_requests"].as_u64() > Some(flushes),
         "no FLUSH reached the backing bdev: {m}"
     );
-    // save_config echoes the mode and cut-off in effect.
+    // Write admission: with second_touch a write-back cache that evicts (random writes
+    // over 4x its size make it) sends writes of ranges it does not hold to the backing
+    // bdev; verify reads back what went either way.
+    let r = rpc.ok(&[
+        "bdev_pcache_set_options",
+        "PC0",
+        "--mode",
+        "write_back",
+        "--write-admission",
+        "second_touch",
+    ]);
+    assert_eq!(r["write_admission"], "second_touch", "{r}");
+    for (workload, secs) in [("randwrite", 4), ("verify", 3)] {
+        let (res, jobs) = run_jobs(&spdk, &perf_py, &rpc.sock, &perf, workload, secs);
+        for job in &jobs {
+            println!("bdevperf {workload} {secs} s with second_touch: {job}");
+            assert_job_clean(job, &res);
+        }
+    }
+    let m = rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["mode"].clone();
+    assert_eq!(m["write_admission"], "second_touch", "{m}");
+    assert!(
+        m["write_declined_requests"].as_u64() > Some(0),
+        "no cold write went around the cache: {m}"
+    );
+    // save_config echoes the mode, cut-off and write admission in effect.
     rpc.ok(&[
         "bdev_pcache_set_options",
         "PC0",
@@ -3367,6 +3392,7 @@ fn mode_switches_under_verify() {
     assert_eq!(saved[0]["mode"], "pass_through", "{}", saved[0]);
     assert_eq!(saved[0]["seq_cutoff_bytes"], 131072, "{}", saved[0]);
     assert_eq!(saved[0]["seq_cutoff_policy"], "never", "{}", saved[0]);
+    assert_eq!(saved[0]["write_admission"], "second_touch", "{}", saved[0]);
     rpc.err(
         &[
             "bdev_pcache_set_options",
