@@ -57,7 +57,7 @@
 //! - `random_switches_and_faults_under_verify`: bdevperf `-w verify -f`, 12 KiB requests, on
 //!   two cores (when there are two) over two pcache bdevs (one over `bdev_error`-wrapped malloc cache and backing
 //!   with two shards and data CRC, one over a mapped cache file), while a seeded sequence
-//!   (`PCACHE_CHAOS_SEED`, `PCACHE_CHAOS_SECS`) switches modes, cut-off, GC and writeback
+//!   (`PCACHE_CHAOS_SEED`, `PCACHE_CHAOS_SECS`) switches modes, cut-off, write admission, GC and writeback
 //!   pacing and injects read/write/flush/unmap failures and corrupted cache reads: no buffer
 //!   mismatch, every RPC answered, no hang; afterwards a flush ends clean, writeback ok, and
 //!   a last verify fails nothing.
@@ -2529,7 +2529,7 @@ fn device_faults_never_hang_pcache() {
 /// `-w verify -f` on two cores (when the machine has two) with 12 KiB requests (some
 /// straddle a stripe, so two shards serve them): PC0 over `bdev_error` wrappers of a malloc cache and backing (two shards,
 /// data CRC), PC1 over a mapped cache file with a wrapped backing. Every 50-600 ms one of:
-/// a mode switch, a cut-off change, new gc/watermark/writeback pacing, injected failures
+/// a mode switch, a cut-off and write-admission change, new gc/watermark/writeback pacing, injected failures
 /// (reads, writes, flushes, unmaps; corrupted cache reads), a flush. Checks: every RPC is
 /// answered without error, `perform_tests` returns, no buffer mismatches; then, with the
 /// faults cleared and write-back back on, a flush ends clean without operator action,
@@ -2600,7 +2600,8 @@ fn random_switches_and_faults_under_verify() {
                     "bdev_pcache_set_options",
                     json!({"name": bdev,
                            "seq_cutoff_policy": pick(&["always", "full", "never"], &mut rng),
-                           "seq_cutoff_bytes": 4096u64 << rng.below(9)}),
+                           "seq_cutoff_bytes": 4096u64 << rng.below(9),
+                           "write_admission": pick(&["always", "second_touch"], &mut rng)}),
                 ),
                 4 => {
                     let high = 1 + rng.below(100);
