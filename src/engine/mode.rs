@@ -1,9 +1,10 @@
 //! Cache modes, the sequential cut-off and write admission: what a shard does with a write
 //! (log it, write it through, send it around the cache) and which read misses it fills.
 //!
-//! Modes and the cut-off are persisted in every shard's control slot (docs/FORMAT.md) and can be changed at
-//! run time ([`Cache::set_mode`](super::Cache::set_mode),
-//! [`Cache::set_seq_cutoff`](super::Cache::set_seq_cutoff)).
+//! All three can be changed at run time ([`Cache::set_mode`](super::Cache::set_mode),
+//! [`Cache::set_seq_cutoff`](super::Cache::set_seq_cutoff),
+//! [`Cache::set_write_admission`](super::Cache::set_write_admission)); the mode and the
+//! cut-off are persisted in every shard's control slot (docs/FORMAT.md).
 
 use std::fmt;
 use std::str::FromStr;

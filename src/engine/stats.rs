@@ -145,9 +145,9 @@ impl ShardStats {
         self.seq_bypass_requests += o.seq_bypass_requests;
         self.seq_bypass_sectors += o.seq_bypass_sectors;
         self.full_around_requests += o.full_around_requests;
+        self.full_around_sectors += o.full_around_sectors;
         self.write_declined += o.write_declined;
         self.write_declined_sectors += o.write_declined_sectors;
-        self.full_around_sectors += o.full_around_sectors;
         self.invalidations += o.invalidations;
         self.fwd_retries += o.fwd_retries;
         self.fwd_errors += o.fwd_errors;
