@@ -1,5 +1,5 @@
 //! The simulator: runs a [`Cache`] over RAM images with completions in a seeded random
-//! order, chosen commands failing, and crashes at any instant. [`Sim::split`] runs the
+//! order, chosen commands failing, and crashes at any instant. [`Sim::with_parts`] runs the
 //! cache as parts, as the SPDK host's engine threads do, carrying the cross-part traffic
 //! (pool messages, grants, the writeback barrier) between them.
 //!

@@ -40,7 +40,7 @@ pub struct WritebackOptions {
     /// ...and stops below this one (unless space is short, the cache is idle, or draining).
     pub low_pct: u32,
     /// Writeback keeps `100 - gc_percent` of the cache as headroom for writes: free space
-    /// plus segments holding no dirty data; GC keeps a small reserve free (see [`GcSpace`]).
+    /// plus segments holding no dirty data; GC keeps a small reserve free (see `GcSpace`).
     pub gc_percent: u32,
     /// A request that cannot make progress (no cache space, the log unwritable) fails
     /// after waiting this long; writeback failing this long is reported as failing, and
