@@ -414,7 +414,7 @@ fn target_rpc_lifecycle() {
         info["cache"]["formatted"], true,
         "fresh cache bdev is formatted"
     );
-    assert_eq!(info["mode"], "write-back");
+    assert_eq!(info["mode"], "write_back", "{info}");
 
     // flush_start / flush_status.
     assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC0"]), json!(true));
@@ -3391,6 +3391,11 @@ fn mode_switches_under_verify() {
     let saved = saved_creates(&rpc.ok(&["save_config"]));
     assert_eq!(saved.len(), 1, "{saved:?}");
     assert_eq!(saved[0]["mode"], "pass_through", "{}", saved[0]);
+    let info = &rpc.ok(&["bdev_get_bdevs", "-b", "PC0"])[0]["driver_specific"]["pcache"];
+    assert_eq!(
+        info["mode"], "pass_through",
+        "bdev_get_bdevs shows the mode: {info}"
+    );
     assert_eq!(saved[0]["seq_cutoff_bytes"], 131072, "{}", saved[0]);
     assert_eq!(saved[0]["seq_cutoff_policy"], "never", "{}", saved[0]);
     assert_eq!(saved[0]["write_admission"], "second_touch", "{}", saved[0]);

@@ -1434,6 +1434,8 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
         }
         // SAFETY: our registered bdev; plain field read.
         let stripe_blocks = unsafe { (*n.bdev_ptr()).optimal_io_boundary };
+        // The mode in effect: the open's, then each live switch's (`update_params`).
+        let mode = options.get("mode").cloned().unwrap_or(Value::Null);
         let mut info = json!({
             "name": n.config.name,
             "backing_bdev": n.config.backing_bdev,
@@ -1441,7 +1443,7 @@ unsafe extern "C" fn dump_info_json(ctx: *mut c_void, w: *mut ffi::spdk_json_wri
                 Origin::Rpc => "rpc",
                 Origin::Examine => "examine",
             },
-            "mode": "write-back",
+            "mode": mode,
             "stripe_blocks": stripe_blocks,
             "options": options,
             "cache": *n.info.borrow(),
