@@ -85,17 +85,29 @@ pub struct UnknownName {
     pub choices: &'static str,
 }
 
+/// The member of `all` whose `name` is `s`, or the error that lists them (`choices`).
+fn by_name<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    s: &str,
+    what: &'static str,
+    choices: &'static str,
+) -> Result<T, UnknownName> {
+    all.iter()
+        .copied()
+        .find(|&m| name(m) == s)
+        .ok_or_else(|| UnknownName {
+            what,
+            got: s.into(),
+            choices,
+        })
+}
+
 impl FromStr for CacheMode {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        CacheMode::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| UnknownName {
-                what: "mode",
-                got: s.into(),
-                choices: "write_back, write_through, write_around, pass_through",
-            })
+        let choices = "write_back, write_through, write_around, pass_through";
+        by_name(&CacheMode::ALL, CacheMode::as_str, s, "mode", choices)
     }
 }
 
@@ -144,14 +156,14 @@ impl fmt::Display for SeqPolicy {
 impl FromStr for SeqPolicy {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SeqPolicy::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| UnknownName {
-                what: "seq_cutoff_policy",
-                got: s.into(),
-                choices: "full, always, never",
-            })
+        let choices = "full, always, never";
+        by_name(
+            &SeqPolicy::ALL,
+            SeqPolicy::as_str,
+            s,
+            "seq_cutoff_policy",
+            choices,
+        )
     }
 }
 
@@ -193,14 +205,14 @@ impl fmt::Display for WriteAdmission {
 impl FromStr for WriteAdmission {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        WriteAdmission::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| UnknownName {
-                what: "write_admission",
-                got: s.into(),
-                choices: "always, second_touch",
-            })
+        let choices = "always, second_touch";
+        by_name(
+            &WriteAdmission::ALL,
+            WriteAdmission::as_str,
+            s,
+            "write_admission",
+            choices,
+        )
     }
 }
 
