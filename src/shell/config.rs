@@ -76,18 +76,11 @@ impl Live {
     }
 }
 
-fn parse_mode(v: Option<&str>) -> Result<Option<CacheMode>, String> {
-    v.map(|m| m.parse::<CacheMode>().map_err(|e| e.to_string()))
-        .transpose()
-}
-
-fn parse_admission(v: Option<&str>) -> Result<Option<WriteAdmission>, String> {
-    v.map(|m| m.parse::<WriteAdmission>().map_err(|e| e.to_string()))
-        .transpose()
-}
-
-fn parse_policy(v: Option<&str>) -> Result<Option<SeqPolicy>, String> {
-    v.map(|m| m.parse::<SeqPolicy>().map_err(|e| e.to_string()))
+/// A named setting (mode, cut-off policy, write admission), if given.
+fn parse_named<T: std::str::FromStr<Err = crate::engine::mode::UnknownName>>(
+    v: Option<&str>,
+) -> Result<Option<T>, String> {
+    v.map(|m| m.parse::<T>().map_err(|e| e.to_string()))
         .transpose()
 }
 
@@ -452,10 +445,10 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
             io_timeout_ms: p.io_timeout_ms.unwrap_or(d.wb.io_timeout_ms),
         },
         core: p.core,
-        mode: parse_mode(p.mode.as_deref())?,
+        mode: parse_named(p.mode.as_deref())?,
         seq_cutoff_bytes: p.seq_cutoff_bytes,
-        seq_cutoff_policy: parse_policy(p.seq_cutoff_policy.as_deref())?,
-        write_admission: parse_admission(p.write_admission.as_deref())?.unwrap_or_default(),
+        seq_cutoff_policy: parse_named(p.seq_cutoff_policy.as_deref())?,
+        write_admission: parse_named(p.write_admission.as_deref())?.unwrap_or_default(),
     };
     check_seq_bytes(o.seq_cutoff_bytes)?;
     o.wb.check()?;
@@ -655,10 +648,10 @@ pub(crate) fn parse_set_options(params: Value) -> Result<SetOptions, String> {
         high_pct: p.wb_high_pct,
         low_pct: p.wb_low_pct,
         io_timeout_ms: p.io_timeout_ms,
-        mode: parse_mode(p.mode.as_deref())?,
+        mode: parse_named(p.mode.as_deref())?,
         seq_cutoff_bytes: p.seq_cutoff_bytes,
-        seq_cutoff_policy: parse_policy(p.seq_cutoff_policy.as_deref())?,
-        write_admission: parse_admission(p.write_admission.as_deref())?,
+        seq_cutoff_policy: parse_named(p.seq_cutoff_policy.as_deref())?,
+        write_admission: parse_named(p.write_admission.as_deref())?,
     };
     if o.gc_percent.is_none()
         && o.max_inflight.is_none()
