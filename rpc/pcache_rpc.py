@@ -92,7 +92,7 @@ def _writeback_args(p):
                    help='which writes a full cache takes in: always (default), or second_touch: '
                         'a write to a range the cache does not hold goes to the backing bdev '
                         '(completing once durable there, so at its latency) unless the range '
-                        'was read or written recently. Not stored on the cache')
+                        'was read or written recently. Stored on the cache, like the mode')
 
 
 def bdev_pcache_flush_start(args):

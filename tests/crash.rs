@@ -370,7 +370,7 @@ fn phase(
         }
     }
     if mode.modes || mode.read_heavy {
-        // Not persisted: each phase (a reopen) picks it again.
+        // Each phase (a reopen) draws it again, whatever the crash left persisted.
         let a = WriteAdmission::ALL[rng.below(2) as usize];
         for c in sim.parts_mut() {
             c.set_write_admission(a);

@@ -234,9 +234,13 @@ fn run_in(
             }
             Step::Reopen => {
                 host = reopen(host);
-                admission = WriteAdmission::default();
                 assert_eq!(host.cache.mode(), mode, "the mode persists");
                 assert_eq!(host.cache.seq_cutoff(), cutoff, "the cut-off persists");
+                assert_eq!(
+                    host.cache.write_admission(),
+                    admission,
+                    "the write admission persists"
+                );
             }
             Step::Mode(i) => {
                 mode = CacheMode::ALL[i];
@@ -246,6 +250,7 @@ fn run_in(
             Step::Admission(i) => {
                 admission = WriteAdmission::ALL[i];
                 host.cache.set_write_admission(admission);
+                host.run();
             }
             Step::Cutoff(p, units) => {
                 cutoff = SeqCutoff {

@@ -147,9 +147,26 @@ fn valid_structures_round_trip() {
             policy: pcache::engine::SeqPolicy::Always,
             bytes: 64 << 10,
         },
+        write_admission: pcache::engine::WriteAdmission::SecondTouch,
         poison: vec![(16, 8), (4096, 1)],
     };
     assert_eq!(ControlSlot::decode(&c.encode(5), 5, &g, 3).unwrap(), c);
+    // Byte 84 holds the write admission: zero (a slot written before it existed) reads as
+    // `always`; a code no build wrote makes the slot invalid, never a guess.
+    let reseal = |b: &mut Vec<u8>| {
+        let crc = crc32c::crc32c_append(5, &b[..508]);
+        b[508..512].copy_from_slice(&crc.to_le_bytes());
+    };
+    let mut old = c.encode(5);
+    assert_eq!(old[84], 1, "second_touch at byte 84");
+    old[84] = 0;
+    reseal(&mut old);
+    let back = ControlSlot::decode(&old, 5, &g, 3).unwrap();
+    assert_eq!(back.write_admission, pcache::engine::WriteAdmission::Always);
+    old[84] = 2;
+    reseal(&mut old);
+    let e = ControlSlot::decode(&old, 5, &g, 3).unwrap_err().to_string();
+    assert!(e.contains("write_admission"), "{e}");
     let h = SegmentHeader {
         seg: 7,
         gen: 8,

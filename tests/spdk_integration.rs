@@ -3215,8 +3215,8 @@ fn wait_clean(rpc: &Rpc, name: &str) {
 /// the working set; for a few seconds a sequential cut-off at 64 KiB that applies always):
 /// every switch keeps every acknowledged write, verify fails nothing, each path is taken;
 /// then sequential writes past the cut-off bypass the cache, FLUSH requests reach the
-/// backing bdev, and `save_config` echoes the mode and cut-off in effect (stored on the
-/// cache bdev).
+/// backing bdev, and `save_config` echoes the mode, cut-off and write admission in
+/// effect, which a create naming none of them finds again on the cache bdev.
 #[test]
 #[cfg_attr(
     pcache_no_spdk,
@@ -3418,5 +3418,30 @@ fn mode_switches_under_verify() {
         assert!(Instant::now() < end, "not written back: {st}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The mode, cut-off and write admission are stored on the cache bdev: a create that
+    // names none of them reopens the cache with them.
+    rpc.ok(&["bdev_pcache_delete", "PC0"]);
+    rpc.ok(&[
+        "bdev_pcache_create",
+        "-b",
+        "PC0",
+        "-c",
+        "MdCache",
+        "-d",
+        "MdBacking",
+    ]);
+    let m = rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0]["mode"].clone();
+    assert_eq!(
+        (&m["mode"], &m["seq_cutoff_bytes"], &m["write_admission"]),
+        (
+            &json!("pass_through"),
+            &json!(131072),
+            &json!("second_touch")
+        ),
+        "reopened: {m}"
+    );
+    let saved = saved_creates(&rpc.ok(&["save_config"]));
+    assert_eq!(saved[0]["write_admission"], "second_touch", "{}", saved[0]);
+    assert_eq!(saved[0]["seq_cutoff_policy"], "never", "{}", saved[0]);
     stop_app(perf, &rpc, 30);
 }

@@ -34,8 +34,8 @@ pub struct CacheOptions {
     pub mode: Option<CacheMode>,
     /// Opening: the sequential cut-off (as `mode`).
     pub seq_cutoff: Option<SeqCutoff>,
-    /// Which writes a full cache takes in (not persisted).
-    pub write_admission: WriteAdmission,
+    /// Opening: which writes a full cache takes in (as `mode`; `always` for a new cache).
+    pub write_admission: Option<WriteAdmission>,
 }
 
 /// A request served directly by the host (see [`Cache::begin_direct`]).
@@ -687,7 +687,7 @@ impl Cache {
             .map_or_else(SeqCutoff::default, Shard::seq_cutoff)
     }
 
-    /// Changes which writes a full cache takes in (at run time; not persisted).
+    /// Changes which writes a full cache takes in (at run time; persisted).
     pub fn set_write_admission(&mut self, a: WriteAdmission) {
         for s in &mut self.shards {
             s.set_write_admission(a);

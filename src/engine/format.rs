@@ -8,7 +8,7 @@
 //! use, and a bad magic, CRC or bound is a [`FormatError`], never a panic.
 
 use super::geometry::Geometry;
-use super::mode::{CacheMode, SeqCutoff, SeqPolicy};
+use super::mode::{CacheMode, SeqCutoff, SeqPolicy, WriteAdmission};
 use thiserror::Error;
 
 /// The unit of every on-media position and length.
@@ -410,6 +410,8 @@ pub struct ControlSlot {
     /// The sequential cut-off: policy at byte 77, threshold at 78 (u16, 4 KiB units, 0 for
     /// the default 1 MiB).
     pub seq_cutoff: SeqCutoff,
+    /// Write admission (byte 84; 0, `always`, in slots written before it existed).
+    pub write_admission: WriteAdmission,
     /// Ranges (lba, sectors) whose dirty data failed its CRC when writeback read it: the
     /// dirty tail moved past them without writing them back, so they read as errors until
     /// rewritten. At most [`MAX_POISON`]. Zero in slots written before this field existed.
@@ -434,6 +436,7 @@ impl ControlSlot {
         put(&mut b, 78, &self.seq_cutoff.units().to_le_bytes());
         let n = self.poison.len().min(MAX_POISON);
         put(&mut b, 80, &(n as u32).to_le_bytes());
+        b[84] = self.write_admission.code();
         for (i, &(lba, len)) in self.poison.iter().take(n).enumerate() {
             put(&mut b, 88 + i * 16, &lba.to_le_bytes());
             put(&mut b, 96 + i * 16, &len.to_le_bytes());
@@ -476,6 +479,13 @@ impl ControlSlot {
                 })?,
                 u16::from_le_bytes([buf[78], buf[79]]),
             ),
+            write_admission: WriteAdmission::from_code(buf[84]).ok_or(
+                FormatError::OutOfBounds {
+                    what: "control write_admission",
+                    value: u64::from(buf[84]),
+                    limit: WriteAdmission::ALL.len() as u64,
+                },
+            )?,
             poison: Vec::new(),
         };
         let n = f.u32(80) as usize;

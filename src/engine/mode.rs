@@ -3,8 +3,8 @@
 //!
 //! All three can be changed at run time ([`Cache::set_mode`](super::Cache::set_mode),
 //! [`Cache::set_seq_cutoff`](super::Cache::set_seq_cutoff),
-//! [`Cache::set_write_admission`](super::Cache::set_write_admission)); the mode and the
-//! cut-off are persisted in every shard's control slot (docs/FORMAT.md).
+//! [`Cache::set_write_admission`](super::Cache::set_write_admission)); all three are
+//! persisted in every shard's control slot (docs/FORMAT.md).
 
 use std::fmt;
 use std::str::FromStr;
@@ -171,8 +171,7 @@ impl FromStr for SeqPolicy {
 /// clean data to make room). A write-back write sent around the cache completes once the
 /// backing device has it durably, as a logged one is durable on the cache when it
 /// completes; so `SecondTouch` trades the latency of a cold write for cache space, cache
-/// device writes and writeback work. Not persisted: a runtime option like writeback
-/// pacing.
+/// device writes and writeback work. Persisted like the mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriteAdmission {
     /// Every write is cached (the default).
@@ -193,6 +192,19 @@ impl WriteAdmission {
             WriteAdmission::Always => "always",
             WriteAdmission::SecondTouch => "second_touch",
         }
+    }
+
+    /// Its code in the control slot (0 = always, so slots written before write admission
+    /// existed read as `always`).
+    pub fn code(self) -> u8 {
+        match self {
+            WriteAdmission::Always => 0,
+            WriteAdmission::SecondTouch => 1,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<Self> {
+        WriteAdmission::ALL.get(usize::from(c)).copied()
     }
 }
 

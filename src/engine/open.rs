@@ -18,7 +18,7 @@ use super::format::{
 use super::geometry::{Geometry, GeometryError, LayoutOptions, CONTROL_SECTOR, SB_B_SECTOR};
 use super::index::{Extent, ExtentMap, State};
 use super::io::IoError;
-use super::mode::{CacheMode, SeqCutoff};
+use super::mode::{CacheMode, SeqCutoff, WriteAdmission};
 use super::pool::SegmentPool;
 use super::shard::{DirtyKey, LogState, Logged, SegRec, Shard, ShardConfig, WritebackOptions};
 
@@ -87,6 +87,7 @@ pub fn format(
                 gc_percent: opts.gc_percent,
                 mode: CacheMode::default(),
                 seq_cutoff: SeqCutoff::default(),
+                write_admission: WriteAdmission::default(),
                 poison: Vec::new(),
             };
             writes.push((
@@ -713,6 +714,11 @@ impl Opener {
             .seq_cutoff
             .or(first.map(|c| c.seq_cutoff))
             .unwrap_or_default();
+        let write_admission = self
+            .opts
+            .write_admission
+            .or(first.map(|c| c.write_admission))
+            .unwrap_or_default();
         for (i, r) in self.shards.drain(..).enumerate() {
             self.report.shards.push(ShardReport {
                 control_seq: r.control.seq,
@@ -735,7 +741,7 @@ impl Opener {
                 },
                 mode: r.control.mode,
                 seq_cutoff: r.control.seq_cutoff,
-                write_admission: self.opts.write_admission,
+                write_admission: r.control.write_admission,
             };
             let mut index = r.index;
             // A range rewritten after it was poisoned holds a newer dirty key: no longer.
@@ -760,10 +766,12 @@ impl Opener {
                 control_slot: r.control_slot,
             };
             let mut shard = Shard::new(cfg, log, index, epoch);
-            // Every shard takes shard 0's mode (they differ only after a crash during a
-            // switch), or the one the host asks for; a change is persisted.
+            // Every shard takes shard 0's mode, cut-off and admission (they differ only
+            // after a crash during a switch), or the ones the host asks for; a change is
+            // persisted.
             shard.set_mode(mode);
             shard.set_seq_cutoff(seq_cutoff);
+            shard.set_write_admission(write_admission);
             shards.push(shard);
         }
         let gc_percent = self

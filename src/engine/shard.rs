@@ -62,7 +62,7 @@ pub struct ShardConfig {
     pub mode: CacheMode,
     /// The sequential cut-off (persisted in the control slot).
     pub seq_cutoff: SeqCutoff,
-    /// Which writes a full cache takes in (not persisted).
+    /// Which writes a full cache takes in (persisted).
     pub write_admission: WriteAdmission,
 }
 

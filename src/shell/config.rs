@@ -199,8 +199,9 @@ pub(crate) struct Options {
     /// 1 MiB and "full" for a new cache).
     pub seq_cutoff_bytes: Option<u64>,
     pub seq_cutoff_policy: Option<SeqPolicy>,
-    /// Which writes a full cache takes in (not persisted: echoed by `save_config`).
-    pub write_admission: WriteAdmission,
+    /// Which writes a full cache takes in; None keeps the cache's (persisted; `always`
+    /// for a new cache).
+    pub write_admission: Option<WriteAdmission>,
 }
 
 /// The stripe of a request that names none, with segments of `segment_size_mib`: the
@@ -234,7 +235,7 @@ impl Default for Options {
             mode: None,
             seq_cutoff_bytes: None,
             seq_cutoff_policy: None,
-            write_admission: WriteAdmission::default(),
+            write_admission: None,
         }
     }
 }
@@ -448,7 +449,7 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         mode: parse_named(p.mode.as_deref())?,
         seq_cutoff_bytes: p.seq_cutoff_bytes,
         seq_cutoff_policy: parse_named(p.seq_cutoff_policy.as_deref())?,
-        write_admission: parse_named(p.write_admission.as_deref())?.unwrap_or_default(),
+        write_admission: parse_named(p.write_admission.as_deref())?,
     };
     check_seq_bytes(o.seq_cutoff_bytes)?;
     o.wb.check()?;
@@ -531,7 +532,6 @@ impl CreateConfig {
             "wb_high_pct": o.wb.high_pct,
             "wb_low_pct": o.wb.low_pct,
             "io_timeout_ms": o.wb.io_timeout_ms,
-            "write_admission": o.write_admission.as_str(),
         });
         match &self.cache {
             CacheMedia::Bdev(b) => v["cache_bdev"] = json!(b),
@@ -559,6 +559,9 @@ impl CreateConfig {
         }
         if let Some(p) = o.seq_cutoff_policy {
             v["seq_cutoff_policy"] = json!(p.as_str());
+        }
+        if let Some(a) = o.write_admission {
+            v["write_admission"] = json!(a.as_str());
         }
         v
     }
@@ -852,12 +855,13 @@ mod tests {
     #[test]
     fn write_admission_is_parsed_and_echoed() {
         let c = parse_create(base()).unwrap();
-        assert_eq!(c.options.write_admission, WriteAdmission::Always);
-        assert_eq!(c.to_params()["write_admission"], "always", "spelled out");
+        assert_eq!(c.options.write_admission, None, "keeps the cache's");
+        assert!(c.to_params().get("write_admission").is_none());
         let mut p = base();
         p["write_admission"] = json!("second_touch");
         let c = parse_create(p).unwrap();
-        assert_eq!(c.options.write_admission, WriteAdmission::SecondTouch);
+        assert_eq!(c.options.write_admission, Some(WriteAdmission::SecondTouch));
+        assert_eq!(c.to_params()["write_admission"], "second_touch");
         assert_eq!(parse_create(c.to_params()).unwrap(), c);
         let mut p = base();
         p["write_admission"] = json!("sometimes");

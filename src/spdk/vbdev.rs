@@ -795,7 +795,7 @@ fn adopt_running(node: *mut Pcache, cfg: CreateConfig, reply: CreateReply) {
         mode: cfg.options.mode,
         seq_cutoff_bytes: cfg.options.seq_cutoff_bytes,
         seq_cutoff_policy: cfg.options.seq_cutoff_policy,
-        write_admission: Some(cfg.options.write_admission),
+        write_admission: cfg.options.write_admission,
     };
     let core = cfg.options.core;
     // The closure is dropped unrun if the message cannot be sent: keep the reply reachable.
@@ -1140,6 +1140,7 @@ fn create_finish(node: *mut Pcache, info: OpenInfo) {
         p["mode"] = json!(info.mode.as_str());
         p["seq_cutoff_bytes"] = json!(info.seq_cutoff.bytes);
         p["seq_cutoff_policy"] = json!(info.seq_cutoff.policy.as_str());
+        p["write_admission"] = json!(info.write_admission.as_str());
         p["stripe_size_kib"] = json!(g.stripe_sectors / 2);
         p["segment_size_mib"] = json!(g.segment_sectors / 2048);
         p["shards"] = json!(g.shard_count);

@@ -154,9 +154,13 @@ impl Shard {
         }
     }
 
-    /// Changes which writes a full cache takes in (at run time; not persisted).
+    /// Changes which writes a full cache takes in (at run time; persisted in the control
+    /// slot).
     pub fn set_write_admission(&mut self, a: WriteAdmission) {
-        self.cfg.write_admission = a;
+        if a != self.cfg.write_admission {
+            self.cfg.write_admission = a;
+            self.control.rewrite = true;
+        }
     }
 
     pub fn write_admission(&self) -> WriteAdmission {

@@ -1070,6 +1070,7 @@ impl Shard {
             gc_percent: self.cfg.wb.gc_percent,
             mode: self.cfg.mode,
             seq_cutoff: self.cfg.seq_cutoff,
+            write_admission: self.cfg.write_admission,
             poison: self.poison.clone(),
         };
         let which = 1 - self.control.slot;

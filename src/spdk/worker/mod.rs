@@ -143,9 +143,11 @@ pub(crate) struct OpenInfo {
     pub formatted: bool,
     pub problems: Vec<String>,
     pub gc_percent: u32,
-    /// The cache mode and sequential cut-off in effect (persisted, or the create's).
+    /// The cache mode, sequential cut-off and write admission in effect (persisted, or the
+    /// create's).
     pub mode: crate::engine::CacheMode,
     pub seq_cutoff: crate::engine::SeqCutoff,
+    pub write_admission: crate::engine::WriteAdmission,
     /// Dirty data found in the log (not yet on the backing bdev).
     pub dirty_bytes: u64,
     /// The open accepted a backing bdev of another identity (`backing_uuid_mismatch:

@@ -93,6 +93,7 @@ impl Worker {
                     gc_percent: cache.stats().gc_percent,
                     mode: cache.mode(),
                     seq_cutoff: cache.seq_cutoff(),
+                    write_admission: cache.write_admission(),
                     dirty_bytes: cache.dirty_bytes(),
                     rebound,
                     sb,
