@@ -192,7 +192,8 @@ fn second_touch_keeps_the_hot_set_through_a_write_flood() {
 }
 
 /// With `always`, a hot set still read during the flood (once per half a cache of
-/// writes) keeps at least 90 % of its hits: GC moves it ahead of the writes.
+/// writes) keeps at least 90 % of its hits: each read renews its heat, so GC moves it to
+/// the log head instead of dropping it.
 #[test]
 fn a_hot_set_read_during_a_write_flood_keeps_its_hits() {
     let half_cache_chunks = (CACHE_BYTES / 2 / FLOOD_CHUNK_BYTES) as usize;
