@@ -13,14 +13,22 @@ use crate::engine::{Buf, Command, Dev, IoDone, Verify};
 use crate::spdk::ffi;
 use crate::spdk::log::{no_unwind, spdk_log};
 
+/// Rounds of one pump. Over a mapped cache, commands complete inline and their results
+/// make the next round: two rounds finish a logged write, and more only let GC's moves (a
+/// reclaimed segment's, a few at a time) hold the reactor while other pollers' completions
+/// wait: 64 rounds made p99.9 latency about a millisecond in a zipf run, 2 a third of it.
+const PUMP_ROUNDS: usize = 2;
+
 impl Worker {
     // ---- the cache pump ----
 
-    /// Runs the cache until it has nothing more to say: poll, execute commands, hand back
-    /// immediate results, complete requests. Returns whether anything happened.
+    /// Runs the cache until it has nothing more to say, for at most [`PUMP_ROUNDS`]
+    /// rounds: poll, execute commands, hand back immediate results, complete requests.
+    /// What is left (immediate results still to hand back) waits for the next reactor
+    /// iteration. Returns whether anything happened.
     pub(super) fn pump(&mut self) -> bool {
         let mut did = false;
-        for _ in 0..64 {
+        for _ in 0..PUMP_ROUNDS {
             let Some(cache) = self.cache.as_deref_mut() else {
                 break;
             };
