@@ -1,6 +1,7 @@
 //! The cache pump: the fast (period-0) poller takes the requests that arrived, then polls
 //! the [`Cache`](crate::engine::Cache), hands it the device completions, completes the
-//! requests it finished and executes the commands it issued, until it has nothing more to say.
+//! requests it finished and executes the commands it issued, a few rounds per poll (what is
+//! left waits for the next one).
 //!
 //! Calls intake, reply, device I/O and the team exchange; nothing above the worker.
 
