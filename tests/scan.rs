@@ -124,8 +124,9 @@ fn write_flood(admission: WriteAdmission, hot_every: Option<usize>) -> (u64, u64
     h.backing_dev.bytes_mut().copy_from_slice(&model);
     let mut rng = Rng::new(9);
     let mut hot: Vec<u64> = (0..HOT_BLOCKS).map(|b| hot_base + b * 8 * 7).collect();
-    // Warm, as a cache in service is: the hot set read between random reads of twice the
-    // cache's worth of other blocks, so the cache is full and evicts.
+    // Warm, as a cache in service is: the hot set read before each half cache's worth of
+    // random reads of other blocks (four times the cache in all), so the cache is full and
+    // evicts.
     let mut others: Vec<u64> = (0..flood_blocks).collect();
     shuffle(&mut others, &mut rng);
     for part in others.chunks(others.len() / 8) {
