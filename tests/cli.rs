@@ -221,3 +221,25 @@ fn format_for_4k_blocks() {
     }
     let _ = std::fs::remove_file(&img);
 }
+
+/// What the issue budgets and a user sizing a cache checks: the index's DRAM stays within
+/// 64 bytes per cached 4 KiB extent wherever the count falls between two powers of two
+/// (the hints table doubles): just past a doubling, between, and just before the next.
+#[test]
+fn index_dram_stays_within_64_bytes_per_extent() {
+    for n in ["131073", "196608", "262144"] {
+        for order in [None, Some("--random")] {
+            let mut args = vec!["index-mem", "--json", "--extents", n];
+            args.extend(order);
+            let out = pcache(&args);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out.stdout)));
+            let bytes = v["bytes_per_extent"].as_f64().unwrap_or(f64::MAX);
+            assert!(
+                bytes <= 64.0,
+                "{n} extents {order:?}: {bytes:.1} bytes of DRAM per extent"
+            );
+        }
+    }
+}

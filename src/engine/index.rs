@@ -637,6 +637,7 @@ impl ExtentMap {
         self.hints.note(lba, &ext);
         self.note_segment(lba, &ext);
         self.len += 1;
+        self.hints.fit(self.len);
     }
 
     /// Lists a data extent just put in the segment holding it.

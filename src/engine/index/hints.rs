@@ -14,8 +14,9 @@ use super::{Extent, State, MAX_HEAT};
 /// Entries per set: a set is one 64-byte cache line of 16-byte entries.
 const WAYS: usize = 4;
 
-/// The table grows (doubling) while more than half its entries are used, up to this many
-/// sets (64 MiB); beyond, blocks compete for entries and the losers use the map.
+/// The table grows (doubling) while the map holds more extents than it has entries
+/// ([`Hints::fit`]), up to this many sets (64 MiB); beyond, blocks compete for entries and
+/// the losers use the map.
 const MAX_SETS: usize = 1 << 20;
 
 /// Sets of a new table.
@@ -187,14 +188,19 @@ impl Hints {
         if let Some(slot) = set.iter_mut().find(|x| x.tag == 0) {
             *slot = entry;
             self.live += 1;
-            if self.live * 2 > self.sets.len() * WAYS && self.sets.len() < self.max_sets {
-                self.grow();
-            }
             return;
         }
-        // A full set: the block displaces one chosen by its own bits, which spreads
-        // evictions over the ways without keeping recency.
-        set[(key >> 20) as usize % WAYS] = entry;
+        // A full set: the block takes the entry of one without heat, the first from a way
+        // chosen by its own bits (spreading evictions over the ways). Where all have heat
+        // it is left to the map: the heat of a hit counted here is in no other place, and
+        // GC would drop that block as never read.
+        let first = (key >> 20) as usize % WAYS;
+        if let Some(w) = (0..WAYS)
+            .map(|i| (first + i) % WAYS)
+            .find(|&w| heat_of(set[w].tag) == 0)
+        {
+            set[w] = entry;
+        }
     }
 
     /// The map's extent `e` starting at `lba` went or changed: its entry, if it had one,
@@ -211,6 +217,17 @@ impl Hints {
         if let Some(slot) = self.sets[s].0.iter_mut().find(|x| x.tag & KEY_MASK == key) {
             *slot = Entry::default();
             self.live -= 1;
+        }
+    }
+
+    /// Grows the table (doubling) until it has an entry for each of the map's `extents`:
+    /// 16 to 32 bytes per extent, so that with the map's own ~30 the index stays within
+    /// 64 bytes per cached extent. Entries compete for the ways of a set as the table
+    /// fills (at one extent per entry about a fifth of random blocks find their set full
+    /// and are looked up in the map).
+    pub fn fit(&mut self, extents: usize) {
+        while extents > self.sets.len() * WAYS && self.sets.len() < self.max_sets {
+            self.grow();
         }
     }
 
@@ -330,15 +347,33 @@ mod tests {
         let mut h = Hints::default();
         for b in 0..5000u64 {
             h.note(b * 8, &block(b * 100, State::Dirty, b as u32));
+            // As the map does after each extent it adds.
+            h.fit(b as usize + 1);
         }
-        assert!(h.sets.len() * WAYS >= 2 * h.live);
-        for b in 0..5000u64 {
-            assert_eq!(
-                h.get(b * 8),
-                Some(block(b * 100, State::Dirty, b as u32)),
-                "{b}"
-            );
-            assert!(h.holds_in_line(b * 8));
+        // An entry for each extent, at most twice as many (the DRAM budget).
+        let entries = h.sets.len() * WAYS;
+        assert!((5000..10_000).contains(&entries), "{entries} entries");
+        // Blocks noted while their set was full were left to the map; what the table
+        // holds is right, and in the line a lookup reads.
+        let held = h.entries();
+        assert_eq!(held.len(), h.live);
+        assert!(
+            held.len() * 10 >= 5000 * 9,
+            "only {} of 5000 held",
+            held.len()
+        );
+        for &(lba, e) in &held {
+            let b = lba / 8;
+            assert_eq!(e, block(b * 100, State::Dirty, b as u32), "{b}");
+            assert!(h.holds_in_line(lba));
+        }
+        // Growing moves every entry.
+        h.fit(entries + 1);
+        assert_eq!(h.sets.len() * WAYS, 2 * entries);
+        assert_eq!(h.entries().len(), held.len());
+        for &(lba, e) in &held {
+            assert_eq!(h.get(lba), Some(e));
+            assert!(h.holds_in_line(lba));
         }
         // At its largest the table evicts: what it still holds is still right.
         let mut small = Hints {
