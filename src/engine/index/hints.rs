@@ -330,6 +330,43 @@ mod tests {
     }
 
     #[test]
+    fn a_full_set_keeps_the_blocks_whose_hits_it_counted() {
+        let mut h = Hints {
+            max_sets: MIN_SETS,
+            ..Hints::default()
+        };
+        // Five blocks of one set: the fifth finds it full.
+        let set = h.set_of(1);
+        let same: Vec<u64> = (0..)
+            .map(|b: u64| b * 8)
+            .filter(|&lba| h.set_of((lba >> 3) + 1) == set)
+            .take(WAYS + 1)
+            .collect();
+        for &lba in &same[..WAYS] {
+            h.note(lba, &block(lba, State::Clean, 0));
+        }
+        // One of them read: the newcomer takes a cold one's entry, never the hot one's.
+        assert!(h.touch(same[0]));
+        h.note(same[WAYS], &block(7, State::Clean, 0));
+        assert_eq!(h.heat(same[0]), 1);
+        assert_eq!(h.get(same[WAYS]), Some(block(7, State::Clean, 0)));
+        // All it holds read: a newcomer (the block it let go) is left to the map, and every
+        // heat stays.
+        for &lba in &same {
+            h.touch(lba);
+        }
+        let newcomer = same[1..]
+            .iter()
+            .copied()
+            .find(|&lba| h.get(lba).is_none())
+            .expect("one block was evicted");
+        h.note(newcomer, &block(9, State::Clean, 0));
+        assert_eq!(h.get(newcomer), None);
+        assert_eq!(h.live, WAYS);
+        assert!(h.entries().iter().all(|(lba, _)| h.heat(*lba) > 0));
+    }
+
+    #[test]
     fn cache_positions_keep_every_bit_and_large_ones_are_not_held() {
         let mut h = Hints::default();
         let pos = (1 << 52) + (1 << 32) + 0x1234_5678;
