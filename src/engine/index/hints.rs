@@ -223,8 +223,8 @@ impl Hints {
     /// Grows the table (doubling) until it has an entry for each of the map's `extents`:
     /// 16 to 32 bytes per extent, so that with the map's own ~30 the index stays within
     /// 64 bytes per cached extent. Entries compete for the ways of a set as the table
-    /// fills (at one extent per entry about a fifth of random blocks find their set full
-    /// and are looked up in the map).
+    /// fills: random blocks find their set full and are looked up in the map, 4 % of them
+    /// at two entries per extent, a fifth at one.
     pub fn fit(&mut self, extents: usize) {
         while extents > self.sets.len() * WAYS && self.sets.len() < self.max_sets {
             self.grow();
