@@ -25,6 +25,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A `--json` command's output, parsed.
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out.stdout)))
+}
+
 fn temp_image(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("pcache-cli-{tag}-{}.img", std::process::id()))
 }
@@ -120,8 +126,7 @@ fn bench_json_is_one_object_with_the_figures() {
         "16",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out.stdout)));
+    let v = json(&out);
     assert_eq!(v["mode"], "io");
     assert_eq!(v["config"]["ops"], 2000);
     assert_eq!(v["config"]["qd"], 32);
@@ -152,8 +157,7 @@ fn bench_json_is_one_object_with_the_figures() {
         "1",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out.stdout)));
+    let v = json(&out);
     assert_eq!(v["mode"], "sustained");
     assert!(v["sustained"]["iops"].is_number(), "{v}");
     assert!(v["backing_alone"]["iops"].is_number(), "{v}");
@@ -233,8 +237,7 @@ fn index_dram_stays_within_64_bytes_per_extent() {
             args.extend(order);
             let out = pcache(&args);
             assert!(out.status.success(), "{}", text(&out.stderr));
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out.stdout)));
+            let v = json(&out);
             let bytes = v["bytes_per_extent"].as_f64().unwrap_or(f64::MAX);
             assert!(
                 bytes <= 64.0,
