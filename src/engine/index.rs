@@ -42,7 +42,8 @@ pub struct Extent {
     /// and unmapped ranges the kset sequence of their key, which names it for writeback,
     /// kept whole in every piece cut from it).
     pub pos: u64,
-    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC; 29..31: its heat.
+    /// Bits 0..24: length in sectors; 24..28: state; 28: has CRC; 29..31: its heat; 31:
+    /// a probe of GC's second chance (see [`SecondChance`]).
     len_flags: u32,
     /// The data CRC32C of the whole extent if it has one, else the low 32 bits of the
     /// flush epoch that wrote it.
@@ -53,13 +54,16 @@ const LEN_MASK: u32 = (1 << 24) - 1;
 const CRC_FLAG: u32 = 1 << 28;
 const HEAT_SHIFT: u32 = 29;
 const HEAT_MASK: u32 = 3 << HEAT_SHIFT;
+const PROBE_FLAG: u32 = 1 << 31;
+/// What GC keeps about an extent beside what it is: ignored by equality.
+const HINT_BITS: u32 = HEAT_MASK | PROBE_FLAG;
 /// The most heat an extent holds: reads past it are not counted.
 pub const MAX_HEAT: u8 = 3;
 
 impl PartialEq for Extent {
     fn eq(&self, o: &Self) -> bool {
         self.pos == o.pos
-            && (self.len_flags & !HEAT_MASK) == (o.len_flags & !HEAT_MASK)
+            && (self.len_flags & !HINT_BITS) == (o.len_flags & !HINT_BITS)
             && self.aux == o.aux
     }
 }
@@ -138,6 +142,16 @@ impl Extent {
     /// The same extent with heat `h` (at most [`MAX_HEAT`]).
     pub fn with_heat(mut self, h: u8) -> Self {
         self.len_flags = (self.len_flags & !HEAT_MASK) | (u32::from(h.min(MAX_HEAT)) << HEAT_SHIFT);
+        self
+    }
+    /// Kept by GC's second chance at a heat of one, to learn whether it is read again
+    /// before its next reclaim ([`SecondChance`]).
+    pub fn probing(&self) -> bool {
+        self.len_flags & PROBE_FLAG != 0
+    }
+    /// The same extent, a probe or not.
+    pub fn with_probe(mut self, on: bool) -> Self {
+        self.len_flags = (self.len_flags & !PROBE_FLAG) | if on { PROBE_FLAG } else { 0 };
         self
     }
     /// The same extent after one more read hit.
@@ -298,6 +312,8 @@ pub struct ExtentMap {
     hints: hints::Hints,
     /// What each cache segment was given, for GC (None: a reclaim walks the map).
     segments: Option<segments::Segments>,
+    /// Whether copying extents read once in their lap pays (GC's second chance).
+    chance: SecondChance,
     /// Lookup results of the per-block calls that change the map as they go (writeback's
     /// `mark_clean`, GC's move commits), kept so that they allocate nothing.
     scratch: Vec<Piece>,
@@ -328,6 +344,7 @@ impl ExtentMap {
             len: 0,
             hints: hints::Hints::default(),
             segments: None,
+            chance: SecondChance::default(),
             scratch: Vec::new(),
         }
     }
@@ -946,7 +963,15 @@ impl ExtentMap {
         listed.clear();
         listed.append(&mut from_before);
         for (lba, e) in found {
-            match Self::fate(&self.hints, lba, e, &mut cut, rescue, moves) {
+            match Self::fate(
+                &self.hints,
+                &mut self.chance,
+                lba,
+                e,
+                &mut cut,
+                rescue,
+                moves,
+            ) {
                 Fate::Dirty => dirty += 1,
                 Fate::Kept(kept) => self.replace_heat(lba, kept),
                 Fate::Dropped => {
@@ -984,6 +1009,7 @@ impl ExtentMap {
         let by_heat = Self::sectors_by_heat(&self.hints, rescue, segment);
         let mut cut = rescue.cut(&by_heat);
         let hints = &mut self.hints;
+        let chance = &mut self.chance;
         let mut dirty = 0;
         let mut removed = 0;
         self.buckets.retain(|&key, b| {
@@ -992,7 +1018,7 @@ impl ExtentMap {
                 let mut e = b.exts[i];
                 if inside(&e) {
                     let lba = key * size + u64::from(b.starts[i]);
-                    match Self::fate(hints, lba, e, &mut cut, rescue, moves) {
+                    match Self::fate(hints, chance, lba, e, &mut cut, rescue, moves) {
                         Fate::Dirty => dirty += 1,
                         Fate::Kept(kept) => {
                             hints.note(lba, &kept);
@@ -1027,6 +1053,7 @@ impl ExtentMap {
     /// one) while `cut` and `rescue` admit it; the rest is dropped.
     fn fate(
         hints: &hints::Hints,
+        chance: &mut SecondChance,
         lba: u64,
         e: Extent,
         cut: &mut HeatCut,
@@ -1037,17 +1064,32 @@ impl ExtentMap {
             return Fate::Dirty;
         }
         let heat = Self::heat_at(hints, lba, &e);
-        if heat > 0 && cut.admits(heat, e.len()) && rescue.take(&e) {
+        if e.probing() {
+            chance.observe(heat);
+        }
+        let wanted = match heat {
+            0 => false,
+            1 => chance.copies_once_read(),
+            _ => true,
+        };
+        if wanted && cut.admits(heat, e.len()) && rescue.take(&e) {
+            let probe = heat == 1;
             moves.push(Move {
                 lba,
                 len: e.len(),
                 src: e.pos,
                 crc: e.crc(),
+                probe,
             });
-            Fate::Kept(e.with_heat(heat - 1))
+            Fate::Kept(e.with_heat(heat - 1).with_probe(probe))
         } else {
             Fate::Dropped
         }
+    }
+
+    /// What GC's second chance has learnt so far.
+    pub fn second_chance(&self) -> &SecondChance {
+        &self.chance
     }
 
     /// Sets the extent starting at `lba` to `ext`, the same extent with another heat.
@@ -1099,8 +1141,17 @@ impl ExtentMap {
 
     /// A move of the clean extent [lba, lba+len) from `src` to `pos` is durable: what is
     /// still that extent now lives at `pos` (the whole extent keeps `crc`). Its heat
-    /// (reads while it moved) comes along.
-    pub fn commit_move(&mut self, lba: u64, len: u32, src: u64, pos: u64, crc: Option<u32>) {
+    /// (reads while it moved) comes along; `probe`: it was kept at a heat of one
+    /// ([`SecondChance`]).
+    pub fn commit_move(
+        &mut self,
+        lba: u64,
+        len: u32,
+        src: u64,
+        pos: u64,
+        crc: Option<u32>,
+        probe: bool,
+    ) {
         self.for_each_mapped(lba, len, |m, p, e| {
             if !Self::still_clean_at(&e, p.lba, lba, src) {
                 return;
@@ -1116,7 +1167,8 @@ impl ExtentMap {
                     crc.filter(|_| whole),
                     0,
                 )
-                .with_heat(heat),
+                .with_heat(heat)
+                .with_probe(probe),
             );
         });
     }
@@ -1263,6 +1315,77 @@ pub struct Move {
     pub len: u32,
     pub src: u64,
     pub crc: Option<u32>,
+    /// Kept at a heat of one: a probe of whether such copies pay ([`SecondChance`]).
+    pub probe: bool,
+}
+
+/// Probes back at a reclaim over which [`SecondChance`] judges (older ones count half,
+/// then a quarter...).
+const CHANCE_WINDOW: u32 = 1024;
+/// Probes needed before copies of extents read once are judged not to pay.
+const CHANCE_MIN_PROBES: u32 = 64;
+/// While they do not pay, one in this many extents read once is still copied, as a probe.
+const CHANCE_SAMPLE: u32 = 8;
+
+/// Whether GC's second chance pays for extents read only once in their lap of the log.
+///
+/// A copy costs a cache read and write (and a key). Dropping instead costs a miss if the
+/// extent is read again (and a fill: about a copy), nothing if it is not. An extent read
+/// twice or more in its lap is always copied. One read once was copied too until
+/// write-heavy zipfian workloads showed that, with writes driving the log round in a
+/// fraction of a second, fewer than half of such copies were read again before GC reached
+/// them next (θ 0.8 randrw: a fifth of all copies), while a hot set read once every half
+/// lap is read again every time. So GC learns which: extents copied at a heat of one are
+/// marked (probes), and their heat when GC reaches them again tells whether they were
+/// read meanwhile. While fewer than half were, such extents are dropped, but for one in
+/// [`CHANCE_SAMPLE`], which keeps the measure going.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SecondChance {
+    /// Probes back at a reclaim and those read again, recent ones weighing most.
+    window_probes: u32,
+    window_read: u32,
+    /// Extents read once that were not copied while copies did not pay (for sampling).
+    passed: u32,
+    /// Probes back at a reclaim, in all.
+    pub probes: u64,
+    /// Those read again since their copy.
+    pub probes_read: u64,
+    /// Extents read once dropped because copies of such did not pay.
+    pub skipped: u64,
+}
+
+impl SecondChance {
+    /// Whether copies of extents read once pay: at least half are read again, or too few
+    /// probes came back to tell.
+    pub fn pays(&self) -> bool {
+        self.window_probes < CHANCE_MIN_PROBES || 2 * self.window_read >= self.window_probes
+    }
+
+    /// A probe back at a reclaim with `heat` (the read hits since its copy).
+    fn observe(&mut self, heat: u8) {
+        let read = u32::from(heat > 0);
+        self.probes += 1;
+        self.probes_read += u64::from(read);
+        self.window_probes += 1;
+        self.window_read += read;
+        if self.window_probes >= CHANCE_WINDOW {
+            self.window_probes /= 2;
+            self.window_read /= 2;
+        }
+    }
+
+    /// Whether to copy an extent read once in its lap.
+    fn copies_once_read(&mut self) -> bool {
+        if self.pays() {
+            return true;
+        }
+        self.passed = self.passed.wrapping_add(1);
+        if self.passed % CHANCE_SAMPLE == 0 {
+            return true;
+        }
+        self.skipped += 1;
+        false
+    }
 }
 
 /// Whether [lba, lba+len) lies inside one 4 KiB block: a lookup the hints may answer.
@@ -1386,6 +1509,117 @@ mod tests {
         assert!(m.hints_consistent());
     }
 
+    /// `n` one-block clean extents from block `first` on, at cache sectors from `pos`, each
+    /// read once.
+    fn read_once(m: &mut ExtentMap, first: u64, n: u64, pos: u64) {
+        for i in 0..n {
+            let lba = (first + i) * 8;
+            m.insert(lba, Extent::new(pos + i * 8, 8, State::Clean, None, 0));
+            m.covering_touch(lba, 8).unwrap();
+        }
+    }
+
+    /// Reclaims [lo, hi) with room for everything and commits every move from `to` on, as
+    /// GC does: the moves' blocks, in order.
+    fn reclaim_and_move(m: &mut ExtentMap, lo: u64, hi: u64, to: u64) -> Vec<u64> {
+        let mut rescue = Rescue {
+            budget: hi - lo,
+            need_crc: false,
+        };
+        let mut moves = Vec::new();
+        m.reclaim_segment(lo, hi, &mut rescue, &mut moves);
+        for (i, mv) in moves.iter().enumerate() {
+            m.commit_move(mv.lba, mv.len, mv.src, to + i as u64 * 8, mv.crc, mv.probe);
+        }
+        moves.iter().map(|mv| mv.lba / 8).collect()
+    }
+
+    #[test]
+    fn blocks_read_once_are_copied_while_most_such_copies_are_read_again() {
+        let mut m = ExtentMap::new();
+        read_once(&mut m, 0, 128, 10_000);
+        // Nothing learnt yet: every block read once is copied, as a probe.
+        let kept = reclaim_and_move(&mut m, 10_000, 11_024, 20_000);
+        assert_eq!(kept.len(), 128);
+        assert!(m.find(0).unwrap().probing());
+        // Each read again before GC comes back: copies pay, and go on.
+        for b in 0..128 {
+            m.covering_touch(b * 8, 8).unwrap();
+        }
+        let kept = reclaim_and_move(&mut m, 20_000, 21_024, 30_000);
+        assert_eq!(kept.len(), 128);
+        let c = m.second_chance();
+        assert_eq!((c.probes, c.probes_read, c.skipped), (128, 128, 0));
+        assert!(c.pays());
+        assert!(m.hints_consistent());
+    }
+
+    #[test]
+    fn blocks_read_once_are_dropped_while_few_such_copies_are_read_again() {
+        let mut m = ExtentMap::new();
+        read_once(&mut m, 0, 128, 10_000);
+        assert_eq!(reclaim_and_move(&mut m, 10_000, 11_024, 20_000).len(), 128);
+        // A quarter read again before GC comes back (those are copied again).
+        for b in (0..128).step_by(4) {
+            m.covering_touch(b * 8, 8).unwrap();
+        }
+        let kept = reclaim_and_move(&mut m, 20_000, 21_024, 30_000);
+        let c = *m.second_chance();
+        assert_eq!((c.probes, c.probes_read), (128, 32));
+        assert!(!c.pays());
+        // Only the blocks read again were kept (before the verdict) or, after it, one in
+        // eight of them as probes; the unread ones left the cache.
+        assert!(
+            kept.iter().all(|b| b % 4 == 0) && kept.len() < 32,
+            "{kept:?}"
+        );
+        assert!(m.get(8).is_none());
+        // New blocks read once: one in eight is copied, the rest dropped.
+        read_once(&mut m, 1000, 128, 40_000);
+        let kept = reclaim_and_move(&mut m, 40_000, 41_024, 50_000);
+        assert_eq!(kept.len(), 16);
+        assert!(m.second_chance().skipped >= 112);
+        // Blocks read twice are still copied, and are no probes.
+        for b in 2000..2004u64 {
+            m.insert(
+                b * 8,
+                Extent::new(60_000 + (b - 2000) * 8, 8, State::Clean, None, 0),
+            );
+            m.covering_touch(b * 8, 8).unwrap();
+            m.covering_touch(b * 8, 8).unwrap();
+        }
+        assert_eq!(reclaim_and_move(&mut m, 60_000, 60_032, 70_000).len(), 4);
+        assert!(!m.find(2000 * 8).unwrap().probing());
+        assert!(m.hints_consistent());
+    }
+
+    #[test]
+    fn copies_of_blocks_read_once_resume_once_their_probes_are_read_again() {
+        let mut m = ExtentMap::new();
+        read_once(&mut m, 0, 128, 10_000);
+        reclaim_and_move(&mut m, 10_000, 11_024, 20_000);
+        reclaim_and_move(&mut m, 20_000, 21_024, 30_000); // none read again
+        assert!(!m.second_chance().pays());
+        // The workload turns: the probes still sampled are all read again, until they
+        // outweigh the old verdict.
+        let mut pos = 100_000;
+        let mut first = 1000;
+        for _ in 0..400 {
+            if m.second_chance().pays() {
+                break;
+            }
+            read_once(&mut m, first, 64, pos);
+            let kept = reclaim_and_move(&mut m, pos, pos + 512, pos + 1000);
+            for &b in &kept {
+                m.covering_touch(b * 8, 8).unwrap();
+            }
+            reclaim_and_move(&mut m, pos + 1000, pos + 1512, pos + 2000);
+            first += 64;
+            pos += 10_000;
+        }
+        assert!(m.second_chance().pays(), "{:?}", m.second_chance());
+    }
+
     #[test]
     fn mark_clean_cleans_only_what_still_holds_the_data_written_back() {
         let mut m = ExtentMap::new();
@@ -1464,12 +1698,12 @@ mod tests {
         assert!(m.get(80).is_none(), "not read: dropped");
         // Read while it moved: the bit comes along to the new place.
         m.covering_touch(0, 8).unwrap();
-        m.commit_move(0, 8, 1000, 5000, None);
+        m.commit_move(0, 8, 1000, 5000, None, false);
         assert_eq!(m.get(0), Some(Extent::new(5000, 8, State::Clean, None, 0)));
         assert!(m.get(0).unwrap().accessed());
         // A move of an extent replaced meanwhile commits nothing; a dropped move removes
         // the extent only if it is still the one it was moving.
-        m.commit_move(0, 8, 1000, 6000, None);
+        m.commit_move(0, 8, 1000, 6000, None, false);
         assert_eq!(m.get(0).unwrap().pos, 5000);
         m.drop_clean_at(0, 8, 1000);
         assert!(m.get(0).is_some());
@@ -1478,7 +1712,7 @@ mod tests {
         // Trimmed or split by writes while it moved: the rest moves, or goes.
         m.insert(200, Extent::new(7000, 24, State::Clean, Some(5), 0));
         m.insert(208, Extent::new(9000, 8, State::Dirty, None, 0));
-        m.commit_move(200, 24, 7000, 8000, Some(5));
+        m.commit_move(200, 24, 7000, 8000, Some(5), false);
         assert_eq!(
             m.get(200),
             Some(Extent::new(8000, 8, State::Clean, None, 0))

@@ -140,6 +140,8 @@ enum LogOp {
         /// The extent's data CRC (with data CRCs, only whole extents move): the copy checks
         /// it, and the key carries it.
         crc: Option<u32>,
+        /// Kept at a heat of one: a probe of GC's second chance.
+        probe: bool,
     },
 }
 
@@ -1950,11 +1952,11 @@ impl Shard {
                             self.out.completions.push((req, Ok(())));
                         }
                     }
-                    LogOp::Move { src, .. } if e.logged => {
+                    LogOp::Move { src, probe, .. } if e.logged => {
                         self.stats.readmits += 1;
                         self.stats.readmit_sectors += u64::from(p.len);
                         let at = base + u64::from(e.data_off);
-                        self.index.commit_move(p.lba, p.len, src, at, e.crc);
+                        self.index.commit_move(p.lba, p.len, src, at, e.crc, probe);
                         self.unpin_segment(self.seg_of(src) as usize);
                         self.move_done();
                     }

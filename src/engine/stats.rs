@@ -23,6 +23,12 @@ pub struct ShardStats {
     pub readmit_sectors: u64,
     /// Second chances given up (no space at the log head, or the copy failed).
     pub readmit_dropped: u64,
+    /// Extents given a second chance when read only once in their lap of the log (probes),
+    /// seen again by GC; and those of them read again meanwhile. While under half are,
+    /// such extents are dropped (`readmit_skipped`) but for one in eight.
+    pub readmit_probes: u64,
+    pub readmit_probes_read: u64,
+    pub readmit_skipped: u64,
     /// Read-miss fills not admitted: the cache was evicting and the range had not missed
     /// recently (admission on a second miss).
     pub fill_declined: u64,
@@ -113,6 +119,9 @@ impl ShardStats {
         self.readmits += o.readmits;
         self.readmit_sectors += o.readmit_sectors;
         self.readmit_dropped += o.readmit_dropped;
+        self.readmit_probes += o.readmit_probes;
+        self.readmit_probes_read += o.readmit_probes_read;
+        self.readmit_skipped += o.readmit_skipped;
         self.fill_declined += o.fill_declined;
         self.ksets_written += o.ksets_written;
         self.keys_written += o.keys_written;
