@@ -1092,6 +1092,13 @@ impl ExtentMap {
         &self.chance
     }
 
+    /// Every extent read since GC's last pass gets a copy, whatever the probes say (for
+    /// tests that model the reclaim).
+    #[cfg(test)]
+    fn copy_everything_read(&mut self) {
+        self.chance.min_probes = u32::MAX;
+    }
+
     /// Sets the extent starting at `lba` to `ext`, the same extent with another heat.
     fn replace_heat(&mut self, lba: u64, ext: Extent) {
         let (key, off) = self.locate(lba);
@@ -1339,8 +1346,11 @@ const CHANCE_SAMPLE: u32 = 8;
 /// marked (probes), and their heat when GC reaches them again tells whether they were
 /// read meanwhile. While fewer than half were, such extents are dropped, but for one in
 /// [`CHANCE_SAMPLE`], which keeps the measure going.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct SecondChance {
+    /// Probes needed for a verdict ([`CHANCE_MIN_PROBES`]; tests that model the reclaim
+    /// without it raise it out of reach).
+    min_probes: u32,
     /// Probes back at a reclaim and those read again, recent ones weighing most.
     window_probes: u32,
     window_read: u32,
@@ -1354,11 +1364,25 @@ pub struct SecondChance {
     pub skipped: u64,
 }
 
+impl Default for SecondChance {
+    fn default() -> Self {
+        SecondChance {
+            min_probes: CHANCE_MIN_PROBES,
+            window_probes: 0,
+            window_read: 0,
+            passed: 0,
+            probes: 0,
+            probes_read: 0,
+            skipped: 0,
+        }
+    }
+}
+
 impl SecondChance {
     /// Whether copies of extents read once pay: at least half are read again, or too few
     /// probes came back to tell.
     pub fn pays(&self) -> bool {
-        self.window_probes < CHANCE_MIN_PROBES || 2 * self.window_read >= self.window_probes
+        self.window_probes < self.min_probes || 2 * self.window_read >= self.window_probes
     }
 
     /// A probe back at a reclaim with `heat` (the read hits since its copy).
@@ -1908,6 +1932,9 @@ mod tests {
                 // The same map with segment lists: its reclaims visit only those, and must
                 // do what the walk does.
                 let mut ms = ExtentMap::with_segments(bucket, 1_000_000, SEG, 100);
+                // The model keeps every extent with heat: no verdict on probes.
+                m.copy_everything_read();
+                ms.copy_everything_read();
                 // sector -> cache position of that sector
                 let mut r: BTreeMap<u64, u64> = BTreeMap::new();
                 let mut pos = 1_000_000u64;
