@@ -1070,9 +1070,12 @@ impl ExtentMap {
         }
         let wanted = match heat {
             0 => false,
-            // Asked only where a copy could be made: a reclaim that may keep nothing (writes
-            // wait for space) neither skips nor samples.
-            1 => rescue.could_take(&e) && chance.copies_once_read(),
+            // Asked only where a copy could be made: an extent the budget drops anyway (a
+            // reclaim that may keep nothing while writes wait, or a cut above heat one) is
+            // neither skipped nor sampled.
+            1 => {
+                rescue.could_take(&e) && cut.would_admit(heat, e.len()) && chance.copies_once_read()
+            }
             _ => true,
         };
         if wanted && cut.admits(heat, e.len()) && rescue.take(&e) {
@@ -1309,15 +1312,18 @@ struct HeatCut {
 }
 
 impl HeatCut {
+    /// Whether it would keep `len` sectors at `heat` (nothing taken).
+    fn would_admit(&self, heat: u8, len: u32) -> bool {
+        heat > self.heat || (heat == self.heat && u64::from(len) <= self.room)
+    }
+
     fn admits(&mut self, heat: u8, len: u32) -> bool {
-        let n = u64::from(len);
-        if heat > self.heat {
-            return true;
-        }
-        if heat < self.heat || n > self.room {
+        if !self.would_admit(heat, len) {
             return false;
         }
-        self.room -= n;
+        if heat == self.heat {
+            self.room -= u64::from(len);
+        }
         true
     }
 }
@@ -1627,6 +1633,19 @@ mod tests {
         read_once(&mut m, 3000, 16, 80_000);
         m.drop_segment(80_000, 80_128);
         assert!(m.get(3000 * 8).is_none());
+        assert_eq!(m.second_chance().skipped, skipped);
+        // Nor does one whose budget the hotter extents (after them in LBA order) take whole.
+        read_once(&mut m, 4000, 12, 90_000);
+        for b in 4008..4012u64 {
+            m.covering_touch(b * 8, 8).unwrap();
+        }
+        let mut rescue = Rescue {
+            budget: 32,
+            need_crc: false,
+        };
+        let mut moves = Vec::new();
+        m.reclaim_segment(90_000, 90_096, &mut rescue, &mut moves);
+        assert_eq!(moves.len(), 4);
         assert_eq!(m.second_chance().skipped, skipped);
         assert!(m.hints_consistent());
     }
