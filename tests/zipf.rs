@@ -31,6 +31,18 @@ impl Zipf {
         Zipf { cdf }
     }
 
+    /// The share of requests that go to rank `r`.
+    fn share(&self, r: usize) -> f64 {
+        self.cdf[r] - r.checked_sub(1).map_or(0.0, |p| self.cdf[p])
+    }
+
+    /// The share of requests that go to the `n` most popular ranks: the hit ratio of a
+    /// cache that held just those (the static optimum for `n` blocks).
+    fn top(&self, n: usize) -> f64 {
+        n.checked_sub(1)
+            .map_or(0.0, |i| self.cdf[i.min(self.cdf.len() - 1)])
+    }
+
     fn draw(&self, rng: &mut Rng) -> u64 {
         let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         self.cdf.partition_point(|&c| c < u) as u64
@@ -81,6 +93,10 @@ impl Lru {
 struct Run {
     hit: f64,
     lru: f64,
+    /// The share of requests that go to the blocks the cache holds at the end, and to as
+    /// many of the most popular blocks (what a cache that knew the ranks would hold).
+    held: f64,
+    best: f64,
     data_mib: f64,
     /// Sectors written back, and writes sent around the cache by write admission.
     wb_sectors: u64,
@@ -159,6 +175,14 @@ fn run(
         st.total.read_miss_sectors - before.1,
     );
     let data_mib = (st.dirty_bytes + st.clean_bytes) as f64 / f64::from(1 << 20);
+    let (mut held, mut held_blocks) = (0.0, 0);
+    for b in 0..blocks {
+        if h.cache.cached_sector(b * 8, 8).is_some() {
+            held += zipf.share(b as usize);
+            held_blocks += 1;
+        }
+    }
+    let best = zipf.top(held_blocks);
     let mut lru = Lru::new((data_mib * 256.0) as usize);
     for (i, &(b, write)) in trace.iter().enumerate() {
         if i == half {
@@ -169,10 +193,13 @@ fn run(
     }
     eprintln!(
         "zipf {theta} writes {write_percent}%, {shards} shard(s), {admission}: hit {:.1}%, LRU of {data_mib:.0} MiB {:.1}%; \
+         the {held_blocks} blocks held draw {:.1}% of requests, as many of the most popular {:.1}%; \
          gc segments {}, readmits {}, fills {}, declined {}, waits {}, in place {}, wb {} MiB, dirty {} MiB, \
          writes not admitted {}",
         hit as f64 * 100.0 / (hit + miss) as f64,
         lru.ratio() * 100.0,
+        held * 100.0,
+        best * 100.0,
         st.total.gc_segments,
         st.total.readmits,
         st.total.fills,
@@ -186,6 +213,8 @@ fn run(
     Run {
         hit: hit as f64 / (hit + miss) as f64,
         lru: lru.ratio(),
+        held,
+        best,
         data_mib,
         wb_sectors: st.total.wb_sectors,
         write_declined: st.total.write_declined,
@@ -194,11 +223,21 @@ fn run(
 
 /// What a user comparing with OCF checks: on the skewed workload where LRU does worst
 /// (θ 0.8), reads and a 70/30 mix, pcache hits more often than LRU would with the data
-/// pcache holds (by at least 2 points; 5 to 7 when this was written).
+/// pcache holds (by at least 2 points; 5 to 7 when this was written). And how near the
+/// blocks it holds come to the most popular ones: within 5 points of requests when only
+/// reads fill it (2.8 when this was written), within 10 when writes do too (7.9: every
+/// block written, popular or not, stays cached until its segment's turn in the log).
 #[test]
 fn zipfian_reads_hit_more_often_than_lru() {
-    for writes in [0, 30] {
+    for (writes, gap) in [(0, 0.05), (30, 0.10)] {
         let r = run(32, 1, 0.8, writes, 1_000_000, WriteAdmission::Always);
+        assert!(
+            r.held >= r.best - gap,
+            "zipf 0.8, {writes}% writes: the blocks held draw {:.1}% of requests, as many of \
+             the most popular {:.1}%",
+            r.held * 100.0,
+            r.best * 100.0
+        );
         assert!(
             r.hit >= r.lru + 0.02,
             "zipf 0.8, {writes}% writes: pcache hit {:.1}%, not 2 points over LRU's {:.1}% with its {:.0} MiB",
