@@ -1,5 +1,7 @@
-//! Direct requests (`Cache::begin_direct`): read hits and in-place writes the host serves
-//! with one cache-device I/O of its own, as the SPDK host does for every request it can.
+//! Direct requests (`Cache::begin_direct`, `Cache::begin_backing_read`): read hits and
+//! in-place writes the host serves with one cache-device I/O of its own, and read misses
+//! the cache would not fill with one backing-device read, as the SPDK host does for every
+//! request it can.
 //! Driven by the simulator with 4 KiB blocks rewritten over and over (so writes land in
 //! place) while writeback and GC run, completions in random order, and checked against a
 //! plain reference device, then after a drain and a reopen.
@@ -7,14 +9,14 @@
 mod common;
 
 use common::*;
-use pcache::engine::{CacheOptions, Op};
+use pcache::engine::{CacheMode, CacheOptions, IoError, Op};
 use pcache::media::host::SyncHost;
 use pcache::media::sim::{Rng, Sim};
 
 const BLOCK: u32 = 8;
 
-/// Returns (direct requests, in-place writes).
-fn run(parts: usize, seed: u64, direct_percent: u64) -> (u64, u64) {
+/// Returns (direct requests, in-place writes, misses read directly from the backing).
+fn run(parts: usize, seed: u64, direct_percent: u64) -> (u64, u64, u64) {
     let cache_bytes = 2 << 20;
     let backing_sectors = 2 * cache_bytes / 512;
     let blocks = backing_sectors / u64::from(BLOCK);
@@ -71,6 +73,7 @@ fn run(parts: usize, seed: u64, direct_percent: u64) -> (u64, u64) {
     let direct = total(&sim, |s| s.direct);
     let gc = total(&sim, |s| s.gc_segments);
     let in_place = total(&sim, |s| s.in_place_writes);
+    let from_backing = sim.backing_directs;
     assert!(
         gc > 0,
         "the cache was overwritten many times: GC must have run"
@@ -91,25 +94,85 @@ fn run(parts: usize, seed: u64, direct_percent: u64) -> (u64, u64) {
         .0;
     let got = whole.read(0, backing_sectors as u32).expect("read all");
     assert!(got == model, "the reopened cache reads back the reference");
-    (direct, in_place)
+    (direct, in_place, from_backing)
 }
 
 #[test]
 fn direct_reads_and_in_place_writes_read_back_like_the_reference() {
     for (parts, seed) in [(1, 1), (1, 2), (2, 3), (3, 4)] {
-        let (direct, in_place) = run(parts, seed, 50);
+        let (direct, in_place, from_backing) = run(parts, seed, 50);
         assert!(
-            direct > 0 && in_place > 0,
-            "{parts} parts, seed {seed}: {direct} direct requests, {in_place} in place"
+            direct > 0 && in_place > 0 && from_backing > 0,
+            "{parts} parts, seed {seed}: {direct} direct requests, {in_place} in place, \
+             {from_backing} misses from the backing device"
         );
     }
 }
 
 #[test]
 fn requests_through_commands_only_read_back_the_same() {
-    let (direct, in_place) = run(2, 5, 0);
-    assert_eq!(direct, 0, "no request was offered to the direct path");
+    let (direct, in_place, from_backing) = run(2, 5, 0);
+    assert_eq!(
+        direct + from_backing,
+        0,
+        "no request was offered to the direct path"
+    );
     assert!(in_place > 0);
+}
+
+/// A read miss the cache would not fill is served with one backing-device read
+/// (`Cache::begin_backing_read`), counted as a miss; one it would fill, or a range it holds
+/// anything of, is not. A failed read fails the request, and a cancelled one is uncounted.
+#[test]
+fn a_miss_the_cache_would_not_fill_is_read_from_the_backing_device() {
+    let mut host = new_host(2 << 20, 16384, &small_format(1, false));
+    host.write(40, data_of(1, 40, 8)).expect("write");
+    assert!(
+        host.cache.begin_backing_read(80, 8).is_none(),
+        "a cache with room fills its misses: the normal path"
+    );
+    host.cache.set_mode(CacheMode::PassThrough);
+    assert!(
+        host.cache.begin_backing_read(40, 8).is_none(),
+        "dirty data is cached there"
+    );
+    assert!(
+        host.cache.begin_backing_read(36, 8).is_none(),
+        "part of it is cached"
+    );
+    let counted = |s: pcache::engine::stats::ShardStats| {
+        (s.direct, s.reads, s.read_miss_sectors, s.io_errors)
+    };
+    let (direct, reads, missed, errors) = counted(host.cache.stats().total);
+    let d = host
+        .cache
+        .begin_backing_read(80, 8)
+        .expect("pass-through fills nothing: read from the backing device");
+    assert!(d.backing && !d.write);
+    assert_eq!(
+        d.sector, 80,
+        "the backing device holds it at its own sectors"
+    );
+    assert_eq!(
+        counted(host.cache.stats().total),
+        (direct + 1, reads + 1, missed + 8, errors)
+    );
+    host.cache.end_direct(d, Ok(())).expect("read");
+    let d = host.cache.begin_backing_read(80, 8).expect("again");
+    assert!(host.cache.end_direct(d, Err(IoError::Device)).is_err());
+    assert_eq!(
+        counted(host.cache.stats().total),
+        (direct + 2, reads + 2, missed + 16, errors + 1)
+    );
+    let d = host.cache.begin_backing_read(80, 8).expect("again");
+    host.cache.cancel_direct(d, 8);
+    assert_eq!(
+        counted(host.cache.stats().total),
+        (direct + 2, reads + 2, missed + 16, errors + 1),
+        "a cancelled read is not counted"
+    );
+    host.cache.set_mode(CacheMode::WriteBack);
+    assert_eq!(host.read(40, 8).expect("read"), data_of(1, 40, 8));
 }
 
 /// A direct request whose device I/O the host could not issue (SPDK had no free

@@ -41,9 +41,12 @@ pub struct CacheOptions {
 /// A request served directly by the host (see [`Cache::begin_direct`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Direct {
-    /// Cache-device sector to read from or write to (the request's length).
+    /// Cache-device sector to read from or write to (the request's length); with
+    /// `backing`, the backing-device sector to read from.
     pub sector: u64,
     pub write: bool,
+    /// A read miss served from the backing device ([`Cache::begin_backing_read`]).
+    pub backing: bool,
     /// Index in `Cache::shards`.
     shard: u32,
     /// The shard's key for `end_direct`: the pinned segment, or the rewritten LBA.
@@ -510,9 +513,31 @@ impl Cache {
         Some(Direct {
             sector,
             write: op == Op::Write,
+            backing: false,
             shard: li as u32,
             key,
         })
+    }
+
+    /// Starts a read miss that the host serves with one backing-device read of its own
+    /// (see [`Shard::begin_backing_read`]), at [`Direct::sector`], into the request's
+    /// buffer; ended by [`Cache::end_direct`] or [`Cache::cancel_direct`] like the others.
+    /// None: submit it normally (a fill, or anything cached there).
+    pub fn begin_backing_read(&mut self, lba: u64, len: u32) -> Option<Direct> {
+        let li = self.sole_shard(lba, len)?;
+        let g = &self.sb.geometry;
+        if g.block_sectors > 1 && !(g.block_aligned(lba) && g.block_aligned(len.into())) {
+            return None; // refused by `submit`
+        }
+        self.shards[li]
+            .begin_backing_read(lba, len)
+            .then_some(Direct {
+                sector: lba,
+                write: false,
+                backing: true,
+                shard: li as u32,
+                key: 0,
+            })
     }
 
     /// Forgets `d` (of `len` sectors, as begun) when its device I/O could not be issued:
@@ -521,7 +546,11 @@ impl Cache {
     pub fn cancel_direct(&mut self, d: Direct, len: u32) {
         let op = if d.write { Op::Write } else { Op::Read };
         if let Some(s) = self.shards.get_mut(d.shard as usize) {
-            s.cancel_direct(op, d.key, len);
+            if d.backing {
+                s.cancel_backing_read(len);
+            } else {
+                s.cancel_direct(op, d.key, len);
+            }
         }
     }
 
@@ -530,6 +559,7 @@ impl Cache {
     pub fn end_direct(&mut self, d: Direct, result: Result<(), IoError>) -> ReqResult {
         let op = if d.write { Op::Write } else { Op::Read };
         match self.shards.get_mut(d.shard as usize) {
+            Some(s) if d.backing => s.end_backing_read(result),
             Some(s) => s.end_direct(op, d.key, result),
             None => Err(ReqError::Invalid("direct request of an unknown shard")),
         }

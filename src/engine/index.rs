@@ -472,6 +472,14 @@ impl ExtentMap {
         Some(e.slice(s, u64::from(off), len))
     }
 
+    /// Whether any extent (of any state: data, zeroes, a fill's placeholder) overlaps
+    /// [lba, lba+len).
+    pub fn overlaps(&self, lba: u64, len: u32) -> bool {
+        let mut any = false;
+        self.for_each_overlap(lba, len, |_, _| any = true);
+        any
+    }
+
     /// Counts a read hit in the heat of every data extent overlapping [lba, lba+len) (a
     /// read that hit them through a lookup), in the map's entries.
     pub fn touch(&mut self, lba: u64, len: u32) {

@@ -742,6 +742,63 @@ impl Shard {
         }
     }
 
+    /// Starts a read miss that the host serves with one backing-device read of its own,
+    /// at the request's own sectors and into its buffer: nothing of [lba, lba+len) is in
+    /// the index (no data, zeroes or fill in flight) and the miss fills nothing (admission
+    /// declines it, the sequential cut-off bypasses it, or the mode fills nothing). Counted
+    /// as [`Shard::submit`] counts such a miss, which it serves the same way, through
+    /// commands. False: submit it normally (it fills the cache, or something is cached).
+    ///
+    /// As consistent as the normal path: a write that completed before this read began is
+    /// in the index, so the read would not be a miss; one still in flight may be seen
+    /// either way.
+    pub fn begin_backing_read(&mut self, lba: u64, len: u32) -> bool {
+        if self.failed || self.index.overlaps(lba, len) {
+            return false;
+        }
+        let serve_clean = self.cfg.mode != CacheMode::PassThrough;
+        let may_fill = self.cfg.read_fill && serve_clean && !self.fwd_overlaps(lba, len);
+        // Admitted unless the cut-off bypasses it: the normal path decides (and admits).
+        if may_fill && self.admission.would_admit(lba, len) {
+            return false;
+        }
+        let seq = self.seq_bypass(lba, len, false);
+        if may_fill && !seq {
+            // Declined: the miss is remembered, so a second one fills.
+            let admitted = self.admission.admit(lba, len);
+            debug_assert!(!admitted, "admission changed its answer");
+            self.stats.fill_declined += 1;
+        } else if seq {
+            self.stats.seq_bypass_requests += 1;
+            self.stats.seq_bypass_sectors += u64::from(len);
+        }
+        self.stats.reads += 1;
+        self.stats.read_miss_sectors += u64::from(len);
+        self.stats.direct += 1;
+        true
+    }
+
+    /// The backing read of a miss [`Shard::begin_backing_read`] started finished: the
+    /// request's result, as the normal path gives it.
+    pub fn end_backing_read(&mut self, result: Result<(), IoError>) -> ReqResult {
+        result.map_err(|_| {
+            self.stats.io_errors += 1;
+            ReqError::Io
+        })
+    }
+
+    /// Uncounts a miss [`Shard::begin_backing_read`] started (`len` sectors) whose read
+    /// was never issued, so that the normal path counts it. What admission and the
+    /// sequential cut-off saw of it stays, so the normal path sees the request twice (and
+    /// admission then takes it for a second miss: rare, as this follows a failed
+    /// allocation).
+    pub fn cancel_backing_read(&mut self, len: u32) {
+        let s = &mut self.stats;
+        s.direct = s.direct.saturating_sub(1);
+        s.reads = s.reads.saturating_sub(1);
+        s.read_miss_sectors = s.read_miss_sectors.saturating_sub(u64::from(len));
+    }
+
     /// The device I/O of a request [`Shard::begin_direct`] started finished.
     #[inline]
     pub fn end_direct(&mut self, op: Op, key: u64, result: Result<(), IoError>) -> ReqResult {

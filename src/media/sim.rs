@@ -92,6 +92,9 @@ pub struct Sim {
     pub direct_percent: u64,
     /// Direct requests in flight, by request id, with their range.
     directs: HashMap<ReqId, (Direct, u64, u32)>,
+    /// Read misses served directly from the backing device so far
+    /// ([`Cache::begin_backing_read`]).
+    pub backing_directs: u64,
     /// Split: segment grants and coordination for parts 1.. arrive only after this many
     /// more device commands complete (or once none is in flight), as the SPDK host's
     /// messages to other engine threads do; part 0 holds the pool and takes its own at
@@ -134,6 +137,7 @@ impl Sim {
             completed: 0,
             direct_percent: 50,
             directs: HashMap::new(),
+            backing_directs: 0,
             msg_delay: 0,
             delayed: VecDeque::new(),
         }
@@ -296,8 +300,8 @@ impl Sim {
         Ok(id)
     }
 
-    /// Serves a read or write with one cache-device I/O of the host's own when the cache
-    /// allows ([`Cache::begin_direct`]); else gives `data` back.
+    /// Serves a read or write with one device I/O of the host's own when the cache allows
+    /// ([`Cache::begin_direct`], [`Cache::begin_backing_read`]); else gives `data` back.
     fn submit_direct(
         &mut self,
         op: Op,
@@ -311,8 +315,15 @@ impl Sim {
         let &[part] = self.owners(op, lba, len).as_slice() else {
             return Err(data);
         };
-        let Some(d) = self.part(part).begin_direct(op, lba, len) else {
-            return Err(data);
+        // A read the cache holds none of and will not fill: read from the backing device
+        // (as the SPDK host does after a miss on the submitting thread).
+        let d = match self.part(part).begin_direct(op, lba, len) {
+            Some(d) => d,
+            None if op == Op::Read => match self.part(part).begin_backing_read(lba, len) {
+                Some(d) => d,
+                None => return Err(data),
+            },
+            None => return Err(data),
         };
         if self.rng.chance(10) {
             // The host found no I/O to issue it with (SPDK's -ENOMEM): forgotten, and
@@ -342,7 +353,7 @@ impl Sim {
         } else {
             Command::Read {
                 tag,
-                dev: Dev::Cache,
+                dev: if d.backing { Dev::Backing } else { Dev::Cache },
                 sector: d.sector,
                 buf,
                 verify_crc: None,
@@ -351,6 +362,7 @@ impl Sim {
         self.check_blocks(&cmd);
         self.issued += 1;
         self.inflight.push((self.issued, part, cmd));
+        self.backing_directs += u64::from(d.backing);
         self.directs.insert(id, (d, lba, len));
         Ok(id)
     }

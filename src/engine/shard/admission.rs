@@ -58,9 +58,7 @@ impl Admission {
         if !self.evicting {
             return true;
         }
-        let h = (lba ^ (u64::from(len) << 48)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let i = (h >> (64 - self.bits)) as usize;
-        let fp = (h as u16) | 1;
+        let (i, fp) = self.slot_of(lba, len);
         let Some(slot) = self.slots.get_mut(i) else {
             return true;
         };
@@ -71,6 +69,21 @@ impl Admission {
             *slot = fp;
             false
         }
+    }
+
+    /// What [`Admission::admit`] would answer, without recording the miss.
+    pub(super) fn would_admit(&self, lba: u64, len: u32) -> bool {
+        if !self.evicting {
+            return true;
+        }
+        let (i, fp) = self.slot_of(lba, len);
+        self.slots.get(i).is_none_or(|&slot| slot == fp)
+    }
+
+    /// The slot of [lba, lba+len) and its fingerprint there (never 0, which is empty).
+    fn slot_of(&self, lba: u64, len: u32) -> (usize, u16) {
+        let h = (lba ^ (u64::from(len) << 48)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((h >> (64 - self.bits)) as usize, (h as u16) | 1)
     }
 
     /// DRAM the table holds, in bytes.
@@ -98,7 +111,8 @@ mod tests {
         assert_eq!(a.bytes(), 0);
         a.set_evicting(true);
         assert_eq!(a.bytes(), 2 << 10);
-        assert!(!a.admit(16, 8), "first miss");
+        assert!(!a.would_admit(16, 8) && !a.admit(16, 8), "first miss");
+        assert!(a.would_admit(16, 8), "asking records nothing");
         assert!(a.admit(16, 8), "second miss");
         assert!(!a.admit(16, 8), "admitted: forgotten");
         // Another length is another range.

@@ -117,6 +117,9 @@ pub(crate) struct Channel {
     /// This thread's channel to the cache bdev, for the requests it serves itself
     /// (`worker::local`); made on first use.
     cache_ch: Cell<*mut ffi::spdk_io_channel>,
+    /// This thread's channel to the backing bdev, for the read misses it serves itself
+    /// (`worker::local`); made on first use.
+    backing_ch: Cell<*mut ffi::spdk_io_channel>,
     /// Requests for workers on this core, served (or handed to their worker) together
     /// right after the poller that submitted them ([`Channel::serve_after_poller`]), else by the
     /// channel's next poll, so that their index lookups overlap (`worker::local`).
@@ -155,6 +158,22 @@ impl Channel {
         self.cache_ch.set(ch);
         ch
     }
+
+    /// This thread's channel to the backing bdev, whose descriptor is `desc` (null: none).
+    pub(crate) fn backing_channel(
+        &self,
+        desc: *mut ffi::spdk_bdev_desc,
+    ) -> *mut ffi::spdk_io_channel {
+        let ch = self.backing_ch.get();
+        if !ch.is_null() || desc.is_null() {
+            return ch;
+        }
+        // SAFETY: as for the cache's: the backing descriptor is closed only at destruct,
+        // after every channel of the bdev is gone, and hands out channels on any thread.
+        let ch = unsafe { ffi::spdk_bdev_get_io_channel(desc) };
+        self.backing_ch.set(ch);
+        ch
+    }
 }
 
 /// io_device channel constructor.
@@ -168,6 +187,7 @@ pub(crate) unsafe extern "C" fn channel_create(io_device: *mut c_void, buf: *mut
             poller: Cell::new(ptr::null_mut()),
             done: RefCell::new(Vec::new()),
             cache_ch: Cell::new(ptr::null_mut()),
+            backing_ch: Cell::new(ptr::null_mut()),
             local: RefCell::new(Vec::new()),
             spare: RefCell::new(Vec::new()),
             after_poller: Cell::new(false),
@@ -217,10 +237,11 @@ pub(crate) unsafe extern "C" fn channel_destroy(_io_device: *mut c_void, buf: *m
         // Every request on the channel completed, so the queues are empty: dropping our
         // ends tells the workers (`WorkerEnd::closed`).
         drop(chan.links.take());
-        let ch = chan.cache_ch.get();
-        if !ch.is_null() {
-            // SAFETY: our reference to the cache bdev's channel on this thread, put once.
-            unsafe { ffi::spdk_put_io_channel(ch) };
+        for ch in [chan.cache_ch.get(), chan.backing_ch.get()] {
+            if !ch.is_null() {
+                // SAFETY: our reference to a base bdev's channel on this thread, put once.
+                unsafe { ffi::spdk_put_io_channel(ch) };
+            }
         }
         // SAFETY: the node outlives its channels (freed in the io_device unregister callback).
         unsafe { (*chan.front).retired.fold(&chan.stats.snapshot()) };

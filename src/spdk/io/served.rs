@@ -1,6 +1,7 @@
 //! Requests served by the submitting thread itself, when the worker of their stripe runs on
 //! the same core and can serve them directly (a read hit or an in-place rewrite:
-//! `Cache::begin_direct`).
+//! `Cache::begin_direct`; a read miss the cache would not fill, read from the backing bdev:
+//! `Cache::begin_backing_read`).
 //!
 //! A submitting thread pinned to a worker's core collects the requests for that worker in
 //! its channel, served together ([`serve_batch`]) once the submitter's poller returns (or by
@@ -18,7 +19,12 @@
 //! submit again, which only queues the request in the channel). The worker's side of this
 //! (what it counts, when it refuses) is in `worker::local`.
 //!
-//! A request whose cache-bdev I/O finds no free `spdk_bdev_io` is handed to the worker
+//! A miss that admission declines (most misses once the cache is full: only a second miss
+//! fills) is read the same way, on this thread's own channel to the backing bdev: the
+//! request skips the worker's inbox, poll and command queue, as a passthru bdev's would.
+//! A miss that fills the cache goes to the worker, which logs the fill.
+//!
+//! A request whose device I/O finds no free `spdk_bdev_io` is handed to the worker
 //! (`Worker::cancel_local`), which queues its own device I/O until one is free.
 
 use std::ffi::c_void;
@@ -95,7 +101,7 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
         // SAFETY: as for `e` below.
         let e = unsafe { &mut *p.worker };
         let Some(status) = e.read_mapped_local(io) else {
-            return false;
+            return serve_miss(p, io, chan);
         };
         // On its own thread, at the top level of it (module docs): what the request's
         // submitter does next (submit again) only queues in the channel.
@@ -110,8 +116,47 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     // while this thread's poller runs (module docs).
     let e = unsafe { &mut *p.worker };
     let Some((direct, blocks)) = e.begin_local(io, op) else {
+        return op == Op::Read && serve_miss(p, io, chan);
+    };
+    // SAFETY: the node's front outlives its requests; read only.
+    let desc = unsafe { Front::of(io).cache.desc.get() };
+    start(p, io, ch, desc, direct, blocks);
+    true
+}
+
+/// Serves read `io` with one backing-bdev read of this thread's own if it is a miss the
+/// cache would not fill (`Cache::begin_backing_read`): no inbox, worker poll or engine
+/// command, as a passthru bdev would read it. False: hand it to the worker.
+#[inline(always)]
+fn serve_miss(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
+    // SAFETY: as in `serve`.
+    let e = unsafe { &mut *p.worker };
+    let Some((direct, blocks, desc)) = e.begin_backing_local(io) else {
         return false;
     };
+    let ch = chan.backing_channel(desc);
+    if ch.is_null() {
+        // No channel (out of memory): the worker serves it.
+        e.cancel_local(direct, io);
+        return true;
+    }
+    start(p, io, ch, desc, direct, blocks);
+    true
+}
+
+/// Issues the one I/O `direct` of `io` started, on channel `ch` to the bdev of `desc`, and
+/// completes `io` from its callback (or hands it to the worker).
+#[inline(always)]
+fn start(
+    p: Peer,
+    io: *mut ffi::spdk_bdev_io,
+    ch: *mut ffi::spdk_io_channel,
+    desc: *mut ffi::spdk_bdev_desc,
+    direct: crate::engine::Direct,
+    blocks: [u64; 2],
+) {
+    // SAFETY: as in `serve`.
+    let e = unsafe { &mut *p.worker };
     let local = Local {
         worker: p.worker,
         direct,
@@ -119,7 +164,7 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
     };
     // SAFETY: this request's driver context, ours while it is pending.
     unsafe { ptr::addr_of_mut!((*ctx(io)).local_direct).write(Some(local)) };
-    match submit(io, ch, local) {
+    match submit(io, ch, desc, local) {
         Submitted::Yes => {}
         // Not waited for here: a wait (`spdk_bdev_queue_io_wait`) fires only when a bdev_io
         // is freed on this thread, which may never happen if the others hold them all.
@@ -131,7 +176,6 @@ fn serve(p: Peer, io: *mut ffi::spdk_bdev_io, chan: &Channel) -> bool {
         }
         Submitted::Failed => finish(io, false),
     }
-    true
 }
 
 enum Submitted {
@@ -141,13 +185,17 @@ enum Submitted {
     Failed,
 }
 
-/// Issues the cache-bdev I/O of `io` (what `l` started) on this thread's channel `ch`.
-fn submit(io: *mut ffi::spdk_bdev_io, ch: *mut ffi::spdk_io_channel, l: Local) -> Submitted {
-    // SAFETY: a pending request of a live node, whose cache descriptor stays open while it
+/// Issues the device I/O of `io` (what `l` started) on this thread's channel `ch` to the
+/// bdev of `desc`.
+fn submit(
+    io: *mut ffi::spdk_bdev_io,
+    ch: *mut ffi::spdk_io_channel,
+    desc: *mut ffi::spdk_bdev_desc,
+    l: Local,
+) -> Submitted {
+    // SAFETY: a pending request of a live node, whose base descriptors stay open while it
     // is pending; its iovecs are live until it completes, which is after this I/O does.
     let rc = unsafe {
-        let front = Front::of(io);
-        let desc = front.cache.desc.get();
         let b = ffi::bdev_io_block(io);
         let (iovs, iovcnt) = ((*b).iovs, (*b).iovcnt);
         let cb = Some(done as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void));

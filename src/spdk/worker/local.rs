@@ -2,15 +2,16 @@
 //! (`io::served`): a request for a worker on the submitting thread's core is counted while
 //! it waits in that thread's batch ([`wait`]), started as a direct request of the cache
 //! ([`Worker::begin_local`]) and ended when its cache-bdev I/O completes
-//! ([`Worker::end_local`]).
+//! ([`Worker::end_local`]); a read miss the cache would not fill is started as a read of
+//! the backing bdev ([`Worker::begin_backing_local`]) and ended the same way.
 //!
 //! The worker counts what it has started here as its own (`inflight`, `direct_live`), and
 //! requests held in a batch through its inbox (`Inbox::hold`), so it neither stops nor
 //! completes a reset while one is pending. A worker that never serves directly (data CRCs,
 //! checked by the worker) says so in its inbox (`Inbox::never_direct`), and its requests
 //! skip the batch. Over a mapped cache, the submitting thread serves read hits whole
-//! ([`Worker::read_mapped_local`]: a copy out of the mapping), and writes skip the batch
-//! (the worker makes a poll's writes durable with one fence).
+//! ([`Worker::read_mapped_local`]: a copy out of the mapping) and such misses, and writes
+//! skip the batch (the worker makes a poll's writes durable with one fence).
 //!
 //! These run on the submitting thread, with the worker not borrowed (`io::served` says
 //! why); they call nothing above the worker.
@@ -42,7 +43,8 @@ pub(crate) fn release(p: Peer) {
 pub(crate) struct Local {
     pub(crate) worker: *mut Worker,
     pub(crate) direct: Direct,
-    /// Offset and length in cache bdev blocks.
+    /// Offset and length in blocks of the bdev read or written (the cache bdev, or the
+    /// backing bdev for a miss: `direct.backing`).
     pub(crate) blocks: [u64; 2],
 }
 
@@ -114,6 +116,40 @@ impl Worker {
         self.inflight += 1;
         self.direct_live += 1;
         Some((direct, blocks))
+    }
+
+    /// The worker's part of a read miss [`serve`] serves with one backing-bdev read of its
+    /// own (`Cache::begin_backing_read`: nothing of it cached, and it fills nothing):
+    /// starts and counts it as [`Worker::begin_local`] does a hit, or None. Returns what
+    /// was started, its extent in backing bdev blocks, and the backing bdev's descriptor.
+    pub(crate) fn begin_backing_local(
+        &mut self,
+        io: *mut ffi::spdk_bdev_io,
+    ) -> Option<(Direct, [u64; 2], *mut ffi::spdk_bdev_desc)> {
+        if self.removed[1] || !matches!(self.state, State::Running | State::Draining) {
+            return None;
+        }
+        // SAFETY: a live READ request; its block parameters are read by value.
+        let (offset, num) = unsafe {
+            let b = ffi::bdev_io_block(io);
+            ((*b).offset_blocks, (*b).num_blocks)
+        };
+        let shift = self.front_shift;
+        let len = u32::try_from(num << shift).ok()?;
+        let sector = offset << shift;
+        // Before the cache counts it (a range the backing bdev's blocks do not divide goes
+        // the normal way, which reports it).
+        let blocks = self.blocks_of(Dev::Backing, sector, u64::from(len))?;
+        let direct = self.cache.as_deref_mut()?.begin_backing_read(sector, len)?;
+        self.wake();
+        let c = &mut self.counters;
+        c.requests += 1;
+        c.arrived_same_core += 1;
+        c.served_by_submitter += 1;
+        c.dev_reads += 1;
+        self.inflight += 1;
+        self.direct_live += 1;
+        Some((direct, blocks, self.desc[1]))
     }
 
     /// Over a mapped cache, serves read `io` here, on its submitting thread, if the cache
