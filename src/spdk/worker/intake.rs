@@ -63,10 +63,12 @@ impl Worker {
         // SAFETY: a pending request of ours: its context is initialized.
         let no_direct = unsafe { (*ctx(io)).no_direct };
         if matches!(op, Op::Read | Op::Write) && !no_direct {
-            let direct = self
-                .cache
-                .as_deref_mut()
-                .and_then(|c| c.begin_direct(op, lba, len));
+            // A hit or rewrite in place, else a miss the cache will not fill (read from
+            // the backing bdev as is).
+            let direct = self.cache.as_deref_mut().and_then(|c| {
+                c.begin_direct(op, lba, len)
+                    .or_else(|| (op == Op::Read).then(|| c.begin_backing_read(lba, len))?)
+            });
             if let Some(direct) = direct {
                 return self.issue_direct(&d, reply, direct, u64::from(len));
             }
@@ -89,15 +91,21 @@ impl Worker {
         self.kick = true;
     }
 
-    /// Serves request `d` with one cache-device I/O of `sectors` straight from or into its
-    /// buffer (see `Cache::begin_direct`): no request slot, command or tag.
+    /// Serves request `d` with one device I/O of `sectors` straight from or into its buffer
+    /// (see `Cache::begin_direct`; a backing-bdev read for `Cache::begin_backing_read`): no
+    /// request slot, command or tag.
     pub(super) fn issue_direct(&mut self, d: &Desc, reply: Reply, direct: Direct, sectors: u64) {
         let kind = if direct.write {
             Kind::Write
         } else {
             Kind::Read
         };
-        let mut dio = self.new_dio(Purpose::Direct, 0, kind, Dev::Cache);
+        let dev = if direct.backing {
+            Dev::Backing
+        } else {
+            Dev::Cache
+        };
+        let mut dio = self.new_dio(Purpose::Direct, 0, kind, dev);
         dio.iovs.extend_from_slice(d.iovs.get());
         dio.direct = Some((direct, d.io, reply));
         self.direct_live += 1;
