@@ -14,7 +14,8 @@ pub struct ShardStats {
     /// `reads` too.
     pub inline_reads: u64,
     /// Read hits and in-place writes the host served with one cache-device I/O of its own
-    /// (`Cache::begin_direct`), counted in `reads` / `writes` too.
+    /// (`Cache::begin_direct`), and read misses it served with one backing-device read
+    /// (`Cache::begin_backing_read`), counted in `reads` / `writes` too.
     pub direct: u64,
     pub fills: u64,
     pub fill_bypass: u64,

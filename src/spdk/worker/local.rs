@@ -80,15 +80,9 @@ impl Worker {
             // Never asked (`io::served` asks `read_mapped_local`).
             return None;
         }
-        // SAFETY: a live READ/WRITE request; its block parameters are read by value.
-        let (offset, num) = unsafe {
-            let b = ffi::bdev_io_block(io);
-            ((*b).offset_blocks, (*b).num_blocks)
-        };
-        let shift = self.front_shift;
-        let len = u32::try_from(num << shift).ok()?;
+        let (sector, len) = self.range_of(io)?;
         let cache = self.cache.as_deref_mut()?;
-        let Some(direct) = cache.begin_direct(op, offset << shift, len) else {
+        let Some(direct) = cache.begin_direct(op, sector, len) else {
             if cache.superblock().data_crc {
                 // Every read is checked against its CRC by the worker.
                 self.inbox.set_never_direct();
@@ -103,19 +97,37 @@ impl Worker {
             }
             return None;
         };
+        self.count_local(direct.write);
+        Some((direct, blocks))
+    }
+
+    /// The sectors `io` (a live READ or WRITE) covers, in the cache's 512-byte sectors.
+    #[inline(always)]
+    fn range_of(&self, io: *mut ffi::spdk_bdev_io) -> Option<(u64, u32)> {
+        // SAFETY: a live READ/WRITE request; its block parameters are read by value.
+        let (offset, num) = unsafe {
+            let b = ffi::bdev_io_block(io);
+            ((*b).offset_blocks, (*b).num_blocks)
+        };
+        let shift = self.front_shift;
+        Some((offset << shift, u32::try_from(num << shift).ok()?))
+    }
+
+    /// Counts a request its submitting thread serves with one device I/O, now started.
+    #[inline(always)]
+    fn count_local(&mut self, write: bool) {
         self.wake();
         let c = &mut self.counters;
         c.requests += 1;
         c.arrived_same_core += 1;
         c.served_by_submitter += 1;
-        if direct.write {
+        if write {
             c.dev_writes += 1;
         } else {
             c.dev_reads += 1;
         }
         self.inflight += 1;
         self.direct_live += 1;
-        Some((direct, blocks))
     }
 
     /// The worker's part of a read miss [`serve`] serves with one backing-bdev read of its
@@ -129,26 +141,12 @@ impl Worker {
         if self.removed[1] || !matches!(self.state, State::Running | State::Draining) {
             return None;
         }
-        // SAFETY: a live READ request; its block parameters are read by value.
-        let (offset, num) = unsafe {
-            let b = ffi::bdev_io_block(io);
-            ((*b).offset_blocks, (*b).num_blocks)
-        };
-        let shift = self.front_shift;
-        let len = u32::try_from(num << shift).ok()?;
-        let sector = offset << shift;
+        let (sector, len) = self.range_of(io)?;
         // Before the cache counts it (a range the backing bdev's blocks do not divide goes
         // the normal way, which reports it).
         let blocks = self.blocks_of(Dev::Backing, sector, u64::from(len))?;
         let direct = self.cache.as_deref_mut()?.begin_backing_read(sector, len)?;
-        self.wake();
-        let c = &mut self.counters;
-        c.requests += 1;
-        c.arrived_same_core += 1;
-        c.served_by_submitter += 1;
-        c.dev_reads += 1;
-        self.inflight += 1;
-        self.direct_live += 1;
+        self.count_local(false);
         Some((direct, blocks, self.desc[1]))
     }
 
