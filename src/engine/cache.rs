@@ -849,8 +849,9 @@ impl Cache {
         let mut dirty = 0;
         let mut clean = 0;
         let mut extents = 0;
-        for s in &self.shards {
-            total.add(&s.stats);
+        let shards: Vec<ShardStats> = self.shards.iter().map(Shard::stats).collect();
+        for (s, st) in self.shards.iter().zip(&shards) {
+            total.add(st);
             let (d, c, e) = s.index().usage();
             dirty += d;
             clean += c;
@@ -859,7 +860,7 @@ impl Cache {
         CacheStats {
             total,
             shard_ids: self.shard_ids(),
-            shards: self.shards.iter().map(|s| s.stats).collect(),
+            shards,
             dirty_bytes: dirty * 512,
             clean_bytes: clean * 512,
             extents,

@@ -516,6 +516,17 @@ impl Shard {
         &self.index
     }
 
+    /// Its counters, with those of GC's second chance, which the index keeps.
+    pub fn stats(&self) -> ShardStats {
+        let c = self.index.second_chance();
+        ShardStats {
+            readmit_probes: c.probes,
+            readmit_probes_read: c.probes_read,
+            readmit_skipped: c.skipped,
+            ..self.stats
+        }
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

@@ -1015,10 +1015,6 @@ impl Shard {
         );
         // What the reclaim kept (moves queued) is paid from the credit.
         self.move_credit -= budget - rescue.budget;
-        let chance = self.index.second_chance();
-        self.stats.readmit_probes = chance.probes;
-        self.stats.readmit_probes_read = chance.probes_read;
-        self.stats.readmit_skipped = chance.skipped;
         if self.index.len() < before {
             // Clean data left the cache: from now on a fill evicts something.
             self.admission.set_evicting(true);
