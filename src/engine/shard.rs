@@ -767,18 +767,15 @@ impl Shard {
         if self.failed || self.index.overlaps(lba, len) {
             return false;
         }
-        let serve_clean = self.cfg.mode != CacheMode::PassThrough;
-        let may_fill = self.cfg.read_fill && serve_clean && !self.fwd_overlaps(lba, len);
+        let may_fill = self.fills_misses() && !self.fwd_overlaps(lba, len);
         // Admitted unless the cut-off bypasses it: the normal path decides (and admits).
         if may_fill && self.admission.would_admit(lba, len) {
             return false;
         }
         let seq = self.seq_bypass(lba, len, false);
         if may_fill && !seq {
-            // Declined: the miss is remembered, so a second one fills.
-            let admitted = self.admission.admit(lba, len);
-            debug_assert!(!admitted, "admission changed its answer");
-            self.stats.fill_declined += 1;
+            let declined = self.declines_fill(lba, len);
+            debug_assert!(declined, "admission changed its answer");
         } else if seq {
             self.stats.seq_bypass_requests += 1;
             self.stats.seq_bypass_sectors += u64::from(len);
@@ -787,6 +784,20 @@ impl Shard {
         self.stats.read_miss_sectors += u64::from(len);
         self.stats.direct += 1;
         true
+    }
+
+    /// Whether read misses fill the cache at all now (admission and the sequential
+    /// cut-off still decide for each): not in pass-through, nor once the shard failed.
+    fn fills_misses(&self) -> bool {
+        self.cfg.read_fill && !self.failed && self.cfg.mode != CacheMode::PassThrough
+    }
+
+    /// Asks admission about a miss of [lba, lba+len) that could fill: true (and counted)
+    /// if it declines; it remembers the miss, so a second one fills.
+    fn declines_fill(&mut self, lba: u64, len: u32) -> bool {
+        let declined = !self.admission.admit(lba, len);
+        self.stats.fill_declined += u64::from(declined);
+        declined
     }
 
     /// The backing read of a miss [`Shard::begin_backing_read`] started finished: the
@@ -879,7 +890,7 @@ impl Shard {
         // sequential cut-off fills nothing either.
         let serve_clean = self.cfg.mode != CacheMode::PassThrough;
         let seq = self.seq_bypass(r.lba, r.len, false);
-        let fill = self.cfg.read_fill && !self.failed && serve_clean && !seq;
+        let fill = self.fills_misses() && !seq;
         let mut unfilled = 0u64;
         if pieces.iter().any(|p| p.extent.is_some_and(|e| e.is_data())) {
             // Hits: their extents were read (GC gives them a second chance).
@@ -938,9 +949,8 @@ impl Shard {
                 // older data.
                 None if fill
                     && !self.fwd_overlaps(p.lba, p.len)
-                    && !self.admission.admit(p.lba, p.len) =>
+                    && self.declines_fill(p.lba, p.len) =>
                 {
-                    self.stats.fill_declined += 1;
                     ReadSrc::Backing { fill: None }
                 }
                 None if fill && !self.fwd_overlaps(p.lba, p.len) => {
