@@ -4,7 +4,7 @@
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pcache::engine::format::{Key, KeyKind, Kset, LogPos};
 use pcache::engine::geometry::{Geometry, LayoutOptions};
-use pcache::engine::index::{Extent, ExtentMap, State};
+use pcache::engine::index::{Extent, ExtentMap, Rescue, State};
 use pcache::engine::{BackingIdentity, CacheOptions, FormatOptions};
 use pcache::media::host::{open_cache, SyncHost};
 use pcache::media::mem::MemDevice;
@@ -41,6 +41,48 @@ fn index(c: &mut Criterion) {
             let lba = rng.below(n) * 8 + 2;
             map.insert(black_box(lba), Extent::new(lba, 4, State::Dirty, None, 3));
         })
+    });
+    g.finish();
+}
+
+/// GC's reclaim of one 1 MiB segment of 4 KiB clean extents, as in the zipf bench (128 MiB
+/// cache of 1 MiB segments and 256 KiB stripes, 512 MiB working set): the log filled with
+/// misses at random blocks, a third of them read since, so some extents of the oldest
+/// segment are gone (filled again later) and some are kept.
+fn reclaim(c: &mut Criterion) {
+    const SEG: u64 = 2048;
+    const SEGS: u32 = 128;
+    const BLOCKS: u64 = 131_072;
+    let build = || {
+        let mut m = ExtentMap::with_segments(512, 0, SEG, SEGS);
+        let mut rng = Rng::new(7);
+        for i in 0..SEG / 8 * u64::from(SEGS - 1) {
+            let lba = rng.below(BLOCKS) * 8;
+            m.insert(lba, Extent::new(i * 8, 8, State::Clean, None, 1));
+            if rng.chance(33) {
+                m.touch(lba, 8);
+            }
+        }
+        m
+    };
+    let mut g = c.benchmark_group("gc");
+    g.sample_size(30);
+    g.throughput(Throughput::Elements(SEG / 8));
+    g.bench_function("reclaim_1mib_segment_4k_extents", |b| {
+        b.iter_batched(
+            build,
+            |mut m| {
+                let mut rescue = Rescue {
+                    budget: SEG * 3 / 4,
+                    need_crc: false,
+                };
+                let mut moves = Vec::new();
+                black_box(m.reclaim_segment(0, SEG, &mut rescue, &mut moves));
+                // Returned, so they are dropped outside the timing.
+                (m, moves)
+            },
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }
@@ -161,5 +203,5 @@ fn crc(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, index, kset, replay, crc);
+criterion_group!(benches, index, reclaim, kset, replay, crc);
 criterion_main!(benches);

@@ -272,6 +272,16 @@ impl Bucket {
         }
     }
 
+    /// Removes extent `i`: the directory counts one fewer past its chunk (a recount, as
+    /// `remove_range` does, cost GC's reclaim a third of its time).
+    fn remove(&mut self, i: usize, shift: u32) {
+        let off = self.starts.remove(i);
+        self.exts.remove(i);
+        for d in self.dir.iter_mut().skip(usize::from(off >> shift) + 1) {
+            *d -= 1;
+        }
+    }
+
     fn remove_range(&mut self, a: usize, b: usize, shift: u32) {
         if a < b {
             self.starts.drain(a..b);
@@ -1135,7 +1145,7 @@ impl ExtentMap {
         };
         let i = b.rank(off, self.shift);
         if b.starts.get(i) == Some(&off) && b.exts[i] == *ext {
-            b.remove_range(i, i + 1, shift);
+            b.remove(i, shift);
             self.hints.forget(lba, ext);
             if b.len() == 0 {
                 self.buckets.remove(&key);
