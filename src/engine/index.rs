@@ -689,6 +689,11 @@ impl ExtentMap {
 
     /// Removes placeholders in the range (a newer key is about to be logged there).
     pub fn punch_placeholders(&mut self, lba: u64, len: u32) {
+        // A block the hints hold is one data extent whole: nothing else overlaps it (the
+        // usual write, to a cached block, decided from one line instead of a bucket walk).
+        if in_one_block(lba, len) && self.hints.get(lba & !7).is_some() {
+            return;
+        }
         let mut doomed = Vec::new();
         self.for_each_overlap(lba, len, |s, e| {
             if e.state() == State::Placeholder {
