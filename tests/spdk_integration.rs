@@ -2525,6 +2525,120 @@ fn device_faults_never_hang_pcache() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Writeback over a cache bdev without data CRCs reads runs of log-adjacent copies at once
+/// (`host.device_copies_joined`) and writes each to the backing bdev from that one buffer.
+/// Under bdevperf `-w verify -f`, failed cache reads (a run's read fails all its copies)
+/// and failed backing writes (one copy of a run fails alone) lose no data, writeback
+/// resumes by itself, and a flush then ends clean.
+#[test]
+#[cfg_attr(
+    pcache_no_spdk,
+    ignore = "no SPDK build found (SPDK_DIR, pkg-config spdk_bdev, /opt/spdk)"
+)]
+fn writeback_runs_under_faults() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((spdk, so)) = setup() else { return };
+    let Some(perf_py) = bdevperf_py(&spdk) else {
+        return;
+    };
+    let dir = scratch_dir("runs");
+    let cfg = dir.join("runs.json");
+    let config = bdev_config(&[
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "RCache", "num_blocks": 65536, "block_size": 512}}),
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": "RBack", "num_blocks": 32768, "block_size": 4096}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "RCache"}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": "RBack"}}),
+        json!({"method": "bdev_pcache_create",
+               "params": {"name": "PC0", "cache_bdev": "EE_RCache", "backing_bdev": "EE_RBack",
+                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": false,
+                          "seq_cutoff_policy": "never"}}),
+    ]);
+    std::fs::write(&cfg, config.to_string()).expect("write config");
+    let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "runs", "PC0", &["-m", "0x1", "-f"]);
+    let stats = |rpc: &Rpc| rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0].clone();
+    let total = |s: &Value, k: &str| s["engine"]["total"][k].as_u64().unwrap_or(0);
+    let joined = |s: &Value| s["host"]["device_copies_joined"].as_u64().unwrap_or(0);
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 6, || {});
+    let s = stats(&rpc);
+    for job in &jobs {
+        println!("no faults: {job}");
+    }
+    assert!(
+        joined(&s) > 0,
+        "no writeback copies were joined: {}",
+        s["host"]
+    );
+    let (wb0, joined0) = (total(&s, "wb_sectors"), joined(&s));
+    // Failed cache reads: requests' and runs' alike (enough that some are runs').
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
+        std::thread::sleep(Duration::from_secs(2));
+        rpc.ok(&[
+            "bdev_error_inject_error",
+            "EE_RCache",
+            "read",
+            "failure",
+            "-n",
+            "3000",
+        ]);
+    });
+    let s = stats(&rpc);
+    for job in &jobs {
+        println!("3000 failed cache reads: {job}");
+    }
+    println!("after cache read faults: {}", s["engine"]["total"]);
+    assert!(
+        total(&s, "wb_cache_read_errors") > 0,
+        "{}",
+        s["engine"]["total"]
+    );
+    assert!(total(&s, "wb_sectors") > wb0, "writeback resumed by itself");
+    assert!(joined(&s) > joined0, "runs resumed: {}", s["host"]);
+    // Failed backing writes: single copies of a run.
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
+        std::thread::sleep(Duration::from_secs(2));
+        rpc.ok(&[
+            "bdev_error_inject_error",
+            "EE_RBack",
+            "write",
+            "failure",
+            "-n",
+            "20",
+        ]);
+    });
+    let s = stats(&rpc);
+    for job in &jobs {
+        println!("20 failed backing writes: {job}");
+    }
+    assert!(
+        total(&s, "wb_backing_write_errors") > 0,
+        "{}",
+        s["engine"]["total"]
+    );
+    assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC0"]), json!(true));
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
+        assert_eq!(st["writeback_failed"], false, "{st}");
+        if st["clean"] == true {
+            break;
+        }
+        assert!(Instant::now() < end, "flush did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = stats(&rpc);
+    assert_eq!(s["writeback"]["state"], "ok", "{}", s["writeback"]);
+    println!("final: {} host {}", s["engine"]["total"], s["host"]);
+    // The cache, clean again, serves a last verify without a failed I/O.
+    let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 4, || {});
+    for job in &jobs {
+        assert_job_clean(job, &json!(jobs));
+    }
+    stop_app(perf, &rpc, 30);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Live option switches and device faults drawn at random, together, under bdevperf
 /// `-w verify -f` on two cores (when the machine has two) with 12 KiB requests (some
 /// straddle a stripe, so two shards serve them): PC0 over `bdev_error` wrappers of a malloc cache and backing (two shards,

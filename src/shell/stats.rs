@@ -20,6 +20,9 @@ pub(crate) struct Counters {
     pub(crate) dev_copies_offload_failed: u64,
     /// Of those, written to the backing bdev straight from a registered mapped cache.
     pub(crate) dev_copies_from_mapping: u64,
+    /// Of those, written back from one read of the cache bdev with others whose sources
+    /// follow in the log (`copyrun`).
+    pub(crate) dev_copies_joined: u64,
     pub(crate) dev_flushes: u64,
     pub(crate) dev_zeroes: u64,
     pub(crate) dev_errors: u64,
@@ -63,6 +66,7 @@ impl Counters {
             "device_copies_offloaded": c.dev_copies_offloaded,
             "device_copies_offload_failed": c.dev_copies_offload_failed,
             "device_copies_from_mapping": c.dev_copies_from_mapping,
+            "device_copies_joined": c.dev_copies_joined,
             "device_flushes": c.dev_flushes,
             "device_write_zeroes": c.dev_zeroes,
             "device_errors": c.dev_errors,

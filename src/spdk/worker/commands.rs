@@ -57,9 +57,7 @@ impl Worker {
             }
             self.comps = comps;
             let mut cmds = std::mem::take(&mut self.cmds);
-            for c in cmds.drain(..) {
-                self.execute(c);
-            }
+            self.execute_all(&mut cmds);
             self.cmds = cmds;
             if self.dones.is_empty() {
                 break;

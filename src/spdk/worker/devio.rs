@@ -7,7 +7,9 @@
 
 use std::ffi::{c_int, c_void};
 use std::ptr;
+use std::rc::Rc;
 
+use super::copyrun::RunCopy;
 use super::dma::DmaBuf;
 use super::reply::Reply;
 use super::{dev_index, State, Worker, DEV_NAMES};
@@ -70,6 +72,10 @@ pub(super) struct DevIo {
     pub(super) copy_part: Option<(usize, u64)>,
     /// For `Purpose::Direct`: the request it serves and how to answer it.
     pub(super) direct: Option<(Direct, *mut ffi::spdk_bdev_io, Reply)>,
+    /// The read of a run (`copyrun`): the other copies it reads for.
+    pub(super) run: Vec<RunCopy>,
+    /// A run's buffer, shared by its writes.
+    pub(super) shared: Option<Rc<DmaBuf>>,
 }
 
 impl Worker {
@@ -101,6 +107,8 @@ impl Worker {
                 copy_from: 0,
                 copy_part: None,
                 direct: None,
+                run: Vec::new(),
+                shared: None,
             })
         });
         d.worker = worker;
@@ -123,6 +131,14 @@ impl Worker {
         if let Some(b) = d.dma.take() {
             self.dma.put(b);
         }
+        if let Some(shared) = d.shared.take() {
+            self.release_shared(shared);
+        }
+        debug_assert!(
+            d.run.is_empty(),
+            "a run's copies were neither written nor failed"
+        );
+        d.run.clear();
         let owned = std::mem::take(&mut d.owned);
         if owned.capacity() > 0 {
             self.give_back(d.tag, owned);
@@ -244,9 +260,10 @@ impl Worker {
     }
 
     /// A command that could not even be issued: fail it now.
-    pub(super) fn fail_now(&mut self, d: Box<DevIo>) {
+    pub(super) fn fail_now(&mut self, mut d: Box<DevIo>) {
         self.counters.dev_errors += 1;
         if d.purpose == Purpose::Cmd {
+            self.fail_run(&mut d, IoError::Device);
             self.dones.push(IoDone {
                 tag: d.tag,
                 result: Err(IoError::Device),
@@ -346,12 +363,16 @@ impl Worker {
                 }
                 if d.kind == Kind::CopyRead && !ok {
                     early = Some(IoError::Source);
+                    self.fail_run(&mut d, IoError::Source);
                 }
                 if d.kind == Kind::CopyRead && ok {
                     if d.verify.is_some_and(|want| iov_crc(&d.iovs) != want) {
                         self.counters.crc_mismatches += 1;
                         early = Some(IoError::CrcMismatch);
                     } else {
+                        if !d.run.is_empty() {
+                            self.write_run(&mut d);
+                        }
                         let (dev, sector) = d.copy_dst;
                         d.kind = Kind::CopyWrite;
                         d.dev = dev;

@@ -62,6 +62,7 @@ use std::sync::Arc;
 
 mod commands;
 mod control;
+mod copyrun;
 mod devio;
 mod dma;
 mod housekeeping;
