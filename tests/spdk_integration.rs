@@ -2507,17 +2507,7 @@ fn device_faults_never_hang_pcache() {
         assert_eq!(job["status"], "finished", "{res}");
     }
     // No operator step was needed; a flush now ends clean.
-    assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC0"]), json!(true));
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
-        assert_eq!(st["writeback_failed"], false, "{st}");
-        if st["clean"] == true {
-            break;
-        }
-        assert!(Instant::now() < end, "flush did not finish: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_clean(&rpc, "PC0");
     let s = stats(&rpc);
     assert_eq!(s["writeback"]["state"], "ok", "{}", s["writeback"]);
     println!("final: {}", s["engine"]["total"]);
@@ -2616,17 +2606,7 @@ fn writeback_runs_under_faults() {
         "{}",
         s["engine"]["total"]
     );
-    assert_eq!(rpc.ok(&["bdev_pcache_flush_start", "PC0"]), json!(true));
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = rpc.ok(&["bdev_pcache_flush_status", "PC0"]);
-        assert_eq!(st["writeback_failed"], false, "{st}");
-        if st["clean"] == true {
-            break;
-        }
-        assert!(Instant::now() < end, "flush did not finish: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_clean(&rpc, "PC0");
     let s = stats(&rpc);
     assert_eq!(s["writeback"]["state"], "ok", "{}", s["writeback"]);
     println!("final: {} host {}", s["engine"]["total"], s["host"]);
@@ -3312,7 +3292,7 @@ fn nvme_backing_verify_kill_restart() {
 
 /// `bdev_pcache_flush_start`, then waits up to 60 s for `name` to be clean.
 fn wait_clean(rpc: &Rpc, name: &str) {
-    rpc.ok(&["bdev_pcache_flush_start", name]);
+    assert_eq!(rpc.ok(&["bdev_pcache_flush_start", name]), json!(true));
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let st = rpc.ok(&["bdev_pcache_flush_status", name]);
