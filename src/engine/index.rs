@@ -1892,6 +1892,21 @@ mod tests {
         assert_eq!(m.get(0).unwrap().state(), State::Clean);
     }
 
+    /// A block the hints hold is one data extent: punching placeholders there changes
+    /// nothing, while a block holding a fill's placeholder (never hinted) loses it.
+    #[test]
+    fn punching_placeholders_leaves_a_hinted_block_and_punches_a_fill() {
+        let mut m = ExtentMap::new();
+        m.insert(0, data(500, 8));
+        assert!(m.hints.get(0).is_some());
+        m.insert(8, Extent::new(42, 8, State::Placeholder, None, 0));
+        assert!(m.hints.get(8).is_none());
+        m.punch_placeholders(0, 8);
+        m.punch_placeholders(10, 4);
+        assert_eq!(flat(&m), vec![(0, 500, 8), (8, 42, 2), (14, 42, 2)]);
+        assert!(m.hints_consistent() && m.dirs_consistent());
+    }
+
     #[test]
     fn an_extent_crossing_a_bucket_edge_reads_back_whole_and_punches_cleanly() {
         let mut m = ExtentMap::with_bucket(8);

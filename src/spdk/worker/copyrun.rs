@@ -1,8 +1,8 @@
 //! Writeback copies whose sources follow one another in the cache (the log, written back in
 //! its order): one read of the cache bdev for the run, then one write per copy to the
-//! backing bdev, from that one buffer. At zipfian 70/30 over a malloc cache, three in five
-//! writeback copies followed the previous one; each run saves the bdev I/O, accel task and
-//! completion of the reads it replaces.
+//! backing bdev, from that one buffer. At zipfian 70/30 over a malloc cache, 88 % of
+//! writeback copies went in runs (`device_copies_joined`); each run saves the bdev I/O,
+//! accel task and completion of the reads it replaces.
 //!
 //! Calls device I/O (`devio`) only.
 
