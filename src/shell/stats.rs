@@ -362,6 +362,7 @@ mod tests {
                 "crc_mismatches",
                 "device_copies",
                 "device_copies_from_mapping",
+                "device_copies_joined",
                 "device_copies_offload_failed",
                 "device_copies_offloaded",
                 "device_errors",
