@@ -2382,22 +2382,7 @@ fn device_faults_never_hang_pcache() {
     };
     let dir = scratch_dir("faults");
     let cfg = dir.join("faults.json");
-    // 32 MiB of cache (2 MiB segments) in front of 128 MiB: verify covers all of it.
-    let config = bdev_config(&[
-        json!({"method": "bdev_malloc_create",
-               "params": {"name": "FCache", "num_blocks": 65536, "block_size": 512}}),
-        json!({"method": "bdev_malloc_create",
-               "params": {"name": "FBack", "num_blocks": 32768, "block_size": 4096}}),
-        json!({"method": "bdev_error_create", "params": {"base_name": "FCache"}}),
-        json!({"method": "bdev_error_create", "params": {"base_name": "FBack"}}),
-        json!({"method": "bdev_pcache_create",
-               "params": {"name": "PC0", "cache_bdev": "EE_FCache", "backing_bdev": "EE_FBack",
-                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": true,
-                          // verify writes sequentially into a full cache: the default
-                          // cut-off would send them around, past the cache faults below.
-                          "seq_cutoff_policy": "never"}}),
-    ]);
-    std::fs::write(&cfg, config.to_string()).expect("write config");
+    std::fs::write(&cfg, faulty_pcache_config("F", true).to_string()).expect("write config");
     let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "faults", "PC0", &["-m", "0x1", "-f"]);
     let stats = |rpc: &Rpc| rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0].clone();
     let inject = |rpc: &Rpc, bdev: &str, io: &str, kind: &str, n: &str| {
@@ -2515,6 +2500,26 @@ fn device_faults_never_hang_pcache() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// PC0 over `bdev_error` wrappers (`EE_{p}Cache`, `EE_{p}Back`) of a malloc cache and
+/// backing: 32 MiB of cache (2 MiB segments) in front of 128 MiB, so verify covers all of
+/// it. No sequential cut-off: verify writes sequentially into a full cache, and the
+/// default cut-off would send those writes around, past the cache faults the tests inject.
+fn faulty_pcache_config(p: &str, data_crc: bool) -> Value {
+    bdev_config(&[
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": format!("{p}Cache"), "num_blocks": 65536, "block_size": 512}}),
+        json!({"method": "bdev_malloc_create",
+               "params": {"name": format!("{p}Back"), "num_blocks": 32768, "block_size": 4096}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": format!("{p}Cache")}}),
+        json!({"method": "bdev_error_create", "params": {"base_name": format!("{p}Back")}}),
+        json!({"method": "bdev_pcache_create",
+               "params": {"name": "PC0", "cache_bdev": format!("EE_{p}Cache"),
+                          "backing_bdev": format!("EE_{p}Back"), "segment_size_mib": 2,
+                          "stripe_size_kib": 256, "data_crc": data_crc,
+                          "seq_cutoff_policy": "never"}}),
+    ])
+}
+
 /// Writeback over a cache bdev without data CRCs reads runs of log-adjacent copies at once
 /// (`host.device_copies_joined`) and writes each to the backing bdev from that one buffer.
 /// Under bdevperf `-w verify -f`, failed cache reads (a run's read fails all its copies)
@@ -2533,23 +2538,14 @@ fn writeback_runs_under_faults() {
     };
     let dir = scratch_dir("runs");
     let cfg = dir.join("runs.json");
-    let config = bdev_config(&[
-        json!({"method": "bdev_malloc_create",
-               "params": {"name": "RCache", "num_blocks": 65536, "block_size": 512}}),
-        json!({"method": "bdev_malloc_create",
-               "params": {"name": "RBack", "num_blocks": 32768, "block_size": 4096}}),
-        json!({"method": "bdev_error_create", "params": {"base_name": "RCache"}}),
-        json!({"method": "bdev_error_create", "params": {"base_name": "RBack"}}),
-        json!({"method": "bdev_pcache_create",
-               "params": {"name": "PC0", "cache_bdev": "EE_RCache", "backing_bdev": "EE_RBack",
-                          "segment_size_mib": 2, "stripe_size_kib": 256, "data_crc": false,
-                          "seq_cutoff_policy": "never"}}),
-    ]);
-    std::fs::write(&cfg, config.to_string()).expect("write config");
+    std::fs::write(&cfg, faulty_pcache_config("R", false).to_string()).expect("write config");
     let (perf, rpc) = start_bdevperf_with(&spdk, &so, &cfg, "runs", "PC0", &["-m", "0x1", "-f"]);
     let stats = |rpc: &Rpc| rpc.ok(&["bdev_pcache_get_stats", "-b", "PC0"])[0].clone();
     let total = |s: &Value, k: &str| s["engine"]["total"][k].as_u64().unwrap_or(0);
     let joined = |s: &Value| s["host"]["device_copies_joined"].as_u64().unwrap_or(0);
+    let fail = |rpc: &Rpc, bdev: &str, io: &str, n: &str| {
+        rpc.ok(&["bdev_error_inject_error", bdev, io, "failure", "-n", n]);
+    };
     let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 6, || {});
     let s = stats(&rpc);
     for job in &jobs {
@@ -2564,14 +2560,7 @@ fn writeback_runs_under_faults() {
     // Failed cache reads: requests' and runs' alike (enough that some are runs').
     let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
         std::thread::sleep(Duration::from_secs(2));
-        rpc.ok(&[
-            "bdev_error_inject_error",
-            "EE_RCache",
-            "read",
-            "failure",
-            "-n",
-            "3000",
-        ]);
+        fail(&rpc, "EE_RCache", "read", "3000");
     });
     let s = stats(&rpc);
     for job in &jobs {
@@ -2588,14 +2577,7 @@ fn writeback_runs_under_faults() {
     // Failed backing writes: single copies of a run.
     let jobs = verify_with_faults(&spdk, &perf_py, &rpc, &perf, 8, || {
         std::thread::sleep(Duration::from_secs(2));
-        rpc.ok(&[
-            "bdev_error_inject_error",
-            "EE_RBack",
-            "write",
-            "failure",
-            "-n",
-            "20",
-        ]);
+        fail(&rpc, "EE_RBack", "write", "20");
     });
     let s = stats(&rpc);
     for job in &jobs {
