@@ -38,7 +38,10 @@ struct HostCopy {
 }
 
 impl Worker {
-    /// Executes `cmds` in order, copies that can share a read as runs.
+    /// Executes `cmds` in order, copies that can share a read as runs. A run's read is
+    /// started only once a second copy joins, and the copies after the first go straight
+    /// into it (`DevIo::run`, whose room is kept when the `DevIo` is recycled): nothing is
+    /// allocated per command.
     pub(super) fn execute_all(&mut self, cmds: &mut Vec<Command>) {
         let mut it = cmds.drain(..).peekable();
         while let Some(c) = it.next() {
@@ -46,25 +49,34 @@ impl Worker {
                 self.execute(c);
                 continue;
             };
-            let mut run = vec![first];
             let mut end = first.src + first.sectors;
-            let mut sectors = first.sectors;
+            let mut run: Option<Box<DevIo>> = None;
             while let Some(next) = it.peek().and_then(|n| self.joinable(n)) {
+                let copies = run.as_ref().map_or(1, |d| d.run.len() + 1);
                 if next.src != end
-                    || sectors + next.sectors > MAX_RUN_SECTORS
-                    || run.len() == MAX_RUN_COPIES
+                    || end + next.sectors - first.src > MAX_RUN_SECTORS
+                    || copies == MAX_RUN_COPIES
                 {
                     break;
                 }
+                let d = run.get_or_insert_with(|| self.run_read(first));
+                d.run.push(RunCopy {
+                    tag: next.tag,
+                    skip: (next.src - first.src) * 512,
+                    dst_sector: next.dst,
+                    sectors: next.sectors,
+                });
                 end += next.sectors;
-                sectors += next.sectors;
-                run.push(next);
                 it.next();
             }
-            if run.len() == 1 {
-                self.execute(c);
-            } else {
-                self.copy_run(&run, sectors);
+            match run {
+                Some(d) => {
+                    let copies = d.run.len() as u64 + 1;
+                    self.counters.dev_copies += copies;
+                    self.counters.dev_copies_joined += copies;
+                    self.copy_through_host(d, first.src, end - first.src, None);
+                }
+                None => self.execute(c),
             }
         }
     }
@@ -95,23 +107,14 @@ impl Worker {
         }
     }
 
-    /// Reads the run's sources (`sectors` in all) at once; `complete_dio` then writes
-    /// each copy (`write_run`).
-    fn copy_run(&mut self, run: &[HostCopy], sectors: u64) {
-        let first = run[0];
+    /// The read of a run that starts with copy `first`: `copy_through_host` reads all of
+    /// the run's sources; `complete_dio` then writes each copy (`write_run`).
+    fn run_read(&mut self, first: HostCopy) -> Box<DevIo> {
         let mut d = self.new_dio(Purpose::Cmd, first.tag, Kind::CopyRead, Dev::Cache);
         d.copy_dst = (Dev::Backing, first.dst);
         // The run's read is written back only in part by this one: its own copy.
         d.copy_part = Some((0, first.sectors));
-        d.run.extend(run[1..].iter().map(|c| RunCopy {
-            tag: c.tag,
-            skip: (c.src - first.src) * 512,
-            dst_sector: c.dst,
-            sectors: c.sectors,
-        }));
-        self.counters.dev_copies += run.len() as u64;
-        self.counters.dev_copies_joined += run.len() as u64;
-        self.copy_through_host(d, first.src, sectors, None);
+        d
     }
 
     /// The run's read into `d` succeeded: each other copy of it is written from its part of
@@ -122,7 +125,7 @@ impl Worker {
             return self.fail_run(d, IoError::Device);
         };
         let shared = Rc::new(buf);
-        for c in std::mem::take(&mut d.run) {
+        for c in d.run.drain(..) {
             let mut w = self.new_dio(Purpose::Cmd, c.tag, Kind::CopyWrite, Dev::Backing);
             // SAFETY: `skip + sectors * 512` lies inside the buffer the run read: its copies
             // were joined only while their sources followed one another.
