@@ -543,6 +543,24 @@ impl ExtentMap {
         b.starts.as_ptr().wrapping_add(usize::from(b.dir[c])).cast()
     }
 
+    /// Loads the lines a lookup of the extent starting at `lba` reads (the table's slot, the
+    /// bucket's directory, the chunk's first start and entry, the hint), and returns a
+    /// value made of them, for `black_box`. A loop of these runs the lookups' chains of
+    /// dependent cache misses side by side, where a loop that also acts on each result
+    /// waits for every chain in turn; the engine has no prefetch instruction (no `unsafe`),
+    /// so plain loads bring the lines in.
+    #[inline]
+    fn warm(&self, lba: u64) -> u64 {
+        let (key, off) = self.locate(lba);
+        let mut sum = self.hints.line_word(lba);
+        if let Some(b) = self.buckets.get(&key) {
+            let i = usize::from(b.dir[usize::from(off >> self.shift).min(DIR - 1)]);
+            sum = sum.wrapping_add(b.starts.get(i).map_or(0, |&s| u64::from(s)));
+            sum = sum.wrapping_add(b.exts.get(i).map_or(0, |e| e.pos));
+        }
+        sum
+    }
+
     /// The line it reads next, once [`ExtentMap::first_line`] is loaded (null: none): the
     /// entry the starts rank. A host that prefetches a batch's first lines, then their
     /// second ones, overlaps the lookups' cache misses instead of stalling on each in turn.
@@ -965,6 +983,12 @@ impl ExtentMap {
         // listed again as it is.
         let mut found: Vec<(u64, Extent)> = Vec::new();
         let mut from_before: Vec<segments::Logged> = Vec::new();
+        // The segment was logged a lap ago: its extents' lines are cold.
+        std::hint::black_box(
+            listed
+                .iter()
+                .fold(0u64, |acc, l| acc.wrapping_add(self.warm(l.lba()))),
+        );
         for l in &listed {
             let (lba, len) = (l.lba(), l.len());
             self.for_each_overlap(lba, len, |s, e| {

@@ -157,6 +157,13 @@ impl Hints {
         self.sets.as_ptr().wrapping_add(set).cast()
     }
 
+    /// The first word of the line a lookup of the block at `lba` reads: a load of that
+    /// line and nothing else (see [`super::ExtentMap::warm`]).
+    #[inline]
+    pub fn line_word(&self, lba: u64) -> u64 {
+        self.sets[self.set_of((lba >> 3) + 1)].0[0].tag
+    }
+
     /// The map now has `e` starting at `lba`, replacing whatever started there: its entry
     /// follows (set, or forgotten if the table does not hold such extents).
     pub fn note(&mut self, lba: u64, e: &Extent) {
