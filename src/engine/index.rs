@@ -561,6 +561,12 @@ impl ExtentMap {
         sum
     }
 
+    /// [`ExtentMap::warm`] for the extents starting at each of `lbas`, before a pass that
+    /// changes them.
+    pub fn warm_all(&self, lbas: impl Iterator<Item = u64>) {
+        std::hint::black_box(lbas.fold(0u64, |acc, lba| acc.wrapping_add(self.warm(lba))));
+    }
+
     /// The line it reads next, once [`ExtentMap::first_line`] is loaded (null: none): the
     /// entry the starts rank. A host that prefetches a batch's first lines, then their
     /// second ones, overlaps the lookups' cache misses instead of stalling on each in turn.
@@ -984,11 +990,7 @@ impl ExtentMap {
         let mut found: Vec<(u64, Extent)> = Vec::new();
         let mut from_before: Vec<segments::Logged> = Vec::new();
         // The segment was logged a lap ago: its extents' lines are cold.
-        std::hint::black_box(
-            listed
-                .iter()
-                .fold(0u64, |acc, l| acc.wrapping_add(self.warm(l.lba()))),
-        );
+        self.warm_all(listed.iter().map(|l| l.lba()));
         for l in &listed {
             let (lba, len) = (l.lba(), l.len());
             self.for_each_overlap(lba, len, |s, e| {
