@@ -328,6 +328,10 @@ pub struct ExtentMap {
     /// Lookup results of the per-block calls that change the map as they go (writeback's
     /// `mark_clean`, GC's move commits), kept so that they allocate nothing.
     scratch: Vec<Piece>,
+    /// A reclaim's extents found in its segment, and those reaching into it from before,
+    /// kept so that reclaims allocate nothing.
+    found: Vec<(u64, Extent)>,
+    from_before: Vec<segments::Logged>,
 }
 
 impl Default for ExtentMap {
@@ -357,6 +361,8 @@ impl ExtentMap {
             segments: None,
             chance: SecondChance::default(),
             scratch: Vec::new(),
+            found: Vec::new(),
+            from_before: Vec::new(),
         }
     }
 
@@ -987,8 +993,10 @@ impl ExtentMap {
         // What still lies in the segment, each extent once (ranges overlap when a block
         // was written twice there), and what reaches into it from before (never in a log)
         // listed again as it is.
-        let mut found: Vec<(u64, Extent)> = Vec::new();
-        let mut from_before: Vec<segments::Logged> = Vec::new();
+        let mut found = std::mem::take(&mut self.found);
+        let mut from_before = std::mem::take(&mut self.from_before);
+        found.clear();
+        from_before.clear();
         // The segment was logged a lap ago: its extents' lines are cold.
         self.warm_all(listed.iter().map(|l| l.lba()));
         for l in &listed {
@@ -1012,7 +1020,7 @@ impl ExtentMap {
         let mut dirty = 0;
         listed.clear();
         listed.append(&mut from_before);
-        for (lba, e) in found {
+        for (lba, e) in found.drain(..) {
             match Self::fate(
                 &self.hints,
                 &mut self.chance,
@@ -1032,6 +1040,8 @@ impl ExtentMap {
             // Still in the segment: listed again (it was listed, so it packs).
             listed.extend(segments::Logged::new(lba, e.len()));
         }
+        self.found = found;
+        self.from_before = from_before;
         if let Some(segments) = self.segments.as_mut() {
             segments.put_back(seg, listed);
         }

@@ -384,6 +384,9 @@ pub struct Shard {
     /// writes and fills (a reclaim queues up to a segment of them at once, and a read miss
     /// completes only once its fill's data is written).
     moves: VecDeque<Pending>,
+    /// What a reclaim chose to move, before it is queued in `moves` (kept: no allocation
+    /// per reclaim).
+    reclaimed: Vec<crate::engine::index::Move>,
     /// Moves taken from `moves` and not yet committed or dropped.
     moves_out: usize,
     /// Sectors GC may still copy as second chances (see `gc_check`).
@@ -478,6 +481,7 @@ impl Shard {
             wanted: 0,
             pending: VecDeque::new(),
             moves: VecDeque::new(),
+            reclaimed: Vec::new(),
             moves_out: 0,
             move_credit: 0,
             batches: VecDeque::new(),

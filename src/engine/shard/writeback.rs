@@ -1013,7 +1013,7 @@ impl Shard {
             budget,
             need_crc: self.cfg.data_crc,
         };
-        let mut moves = Vec::new();
+        let mut moves = std::mem::take(&mut self.reclaimed);
         let before = self.index.len();
         let dirty = self.index.reclaim_segment(
             lo,
@@ -1027,7 +1027,7 @@ impl Shard {
             // Clean data left the cache: from now on a fill evicts something.
             self.admission.set_evicting(true);
         }
-        for m in moves {
+        for m in moves.drain(..) {
             if let Some(n) = self.reads_per_seg.get_mut(seg as usize) {
                 // The extent stays readable in the segment until the move commits: it is
                 // not released before.
@@ -1047,6 +1047,7 @@ impl Shard {
                 fua: false,
             });
         }
+        self.reclaimed = moves;
         if dirty > 0 {
             self.out.log.push(format!(
                 "shard {}: segment {seg} behind the dirty tail still holds {dirty} dirty extents; not reclaimed",
