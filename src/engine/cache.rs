@@ -790,6 +790,24 @@ impl Cache {
     }
 
     /// Hands a device completion to the shard that issued the command.
+    /// Loads the index lines that completing `dones` will change, before they are
+    /// completed one by one: their extents were last touched when the data was logged or
+    /// its copy started, and a loop of loads alone overlaps their cache misses where the
+    /// completions would wait for each in turn.
+    pub fn warm_dones(&self, dones: &[IoDone]) {
+        for d in dones {
+            let shard = self
+                .local
+                .get((d.tag >> 48) as usize)
+                .copied()
+                .flatten()
+                .and_then(|li| self.shards.get(li as usize));
+            if let Some(s) = shard {
+                s.warm_done(d.tag);
+            }
+        }
+    }
+
     pub fn complete(&mut self, done: IoDone) {
         if let Some(s) = self.issuer(done.tag) {
             s.complete(done);

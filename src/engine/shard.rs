@@ -1708,6 +1708,25 @@ impl Shard {
         (i < self.batches.len()).then_some(i)
     }
 
+    /// Loads the index lines that completing command `tag` will change (see
+    /// [`Cache::warm_dones`](super::Cache::warm_dones)): a writeback copy marks its extent
+    /// clean, a kset puts its keys in the index.
+    #[inline]
+    pub fn warm_done(&self, tag: Tag) {
+        let local = (tag & ((1 << 48) - 1)) as u32;
+        match self.tags.get(local) {
+            Some(TagOwner::Wb(WbIo::Copy { lba, .. })) => {
+                self.index.warm_all(std::iter::once(*lba))
+            }
+            Some(TagOwner::Kset { seq }) => {
+                if let Some(b) = self.batch_index(*seq).and_then(|i| self.batches.get(i)) {
+                    self.index.warm_all(b.entries.iter().map(|e| e.p.lba));
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Takes back the buffer of a [`Buf::Owned`] write of this shard once the device has
     /// it, to encode a later kset into (no allocation per kset).
     pub fn give_back(&mut self, buf: Vec<u8>) {

@@ -640,14 +640,6 @@ impl Shard {
             self.wb.ios = ios;
             return;
         }
-        // Their copies complete a backing write later, each marking its extent clean: the
-        // index lines they change were last touched when the keys were logged, half a lap
-        // ago, and are cold. Loaded now side by side, they are still in the CPU's caches
-        // then, instead of a miss each in turn.
-        self.index.warm_all(ios.iter().filter_map(|io| match *io {
-            WbIo::Copy { lba, .. } => Some(lba),
-            WbIo::Zero { .. } => None,
-        }));
         // Issue in log order.
         for io in ios.drain(..).rev() {
             let (lba, len) = match io {

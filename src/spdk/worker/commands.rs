@@ -36,6 +36,9 @@ impl Worker {
             };
             if !self.dones.is_empty() {
                 did = true;
+                if self.dones.len() > 1 {
+                    cache.warm_dones(&self.dones);
+                }
                 for d in self.dones.drain(..) {
                     cache.complete(d);
                 }
