@@ -789,25 +789,19 @@ impl Cache {
         }
     }
 
-    /// Hands a device completion to the shard that issued the command.
     /// Loads the index lines that completing `dones` will change, before they are
-    /// completed one by one: their extents were last touched when the data was logged or
-    /// its copy started, and a loop of loads alone overlaps their cache misses where the
-    /// completions would wait for each in turn.
+    /// completed one by one (optional, a hint): their extents were last touched when the
+    /// data was logged or copied, and a loop of loads alone overlaps their cache misses
+    /// where the completions would wait for each in turn.
     pub fn warm_dones(&self, dones: &[IoDone]) {
         for d in dones {
-            let shard = self
-                .local
-                .get((d.tag >> 48) as usize)
-                .copied()
-                .flatten()
-                .and_then(|li| self.shards.get(li as usize));
-            if let Some(s) = shard {
+            if let Some(s) = self.issuer_at(d.tag).and_then(|i| self.shards.get(i)) {
                 s.warm_done(d.tag);
             }
         }
     }
 
+    /// Hands a device completion to the shard that issued the command.
     pub fn complete(&mut self, done: IoDone) {
         if let Some(s) = self.issuer(done.tag) {
             s.complete(done);
@@ -825,8 +819,15 @@ impl Cache {
     /// The local shard that issued command `tag` (its id is the tag's top 16 bits).
     #[inline]
     fn issuer(&mut self, tag: u64) -> Option<&mut Shard> {
+        let i = self.issuer_at(tag)?;
+        self.shards.get_mut(i)
+    }
+
+    /// Where [`Cache::issuer`] is in `shards`.
+    #[inline]
+    fn issuer_at(&self, tag: u64) -> Option<usize> {
         let li = self.local.get((tag >> 48) as usize).copied().flatten()?;
-        self.shards.get_mut(li as usize)
+        Some(li as usize)
     }
 
     pub fn take_commands(&mut self) -> Vec<Command> {

@@ -206,6 +206,8 @@ impl<C: BlockDevice, B: BlockDevice> SyncHost<C, B> {
                     self.completions.push(d);
                 }
             }
+            // As the SPDK worker does: every model and zipf test runs the hint too.
+            self.cache.warm_dones(&self.completions);
             for d in self.completions.drain(..) {
                 self.cache.complete(d);
             }
