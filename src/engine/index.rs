@@ -229,6 +229,10 @@ struct Bucket {
 /// Chunks in a bucket's directory.
 const DIR: usize = 32;
 
+/// Buckets whose occupancy the map keeps ([`ExtentMap::may_hold`]; 16 MiB of words at
+/// most): lookups beyond, on a backing device of more buckets, probe the table.
+const OCC_MAX: u64 = 1 << 22;
+
 /// Up to this many extents a bucket is searched by counting (independent loads the CPU
 /// overlaps and vectorizes); beyond, by binary search.
 const LINEAR_MAX: usize = 512;
@@ -239,6 +243,19 @@ const MAX_BUCKET_SECTORS: u64 = 1 << 16;
 impl Bucket {
     fn len(&self) -> usize {
         self.starts.len()
+    }
+
+    /// Whether an extent overlaps directory chunk `c`: one starts in it, or the last one
+    /// starting before it reaches into it (extents never overlap, so no earlier one can).
+    fn chunk_busy(&self, c: usize, shift: u32) -> bool {
+        let lo = usize::from(self.dir[c]);
+        let hi = self
+            .dir
+            .get(c + 1)
+            .map_or(self.starts.len(), |&h| usize::from(h));
+        hi > lo
+            || (lo > 0
+                && u32::from(self.starts[lo - 1]) + self.exts[lo - 1].len() > (c as u32) << shift)
     }
 
     /// How many extents start before `off`: the index of the first one at or after it.
@@ -332,6 +349,13 @@ pub struct ExtentMap {
     /// kept so that reclaims allocate nothing.
     found: Vec<(u64, Extent)>,
     from_before: Vec<segments::Logged>,
+    /// Per bucket (by key, below [`OCC_MAX`]), bit `c`: some extent overlaps chunk `c` of
+    /// the bucket's directory; a word past the end is zero (nothing was ever put there).
+    /// A lookup whose chunks are clear finds nothing without probing the table, where a
+    /// read miss or a write to an uncached block would wait on a chain of cache misses
+    /// (slot, directory, starts, entry) to learn it. Recomputed from the bucket for the
+    /// chunks of every change to its extents (`refresh_occ`).
+    occ: Vec<u32>,
 }
 
 impl Default for ExtentMap {
@@ -363,7 +387,54 @@ impl ExtentMap {
             scratch: Vec::new(),
             found: Vec::new(),
             from_before: Vec::new(),
+            occ: Vec::new(),
         }
+    }
+
+    /// The directory chunks that bucket offsets [lo, hi) fall in, as bits (lo's alone if
+    /// the range is empty).
+    #[inline]
+    fn chunk_mask(&self, lo: u16, hi: u32) -> u32 {
+        let first = usize::from(lo >> self.shift).min(DIR - 1);
+        let last = ((hi.max(u32::from(lo) + 1) - 1) >> self.shift).min(DIR as u32 - 1) as usize;
+        (u32::MAX >> (DIR - 1 - (last - first))) << first
+    }
+
+    /// Whether an extent may overlap [lba, lba+len) (inside one bucket). False: none does.
+    #[inline]
+    fn may_hold(&self, lba: u64, len: u32) -> bool {
+        let (key, off) = self.locate(lba);
+        if key >= OCC_MAX {
+            return true;
+        }
+        let word = self.occ.get(key as usize).copied().unwrap_or(0);
+        word & self.chunk_mask(off, u32::from(off) + len) != 0
+    }
+
+    /// Recomputes the occupancy of bucket `key`'s chunks that offsets [lo, hi) fall in,
+    /// after a change to its extents there (all of them if the bucket went).
+    fn refresh_occ(&mut self, key: u64, lo: u16, hi: u32) {
+        if key >= OCC_MAX {
+            return;
+        }
+        let k = key as usize;
+        let Some(b) = self.buckets.get(&key) else {
+            if let Some(w) = self.occ.get_mut(k) {
+                *w = 0;
+            }
+            return;
+        };
+        if k >= self.occ.len() {
+            self.occ.resize(k + 1, 0);
+        }
+        let mask = self.chunk_mask(lo, hi);
+        let mut word = self.occ[k] & !mask;
+        for c in (0..DIR).filter(|c| mask & (1 << c) != 0) {
+            if b.chunk_busy(c, self.shift) {
+                word |= 1 << c;
+            }
+        }
+        self.occ[k] = word;
     }
 
     /// [`ExtentMap::with_bucket`] for a shard's log: remembers which extents each of the
@@ -421,6 +492,9 @@ impl ExtentMap {
 
     /// [`ExtentMap::get`] in the buckets alone.
     fn find(&self, lba: u64) -> Option<Extent> {
+        if !self.may_hold(lba, 1) {
+            return None;
+        }
         let (key, off) = self.locate(lba);
         let b = self.buckets.get(&key)?;
         let i = b.rank(off, self.shift);
@@ -439,7 +513,7 @@ impl ExtentMap {
             }
         }
         let (key, off) = self.locate(lba);
-        if u64::from(off) + u64::from(len) > self.bucket {
+        if u64::from(off) + u64::from(len) > self.bucket || !self.may_hold(lba, len) {
             return None;
         }
         let b = self.buckets.get(&key)?;
@@ -468,7 +542,7 @@ impl ExtentMap {
             }
         }
         let (key, off) = self.locate(lba);
-        if u64::from(off) + u64::from(len) > self.bucket {
+        if u64::from(off) + u64::from(len) > self.bucket || !self.may_hold(lba, len) {
             return None;
         }
         let shift = self.shift;
@@ -598,6 +672,15 @@ impl ExtentMap {
 
     /// `punch` for a range inside one bucket.
     fn punch_in_bucket(&mut self, lba: u64, len: u32) {
+        self.punch_extents(lba, len);
+        // Only the range's chunks can change: what is trimmed off extents sticking out
+        // lies inside it.
+        let (key, off) = self.locate(lba);
+        self.refresh_occ(key, off, u32::from(off) + len);
+    }
+
+    /// [`ExtentMap::punch_in_bucket`] of the extents (the occupancy aside).
+    fn punch_extents(&mut self, lba: u64, len: u32) {
         let shift = self.shift;
         let (key, off) = self.locate(lba);
         let base = key * self.bucket;
@@ -700,6 +783,7 @@ impl ExtentMap {
         let b = self.buckets.entry(key).or_default();
         let i = b.rank(off, shift);
         b.insert(i, off, ext, shift);
+        self.refresh_occ(key, off, u32::from(off) + ext.len());
         self.hints.note(lba, &ext);
         self.note_segment(lba, &ext);
         self.len += 1;
@@ -782,6 +866,9 @@ impl ExtentMap {
 
     fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
         for (a, l) in bucket_pieces(self.bucket, lba, len) {
+            if !self.may_hold(a, l) {
+                continue;
+            }
             let (key, off) = self.locate(a);
             let Some(b) = self.buckets.get(&key) else {
                 continue;
@@ -1070,6 +1157,7 @@ impl ExtentMap {
         let mut cut = rescue.cut(&by_heat);
         let hints = &mut self.hints;
         let chance = &mut self.chance;
+        let occ = &mut self.occ;
         let mut dirty = 0;
         let mut removed = 0;
         self.buckets.retain(|&key, b| {
@@ -1101,6 +1189,11 @@ impl ExtentMap {
                 b.starts.truncate(keep);
                 b.exts.truncate(keep);
                 b.rebuild_dir(shift);
+                if let Some(w) = occ.get_mut(key as usize).filter(|_| key < OCC_MAX) {
+                    *w = (0..DIR)
+                        .filter(|&c| keep > 0 && b.chunk_busy(c, shift))
+                        .fold(0, |w, c| w | 1 << c);
+                }
             }
             keep > 0
         });
@@ -1191,6 +1284,7 @@ impl ExtentMap {
             if b.len() == 0 {
                 self.buckets.remove(&key);
             }
+            self.refresh_occ(key, off, u32::from(off) + ext.len());
             self.len -= 1;
             return true;
         }
@@ -1262,6 +1356,24 @@ impl ExtentMap {
             .entries()
             .iter()
             .all(|&(lba, e)| self.find(lba) == Some(e))
+    }
+
+    /// Every bucket's occupancy word is what its extents make it, and no word is set
+    /// where no bucket is (for tests).
+    #[cfg(test)]
+    fn occ_consistent(&self) -> bool {
+        let shift = self.shift;
+        self.occ.iter().enumerate().all(|(k, &w)| {
+            let fresh = self.buckets.get(&(k as u64)).map_or(0, |b| {
+                (0..DIR)
+                    .filter(|&c| b.chunk_busy(c, shift))
+                    .fold(0, |w, c| w | 1 << c)
+            });
+            w == fresh
+        }) && self
+            .buckets
+            .keys()
+            .all(|&k| k >= OCC_MAX || (k as usize) < self.occ.len())
     }
 
     /// Every bucket's directory matches its starts (for tests).
@@ -1554,6 +1666,37 @@ mod tests {
             assert_eq!(m.covering(lba, len).map(|e| e.pos), Some(77 + lba - 9600));
         }
         assert!(m.hints.holds_in_line(9600));
+    }
+
+    #[test]
+    fn occupancy_answers_misses_without_the_table_and_follows_every_change() {
+        let clean = |pos, len| Extent::new(pos, len, State::Clean, None, 0);
+        // 1 MiB buckets: chunks of 64 sectors.
+        let mut m = ExtentMap::with_bucket(2048);
+        assert_eq!(m.shift, 6);
+        m.insert(0, clean(0, 8));
+        // A long extent over chunks 2..=5 (sectors 128..384), and one block in chunk 7.
+        m.insert(130, clean(1000, 250));
+        m.insert(448, clean(2000, 8));
+        assert!(m.occ_consistent());
+        assert_eq!(m.occ[0], 1 | 0b11_1100 | 1 << 7);
+        // Nothing overlaps chunk 6: a miss there is answered from the word alone.
+        assert!(!m.may_hold(400, 8) && m.get(400).is_none() && !m.overlaps(384, 64));
+        // Chunk 5 is busy only through the long extent that started in chunk 2.
+        assert!(m.may_hold(330, 8) && m.covering(330, 8).is_some());
+        // Trimming its tail frees chunks 4 and 5; punching the block empties chunk 7.
+        m.punch(250, 150);
+        m.punch(448, 8);
+        assert!(m.occ_consistent());
+        assert_eq!(m.occ[0], 1 | 0b1100);
+        assert!(m.get(330).is_none() && m.covering(130, 8).is_some());
+        // GC dropping the rest empties the bucket, and its word.
+        m.drop_segment(0, 4000);
+        assert!(m.occ_consistent() && m.occ[0] == 0 && m.is_empty());
+        // A bucket past the words kept is looked up in the table as before.
+        let far = OCC_MAX * 2048;
+        m.insert(far, data(3000, 8));
+        assert!(m.may_hold(far + 8, 8) && m.get(far).is_some() && m.occ_consistent());
     }
 
     #[test]
@@ -1854,7 +1997,7 @@ mod tests {
         };
         m.reclaim_segment(2000, 2100, &mut small, &mut moves);
         assert!(m.get(16).is_none());
-        assert!(m.hints_consistent() && m.dirs_consistent());
+        assert!(m.hints_consistent() && m.dirs_consistent() && m.occ_consistent());
     }
 
     #[test]
@@ -1872,7 +2015,7 @@ mod tests {
         m.punch_state(8, 8, State::Unmapped, 4, 9);
         assert!(m.get(8).is_none() && m.get(12).is_none());
         assert_eq!(m.get(10).map(|e| e.pos), Some(3000));
-        assert!(m.hints_consistent() && m.dirs_consistent());
+        assert!(m.hints_consistent() && m.dirs_consistent() && m.occ_consistent());
     }
 
     #[test]
@@ -1940,7 +2083,7 @@ mod tests {
         m.punch_placeholders(0, 8);
         m.punch_placeholders(10, 4);
         assert_eq!(flat(&m), vec![(0, 500, 8), (8, 42, 2), (14, 42, 2)]);
-        assert!(m.hints_consistent() && m.dirs_consistent());
+        assert!(m.hints_consistent() && m.dirs_consistent() && m.occ_consistent());
     }
 
     #[test]
@@ -2134,7 +2277,9 @@ mod tests {
                     }
                     prop_assert!(m.dirs_consistent(), "a bucket directory is stale after {:?}", o);
                     prop_assert!(m.hints_consistent(), "a hint is stale after {:?}", o);
+                    prop_assert!(m.occ_consistent(), "an occupancy word is stale after {:?}", o);
                     prop_assert!(ms.dirs_consistent(), "a bucket directory is stale after {:?}", o);
+                    prop_assert!(ms.occ_consistent(), "an occupancy word is stale after {:?}", o);
                     prop_assert!(ms.hints_consistent(), "a hint is stale after {:?}", o);
                     let heats = |x: &ExtentMap| -> Vec<(u64, u64, u32, u8)> {
                         x.iter()
