@@ -229,8 +229,8 @@ struct Bucket {
 /// Chunks in a bucket's directory.
 const DIR: usize = 32;
 
-/// Buckets whose occupancy the map keeps ([`ExtentMap::may_hold`]; 16 MiB of words at
-/// most): lookups beyond, on a backing device of more buckets, probe the table.
+/// Buckets whose occupancy the map keeps at most ([`ExtentMap::may_hold`]; 16 MiB of
+/// words): lookups beyond, on a backing device of more buckets, probe the table.
 const OCC_MAX: u64 = 1 << 22;
 
 /// Up to this many extents a bucket is searched by counting (independent loads the CPU
@@ -356,6 +356,10 @@ pub struct ExtentMap {
     /// (slot, directory, starts, entry) to learn it. Recomputed from the bucket for the
     /// chunks of every change to its extents (`refresh_occ`).
     occ: Vec<u32>,
+    /// Buckets that get a word: a shard's map keeps one per four blocks of its log (a byte
+    /// per cached 4 KiB at most, inside the index's DRAM budget however large the backing
+    /// device).
+    occ_max: u64,
 }
 
 impl Default for ExtentMap {
@@ -388,6 +392,7 @@ impl ExtentMap {
             found: Vec::new(),
             from_before: Vec::new(),
             occ: Vec::new(),
+            occ_max: OCC_MAX,
         }
     }
 
@@ -404,7 +409,7 @@ impl ExtentMap {
     #[inline]
     fn may_hold(&self, lba: u64, len: u32) -> bool {
         let (key, off) = self.locate(lba);
-        if key >= OCC_MAX {
+        if key >= self.occ_max {
             return true;
         }
         let word = self.occ.get(key as usize).copied().unwrap_or(0);
@@ -414,7 +419,7 @@ impl ExtentMap {
     /// Recomputes the occupancy of bucket `key`'s chunks that offsets [lo, hi) fall in,
     /// after a change to its extents there (all of them if the bucket went).
     fn refresh_occ(&mut self, key: u64, lo: u16, hi: u32) {
-        if key >= OCC_MAX {
+        if key >= self.occ_max {
             return;
         }
         let k = key as usize;
@@ -443,6 +448,7 @@ impl ExtentMap {
     pub fn with_segments(bucket_sectors: u64, first: u64, sectors: u64, count: u32) -> Self {
         ExtentMap {
             segments: Some(segments::Segments::new(first, sectors, count)),
+            occ_max: (sectors * u64::from(count) / 32).clamp(64, OCC_MAX),
             ..Self::with_bucket(bucket_sectors)
         }
     }
@@ -1157,7 +1163,7 @@ impl ExtentMap {
         let mut cut = rescue.cut(&by_heat);
         let hints = &mut self.hints;
         let chance = &mut self.chance;
-        let occ = &mut self.occ;
+        let (occ, occ_max) = (&mut self.occ, self.occ_max);
         let mut dirty = 0;
         let mut removed = 0;
         self.buckets.retain(|&key, b| {
@@ -1189,7 +1195,7 @@ impl ExtentMap {
                 b.starts.truncate(keep);
                 b.exts.truncate(keep);
                 b.rebuild_dir(shift);
-                if let Some(w) = occ.get_mut(key as usize).filter(|_| key < OCC_MAX) {
+                if let Some(w) = occ.get_mut(key as usize).filter(|_| key < occ_max) {
                     *w = (0..DIR)
                         .filter(|&c| keep > 0 && b.chunk_busy(c, shift))
                         .fold(0, |w, c| w | 1 << c);
@@ -1373,7 +1379,7 @@ impl ExtentMap {
         }) && self
             .buckets
             .keys()
-            .all(|&k| k >= OCC_MAX || (k as usize) < self.occ.len())
+            .all(|&k| k >= self.occ_max || (k as usize) < self.occ.len())
     }
 
     /// Every bucket's directory matches its starts (for tests).
@@ -1697,6 +1703,12 @@ mod tests {
         let far = OCC_MAX * 2048;
         m.insert(far, data(3000, 8));
         assert!(m.may_hold(far + 8, 8) && m.get(far).is_some() && m.occ_consistent());
+        // A shard's map keeps a word per four blocks of its log: 1 MiB here, 64 words
+        // at least.
+        let mut s = ExtentMap::with_segments(2048, 0, 2048, 1);
+        assert_eq!(s.occ_max, 64);
+        s.insert(64 * 2048, clean(0, 8));
+        assert!(s.occ.len() <= 64 && s.may_hold(64 * 2048, 8) && s.occ_consistent());
     }
 
     #[test]
