@@ -356,9 +356,9 @@ pub struct ExtentMap {
     /// (slot, directory, starts, entry) to learn it. Recomputed from the bucket for the
     /// chunks of every change to its extents (`refresh_occ`).
     occ: Vec<u32>,
-    /// Buckets that get a word: a shard's map keeps one per four blocks of its log (a byte
-    /// per cached 4 KiB at most, inside the index's DRAM budget however large the backing
-    /// device).
+    /// Buckets that get a word: one per four blocks of the cache it maps (a byte per
+    /// cached 4 KiB at most, inside the index's DRAM budget however large the backing
+    /// device; see [`ExtentMap::with_segments`]).
     occ_max: u64,
 }
 
@@ -451,6 +451,14 @@ impl ExtentMap {
             occ_max: (sectors * u64::from(count) / 32).clamp(64, OCC_MAX),
             ..Self::with_bucket(bucket_sectors)
         }
+    }
+
+    /// The map of one of `shards` shards sharing the cache: its occupancy words are its
+    /// share of the cache's (each shard's map spans every bucket key, so the cache's words
+    /// are split between them rather than repeated).
+    pub fn shared_by(mut self, shards: u32) -> Self {
+        self.occ_max = (self.occ_max / u64::from(shards.max(1))).max(64);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -1703,10 +1711,17 @@ mod tests {
         let far = OCC_MAX * 2048;
         m.insert(far, data(3000, 8));
         assert!(m.may_hold(far + 8, 8) && m.get(far).is_some() && m.occ_consistent());
-        // A shard's map keeps a word per four blocks of its log: 1 MiB here, 64 words
-        // at least.
+        // A map keeps a word per four blocks of the cache, 64 at least (a 1 MiB cache
+        // here), shared out between shards.
         let mut s = ExtentMap::with_segments(2048, 0, 2048, 1);
         assert_eq!(s.occ_max, 64);
+        assert_eq!(ExtentMap::with_segments(2048, 0, 2048, 64).occ_max, 4096);
+        assert_eq!(
+            ExtentMap::with_segments(2048, 0, 2048, 64)
+                .shared_by(4)
+                .occ_max,
+            1024
+        );
         s.insert(64 * 2048, clean(0, 8));
         assert!(s.occ.len() <= 64 && s.may_hold(64 * 2048, 8) && s.occ_consistent());
     }

@@ -559,7 +559,8 @@ impl Opener {
                     geo.segment_start(0),
                     u64::from(geo.segment_sectors),
                     geo.segment_count,
-                ),
+                )
+                .shared_by(geo.shard_count),
                 segments: VecDeque::from([SegRec {
                     seg: t.pos.seg,
                     gen: t.pos.gen,
