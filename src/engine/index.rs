@@ -258,6 +258,14 @@ impl Bucket {
                 && u32::from(self.starts[lo - 1]) + self.exts[lo - 1].len() > (c as u32) << shift)
     }
 
+    /// The chunks among `mask` that an extent overlaps ([`Bucket::chunk_busy`]), as bits:
+    /// the bucket's occupancy word there.
+    fn occupancy(&self, mask: u32, shift: u32) -> u32 {
+        (0..DIR)
+            .filter(|&c| mask & (1 << c) != 0 && self.chunk_busy(c, shift))
+            .fold(0, |w, c| w | 1 << c)
+    }
+
     /// How many extents start before `off`: the index of the first one at or after it.
     /// `shift`: the map's chunk shift.
     #[inline]
@@ -433,13 +441,7 @@ impl ExtentMap {
             self.occ.resize(k + 1, 0);
         }
         let mask = self.chunk_mask(lo, hi);
-        let mut word = self.occ[k] & !mask;
-        for c in (0..DIR).filter(|c| mask & (1 << c) != 0) {
-            if b.chunk_busy(c, self.shift) {
-                word |= 1 << c;
-            }
-        }
-        self.occ[k] = word;
+        self.occ[k] = (self.occ[k] & !mask) | b.occupancy(mask, self.shift);
     }
 
     /// [`ExtentMap::with_bucket`] for a shard's log: remembers which extents each of the
@@ -793,7 +795,8 @@ impl ExtentMap {
                 return;
             }
         }
-        self.punch_in_bucket(lba, ext.len());
+        // The punch and the insert change the same range's chunks: refreshed once, after.
+        self.punch_extents(lba, ext.len());
         let b = self.buckets.entry(key).or_default();
         let i = b.rank(off, shift);
         b.insert(i, off, ext, shift);
@@ -1204,9 +1207,11 @@ impl ExtentMap {
                 b.exts.truncate(keep);
                 b.rebuild_dir(shift);
                 if let Some(w) = occ.get_mut(key as usize).filter(|_| key < occ_max) {
-                    *w = (0..DIR)
-                        .filter(|&c| keep > 0 && b.chunk_busy(c, shift))
-                        .fold(0, |w, c| w | 1 << c);
+                    *w = if keep > 0 {
+                        b.occupancy(u32::MAX, shift)
+                    } else {
+                        0
+                    };
                 }
             }
             keep > 0
@@ -1378,12 +1383,8 @@ impl ExtentMap {
     fn occ_consistent(&self) -> bool {
         let shift = self.shift;
         self.occ.iter().enumerate().all(|(k, &w)| {
-            let fresh = self.buckets.get(&(k as u64)).map_or(0, |b| {
-                (0..DIR)
-                    .filter(|&c| b.chunk_busy(c, shift))
-                    .fold(0, |w, c| w | 1 << c)
-            });
-            w == fresh
+            let fresh = self.buckets.get(&(k as u64));
+            w == fresh.map_or(0, |b| b.occupancy(u32::MAX, shift))
         }) && self
             .buckets
             .keys()

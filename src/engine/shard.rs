@@ -1713,8 +1713,7 @@ impl Shard {
     /// clean, a kset puts its keys in the index.
     #[inline]
     pub fn warm_done(&self, tag: Tag) {
-        let local = (tag & ((1 << 48) - 1)) as u32;
-        match self.tags.get(local) {
+        match self.tags.get(tag_slot(tag)) {
             Some(TagOwner::Wb(WbIo::Copy { lba, .. })) => {
                 self.index.warm_all(std::iter::once(*lba))
             }
@@ -1735,7 +1734,7 @@ impl Shard {
 
     /// Takes a device completion.
     pub fn complete(&mut self, done: IoDone) {
-        let local = (done.tag & ((1 << 48) - 1)) as u32;
+        let local = tag_slot(done.tag);
         let Some(owner) = self.tags.remove(local) else {
             self.out.log.push(format!(
                 "shard {}: completion for unknown tag {:#x}",
@@ -2174,6 +2173,13 @@ impl Shard {
     pub fn head(&self) -> LogPos {
         self.head
     }
+}
+
+/// The slot of command `tag` in its shard's `tags` (the tag's low 48 bits; the shard's
+/// id is above them, [`Shard::tag`]).
+#[inline]
+fn tag_slot(tag: Tag) -> u32 {
+    (tag & ((1 << 48) - 1)) as u32
 }
 
 /// Removes [lba, lba+len) from a list of ranges, splitting those it cuts.
