@@ -32,6 +32,8 @@ def bdev_pcache_create(args):
             params[key] = value
     if args.data_crc is not None:
         params['data_crc'] = args.data_crc
+    if args.zero_copy is not None:
+        params['zero_copy'] = args.zero_copy
     if args.defer:
         params['defer'] = True
     if args.backing_uuid_mismatch is not None:
@@ -129,6 +131,12 @@ def spdk_rpc_plugin_initialize(subparsers):
                      help='keep and verify a CRC32C of every cached block (default: off)')
     crc.add_argument('--no-data-crc', dest='data_crc', action='store_false',
                      help='do not checksum cached data')
+    zc = p.add_mutually_exclusive_group()
+    zc.add_argument('--zero-copy', dest='zero_copy', action='store_true', default=None,
+                    help='writeback borrows a malloc cache bdev\'s memory (zero-copy) instead '
+                         'of copying it into a buffer (default: on)')
+    zc.add_argument('--no-zero-copy', dest='zero_copy', action='store_false',
+                    help='writeback always reads the cache bdev into a buffer')
     p.add_argument('--gc-percent', dest='gc_percent', type=int,
                    help='writeback keeps 100 minus this percent of the cache as headroom for writes: '
                         'free space plus segments with no dirty data (1-90, default 70)')

@@ -508,6 +508,7 @@ fn target_rpc_lifecycle() {
         "8",
         "--shards",
         "2",
+        "--no-zero-copy",
     ]);
     // Runtime writeback options: applied, answered, echoed by save_config.
     let set = rpc.ok(&[
@@ -563,7 +564,7 @@ fn target_rpc_lifecycle() {
         "stripe_size_kib": 256, "segment_size_mib": 8, "shards": 2, "wb_max_inflight": 64,
         "wb_group_ksets": 64, "wb_high_pct": 50, "wb_low_pct": 40, "io_timeout_ms": 30000,
         "mode": "write_back", "seq_cutoff_bytes": 1048576, "seq_cutoff_policy": "full",
-        "write_admission": "always", "defer": true
+        "write_admission": "always", "zero_copy": false, "defer": true
     })), "{creates:?}");
     assert!(
         creates.iter().any(|p| p["name"] == "PC0"
@@ -572,7 +573,8 @@ fn target_rpc_lifecycle() {
             && p["gc_percent"] == 60
             && p["wb_high_pct"] == 50
             && p["wb_max_inflight"] == 16
-            && p["io_timeout_ms"] == 5000),
+            && p["io_timeout_ms"] == 5000
+            && p["zero_copy"] == true),
         "{creates:?}"
     );
 
@@ -685,6 +687,13 @@ fn bdevperf_verify_over_pcache() {
         h0["requests_served_by_submitter"].as_u64() > Some(0),
         "{h0}"
     );
+    // Both malloc caches lend their memory to writeback (zero-copy, the default), with and
+    // without data CRCs, and verify found every block written back intact.
+    for s in stats.as_array().into_iter().flatten() {
+        let h = &s["host"];
+        assert!(h["device_copies_lent"].as_u64() > Some(0), "{h}");
+        assert_eq!(h["device_copies_lent_failed"], 0, "{h}");
+    }
     assert_eq!(
         stats[1]["engine"]["shards"].as_array().map(Vec::len),
         Some(2),
@@ -784,6 +793,11 @@ fn verify_short_of_bdev_ios() {
         "the engines never waited for a bdev_io: {}",
         s["host"]
     );
+    // Writeback borrowed the malloc cache's memory, and the writes from it that had to wait
+    // for a bdev_io let go of it first (else lent starts could hold the whole pool).
+    for k in ["device_copies_lent", "device_copies_unlent"] {
+        assert!(s["host"][k].as_u64() > Some(0), "{k}: {}", s["host"]);
+    }
     stop_app(perf, &rpc, 30);
 }
 

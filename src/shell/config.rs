@@ -44,6 +44,7 @@ struct CreateParams {
     seq_cutoff_bytes: Option<u64>,
     seq_cutoff_policy: Option<String>,
     write_admission: Option<String>,
+    zero_copy: Option<bool>,
 }
 
 /// The options a running cache changes live (`bdev_pcache_set_options`): writeback
@@ -202,6 +203,9 @@ pub(crate) struct Options {
     /// Which writes a full cache takes in; None keeps the cache's (persisted; `always`
     /// for a new cache).
     pub write_admission: Option<WriteAdmission>,
+    /// Writeback borrows a malloc cache bdev's memory (`spdk_bdev_zcopy_start`) rather than
+    /// copying it into a buffer; false: always into a buffer.
+    pub zero_copy: bool,
 }
 
 /// The stripe of a request that names none, with segments of `segment_size_mib`: the
@@ -236,6 +240,7 @@ impl Default for Options {
             seq_cutoff_bytes: None,
             seq_cutoff_policy: None,
             write_admission: None,
+            zero_copy: true,
         }
     }
 }
@@ -450,6 +455,7 @@ pub(crate) fn parse_create(params: Value) -> Result<CreateConfig, String> {
         seq_cutoff_bytes: p.seq_cutoff_bytes,
         seq_cutoff_policy: parse_named(p.seq_cutoff_policy.as_deref())?,
         write_admission: parse_named(p.write_admission.as_deref())?,
+        zero_copy: p.zero_copy.unwrap_or(d.zero_copy),
     };
     check_seq_bytes(o.seq_cutoff_bytes)?;
     o.wb.check()?;
@@ -532,6 +538,7 @@ impl CreateConfig {
             "wb_high_pct": o.wb.high_pct,
             "wb_low_pct": o.wb.low_pct,
             "io_timeout_ms": o.wb.io_timeout_ms,
+            "zero_copy": o.zero_copy,
         });
         match &self.cache {
             CacheMedia::Bdev(b) => v["cache_bdev"] = json!(b),
@@ -868,6 +875,22 @@ mod tests {
         assert!(parse_create(p)
             .unwrap_err()
             .contains("unknown write_admission \"sometimes\""));
+    }
+
+    #[test]
+    fn zero_copy_defaults_on_and_is_echoed() {
+        let c = parse_create(base()).unwrap();
+        assert!(c.options.zero_copy);
+        assert_eq!(c.to_params()["zero_copy"], true);
+        let mut p = base();
+        p["zero_copy"] = json!(false);
+        let c = parse_create(p).unwrap();
+        assert!(!c.options.zero_copy);
+        assert_eq!(c.to_params()["zero_copy"], false);
+        assert_eq!(parse_create(c.to_params()).unwrap(), c);
+        let mut p = base();
+        p["zero_copy"] = json!("no");
+        assert!(parse_create(p).is_err());
     }
 
     #[test]

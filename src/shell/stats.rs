@@ -23,6 +23,14 @@ pub(crate) struct Counters {
     /// Of those, written back from one read of the cache bdev with others whose sources
     /// follow in the log (`copyrun`).
     pub(crate) dev_copies_joined: u64,
+    /// Of those, written back from the cache bdev's own memory, lent by a zero-copy read,
+    /// and such copies whose zero-copy read failed or came in pieces (each then read again
+    /// into a host buffer).
+    pub(crate) dev_copies_lent: u64,
+    pub(crate) dev_copies_lent_failed: u64,
+    /// Of the lent copies, those whose backing write had to wait for a free `spdk_bdev_io`:
+    /// their data was copied into a host buffer and the lent memory let go meanwhile.
+    pub(crate) dev_copies_unlent: u64,
     pub(crate) dev_flushes: u64,
     pub(crate) dev_zeroes: u64,
     pub(crate) dev_errors: u64,
@@ -67,6 +75,9 @@ impl Counters {
             "device_copies_offload_failed": c.dev_copies_offload_failed,
             "device_copies_from_mapping": c.dev_copies_from_mapping,
             "device_copies_joined": c.dev_copies_joined,
+            "device_copies_lent": c.dev_copies_lent,
+            "device_copies_lent_failed": c.dev_copies_lent_failed,
+            "device_copies_unlent": c.dev_copies_unlent,
             "device_flushes": c.dev_flushes,
             "device_write_zeroes": c.dev_zeroes,
             "device_errors": c.dev_errors,
@@ -363,8 +374,11 @@ mod tests {
                 "device_copies",
                 "device_copies_from_mapping",
                 "device_copies_joined",
+                "device_copies_lent",
+                "device_copies_lent_failed",
                 "device_copies_offload_failed",
                 "device_copies_offloaded",
+                "device_copies_unlent",
                 "device_errors",
                 "device_flushes",
                 "device_io_in_flight",

@@ -725,6 +725,7 @@ fn start_workers(node: *mut Pcache) {
         } else {
             worker::app_cores().len().max(1)
         },
+        zero_copy: o.zero_copy,
     };
     let p = SendPtr(node);
     match worker::spawn(setup, Box::new(move |res| create_opened(p.0, res))) {

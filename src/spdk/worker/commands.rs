@@ -239,6 +239,15 @@ impl Worker {
             None => (src_sector, sectors),
         };
         let len = usize::try_from(read_sectors.saturating_mul(512)).unwrap_or(usize::MAX);
+        if self.zcopy && d.dev == Dev::Cache {
+            // The cache bdev lends its own memory: the backing writes take the data from
+            // there, with no copy into a buffer of ours (`Worker::lent`).
+            d.lend = true;
+            if !self.set_range(&mut d, read_at, read_sectors) {
+                return self.fail_now(d);
+            }
+            return self.issue(d);
+        }
         let Some(buf) = self.dma.get(len) else {
             spdk_log!(
                 ERROR,
@@ -251,7 +260,7 @@ impl Worker {
             iov_base: buf.ptr.cast(),
             iov_len: len,
         });
-        d.dma = Some(buf);
+        d.held = Some(super::dma::Held::Pooled(buf));
         if !self.set_range(&mut d, read_at, read_sectors) {
             return self.fail_now(d);
         }

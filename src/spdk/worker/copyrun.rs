@@ -9,7 +9,7 @@
 use std::rc::Rc;
 
 use super::devio::{DevIo, Kind, Purpose};
-use super::dma::DmaBuf;
+use super::dma::Held;
 use super::Worker;
 use crate::engine::{Command, Dev, IoDone, IoError};
 use crate::spdk::ffi;
@@ -120,7 +120,7 @@ impl Worker {
     /// The run's read into `d` succeeded: each other copy of it is written from its part of
     /// the buffer, which they and `d` share until the last is done.
     pub(super) fn write_run(&mut self, d: &mut DevIo) {
-        let (Some(buf), Some(base)) = (d.dma.take(), d.iovs.first().map(|v| v.iov_base)) else {
+        let (Some(buf), Some(base)) = (d.held.take(), d.iovs.first().map(|v| v.iov_base)) else {
             // A run always reads into a buffer of its own; without one, its copies fail.
             return self.fail_run(d, IoError::Device);
         };
@@ -157,9 +157,9 @@ impl Worker {
     }
 
     /// Gives a run's shared buffer back to the pool once its last copy is done.
-    pub(super) fn release_shared(&mut self, shared: Rc<DmaBuf>) {
-        if let Ok(buf) = Rc::try_unwrap(shared) {
-            self.dma.put(buf);
+    pub(super) fn release_shared(&mut self, shared: Rc<Held>) {
+        if let Ok(held) = Rc::try_unwrap(shared) {
+            self.release(held);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Device I/O on the base bdevs: one [`DevIo`] per command (or direct request, open read,
-//! formatting write), its buffers (a request's, a DMA buffer, or bytes the worker owns), its
-//! submission with `-ENOMEM` retries, and its completion back to the cache.
+//! formatting write), its buffers (a request's, a DMA buffer, bytes the worker owns, or
+//! memory the cache bdev lent a copy's zero-copy read), its submission with `-ENOMEM`
+//! retries, and its completion back to the cache.
 //!
 //! Owns the `spdk_bdev_*_blocks` calls and their callbacks; cache-device I/O of a mapped
 //! cache is handed to [`mapped`](super::mapped). Calls the reply side for request buffers.
@@ -10,7 +11,7 @@ use std::ptr;
 use std::rc::Rc;
 
 use super::copyrun::RunCopy;
-use super::dma::DmaBuf;
+use super::dma::Held;
 use super::reply::Reply;
 use super::{dev_index, State, Worker, DEV_NAMES};
 use crate::engine::{Dev, Direct, IoDone, IoError, ReqId};
@@ -61,7 +62,9 @@ pub(super) struct DevIo {
     pub(super) req: Option<u32>,
     pub(super) verify: Option<u32>,
     pub(super) crc: Option<u32>,
-    pub(super) dma: Option<DmaBuf>,
+    pub(super) held: Option<Held>,
+    /// A copy's read that asks the cache bdev to lend its own memory (`Worker::zcopy`).
+    pub(super) lend: bool,
     /// Worker-owned bytes written straight from here (mapped cache only).
     pub(super) owned: Vec<u8>,
     pub(super) copy_dst: (Dev, u64),
@@ -75,7 +78,7 @@ pub(super) struct DevIo {
     /// The read of a run (`copyrun`): the other copies it reads for.
     pub(super) run: Vec<RunCopy>,
     /// A run's buffer, shared by its writes.
-    pub(super) shared: Option<Rc<DmaBuf>>,
+    pub(super) shared: Option<Rc<Held>>,
 }
 
 impl Worker {
@@ -101,7 +104,8 @@ impl Worker {
                 req: None,
                 verify: None,
                 crc: None,
-                dma: None,
+                held: None,
+                lend: false,
                 owned: Vec::new(),
                 copy_dst: (dev, 0),
                 copy_from: 0,
@@ -124,12 +128,13 @@ impl Worker {
         d.crc = None;
         d.copy_part = None;
         d.direct = None;
+        d.lend = false;
         d
     }
 
     pub(super) fn recycle(&mut self, mut d: Box<DevIo>) {
-        if let Some(b) = d.dma.take() {
-            self.dma.put(b);
+        if let Some(h) = d.held.take() {
+            self.release(h);
         }
         if let Some(shared) = d.shared.take() {
             self.release_shared(shared);
@@ -227,9 +232,75 @@ impl Worker {
             iov_base: buf.ptr.cast(),
             iov_len: len,
         });
-        d.dma = Some(buf);
+        d.held = Some(Held::Pooled(buf));
         d.sectors = (len / 512) as u64;
         true
+    }
+
+    /// Gives back the memory a device I/O held: a pooled buffer to the pool, lent memory
+    /// to the cache bdev (counted in flight until the bdev has it).
+    pub(super) fn release(&mut self, h: Held) {
+        match h {
+            Held::Pooled(b) => self.dma.put(b),
+            Held::Lent(io) => {
+                self.inflight += 1;
+                let cb = Some(
+                    lent_back as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void),
+                );
+                let me: *mut Worker = self;
+                // SAFETY: `io` is the live zero-copy start this worker completed and kept;
+                // it is ended once, here.
+                let rc = unsafe { ffi::spdk_bdev_zcopy_end(io, false, cb, me.cast()) };
+                if rc != 0 {
+                    // SAFETY: not resubmitted, so still ours to free.
+                    unsafe { ffi::spdk_bdev_free_io(io) };
+                    self.inflight -= 1;
+                }
+            }
+        }
+    }
+
+    /// The cache bdev answered a copy's zero-copy read: with its own memory holding the
+    /// data, the copy goes on from there; otherwise (a failure, or memory in pieces) the
+    /// read is made again into a pooled buffer, which reports a failed read as such.
+    fn lent(&mut self, mut d: Box<DevIo>, io: *mut ffi::spdk_bdev_io, success: bool) {
+        let len = (d.blocks << self.shift[dev_index(d.dev)]) * 512;
+        let mut iov: *mut ffi::iovec = ptr::null_mut();
+        let mut n: c_int = 0;
+        if success {
+            // SAFETY: a completed zero-copy start: its iovecs name the lent memory.
+            unsafe { ffi::spdk_bdev_io_get_iovec(io, &mut iov, &mut n) };
+        }
+        // SAFETY: `n` iovecs at `iov` (none when the start failed).
+        let one = (n == 1 && !iov.is_null()).then(|| unsafe { *iov });
+        if let Some(v) = one.filter(|v| !v.iov_base.is_null() && v.iov_len as u64 == len) {
+            d.iovs.clear();
+            d.iovs.push(v);
+            d.held = Some(Held::Lent(io));
+            self.counters.dev_copies_lent += 1 + d.run.len() as u64;
+            return self.complete_dio(d, true);
+        }
+        if success {
+            // Lent in pieces: this bdev's zero-copy is not used again.
+            self.zcopy = false;
+            self.release(Held::Lent(io));
+        } else {
+            // SAFETY: a failed start holds nothing; the bdev_io is ours to free.
+            unsafe { ffi::spdk_bdev_free_io(io) };
+        }
+        self.counters.dev_copies_lent_failed += 1 + d.run.len() as u64;
+        self.inflight -= 1;
+        d.lend = false;
+        d.iovs.clear();
+        let Some(buf) = usize::try_from(len).ok().and_then(|l| self.dma.get(l)) else {
+            return self.fail_now(d);
+        };
+        d.iovs.push(ffi::iovec {
+            iov_base: buf.ptr.cast(),
+            iov_len: len as usize,
+        });
+        d.held = Some(Held::Pooled(buf));
+        self.issue(d);
     }
 
     /// Sets `d`'s device range from 512-byte sectors; false if the device's block size
@@ -290,10 +361,51 @@ impl Worker {
         } else {
             Some(d)
         };
-        if let Some(d) = waits {
+        if let Some(mut d) = waits {
             self.counters.nomem_waits += 1;
+            if !self.unlend(&mut d) {
+                return self.fail_now(d);
+            }
             self.nomem.push_back(d);
         }
+    }
+
+    /// A copy's write from lent cache memory that must wait for a free `spdk_bdev_io`: its
+    /// data goes into a pooled buffer and its hold on the lent memory is dropped first.
+    /// A lent start keeps its `spdk_bdev_io` until every write from it is done, so lent
+    /// memory waiting on the pool could hold the whole pool and wait for ever. False if no
+    /// buffer could be had (the write then fails, and writeback retries it).
+    fn unlend(&mut self, d: &mut DevIo) -> bool {
+        let lent = |h: Option<&Held>| matches!(h, Some(Held::Lent(_)));
+        if d.kind != Kind::CopyWrite || !(lent(d.held.as_ref()) || lent(d.shared.as_deref())) {
+            return true;
+        }
+        let len: usize = d.iovs.iter().map(|v| v.iov_len).sum();
+        let Some(buf) = self.dma.get(len) else {
+            return false;
+        };
+        let mut at = 0;
+        for v in &d.iovs {
+            // SAFETY: `v` names live bytes of the lent memory (its hold is dropped only
+            // below); `buf` holds `len` bytes, the sum of the iovecs, and overlaps none.
+            unsafe {
+                ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), buf.ptr.add(at), v.iov_len)
+            };
+            at += v.iov_len;
+        }
+        d.iovs.clear();
+        d.iovs.push(ffi::iovec {
+            iov_base: buf.ptr.cast(),
+            iov_len: len,
+        });
+        if let Some(h) = d.held.replace(Held::Pooled(buf)) {
+            self.release(h);
+        }
+        if let Some(shared) = d.shared.take() {
+            self.release_shared(shared);
+        }
+        self.counters.dev_copies_unlent += 1;
+        true
     }
 
     /// Submits `d` to its bdev; returns it if no `spdk_bdev_io` was free (-ENOMEM), to be
@@ -490,6 +602,20 @@ pub(super) unsafe fn submit_raw(e: &Worker, d: *mut DevIo) -> c_int {
         let cb = Some(dev_done as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void));
         let arg = d.cast::<c_void>();
         match dio.kind {
+            // No iovecs of ours: the lent memory is named in the bdev_io's own, which
+            // outlive this DevIo's (a passthru-style bdev sets them again when the end
+            // completes; `Worker::lent` copies them out).
+            Kind::CopyRead if dio.lend => ffi::spdk_bdev_zcopy_start(
+                desc,
+                ch,
+                ptr::null_mut(),
+                0,
+                dio.offset,
+                dio.blocks,
+                true,
+                Some(lent_done as unsafe extern "C" fn(*mut ffi::spdk_bdev_io, bool, *mut c_void)),
+                arg,
+            ),
             Kind::Read | Kind::CopyRead => ffi::spdk_bdev_readv_blocks(
                 desc,
                 ch,
@@ -535,5 +661,27 @@ pub(super) unsafe extern "C" fn dev_done(
         // SAFETY: the worker outlives its device I/O (teardown waits for `inflight == 0`);
         // completions run on the worker thread, where nothing else borrows it now.
         unsafe { (*worker).complete_dio(d, success) };
+    })
+}
+
+/// Completion of a copy's zero-copy read: the `spdk_bdev_io` stays live, holding the lent
+/// memory, until the copy's writes are done.
+unsafe extern "C" fn lent_done(bdev_io: *mut ffi::spdk_bdev_io, success: bool, arg: *mut c_void) {
+    no_unwind("pcache lent_done", (), || {
+        // SAFETY: `arg` is the DevIo we submitted; it is ours again.
+        let d = unsafe { Box::from_raw(arg.cast::<DevIo>()) };
+        let worker = d.worker;
+        // SAFETY: as in `dev_done`.
+        unsafe { (*worker).lent(d, bdev_io, success) };
+    })
+}
+
+/// The cache bdev has its lent memory back.
+unsafe extern "C" fn lent_back(bdev_io: *mut ffi::spdk_bdev_io, _success: bool, arg: *mut c_void) {
+    no_unwind("pcache lent_back", (), || {
+        // SAFETY: the zero-copy end we submitted; we are done with it.
+        unsafe { ffi::spdk_bdev_free_io(bdev_io) };
+        // SAFETY: the worker outlives its device I/O (teardown waits for `inflight == 0`).
+        unsafe { (*arg.cast::<Worker>()).inflight -= 1 };
     })
 }

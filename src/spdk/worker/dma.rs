@@ -1,6 +1,7 @@
 //! DMA-able buffers for the worker's own device I/O (kset and header writes, writeback
 //! bounce buffers, open reads): `spdk_dma_zmalloc` in power-of-two classes, kept for reuse
-//! up to a limit per class. Owns nothing else; calls only `ffi`.
+//! up to a limit per class, and what a device I/O's data sits in ([`Held`]: a pooled buffer
+//! or lent cache-bdev memory). Calls only `ffi`.
 
 use std::ptr;
 
@@ -11,6 +12,16 @@ use crate::spdk::ffi;
 pub(super) struct DmaBuf {
     pub(super) ptr: *mut u8,
     pub(super) cap: usize,
+}
+
+/// The memory a device I/O's data sits in, held until the I/O (or the last write of the
+/// run sharing it) is recycled: [`Worker::release`](super::Worker::release) gives it back.
+pub(super) enum Held {
+    /// A buffer of the worker's pool.
+    Pooled(DmaBuf),
+    /// The cache bdev's own memory, lent by a zero-copy read (`spdk_bdev_zcopy_start`,
+    /// this `spdk_bdev_io`) and given back by `spdk_bdev_zcopy_end`.
+    Lent(*mut ffi::spdk_bdev_io),
 }
 
 /// Power-of-two classes of `spdk_dma_zmalloc` buffers, kept for reuse up to a limit per

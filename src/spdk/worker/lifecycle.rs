@@ -180,6 +180,7 @@ impl Worker {
             cache_bytes: self.cache_bytes,
             dax,
             workers: 1,
+            zero_copy: self.zcopy,
         });
         e.wid = k;
         e.front_shift = super::front_shift_of(e.shift[1], &part);

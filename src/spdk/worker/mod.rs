@@ -125,6 +125,8 @@ pub(crate) struct Setup {
     pub dax: Option<DaxDevice>,
     /// Worker threads wanted (one per core by default; at most one per shard).
     pub workers: usize,
+    /// Writeback may borrow the cache bdev's memory (`Options::zero_copy`).
+    pub zero_copy: bool,
 }
 
 /// What the worker needs to explain a refused backing bdev (`shell::identity::Mismatch`).
@@ -220,6 +222,9 @@ pub(crate) struct Worker {
     /// The cache copies within itself (a cache bdev by COPY, a mapped cache from the
     /// mapping to itself): GC's moves go to it instead of through a host buffer.
     copy_offload: bool,
+    /// The cache bdev lends its own memory (`spdk_bdev_zcopy_start`): writeback's reads of
+    /// it copy nothing (`DevIo::lend`).
+    zcopy: bool,
     removed: [bool; 2],
     identity: BackingIdentity,
     describe: Describe,
@@ -302,6 +307,21 @@ fn shift_of(bdev: *mut ffi::spdk_bdev) -> u32 {
     (bl / 512).max(1).trailing_zeros()
 }
 
+/// The cache bdev lends its memory to zero-copy reads, and gives it back: a malloc bdev.
+/// Modules that wrap another bdev pass zero-copy I/O on, but not soundly in SPDK v26.05:
+/// a `bdev_part` module (error, split, gpt) marks the bdev_io as split, so its
+/// `spdk_bdev_zcopy_end` never completes, and passthru starts the base's zero-copy
+/// again instead of ending it.
+fn lends_memory(bdev: *mut ffi::spdk_bdev) -> bool {
+    // SAFETY: an open base bdev; its module's name is a static string.
+    unsafe {
+        let m = ffi::spdk_bdev_get_module_name(bdev);
+        ffi::spdk_bdev_io_type_supported(bdev, t::SPDK_BDEV_IO_TYPE_ZCOPY)
+            && !m.is_null()
+            && std::ffi::CStr::from_ptr(m).to_bytes() == b"malloc"
+    }
+}
+
 /// log2(block size / 512) of a pcache bdev over a backing bdev of `backing_shift` and
 /// `cache`: requests must be whole blocks of both (see `fill_bdev`).
 pub(crate) fn front_shift_of(backing_shift: u32, cache: &Cache) -> u32 {
@@ -333,6 +353,7 @@ impl Worker {
         let copy_offload = s.dax.is_some()
             // SAFETY: an open base bdev.
             || unsafe { ffi::spdk_bdev_io_type_supported(s.bdev[0], t::SPDK_BDEV_IO_TYPE_COPY) };
+        let zcopy = s.zero_copy && s.dax.is_none() && lends_memory(s.bdev[0]);
         Worker {
             name: s.name,
             wid: 0,
@@ -348,6 +369,7 @@ impl Worker {
             blocks: [cblocks, blocks(s.bdev[1])],
             flush_ok: [cflush, flush(s.bdev[1])],
             copy_offload,
+            zcopy,
             removed: [false; 2],
             identity: s.identity,
             describe: s.describe,

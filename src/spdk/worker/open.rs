@@ -51,7 +51,7 @@ impl Worker {
                     iov_base: buf.ptr.cast(),
                     iov_len: len as usize,
                 });
-                d.dma = Some(buf);
+                d.held = Some(super::dma::Held::Pooled(buf));
                 if !self.set_range(&mut d, sector, sectors) {
                     self.recycle(d);
                     return self.fail_open("open read out of range".into());
