@@ -118,7 +118,8 @@ impl Worker {
     }
 
     /// The run's read into `d` succeeded: each other copy of it is written from its part of
-    /// the buffer, which they and `d` share until the last is done.
+    /// the buffer (or of the memory the cache bdev lent), which they and `d` share until the
+    /// last is done.
     pub(super) fn write_run(&mut self, d: &mut DevIo) {
         let (Some(buf), Some(base)) = (d.held.take(), d.iovs.first().map(|v| v.iov_base)) else {
             // A run always reads into a buffer of its own; without one, its copies fail.
@@ -156,7 +157,8 @@ impl Worker {
         }
     }
 
-    /// Gives a run's shared buffer back to the pool once its last copy is done.
+    /// Gives a run's shared buffer back once its last copy is done (to the pool, or lent
+    /// memory to the cache bdev: `Worker::release`).
     pub(super) fn release_shared(&mut self, shared: Rc<Held>) {
         if let Ok(held) = Rc::try_unwrap(shared) {
             self.release(held);
