@@ -707,16 +707,17 @@ impl Shard {
     #[inline(always)]
     fn in_place_target(&self, lba: u64, len: u32) -> Option<u64> {
         // Write-through: a rewrite completes only once the backing device has it.
-        if self.cfg.data_crc
-            || self.wb.drain
-            || self.cfg.mode == CacheMode::WriteThrough
-            || self.wb.blocks(lba, len)
-        {
+        if self.cfg.data_crc || self.wb.drain || self.cfg.mode == CacheMode::WriteThrough {
             return None;
         }
         let e = self.index.get(lba)?;
-        (e.state() == State::Dirty && e.len() == len && e.epoch() == Some(self.epoch as u32))
-            .then_some(e.pos)
+        // Writeback's ranges last: most writes find no dirty extent of theirs, and the
+        // index answers that from a line it loads anyway.
+        (e.state() == State::Dirty
+            && e.len() == len
+            && e.epoch() == Some(self.epoch as u32)
+            && !self.wb.blocks(lba, len))
+        .then_some(e.pos)
     }
 
     /// Starts a request the host serves with one cache-device I/O of its own, at the
