@@ -413,10 +413,10 @@ impl ExtentMap {
         (u32::MAX >> (DIR - 1 - (last - first))) << first
     }
 
-    /// Whether an extent may overlap [lba, lba+len) (inside one bucket). False: none does.
+    /// Whether an extent may overlap the `len` sectors at bucket `key`'s offset `off` (as
+    /// [`ExtentMap::locate`] gives them; inside the bucket). False: none does.
     #[inline]
-    fn may_hold(&self, lba: u64, len: u32) -> bool {
-        let (key, off) = self.locate(lba);
+    fn may_hold(&self, (key, off): (u64, u16), len: u32) -> bool {
         if key >= self.occ_max {
             return true;
         }
@@ -508,10 +508,10 @@ impl ExtentMap {
 
     /// [`ExtentMap::get`] in the buckets alone.
     fn find(&self, lba: u64) -> Option<Extent> {
-        if !self.may_hold(lba, 1) {
+        let (key, off) = self.locate(lba);
+        if !self.may_hold((key, off), 1) {
             return None;
         }
-        let (key, off) = self.locate(lba);
         let b = self.buckets.get(&key)?;
         let i = b.rank(off, self.shift);
         (b.starts.get(i) == Some(&off)).then(|| b.exts[i])
@@ -529,7 +529,7 @@ impl ExtentMap {
             }
         }
         let (key, off) = self.locate(lba);
-        if u64::from(off) + u64::from(len) > self.bucket || !self.may_hold(lba, len) {
+        if u64::from(off) + u64::from(len) > self.bucket || !self.may_hold((key, off), len) {
             return None;
         }
         let b = self.buckets.get(&key)?;
@@ -558,7 +558,7 @@ impl ExtentMap {
             }
         }
         let (key, off) = self.locate(lba);
-        if u64::from(off) + u64::from(len) > self.bucket || !self.may_hold(lba, len) {
+        if u64::from(off) + u64::from(len) > self.bucket || !self.may_hold((key, off), len) {
             return None;
         }
         let shift = self.shift;
@@ -883,10 +883,10 @@ impl ExtentMap {
 
     fn for_each_overlap(&self, lba: u64, len: u32, mut f: impl FnMut(u64, &Extent)) {
         for (a, l) in bucket_pieces(self.bucket, lba, len) {
-            if !self.may_hold(a, l) {
+            let (key, off) = self.locate(a);
+            if !self.may_hold((key, off), l) {
                 continue;
             }
-            let (key, off) = self.locate(a);
             let Some(b) = self.buckets.get(&key) else {
                 continue;
             };
@@ -1696,9 +1696,9 @@ mod tests {
         assert!(m.occ_consistent());
         assert_eq!(m.occ[0], 1 | 0b11_1100 | 1 << 7);
         // Nothing overlaps chunk 6: a miss there is answered from the word alone.
-        assert!(!m.may_hold(400, 8) && m.get(400).is_none() && !m.overlaps(384, 64));
+        assert!(!m.may_hold(m.locate(400), 8) && m.get(400).is_none() && !m.overlaps(384, 64));
         // Chunk 5 is busy only through the long extent that started in chunk 2.
-        assert!(m.may_hold(330, 8) && m.covering(330, 8).is_some());
+        assert!(m.may_hold(m.locate(330), 8) && m.covering(330, 8).is_some());
         // Trimming its tail frees chunks 4 and 5; punching the block empties chunk 7.
         m.punch(250, 150);
         m.punch(448, 8);
@@ -1711,7 +1711,7 @@ mod tests {
         // A bucket past the words kept is looked up in the table as before.
         let far = OCC_MAX * 2048;
         m.insert(far, data(3000, 8));
-        assert!(m.may_hold(far + 8, 8) && m.get(far).is_some() && m.occ_consistent());
+        assert!(m.may_hold(m.locate(far + 8), 8) && m.get(far).is_some() && m.occ_consistent());
         // A map keeps a word per four blocks of the cache, 64 at least (a 1 MiB cache
         // here), shared out between shards.
         let mut s = ExtentMap::with_segments(2048, 0, 2048, 1);
@@ -1724,7 +1724,7 @@ mod tests {
             1024
         );
         s.insert(64 * 2048, clean(0, 8));
-        assert!(s.occ.len() <= 64 && s.may_hold(64 * 2048, 8) && s.occ_consistent());
+        assert!(s.occ.len() <= 64 && s.may_hold(s.locate(64 * 2048), 8) && s.occ_consistent());
     }
 
     #[test]
