@@ -248,19 +248,14 @@ impl Worker {
             }
             return self.issue(d);
         }
-        let Some(buf) = self.dma.get(len) else {
+        if self.hold_buffer(&mut d, len).is_none() {
             spdk_log!(
                 ERROR,
                 "{}: out of DMA memory for a {len}-byte copy",
                 self.name
             );
             return self.fail_now(d);
-        };
-        d.iovs.push(ffi::iovec {
-            iov_base: buf.ptr.cast(),
-            iov_len: len,
-        });
-        d.held = Some(super::dma::Held::Pooled(buf));
+        }
         if !self.set_range(&mut d, read_at, read_sectors) {
             return self.fail_now(d);
         }

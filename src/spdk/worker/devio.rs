@@ -212,10 +212,24 @@ impl Worker {
         }
     }
 
+    /// Points `d` (holding nothing yet) at a new pooled DMA buffer of `len` bytes, held until
+    /// `d` is recycled; its address, or None if the pool has no memory.
+    pub(super) fn hold_buffer(&mut self, d: &mut DevIo, len: usize) -> Option<*mut u8> {
+        debug_assert!(d.held.is_none(), "a device I/O holds one buffer");
+        let buf = self.dma.get(len)?;
+        let at = buf.ptr;
+        d.iovs.push(ffi::iovec {
+            iov_base: at.cast(),
+            iov_len: len,
+        });
+        d.held = Some(Held::Pooled(buf));
+        Some(at)
+    }
+
     /// Copies worker-owned bytes into a DMA buffer for `d`.
     pub(super) fn attach_owned(&mut self, d: &mut DevIo, bytes: &[u8]) -> bool {
         let len = bytes.len().next_multiple_of(512);
-        let Some(buf) = self.dma.get(len) else {
+        let Some(at) = self.hold_buffer(d, len) else {
             spdk_log!(
                 ERROR,
                 "{}: out of DMA memory for a {len}-byte write",
@@ -223,16 +237,11 @@ impl Worker {
             );
             return false;
         };
-        // SAFETY: `buf` holds at least `len` ≥ `bytes.len()` bytes and does not overlap `bytes`.
+        // SAFETY: `at` holds `len` ≥ `bytes.len()` bytes and does not overlap `bytes`.
         unsafe {
-            ptr::copy_nonoverlapping(bytes.as_ptr(), buf.ptr, bytes.len());
-            ptr::write_bytes(buf.ptr.add(bytes.len()), 0, len - bytes.len());
+            ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len());
+            ptr::write_bytes(at.add(bytes.len()), 0, len - bytes.len());
         }
-        d.iovs.push(ffi::iovec {
-            iov_base: buf.ptr.cast(),
-            iov_len: len,
-        });
-        d.held = Some(Held::Pooled(buf));
         d.sectors = (len / 512) as u64;
         true
     }
@@ -292,15 +301,10 @@ impl Worker {
         self.inflight -= 1;
         d.lend = false;
         d.iovs.clear();
-        let Some(buf) = usize::try_from(len).ok().and_then(|l| self.dma.get(l)) else {
-            return self.fail_now(d);
-        };
-        d.iovs.push(ffi::iovec {
-            iov_base: buf.ptr.cast(),
-            iov_len: len as usize,
-        });
-        d.held = Some(Held::Pooled(buf));
-        self.issue(d);
+        match usize::try_from(len) {
+            Ok(l) if self.hold_buffer(&mut d, l).is_some() => self.issue(d),
+            _ => self.fail_now(d),
+        }
     }
 
     /// Sets `d`'s device range from 512-byte sectors; false if the device's block size

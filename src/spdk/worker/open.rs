@@ -13,7 +13,6 @@ use crate::engine::open::describe_backing;
 use crate::engine::{format, Dev, FormatError, IoError, OpenError, OpenStep, Opener};
 use crate::media::host::record_backing;
 use crate::shell::identity::{mismatch_message, Mismatch};
-use crate::spdk::ffi;
 use crate::spdk::log::spdk_log;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,17 +40,16 @@ impl Worker {
         match step {
             OpenStep::Read { sector, sectors } => {
                 let len = sectors.saturating_mul(512);
-                let Some(buf) = usize::try_from(len).ok().and_then(|l| self.dma.get(l)) else {
+                let mut d = self.new_dio(Purpose::Open, 0, Kind::Read, Dev::Cache);
+                let held = usize::try_from(len)
+                    .ok()
+                    .and_then(|l| self.hold_buffer(&mut d, l));
+                if held.is_none() {
+                    self.recycle(d);
                     return self.fail_open(format!(
                         "cannot allocate a {len}-byte DMA buffer to read the cache bdev"
                     ));
-                };
-                let mut d = self.new_dio(Purpose::Open, 0, Kind::Read, Dev::Cache);
-                d.iovs.push(ffi::iovec {
-                    iov_base: buf.ptr.cast(),
-                    iov_len: len as usize,
-                });
-                d.held = Some(super::dma::Held::Pooled(buf));
+                }
                 if !self.set_range(&mut d, sector, sectors) {
                     self.recycle(d);
                     return self.fail_open("open read out of range".into());
