@@ -694,6 +694,10 @@ fn bdevperf_verify_over_pcache() {
         assert!(h["device_copies_lent"].as_u64() > Some(0), "{h}");
         assert_eq!(h["device_copies_lent_failed"], 0, "{h}");
     }
+    // PC0 (no data CRC) joins writeback's copies into runs, each read once for two or more.
+    let runs = h0["device_copy_runs"].as_u64().unwrap_or(0);
+    let joined = h0["device_copies_joined"].as_u64().unwrap_or(0);
+    assert!(runs > 0 && joined >= 2 * runs, "{h0}");
     assert_eq!(
         stats[1]["engine"]["shards"].as_array().map(Vec::len),
         Some(2),

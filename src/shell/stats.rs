@@ -21,8 +21,9 @@ pub(crate) struct Counters {
     /// Of those, written to the backing bdev straight from a registered mapped cache.
     pub(crate) dev_copies_from_mapping: u64,
     /// Of those, written back from one read of the cache bdev with others whose sources
-    /// follow in the log (`copyrun`).
+    /// lie together in the cache (`copyrun`), and how many such reads (runs) there were.
     pub(crate) dev_copies_joined: u64,
+    pub(crate) dev_copy_runs: u64,
     /// Of those, written back from the cache bdev's own memory, lent by a zero-copy read,
     /// and such copies whose zero-copy read failed or came in pieces (each then read again
     /// into a host buffer).
@@ -75,6 +76,7 @@ impl Counters {
             "device_copies_offload_failed": c.dev_copies_offload_failed,
             "device_copies_from_mapping": c.dev_copies_from_mapping,
             "device_copies_joined": c.dev_copies_joined,
+            "device_copy_runs": c.dev_copy_runs,
             "device_copies_lent": c.dev_copies_lent,
             "device_copies_lent_failed": c.dev_copies_lent_failed,
             "device_copies_unlent": c.dev_copies_unlent,
@@ -379,6 +381,7 @@ mod tests {
                 "device_copies_offload_failed",
                 "device_copies_offloaded",
                 "device_copies_unlent",
+                "device_copy_runs",
                 "device_errors",
                 "device_flushes",
                 "device_io_in_flight",

@@ -263,6 +263,8 @@ pub(crate) struct Worker {
     /// Direct writes copied to the mapped cache, awaiting the batch's fence.
     unfenced: Vec<(Box<DevIo>, bool)>,
     cmds: Vec<Command>,
+    /// Copies gathered to be joined into runs (`execute_all`), kept for their room.
+    copies: Vec<copyrun::HostCopy>,
     dones: Vec<IoDone>,
     comps: Vec<(ReqId, ReqResult)>,
     // Boxed on purpose: a DevIo's address is its bdev I/O's callback argument.
@@ -396,6 +398,7 @@ impl Worker {
             direct_live: 0,
             unfenced: Vec::new(),
             cmds: Vec::new(),
+            copies: Vec::new(),
             dones: Vec::new(),
             comps: Vec::new(),
             dio_free: Vec::new(),
