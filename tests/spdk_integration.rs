@@ -698,6 +698,12 @@ fn bdevperf_verify_over_pcache() {
     let runs = h0["device_copy_runs"].as_u64().unwrap_or(0);
     let joined = h0["device_copies_joined"].as_u64().unwrap_or(0);
     assert!(runs > 0 && joined >= 2 * runs, "{h0}");
+    // Both join data writes to adjacent cache blocks into one bdev write, PC1 with each
+    // part's data CRC (verify checks every block read back).
+    for s in stats.as_array().into_iter().flatten() {
+        let h = &s["host"];
+        assert!(h["device_writes_joined"].as_u64() > Some(0), "{h}");
+    }
     assert_eq!(
         stats[1]["engine"]["shards"].as_array().map(Vec::len),
         Some(2),

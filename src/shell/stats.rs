@@ -32,6 +32,9 @@ pub(crate) struct Counters {
     /// Of the lent copies, those whose backing write had to wait for a free `spdk_bdev_io`:
     /// their data was copied into a host buffer and the lent memory let go meanwhile.
     pub(crate) dev_copies_unlent: u64,
+    /// Of the device writes asked for, those made together with others in one bdev write
+    /// (data to adjacent cache blocks, `datarun`).
+    pub(crate) dev_writes_joined: u64,
     pub(crate) dev_flushes: u64,
     pub(crate) dev_zeroes: u64,
     pub(crate) dev_errors: u64,
@@ -71,6 +74,7 @@ impl Counters {
             "requests_in_flight": s.requests_in_flight,
             "device_reads": c.dev_reads,
             "device_writes": c.dev_writes,
+            "device_writes_joined": c.dev_writes_joined,
             "device_copies": c.dev_copies,
             "device_copies_offloaded": c.dev_copies_offloaded,
             "device_copies_offload_failed": c.dev_copies_offload_failed,
@@ -388,6 +392,7 @@ mod tests {
                 "device_reads",
                 "device_write_zeroes",
                 "device_writes",
+                "device_writes_joined",
                 "direct_requests_retried",
                 "draining",
                 "idle",

@@ -70,6 +70,32 @@ impl Worker {
         did
     }
 
+    /// Executes `cmds` in order, except for two kinds that are gathered and issued
+    /// joined when nothing else comes between: writeback's copies from the cache bdev
+    /// (`copyrun`: runs sharing a read) and data writes to it (`datarun`: runs of writes
+    /// to adjacent blocks, one bdev write each). Commands of one pump are all in flight
+    /// together, so their order on the devices was never fixed; a mapped cache, which
+    /// executes its commands inline, joins neither.
+    pub(super) fn execute_all(&mut self, cmds: &mut Vec<Command>) {
+        let mut copies = std::mem::take(&mut self.copies);
+        let mut writes = std::mem::take(&mut self.writes);
+        for c in cmds.drain(..) {
+            if let Some(h) = self.joinable(&c) {
+                copies.push(h);
+            } else if let Some(w) = self.joinable_write(&c) {
+                writes.push(w);
+            } else {
+                self.execute_copies(&mut copies);
+                self.execute_writes(&mut writes);
+                self.execute(c);
+            }
+        }
+        self.execute_copies(&mut copies);
+        self.execute_writes(&mut writes);
+        self.copies = copies;
+        self.writes = writes;
+    }
+
     pub(super) fn execute(&mut self, cmd: Command) {
         match cmd {
             Command::ZeroBuf { buf } => {

@@ -77,6 +77,9 @@ pub(super) struct DevIo {
     pub(super) direct: Option<(Direct, *mut ffi::spdk_bdev_io, Reply)>,
     /// The read of a run (`copyrun`): the other copies it reads for.
     pub(super) run: Vec<RunCopy>,
+    /// A joined cache write (`datarun`): the other writes it makes, as (tag, request slot
+    /// holding a reference, CRC of the part's data if asked for), completed with it.
+    pub(super) parts: Vec<(u64, u32, Option<u32>)>,
     /// A run's buffer, shared by its writes.
     pub(super) shared: Option<Rc<Held>>,
 }
@@ -112,6 +115,7 @@ impl Worker {
                 copy_part: None,
                 direct: None,
                 run: Vec::new(),
+                parts: Vec::new(),
                 shared: None,
             })
         });
@@ -151,6 +155,10 @@ impl Worker {
         if let Some(idx) = d.req.take() {
             self.unref(idx);
         }
+        debug_assert!(
+            d.parts.is_empty(),
+            "a joined write's parts were neither completed nor failed"
+        );
         d.iovs.clear();
         if self.dio_free.len() < 1024 {
             self.dio_free.push(d);
@@ -184,6 +192,40 @@ impl Worker {
         d.req = Some(idx);
         d.sectors = len / 512;
         true
+    }
+
+    /// Appends bytes `off..off+len` of request `req`'s payload to joined write `d`, as a
+    /// part completed with it (`datarun`), with the CRC of those bytes if `want_crc`.
+    /// False, and `d` unchanged, if it cannot.
+    pub(super) fn attach_part(
+        &mut self,
+        d: &mut DevIo,
+        tag: u64,
+        (req, off, len): (ReqId, u64, u64),
+        want_crc: bool,
+    ) -> bool {
+        let Some(idx) = self.reqs.index(req) else {
+            return false;
+        };
+        let s = &mut self.reqs.slots[idx as usize];
+        let before = d.iovs.len();
+        if !append_sub_iovs(s.iovs(), off, len, &mut d.iovs) {
+            d.iovs.truncate(before);
+            return false;
+        }
+        s.refs += 1;
+        let crc = want_crc.then(|| iov_crc(&d.iovs[before..]));
+        d.parts.push((tag, idx, crc));
+        true
+    }
+
+    /// Completes the writes joined into `d` (`datarun`) with its result.
+    fn finish_parts(&mut self, d: &mut DevIo, result: Result<(), IoError>) {
+        for (tag, idx, crc) in std::mem::take(&mut d.parts) {
+            self.dones.push(IoDone { tag, result, crc });
+            self.kick = true;
+            self.unref(idx);
+        }
     }
 
     /// Points `d` at worker-owned bytes: kept in `d` for the mapped cache, else copied into
@@ -339,6 +381,7 @@ impl Worker {
         self.counters.dev_errors += 1;
         if d.purpose == Purpose::Cmd {
             self.fail_run(&mut d, IoError::Device);
+            self.finish_parts(&mut d, Err(IoError::Device));
             self.dones.push(IoDone {
                 tag: d.tag,
                 result: Err(IoError::Device),
@@ -519,6 +562,7 @@ impl Worker {
                         }
                     }
                 }
+                self.finish_parts(&mut d, result);
                 self.dones.push(IoDone {
                     tag: d.tag,
                     result,
@@ -559,6 +603,16 @@ impl Worker {
 /// Splits bytes `off..off+len` of the buffer described by `iovs` into `out`.
 pub(super) fn sub_iovs(iovs: &[ffi::iovec], off: u64, len: u64, out: &mut Vec<ffi::iovec>) -> bool {
     out.clear();
+    append_sub_iovs(iovs, off, len, out)
+}
+
+/// [`sub_iovs`], appended to what `out` holds.
+pub(super) fn append_sub_iovs(
+    iovs: &[ffi::iovec],
+    off: u64,
+    len: u64,
+    out: &mut Vec<ffi::iovec>,
+) -> bool {
     let mut skip = off;
     let mut want = len;
     for v in iovs {

@@ -63,6 +63,7 @@ use std::sync::Arc;
 mod commands;
 mod control;
 mod copyrun;
+mod datarun;
 mod devio;
 mod dma;
 mod housekeeping;
@@ -265,6 +266,8 @@ pub(crate) struct Worker {
     cmds: Vec<Command>,
     /// Copies gathered to be joined into runs (`execute_all`), kept for their room.
     copies: Vec<copyrun::HostCopy>,
+    /// Cache writes gathered to be joined (`execute_all`), kept for their room.
+    writes: Vec<datarun::HostWrite>,
     dones: Vec<IoDone>,
     comps: Vec<(ReqId, ReqResult)>,
     // Boxed on purpose: a DevIo's address is its bdev I/O's callback argument.
@@ -399,6 +402,7 @@ impl Worker {
             unfenced: Vec::new(),
             cmds: Vec::new(),
             copies: Vec::new(),
+            writes: Vec::new(),
             dones: Vec::new(),
             comps: Vec::new(),
             dio_free: Vec::new(),
