@@ -1055,14 +1055,142 @@ impl ExtentMap {
         rescue: &mut Rescue,
         moves: &mut Vec<Move>,
     ) -> usize {
-        let listed = self
-            .segments
-            .as_mut()
-            .and_then(|s| s.exactly(lo, hi).map(|seg| (seg, s.take(seg))));
-        match listed {
-            Some((seg, listed)) => self.reclaim_listed(seg, listed, lo, hi, rescue, moves),
+        match self.reclaim_begin(lo, hi) {
+            Some(mut r) => {
+                while !self.reclaim_step(&mut r, rescue, moves, usize::MAX) {}
+                r.dirty
+            }
             None => self.reclaim_walk(lo, hi, rescue, moves),
         }
+    }
+
+    /// Starts [`ExtentMap::reclaim_segment`] of cache sectors [lo, hi) in steps
+    /// ([`ExtentMap::reclaim_step`]), if it is a segment whose extents are listed (else the
+    /// reclaim walks the map, in one call). Its list is taken, sorted by LBA, and its
+    /// overlapping ranges merged (a block written twice there is listed twice), so that
+    /// each extent lies in one range and one step visits it. The reclaim must be stepped
+    /// to its end: the list comes back only then.
+    pub fn reclaim_begin(&mut self, lo: u64, hi: u64) -> Option<Reclaim> {
+        let segs = self.segments.as_mut()?;
+        let seg = segs.exactly(lo, hi)?;
+        let mut listed = segs.take(seg);
+        listed.sort_unstable_by_key(|l| l.lba());
+        let mut whole = false;
+        let mut n: usize = 0;
+        for i in 0..listed.len() {
+            let l = listed[i];
+            if let Some(p) = n.checked_sub(1).map(|j| listed[j]) {
+                let p_end = p.lba() + u64::from(p.len());
+                if l.lba() < p_end {
+                    let end = p_end.max(l.lba() + u64::from(l.len()));
+                    match u32::try_from(end - p.lba())
+                        .ok()
+                        .and_then(|len| segments::Logged::new(p.lba(), len))
+                    {
+                        Some(m) => {
+                            listed[n - 1] = m;
+                            continue;
+                        }
+                        // Too long to list as one: the ranges stay as they are, and one
+                        // step visits all of them (dropping duplicates).
+                        None => whole = true,
+                    }
+                }
+            }
+            listed[n] = l;
+            n += 1;
+        }
+        listed.truncate(n);
+        Some(Reclaim {
+            seg,
+            lo,
+            hi,
+            listed,
+            next: 0,
+            stay: Vec::new(),
+            dirty: 0,
+            whole,
+        })
+    }
+
+    /// Visits up to `max` more of reclaim `r`'s listed ranges (see
+    /// [`ExtentMap::reclaim_segment`]); true once it has visited them all and given the
+    /// segment back the list of what stays. Between steps the map changes as it always
+    /// does, and the reclaim needs nothing of it: no data is logged in a segment being
+    /// reclaimed, so its extents only shrink, within the ranges they were listed with,
+    /// each visited by the step that looks them up. Each step chooses what to keep among
+    /// its own extents, hottest first, while `rescue` has room.
+    pub fn reclaim_step(
+        &mut self,
+        r: &mut Reclaim,
+        rescue: &mut Rescue,
+        moves: &mut Vec<Move>,
+        max: usize,
+    ) -> bool {
+        let left = r.listed.len() - r.next;
+        let n = if r.whole { left } else { max.min(left) };
+        let (lo, hi) = (r.lo, r.hi);
+        // What still lies in the segment, each extent once, and what reaches into it from
+        // before (never in a log) listed again as it is.
+        let mut found = std::mem::take(&mut self.found);
+        let mut from_before = std::mem::take(&mut self.from_before);
+        found.clear();
+        from_before.clear();
+        let ranges = &r.listed[r.next..r.next + n];
+        // The segment was logged a lap ago: its extents' lines are cold.
+        self.warm_all(ranges.iter().map(|l| l.lba()));
+        for l in ranges {
+            let (lba, len) = (l.lba(), l.len());
+            self.for_each_overlap(lba, len, |s, e| {
+                if !e.is_data() || e.pos >= hi {
+                    return;
+                }
+                if e.pos >= lo {
+                    found.push((s, *e));
+                } else if e.pos + u64::from(e.len()) > lo {
+                    from_before.extend(segments::Logged::new(s, e.len()));
+                }
+            });
+        }
+        r.next += n;
+        found.sort_unstable_by_key(|&(s, _)| s);
+        found.dedup_by_key(|&mut (s, _)| s);
+        let by_heat =
+            Self::sectors_by_heat(&self.hints, rescue, found.iter().map(|(s, e)| (*s, e)));
+        let mut cut = rescue.cut(&by_heat);
+        r.stay.append(&mut from_before);
+        for (lba, e) in found.drain(..) {
+            match Self::fate(
+                &self.hints,
+                &mut self.chance,
+                lba,
+                e,
+                &mut cut,
+                rescue,
+                moves,
+            ) {
+                Fate::Dirty => r.dirty += 1,
+                Fate::Kept(kept) => self.replace_heat(lba, kept),
+                Fate::Dropped => {
+                    self.remove_if_same(lba, &e);
+                    continue;
+                }
+            }
+            // Still in the segment: listed again (it was listed, so it packs).
+            r.stay.extend(segments::Logged::new(lba, e.len()));
+        }
+        self.found = found;
+        self.from_before = from_before;
+        if r.next < r.listed.len() {
+            return false;
+        }
+        if let Some(segments) = self.segments.as_mut() {
+            // With whatever was listed there meanwhile (pieces of kept extents).
+            let mut stay = std::mem::take(&mut r.stay);
+            stay.append(&mut segments.take(r.seg));
+            segments.put_back(r.seg, stay);
+        }
+        true
     }
 
     /// Sectors of the clean extents among `inside` (a segment's data extents, with their
@@ -1081,75 +1209,6 @@ impl ExtentMap {
             }
         }
         by_heat
-    }
-
-    /// [`ExtentMap::reclaim_segment`] of segment `seg`, whose list was taken (`listed`):
-    /// visits those extents, and gives the segment back the list of what stays.
-    fn reclaim_listed(
-        &mut self,
-        seg: usize,
-        mut listed: Vec<segments::Logged>,
-        lo: u64,
-        hi: u64,
-        rescue: &mut Rescue,
-        moves: &mut Vec<Move>,
-    ) -> usize {
-        // What still lies in the segment, each extent once (ranges overlap when a block
-        // was written twice there), and what reaches into it from before (never in a log)
-        // listed again as it is.
-        let mut found = std::mem::take(&mut self.found);
-        let mut from_before = std::mem::take(&mut self.from_before);
-        found.clear();
-        from_before.clear();
-        // The segment was logged a lap ago: its extents' lines are cold.
-        self.warm_all(listed.iter().map(|l| l.lba()));
-        for l in &listed {
-            let (lba, len) = (l.lba(), l.len());
-            self.for_each_overlap(lba, len, |s, e| {
-                if !e.is_data() || e.pos >= hi {
-                    return;
-                }
-                if e.pos >= lo {
-                    found.push((s, *e));
-                } else if e.pos + u64::from(e.len()) > lo {
-                    from_before.extend(segments::Logged::new(s, e.len()));
-                }
-            });
-        }
-        found.sort_unstable_by_key(|&(s, _)| s);
-        found.dedup_by_key(|&mut (s, _)| s);
-        let by_heat =
-            Self::sectors_by_heat(&self.hints, rescue, found.iter().map(|(s, e)| (*s, e)));
-        let mut cut = rescue.cut(&by_heat);
-        let mut dirty = 0;
-        listed.clear();
-        listed.append(&mut from_before);
-        for (lba, e) in found.drain(..) {
-            match Self::fate(
-                &self.hints,
-                &mut self.chance,
-                lba,
-                e,
-                &mut cut,
-                rescue,
-                moves,
-            ) {
-                Fate::Dirty => dirty += 1,
-                Fate::Kept(kept) => self.replace_heat(lba, kept),
-                Fate::Dropped => {
-                    self.remove_if_same(lba, &e);
-                    continue;
-                }
-            }
-            // Still in the segment: listed again (it was listed, so it packs).
-            listed.extend(segments::Logged::new(lba, e.len()));
-        }
-        self.found = found;
-        self.from_before = from_before;
-        if let Some(segments) = self.segments.as_mut() {
-            segments.put_back(seg, listed);
-        }
-        dirty
     }
 
     /// [`ExtentMap::reclaim_segment`] by a walk over every extent.
@@ -1477,6 +1536,34 @@ impl Rescue {
             heat: 1,
             room: by_heat.get(1).copied().unwrap_or(0),
         }
+    }
+}
+
+/// A reclaim of one segment in progress ([`ExtentMap::reclaim_begin`]), visited a step
+/// at a time ([`ExtentMap::reclaim_step`]) so that no one call holds the host's thread
+/// for a whole segment.
+#[derive(Debug)]
+pub struct Reclaim {
+    seg: usize,
+    lo: u64,
+    hi: u64,
+    /// The segment's listed ranges, sorted and disjoint (unless `whole`).
+    listed: Vec<segments::Logged>,
+    /// The first range not yet visited.
+    next: usize,
+    /// What stays listed: extents still in the segment (dirty, or kept until their move
+    /// commits) and what reaches into it from before.
+    stay: Vec<segments::Logged>,
+    /// Dirty extents found in the segment so far.
+    dirty: usize,
+    /// The ranges could not all be merged: one step visits them all.
+    whole: bool,
+}
+
+impl Reclaim {
+    /// Dirty extents found in the segment so far (all of them once the reclaim is done).
+    pub fn dirty(&self) -> usize {
+        self.dirty
     }
 }
 
@@ -2183,6 +2270,10 @@ mod tests {
             /// `reclaim_segment` of segment .0 (of [`SEG`] sectors past the first written),
             /// keeping every hot clean extent (.1) or none.
             Reclaim(u64, bool),
+            /// The segmented map drops segment .0 in steps of .1 ranges, with inserts
+            /// (true) and punches of .2 applied between steps, as the engine's requests
+            /// change the map between polls; the other map drops it at once after them.
+            SteppedDrop(u64, usize, Vec<(bool, u64, u32)>),
         }
 
         /// Sectors per segment of the segmented map.
@@ -2197,6 +2288,12 @@ mod tests {
                 1 => (0u64..500).prop_map(Op::RemoveSame),
                 2 => (0u64..500).prop_map(Op::Touch),
                 1 => (0u64..100, any::<bool>()).prop_map(|(k, keep)| Op::Reclaim(k, keep)),
+                1 => (
+                    0u64..100,
+                    1usize..6,
+                    proptest::collection::vec((any::<bool>(), 0u64..4000, 1u32..40), 0..12),
+                )
+                    .prop_map(|(k, step, between)| Op::SteppedDrop(k, step, between)),
             ]
         }
 
@@ -2302,6 +2399,72 @@ mod tests {
                                 }
                             }
                         }
+                        // Below, where it may change `pos`.
+                        Op::SteppedDrop(..) => {}
+                    }
+                    if let Op::SteppedDrop(k, step, ref between) = *o {
+                        let lo = 1_000_000 + k * SEG;
+                        let hi = lo + SEG;
+                        // Only a segment already written: the engine logs nothing in one
+                        // being reclaimed.
+                        // Extents lie within a segment in the engine (a log never crosses
+                        // one): here one that crosses an end, trimmed between steps, may be
+                        // dropped before its trim left the segment, which at once keeps it.
+                        let crossing = m.iter().any(|(_, e)| {
+                            let end = e.pos + u64::from(e.len());
+                            (e.pos < lo && end > lo) || (e.pos < hi && end > hi)
+                        });
+                        let begun = if hi <= pos && !crossing {
+                            ms.reclaim_begin(lo, hi)
+                        } else {
+                            None
+                        };
+                        if let Some(mut rc) = begun {
+                            let mut between = between.iter();
+                            let mut v = Vec::new();
+                            while !ms.reclaim_step(&mut rc, &mut Rescue::none(), &mut v, step) {
+                                let Some(&(insert, l, n)) = between.next() else {
+                                    continue;
+                                };
+                                if insert {
+                                    m.insert(l, Extent::new(pos, n, State::Clean, None, 0));
+                                    ms.insert(l, Extent::new(pos, n, State::Clean, None, 0));
+                                    for k in 0..u64::from(n) {
+                                        r.insert(l + k, pos + k);
+                                    }
+                                    pos += u64::from(n);
+                                } else {
+                                    m.punch(l, n);
+                                    ms.punch(l, n);
+                                    for k in 0..u64::from(n) {
+                                        r.remove(&(l + k));
+                                    }
+                                }
+                            }
+                            prop_assert!(v.is_empty(), "nothing kept without room");
+                            let gone: Vec<(u64, u32)> = m
+                                .iter()
+                                .filter(|(_, e)| {
+                                    e.state() == State::Clean && e.pos >= lo && e.pos < hi
+                                })
+                                .map(|(s, e)| (s, e.len()))
+                                .collect();
+                            let dirty = m.drop_segment(lo, hi);
+                            // A dirty extent split after its step counts once there, and one
+                            // punched away after it still counts: never fewer found.
+                            prop_assert!(rc.dirty() > 0 || dirty == 0, "dirty extents missed");
+                            for (s, n) in gone {
+                                for k in 0..u64::from(n) {
+                                    r.remove(&(s + k));
+                                }
+                            }
+                            // Nothing clean is left in the segment, and what stays is listed:
+                            // a second reclaim finds the dirty extents the other map has and
+                            // drops nothing.
+                            let before = ms.len();
+                            prop_assert_eq!(ms.drop_segment(lo, hi), dirty, "dirty extents listed");
+                            prop_assert_eq!(ms.len(), before);
+                        }
                     }
                     prop_assert!(m.dirs_consistent(), "a bucket directory is stale after {:?}", o);
                     prop_assert!(m.hints_consistent(), "a hint is stale after {:?}", o);
@@ -2346,7 +2509,7 @@ mod tests {
                     let (l, n) = match *o {
                         Op::Insert(l, n) | Op::Punch(l, n) => (l, n),
                         Op::Block(b, _) | Op::RemoveSame(b) => (b * 8, 8),
-                        Op::Drop(..) | Op::Touch(_) | Op::Reclaim(..) => continue,
+                        Op::Drop(..) | Op::Touch(_) | Op::Reclaim(..) | Op::SteppedDrop(..) => continue,
                     };
                     for (l, n) in [(l, n), (l + 1, n.min(8)), (l.saturating_sub(3), 4)] {
                         m.lookup(l, n, &mut pieces);

@@ -391,6 +391,8 @@ pub struct Shard {
     moves_out: usize,
     /// Sectors GC may still copy as second chances (see `gc_check`).
     move_credit: u64,
+    /// A segment GC is reclaiming, a step per poll (`reclaim_next`).
+    reclaim: Option<writeback::Reclaiming>,
     batches: VecDeque<Batch>,
     tags: Slab<TagOwner>,
     reads: Slab<ReadCtx>,
@@ -484,6 +486,7 @@ impl Shard {
             reclaimed: Vec::new(),
             moves_out: 0,
             move_credit: 0,
+            reclaim: None,
             batches: VecDeque::new(),
             tags: Slab::new(),
             reads: Slab::new(),
