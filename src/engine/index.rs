@@ -2279,6 +2279,14 @@ mod tests {
         /// Sectors per segment of the segmented map.
         const SEG: u64 = 256;
 
+        /// The clean extents of `m` stored in cache sectors [lo, hi), as (start, length).
+        fn clean_in(m: &ExtentMap, lo: u64, hi: u64) -> Vec<(u64, u32)> {
+            m.iter()
+                .filter(|(_, e)| e.state() == State::Clean && e.pos >= lo && e.pos < hi)
+                .map(|(s, e)| (s, e.len()))
+                .collect()
+        }
+
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
                 3 => (0u64..4000, 1u32..40).prop_map(|(l, n)| Op::Insert(l, n)),
@@ -2341,13 +2349,7 @@ mod tests {
                         }
                         Op::Drop(a, w) => {
                             let (lo, hi) = (1_000_000 + a, 1_000_000 + a + w);
-                            let gone: Vec<(u64, u32)> = m
-                                .iter()
-                                .filter(|(_, e)| {
-                                    e.state() == State::Clean && e.pos >= lo && e.pos < hi
-                                })
-                                .map(|(s, e)| (s, e.len()))
-                                .collect();
+                            let gone = clean_in(&m, lo, hi);
                             m.drop_segment(lo, hi);
                             ms.drop_segment(lo, hi);
                             for (s, n) in gone {
@@ -2442,13 +2444,7 @@ mod tests {
                                 }
                             }
                             prop_assert!(v.is_empty(), "nothing kept without room");
-                            let gone: Vec<(u64, u32)> = m
-                                .iter()
-                                .filter(|(_, e)| {
-                                    e.state() == State::Clean && e.pos >= lo && e.pos < hi
-                                })
-                                .map(|(s, e)| (s, e.len()))
-                                .collect();
+                            let gone = clean_in(&m, lo, hi);
                             let dirty = m.drop_segment(lo, hi);
                             // A dirty extent split after its step counts once there, and one
                             // punched away after it still counts: never fewer found.
