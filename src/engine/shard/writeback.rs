@@ -1049,6 +1049,9 @@ impl Shard {
             return;
         };
         let max = if self.stalled {
+            // Writes wait for space: they come first, the rest goes at once, nothing kept.
+            st.budget -= st.rescue.budget;
+            st.rescue.budget = 0;
             usize::MAX
         } else {
             RECLAIM_STEP_RANGES

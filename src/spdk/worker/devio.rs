@@ -159,6 +159,8 @@ impl Worker {
             d.parts.is_empty(),
             "a joined write's parts were neither completed nor failed"
         );
+        // Never left waiting: a part not yet answered fails.
+        self.finish_parts(&mut d, Err(IoError::Device));
         d.iovs.clear();
         if self.dio_free.len() < 1024 {
             self.dio_free.push(d);
