@@ -2407,10 +2407,9 @@ mod tests {
                     if let Op::SteppedDrop(k, step, ref between) = *o {
                         let lo = 1_000_000 + k * SEG;
                         let hi = lo + SEG;
-                        // Only a segment already written: the engine logs nothing in one
-                        // being reclaimed.
-                        // Extents lie within a segment in the engine (a log never crosses
-                        // one): here one that crosses an end, trimmed between steps, may be
+                        // Only a segment already written (the engine logs nothing in one
+                        // being reclaimed) and with no extent crossing its ends (a log never
+                        // crosses one): here one that did, trimmed between steps, may be
                         // dropped before its trim left the segment, which at once keeps it.
                         let crossing = m.iter().any(|(_, e)| {
                             let end = e.pos + u64::from(e.len());

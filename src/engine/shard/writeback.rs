@@ -96,8 +96,6 @@ const RECLAIM_STEP_RANGES: usize = 32;
 #[derive(Debug)]
 pub(super) struct Reclaiming {
     seg: u32,
-    lo: u64,
-    hi: u64,
     /// None: its extents are not listed; the reclaim walks the map in one step.
     r: Option<Reclaim>,
     rescue: Rescue,
@@ -1025,12 +1023,9 @@ impl Shard {
             budget,
             need_crc: self.cfg.data_crc,
         };
-        let hi = lo + seg_sectors;
-        let r = self.index.reclaim_begin(lo, hi);
+        let r = self.index.reclaim_begin(lo, lo + seg_sectors);
         self.reclaim = Some(Reclaiming {
             seg,
-            lo,
-            hi,
             r,
             rescue,
             budget,
@@ -1059,17 +1054,19 @@ impl Shard {
         let mut moves = std::mem::take(&mut self.reclaimed);
         let before = self.index.len();
         let dirty = match st.r.as_mut() {
-            Some(r) => {
-                if !self.index.reclaim_step(r, &mut st.rescue, &mut moves, max) {
-                    None
-                } else {
-                    Some(r.dirty())
-                }
+            Some(r) => self
+                .index
+                .reclaim_step(r, &mut st.rescue, &mut moves, max)
+                .then(|| r.dirty()),
+            None => {
+                let g = &self.cfg.geo;
+                let lo = g.segment_start(st.seg);
+                let hi = lo + u64::from(g.segment_sectors);
+                Some(
+                    self.index
+                        .reclaim_segment(lo, hi, &mut st.rescue, &mut moves),
+                )
             }
-            None => Some(
-                self.index
-                    .reclaim_segment(st.lo, st.hi, &mut st.rescue, &mut moves),
-            ),
         };
         if self.index.len() < before {
             // Clean data left the cache: from now on a fill evicts something.
