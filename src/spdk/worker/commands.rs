@@ -80,7 +80,7 @@ impl Worker {
         let mut copies = std::mem::take(&mut self.copies);
         let mut writes = std::mem::take(&mut self.writes);
         for c in cmds.drain(..) {
-            if let Some(h) = self.joinable(&c) {
+            if let Some(h) = self.joinable_copy(&c) {
                 copies.push(h);
             } else if let Some(w) = self.joinable_write(&c) {
                 writes.push(w);

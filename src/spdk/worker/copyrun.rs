@@ -53,14 +53,14 @@ impl HostCopy {
 
 impl Worker {
     /// Executes `copies` (taken from them), those whose sources lie close together in
-    /// one run each. A run's read is started only once a second copy joins, and the copies
-    /// after the first go straight into it (`DevIo::run`, whose room is kept when the
-    /// `DevIo` is recycled): nothing is allocated per copy. They are issued together, so their order on the devices was never
+    /// one run each. They are issued together, so their order on the devices was never
     /// fixed, and they are sorted by source: writeback takes them in log order, and a
-    /// segment's data grows down from its end, batch below batch, so the log's order
-    /// runs backwards through the cache but for the blocks of one batch. Over memory the
-    /// cache bdev lends, a run may skip blocks (stale, or clean): reading them copies
-    /// nothing.
+    /// segment's data grows down from its end, batch below batch, so the log's order runs
+    /// backwards through the cache but for the blocks of one batch. Over memory the cache
+    /// bdev lends, a run may skip blocks (stale, or clean): reading them copies nothing.
+    /// A run's read is started only once a second copy joins, and the copies after the
+    /// first go straight into it (`DevIo::run`, whose room is kept when the `DevIo` is
+    /// recycled): nothing is allocated per copy.
     pub(super) fn execute_copies(&mut self, copies: &mut Vec<HostCopy>) {
         if copies.len() > 1 {
             copies.sort_unstable_by_key(|h| h.src);
@@ -104,7 +104,7 @@ impl Worker {
 
     /// `c` as a copy a run can take: from a cache bdev (a mapped cache has its own ways)
     /// to the backing bdev, nothing to verify, in whole cache blocks.
-    pub(super) fn joinable(&self, c: &Command) -> Option<HostCopy> {
+    pub(super) fn joinable_copy(&self, c: &Command) -> Option<HostCopy> {
         match *c {
             Command::Copy {
                 tag,
