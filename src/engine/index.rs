@@ -1137,26 +1137,9 @@ impl ExtentMap {
         found.clear();
         from_before.clear();
         let ranges = &r.listed[r.next..r.next + n];
-        // The segment was logged a lap ago: its extents' lines are cold. A range of one
-        // block whose hint has its data elsewhere went stale (rewritten or moved since):
-        // its hint line alone settles that, so the map's lines are loaded for the others
-        // only (about half of the ranges a reclaim visits are stale).
-        let one_block = |l: &segments::Logged| l.len() == 8 && l.lba() & 7 == 0;
-        std::hint::black_box(ranges.iter().filter(|l| one_block(l)).fold(0u64, |acc, l| {
-            acc.wrapping_add(self.hints.line_word(l.lba()))
-        }));
-        let hints = &self.hints;
-        let stale = |l: &segments::Logged| {
-            one_block(l)
-                && hints
-                    .get(l.lba())
-                    .is_some_and(|e| e.pos + 8 <= lo || e.pos >= hi)
-        };
-        self.warm_all(ranges.iter().filter(|l| !stale(l)).map(|l| l.lba()));
+        // The segment was logged a lap ago: its extents' lines are cold.
+        self.warm_all(ranges.iter().map(|l| l.lba()));
         for l in ranges {
-            if stale(l) {
-                continue;
-            }
             let (lba, len) = (l.lba(), l.len());
             self.for_each_overlap(lba, len, |s, e| {
                 if !e.is_data() || e.pos >= hi {
