@@ -1369,10 +1369,19 @@ impl Shard {
         self.moves_out = self.moves_out.saturating_sub(1);
     }
 
+    /// Forms the next batch from the pending entries: one batch at a time (group commit).
+    /// While a batch is being written (data, then kset), what arrives waits and goes
+    /// together in the next one, which grows with the load. Each batch costs a kset write
+    /// and its completion besides its data; at θ 0.8 randrw over a malloc cache this cut
+    /// ksets by a third and gained 5.8 % IOPS side by side (over a mapped cache, whose
+    /// ksets are stores, nothing; randread +0.8 %; two batches at a time +5.3 %).
     fn form_batches(&mut self) {
         self.stalled = false;
         while !self.failed && (!self.pending.is_empty() || self.feed_moves()) {
             if self.head_header != HeadHeader::Durable {
+                return;
+            }
+            if !self.batches.is_empty() {
                 return;
             }
             // One block between the ksets and the data stays free for a link kset.
@@ -1393,6 +1402,9 @@ impl Shard {
                 continue;
             }
             // Nothing fits in this segment: move to a ready one, or wait for space.
+            if self.fill_yields() {
+                continue;
+            }
             if let Some(g) = self.ready.pop_front() {
                 self.link_to(g);
                 continue;
@@ -1400,10 +1412,7 @@ impl Shard {
             if let Some(front) = self.pending.front().copied() {
                 if let LogOp::Fill { read, fill, .. } = front.op {
                     // Fills never wait for space: the read completes without caching.
-                    self.pending.pop_front();
-                    self.stats.fill_bypass += 1;
-                    self.index.abort_fill(fill, front.lba, front.len);
-                    self.read_piece_done(read);
+                    self.bypass_fill(read, fill, front);
                     continue;
                 }
                 if let LogOp::Move { src, .. } = front.op {
@@ -1427,6 +1436,38 @@ impl Shard {
             self.full_cache_around();
             return;
         }
+    }
+
+    /// Whether the pending fill at the front, which would open a new segment, is not cached
+    /// instead because GC's second chances (moves) wait: a move frees the segment it copies
+    /// from only once it is logged, so fills must not take the segments kept ready for
+    /// them (found by the scan test once batches waited for each other, leaving fills
+    /// pending when a reclaim began: they took the ready segments, the moves then waited
+    /// for a segment that only their own would free).
+    fn fill_yields(&mut self) -> bool {
+        let Some(front) = self.pending.front().copied() else {
+            return false;
+        };
+        let LogOp::Fill { read, fill, .. } = front.op else {
+            return false;
+        };
+        let moves_wait = !self.moves.is_empty()
+            || self
+                .pending
+                .iter()
+                .any(|p| matches!(p.op, LogOp::Move { .. }));
+        if moves_wait {
+            self.bypass_fill(read, fill, front);
+        }
+        moves_wait
+    }
+
+    /// Takes fill `front` off the pending queue uncached: its read completes as is.
+    fn bypass_fill(&mut self, read: u32, fill: u64, front: Pending) {
+        self.pending.pop_front();
+        self.stats.fill_bypass += 1;
+        self.index.abort_fill(fill, front.lba, front.len);
+        self.read_piece_done(read);
     }
 
     /// Writes a key-less kset at the head that moves the log to segment `g`.
