@@ -18,6 +18,8 @@ pub struct ShardStats {
     /// (`Cache::begin_backing_read`), counted in `reads` / `writes` too.
     pub direct: u64,
     pub fills: u64,
+    /// Read-miss fills given up: no space at the log head, or GC's moves waited for the
+    /// segment the fill would have opened.
     pub fill_bypass: u64,
     /// Clean extents GC gave a second chance (read since logged: copied to the log head).
     pub readmits: u64,
