@@ -1402,19 +1402,34 @@ impl Shard {
                 continue;
             }
             // Nothing fits in this segment: move to a ready one, or wait for space.
-            if self.fill_yields() {
-                continue;
+            let front = self.pending.front().copied();
+            if let Some(p) = front {
+                if let LogOp::Fill { read, fill, .. } = p.op {
+                    // Fills never wait for space: the read completes without caching. Nor
+                    // do they open a segment while GC's second chances (moves) wait: a move
+                    // frees the segment it copies from only once it is logged, so fills
+                    // must not take the ready segments the moves need (the scan test found
+                    // moves waiting for a segment only their own commit would free).
+                    if self.ready.is_empty()
+                        || !self.moves.is_empty()
+                        || self
+                            .pending
+                            .iter()
+                            .any(|q| matches!(q.op, LogOp::Move { .. }))
+                    {
+                        self.pending.pop_front();
+                        self.stats.fill_bypass += 1;
+                        self.index.abort_fill(fill, p.lba, p.len);
+                        self.read_piece_done(read);
+                        continue;
+                    }
+                }
             }
             if let Some(g) = self.ready.pop_front() {
                 self.link_to(g);
                 continue;
             }
-            if let Some(front) = self.pending.front().copied() {
-                if let LogOp::Fill { read, fill, .. } = front.op {
-                    // Fills never wait for space: the read completes without caching.
-                    self.bypass_fill(read, fill, front);
-                    continue;
-                }
+            if let Some(front) = front {
                 if let LogOp::Move { src, .. } = front.op {
                     // GC's moves wait briefly for a segment already on its way, unless a
                     // write waits behind them; else the extent is dropped: a move pins the
@@ -1436,38 +1451,6 @@ impl Shard {
             self.full_cache_around();
             return;
         }
-    }
-
-    /// Whether the pending fill at the front, which would open a new segment, is not cached
-    /// instead because GC's second chances (moves) wait: a move frees the segment it copies
-    /// from only once it is logged, so fills must not take the segments kept ready for
-    /// them (found by the scan test once batches waited for each other, leaving fills
-    /// pending when a reclaim began: they took the ready segments, the moves then waited
-    /// for a segment that only their own would free).
-    fn fill_yields(&mut self) -> bool {
-        let Some(front) = self.pending.front().copied() else {
-            return false;
-        };
-        let LogOp::Fill { read, fill, .. } = front.op else {
-            return false;
-        };
-        let moves_wait = !self.moves.is_empty()
-            || self
-                .pending
-                .iter()
-                .any(|p| matches!(p.op, LogOp::Move { .. }));
-        if moves_wait {
-            self.bypass_fill(read, fill, front);
-        }
-        moves_wait
-    }
-
-    /// Takes fill `front` off the pending queue uncached: its read completes as is.
-    fn bypass_fill(&mut self, read: u32, fill: u64, front: Pending) {
-        self.pending.pop_front();
-        self.stats.fill_bypass += 1;
-        self.index.abort_fill(fill, front.lba, front.len);
-        self.read_piece_done(read);
     }
 
     /// Writes a key-less kset at the head that moves the log to segment `g`.
