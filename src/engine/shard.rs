@@ -27,6 +27,7 @@ use super::stats::ShardStats;
 
 mod admission;
 mod modes;
+mod ranges;
 mod retry;
 mod writeback;
 use modes::{BackingFlush, Fwd, Streams};

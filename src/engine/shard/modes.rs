@@ -25,43 +25,10 @@
 //! would make it dirty data of its flush epoch after writes of later epochs may have
 //! reached the backing device.
 
-use std::collections::BTreeMap;
-
 use super::{LogOp, Pending, Shard, TagOwner};
 use crate::engine::index::State;
 use crate::engine::io::{Buf, Command, Dev, IoError, Op, ReqError, ReqId, ReqResult, ShardRequest};
 use crate::engine::mode::{CacheMode, SeqCutoff, SeqPolicy, WriteAdmission};
-
-/// Ranges by start, for overlap queries.
-#[derive(Debug, Default)]
-pub struct RangeSet {
-    map: BTreeMap<u64, u32>,
-    max_len: u32,
-}
-
-impl RangeSet {
-    pub fn insert(&mut self, lba: u64, len: u32) {
-        let l = self.map.entry(lba).or_insert(0);
-        *l = (*l).max(len);
-        self.max_len = self.max_len.max(len);
-    }
-
-    pub fn clear(&mut self) {
-        self.map.clear();
-        self.max_len = 0;
-    }
-
-    pub fn overlaps(&self, lba: u64, len: u32) -> bool {
-        if self.map.is_empty() {
-            return false;
-        }
-        let end = lba + u64::from(len);
-        let from = lba.saturating_sub(u64::from(self.max_len));
-        self.map
-            .range(from..end)
-            .any(|(&s, &l)| s + u64::from(l) > lba)
-    }
-}
 
 /// A write the shard sends to the backing device itself.
 #[derive(Debug)]

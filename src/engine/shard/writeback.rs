@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::ranges::{GroupRanges, InFlight};
 use super::retry::Backoff;
 use super::{Shard, TagOwner};
 use crate::engine::format::{ControlSlot, KeyKind, LogPos, LogTail, MAX_POISON};
@@ -230,6 +231,15 @@ pub(super) enum WbIo {
     },
 }
 
+impl WbIo {
+    /// The backing range it writes.
+    fn range(&self) -> (u64, u32) {
+        match *self {
+            WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Io,
@@ -259,11 +269,11 @@ pub(super) struct Writeback {
     queue: VecDeque<WbIo>,
     inflight: u32,
     /// Ranges queued or in flight: no in-place overwrite may touch them.
-    ranges: BTreeMap<u64, u32>,
+    ranges: InFlight,
     /// Every range the current group writes (kept when it fails, until it is redone and
     /// done): a group that starts over writes them again, so no write may go to the
     /// backing device there meanwhile.
-    pub group_ranges: super::modes::RangeSet,
+    pub group_ranges: GroupRanges,
     /// Keys written to the backing device that replay would still find dirty (after the
     /// durable dirty tail): the leading keys of a kset a group wrote back (the dirty tail
     /// cannot point inside a kset), and written-through keys; by kset sequence, dropped once
@@ -279,6 +289,8 @@ pub(super) struct Writeback {
     coverage: Coverage,
     pieces: Vec<(u64, u32)>,
     ios: Vec<WbIo>,
+    /// The group's keys' ranges, sorted: whether any two overlap.
+    spans: Vec<(u64, u32)>,
 }
 
 /// Disjoint sector ranges sorted by start: what the later keys of a writeback group
@@ -344,14 +356,7 @@ impl Writeback {
     /// Whether [lba, lba+len) overlaps data being written back.
     #[inline]
     pub fn blocks(&self, lba: u64, len: u32) -> bool {
-        if self.ranges.is_empty() {
-            return false;
-        }
-        let end = lba + u64::from(len);
-        if let Some((&s, &l)) = self.ranges.range(..end).next_back() {
-            return s + u64::from(l) > lba;
-        }
-        false
+        self.ranges.overlaps(lba, len)
     }
 }
 
@@ -593,6 +598,7 @@ impl Shard {
         let mut coverage = std::mem::take(&mut self.wb.coverage);
         let mut pieces = std::mem::take(&mut self.wb.pieces);
         let mut ios = std::mem::take(&mut self.wb.ios);
+        let mut spans = std::mem::take(&mut self.wb.spans);
         coverage.clear();
         ios.clear();
         let mut sectors = 0u64;
@@ -601,6 +607,15 @@ impl Shard {
             let keys = k.keys.iter().take(if i < n { usize::MAX } else { partial });
             keys.map(move |d| (k.seq, d))
         });
+        // Where no two keys of the group overlap (random writes: nearly always), each is
+        // copied whole and nothing needs the coverage, whose inserts into a sorted vector
+        // cost O(keys) each.
+        spans.clear();
+        spans.extend(group_keys.clone().map(|(_, k)| (k.lba, k.len)));
+        spans.sort_unstable_by_key(|&(s, _)| s);
+        let disjoint = spans
+            .windows(2)
+            .all(|w| w[0].0 + u64::from(w[0].1) <= w[1].0);
         for (seq, k) in group_keys.rev() {
             sectors += u64::from(k.len);
             if k.through {
@@ -608,11 +623,17 @@ impl Shard {
                 // flush is (its own may have failed, or not been asked for); it still
                 // covers what earlier keys of the group wrote.
                 through = true;
-                coverage.insert(k.lba, k.len);
+                if !disjoint {
+                    coverage.insert(k.lba, k.len);
+                }
                 continue;
             }
             pieces.clear();
-            coverage.uncovered(k.lba, k.len, &mut pieces);
+            if disjoint {
+                pieces.push((k.lba, k.len));
+            } else {
+                coverage.uncovered(k.lba, k.len, &mut pieces);
+            }
             for &(lba, len) in pieces.iter() {
                 ios.push(match k.kind {
                     KeyKind::Data => WbIo::Copy {
@@ -635,35 +656,34 @@ impl Shard {
                     },
                 });
             }
-            coverage.insert(k.lba, k.len);
+            if !disjoint {
+                coverage.insert(k.lba, k.len);
+            }
         }
         self.wb.coverage = coverage;
         self.wb.pieces = pieces;
-        let landing = ios.iter().any(|io| {
-            let (lba, len) = match *io {
-                WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
-            };
-            let end = lba + u64::from(len);
-            self.inplace
-                .iter()
-                .chain(self.fwd_ranges.iter())
-                .any(|&(s, l)| s < end && s + u64::from(l) > lba)
-        });
+        // The copies' ranges (disjoint: each piece is what later keys left uncovered).
+        if disjoint && !through {
+            self.wb.ranges.fill(spans.iter().copied());
+        } else {
+            self.wb.ranges.fill(ios.iter().map(WbIo::range));
+        }
+        self.wb.spans = spans;
+        let landing = self
+            .inplace
+            .iter()
+            .chain(self.fwd_ranges.iter())
+            .any(|&(s, l)| self.wb.ranges.overlaps(s, l));
         if landing {
             // An in-place overwrite, or a write to the backing device, is landing in this
             // range: start once it has.
+            self.wb.ranges.clear();
             self.wb.ios = ios;
             return;
         }
+        self.wb.group_ranges.extend(self.wb.ranges.iter());
         // Issue in log order.
-        for io in ios.drain(..).rev() {
-            let (lba, len) = match io {
-                WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
-            };
-            self.wb.ranges.insert(lba, len);
-            self.wb.group_ranges.insert(lba, len);
-            self.wb.queue.push_back(io);
-        }
+        self.wb.queue.extend(ios.drain(..).rev());
         self.wb.ios = ios;
         let new_dirty_tail = match n.checked_sub(1).map(|i| &self.log[i]) {
             Some(last) => LogTail {
@@ -755,12 +775,12 @@ impl Shard {
                     });
                     return;
                 }
-                self.wb.ranges.remove(&lba);
+                self.wb.ranges.remove(lba);
                 self.poison_copy(lba, len, src);
                 return;
             }
             (WbIo::Copy { src, .. }, Err(IoError::Source)) => {
-                self.wb.ranges.remove(&lba);
+                self.wb.ranges.remove(lba);
                 self.stats.wb_cache_read_errors += 1;
                 self.fail_writeback(format!(
                     "cache read of lba {lba}+{len} (cache sector {src}) failed"
@@ -768,20 +788,20 @@ impl Shard {
                 return;
             }
             (WbIo::Zero { unmap, .. }, Err(_)) => {
-                self.wb.ranges.remove(&lba);
+                self.wb.ranges.remove(lba);
                 self.stats.wb_backing_write_errors += 1;
                 let what = if unmap { "unmap" } else { "write-zeroes" };
                 self.fail_writeback(format!("backing {what} of lba {lba}+{len} failed"));
                 return;
             }
             (WbIo::Copy { .. }, Err(_)) => {
-                self.wb.ranges.remove(&lba);
+                self.wb.ranges.remove(lba);
                 self.stats.wb_backing_write_errors += 1;
                 self.fail_writeback(format!("backing write of lba {lba}+{len} failed"));
                 return;
             }
         }
-        self.wb.ranges.remove(&lba);
+        self.wb.ranges.remove(lba);
         self.stats.wb_sectors += u64::from(len);
         match io {
             WbIo::Copy { lba, len, src, .. } => self.index.mark_clean(lba, len, src),
