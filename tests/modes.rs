@@ -277,3 +277,66 @@ fn a_written_through_write_whose_flush_failed_reaches_the_backing_device_after_a
         assert!(got == d, "seed {seed}: the backing device lost the write");
     }
 }
+
+/// A write sent around the cache whose invalidation is given up (it waited for the I/O
+/// timeout behind a kset the cache device kept failing) fails, and the log may still hold
+/// the clean copy it was to drop. A later write sent around the same range must then log an
+/// invalidation of its own: without one, a crash after it lands replays the stale copy over
+/// it (found by `tests/crash.rs`, seed 6308835).
+#[test]
+fn a_write_around_after_a_given_up_invalidation_survives_a_crash() {
+    use pcache::engine::{Dev, ReqError};
+    use pcache::media::sim::Sim;
+
+    let mut h = host();
+    h.write(100, data_of(1, 100, 8)).unwrap();
+    drain(&mut h); // a clean cached copy, its key in the log
+    h.write(3000, data_of(1, 3000, 8)).unwrap(); // dirty
+    let mut o = h.cache.writeback_options();
+    o.io_timeout_ms = 500;
+    (o.high_pct, o.low_pct) = (100, 100); // no writeback: 3000 stays dirty
+    h.cache.set_writeback_options(o).unwrap();
+    set_mode(&mut h, CacheMode::WriteAround);
+    let (cache, c, b) = h.into_parts();
+    let mut sim = Sim::new(cache, c, b, 7);
+    // The cache device fails everything for 600 ms. A write over dirty data is logged: its
+    // data write is given up after half the I/O timeout, then its batch's kset is retried
+    // until the device is back, within the timeout of the kset's first failure (the log
+    // stays open).
+    sim.add_outage(Dev::Cache, 0, 600);
+    sim.step_ms = 1;
+    sim.submit(Op::Write, 3000, 8, Some(data_of(2, 3000, 8)))
+        .expect("submit");
+    for _ in 0..3 {
+        sim.step();
+    }
+    // Meanwhile a write over the clean copy goes around the cache; its invalidation waits
+    // behind that batch past the I/O timeout and is given up.
+    sim.submit(Op::Write, 100, 8, Some(data_of(2, 100, 8)))
+        .expect("submit");
+    sim.settle(1_500);
+    let done = sim.take_done();
+    assert_eq!(done.len(), 2);
+    for (_, r, _) in done {
+        assert_eq!(r, Err(ReqError::TimedOut), "the first two writes");
+    }
+    // The device is back: the next write sent around lands and is acknowledged.
+    let d = data_of(3, 100, 8);
+    sim.submit(Op::Write, 100, 8, Some(d.clone()))
+        .expect("submit");
+    sim.settle(1_000);
+    let done = sim.take_done();
+    assert_eq!(done.len(), 1);
+    done[0].1.clone().expect("the third write");
+    sim.submit(Op::Flush, 0, 0, None).expect("flush");
+    sim.settle(1_000);
+    for (_, r, _) in sim.take_done() {
+        r.expect("flush");
+    }
+    let (ci, bi) = sim.crash();
+    let mut h = SyncHost::open(ci, bi, identity(BACKING_SECTORS), CacheOptions::default())
+        .expect("reopen")
+        .0;
+    let got = h.read(100, 8).unwrap();
+    assert!(got == d, "after the crash: the stale cached copy came back");
+}

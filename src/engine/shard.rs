@@ -427,7 +427,8 @@ pub struct Shard {
     /// Recent sequential streams (the sequential cut-off).
     streams: Streams,
     /// A clean extent left the index while the log may still replay its key (its data
-    /// failed its CRC): every write sent around the cache logs an invalidation.
+    /// failed its CRC, or the invalidation of a write sent around the cache was given up
+    /// before it was durable): every write sent around the cache logs an invalidation.
     ghosts: bool,
     out: Outbox,
     pub stats: ShardStats,
@@ -1226,6 +1227,8 @@ impl Shard {
                     }
                     LogOp::Invalidate { req, fwd } => {
                         e.answered = true;
+                        // Not durable yet, maybe never: as in `fwd_inval_failed`.
+                        self.ghosts = true;
                         late.push((req, Some(fwd)));
                     }
                     LogOp::Fill { .. } | LogOp::Move { .. } => {}

@@ -662,6 +662,9 @@ impl Shard {
 
     /// The invalidation of forwarded write `id` will never be logged.
     pub(super) fn fwd_inval_failed(&mut self, id: u32, err: ReqError) {
+        // What it was to drop may still be in the log, so replay could bring it back over
+        // a later write sent around the cache: from now on every such write logs its own.
+        self.ghosts = true;
         self.fwd_answer(id, Err(err));
         self.fwd_wait_done(id);
     }
