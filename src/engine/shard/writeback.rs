@@ -294,7 +294,8 @@ pub(super) struct Writeback {
 }
 
 /// Disjoint sector ranges sorted by start: what the later keys of a writeback group
-/// cover (a group's keys are few, so a sorted vector beats a map).
+/// cover. Built only for a group in which two keys overlap (`Shard::start_group`): its
+/// inserts shift the vector, O(keys) each.
 #[derive(Debug, Default)]
 struct Coverage(Vec<(u64, u64)>);
 
