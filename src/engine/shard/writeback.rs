@@ -750,9 +750,7 @@ impl Shard {
 
     pub(super) fn wb_done(&mut self, io: WbIo, result: Result<(), IoError>) {
         self.wb.inflight -= 1;
-        let (lba, len) = match io {
-            WbIo::Copy { lba, len, .. } | WbIo::Zero { lba, len, .. } => (lba, len),
-        };
+        let (lba, len) = io.range();
         match (io, result) {
             (_, Ok(())) => {}
             (
